@@ -1,0 +1,281 @@
+//! `ballast`: the operator's command line. Manages volumes, shows node status, and starts or
+//! stops a local single-node setup for development.
+//!
+//! Owns: argument parsing, human-readable output, and the local-setup process supervision.
+//! Must not depend on: any server crate. The node and the FUSE driver are separate binaries
+//! (`ballast-node`, `ballast-fuse`) that `ballast local` runs from its own directory.
+//! Invariants: every wait is bounded; every path handed to a child process is absolute.
+
+mod local;
+mod size;
+
+use anyhow::Context;
+use ballast_client::{BallastClient, ClientOptions};
+use clap::{Parser, Subcommand};
+
+use crate::size::{format_size, parse_size_bytes};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ballast",
+    version,
+    about = "Ballast storage platform command line"
+)]
+struct Arguments {
+    /// gRPC address of the storage node.
+    #[arg(
+        long,
+        global = true,
+        env = "BALLAST_NODE",
+        default_value = "http://127.0.0.1:7400"
+    )]
+    node: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, list and delete volumes.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Show the node's device, log and replicated containers.
+    Status,
+    /// Run a single-node setup on this machine for development.
+    #[command(subcommand)]
+    Local(local::LocalCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCommand {
+    /// Create a volume.
+    Create {
+        name: String,
+        /// Capacity limit, e.g. 512MiB, 10GiB, 1G or plain bytes.
+        #[arg(long, default_value = "10GiB", value_parser = parse_size_bytes)]
+        quota: u64,
+        /// Copies kept of every piece of data.
+        #[arg(long, default_value_t = 1)]
+        replication_factor: u32,
+        /// Copies that must acknowledge a write before it succeeds.
+        #[arg(long, default_value_t = 1)]
+        replication_minimum: u32,
+    },
+    /// List volumes.
+    List {
+        /// Print sizes as exact byte counts (for scripts and tests).
+        #[arg(long)]
+        bytes: bool,
+    },
+    /// Delete a volume and all its data.
+    Delete { name: String },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let arguments = Arguments::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(arguments))
+}
+
+async fn run(arguments: Arguments) -> anyhow::Result<()> {
+    match arguments.command {
+        Command::Volume(command) => volume(&connect(&arguments.node).await?, command).await,
+        Command::Status => status(&connect(&arguments.node).await?).await,
+        Command::Local(command) => local::run(command).await,
+    }
+}
+
+async fn connect(node: &str) -> anyhow::Result<BallastClient> {
+    BallastClient::connect_with_options(node, ClientOptions::default())
+        .await
+        .with_context(|| format!("connecting to the storage node at {node} (is it running?)"))
+}
+
+async fn volume(client: &BallastClient, command: VolumeCommand) -> anyhow::Result<()> {
+    match command {
+        VolumeCommand::Create {
+            name,
+            quota,
+            replication_factor,
+            replication_minimum,
+        } => {
+            let volume = client
+                .create_volume(&name, quota, replication_factor, replication_minimum)
+                .await
+                .with_context(|| format!("creating volume {name:?}"))?;
+            println!(
+                "created volume {} (id {}, quota {}, replication {}/{})",
+                volume.name,
+                volume.volume_id,
+                format_size(volume.quota_bytes),
+                volume.replication_minimum,
+                volume.replication_factor
+            );
+        }
+        VolumeCommand::List { bytes } => {
+            let size = |value: u64| if bytes { value.to_string() } else { format_size(value) };
+            let mut volumes = client.list_volumes().await.context("listing volumes")?;
+            volumes.sort_by(|left, right| left.name.cmp(&right.name));
+            let rows: Vec<Vec<String>> = volumes
+                .iter()
+                .map(|volume| {
+                    vec![
+                        volume.name.clone(),
+                        volume.volume_id.to_string(),
+                        size(volume.quota_bytes),
+                        size(volume.used_bytes),
+                        volume.replication_factor.to_string(),
+                        volume.inode_count.to_string(),
+                    ]
+                })
+                .collect();
+            print_table(&["NAME", "ID", "QUOTA", "USED", "RF", "INODES"], &rows);
+        }
+        VolumeCommand::Delete { name } => {
+            client
+                .delete_volume(&name)
+                .await
+                .with_context(|| format!("deleting volume {name:?}"))?;
+            println!("deleted volume {name}");
+        }
+    }
+    Ok(())
+}
+
+async fn status(client: &BallastClient) -> anyhow::Result<()> {
+    let status = client
+        .status()
+        .await
+        .context("asking the node for its status")?;
+    println!("node             {}", status.node_id);
+    println!(
+        "device           {} ({})",
+        status.device_path,
+        format_size(status.device_size_bytes)
+    );
+    println!("format version   {}", status.format_version);
+    println!(
+        "data blocks      {} free of {}",
+        status.data_block_free_count, status.data_block_count
+    );
+    println!(
+        "log              {} used of {}",
+        format_size(status.log_used_bytes),
+        format_size(status.log_region_size_bytes)
+    );
+    println!("volumes          {}", status.volume_count);
+    println!("uptime           {} s", status.uptime_ms / 1000);
+    println!("checksum errors  {}", status.checksum_error_count);
+    println!();
+    let rows: Vec<Vec<String>> = status
+        .containers
+        .iter()
+        .map(|container| {
+            vec![
+                container.container_id.to_string(),
+                container.volume_name.clone(),
+                container.leader_node_id.to_string(),
+                container.last_applied_index.to_string(),
+                container.last_log_index.to_string(),
+                container.member_count.to_string(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "CONTAINER",
+            "VOLUME",
+            "LEADER",
+            "APPLIED",
+            "LAST LOG",
+            "MEMBERS",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+/// Prints left-aligned columns separated by two spaces.
+fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    print!("{}", render_table(headers, rows));
+}
+
+fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|header| header.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let render_row = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        format!("{}\n", padded.join("  ").trim_end())
+    };
+    let mut output = render_row(headers.to_vec());
+    for row in rows {
+        output.push_str(&render_row(row.iter().map(String::as_str).collect()));
+    }
+    output
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_columns_align() {
+        let rows = vec![
+            vec!["demo".to_owned(), "1".to_owned()],
+            vec!["x".to_owned(), "22".to_owned()],
+        ];
+        assert_eq!(
+            render_table(&["NAME", "ID"], &rows),
+            "NAME  ID\ndemo  1\nx     22\n"
+        );
+    }
+
+    #[test]
+    fn arguments_parse() {
+        let arguments = Arguments::try_parse_from([
+            "ballast",
+            "volume",
+            "create",
+            "demo",
+            "--quota",
+            "512MiB",
+            "--replication-factor",
+            "3",
+        ])
+        .unwrap();
+        match arguments.command {
+            Command::Volume(VolumeCommand::Create {
+                quota,
+                replication_factor,
+                ..
+            }) => {
+                assert_eq!(quota, 512 << 20);
+                assert_eq!(replication_factor, 3);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(
+            Arguments::try_parse_from(["ballast", "volume", "create", "x", "--quota", "1XB"])
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,689 @@
+//! `ballast-client`: the one way front ends (CLI, FUSE driver, CSI plugin) talk to a storage node.
+//!
+//! Owns: the gRPC channel, per-call timeouts, the bounded retry policy, and the translation of
+//! gRPC statuses into [`ClientError`] (and from there into a POSIX errno).
+//! Must not depend on: any server crate (storage node, device, tables, streams); only
+//! `ballast-proto` and `ballast-common`.
+//! Invariants:
+//! - [`BallastClient`] is cheap to clone; every clone shares one HTTP/2 connection.
+//! - Every call is bounded in time (`request_timeout_ms` per attempt) and in attempts
+//!   ([`RetryPolicy`]); side-effecting calls are repeated only when they provably never reached a
+//!   node (see [`retry`]).
+//! - Entry names are validated here before they are sent, so a bad name never costs a round trip.
+
+pub mod error;
+pub mod retry;
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tonic::transport::{Channel, Endpoint};
+
+pub use ballast_common::Errno;
+pub use ballast_proto::v1 as proto;
+pub use error::ClientError;
+pub use retry::{Idempotency, RetryPolicy};
+
+use proto::admin_client::AdminClient;
+use proto::filesystem_client::FilesystemClient;
+
+/// Largest gRPC message accepted or sent, both ways: a 1 MiB FUSE write plus headroom for large
+/// reads and long directory pages.
+pub const MESSAGE_SIZE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Inode number of the root directory of every volume.
+pub const ROOT_INODE: u64 = 1;
+
+/// Tunables of a client. All durations are bounded so no call can hang forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// Limit on establishing (or re-establishing) the TCP/Unix connection.
+    pub connect_timeout_ms: u64,
+    /// Limit on one attempt of one call, from sending to the complete answer.
+    pub request_timeout_ms: u64,
+    /// Retries of calls that failed with `Unavailable`.
+    pub retry: RetryPolicy,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 5_000,
+            request_timeout_ms: 30_000,
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// A connection to one storage node, speaking both the Admin and the Filesystem services.
+#[derive(Debug, Clone)]
+pub struct BallastClient {
+    channel: Channel,
+    options: ClientOptions,
+}
+
+impl BallastClient {
+    /// Connects to `endpoint` ("http://127.0.0.1:7400", or "unix:/path/to/socket") with default
+    /// options.
+    pub async fn connect(endpoint: &str) -> Result<Self, ClientError> {
+        Self::connect_with_options(endpoint, ClientOptions::default()).await
+    }
+
+    /// Connects to `endpoint`, failing after `options.connect_timeout_ms` if the node does not
+    /// answer. Later connection losses are repaired transparently on the next call.
+    pub async fn connect_with_options(
+        endpoint: &str,
+        options: ClientOptions,
+    ) -> Result<Self, ClientError> {
+        let endpoint_config = Self::endpoint(endpoint, &options)?;
+        let channel = endpoint_config
+            .connect()
+            .await
+            .map_err(|source| ClientError::Transport {
+                endpoint: endpoint.to_owned(),
+                source,
+            })?;
+        Ok(Self { channel, options })
+    }
+
+    /// Builds a client without contacting the node; the connection is made on the first call.
+    /// Useful where the node may start later than the caller.
+    pub fn connect_lazy(endpoint: &str, options: ClientOptions) -> Result<Self, ClientError> {
+        let endpoint_config = Self::endpoint(endpoint, &options)?;
+        Ok(Self {
+            channel: endpoint_config.connect_lazy(),
+            options,
+        })
+    }
+
+    fn endpoint(endpoint: &str, options: &ClientOptions) -> Result<Endpoint, ClientError> {
+        if !(endpoint.starts_with("http://")
+            || endpoint.starts_with("https://")
+            || endpoint.starts_with("unix:"))
+        {
+            return Err(ClientError::InvalidArgument(format!(
+                "endpoint {endpoint:?} must start with http://, https:// or unix:"
+            )));
+        }
+        let endpoint_config = Endpoint::from_shared(endpoint.to_owned()).map_err(|error| {
+            ClientError::InvalidArgument(format!("invalid endpoint {endpoint:?}: {error}"))
+        })?;
+        Ok(endpoint_config
+            .connect_timeout(Duration::from_millis(options.connect_timeout_ms))
+            .tcp_nodelay(true)
+            // Detect a dead node on an idle connection instead of waiting for a request timeout.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20)))
+    }
+
+    /// The options this client was built with.
+    pub fn options(&self) -> ClientOptions {
+        self.options
+    }
+
+    fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channel.clone())
+            .max_decoding_message_size(MESSAGE_SIZE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_SIZE_BYTES_MAX)
+    }
+
+    fn filesystem(&self) -> FilesystemClient<Channel> {
+        FilesystemClient::new(self.channel.clone())
+            .max_decoding_message_size(MESSAGE_SIZE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_SIZE_BYTES_MAX)
+    }
+
+    /// Runs one unary call with the per-attempt timeout and the bounded retry policy.
+    async fn call<Request, Response, Attempt, AttemptFuture>(
+        &self,
+        method: &'static str,
+        idempotency: Idempotency,
+        request: Request,
+        mut attempt: Attempt,
+    ) -> Result<Response, ClientError>
+    where
+        Request: Clone,
+        Attempt: FnMut(tonic::Request<Request>) -> AttemptFuture,
+        AttemptFuture: Future<Output = Result<tonic::Response<Response>, tonic::Status>>,
+    {
+        let request_timeout = Duration::from_millis(self.options.request_timeout_ms);
+        let attempt_count_max = self.options.retry.attempt_count_max.max(1);
+        let mut attempt_index = 0;
+        loop {
+            let mut grpc_request = tonic::Request::new(request.clone());
+            // Also tell the node, so it can abandon work nobody waits for.
+            grpc_request.set_timeout(request_timeout);
+            let status = match tokio::time::timeout(request_timeout, attempt(grpc_request)).await {
+                Ok(Ok(response)) => return Ok(response.into_inner()),
+                Ok(Err(status)) => status,
+                Err(_elapsed) => tonic::Status::deadline_exceeded(format!(
+                    "{method}: no answer within {} ms",
+                    self.options.request_timeout_ms
+                )),
+            };
+            attempt_index += 1;
+            if attempt_index >= attempt_count_max || !retry::should_retry(&status, idempotency) {
+                if status.code() != tonic::Code::NotFound {
+                    tracing::debug!(method, attempt_index, %status, "call failed");
+                }
+                return Err(ClientError::from_status(&status));
+            }
+            let backoff = self.options.retry.backoff(attempt_index - 1);
+            tracing::warn!(method, attempt_index, backoff_ms = backoff.as_millis() as u64, %status,
+                "node unavailable; retrying");
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Admin service.
+    // ---------------------------------------------------------------------------------------
+
+    /// Creates a volume. `quota_bytes` 0 means no quota (as the node defines it).
+    pub async fn create_volume(
+        &self,
+        name: &str,
+        quota_bytes: u64,
+        replication_factor: u32,
+        replication_minimum: u32,
+    ) -> Result<proto::Volume, ClientError> {
+        ballast_common::validate_volume_name(name)?;
+        if replication_minimum > replication_factor {
+            return Err(ClientError::InvalidArgument(format!(
+                "replication minimum {replication_minimum} exceeds replication factor \
+                 {replication_factor}"
+            )));
+        }
+        let request = proto::CreateVolumeRequest {
+            name: name.to_owned(),
+            quota_bytes,
+            replication_factor,
+            replication_minimum,
+        };
+        self.call(
+            "CreateVolume",
+            Idempotency::SideEffecting,
+            request,
+            |request| {
+                let mut client = self.admin();
+                async move { client.create_volume(request).await }
+            },
+        )
+        .await
+    }
+
+    /// Deletes a volume and everything in it.
+    pub async fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
+        let request = proto::DeleteVolumeRequest {
+            name: name.to_owned(),
+        };
+        self.call(
+            "DeleteVolume",
+            Idempotency::SideEffecting,
+            request,
+            |request| {
+                let mut client = self.admin();
+                async move { client.delete_volume(request).await }
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Lists every volume of the node.
+    pub async fn list_volumes(&self) -> Result<Vec<proto::Volume>, ClientError> {
+        self.call(
+            "ListVolumes",
+            Idempotency::Idempotent,
+            proto::ListVolumesRequest {},
+            |request| {
+                let mut client = self.admin();
+                async move { client.list_volumes(request).await }
+            },
+        )
+        .await
+        .map(|response| response.volumes)
+    }
+
+    /// Describes one volume; NotFound (errno ENOENT) if it does not exist.
+    pub async fn get_volume(&self, name: &str) -> Result<proto::Volume, ClientError> {
+        let request = proto::GetVolumeRequest {
+            name: name.to_owned(),
+        };
+        self.call("GetVolume", Idempotency::Idempotent, request, |request| {
+            let mut client = self.admin();
+            async move { client.get_volume(request).await }
+        })
+        .await
+    }
+
+    /// The node's identity, device usage and replicated containers.
+    pub async fn status(&self) -> Result<proto::StatusResponse, ClientError> {
+        self.call(
+            "Status",
+            Idempotency::Idempotent,
+            proto::StatusRequest {},
+            |request| {
+                let mut client = self.admin();
+                async move { client.status(request).await }
+            },
+        )
+        .await
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Filesystem service.
+    // ---------------------------------------------------------------------------------------
+
+    /// Finds `name` in directory `parent`.
+    pub async fn lookup(
+        &self,
+        volume: &str,
+        parent: u64,
+        name: &str,
+    ) -> Result<proto::Attr, ClientError> {
+        ballast_common::validate_entry_name(name)?;
+        let request = proto::LookupRequest {
+            volume: volume.to_owned(),
+            parent,
+            name: name.to_owned(),
+        };
+        let response = self
+            .call("Lookup", Idempotency::Idempotent, request, |request| {
+                let mut client = self.filesystem();
+                async move { client.lookup(request).await }
+            })
+            .await?;
+        response.attr.ok_or(ClientError::MissingField {
+            field: "EntryResponse.attr",
+        })
+    }
+
+    /// Attributes of `inode`.
+    pub async fn get_attr(&self, volume: &str, inode: u64) -> Result<proto::Attr, ClientError> {
+        let request = proto::GetAttrRequest {
+            volume: volume.to_owned(),
+            inode,
+        };
+        let response = self
+            .call("GetAttr", Idempotency::Idempotent, request, |request| {
+                let mut client = self.filesystem();
+                async move { client.get_attr(request).await }
+            })
+            .await?;
+        response.attr.ok_or(ClientError::MissingField {
+            field: "AttrResponse.attr",
+        })
+    }
+
+    /// Changes the attributes set in `request` (mode, owner, size, times); returns the result.
+    pub async fn set_attr(
+        &self,
+        request: proto::SetAttrRequest,
+    ) -> Result<proto::Attr, ClientError> {
+        if let Some(mode) = request.mode {
+            if mode & !0o7777 != 0 {
+                return Err(ClientError::InvalidArgument(format!(
+                    "mode {mode:#o} has bits outside the permission bits 07777"
+                )));
+            }
+        }
+        let response = self
+            .call("SetAttr", Idempotency::SideEffecting, request, |request| {
+                let mut client = self.filesystem();
+                async move { client.set_attr(request).await }
+            })
+            .await?;
+        response.attr.ok_or(ClientError::MissingField {
+            field: "AttrResponse.attr",
+        })
+    }
+
+    /// Creates a file, directory or symlink as described by `request`; returns its attributes.
+    pub async fn create(&self, request: proto::CreateRequest) -> Result<proto::Attr, ClientError> {
+        ballast_common::validate_entry_name(&request.name)?;
+        if request.mode & !0o7777 != 0 {
+            return Err(ClientError::InvalidArgument(format!(
+                "mode {:#o} has bits outside the permission bits 07777",
+                request.mode
+            )));
+        }
+        let is_symlink = request.kind == proto::EntryKind::Symlink as i32;
+        if is_symlink == request.symlink_target.is_empty() {
+            return Err(ClientError::InvalidArgument(
+                "a symlink target is required for symlinks and only for them".to_owned(),
+            ));
+        }
+        let response = self
+            .call("Create", Idempotency::SideEffecting, request, |request| {
+                let mut client = self.filesystem();
+                async move { client.create(request).await }
+            })
+            .await?;
+        response.attr.ok_or(ClientError::MissingField {
+            field: "EntryResponse.attr",
+        })
+    }
+
+    /// Adds a hard link `new_parent/new_name` to `inode`; returns the inode's new attributes.
+    pub async fn link(
+        &self,
+        volume: &str,
+        inode: u64,
+        new_parent: u64,
+        new_name: &str,
+    ) -> Result<proto::Attr, ClientError> {
+        ballast_common::validate_entry_name(new_name)?;
+        let request = proto::LinkRequest {
+            volume: volume.to_owned(),
+            inode,
+            new_parent,
+            new_name: new_name.to_owned(),
+        };
+        let response = self
+            .call("Link", Idempotency::SideEffecting, request, |request| {
+                let mut client = self.filesystem();
+                async move { client.link(request).await }
+            })
+            .await?;
+        response.attr.ok_or(ClientError::MissingField {
+            field: "EntryResponse.attr",
+        })
+    }
+
+    /// Removes `parent/name` (`directory`: rmdir semantics). The response says whether the inode
+    /// became an orphan that must be purged once its last open handle closes.
+    pub async fn unlink(
+        &self,
+        volume: &str,
+        parent: u64,
+        name: &str,
+        directory: bool,
+    ) -> Result<proto::UnlinkResponse, ClientError> {
+        ballast_common::validate_entry_name(name)?;
+        let request = proto::UnlinkRequest {
+            volume: volume.to_owned(),
+            parent,
+            name: name.to_owned(),
+            directory,
+        };
+        self.call("Unlink", Idempotency::SideEffecting, request, |request| {
+            let mut client = self.filesystem();
+            async move { client.unlink(request).await }
+        })
+        .await
+    }
+
+    /// Renames `parent/name` to `new_parent/new_name`. `flags` are Linux `renameat2` flags
+    /// (RENAME_NOREPLACE = 1, RENAME_EXCHANGE = 2).
+    pub async fn rename(
+        &self,
+        volume: &str,
+        parent: u64,
+        name: &str,
+        new_parent: u64,
+        new_name: &str,
+        flags: u32,
+    ) -> Result<proto::RenameResponse, ClientError> {
+        ballast_common::validate_entry_name(name)?;
+        ballast_common::validate_entry_name(new_name)?;
+        let request = proto::RenameRequest {
+            volume: volume.to_owned(),
+            parent,
+            name: name.to_owned(),
+            new_parent,
+            new_name: new_name.to_owned(),
+            flags,
+        };
+        self.call("Rename", Idempotency::SideEffecting, request, |request| {
+            let mut client = self.filesystem();
+            async move { client.rename(request).await }
+        })
+        .await
+    }
+
+    /// Up to `entry_count_max` entries of directory `inode` after `cookie` (0: from the start).
+    pub async fn read_dir(
+        &self,
+        volume: &str,
+        inode: u64,
+        cookie: u64,
+        entry_count_max: u32,
+    ) -> Result<proto::ReadDirResponse, ClientError> {
+        let request = proto::ReadDirRequest {
+            volume: volume.to_owned(),
+            inode,
+            cookie,
+            entry_count_max,
+        };
+        self.call("ReadDir", Idempotency::Idempotent, request, |request| {
+            let mut client = self.filesystem();
+            async move { client.read_dir(request).await }
+        })
+        .await
+    }
+
+    /// The target of symlink `inode`.
+    pub async fn read_link(&self, volume: &str, inode: u64) -> Result<String, ClientError> {
+        let request = proto::ReadLinkRequest {
+            volume: volume.to_owned(),
+            inode,
+        };
+        self.call("ReadLink", Idempotency::Idempotent, request, |request| {
+            let mut client = self.filesystem();
+            async move { client.read_link(request).await }
+        })
+        .await
+        .map(|response| response.target)
+    }
+
+    /// Up to `length_bytes` bytes of `inode` from `offset_bytes`; shorter only at end of file.
+    pub async fn read(
+        &self,
+        volume: &str,
+        inode: u64,
+        offset_bytes: u64,
+        length_bytes: u32,
+    ) -> Result<Bytes, ClientError> {
+        let request = proto::ReadRequest {
+            volume: volume.to_owned(),
+            inode,
+            offset_bytes,
+            length_bytes,
+        };
+        self.call("Read", Idempotency::Idempotent, request, |request| {
+            let mut client = self.filesystem();
+            async move { client.read(request).await }
+        })
+        .await
+        .map(|response| response.data)
+    }
+
+    /// Writes `data` at `offset_bytes` of `inode`. Not retried once sent: a concurrent write to
+    /// the same range could land between the two attempts and be overwritten by the repeat.
+    pub async fn write(
+        &self,
+        volume: &str,
+        inode: u64,
+        offset_bytes: u64,
+        data: Bytes,
+    ) -> Result<proto::WriteResponse, ClientError> {
+        if data.len() > MESSAGE_SIZE_BYTES_MAX - 4096 {
+            return Err(ClientError::InvalidArgument(format!(
+                "write of {} bytes exceeds the message limit",
+                data.len()
+            )));
+        }
+        let request = proto::WriteRequest {
+            volume: volume.to_owned(),
+            inode,
+            offset_bytes,
+            data,
+        };
+        self.call("Write", Idempotency::SideEffecting, request, |request| {
+            let mut client = self.filesystem();
+            async move { client.write(request).await }
+        })
+        .await
+    }
+
+    /// Allocates (or with PUNCH_HOLE = 2, deallocates) a range; `mode` carries Linux
+    /// FALLOC_FL_* bits (KEEP_SIZE = 1).
+    pub async fn fallocate(
+        &self,
+        volume: &str,
+        inode: u64,
+        offset_bytes: u64,
+        length_bytes: u64,
+        mode: u32,
+    ) -> Result<proto::Attr, ClientError> {
+        let request = proto::FallocateRequest {
+            volume: volume.to_owned(),
+            inode,
+            offset_bytes,
+            length_bytes,
+            mode,
+        };
+        let response = self
+            .call(
+                "Fallocate",
+                Idempotency::SideEffecting,
+                request,
+                |request| {
+                    let mut client = self.filesystem();
+                    async move { client.fallocate(request).await }
+                },
+            )
+            .await?;
+        response.attr.ok_or(ClientError::MissingField {
+            field: "AttrResponse.attr",
+        })
+    }
+
+    /// Makes everything written to `inode` durable (`data_only`: as fdatasync).
+    pub async fn fsync(
+        &self,
+        volume: &str,
+        inode: u64,
+        data_only: bool,
+    ) -> Result<(), ClientError> {
+        let request = proto::FsyncRequest {
+            volume: volume.to_owned(),
+            inode,
+            data_only,
+        };
+        self.call("Fsync", Idempotency::Idempotent, request, |request| {
+            let mut client = self.filesystem();
+            async move { client.fsync(request).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Capacity and usage of a volume.
+    pub async fn stat_fs(&self, volume: &str) -> Result<proto::StatFsResponse, ClientError> {
+        let request = proto::StatFsRequest {
+            volume: volume.to_owned(),
+        };
+        self.call("StatFs", Idempotency::Idempotent, request, |request| {
+            let mut client = self.filesystem();
+            async move { client.stat_fs(request).await }
+        })
+        .await
+    }
+
+    /// Frees orphan `inode` (nlink 0, no open handle), or with `inode` 0 every orphan of the
+    /// volume; returns how many were freed. Idempotent: an orphan already freed is not counted.
+    pub async fn purge_orphans(&self, volume: &str, inode: u64) -> Result<u64, ClientError> {
+        let request = proto::PurgeOrphansRequest {
+            volume: volume.to_owned(),
+            inode,
+        };
+        self.call(
+            "PurgeOrphans",
+            Idempotency::Idempotent,
+            request,
+            |request| {
+                let mut client = self.filesystem();
+                async move { client.purge_orphans(request).await }
+            },
+        )
+        .await
+        .map(|response| response.purged_count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_validated() {
+        let options = ClientOptions::default();
+        assert!(matches!(
+            BallastClient::connect_lazy("127.0.0.1:7400", options),
+            Err(ClientError::InvalidArgument(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn lazy_clients_accept_tcp_and_unix_endpoints() {
+        let options = ClientOptions::default();
+        assert!(BallastClient::connect_lazy("http://127.0.0.1:7400", options).is_ok());
+        assert!(BallastClient::connect_lazy("unix:/tmp/ballast.sock", options).is_ok());
+    }
+
+    #[tokio::test]
+    async fn invalid_names_fail_before_sending() {
+        let client =
+            BallastClient::connect_lazy("http://127.0.0.1:1", ClientOptions::default()).unwrap();
+        let error = client.lookup("demo", ROOT_INODE, "a/b").await.unwrap_err();
+        assert_eq!(error.errno(), Errno::EINVAL);
+        let error = client.create_volume("Bad_Name", 0, 1, 1).await.unwrap_err();
+        assert!(matches!(error, ClientError::InvalidName(_)));
+    }
+
+    #[tokio::test]
+    async fn refused_connections_are_retried_then_reported_as_eio() {
+        // Port 1 on loopback: nothing listens there, so every attempt is refused quickly.
+        let options = ClientOptions {
+            connect_timeout_ms: 500,
+            request_timeout_ms: 2_000,
+            retry: RetryPolicy {
+                attempt_count_max: 3,
+                backoff_initial_ms: 1,
+                backoff_max_ms: 2,
+            },
+        };
+        let client = BallastClient::connect_lazy("http://127.0.0.1:1", options).unwrap();
+        let error = client
+            .write("demo", 2, 0, Bytes::from_static(b"x"))
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Some(tonic::Code::Unavailable), "{error}");
+        assert_eq!(error.errno(), Errno::EIO);
+    }
+}
+
+#[cfg(test)]
+mod transport_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn refused_connection_is_recognised_as_never_sent() {
+        // Guards the retry policy against tonic changing how it reports connect failures.
+        let client =
+            BallastClient::connect_lazy("http://127.0.0.1:1", ClientOptions::default()).unwrap();
+        let status = client
+            .filesystem()
+            .get_attr(proto::GetAttrRequest {
+                volume: "demo".to_owned(),
+                inode: 1,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(retry::never_sent(&status), "{status:?}");
+    }
+}

@@ -1,0 +1,117 @@
+//! Bounded retry policy for calls that fail with `Unavailable`.
+//!
+//! Invariant: a call is retried only when repeating it cannot apply it twice: either the RPC is
+//! idempotent (reads, lookups, fsync...), or the failure proves the request never left this
+//! process (the connection could not be established). A `Write`, `Create`, `Rename`... that
+//! reached a node whose answer was lost is never repeated: the caller sees EIO instead of a
+//! silently doubled side effect (for example a second `Create` failing with EEXIST, or a
+//! `Rename` that moved a file replaced by someone else in between).
+
+use std::error::Error as _;
+use std::time::Duration;
+
+/// Whether repeating an RPC after an ambiguous failure is harmless.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idempotency {
+    /// Repeating the call returns the same result and changes nothing more.
+    Idempotent,
+    /// The call has side effects; repeat it only if it certainly never reached a node.
+    SideEffecting,
+}
+
+/// The retry schedule: `attempt_count_max` tries in all, sleeping `backoff_initial_ms`,
+/// doubling each time up to `backoff_max_ms`, between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub attempt_count_max: u32,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempt_count_max: 5,
+            backoff_initial_ms: 50,
+            backoff_max_ms: 1000,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The sleep before attempt `attempt_index + 1` (attempt 0 is the first try).
+    pub fn backoff(&self, attempt_index: u32) -> Duration {
+        let factor = 1u64.checked_shl(attempt_index).unwrap_or(u64::MAX);
+        let backoff_ms = self
+            .backoff_initial_ms
+            .saturating_mul(factor)
+            .min(self.backoff_max_ms);
+        Duration::from_millis(backoff_ms)
+    }
+}
+
+/// True when `status` proves the request was never handed to a node: tonic reports failures of
+/// the (re)connection as `Unavailable` with a `tonic::ConnectError` in the source chain.
+pub fn never_sent(status: &tonic::Status) -> bool {
+    let mut source = status.source();
+    while let Some(error) = source {
+        if error.downcast_ref::<tonic::ConnectError>().is_some() {
+            return true;
+        }
+        if let Some(io_error) = error.downcast_ref::<std::io::Error>() {
+            if io_error.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        source = error.source();
+    }
+    false
+}
+
+/// Whether a failed attempt may be repeated under `idempotency`.
+pub fn should_retry(status: &tonic::Status, idempotency: Idempotency) -> bool {
+    if status.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    match idempotency {
+        Idempotency::Idempotent => true,
+        Idempotency::SideEffecting => never_sent(status),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let policy = RetryPolicy::default();
+        let sleeps_ms: Vec<u128> = (0..7)
+            .map(|index| policy.backoff(index).as_millis())
+            .collect();
+        assert_eq!(sleeps_ms, vec![50, 100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(policy.backoff(200).as_millis(), 1000);
+    }
+
+    #[test]
+    fn only_unavailable_is_retried() {
+        let unavailable = tonic::Status::unavailable("node restarting");
+        assert!(should_retry(&unavailable, Idempotency::Idempotent));
+        // A server-sent Unavailable may have been applied; side effects are not repeated.
+        assert!(!should_retry(&unavailable, Idempotency::SideEffecting));
+        let not_found = tonic::Status::not_found("x");
+        assert!(!should_retry(&not_found, Idempotency::Idempotent));
+        let deadline = tonic::Status::deadline_exceeded("slow");
+        assert!(!should_retry(&deadline, Idempotency::Idempotent));
+    }
+
+    #[test]
+    fn connect_failures_are_retried_even_with_side_effects() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let connect_error = tonic::ConnectError(Box::new(refused));
+        let status = tonic::Status::from_error(Box::new(connect_error));
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(never_sent(&status));
+        assert!(should_retry(&status, Idempotency::SideEffecting));
+    }
+}

@@ -1,0 +1,18 @@
+//! Shared vocabulary of Ballast: names, errno values, checksums, and the clock and randomness
+//! traits that core logic depends on (so it can run deterministically in tests).
+//!
+//! Owns: small value types used by both the server side and the client side.
+//! Must not depend on: any other Ballast crate, any async runtime, any I/O.
+//! Invariants: everything here is pure and deterministic given its inputs.
+
+pub mod checksum;
+pub mod clock;
+pub mod errno;
+pub mod name;
+pub mod random;
+
+pub use checksum::checksum;
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use errno::Errno;
+pub use name::{validate_entry_name, validate_volume_name, NameError};
+pub use random::{Random, SplitMix64};

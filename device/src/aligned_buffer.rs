@@ -1,0 +1,135 @@
+//! `AlignedBuffer`: the only buffer type that crosses into the I/O engine.
+//!
+//! Design: O_DIRECT requires the memory address, the file offset and the length of every transfer
+//! to be aligned to the logical block size. Rather than check this at each call site, the buffer
+//! type makes misaligned memory unrepresentable: the allocation is aligned to 4096 bytes and its
+//! length is a non-zero multiple of 4096. The heap allocation never moves when the value moves,
+//! which is what lets the engine thread hand the raw pointer to the kernel while owning the value.
+//!
+//! Owns: one heap allocation. Must not depend on: anything else in the crate but the block size.
+//! Invariants: `pointer` is aligned to `BLOCK_SIZE_BYTES`; `length_bytes` is a non-zero multiple
+//! of `BLOCK_SIZE_BYTES`; the memory is always initialised (allocated zeroed).
+
+use std::alloc::Layout;
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+
+use crate::BLOCK_SIZE_BYTES;
+
+pub struct AlignedBuffer {
+    pointer: NonNull<u8>,
+    length_bytes: usize,
+}
+
+// SAFETY: the buffer exclusively owns its allocation (like a `Box<[u8]>`); no aliasing pointer
+// escapes except to the engine thread, which takes ownership of the whole value while the kernel
+// uses the memory.
+unsafe impl Send for AlignedBuffer {}
+// SAFETY: shared references only allow reading the initialised bytes, as for `&[u8]`.
+unsafe impl Sync for AlignedBuffer {}
+
+impl AlignedBuffer {
+    fn layout(length_bytes: usize) -> Layout {
+        Layout::from_size_align(length_bytes, BLOCK_SIZE_BYTES).expect("valid buffer layout")
+    }
+
+    /// A zero-filled buffer. `length_bytes` must be a non-zero multiple of 4096.
+    pub fn new_zeroed(length_bytes: usize) -> AlignedBuffer {
+        assert!(length_bytes > 0, "an aligned buffer cannot be empty");
+        assert!(
+            length_bytes % BLOCK_SIZE_BYTES == 0,
+            "buffer length {length_bytes} is not a multiple of {BLOCK_SIZE_BYTES}"
+        );
+        let layout = Self::layout(length_bytes);
+        // SAFETY: the layout has a non-zero size (asserted above).
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let pointer = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuffer {
+            pointer,
+            length_bytes,
+        }
+    }
+
+    /// A copy of `bytes`, zero-padded up to the next multiple of 4096 (an empty slice gives one
+    /// zeroed block).
+    pub fn from_slice_padded(bytes: &[u8]) -> AlignedBuffer {
+        let length_bytes = bytes.len().div_ceil(BLOCK_SIZE_BYTES).max(1) * BLOCK_SIZE_BYTES;
+        let mut buffer = AlignedBuffer::new_zeroed(length_bytes);
+        buffer[..bytes.len()].copy_from_slice(bytes);
+        buffer
+    }
+
+    /// Length in bytes (a multiple of 4096).
+    #[allow(clippy::len_without_is_empty)] // never empty by construction
+    pub fn len(&self) -> usize {
+        self.length_bytes
+    }
+
+    pub(crate) fn as_mut_pointer(&mut self) -> *mut u8 {
+        self.pointer.as_ptr()
+    }
+}
+
+impl Deref for AlignedBuffer {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the allocation is `length_bytes` long, initialised (zeroed at allocation) and
+        // owned by `self`, whose borrow bounds the slice's lifetime.
+        unsafe { std::slice::from_raw_parts(self.pointer.as_ptr(), self.length_bytes) }
+    }
+}
+
+impl DerefMut for AlignedBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and `&mut self` guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.pointer.as_ptr(), self.length_bytes) }
+    }
+}
+
+impl Drop for AlignedBuffer {
+    fn drop(&mut self) {
+        // SAFETY: `pointer` came from `alloc_zeroed` with exactly this layout and is freed once.
+        unsafe { std::alloc::dealloc(self.pointer.as_ptr(), Self::layout(self.length_bytes)) }
+    }
+}
+
+impl Clone for AlignedBuffer {
+    fn clone(&self) -> AlignedBuffer {
+        let mut copy = AlignedBuffer::new_zeroed(self.length_bytes);
+        copy.copy_from_slice(self);
+        copy
+    }
+}
+
+impl std::fmt::Debug for AlignedBuffer {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("AlignedBuffer")
+            .field("length_bytes", &self.length_bytes)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alignment_and_padding() {
+        let buffer = AlignedBuffer::new_zeroed(8192);
+        assert_eq!(buffer.as_ptr() as usize % BLOCK_SIZE_BYTES, 0);
+        assert!(buffer.iter().all(|&byte| byte == 0));
+        assert_eq!(AlignedBuffer::from_slice_padded(&[]).len(), 4096);
+        let padded = AlignedBuffer::from_slice_padded(&[7u8; 4097]);
+        assert_eq!(padded.len(), 8192);
+        assert_eq!(padded[4096], 7);
+        assert_eq!(padded[4097], 0);
+    }
+
+    #[test]
+    #[should_panic]
+    fn unaligned_length_panics() {
+        let _ = AlignedBuffer::new_zeroed(100);
+    }
+}

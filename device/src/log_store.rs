@@ -1,0 +1,1756 @@
+//! `LogStore`: many Raft groups' logs in one circular log on the device's log region, with group
+//! commit.
+//!
+//! Design: the log region is a ring of equal segments; segment sequence `s` (starting at 1) lives
+//! in slot `(s - 1) % segment_count`. Appends go to a single writer thread through a bounded
+//! channel; the writer takes every queued request (up to a 4 MiB batch; one larger request gets
+//! its own batch), encodes them into ONE batch, writes it with `RWF_DSYNC` at the tail and then
+//! answers every caller, so concurrent appenders share one durable write (group commit). Records
+//! of one `append` are never split. A dedicated thread (not a tokio task) keeps the log
+//! independent of which runtime, if any, the caller runs on.
+//!
+//! A segment is free when no live index entry points into it (entries are removed by purge,
+//! truncate, or overwrite of the same index); we keep a live-entry count per segment, updated
+//! incrementally, and the oldest live segment advances past free segments. When a batch does not
+//! fit in the current segment, the writer starts the next one only if it is free, otherwise the
+//! callers get `LogFull` (backpressure: the storage node checkpoints and purges). Before the first
+//! write into a reused slot, the writer makes a *trailer* in the current segment's last block
+//! durable, recording the advanced oldest live segment: so if the new segment's first write is
+//! torn, recovery already knows the slot's old content is dead and never mistakes it for live log.
+//!
+//! The last 1/64 of each segment's usable space (at least two blocks) is reserved for batches
+//! without entries, so the purge that relieves a full log can always be written.
+//!
+//! Recovery reads every segment's header (one block each), picks the newest valid one; its
+//! trailer (if valid) or header names the oldest live segment. Live segments must have contiguous
+//! sequences and valid headers. Their batches are replayed in order, each batch sequence exactly
+//! the previous + 1. A bad batch in the newest segment is the torn tail — unless a valid later
+//! batch follows it in that segment, which means corruption in the middle (`LogCorrupted`); in an
+//! older segment, the next segment's recorded first batch sequence tells whether batches were
+//! lost. Recovery reads only the superblock-described log region's live segments.
+//!
+//! Semantics of records, identical at runtime and at replay: an `Entry` at an index at or below
+//! the group's purged index is ignored; otherwise it first removes every entry at or above its
+//! index (Raft overwrite) and is then indexed. `Truncate` removes entries `>= index_from`. `Purge`
+//! removes entries `<= index_upto` and raises the group's last purged id (never lowers it).
+//!
+//! Byte layout (all integers little-endian; CRC-32 = `ballast_common::checksum`):
+//! ```text
+//! Segment header, at the start of a segment, length a multiple of 4096:
+//!    0 magic "BLLOGSEG"                 8
+//!    8 crc32 of bytes 12..header_length 4
+//!   12 header_length_bytes              u32
+//!   16 segment_sequence                 u64
+//!   24 oldest_live_segment_sequence     u64   (when this segment was started)
+//!   32 first_batch_sequence             u64   (sequence of the first batch in this segment)
+//!   40 group_count                      u32
+//!   44 reserved (zero)                  u32
+//!   48 group_count x { group u64, purged_term u64, purged_index u64 }, then zero padding
+//! Batch, at a 4096-aligned offset after the segment header, length a multiple of 4096:
+//!    0 magic "BLLOGBAT"                 8
+//!    8 crc32 of bytes 12..batch_length  4
+//!   12 batch_length_bytes               u32
+//!   16 sequence                         u64   (global, +1 per batch)
+//!   24 record_count                     u32
+//!   28 reserved (zero)                  u32
+//!   32 records, packed, then zero padding. Record:
+//!        0 kind u8 (1 entry, 2 truncate, 3 purge)   1 reserved [u8; 3]
+//!        4 payload_length_bytes u32    8 group u64    16 index u64 (entry index, truncate
+//!          index_from, purge index_upto)   24 term u64 (0 for truncate)
+//!       32 payload_crc32 u32           36 reserved u32   40 payload
+//! Segment trailer, the last 4096-byte block of a segment (batches never use it):
+//!    0 magic "BLLOGTRL"   8 crc32 of bytes 12..4096   12 reserved u32
+//!   16 segment_sequence u64   24 oldest_live_segment_sequence u64
+//! ```
+//!
+//! Owns: the log region. Must not depend on: Raft or the meaning of payloads.
+//! Invariants: every batch and header is checksummed and every payload has its own CRC, checked
+//! on every read; a batch is acknowledged only after it is durable; no live entry's bytes are
+//! overwritten; the channel and the batch size are bounded.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::engine::block_on;
+use crate::{AlignedBuffer, DeviceError, Engine, Superblock, BLOCK_SIZE_BYTES};
+
+const SEGMENT_MAGIC: [u8; 8] = *b"BLLOGSEG";
+const BATCH_MAGIC: [u8; 8] = *b"BLLOGBAT";
+const TRAILER_MAGIC: [u8; 8] = *b"BLLOGTRL";
+const SEGMENT_HEADER_FIXED_BYTES: usize = 48;
+const GROUP_TABLE_ENTRY_BYTES: usize = 24;
+const BATCH_HEADER_BYTES: usize = 32;
+const RECORD_HEADER_BYTES: usize = 40;
+const BLOCK_BYTES: u64 = BLOCK_SIZE_BYTES as u64;
+/// Most bytes a group-commit batch gathers from several requests.
+const BATCH_BYTES_MAX: usize = 4 << 20;
+/// Most append requests waiting for the writer.
+const REQUEST_QUEUE_CAPACITY: usize = 1024;
+/// Largest single read issued by `read_entries`.
+const READ_BYTES_MAX: u64 = 4 << 20;
+
+const KIND_ENTRY: u8 = 1;
+const KIND_TRUNCATE: u8 = 2;
+const KIND_PURGE: u8 = 3;
+
+/// One record of the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogRecord {
+    Entry {
+        group: u64,
+        index: u64,
+        term: u64,
+        payload: Vec<u8>,
+    },
+    /// Removes the group's entries with index >= `index_from`.
+    Truncate { group: u64, index_from: u64 },
+    /// Removes the group's entries with index <= `index_upto`; remembers `(term, index_upto)`.
+    Purge {
+        group: u64,
+        index_upto: u64,
+        term: u64,
+    },
+}
+
+impl LogRecord {
+    fn encoded_length_bytes(&self) -> usize {
+        RECORD_HEADER_BYTES
+            + match self {
+                LogRecord::Entry { payload, .. } => payload.len(),
+                _ => 0,
+            }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    pub index: u64,
+    pub term: u64,
+    pub payload: Vec<u8>,
+}
+
+/// What the log knows about one group; ids are `(term, index)`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GroupLogState {
+    pub last_purged: Option<(u64, u64)>,
+    /// The last entry, or the last purged id if there are no entries.
+    pub last: Option<(u64, u64)>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encoding
+
+fn read_u32(bytes: &[u8], offset: usize) -> u32 {
+    u32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes"))
+}
+
+fn read_u64(bytes: &[u8], offset: usize) -> u64 {
+    u64::from_le_bytes(bytes[offset..offset + 8].try_into().expect("8 bytes"))
+}
+
+fn round_up_to_block(length_bytes: usize) -> usize {
+    length_bytes.div_ceil(BLOCK_SIZE_BYTES) * BLOCK_SIZE_BYTES
+}
+
+fn batch_length_bytes(records_length_bytes: usize) -> usize {
+    round_up_to_block(BATCH_HEADER_BYTES + records_length_bytes)
+}
+
+/// Encodes a batch into `buffer` (exactly the batch length, zeroed); returns each record's
+/// payload offset relative to the batch start.
+fn encode_batch<'a>(
+    buffer: &mut [u8],
+    sequence: u64,
+    records: impl Iterator<Item = &'a LogRecord>,
+) -> Vec<usize> {
+    assert!(buffer.len() % BLOCK_SIZE_BYTES == 0 && buffer.len() <= u32::MAX as usize);
+    let mut position = BATCH_HEADER_BYTES;
+    let mut payload_offsets = Vec::new();
+    for record in records {
+        let (kind, group, index, term, payload): (u8, u64, u64, u64, &[u8]) = match record {
+            LogRecord::Entry {
+                group,
+                index,
+                term,
+                payload,
+            } => (KIND_ENTRY, *group, *index, *term, payload),
+            LogRecord::Truncate { group, index_from } => {
+                (KIND_TRUNCATE, *group, *index_from, 0, &[])
+            }
+            LogRecord::Purge {
+                group,
+                index_upto,
+                term,
+            } => (KIND_PURGE, *group, *index_upto, *term, &[]),
+        };
+        let header = &mut buffer[position..position + RECORD_HEADER_BYTES];
+        header[0] = kind;
+        header[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        header[8..16].copy_from_slice(&group.to_le_bytes());
+        header[16..24].copy_from_slice(&index.to_le_bytes());
+        header[24..32].copy_from_slice(&term.to_le_bytes());
+        header[32..36].copy_from_slice(&ballast_common::checksum(payload).to_le_bytes());
+        position += RECORD_HEADER_BYTES;
+        payload_offsets.push(position);
+        buffer[position..position + payload.len()].copy_from_slice(payload);
+        position += payload.len();
+    }
+    assert!(position <= buffer.len(), "batch buffer too small");
+    buffer[0..8].copy_from_slice(&BATCH_MAGIC);
+    let length_bytes = buffer.len() as u32;
+    buffer[12..16].copy_from_slice(&length_bytes.to_le_bytes());
+    buffer[16..24].copy_from_slice(&sequence.to_le_bytes());
+    buffer[24..28].copy_from_slice(&(payload_offsets.len() as u32).to_le_bytes());
+    let crc = ballast_common::checksum(&buffer[12..]);
+    buffer[8..12].copy_from_slice(&crc.to_le_bytes());
+    payload_offsets
+}
+
+/// A record as found in a batch, payload left in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RecordHeader {
+    kind: u8,
+    group: u64,
+    index: u64,
+    term: u64,
+    payload_length_bytes: u32,
+    payload_checksum: u32,
+    /// Offset of the payload from the batch start.
+    payload_offset: usize,
+}
+
+#[derive(Debug)]
+struct DecodedBatch {
+    sequence: u64,
+    length_bytes: usize,
+    records: Vec<RecordHeader>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum BatchDefect {
+    /// Not a complete batch: bad magic, impossible length or CRC mismatch (torn or stale).
+    NotABatch(&'static str),
+    /// CRC-valid but undecodable: corruption the CRC missed or an encoder bug.
+    Malformed(String),
+}
+
+/// Decodes the batch at the start of `bytes` (which extend to the end of usable space).
+fn decode_batch(bytes: &[u8]) -> Result<DecodedBatch, BatchDefect> {
+    if bytes.len() < BATCH_HEADER_BYTES || bytes[0..8] != BATCH_MAGIC {
+        return Err(BatchDefect::NotABatch("bad batch magic"));
+    }
+    let length_bytes = read_u32(bytes, 12) as usize;
+    if length_bytes == 0 || length_bytes % BLOCK_SIZE_BYTES != 0 || length_bytes > bytes.len() {
+        return Err(BatchDefect::NotABatch("impossible batch length"));
+    }
+    if read_u32(bytes, 8) != ballast_common::checksum(&bytes[12..length_bytes]) {
+        return Err(BatchDefect::NotABatch("batch checksum mismatch"));
+    }
+    let sequence = read_u64(bytes, 16);
+    let record_count = read_u32(bytes, 24) as usize;
+    let batch = &bytes[..length_bytes];
+    let mut records = Vec::with_capacity(record_count.min(length_bytes / RECORD_HEADER_BYTES));
+    let mut position = BATCH_HEADER_BYTES;
+    for record_number in 0..record_count {
+        let malformed = |reason: &str| {
+            BatchDefect::Malformed(format!(
+                "record {record_number} at batch offset {position}: {reason}"
+            ))
+        };
+        if position + RECORD_HEADER_BYTES > batch.len() {
+            return Err(malformed("header past the batch end"));
+        }
+        let header = &batch[position..position + RECORD_HEADER_BYTES];
+        let kind = header[0];
+        let payload_length_bytes = read_u32(header, 4);
+        let payload_offset = position + RECORD_HEADER_BYTES;
+        let payload_end = payload_offset
+            .checked_add(payload_length_bytes as usize)
+            .filter(|&end| end <= batch.len())
+            .ok_or_else(|| malformed("payload past the batch end"))?;
+        match kind {
+            KIND_ENTRY => {}
+            KIND_TRUNCATE | KIND_PURGE if payload_length_bytes == 0 => {}
+            KIND_TRUNCATE | KIND_PURGE => return Err(malformed("control record with a payload")),
+            _ => return Err(malformed("unknown record kind")),
+        }
+        let payload_checksum = read_u32(header, 32);
+        if ballast_common::checksum(&batch[payload_offset..payload_end]) != payload_checksum {
+            return Err(malformed("payload checksum mismatch"));
+        }
+        records.push(RecordHeader {
+            kind,
+            group: read_u64(header, 8),
+            index: read_u64(header, 16),
+            term: read_u64(header, 24),
+            payload_length_bytes,
+            payload_checksum,
+            payload_offset,
+        });
+        position = payload_end;
+    }
+    Ok(DecodedBatch {
+        sequence,
+        length_bytes,
+        records,
+    })
+}
+
+impl RecordHeader {
+    #[cfg(test)]
+    fn to_record(self, batch: &[u8]) -> LogRecord {
+        match self.kind {
+            KIND_ENTRY => LogRecord::Entry {
+                group: self.group,
+                index: self.index,
+                term: self.term,
+                payload: batch
+                    [self.payload_offset..self.payload_offset + self.payload_length_bytes as usize]
+                    .to_vec(),
+            },
+            KIND_TRUNCATE => LogRecord::Truncate {
+                group: self.group,
+                index_from: self.index,
+            },
+            _ => LogRecord::Purge {
+                group: self.group,
+                index_upto: self.index,
+                term: self.term,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SegmentHeader {
+    segment_sequence: u64,
+    oldest_live_segment_sequence: u64,
+    first_batch_sequence: u64,
+    header_length_bytes: usize,
+    /// `(group, purged_term, purged_index)`.
+    purged: Vec<(u64, u64, u64)>,
+}
+
+fn segment_header_length_bytes(group_count: usize) -> usize {
+    round_up_to_block(SEGMENT_HEADER_FIXED_BYTES + group_count * GROUP_TABLE_ENTRY_BYTES)
+}
+
+impl SegmentHeader {
+    fn encode_into(&self, buffer: &mut [u8]) {
+        assert_eq!(buffer.len(), self.header_length_bytes);
+        buffer[0..8].copy_from_slice(&SEGMENT_MAGIC);
+        buffer[12..16].copy_from_slice(&(self.header_length_bytes as u32).to_le_bytes());
+        buffer[16..24].copy_from_slice(&self.segment_sequence.to_le_bytes());
+        buffer[24..32].copy_from_slice(&self.oldest_live_segment_sequence.to_le_bytes());
+        buffer[32..40].copy_from_slice(&self.first_batch_sequence.to_le_bytes());
+        buffer[40..44].copy_from_slice(&(self.purged.len() as u32).to_le_bytes());
+        let mut position = SEGMENT_HEADER_FIXED_BYTES;
+        for (group, term, index) in &self.purged {
+            buffer[position..position + 8].copy_from_slice(&group.to_le_bytes());
+            buffer[position + 8..position + 16].copy_from_slice(&term.to_le_bytes());
+            buffer[position + 16..position + 24].copy_from_slice(&index.to_le_bytes());
+            position += GROUP_TABLE_ENTRY_BYTES;
+        }
+        let crc = ballast_common::checksum(&buffer[12..]);
+        buffer[8..12].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Length the header claims, if `bytes` start with a segment header magic.
+    fn claimed_length_bytes(bytes: &[u8]) -> Option<usize> {
+        (bytes.len() >= SEGMENT_HEADER_FIXED_BYTES && bytes[0..8] == SEGMENT_MAGIC)
+            .then(|| read_u32(bytes, 12) as usize)
+    }
+
+    fn decode(bytes: &[u8]) -> Result<SegmentHeader, &'static str> {
+        let length_bytes = Self::claimed_length_bytes(bytes).ok_or("bad segment magic")?;
+        if length_bytes == 0 || length_bytes % BLOCK_SIZE_BYTES != 0 || length_bytes > bytes.len() {
+            return Err("impossible segment header length");
+        }
+        if read_u32(bytes, 8) != ballast_common::checksum(&bytes[12..length_bytes]) {
+            return Err("segment header checksum mismatch");
+        }
+        let group_count = read_u32(bytes, 40) as usize;
+        if segment_header_length_bytes(group_count) != length_bytes {
+            return Err("segment header group count does not match its length");
+        }
+        let purged = (0..group_count)
+            .map(|number| {
+                let position = SEGMENT_HEADER_FIXED_BYTES + number * GROUP_TABLE_ENTRY_BYTES;
+                (
+                    read_u64(bytes, position),
+                    read_u64(bytes, position + 8),
+                    read_u64(bytes, position + 16),
+                )
+            })
+            .collect();
+        Ok(SegmentHeader {
+            segment_sequence: read_u64(bytes, 16),
+            oldest_live_segment_sequence: read_u64(bytes, 24),
+            first_batch_sequence: read_u64(bytes, 32),
+            header_length_bytes: length_bytes,
+            purged,
+        })
+    }
+}
+
+fn encode_trailer(segment_sequence: u64, oldest_live_segment_sequence: u64) -> AlignedBuffer {
+    let mut buffer = AlignedBuffer::new_zeroed(BLOCK_SIZE_BYTES);
+    buffer[0..8].copy_from_slice(&TRAILER_MAGIC);
+    buffer[16..24].copy_from_slice(&segment_sequence.to_le_bytes());
+    buffer[24..32].copy_from_slice(&oldest_live_segment_sequence.to_le_bytes());
+    let crc = ballast_common::checksum(&buffer[12..]);
+    buffer[8..12].copy_from_slice(&crc.to_le_bytes());
+    buffer
+}
+
+/// `(segment_sequence, oldest_live_segment_sequence)` of a valid trailer block.
+fn decode_trailer(bytes: &[u8]) -> Option<(u64, u64)> {
+    (bytes.len() == BLOCK_SIZE_BYTES
+        && bytes[0..8] == TRAILER_MAGIC
+        && read_u32(bytes, 8) == ballast_common::checksum(&bytes[12..]))
+    .then(|| (read_u64(bytes, 16), read_u64(bytes, 24)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// In-memory index
+
+#[derive(Debug, Clone, Copy)]
+struct EntryLocation {
+    offset_bytes: u64,
+    length_bytes: u32,
+    term: u64,
+    checksum: u32,
+}
+
+#[derive(Debug, Default)]
+struct GroupIndex {
+    entries: BTreeMap<u64, EntryLocation>,
+    last_purged: Option<(u64, u64)>,
+}
+
+/// Geometry of the log region.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    region_offset_bytes: u64,
+    segment_size_bytes: u64,
+    segment_count: u64,
+}
+
+impl Geometry {
+    fn slot(&self, segment_sequence: u64) -> u64 {
+        debug_assert!(segment_sequence >= 1);
+        (segment_sequence - 1) % self.segment_count
+    }
+
+    fn segment_offset_bytes(&self, segment_sequence: u64) -> u64 {
+        self.region_offset_bytes + self.slot(segment_sequence) * self.segment_size_bytes
+    }
+
+    fn slot_of_offset(&self, offset_bytes: u64) -> usize {
+        ((offset_bytes - self.region_offset_bytes) / self.segment_size_bytes) as usize
+    }
+
+    /// Bytes of a segment batches may use (the last block is the trailer).
+    fn usable_bytes(&self) -> u64 {
+        self.segment_size_bytes - BLOCK_BYTES
+    }
+
+    /// Tail space of each segment that only batches without entries (truncates and purges) may
+    /// use, so the storage node can always log the purge that relieves a full log.
+    fn control_reserve_bytes(&self) -> u64 {
+        (self.segment_size_bytes / 64 / BLOCK_BYTES * BLOCK_BYTES).max(2 * BLOCK_BYTES)
+    }
+
+    fn region_size_bytes(&self) -> u64 {
+        self.segment_size_bytes * self.segment_count
+    }
+}
+
+#[derive(Debug)]
+struct LogIndex {
+    geometry: Geometry,
+    groups: BTreeMap<u64, GroupIndex>,
+    /// Live index entries pointing into each slot.
+    segment_live_entries: Vec<u64>,
+}
+
+impl LogIndex {
+    fn new(geometry: Geometry) -> LogIndex {
+        LogIndex {
+            geometry,
+            groups: BTreeMap::new(),
+            segment_live_entries: vec![0; geometry.segment_count as usize],
+        }
+    }
+
+    fn forget(&mut self, location: EntryLocation) {
+        let slot = self.geometry.slot_of_offset(location.offset_bytes);
+        debug_assert!(self.segment_live_entries[slot] > 0);
+        self.segment_live_entries[slot] -= 1;
+    }
+
+    fn remove_from(&mut self, group: u64, index_from: u64) {
+        let Some(state) = self.groups.get_mut(&group) else {
+            return;
+        };
+        let removed = state.entries.split_off(&index_from);
+        for location in removed.into_values() {
+            self.forget(location);
+        }
+    }
+
+    fn apply_entry(&mut self, group: u64, index: u64, location: EntryLocation) {
+        let state = self.groups.entry(group).or_default();
+        if state
+            .last_purged
+            .is_some_and(|(_, purged_index)| index <= purged_index)
+        {
+            return;
+        }
+        self.remove_from(group, index);
+        let slot = self.geometry.slot_of_offset(location.offset_bytes);
+        self.segment_live_entries[slot] += 1;
+        self.groups
+            .entry(group)
+            .or_default()
+            .entries
+            .insert(index, location);
+    }
+
+    fn apply_purge(&mut self, group: u64, index_upto: u64, term: u64) {
+        let state = self.groups.entry(group).or_default();
+        if state
+            .last_purged
+            .is_none_or(|(_, purged_index)| index_upto > purged_index)
+        {
+            state.last_purged = Some((term, index_upto));
+        }
+        let kept = match index_upto.checked_add(1) {
+            Some(first_kept) => state.entries.split_off(&first_kept),
+            None => BTreeMap::new(),
+        };
+        let removed = std::mem::replace(&mut state.entries, kept);
+        for location in removed.into_values() {
+            self.forget(location);
+        }
+    }
+
+    /// Applies one decoded record whose batch starts at `batch_offset_bytes` on the device.
+    fn apply(&mut self, record: &RecordHeader, batch_offset_bytes: u64) {
+        match record.kind {
+            KIND_ENTRY => self.apply_entry(
+                record.group,
+                record.index,
+                EntryLocation {
+                    offset_bytes: batch_offset_bytes + record.payload_offset as u64,
+                    length_bytes: record.payload_length_bytes,
+                    term: record.term,
+                    checksum: record.payload_checksum,
+                },
+            ),
+            KIND_TRUNCATE => self.remove_from(record.group, record.index),
+            _ => self.apply_purge(record.group, record.index, record.term),
+        }
+    }
+
+    fn purged_table(&self) -> Vec<(u64, u64, u64)> {
+        self.groups
+            .iter()
+            .filter_map(|(group, state)| {
+                state.last_purged.map(|(term, index)| (*group, term, index))
+            })
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The store
+
+struct AppendRequest {
+    records: Vec<LogRecord>,
+    records_length_bytes: usize,
+    reply: oneshot::Sender<Result<(), DeviceError>>,
+}
+
+impl AppendRequest {
+    fn has_entries(&self) -> bool {
+        self.records
+            .iter()
+            .any(|record| matches!(record, LogRecord::Entry { .. }))
+    }
+}
+
+/// Handle on the log; cheap to clone, all clones share one writer.
+#[derive(Clone)]
+pub struct LogStore {
+    shared: Arc<LogShared>,
+}
+
+impl std::fmt::Debug for LogStore {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("LogStore")
+            .field("used_bytes", &self.used_bytes())
+            .field("region_size_bytes", &self.region_size_bytes())
+            .finish()
+    }
+}
+
+struct LogShared {
+    engine: Engine,
+    geometry: Geometry,
+    index: Arc<Mutex<LogIndex>>,
+    used_bytes: Arc<AtomicU64>,
+    /// `None` only during drop, to close the channel before joining the writer.
+    sender: Option<mpsc::Sender<AppendRequest>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for LogShared {
+    fn drop(&mut self) {
+        drop(self.sender.take());
+        if let Some(writer) = self.writer.take() {
+            if writer.join().is_err() {
+                tracing::error!("log writer thread panicked");
+            }
+        }
+    }
+}
+
+/// Where the writer appends next.
+#[derive(Debug, Clone, Copy)]
+struct Tail {
+    /// 0 while no segment has been started.
+    current_segment_sequence: u64,
+    /// Offset within the current segment of the next batch.
+    offset_in_segment_bytes: u64,
+    next_batch_sequence: u64,
+    oldest_live_segment_sequence: u64,
+}
+
+impl Tail {
+    fn used_bytes(&self, geometry: &Geometry) -> u64 {
+        if self.current_segment_sequence == 0 {
+            return 0;
+        }
+        (self.current_segment_sequence - self.oldest_live_segment_sequence)
+            * geometry.segment_size_bytes
+            + self.offset_in_segment_bytes
+    }
+}
+
+impl LogStore {
+    /// Recovers the log from the device (see the module doc) and starts the writer thread.
+    /// Blocks the calling thread while it reads the live log.
+    pub fn open(engine: Engine, superblock: &Superblock) -> Result<LogStore, DeviceError> {
+        superblock.validate()?;
+        let geometry = Geometry {
+            region_offset_bytes: superblock.log_region_offset_bytes,
+            segment_size_bytes: superblock.log_segment_size_bytes,
+            segment_count: superblock.log_segment_count(),
+        };
+        let started = Instant::now();
+        let (index, tail, scanned_bytes) = block_on(recover(&engine, geometry))?;
+        let used_bytes = Arc::new(AtomicU64::new(tail.used_bytes(&geometry)));
+        tracing::info!(
+            recovery_ms = started.elapsed().as_millis() as u64,
+            scanned_bytes,
+            used_bytes = tail.used_bytes(&geometry),
+            groups = index.groups.len(),
+            next_batch_sequence = tail.next_batch_sequence,
+            "recovered log"
+        );
+        let index = Arc::new(Mutex::new(index));
+        let (sender, receiver) = mpsc::channel(REQUEST_QUEUE_CAPACITY);
+        let writer = Writer {
+            engine: engine.clone(),
+            geometry,
+            index: index.clone(),
+            used_bytes: used_bytes.clone(),
+            receiver,
+            tail,
+            held_back: None,
+        };
+        let writer = std::thread::Builder::new()
+            .name("ballast-log".to_owned())
+            .spawn(move || writer.run())
+            .map_err(|source| DeviceError::Open {
+                path: engine.path().to_owned(),
+                source: Arc::new(source),
+            })?;
+        Ok(LogStore {
+            shared: Arc::new(LogShared {
+                engine,
+                geometry,
+                index,
+                used_bytes,
+                sender: Some(sender),
+                writer: Some(writer),
+            }),
+        })
+    }
+
+    /// Largest encoded size of one `append` call: it must fit a fresh segment beside a one-block
+    /// header and the trailer.
+    pub fn request_length_bytes_max(&self) -> u64 {
+        let geometry = &self.shared.geometry;
+        geometry.usable_bytes()
+            - geometry.control_reserve_bytes()
+            - BLOCK_BYTES
+            - BATCH_HEADER_BYTES as u64
+    }
+
+    /// Appends `records` durably; concurrent calls share one device write.
+    pub async fn append(&self, records: Vec<LogRecord>) -> Result<(), DeviceError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let records_length_bytes: usize = records.iter().map(LogRecord::encoded_length_bytes).sum();
+        let payload_too_long = records
+            .iter()
+            .any(|record| record.encoded_length_bytes() > u32::MAX as usize);
+        let limit_bytes = self.request_length_bytes_max();
+        if payload_too_long || records_length_bytes as u64 > limit_bytes {
+            return Err(DeviceError::LogRequestTooLarge {
+                length_bytes: records_length_bytes as u64,
+                limit_bytes,
+            });
+        }
+        let (reply, answer) = oneshot::channel();
+        let sender = self.shared.sender.as_ref().ok_or(DeviceError::LogStopped)?;
+        sender
+            .send(AppendRequest {
+                records,
+                records_length_bytes,
+                reply,
+            })
+            .await
+            .map_err(|_| DeviceError::LogStopped)?;
+        answer.await.map_err(|_| DeviceError::LogStopped)?
+    }
+
+    /// Entries `index_start..index_end_exclusive` of `group`, stopping at the first missing index.
+    /// Every payload's CRC is verified. Reading entries while concurrently purging them may find
+    /// their segment reused; the CRC check then reports `ChecksumMismatch` rather than wrong data.
+    pub async fn read_entries(
+        &self,
+        group: u64,
+        index_start: u64,
+        index_end_exclusive: u64,
+    ) -> Result<Vec<LogEntry>, DeviceError> {
+        let locations: Vec<(u64, EntryLocation)> = {
+            let index = self.shared.index.lock().expect("log index lock");
+            let Some(state) = index.groups.get(&group) else {
+                return Ok(Vec::new());
+            };
+            let mut expected = index_start;
+            state
+                .entries
+                .range(index_start..index_end_exclusive.max(index_start))
+                .take_while(|(entry_index, _)| {
+                    let contiguous = **entry_index == expected;
+                    expected += 1;
+                    contiguous
+                })
+                .map(|(entry_index, location)| (*entry_index, *location))
+                .collect()
+        };
+        let mut entries = Vec::with_capacity(locations.len());
+        let mut cursor = 0;
+        while cursor < locations.len() {
+            // Merge entries whose block-aligned spans touch into one read of at most 4 MiB.
+            let span = |location: &EntryLocation| {
+                let start = location.offset_bytes / BLOCK_BYTES * BLOCK_BYTES;
+                let end = (location.offset_bytes + location.length_bytes as u64)
+                    .div_ceil(BLOCK_BYTES)
+                    * BLOCK_BYTES;
+                (start, end.max(start + BLOCK_BYTES))
+            };
+            let (read_start, mut read_end) = span(&locations[cursor].1);
+            let mut last = cursor + 1;
+            while last < locations.len() {
+                let (start, end) = span(&locations[last].1);
+                if start < read_start || start > read_end || end - read_start > READ_BYTES_MAX {
+                    break;
+                }
+                read_end = read_end.max(end);
+                last += 1;
+            }
+            let buffer = self
+                .shared
+                .engine
+                .read(read_start, (read_end - read_start) as usize)
+                .await?;
+            for (entry_index, location) in &locations[cursor..last] {
+                let start = (location.offset_bytes - read_start) as usize;
+                let payload = &buffer[start..start + location.length_bytes as usize];
+                let computed = ballast_common::checksum(payload);
+                if computed != location.checksum {
+                    tracing::error!(
+                        group,
+                        index = entry_index,
+                        offset_bytes = location.offset_bytes,
+                        stored = location.checksum,
+                        computed,
+                        "log entry checksum mismatch"
+                    );
+                    return Err(DeviceError::ChecksumMismatch {
+                        offset_bytes: location.offset_bytes,
+                        stored: location.checksum,
+                        computed,
+                    });
+                }
+                entries.push(LogEntry {
+                    index: *entry_index,
+                    term: location.term,
+                    payload: payload.to_vec(),
+                });
+            }
+            cursor = last;
+        }
+        Ok(entries)
+    }
+
+    pub fn group_state(&self, group: u64) -> GroupLogState {
+        let index = self.shared.index.lock().expect("log index lock");
+        let Some(state) = index.groups.get(&group) else {
+            return GroupLogState::default();
+        };
+        let last = state
+            .entries
+            .last_key_value()
+            .map(|(entry_index, location)| (location.term, *entry_index))
+            .or(state.last_purged);
+        GroupLogState {
+            last_purged: state.last_purged,
+            last,
+        }
+    }
+
+    /// Groups with at least one entry or a purged id.
+    pub fn groups(&self) -> Vec<u64> {
+        let index = self.shared.index.lock().expect("log index lock");
+        index
+            .groups
+            .iter()
+            .filter(|(_, state)| !state.entries.is_empty() || state.last_purged.is_some())
+            .map(|(group, _)| *group)
+            .collect()
+    }
+
+    /// Bytes from the start of the oldest live segment to the tail.
+    pub fn used_bytes(&self) -> u64 {
+        self.shared.used_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn region_size_bytes(&self) -> u64 {
+        self.shared.geometry.region_size_bytes()
+    }
+}
+
+fn corrupted(offset_bytes: u64, reason: impl Into<String>) -> DeviceError {
+    DeviceError::LogCorrupted {
+        offset_bytes,
+        reason: reason.into(),
+    }
+}
+
+/// Reads a segment's header, if valid and of the sequence its slot implies.
+async fn read_segment_header(
+    engine: &Engine,
+    geometry: Geometry,
+    slot: u64,
+) -> Result<Option<SegmentHeader>, DeviceError> {
+    let offset_bytes = geometry.region_offset_bytes + slot * geometry.segment_size_bytes;
+    let first_block = engine.read(offset_bytes, BLOCK_SIZE_BYTES).await?;
+    let Some(claimed_length_bytes) = SegmentHeader::claimed_length_bytes(&first_block) else {
+        return Ok(None);
+    };
+    let decoded = if claimed_length_bytes > BLOCK_SIZE_BYTES
+        && claimed_length_bytes % BLOCK_SIZE_BYTES == 0
+        && (claimed_length_bytes as u64) < geometry.usable_bytes()
+    {
+        let whole = engine.read(offset_bytes, claimed_length_bytes).await?;
+        SegmentHeader::decode(&whole)
+    } else {
+        SegmentHeader::decode(&first_block)
+    };
+    Ok(decoded.ok().filter(|header| {
+        header.segment_sequence >= 1 && geometry.slot(header.segment_sequence) == slot
+    }))
+}
+
+/// Rebuilds the index and finds the tail; returns them with the bytes read.
+async fn recover(
+    engine: &Engine,
+    geometry: Geometry,
+) -> Result<(LogIndex, Tail, u64), DeviceError> {
+    let mut index = LogIndex::new(geometry);
+    let mut headers = Vec::with_capacity(geometry.segment_count as usize);
+    for slot in 0..geometry.segment_count {
+        headers.push(read_segment_header(engine, geometry, slot).await?);
+    }
+    let mut scanned_bytes = geometry.segment_count * BLOCK_BYTES;
+    let Some(newest) = headers
+        .iter()
+        .flatten()
+        .max_by_key(|header| header.segment_sequence)
+    else {
+        let tail = Tail {
+            current_segment_sequence: 0,
+            offset_in_segment_bytes: 0,
+            next_batch_sequence: 1,
+            oldest_live_segment_sequence: 1,
+        };
+        return Ok((index, tail, scanned_bytes));
+    };
+    let newest_sequence = newest.segment_sequence;
+    let newest_offset_bytes = geometry.segment_offset_bytes(newest_sequence);
+    let trailer_offset_bytes = newest_offset_bytes + geometry.usable_bytes();
+    let trailer = engine.read(trailer_offset_bytes, BLOCK_SIZE_BYTES).await?;
+    scanned_bytes += BLOCK_BYTES;
+    let mut oldest_sequence = newest.oldest_live_segment_sequence;
+    if let Some((trailer_sequence, trailer_oldest)) = decode_trailer(&trailer) {
+        if trailer_sequence == newest_sequence {
+            oldest_sequence = oldest_sequence.max(trailer_oldest);
+        }
+    }
+    if oldest_sequence == 0
+        || oldest_sequence > newest_sequence
+        || newest_sequence - oldest_sequence >= geometry.segment_count
+    {
+        return Err(corrupted(
+            newest_offset_bytes,
+            format!(
+                "segment {newest_sequence} names impossible oldest live segment {oldest_sequence}"
+            ),
+        ));
+    }
+    for sequence in oldest_sequence..=newest_sequence {
+        let slot = geometry.slot(sequence) as usize;
+        if headers[slot]
+            .as_ref()
+            .is_none_or(|header| header.segment_sequence != sequence)
+        {
+            return Err(corrupted(
+                geometry.segment_offset_bytes(sequence),
+                format!("live segment {sequence} has no valid header"),
+            ));
+        }
+    }
+    let oldest_header = headers[geometry.slot(oldest_sequence) as usize]
+        .as_ref()
+        .expect("checked");
+    for (group, term, purged_index) in &oldest_header.purged {
+        index.apply_purge(*group, *purged_index, *term);
+    }
+    let mut expected_batch_sequence = oldest_header.first_batch_sequence;
+    let mut stop_offset_bytes = geometry.segment_offset_bytes(oldest_sequence);
+    let mut offset_in_segment_bytes = 0;
+    for sequence in oldest_sequence..=newest_sequence {
+        let header = headers[geometry.slot(sequence) as usize]
+            .as_ref()
+            .expect("checked");
+        let segment_offset_bytes = geometry.segment_offset_bytes(sequence);
+        if header.first_batch_sequence != expected_batch_sequence {
+            return Err(corrupted(
+                stop_offset_bytes,
+                format!(
+                    "segment {sequence} starts at batch {} but the previous segment ends before batch {expected_batch_sequence}",
+                    header.first_batch_sequence
+                ),
+            ));
+        }
+        let usable_bytes = geometry.usable_bytes() as usize;
+        let segment = engine.read(segment_offset_bytes, usable_bytes).await?;
+        scanned_bytes += usable_bytes as u64;
+        let mut position = header.header_length_bytes;
+        let mut stop_reason = "end of segment";
+        while position + BATCH_HEADER_BYTES <= usable_bytes {
+            match decode_batch(&segment[position..]) {
+                Ok(batch) if batch.sequence == expected_batch_sequence => {
+                    let batch_offset_bytes = segment_offset_bytes + position as u64;
+                    for record in &batch.records {
+                        index.apply(record, batch_offset_bytes);
+                    }
+                    expected_batch_sequence += 1;
+                    position += batch.length_bytes;
+                }
+                Ok(_) => {
+                    stop_reason = "batch out of sequence";
+                    break;
+                }
+                Err(BatchDefect::NotABatch(reason)) => {
+                    stop_reason = reason;
+                    break;
+                }
+                Err(BatchDefect::Malformed(reason)) => {
+                    return Err(corrupted(segment_offset_bytes + position as u64, reason));
+                }
+            }
+        }
+        stop_offset_bytes = segment_offset_bytes + position as u64;
+        offset_in_segment_bytes = position as u64;
+        if sequence == newest_sequence {
+            // A torn tail leaves nothing valid after it; a later batch of ours means the bad
+            // batch was corruption in the middle of acknowledged log.
+            let mut probe = position + BLOCK_SIZE_BYTES;
+            while probe + BATCH_HEADER_BYTES <= usable_bytes {
+                if segment[probe..probe + 8] == BATCH_MAGIC {
+                    if let Ok(batch) = decode_batch(&segment[probe..]) {
+                        if batch.sequence >= expected_batch_sequence {
+                            return Err(corrupted(
+                                stop_offset_bytes,
+                                format!(
+                                    "{stop_reason}, yet batch {} follows at offset {}",
+                                    batch.sequence,
+                                    segment_offset_bytes + probe as u64
+                                ),
+                            ));
+                        }
+                    }
+                }
+                probe += BLOCK_SIZE_BYTES;
+            }
+            if position < usable_bytes {
+                tracing::debug!(
+                    offset_bytes = stop_offset_bytes,
+                    reason = stop_reason,
+                    "log tail"
+                );
+            }
+        }
+    }
+    let tail = Tail {
+        current_segment_sequence: newest_sequence,
+        offset_in_segment_bytes,
+        next_batch_sequence: expected_batch_sequence,
+        oldest_live_segment_sequence: oldest_sequence,
+    };
+    Ok((index, tail, scanned_bytes))
+}
+
+/// The group-commit writer; runs on its own thread.
+struct Writer {
+    engine: Engine,
+    geometry: Geometry,
+    index: Arc<Mutex<LogIndex>>,
+    used_bytes: Arc<AtomicU64>,
+    receiver: mpsc::Receiver<AppendRequest>,
+    tail: Tail,
+    /// A request that did not fit the previous batch; it opens the next one.
+    held_back: Option<AppendRequest>,
+}
+
+impl Writer {
+    fn run(mut self) {
+        self.reclaim();
+        loop {
+            let first = match self.held_back.take() {
+                Some(request) => request,
+                None => match self.receiver.blocking_recv() {
+                    Some(request) => request,
+                    None => break,
+                },
+            };
+            let mut records_length_bytes = first.records_length_bytes;
+            let mut requests = vec![first];
+            while let Ok(request) = self.receiver.try_recv() {
+                if BATCH_HEADER_BYTES + records_length_bytes + request.records_length_bytes
+                    > BATCH_BYTES_MAX
+                {
+                    self.held_back = Some(request);
+                    break;
+                }
+                records_length_bytes += request.records_length_bytes;
+                requests.push(request);
+            }
+            let outcome = self.write_batch(&requests, records_length_bytes);
+            let mixed = requests.iter().any(AppendRequest::has_entries)
+                && requests.iter().any(|request| !request.has_entries());
+            if matches!(outcome, Err(DeviceError::LogFull { .. })) && mixed {
+                // Give the purges and truncates their chance in the control reserve alone.
+                let (control, entries): (Vec<_>, Vec<_>) = requests
+                    .into_iter()
+                    .partition(|request| !request.has_entries());
+                let control_length_bytes = control
+                    .iter()
+                    .map(|request| request.records_length_bytes)
+                    .sum();
+                let control_outcome = self.write_batch(&control, control_length_bytes);
+                Self::answer(control, &control_outcome);
+                Self::answer(entries, &outcome);
+            } else {
+                Self::answer(requests, &outcome);
+            }
+        }
+        tracing::debug!("log writer stopped");
+    }
+
+    fn answer(requests: Vec<AppendRequest>, outcome: &Result<(), DeviceError>) {
+        for request in requests {
+            // A dropped receiver means the caller stopped waiting; the outcome stands.
+            let _ = request.reply.send(outcome.clone());
+        }
+    }
+
+    /// Advances the oldest live segment past segments without live entries.
+    fn reclaim(&mut self) {
+        let index = self.index.lock().expect("log index lock");
+        let tail = &mut self.tail;
+        while tail.oldest_live_segment_sequence < tail.current_segment_sequence
+            && index.segment_live_entries
+                [self.geometry.slot(tail.oldest_live_segment_sequence) as usize]
+                == 0
+        {
+            tail.oldest_live_segment_sequence += 1;
+        }
+        self.used_bytes
+            .store(tail.used_bytes(&self.geometry), Ordering::Relaxed);
+    }
+
+    fn write_batch(
+        &mut self,
+        requests: &[AppendRequest],
+        records_length_bytes: usize,
+    ) -> Result<(), DeviceError> {
+        let batch_bytes = batch_length_bytes(records_length_bytes);
+        let limit_bytes = if requests.iter().any(AppendRequest::has_entries) {
+            self.geometry.usable_bytes() - self.geometry.control_reserve_bytes()
+        } else {
+            self.geometry.usable_bytes()
+        };
+        let fits_current = self.tail.current_segment_sequence > 0
+            && self.tail.offset_in_segment_bytes + batch_bytes as u64 <= limit_bytes;
+        let records = || requests.iter().flat_map(|request| request.records.iter());
+        let sequence = self.tail.next_batch_sequence;
+
+        let (batch_offset_bytes, new_segment) = if fits_current {
+            let offset_bytes = self
+                .geometry
+                .segment_offset_bytes(self.tail.current_segment_sequence)
+                + self.tail.offset_in_segment_bytes;
+            let mut buffer = AlignedBuffer::new_zeroed(batch_bytes);
+            let payload_offsets = encode_batch(&mut buffer, sequence, records());
+            debug_assert_eq!(payload_offsets.len(), records().count());
+            block_on(self.engine.write_durable(offset_bytes, buffer))?;
+            (offset_bytes, None)
+        } else {
+            self.reclaim();
+            let new_sequence = self.tail.current_segment_sequence + 1;
+            if new_sequence - self.tail.oldest_live_segment_sequence >= self.geometry.segment_count
+            {
+                return Err(DeviceError::LogFull {
+                    used_bytes: self.tail.used_bytes(&self.geometry),
+                    region_bytes: self.geometry.region_size_bytes(),
+                });
+            }
+            let purged = self.index.lock().expect("log index lock").purged_table();
+            let header = SegmentHeader {
+                segment_sequence: new_sequence,
+                oldest_live_segment_sequence: self.tail.oldest_live_segment_sequence,
+                first_batch_sequence: sequence,
+                header_length_bytes: segment_header_length_bytes(purged.len()),
+                purged,
+            };
+            let total_bytes = header.header_length_bytes + batch_bytes;
+            if total_bytes as u64 > limit_bytes {
+                return Err(DeviceError::LogRequestTooLarge {
+                    length_bytes: total_bytes as u64,
+                    limit_bytes,
+                });
+            }
+            if self.tail.current_segment_sequence > 0 {
+                // Record durably that the slot we are about to overwrite is dead (module doc).
+                let trailer = encode_trailer(
+                    self.tail.current_segment_sequence,
+                    self.tail.oldest_live_segment_sequence,
+                );
+                let trailer_offset_bytes = self
+                    .geometry
+                    .segment_offset_bytes(self.tail.current_segment_sequence)
+                    + self.geometry.usable_bytes();
+                block_on(self.engine.write_durable(trailer_offset_bytes, trailer))?;
+            }
+            let mut buffer = AlignedBuffer::new_zeroed(total_bytes);
+            header.encode_into(&mut buffer[..header.header_length_bytes]);
+            encode_batch(
+                &mut buffer[header.header_length_bytes..],
+                sequence,
+                records(),
+            );
+            let offset_bytes = self.geometry.segment_offset_bytes(new_sequence);
+            block_on(self.engine.write_durable(offset_bytes, buffer))?;
+            (
+                offset_bytes + header.header_length_bytes as u64,
+                Some(header),
+            )
+        };
+
+        // Durable: update the tail and the index exactly as recovery would.
+        if let Some(header) = &new_segment {
+            self.tail.current_segment_sequence = header.segment_sequence;
+            self.tail.offset_in_segment_bytes = header.header_length_bytes as u64;
+        }
+        debug_assert_eq!(
+            batch_offset_bytes,
+            self.geometry
+                .segment_offset_bytes(self.tail.current_segment_sequence)
+                + self.tail.offset_in_segment_bytes
+        );
+        self.tail.offset_in_segment_bytes += batch_bytes as u64;
+        self.tail.next_batch_sequence += 1;
+        {
+            let mut index = self.index.lock().expect("log index lock");
+            let mut payload_offset = BATCH_HEADER_BYTES;
+            for record in records() {
+                payload_offset += RECORD_HEADER_BYTES;
+                let header = match record {
+                    LogRecord::Entry {
+                        group,
+                        index,
+                        term,
+                        payload,
+                    } => RecordHeader {
+                        kind: KIND_ENTRY,
+                        group: *group,
+                        index: *index,
+                        term: *term,
+                        payload_length_bytes: payload.len() as u32,
+                        payload_checksum: ballast_common::checksum(payload),
+                        payload_offset,
+                    },
+                    LogRecord::Truncate { group, index_from } => RecordHeader {
+                        kind: KIND_TRUNCATE,
+                        group: *group,
+                        index: *index_from,
+                        term: 0,
+                        payload_length_bytes: 0,
+                        payload_checksum: 0,
+                        payload_offset,
+                    },
+                    LogRecord::Purge {
+                        group,
+                        index_upto,
+                        term,
+                    } => RecordHeader {
+                        kind: KIND_PURGE,
+                        group: *group,
+                        index: *index_upto,
+                        term: *term,
+                        payload_length_bytes: 0,
+                        payload_checksum: 0,
+                        payload_offset,
+                    },
+                };
+                payload_offset += header.payload_length_bytes as usize;
+                index.apply(&header, batch_offset_bytes);
+            }
+        }
+        self.reclaim();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Device, EngineOptions, FormatOptions};
+    use proptest::prelude::*;
+    use std::path::Path;
+
+    const SMALL_SEGMENT_BYTES: u64 = 64 * 1024;
+
+    fn formatted(segment_size_bytes: u64, segment_count: u64) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().expect("temporary file");
+        file.as_file().set_len(64 << 20).expect("size the file");
+        let options = FormatOptions {
+            node_id: 1,
+            log_region_size_bytes: segment_size_bytes * segment_count,
+            log_segment_size_bytes: segment_size_bytes,
+        };
+        Device::format(file.path(), &options).expect("format");
+        file
+    }
+
+    fn open_log(path: &Path) -> Result<LogStore, DeviceError> {
+        let device = Device::open(path, EngineOptions::default())?;
+        LogStore::open(device.engine(), device.superblock())
+    }
+
+    fn payload(group: u64, index: u64, length_bytes: usize) -> Vec<u8> {
+        (0..length_bytes)
+            .map(|position| (group * 31 + index * 7 + position as u64) as u8)
+            .collect()
+    }
+
+    fn entry(group: u64, index: u64, term: u64, length_bytes: usize) -> LogRecord {
+        LogRecord::Entry {
+            group,
+            index,
+            term,
+            payload: payload(group, index, length_bytes),
+        }
+    }
+
+    async fn assert_entries(
+        log: &LogStore,
+        group: u64,
+        indexes: std::ops::Range<u64>,
+        length_bytes: usize,
+    ) {
+        let entries = log
+            .read_entries(group, indexes.start, indexes.end)
+            .await
+            .unwrap();
+        let found: Vec<u64> = entries.iter().map(|entry| entry.index).collect();
+        assert_eq!(found, indexes.clone().collect::<Vec<_>>(), "group {group}");
+        for entry in entries {
+            assert_eq!(
+                entry.payload,
+                payload(group, entry.index, length_bytes),
+                "group {group} index {}",
+                entry.index
+            );
+        }
+    }
+
+    /// Device offset of the batch holding a single-record entry with a small payload.
+    fn batch_offset_bytes(log: &LogStore, group: u64, index: u64) -> u64 {
+        let index_lock = log.shared.index.lock().unwrap();
+        let location = index_lock.groups[&group].entries[&index];
+        location.offset_bytes - (BATCH_HEADER_BYTES + RECORD_HEADER_BYTES) as u64
+    }
+
+    fn overwrite_block(path: &Path, offset_bytes: u64, edit: impl FnOnce(&mut [u8])) {
+        let engine = Engine::open(path, EngineOptions::default()).unwrap();
+        let mut block = block_on(engine.read(offset_bytes, BLOCK_SIZE_BYTES)).unwrap();
+        edit(&mut block);
+        block_on(engine.write_durable(offset_bytes, block)).unwrap();
+    }
+
+    #[tokio::test]
+    async fn append_read_round_trip() {
+        let file = formatted(1 << 20, 4);
+        let log = open_log(file.path()).unwrap();
+        assert_eq!(log.group_state(7), GroupLogState::default());
+        log.append(
+            (1..=10)
+                .map(|index| entry(7, index, 2, 100 * index as usize))
+                .collect(),
+        )
+        .await
+        .unwrap();
+        log.append(vec![entry(8, 1, 1, 0)]).await.unwrap();
+        let entries = log.read_entries(7, 3, 6).await.unwrap();
+        assert_eq!(
+            entries.iter().map(|entry| entry.index).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
+        for entry in &entries {
+            assert_eq!(
+                entry.payload,
+                payload(7, entry.index, 100 * entry.index as usize)
+            );
+            assert_eq!(entry.term, 2);
+        }
+        assert_eq!(log.read_entries(7, 9, 100).await.unwrap().len(), 2);
+        assert!(log.read_entries(7, 11, 20).await.unwrap().is_empty());
+        assert_eq!(
+            log.read_entries(8, 1, 2).await.unwrap()[0].payload,
+            Vec::<u8>::new()
+        );
+        assert_eq!(
+            log.group_state(7),
+            GroupLogState {
+                last_purged: None,
+                last: Some((2, 10))
+            }
+        );
+        assert_eq!(log.groups(), vec![7, 8]);
+        assert!(log.used_bytes() > 0 && log.used_bytes() < log.region_size_bytes());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_are_group_committed_and_recovered() {
+        let file = formatted(1 << 20, 8);
+        let device = Device::open(file.path(), EngineOptions::default()).unwrap();
+        let engine = device.engine();
+        let log = LogStore::open(engine.clone(), device.superblock()).unwrap();
+        let writes_before = engine.statistics().writes;
+        let tasks_count = 16u64;
+        let appends_per_task = 40u64;
+        let mut tasks = Vec::new();
+        for task in 0..tasks_count {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                // One group per task: an entry overwrites every later index of its group.
+                let group = task + 1;
+                for round in 0..appends_per_task {
+                    let index = round + 1;
+                    log.append(vec![entry(group, index, 1, 200)]).await.unwrap();
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let appends = tasks_count * appends_per_task;
+        let writes = engine.statistics().writes - writes_before;
+        assert!(
+            writes < appends,
+            "{writes} device writes for {appends} appends"
+        );
+        drop(log);
+        drop(device);
+        drop(engine);
+        let log = open_log(file.path()).unwrap();
+        for task in 0..tasks_count {
+            assert_entries(&log, task + 1, 1..appends_per_task + 1, 200).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn restart_recovers_entries_truncates_and_purges() {
+        let file = formatted(SMALL_SEGMENT_BYTES, 16);
+        {
+            let log = open_log(file.path()).unwrap();
+            for index in 1..=20 {
+                log.append(vec![entry(1, index, 1, 500), entry(2, index, 3, 500)])
+                    .await
+                    .unwrap();
+            }
+            log.append(vec![LogRecord::Truncate {
+                group: 1,
+                index_from: 15,
+            }])
+            .await
+            .unwrap();
+            log.append(vec![entry(1, 15, 2, 500)]).await.unwrap();
+            log.append(vec![LogRecord::Purge {
+                group: 2,
+                index_upto: 5,
+                term: 3,
+            }])
+            .await
+            .unwrap();
+            log.append(vec![LogRecord::Purge {
+                group: 3,
+                index_upto: 100,
+                term: 9,
+            }])
+            .await
+            .unwrap();
+        }
+        let log = open_log(file.path()).unwrap();
+        assert_entries(&log, 1, 1..16, 500).await;
+        assert_eq!(log.read_entries(1, 15, 16).await.unwrap()[0].term, 2);
+        assert_eq!(
+            log.group_state(1),
+            GroupLogState {
+                last_purged: None,
+                last: Some((2, 15))
+            }
+        );
+        assert!(log.read_entries(2, 1, 6).await.unwrap().is_empty());
+        assert_entries(&log, 2, 6..21, 500).await;
+        assert_eq!(
+            log.group_state(2),
+            GroupLogState {
+                last_purged: Some((3, 5)),
+                last: Some((3, 20))
+            }
+        );
+        assert_eq!(
+            log.group_state(3),
+            GroupLogState {
+                last_purged: Some((9, 100)),
+                last: Some((9, 100))
+            }
+        );
+        assert_eq!(log.groups(), vec![1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn wrap_around_with_purging_keeps_working() {
+        let segment_count = 4;
+        let file = formatted(SMALL_SEGMENT_BYTES, segment_count);
+        let entry_bytes = 3000;
+        let mut log = open_log(file.path()).unwrap();
+        let mut next_index = [1u64, 1u64];
+        let mut written_bytes = 0u64;
+        for round in 0..600u64 {
+            let group = round % 2 + 1;
+            let slot = (group - 1) as usize;
+            let index = next_index[slot];
+            next_index[slot] += 1;
+            let mut records = vec![entry(group, index, round / 100 + 1, entry_bytes)];
+            if index > 3 {
+                records.push(LogRecord::Purge {
+                    group,
+                    index_upto: index - 3,
+                    term: 1,
+                });
+            }
+            log.append(records).await.unwrap();
+            written_bytes += BLOCK_BYTES;
+            if round % 150 == 149 {
+                drop(log);
+                log = open_log(file.path()).unwrap();
+                for group in [1, 2] {
+                    let last = next_index[(group - 1) as usize] - 1;
+                    assert_entries(&log, group, last - 2..last + 1, entry_bytes).await;
+                    assert_eq!(log.group_state(group).last_purged.unwrap().1, last - 3);
+                    assert!(log
+                        .read_entries(group, last - 3, last)
+                        .await
+                        .unwrap()
+                        .is_empty());
+                }
+            }
+        }
+        let region_bytes = SMALL_SEGMENT_BYTES * segment_count;
+        assert!(
+            written_bytes > 5 * region_bytes,
+            "wrapped {} times",
+            written_bytes / region_bytes
+        );
+        assert!(log.used_bytes() <= 2 * SMALL_SEGMENT_BYTES);
+    }
+
+    #[tokio::test]
+    async fn log_full_without_purging_then_purge_relieves_it() {
+        let file = formatted(SMALL_SEGMENT_BYTES, 4);
+        let log = open_log(file.path()).unwrap();
+        let mut index = 1;
+        let error = loop {
+            match log.append(vec![entry(1, index, 1, 3000)]).await {
+                Ok(()) => index += 1,
+                Err(error) => break error,
+            }
+            assert!(index < 1000, "log never filled");
+        };
+        let DeviceError::LogFull {
+            used_bytes,
+            region_bytes,
+        } = error
+        else {
+            panic!("{error}")
+        };
+        assert_eq!(region_bytes, 4 * SMALL_SEGMENT_BYTES);
+        assert!(used_bytes > 3 * SMALL_SEGMENT_BYTES, "{used_bytes}");
+        // The purge fits in the control reserve even though entries no longer do.
+        log.append(vec![LogRecord::Purge {
+            group: 1,
+            index_upto: index - 2,
+            term: 1,
+        }])
+        .await
+        .unwrap();
+        log.append(vec![entry(1, index, 1, 3000)]).await.unwrap();
+        drop(log);
+        let log = open_log(file.path()).unwrap();
+        assert_entries(&log, 1, index - 1..index + 1, 3000).await;
+    }
+
+    #[tokio::test]
+    async fn oversized_request_is_refused() {
+        let file = formatted(SMALL_SEGMENT_BYTES, 4);
+        let log = open_log(file.path()).unwrap();
+        let error = log
+            .append(vec![entry(1, 1, 1, SMALL_SEGMENT_BYTES as usize)])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, DeviceError::LogRequestTooLarge { .. }),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn torn_tail_recovers_the_prefix() {
+        for variant in ["garbage", "zeros"] {
+            let file = formatted(1 << 20, 4);
+            let tail_offset_bytes = {
+                let log = open_log(file.path()).unwrap();
+                for index in 1..=5 {
+                    log.append(vec![entry(1, index, 1, 100)]).await.unwrap();
+                }
+                batch_offset_bytes(&log, 1, 5)
+            };
+            overwrite_block(file.path(), tail_offset_bytes, |block| {
+                if variant == "garbage" {
+                    block
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(position, byte)| *byte ^= (position * 13 + 1) as u8);
+                } else {
+                    block.fill(0);
+                }
+            });
+            let log = open_log(file.path()).unwrap();
+            assert_entries(&log, 1, 1..5, 100).await;
+            assert_eq!(log.group_state(1).last, Some((1, 4)));
+            // The log continues after the recovered prefix and survives another restart.
+            log.append(vec![entry(1, 5, 2, 100)]).await.unwrap();
+            drop(log);
+            let log = open_log(file.path()).unwrap();
+            assert_entries(&log, 1, 1..6, 100).await;
+            assert_eq!(log.group_state(1).last, Some((2, 5)));
+        }
+    }
+
+    #[tokio::test]
+    async fn flipped_bit_in_a_middle_batch_is_loud() {
+        let file = formatted(1 << 20, 4);
+        let middle_offset_bytes = {
+            let log = open_log(file.path()).unwrap();
+            for index in 1..=5 {
+                log.append(vec![entry(1, index, 1, 100)]).await.unwrap();
+            }
+            batch_offset_bytes(&log, 1, 2)
+        };
+        overwrite_block(file.path(), middle_offset_bytes, |block| block[90] ^= 0x10);
+        let error = open_log(file.path()).unwrap_err();
+        assert!(
+            matches!(error, DeviceError::LogCorrupted { offset_bytes, .. } if offset_bytes == middle_offset_bytes),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn flipped_bit_at_the_end_of_an_older_segment_is_loud() {
+        let file = formatted(SMALL_SEGMENT_BYTES, 8);
+        let (last_in_first_segment, _log) = {
+            let log = open_log(file.path()).unwrap();
+            let mut index = 1;
+            // Fill past the first segment.
+            while log.used_bytes() < SMALL_SEGMENT_BYTES + 8192 {
+                log.append(vec![entry(1, index, 1, 100)]).await.unwrap();
+                index += 1;
+            }
+            let first_segment_end = LOG_REGION_OFFSET + SMALL_SEGMENT_BYTES;
+            let last = (1..index)
+                .rev()
+                .find(|&candidate| batch_offset_bytes(&log, 1, candidate) < first_segment_end)
+                .unwrap();
+            (batch_offset_bytes(&log, 1, last), log)
+        };
+        drop(_log);
+        overwrite_block(file.path(), last_in_first_segment, |block| block[90] ^= 1);
+        let error = open_log(file.path()).unwrap_err();
+        assert!(matches!(error, DeviceError::LogCorrupted { .. }), "{error}");
+    }
+
+    const LOG_REGION_OFFSET: u64 = 1 << 20;
+
+    #[tokio::test]
+    async fn flipped_payload_bit_fails_the_read() {
+        let file = formatted(1 << 20, 4);
+        let log = open_log(file.path()).unwrap();
+        for index in 1..=3 {
+            log.append(vec![entry(1, index, 1, 100)]).await.unwrap();
+        }
+        let offset_bytes = batch_offset_bytes(&log, 1, 2);
+        overwrite_block(file.path(), offset_bytes, |block| block[100] ^= 0x80);
+        assert_entries(&log, 1, 1..2, 100).await;
+        let error = log.read_entries(1, 1, 4).await.unwrap_err();
+        assert!(
+            matches!(error, DeviceError::ChecksumMismatch { .. }),
+            "{error}"
+        );
+    }
+
+    fn record() -> impl Strategy<Value = LogRecord> {
+        prop_oneof![
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                proptest::collection::vec(any::<u8>(), 0..300)
+            )
+                .prop_map(|(group, index, term, payload)| LogRecord::Entry {
+                    group,
+                    index,
+                    term,
+                    payload
+                }),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(group, index_from)| LogRecord::Truncate { group, index_from }),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(group, index_upto, term)| {
+                LogRecord::Purge {
+                    group,
+                    index_upto,
+                    term,
+                }
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn batch_encoding_round_trips(
+            sequence in any::<u64>(),
+            records in proptest::collection::vec(record(), 0..20),
+        ) {
+            let length: usize = records.iter().map(LogRecord::encoded_length_bytes).sum();
+            let mut buffer = vec![0u8; batch_length_bytes(length) + BLOCK_SIZE_BYTES];
+            let batch_bytes = batch_length_bytes(length);
+            encode_batch(&mut buffer[..batch_bytes], sequence, records.iter());
+            let decoded = decode_batch(&buffer).unwrap();
+            prop_assert_eq!(decoded.sequence, sequence);
+            prop_assert_eq!(decoded.length_bytes, batch_bytes);
+            let round_tripped: Vec<LogRecord> =
+                decoded.records.iter().map(|header| header.to_record(&buffer)).collect();
+            prop_assert_eq!(round_tripped, records);
+        }
+
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(
+            bytes in proptest::collection::vec(any::<u8>(), 0..9000),
+            record_count in 0u32..50,
+        ) {
+            let _ = decode_batch(&bytes);
+            let _ = SegmentHeader::decode(&bytes);
+            let _ = decode_trailer(&bytes);
+            // Also with a valid envelope, so the record parser sees arbitrary content.
+            let mut framed = vec![0u8; BLOCK_SIZE_BYTES * 3];
+            let body_bytes = bytes.len().min(framed.len() - BATCH_HEADER_BYTES);
+            framed[BATCH_HEADER_BYTES..BATCH_HEADER_BYTES + body_bytes].copy_from_slice(&bytes[..body_bytes]);
+            framed[0..8].copy_from_slice(&BATCH_MAGIC);
+            let length_bytes = framed.len() as u32;
+            framed[12..16].copy_from_slice(&length_bytes.to_le_bytes());
+            framed[24..28].copy_from_slice(&record_count.to_le_bytes());
+            let crc = ballast_common::checksum(&framed[12..]);
+            framed[8..12].copy_from_slice(&crc.to_le_bytes());
+            if let Ok(batch) = decode_batch(&framed) {
+                for header in batch.records {
+                    let _ = header.to_record(&framed);
+                }
+            }
+        }
+
+        #[test]
+        fn segment_header_round_trips(
+            sequence in 1u64..u64::MAX,
+            oldest in any::<u64>(),
+            first_batch in any::<u64>(),
+            purged in proptest::collection::vec((any::<u64>(), any::<u64>(), any::<u64>()), 0..400),
+        ) {
+            let header = SegmentHeader {
+                segment_sequence: sequence,
+                oldest_live_segment_sequence: oldest,
+                first_batch_sequence: first_batch,
+                header_length_bytes: segment_header_length_bytes(purged.len()),
+                purged,
+            };
+            let mut buffer = vec![0u8; header.header_length_bytes];
+            header.encode_into(&mut buffer);
+            prop_assert_eq!(SegmentHeader::decode(&buffer).unwrap(), header);
+        }
+    }
+}

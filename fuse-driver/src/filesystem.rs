@@ -1,0 +1,890 @@
+//! The FUSE filesystem of one Ballast volume: every kernel request becomes a gRPC call to the
+//! storage node through `ballast-client`.
+//!
+//! Must not depend on: any server crate; all state lives on the node except open-handle counts.
+//! Invariants:
+//! - The fuser session loop is single-threaded, so it never waits on the network: every request
+//!   that does I/O moves its `Reply*` into a task on the tokio runtime. At most
+//!   `IN_FLIGHT_REQUEST_COUNT_MAX` tasks exist; past that the session loop blocks, which pushes
+//!   back on the kernel instead of queueing without bound.
+//! - Every reply is sent exactly once: on success, with the errno from
+//!   `ClientError::errno()` on failure, or (if a task panics) with EIO by fuser's reply drop.
+//! - Locking: getlk/setlk are not implemented and FUSE_POSIX_LOCKS / FUSE_FLOCK_LOCKS are not
+//!   requested, so the kernel keeps fcntl and flock locks locally. That is correct while each
+//!   volume is mounted by one driver per node; cluster-wide locks are future work.
+//! - O_DIRECT opens are accepted without FOPEN_DIRECT_IO: with the writeback cache the kernel's
+//!   own direct-I/O path still sends the reads and writes straight to us.
+//! - Orphans (unlinked while open) are purged on their last release; if that purge fails the
+//!   orphan stays until the next mount, which purges every orphan of the volume.
+
+use std::ffi::OsStr;
+use std::future::Future;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use ballast_client::proto::{self, EntryKind};
+use ballast_client::{BallastClient, ClientError};
+use ballast_common::{Clock, SystemClock};
+use bytes::Bytes;
+use fuser::{
+    AccessFlags, Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
+};
+use tokio::runtime::Handle;
+use tokio::sync::Semaphore;
+
+use crate::convert::{
+    creation_mode, file_attr, file_type_from_wire, mode_without_privileges, ns_from_system_time,
+    PERMISSION_BITS,
+};
+use crate::open_files::{OpenFileTable, OrphanAction};
+
+/// Requests being served at once. The kernel sends many concurrent writes with the writeback
+/// cache; 256 keeps the node busy without unbounded memory (each may hold a 1 MiB write).
+pub const IN_FLIGHT_REQUEST_COUNT_MAX: usize = 256;
+
+/// Directory entries asked of the node per ReadDir call. The kernel's readdir buffer is one
+/// 4 KiB page, about a hundred short names, so larger pages would mostly be thrown away.
+pub const READ_DIR_PAGE_ENTRY_COUNT: u32 = 128;
+
+/// ReadDir calls per kernel readdir request, so a node returning empty non-final pages cannot
+/// spin a task forever.
+const READ_DIR_PAGE_COUNT_MAX: u32 = 64;
+
+/// FUSE offsets 1 and 2 are the synthesized "." and ".."; a node cookie `c` is offset `c + 2`.
+const DOT_OFFSET: u64 = 1;
+const DOT_DOT_OFFSET: u64 = 2;
+const COOKIE_OFFSET_SHIFT: u64 = 2;
+
+/// Linux fallocate mode bits the node implements.
+const FALLOCATE_KEEP_SIZE: u32 = 1;
+const FALLOCATE_PUNCH_HOLE: u32 = 2;
+
+/// How the driver is configured for one mount.
+#[derive(Debug, Clone)]
+pub struct MountSettings {
+    pub volume: String,
+    pub attribute_ttl: Duration,
+    pub max_write_bytes: u32,
+}
+
+/// State shared by the session loop and the request tasks.
+struct Shared {
+    client: BallastClient,
+    volume: String,
+    attribute_ttl: Duration,
+    open_files: Mutex<OpenFileTable>,
+}
+
+impl Shared {
+    fn reply_entry(&self, reply: ReplyEntry, attr: &proto::Attr) {
+        reply.entry(
+            &self.attribute_ttl,
+            &file_attr(attr),
+            Generation(attr.generation),
+        );
+    }
+
+    fn open_files(&self) -> std::sync::MutexGuard<'_, OpenFileTable> {
+        // A panic while holding this lock cannot leave the counts half-updated (each operation
+        // is a single map step), so a poisoned lock is still consistent.
+        self.open_files
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Purges `inode` now if nothing holds it open, else marks it for purge on last release.
+    async fn settle_orphan(&self, inode: u64) {
+        let action = self.open_files().orphan(inode);
+        match action {
+            OrphanAction::PurgeNow => self.purge(inode).await,
+            OrphanAction::Deferred => tracing::debug!(inode, "orphan still open; purge deferred"),
+        }
+    }
+
+    async fn purge(&self, inode: u64) {
+        match self.client.purge_orphans(&self.volume, inode).await {
+            Ok(purged_count) => tracing::debug!(inode, purged_count, "purged orphan"),
+            // The orphan survives until the next mount purges every orphan; no data is lost,
+            // only space is held for longer.
+            Err(error) => tracing::warn!(inode, %error, "purging orphan failed"),
+        }
+    }
+
+    /// Clears setuid/setgid after a write, truncate or chown: we requested
+    /// FUSE_HANDLE_KILLPRIV, which makes that the filesystem's job instead of the kernel's.
+    async fn drop_privileges(&self, attr: &proto::Attr) {
+        if attr.kind() == EntryKind::Directory {
+            return;
+        }
+        let Some(mode) = mode_without_privileges(attr.mode) else {
+            return;
+        };
+        let request = proto::SetAttrRequest {
+            volume: self.volume.clone(),
+            inode: attr.inode,
+            mode: Some(mode),
+            ..Default::default()
+        };
+        if let Err(error) = self.client.set_attr(request).await {
+            tracing::warn!(inode = attr.inode, %error, "clearing setuid/setgid failed");
+        }
+    }
+}
+
+/// The `fuser::Filesystem` of one mounted volume.
+pub struct BallastFilesystem {
+    shared: Arc<Shared>,
+    runtime: Handle,
+    in_flight: Arc<Semaphore>,
+    next_file_handle: AtomicU64,
+    max_write_bytes: u32,
+}
+
+impl BallastFilesystem {
+    pub fn new(client: BallastClient, settings: MountSettings, runtime: Handle) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                client,
+                volume: settings.volume,
+                attribute_ttl: settings.attribute_ttl,
+                open_files: Mutex::new(OpenFileTable::default()),
+            }),
+            runtime,
+            in_flight: Arc::new(Semaphore::new(IN_FLIGHT_REQUEST_COUNT_MAX)),
+            // 0 is left unused so a zero handle always means "none".
+            next_file_handle: AtomicU64::new(1),
+            max_write_bytes: settings.max_write_bytes,
+        }
+    }
+
+    /// Runs `work` on the runtime, bounded by the in-flight semaphore. Called only from the
+    /// session loop thread, which is not a runtime thread, so `block_on` is allowed there.
+    fn spawn<Work, WorkFuture>(&self, work: Work)
+    where
+        Work: FnOnce(Arc<Shared>) -> WorkFuture,
+        WorkFuture: Future<Output = ()> + Send + 'static,
+    {
+        let permit = match self.in_flight.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                tracing::trace!("in-flight limit reached; holding back kernel requests");
+                match self
+                    .runtime
+                    .block_on(self.in_flight.clone().acquire_owned())
+                {
+                    Ok(permit) => permit,
+                    // The semaphore is never closed; if it were, dropping `work` unsent makes
+                    // fuser answer the request with EIO.
+                    Err(_) => return,
+                }
+            }
+        };
+        let future = work(self.shared.clone());
+        self.runtime.spawn(async move {
+            future.await;
+            drop(permit);
+        });
+    }
+
+    fn allocate_file_handle(&self) -> FileHandle {
+        FileHandle(self.next_file_handle.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Shared body of mknod, mkdir, symlink and create.
+    fn create_request(
+        &self,
+        request: &Request,
+        parent: INodeNo,
+        name: &str,
+        kind: EntryKind,
+        mode: u32,
+        exclusive: bool,
+    ) -> proto::CreateRequest {
+        proto::CreateRequest {
+            volume: self.shared.volume.clone(),
+            parent: parent.0,
+            name: name.to_owned(),
+            kind: kind as i32,
+            mode,
+            uid: request.uid(),
+            gid: request.gid(),
+            symlink_target: String::new(),
+            exclusive,
+        }
+    }
+}
+
+fn kernel_errno(error: &ClientError) -> Errno {
+    Errno::from_i32(error.errno().0)
+}
+
+/// Entry names reach the wire as UTF-8 strings; other byte strings are refused with EILSEQ
+/// (the errno for an invalid character sequence) rather than being mangled.
+fn entry_name(name: &OsStr) -> Result<&str, Errno> {
+    name.to_str().ok_or(Errno::from_i32(libc::EILSEQ))
+}
+
+fn time_ns(time: TimeOrNow) -> i64 {
+    match time {
+        TimeOrNow::SpecificTime(time) => ns_from_system_time(time),
+        // UTIME_NOW: the request carries no "now" marker, so the driver's clock decides.
+        TimeOrNow::Now => SystemClock.now_ns(),
+    }
+}
+
+macro_rules! name_or_reply {
+    ($name:expr, $reply:ident) => {
+        match entry_name($name) {
+            Ok(name) => name.to_owned(),
+            Err(errno) => return $reply.error(errno),
+        }
+    };
+}
+
+impl Filesystem for BallastFilesystem {
+    fn init(&mut self, _request: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let wanted = [
+            (InitFlags::FUSE_ASYNC_READ, "FUSE_ASYNC_READ"),
+            (InitFlags::FUSE_BIG_WRITES, "FUSE_BIG_WRITES"),
+            (InitFlags::FUSE_MAX_PAGES, "FUSE_MAX_PAGES"),
+            (InitFlags::FUSE_WRITEBACK_CACHE, "FUSE_WRITEBACK_CACHE"),
+            (InitFlags::FUSE_PARALLEL_DIROPS, "FUSE_PARALLEL_DIROPS"),
+            (InitFlags::FUSE_HANDLE_KILLPRIV, "FUSE_HANDLE_KILLPRIV"),
+        ];
+        for (flag, flag_name) in wanted {
+            // Each flag is optional: an older kernel simply runs without it.
+            if config.add_capabilities(flag).is_err() {
+                tracing::info!(flag = flag_name, "kernel does not offer capability");
+            }
+        }
+        if let Err(nearest_bytes) = config.set_max_write(self.max_write_bytes) {
+            tracing::warn!(
+                requested_bytes = self.max_write_bytes,
+                nearest_bytes,
+                "max write size not accepted; using the nearest"
+            );
+            let _ = config.set_max_write(nearest_bytes);
+        }
+        // More background requests (readahead, writeback) in flight than the default 16, so
+        // the writeback cache can keep the node busy.
+        let _ = config.set_max_background(64);
+        tracing::info!(volume = %self.shared.volume, "FUSE session initialised");
+        Ok(())
+    }
+
+    fn lookup(&self, _request: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = name_or_reply!(name, reply);
+        self.spawn(move |shared| async move {
+            match shared.client.lookup(&shared.volume, parent.0, &name).await {
+                Ok(attr) => shared.reply_entry(reply, &attr),
+                Err(error) => reply.error(kernel_errno(&error)),
+            }
+        });
+    }
+
+    fn forget(&self, _request: &Request, _inode: INodeNo, _lookup_count: u64) {
+        // The node owns inode lifetimes; the driver keeps no per-lookup state to drop.
+    }
+
+    fn getattr(
+        &self,
+        _request: &Request,
+        inode: INodeNo,
+        _file_handle: Option<FileHandle>,
+        reply: ReplyAttr,
+    ) {
+        self.spawn(move |shared| async move {
+            match shared.client.get_attr(&shared.volume, inode.0).await {
+                Ok(attr) => reply.attr(&shared.attribute_ttl, &file_attr(&attr)),
+                Err(error) => reply.error(kernel_errno(&error)),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        request: &Request,
+        inode: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _file_handle: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set_attr = proto::SetAttrRequest {
+            volume: self.shared.volume.clone(),
+            inode: inode.0,
+            mode: mode.map(|mode| mode & PERMISSION_BITS),
+            uid,
+            gid,
+            size_bytes: size,
+            atime_ns: atime.map(time_ns),
+            mtime_ns: mtime.map(time_ns),
+        };
+        // Linux clears setuid/setgid on chown always, and on truncate unless the caller is
+        // privileged (approximated as uid 0); an explicit mode in the same call wins.
+        let kills_privileges = mode.is_none()
+            && (uid.is_some() || gid.is_some() || (size.is_some() && request.uid() != 0));
+        let changes_nothing = set_attr.mode.is_none()
+            && uid.is_none()
+            && gid.is_none()
+            && size.is_none()
+            && set_attr.atime_ns.is_none()
+            && set_attr.mtime_ns.is_none();
+        self.spawn(move |shared| async move {
+            // Only ctime (or a BSD-only field) was set: the node updates ctime itself on every
+            // change, so answer with the current attributes instead of sending an empty change.
+            let result = if changes_nothing {
+                shared.client.get_attr(&shared.volume, inode.0).await
+            } else {
+                shared.client.set_attr(set_attr).await
+            };
+            match result {
+                Ok(mut attr) => {
+                    if kills_privileges {
+                        if let Some(cleared_mode) = mode_without_privileges(attr.mode) {
+                            shared.drop_privileges(&attr).await;
+                            attr.mode = cleared_mode;
+                        }
+                    }
+                    reply.attr(&shared.attribute_ttl, &file_attr(&attr));
+                }
+                Err(error) => reply.error(kernel_errno(&error)),
+            }
+        });
+    }
+
+    fn readlink(&self, _request: &Request, inode: INodeNo, reply: ReplyData) {
+        self.spawn(move |shared| async move {
+            match shared.client.read_link(&shared.volume, inode.0).await {
+                Ok(target) => reply.data(target.as_bytes()),
+                Err(error) => reply.error(kernel_errno(&error)),
+            }
+        });
+    }
+
+    fn mknod(
+        &self,
+        request: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let name = name_or_reply!(name, reply);
+        // Only regular files exist on Ballast; fifos, sockets and devices are refused.
+        let file_type_bits = mode & libc::S_IFMT;
+        if file_type_bits != 0 && file_type_bits != libc::S_IFREG {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        let create = self.create_request(
+            request,
+            parent,
+            &name,
+            EntryKind::File,
+            creation_mode(mode, umask),
+            true,
+        );
+        self.spawn(move |shared| async move {
+            match shared.client.create(create).await {
+                Ok(attr) => shared.reply_entry(reply, &attr),
+                Err(error) => reply.error(kernel_errno(&error)),
+            }
+        });
+    }
+
+    fn mkdir(
+        &self,
+        request: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let name = name_or_reply!(name, reply);
+        let create = self.create_request(
+            request,
+            parent,
+            &name,
+            EntryKind::Directory,
+            creation_mode(mode, umask),
+            true,
+        );
+        self.spawn(move |shared| async move {
+            match shared.client.create(create).await {
+                Ok(attr) => shared.reply_entry(reply, &attr),
+                Err(error) => reply.error(kernel_errno(&error)),
+            }
+        });
+    }
+
+    fn unlink(&self, _request: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent, name, false, reply);
+    }
+
+    fn rmdir(&self, _request: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent, name, true, reply);
+    }
+
+    fn symlink(
+        &self,
+        request: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let name = name_or_reply!(link_name, reply);
+        let Some(target) = target.to_str() else {
+            return reply.error(Errno::from_i32(libc::EILSEQ));
+        };
+        if target.is_empty() {
+            return reply.error(Errno::ENOENT);
+        }
+        // Symlink permissions are never checked on Linux; 0777 is what `ls -l` shows everywhere.
+        let mut create =
+            self.create_request(request, parent, &name, EntryKind::Symlink, 0o777, true);
+        create.symlink_target = target.to_owned();
+        self.spawn(move |shared| async move {
+            match shared.client.create(create).await {
+                Ok(attr) => shared.reply_entry(reply, &attr),
+                Err(error) => reply.error(kernel_errno(&error)),
+            }
+        });
+    }
+
+    fn rename(
+        &self,
+        _request: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        new_parent: INodeNo,
+        new_name: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let name = name_or_reply!(name, reply);
+        let new_name = name_or_reply!(new_name, reply);
+        let supported = RenameFlags::RENAME_NOREPLACE | RenameFlags::RENAME_EXCHANGE;
+        if !supported.contains(flags) {
+            // RENAME_WHITEOUT is for overlay filesystems; Linux answers EINVAL where unsupported.
+            return reply.error(Errno::EINVAL);
+        }
+        self.spawn(move |shared| async move {
+            let result = shared
+                .client
+                .rename(
+                    &shared.volume,
+                    parent.0,
+                    &name,
+                    new_parent.0,
+                    &new_name,
+                    flags.bits(),
+                )
+                .await;
+            match result {
+                Ok(response) => {
+                    if response.replaced_orphaned {
+                        shared.settle_orphan(response.replaced_inode).await;
+                    }
+                    reply.ok();
+                }
+                Err(error) => reply.error(kernel_errno(&error)),
+            }
+        });
+    }
+
+    fn link(
+        &self,
+        _request: &Request,
+        inode: INodeNo,
+        new_parent: INodeNo,
+        new_name: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let new_name = name_or_reply!(new_name, reply);
+        self.spawn(move |shared| async move {
+            match shared
+                .client
+                .link(&shared.volume, inode.0, new_parent.0, &new_name)
+                .await
+            {
+                Ok(attr) => shared.reply_entry(reply, &attr),
+                Err(error) => reply.error(kernel_errno(&error)),
+            }
+        });
+    }
+
+    fn open(&self, _request: &Request, inode: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // No I/O: the kernel only opens inodes it has looked up, and O_TRUNC arrives as a
+        // separate setattr because FUSE_ATOMIC_O_TRUNC is not requested.
+        self.shared.open_files().open(inode.0);
+        reply.opened(self.allocate_file_handle(), FopenFlags::empty());
+    }
+
+    fn read(
+        &self,
+        _request: &Request,
+        inode: INodeNo,
+        _file_handle: FileHandle,
+        offset_bytes: u64,
+        length_bytes: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.spawn(move |shared| async move {
+            match shared
+                .client
+                .read(&shared.volume, inode.0, offset_bytes, length_bytes)
+                .await
+            {
+                Ok(data) => reply.data(&data),
+                Err(error) => reply.error(kernel_errno(&error)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        request: &Request,
+        inode: INodeNo,
+        _file_handle: FileHandle,
+        offset_bytes: u64,
+        data: &[u8],
+        write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        // The kernel's buffer is reused for the next request, so the data must be copied.
+        let data = Bytes::copy_from_slice(data);
+        // Page-cache writes carry no trustworthy caller, so they count as unprivileged.
+        let privileged_writer =
+            request.uid() == 0 && !write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
+        self.spawn(move |shared| async move {
+            match shared
+                .client
+                .write(&shared.volume, inode.0, offset_bytes, data)
+                .await
+            {
+                Ok(response) => {
+                    if let (false, Some(attr)) = (privileged_writer, response.attr.as_ref()) {
+                        shared.drop_privileges(attr).await;
+                    }
+                    reply.written(response.written_bytes);
+                }
+                Err(error) => reply.error(kernel_errno(&error)),
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        _request: &Request,
+        _inode: INodeNo,
+        _file_handle: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Writes are sent to the node as they come; close() has nothing left to push.
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _request: &Request,
+        inode: INodeNo,
+        _file_handle: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let last_handle_of_orphan = self.shared.open_files().release(inode.0);
+        if !last_handle_of_orphan {
+            return reply.ok();
+        }
+        self.spawn(move |shared| async move {
+            shared.purge(inode.0).await;
+            reply.ok();
+        });
+    }
+
+    fn fsync(
+        &self,
+        _request: &Request,
+        inode: INodeNo,
+        _file_handle: FileHandle,
+        data_only: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fsync_inode(inode, data_only, reply);
+    }
+
+    fn opendir(&self, _request: &Request, _inode: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // Directory reads are stateless: the node's cookies carry the position.
+        reply.opened(FileHandle(0), FopenFlags::empty());
+    }
+
+    fn readdir(
+        &self,
+        _request: &Request,
+        inode: INodeNo,
+        _file_handle: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        self.spawn(move |shared| async move {
+            // The node lists only real entries; "." and ".." are synthesized at offsets 1 and 2.
+            // The kernel does not use ".."'s inode number, so the directory's own is given.
+            if offset < DOT_OFFSET && reply.add(inode, DOT_OFFSET, FileType::Directory, ".") {
+                return reply.ok();
+            }
+            if offset < DOT_DOT_OFFSET
+                && reply.add(inode, DOT_DOT_OFFSET, FileType::Directory, "..")
+            {
+                return reply.ok();
+            }
+            let mut cookie = offset.saturating_sub(COOKIE_OFFSET_SHIFT);
+            for _ in 0..READ_DIR_PAGE_COUNT_MAX {
+                let page = match shared
+                    .client
+                    .read_dir(&shared.volume, inode.0, cookie, READ_DIR_PAGE_ENTRY_COUNT)
+                    .await
+                {
+                    Ok(page) => page,
+                    Err(error) => return reply.error(kernel_errno(&error)),
+                };
+                for entry in &page.entries {
+                    cookie = entry.cookie;
+                    if entry.name == "." || entry.name == ".." {
+                        continue;
+                    }
+                    let Some(entry_offset) = entry.cookie.checked_add(COOKIE_OFFSET_SHIFT) else {
+                        tracing::error!(cookie = entry.cookie, "directory cookie out of range");
+                        return reply.error(Errno::EIO);
+                    };
+                    let full = reply.add(
+                        INodeNo(entry.inode),
+                        entry_offset,
+                        file_type_from_wire(entry.kind),
+                        &entry.name,
+                    );
+                    if full {
+                        return reply.ok();
+                    }
+                }
+                if page.end || page.entries.is_empty() {
+                    break;
+                }
+            }
+            reply.ok();
+        });
+    }
+
+    fn releasedir(
+        &self,
+        _request: &Request,
+        _inode: INodeNo,
+        _file_handle: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _request: &Request,
+        inode: INodeNo,
+        _file_handle: FileHandle,
+        data_only: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Databases fsync a directory after creating or renaming files in it; the node decides
+        // what a directory fsync means.
+        self.fsync_inode(inode, data_only, reply);
+    }
+
+    fn statfs(&self, _request: &Request, _inode: INodeNo, reply: ReplyStatfs) {
+        self.spawn(move |shared| async move {
+            match shared.client.stat_fs(&shared.volume).await {
+                Ok(stat) => {
+                    let block_size_bytes = u32::try_from(stat.block_size_bytes).unwrap_or(4096);
+                    reply.statfs(
+                        stat.total_blocks,
+                        stat.free_blocks,
+                        stat.free_blocks,
+                        stat.total_inodes,
+                        stat.free_inodes,
+                        block_size_bytes,
+                        stat.name_length_max,
+                        block_size_bytes,
+                    );
+                }
+                Err(error) => reply.error(kernel_errno(&error)),
+            }
+        });
+    }
+
+    fn setxattr(
+        &self,
+        _request: &Request,
+        _inode: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOTSUP);
+    }
+
+    fn getxattr(
+        &self,
+        _request: &Request,
+        _inode: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        // No extended attributes exist; ENODATA is "this attribute is not set", which `ls` and
+        // `cp -a` accept silently (ENOSYS or ENOTSUP would make them warn).
+        reply.error(Errno::ENODATA);
+    }
+
+    fn listxattr(&self, _request: &Request, _inode: INodeNo, size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(0);
+        } else {
+            reply.data(&[]);
+        }
+    }
+
+    fn removexattr(&self, _request: &Request, _inode: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::ENODATA);
+    }
+
+    fn access(&self, _request: &Request, _inode: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // With DefaultPermissions the kernel checks permissions itself and does not call this.
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        request: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let name = name_or_reply!(name, reply);
+        let exclusive = flags & libc::O_EXCL != 0;
+        let create = self.create_request(
+            request,
+            parent,
+            &name,
+            EntryKind::File,
+            creation_mode(mode, umask),
+            exclusive,
+        );
+        let file_handle = self.allocate_file_handle();
+        self.spawn(move |shared| async move {
+            match shared.client.create(create).await {
+                Ok(attr) => {
+                    shared.open_files().open(attr.inode);
+                    reply.created(
+                        &shared.attribute_ttl,
+                        &file_attr(&attr),
+                        Generation(attr.generation),
+                        file_handle,
+                        FopenFlags::empty(),
+                    );
+                }
+                Err(error) => reply.error(kernel_errno(&error)),
+            }
+        });
+    }
+
+    fn fallocate(
+        &self,
+        _request: &Request,
+        inode: INodeNo,
+        _file_handle: FileHandle,
+        offset_bytes: u64,
+        length_bytes: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let Ok(mode) = u32::try_from(mode) else {
+            return reply.error(Errno::EINVAL);
+        };
+        if mode & !(FALLOCATE_KEEP_SIZE | FALLOCATE_PUNCH_HOLE) != 0 {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        self.spawn(move |shared| async move {
+            let result = shared
+                .client
+                .fallocate(&shared.volume, inode.0, offset_bytes, length_bytes, mode)
+                .await;
+            match result {
+                Ok(_attr) => reply.ok(),
+                Err(error) => reply.error(kernel_errno(&error)),
+            }
+        });
+    }
+}
+
+impl BallastFilesystem {
+    /// Shared body of unlink and rmdir.
+    fn remove(&self, parent: INodeNo, name: &OsStr, directory: bool, reply: ReplyEmpty) {
+        let name = name_or_reply!(name, reply);
+        self.spawn(move |shared| async move {
+            match shared
+                .client
+                .unlink(&shared.volume, parent.0, &name, directory)
+                .await
+            {
+                Ok(response) => {
+                    if response.orphaned {
+                        shared.settle_orphan(response.inode).await;
+                    }
+                    reply.ok();
+                }
+                Err(error) => reply.error(kernel_errno(&error)),
+            }
+        });
+    }
+
+    fn fsync_inode(&self, inode: INodeNo, data_only: bool, reply: ReplyEmpty) {
+        self.spawn(move |shared| async move {
+            match shared
+                .client
+                .fsync(&shared.volume, inode.0, data_only)
+                .await
+            {
+                Ok(()) => reply.ok(),
+                Err(error) => reply.error(kernel_errno(&error)),
+            }
+        });
+    }
+}

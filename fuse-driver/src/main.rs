@@ -1,0 +1,198 @@
+//! `ballast-fuse`: mounts one Ballast volume at a directory through FUSE and serves it until the
+//! filesystem is unmounted or the process receives SIGTERM/SIGINT (then it unmounts cleanly).
+//!
+//! Owns: the mount's lifetime, the kernel session, and the mount-time cleanup of orphans.
+//! Must not depend on: any server crate; the node is reached only through `ballast-client`.
+//! Invariants:
+//! - The volume is checked to exist before anything is mounted, so a typo fails with a clear
+//!   message instead of an empty mount.
+//! - At mount every orphan of the volume is purged (PurgeOrphans with inode 0): no handle can be
+//!   open on a fresh mount, so any orphan left by a previous driver is garbage.
+//! - Locks are kernel-local (see `filesystem`): correct for one mount of a volume per node.
+
+mod convert;
+mod filesystem;
+mod open_files;
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use ballast_client::{BallastClient, ClientOptions};
+use clap::Parser;
+use fuser::{Config, MountOption, SessionACL};
+
+use crate::filesystem::{BallastFilesystem, MountSettings};
+
+/// Largest FUSE write the kernel may send; fuser's session buffer allows 16 MiB.
+const MAX_WRITE_BYTES_LIMIT: u32 = 16 * 1024 * 1024;
+
+/// Time allowed for in-flight requests to finish after the session ends.
+const RUNTIME_SHUTDOWN_TIMEOUT_MS: u64 = 5_000;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ballast-fuse",
+    version,
+    about = "Mount a Ballast volume through FUSE"
+)]
+struct Arguments {
+    /// gRPC address of the storage node.
+    #[arg(long, default_value = "http://127.0.0.1:7400")]
+    node: String,
+    /// Name of the volume to mount.
+    #[arg(long)]
+    volume: String,
+    /// Directory to mount the volume on (created if missing).
+    #[arg(long)]
+    mountpoint: PathBuf,
+    /// How long the kernel may cache attributes and directory entries.
+    #[arg(long, default_value_t = 1000)]
+    attribute_ttl_ms: u64,
+    /// Largest single write the kernel sends.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    max_write_bytes: u32,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let arguments = Arguments::parse();
+    if arguments.max_write_bytes < 4096 || arguments.max_write_bytes > MAX_WRITE_BYTES_LIMIT {
+        bail!("--max-write-bytes must be between 4096 and {MAX_WRITE_BYTES_LIMIT}");
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ballast-fuse-io")
+        .build()
+        .context("starting the async runtime")?;
+
+    let client = runtime.block_on(prepare_volume(&arguments))?;
+    let mountpoint = prepare_mountpoint(&arguments.mountpoint)?;
+
+    let settings = MountSettings {
+        volume: arguments.volume.clone(),
+        attribute_ttl: Duration::from_millis(arguments.attribute_ttl_ms),
+        max_write_bytes: arguments.max_write_bytes,
+    };
+    let filesystem = BallastFilesystem::new(client, settings, runtime.handle().clone());
+
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("ballast:{}", arguments.volume)),
+        MountOption::Subtype("ballast".to_owned()),
+        MountOption::DefaultPermissions,
+        MountOption::RW,
+    ];
+    // allow_other: the volume is shared storage for every user and container on the node;
+    // DefaultPermissions makes the kernel enforce the modes.
+    config.acl = SessionACL::All;
+
+    let mut session = fuser::Session::new(filesystem, &mountpoint, &config)
+        .with_context(|| format!("mounting {}", mountpoint.display()))?;
+    tracing::info!(volume = %arguments.volume, mountpoint = %mountpoint.display(), node = %arguments.node,
+        "mounted");
+
+    let mut unmounter = session.unmount_callable();
+    let signal_mountpoint = mountpoint.clone();
+    runtime.spawn(async move {
+        if let Err(error) = wait_for_termination().await {
+            tracing::error!(%error, "cannot listen for signals; unmount with fusermount3 -u");
+            return;
+        }
+        tracing::info!("termination requested; unmounting");
+        let unmount = tokio::task::spawn_blocking(move || {
+            if let Err(error) = unmounter.unmount() {
+                // Usually EBUSY: something still has files open. Detach lazily so the mount
+                // disappears now and the session ends when the last user lets go.
+                tracing::warn!(%error, "unmount failed; detaching lazily");
+                if let Err(error) = lazy_unmount(&signal_mountpoint) {
+                    tracing::error!(%error, "lazy unmount failed");
+                }
+            }
+        });
+        let _ = unmount.await;
+    });
+
+    // Serves kernel requests until the filesystem is unmounted (by us or by fusermount3 -u).
+    let result = session.run();
+    runtime.shutdown_timeout(Duration::from_millis(RUNTIME_SHUTDOWN_TIMEOUT_MS));
+    result.context("FUSE session failed")?;
+    tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
+    Ok(())
+}
+
+/// Connects, checks the volume exists, and purges the orphans a previous mount left behind.
+async fn prepare_volume(arguments: &Arguments) -> anyhow::Result<BallastClient> {
+    let client = BallastClient::connect_with_options(&arguments.node, ClientOptions::default())
+        .await
+        .with_context(|| format!("connecting to the storage node at {}", arguments.node))?;
+    match client.get_volume(&arguments.volume).await {
+        Ok(volume) => {
+            tracing::info!(volume = %volume.name, volume_id = volume.volume_id, "volume found");
+        }
+        Err(error) if error.is_not_found() => bail!(
+            "volume {:?} does not exist on {} (create it with `ballast volume create {}`)",
+            arguments.volume,
+            arguments.node,
+            arguments.volume
+        ),
+        Err(error) => {
+            return Err(error).with_context(|| format!("looking up volume {:?}", arguments.volume))
+        }
+    }
+    let purged_count = client
+        .purge_orphans(&arguments.volume, 0)
+        .await
+        .context("purging orphans left by a previous mount")?;
+    if purged_count > 0 {
+        tracing::info!(purged_count, "purged orphans left by a previous mount");
+    }
+    Ok(client)
+}
+
+/// Makes the mountpoint exist and returns its absolute path.
+fn prepare_mountpoint(mountpoint: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(mountpoint)
+        .with_context(|| format!("creating mountpoint {}", mountpoint.display()))?;
+    let absolute = mountpoint
+        .canonicalize()
+        .with_context(|| format!("resolving mountpoint {}", mountpoint.display()))?;
+    if !absolute.is_dir() {
+        bail!("mountpoint {} is not a directory", absolute.display());
+    }
+    Ok(absolute)
+}
+
+async fn wait_for_termination() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    Ok(())
+}
+
+/// Detaches the mount even while files are open (MNT_DETACH).
+fn lazy_unmount(mountpoint: &Path) -> std::io::Result<()> {
+    let path = CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, error))?;
+    // SAFETY: `path` is a valid NUL-terminated string that outlives the call; umount2 reads it
+    // and touches no other memory of ours.
+    let result = unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

@@ -1,0 +1,93 @@
+//! Commands replicated through a container's Raft log, and their responses.
+//!
+//! Owns: the log payload format of every container kind.
+//! Invariant: applying a command is a pure function of (state, command). Anything
+//! non-deterministic — the current time, a new inode's owner — is decided by the proposer and
+//! carried in the command, so every replica and every replay reaches the same state.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::error::FsError;
+use crate::records::{EntryKind, Inode, VolumeRecord};
+
+/// A command for the metadata container (container 0).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetadataCommand {
+    CreateVolume {
+        name: String,
+        quota_bytes: u64,
+        replication_factor: u32,
+        replication_minimum: u32,
+        now_ns: i64,
+    },
+    DeleteVolume {
+        name: String,
+    },
+}
+
+/// Attribute changes of a SetAttr command; `None` leaves a field alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttributeChanges {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size_bytes: Option<u64>,
+    pub atime_ns: Option<i64>,
+    pub mtime_ns: Option<i64>,
+}
+
+/// A command for a filesystem container (one volume's namespace and file data).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FilesystemCommand {
+    /// Creates the root directory if absent; idempotent.
+    Initialize { volume_id: u64, quota_bytes: u64, now_ns: i64 },
+    Create {
+        parent: u64,
+        name: String,
+        kind: EntryKind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        symlink_target: Option<String>,
+        exclusive: bool,
+        now_ns: i64,
+    },
+    Link { inode: u64, new_parent: u64, new_name: String, now_ns: i64 },
+    Unlink { parent: u64, name: String, directory: bool, now_ns: i64 },
+    Rename { parent: u64, name: String, new_parent: u64, new_name: String, flags: u32, now_ns: i64 },
+    SetAttributes { inode: u64, changes: AttributeChanges, now_ns: i64 },
+    Write { inode: u64, offset_bytes: u64, data: Bytes, now_ns: i64 },
+    Fallocate { inode: u64, offset_bytes: u64, length_bytes: u64, mode: u32, now_ns: i64 },
+    /// Frees orphan inodes (nlink 0): one, or all when `inode` is 0.
+    PurgeOrphans { inode: u64 },
+}
+
+/// Anything a container log may carry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Metadata(MetadataCommand),
+    Filesystem(FilesystemCommand),
+}
+
+/// What applying a command produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum CommandResponse {
+    /// Blank and membership entries, and commands with nothing to return.
+    #[default]
+    Done,
+    Volume(VolumeRecord),
+    Attributes { inode: u64, attributes: Inode },
+    Unlinked { inode: u64, orphaned: bool },
+    Renamed { replaced_inode: u64, replaced_orphaned: bool },
+    Written { written_bytes: u32, inode: u64, attributes: Inode },
+    Purged { purged_count: u64 },
+    Failed(FsError),
+}
+
+/// Linux rename(2) flags.
+pub const RENAME_NOREPLACE: u32 = 1;
+pub const RENAME_EXCHANGE: u32 = 2;
+/// Linux fallocate(2) mode bits.
+pub const FALLOCATE_KEEP_SIZE: u32 = 1;
+pub const FALLOCATE_PUNCH_HOLE: u32 = 2;

@@ -1,0 +1,39 @@
+//! The Ballast storage node: one daemon per device set, serving the namespace, file data and
+//! (later) tables and streams of the containers placed on it.
+//!
+//! Owns: containers as openraft groups (log on the device log store, state in RocksDB and the
+//! device block store), the metadata and filesystem state machines, checkpoints, and the gRPC
+//! services.
+//! Must not depend on: any client crate (client, fuse-driver, csi-plugin, cli). Front ends reach
+//! it only through `ballast-proto`.
+//!
+//! Invariants:
+//! - A mutation is acknowledged only after its Raft entry is durable on the device and applied.
+//! - State-machine writes to RocksDB bypass its WAL; the Raft log is the WAL. Checkpoints flush
+//!   the device before RocksDB.
+//! - File data is copy-on-write with deferred frees; every block carries a CRC-32 that is
+//!   verified on every read.
+
+pub mod command;
+pub mod error;
+pub mod filesystem;
+pub mod keys;
+pub mod log_storage;
+pub mod metadata;
+pub mod network;
+pub mod node;
+pub mod records;
+pub mod service;
+pub mod state_machine;
+pub mod state_store;
+pub mod storage;
+pub mod transaction;
+pub mod types;
+
+pub use error::{FsError, NodeError, NodeResult};
+pub use node::{NodeConfig, StorageNode};
+
+#[cfg(test)]
+mod filesystem_tests;
+#[cfg(test)]
+pub mod test_support;

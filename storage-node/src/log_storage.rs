@@ -1,0 +1,340 @@
+//! `ContainerLog`: openraft's log storage for one container, on the device log store.
+//!
+//! Owns: the mapping of one Raft group onto the shared device log (`ballast_device::LogStore`,
+//! where many groups' appends are group-committed into one write), the vote and purge marks
+//! (RocksDB, WAL + fsync), and an in-memory cache of recent entries.
+//!
+//! Design:
+//! - Every mutation of the group's log (append, truncate, purge) goes through one writer task per
+//!   container, so they reach the device in the order openraft issued them even though `append`
+//!   returns before the entries are durable (openraft is told through `LogFlushed`).
+//! - When the device log is full, the writer asks the node for a checkpoint (which lets openraft
+//!   purge) and retries with a bounded wait, instead of failing the group: a full log is
+//!   back-pressure, not a fatal error.
+//! - Recently appended entries stay in memory (bounded by bytes) so that applying them right
+//!   after commit does not read them back from the device.
+//!
+//! Invariant: the cache never holds an entry that the device log does not (eventually) hold in
+//! the same order: cache updates happen in the same order as writer operations.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ballast_device::{DeviceError, LogRecord, LogStore};
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{RaftLogReader, StorageIOError};
+use rocksdb::WriteBatch;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::keys;
+use crate::records::encode;
+use crate::state_store::StateStore;
+use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
+
+/// Bytes of recent entries kept in memory per container.
+const ENTRY_CACHE_BYTES_MAX: usize = 64 << 20;
+/// Queued log operations per container before `append` waits.
+const WRITER_QUEUE_DEPTH: usize = 256;
+/// How long an append waits for log space (checkpoints free it) before failing.
+const LOG_FULL_WAIT_MS_MAX: u64 = 120_000;
+const LOG_FULL_RETRY_INTERVAL_MS: u64 = 10;
+
+enum LogOperation {
+    Append { records: Vec<LogRecord>, callback: LogFlushed<TypeConfig> },
+    Truncate { index_from: u64, done: oneshot::Sender<Result<(), DeviceError>> },
+    Purge { index_upto: u64, term: u64, done: oneshot::Sender<Result<(), DeviceError>> },
+}
+
+#[derive(Default)]
+struct EntryCache {
+    entries: BTreeMap<u64, (Entry, usize)>,
+    size_bytes: usize,
+}
+
+impl EntryCache {
+    fn insert(&mut self, entry: Entry, size_bytes: usize) {
+        let index = entry.log_id.index;
+        if let Some((_, old)) = self.entries.insert(index, (entry, size_bytes)) {
+            self.size_bytes -= old;
+        }
+        self.size_bytes += size_bytes;
+        while self.size_bytes > ENTRY_CACHE_BYTES_MAX {
+            let Some((_, (_, evicted))) = self.entries.pop_first() else { break };
+            self.size_bytes -= evicted;
+        }
+    }
+
+    fn remove_from(&mut self, index_from: u64) {
+        for (_, (_, size)) in self.entries.split_off(&index_from) {
+            self.size_bytes -= size;
+        }
+    }
+
+    fn remove_upto(&mut self, index_upto: u64) {
+        let kept = self.entries.split_off(&(index_upto + 1));
+        for (_, (_, size)) in std::mem::replace(&mut self.entries, kept) {
+            self.size_bytes -= size;
+        }
+    }
+}
+
+struct Shared {
+    container_id: u64,
+    log_store: LogStore,
+    state: Arc<crate::storage::NodeStorage>,
+    cache: Mutex<EntryCache>,
+    writer: mpsc::Sender<LogOperation>,
+}
+
+/// Log storage of one container; cheap to clone (the reader is a clone).
+#[derive(Clone)]
+pub struct ContainerLog {
+    shared: Arc<Shared>,
+}
+
+impl ContainerLog {
+    /// Starts the container's log writer. `checkpoint_wanted` is notified when the device log is
+    /// full, so the node can checkpoint and let openraft purge.
+    pub fn new(
+        container_id: u64,
+        log_store: LogStore,
+        state: Arc<crate::storage::NodeStorage>,
+        checkpoint_wanted: Arc<Notify>,
+    ) -> Self {
+        let (writer, queue) = mpsc::channel(WRITER_QUEUE_DEPTH);
+        tokio::spawn(run_writer(container_id, log_store.clone(), queue, checkpoint_wanted));
+        Self {
+            shared: Arc::new(Shared {
+                container_id,
+                log_store,
+                state,
+                cache: Mutex::new(EntryCache::default()),
+                writer,
+            }),
+        }
+    }
+
+    fn state_store(&self) -> &StateStore {
+        &self.shared.state.state
+    }
+
+    fn read_log_id(&self, tag: u8, what: &str) -> Result<Option<LogId>, StorageError> {
+        self.state_store()
+            .get::<LogId>(&keys::container_singleton(tag, self.shared.container_id), what)
+            .map_err(|error| StorageIOError::read_logs(&error).into())
+    }
+
+    async fn send(&self, operation: LogOperation) -> Result<(), StorageError> {
+        self.shared.writer.send(operation).await.map_err(|_| {
+            StorageIOError::write_logs(&std::io::Error::other("log writer stopped")).into()
+        })
+    }
+}
+
+async fn run_writer(
+    container_id: u64,
+    log_store: LogStore,
+    mut queue: mpsc::Receiver<LogOperation>,
+    checkpoint_wanted: Arc<Notify>,
+) {
+    while let Some(operation) = queue.recv().await {
+        match operation {
+            LogOperation::Append { records, callback } => {
+                let deadline = tokio::time::Instant::now() + Duration::from_millis(LOG_FULL_WAIT_MS_MAX);
+                let result = loop {
+                    match log_store.append(records.clone()).await {
+                        Err(DeviceError::LogFull { .. }) if tokio::time::Instant::now() < deadline => {
+                            checkpoint_wanted.notify_one();
+                            tokio::time::sleep(Duration::from_millis(LOG_FULL_RETRY_INTERVAL_MS)).await;
+                        }
+                        other => break other,
+                    }
+                };
+                if let Err(error) = &result {
+                    tracing::error!(container = container_id, %error, "log append failed");
+                }
+                callback.log_io_completed(result.map_err(std::io::Error::other));
+            }
+            LogOperation::Truncate { index_from, done } => {
+                let result = log_store.append(vec![LogRecord::Truncate { group: container_id, index_from }]).await;
+                let _ = done.send(result);
+            }
+            LogOperation::Purge { index_upto, term, done } => {
+                let result = log_store.append(vec![LogRecord::Purge { group: container_id, index_upto, term }]).await;
+                let _ = done.send(result);
+            }
+        }
+    }
+}
+
+fn range_bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
+    let start = match range.start_bound() {
+        Bound::Included(&start) => start,
+        Bound::Excluded(&start) => start + 1,
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&end) => end + 1,
+        Bound::Excluded(&end) => end,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start, end)
+}
+
+impl RaftLogReader<TypeConfig> for ContainerLog {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let (start, end) = range_bounds(&range);
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        // Entries below the cache come from the device; the rest from the cache.
+        let cached: Vec<Entry> = {
+            let cache = self.shared.cache.lock().expect("cache lock");
+            cache.entries.range(start..end).map(|(_, (entry, _))| entry.clone()).collect()
+        };
+        let device_end = cached.first().map(|entry| entry.log_id.index).unwrap_or(end);
+        let mut entries = Vec::new();
+        if start < device_end {
+            let stored = self
+                .shared
+                .log_store
+                .read_entries(self.shared.container_id, start, device_end)
+                .await
+                .map_err(|error| StorageError::from(StorageIOError::read_logs(&error)))?;
+            for stored_entry in stored {
+                let entry: Entry = postcard::from_bytes(&stored_entry.payload).map_err(|error| {
+                    StorageError::from(StorageIOError::read_log_at_index(stored_entry.index, &error))
+                })?;
+                assert_eq!(entry.log_id.index, stored_entry.index, "log entry index mismatch on read-back");
+                entries.push(entry);
+            }
+            if entries.last().map(|entry| entry.log_id.index + 1).unwrap_or(start) != device_end {
+                // A gap between device and cache: return only the contiguous prefix.
+                return Ok(entries);
+            }
+        }
+        entries.extend(cached);
+        Ok(entries)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for ContainerLog {
+    type LogReader = ContainerLog;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged_log_id = self.read_log_id(keys::TAG_PURGED, "purged log id")?;
+        let cached_last = {
+            let cache = self.shared.cache.lock().expect("cache lock");
+            cache.entries.last_key_value().map(|(_, (entry, _))| entry.log_id)
+        };
+        let last_log_id = match cached_last {
+            Some(log_id) => Some(log_id),
+            None => match self.shared.log_store.group_state(self.shared.container_id).last {
+                Some((_, index)) if Some(index) > last_purged_log_id.map(|log_id| log_id.index) => {
+                    let mut reader = self.clone();
+                    let entries = reader.try_get_log_entries(index..=index).await?;
+                    entries.first().map(|entry| entry.log_id).or(last_purged_log_id)
+                }
+                _ => last_purged_log_id,
+            },
+        };
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        batch.put(keys::container_singleton(keys::TAG_VOTE, self.shared.container_id), encode(vote));
+        self.state_store()
+            .write_synced(batch)
+            .map_err(|error| StorageIOError::write_vote(&error).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        self.state_store()
+            .get::<Vote>(&keys::container_singleton(keys::TAG_VOTE, self.shared.container_id), "vote")
+            .map_err(|error| StorageIOError::read_vote(&error).into())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // Not synced: losing it only means re-deriving the commit point after a restart.
+        let mut batch = WriteBatch::default();
+        batch.put(keys::container_singleton(keys::TAG_COMMITTED, self.shared.container_id), encode(&committed));
+        self.state_store()
+            .write_unlogged(batch)
+            .map_err(|error| StorageIOError::write_logs(&error).into())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self
+            .state_store()
+            .get::<Option<LogId>>(
+                &keys::container_singleton(keys::TAG_COMMITTED, self.shared.container_id),
+                "committed log id",
+            )
+            .map_err(|error| StorageError::from(StorageIOError::read_logs(&error)))?
+            .flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut records = Vec::new();
+        {
+            let mut cache = self.shared.cache.lock().expect("cache lock");
+            for entry in entries {
+                let payload = postcard::to_allocvec(&entry).map_err(|error| {
+                    StorageError::from(StorageIOError::write_log_entry(entry.log_id, &error))
+                })?;
+                let size = payload.len();
+                records.push(LogRecord::Entry {
+                    group: self.shared.container_id,
+                    index: entry.log_id.index,
+                    term: entry.log_id.leader_id.term,
+                    payload,
+                });
+                cache.insert(entry, size);
+            }
+        }
+        if records.is_empty() {
+            callback.log_io_completed(Ok(()));
+            return Ok(());
+        }
+        self.send(LogOperation::Append { records, callback }).await
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.shared.cache.lock().expect("cache lock").remove_from(log_id.index);
+        let (done, wait) = oneshot::channel();
+        self.send(LogOperation::Truncate { index_from: log_id.index, done }).await?;
+        wait.await
+            .map_err(|_| StorageError::from(StorageIOError::write_logs(&std::io::Error::other("log writer stopped"))))?
+            .map_err(|error| StorageIOError::write_logs(&error).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // The purge mark is durable before any space is reused.
+        let mut batch = WriteBatch::default();
+        batch.put(keys::container_singleton(keys::TAG_PURGED, self.shared.container_id), encode(&log_id));
+        self.state_store()
+            .write_synced(batch)
+            .map_err(|error| StorageError::from(StorageIOError::write_logs(&error)))?;
+        self.shared.cache.lock().expect("cache lock").remove_upto(log_id.index);
+        let (done, wait) = oneshot::channel();
+        self.send(LogOperation::Purge { index_upto: log_id.index, term: log_id.leader_id.term, done }).await?;
+        wait.await
+            .map_err(|_| StorageError::from(StorageIOError::write_logs(&std::io::Error::other("log writer stopped"))))?
+            .map_err(|error| StorageIOError::write_logs(&error).into())
+    }
+}

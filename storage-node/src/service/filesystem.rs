@@ -1,0 +1,267 @@
+//! The `Filesystem` service: namespace and file data of one volume per request.
+//!
+//! Mutations are proposed to the volume's container and answered after they are applied (so a
+//! successful write is durable in the Raft log). Reads are served from the applied state of the
+//! local leader; with single-member containers that is linearizable.
+
+use std::sync::Arc;
+
+use ballast_proto::v1 as proto;
+use ballast_proto::v1::filesystem_server::Filesystem;
+use tonic::{Request, Response, Status};
+
+use super::{attr, entry_kind, entry_kind_from_proto, fs_status, node_status};
+use crate::command::{AttributeChanges, Command, CommandResponse, FilesystemCommand};
+use crate::error::{FsError, NodeError};
+use crate::filesystem as fs;
+use crate::node::StorageNode;
+
+/// Largest read or write served in one request (the FUSE driver sends at most 1 MiB).
+const IO_LENGTH_BYTES_MAX: usize = 16 << 20;
+
+#[derive(Debug, Clone)]
+pub struct FilesystemService {
+    node: Arc<StorageNode>,
+}
+
+impl FilesystemService {
+    pub fn new(node: Arc<StorageNode>) -> Self {
+        Self { node }
+    }
+
+    fn container(&self, volume: &str) -> Result<u64, Status> {
+        Ok(self.node.volume(volume).map_err(node_status)?.container_id)
+    }
+
+    async fn propose(&self, volume: &str, command: FilesystemCommand) -> Result<CommandResponse, Status> {
+        let container_id = self.container(volume)?;
+        self.node.propose(container_id, Command::Filesystem(command)).await.map_err(node_status)
+    }
+
+    async fn propose_for_attributes(&self, volume: &str, command: FilesystemCommand) -> Result<proto::Attr, Status> {
+        match self.propose(volume, command).await? {
+            CommandResponse::Attributes { inode, attributes } => Ok(attr(inode, &attributes)),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn unexpected(response: CommandResponse) -> Status {
+    node_status(NodeError::InvalidState(format!("unexpected command response {response:?}")))
+}
+
+#[tonic::async_trait]
+impl Filesystem for FilesystemService {
+    async fn lookup(&self, request: Request<proto::LookupRequest>) -> Result<Response<proto::EntryResponse>, Status> {
+        let request = request.into_inner();
+        let container_id = self.container(&request.volume)?;
+        let (inode, attributes) =
+            fs::lookup(self.node.storage(), container_id, request.parent, &request.name).map_err(node_status)?;
+        Ok(Response::new(proto::EntryResponse { attr: Some(attr(inode, &attributes)) }))
+    }
+
+    async fn get_attr(&self, request: Request<proto::GetAttrRequest>) -> Result<Response<proto::AttrResponse>, Status> {
+        let request = request.into_inner();
+        let container_id = self.container(&request.volume)?;
+        let attributes = fs::get_inode(self.node.storage(), container_id, request.inode).map_err(node_status)?;
+        Ok(Response::new(proto::AttrResponse { attr: Some(attr(request.inode, &attributes)) }))
+    }
+
+    async fn set_attr(&self, request: Request<proto::SetAttrRequest>) -> Result<Response<proto::AttrResponse>, Status> {
+        let request = request.into_inner();
+        let changes = AttributeChanges {
+            mode: request.mode,
+            uid: request.uid,
+            gid: request.gid,
+            size_bytes: request.size_bytes,
+            atime_ns: request.atime_ns,
+            mtime_ns: request.mtime_ns,
+        };
+        let command = FilesystemCommand::SetAttributes { inode: request.inode, changes, now_ns: self.node.now_ns() };
+        let attr = self.propose_for_attributes(&request.volume, command).await?;
+        Ok(Response::new(proto::AttrResponse { attr: Some(attr) }))
+    }
+
+    async fn create(&self, request: Request<proto::CreateRequest>) -> Result<Response<proto::EntryResponse>, Status> {
+        let request = request.into_inner();
+        let kind = entry_kind_from_proto(request.kind)?;
+        let command = FilesystemCommand::Create {
+            parent: request.parent,
+            name: request.name,
+            kind,
+            mode: request.mode,
+            uid: request.uid,
+            gid: request.gid,
+            symlink_target: (kind == crate::records::EntryKind::Symlink).then_some(request.symlink_target),
+            exclusive: request.exclusive || kind == crate::records::EntryKind::Directory,
+            now_ns: self.node.now_ns(),
+        };
+        let attr = self.propose_for_attributes(&request.volume, command).await?;
+        Ok(Response::new(proto::EntryResponse { attr: Some(attr) }))
+    }
+
+    async fn link(&self, request: Request<proto::LinkRequest>) -> Result<Response<proto::EntryResponse>, Status> {
+        let request = request.into_inner();
+        let command = FilesystemCommand::Link {
+            inode: request.inode,
+            new_parent: request.new_parent,
+            new_name: request.new_name,
+            now_ns: self.node.now_ns(),
+        };
+        let attr = self.propose_for_attributes(&request.volume, command).await?;
+        Ok(Response::new(proto::EntryResponse { attr: Some(attr) }))
+    }
+
+    async fn unlink(&self, request: Request<proto::UnlinkRequest>) -> Result<Response<proto::UnlinkResponse>, Status> {
+        let request = request.into_inner();
+        let command = FilesystemCommand::Unlink {
+            parent: request.parent,
+            name: request.name,
+            directory: request.directory,
+            now_ns: self.node.now_ns(),
+        };
+        match self.propose(&request.volume, command).await? {
+            CommandResponse::Unlinked { inode, orphaned } => Ok(Response::new(proto::UnlinkResponse { inode, orphaned })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn rename(&self, request: Request<proto::RenameRequest>) -> Result<Response<proto::RenameResponse>, Status> {
+        let request = request.into_inner();
+        let command = FilesystemCommand::Rename {
+            parent: request.parent,
+            name: request.name,
+            new_parent: request.new_parent,
+            new_name: request.new_name,
+            flags: request.flags,
+            now_ns: self.node.now_ns(),
+        };
+        match self.propose(&request.volume, command).await? {
+            CommandResponse::Renamed { replaced_inode, replaced_orphaned } => {
+                Ok(Response::new(proto::RenameResponse { replaced_inode, replaced_orphaned }))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn read_dir(&self, request: Request<proto::ReadDirRequest>) -> Result<Response<proto::ReadDirResponse>, Status> {
+        let request = request.into_inner();
+        let container_id = self.container(&request.volume)?;
+        let (entries, end) = fs::read_directory(
+            self.node.storage(),
+            container_id,
+            request.inode,
+            request.cookie,
+            request.entry_count_max as usize,
+        )
+        .map_err(node_status)?;
+        Ok(Response::new(proto::ReadDirResponse {
+            entries: entries
+                .into_iter()
+                .map(|(cookie, row)| proto::DirEntry {
+                    name: row.name,
+                    inode: row.inode,
+                    kind: entry_kind(row.kind) as i32,
+                    cookie,
+                })
+                .collect(),
+            end,
+        }))
+    }
+
+    async fn read_link(&self, request: Request<proto::ReadLinkRequest>) -> Result<Response<proto::ReadLinkResponse>, Status> {
+        let request = request.into_inner();
+        let container_id = self.container(&request.volume)?;
+        let target = fs::read_link(self.node.storage(), container_id, request.inode).map_err(node_status)?;
+        Ok(Response::new(proto::ReadLinkResponse { target }))
+    }
+
+    async fn read(&self, request: Request<proto::ReadRequest>) -> Result<Response<proto::ReadResponse>, Status> {
+        let request = request.into_inner();
+        if request.length_bytes as usize > IO_LENGTH_BYTES_MAX {
+            return Err(fs_status(FsError::invalid(format!("read of {} bytes is too large", request.length_bytes))));
+        }
+        let container_id = self.container(&request.volume)?;
+        let data = fs::read(self.node.storage(), container_id, request.inode, request.offset_bytes, request.length_bytes)
+            .await
+            .map_err(node_status)?;
+        Ok(Response::new(proto::ReadResponse { data: data.into() }))
+    }
+
+    async fn write(&self, request: Request<proto::WriteRequest>) -> Result<Response<proto::WriteResponse>, Status> {
+        let request = request.into_inner();
+        if request.data.len() > IO_LENGTH_BYTES_MAX {
+            return Err(fs_status(FsError::invalid(format!("write of {} bytes is too large", request.data.len()))));
+        }
+        let command = FilesystemCommand::Write {
+            inode: request.inode,
+            offset_bytes: request.offset_bytes,
+            data: request.data,
+            now_ns: self.node.now_ns(),
+        };
+        match self.propose(&request.volume, command).await? {
+            CommandResponse::Written { written_bytes, inode, attributes } => {
+                Ok(Response::new(proto::WriteResponse { written_bytes, attr: Some(attr(inode, &attributes)) }))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn fallocate(&self, request: Request<proto::FallocateRequest>) -> Result<Response<proto::AttrResponse>, Status> {
+        let request = request.into_inner();
+        let command = FilesystemCommand::Fallocate {
+            inode: request.inode,
+            offset_bytes: request.offset_bytes,
+            length_bytes: request.length_bytes,
+            mode: request.mode,
+            now_ns: self.node.now_ns(),
+        };
+        let attr = self.propose_for_attributes(&request.volume, command).await?;
+        Ok(Response::new(proto::AttrResponse { attr: Some(attr) }))
+    }
+
+    async fn fsync(&self, request: Request<proto::FsyncRequest>) -> Result<Response<proto::FsyncResponse>, Status> {
+        // Every acknowledged write is already durable in the Raft log (committed = flushed to
+        // the device), and the kernel sends its cached writes before FSYNC; so nothing is
+        // buffered here. We still check the inode exists, to report EBADF-like errors honestly.
+        let request = request.into_inner();
+        let container_id = self.container(&request.volume)?;
+        fs::get_inode(self.node.storage(), container_id, request.inode).map_err(node_status)?;
+        Ok(Response::new(proto::FsyncResponse {}))
+    }
+
+    async fn stat_fs(&self, request: Request<proto::StatFsRequest>) -> Result<Response<proto::StatFsResponse>, Status> {
+        let request = request.into_inner();
+        let volume = self.node.volume(&request.volume).map_err(node_status)?;
+        let state = fs::container_state(self.node.storage(), volume.container_id).map_err(node_status)?;
+        let block_size = ballast_device::BLOCK_SIZE_BYTES as u64;
+        let device_free = self.node.storage().free_block_count();
+        let (total_blocks, free_blocks) = if volume.quota_bytes > 0 {
+            let total = volume.quota_bytes / block_size;
+            (total, total.saturating_sub(state.used_block_count).min(device_free))
+        } else {
+            let total = self.node.device().superblock().data_block_count;
+            (total, device_free)
+        };
+        const INODE_COUNT_MAX: u64 = 1 << 32;
+        Ok(Response::new(proto::StatFsResponse {
+            block_size_bytes: block_size,
+            total_blocks,
+            free_blocks,
+            total_inodes: INODE_COUNT_MAX,
+            free_inodes: INODE_COUNT_MAX.saturating_sub(state.inode_count),
+            name_length_max: ballast_common::name::ENTRY_NAME_LENGTH_BYTES_MAX as u32,
+        }))
+    }
+
+    async fn purge_orphans(
+        &self,
+        request: Request<proto::PurgeOrphansRequest>,
+    ) -> Result<Response<proto::PurgeOrphansResponse>, Status> {
+        let request = request.into_inner();
+        match self.propose(&request.volume, FilesystemCommand::PurgeOrphans { inode: request.inode }).await? {
+            CommandResponse::Purged { purged_count } => Ok(Response::new(proto::PurgeOrphansResponse { purged_count })),
+            other => Err(unexpected(other)),
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! The node's state store: one RocksDB instance in the node's state directory holding every
+//! container's state-machine index (inodes, directory entries, block references), the device
+//! allocator bitmap, and the Raft vote and purge marks.
+//!
+//! Owns: RocksDB options and the two write paths.
+//! - State-machine applies are written **without the RocksDB WAL**: the Raft log on the device is
+//!   the WAL. After a crash RocksDB comes back at its last flush, which is always a prefix of the
+//!   applies, and Raft replays the rest from the log. The container's applied log id is written
+//!   in the same batch as the data, so the two can never disagree.
+//! - Raft's vote and purge marks are written **with the WAL and synced**, because Raft requires
+//!   them durable before it acts on them. They live under their own keys, so recovering them from
+//!   the WAL never mixes with the unlogged state rows.
+//!
+//! Invariant: a flush (checkpoint) happens only after the device has been flushed, so a flushed
+//! block reference never points at data that is not yet durable (see `storage.rs`).
+
+use std::path::Path;
+
+use rocksdb::{Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use serde::de::DeserializeOwned;
+
+use crate::error::{NodeError, NodeResult};
+use crate::records::decode;
+
+/// The memtable is made large so RocksDB never flushes on its own between our checkpoints (an
+/// unplanned flush could persist block references before the device flush). Checkpoints run
+/// long before this fills: see `CHECKPOINT_*` in `node.rs`.
+const MEMTABLE_SIZE_BYTES: usize = 512 << 20;
+
+#[derive(Debug)]
+pub struct StateStore {
+    database: DB,
+}
+
+impl StateStore {
+    pub fn open(path: &Path) -> NodeResult<Self> {
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.set_write_buffer_size(MEMTABLE_SIZE_BYTES);
+        options.set_max_write_buffer_number(4);
+        options.set_min_write_buffer_number_to_merge(1);
+        options.set_max_background_jobs(2);
+        options.set_keep_log_file_num(4);
+        options.set_paranoid_checks(true);
+        let database = DB::open(&options, path)
+            .map_err(|source| NodeError::rocksdb(format!("open {}", path.display()), source))?;
+        Ok(Self { database })
+    }
+
+    pub fn get_raw(&self, key: &[u8]) -> NodeResult<Option<Vec<u8>>> {
+        self.database.get(key).map_err(|source| NodeError::rocksdb("get", source))
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, key: &[u8], what: &str) -> NodeResult<Option<T>> {
+        match self.get_raw(key)? {
+            Some(bytes) => Ok(Some(decode(&bytes, what)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes a state-machine batch: no WAL, no sync (the Raft log is the WAL).
+    pub fn write_unlogged(&self, batch: WriteBatch) -> NodeResult<()> {
+        let mut options = WriteOptions::default();
+        options.disable_wal(true);
+        self.database
+            .write_opt(batch, &options)
+            .map_err(|source| NodeError::rocksdb("write state batch", source))
+    }
+
+    /// Writes Raft metadata that must be durable before Raft acts on it: WAL and fsync.
+    pub fn write_synced(&self, batch: WriteBatch) -> NodeResult<()> {
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.database
+            .write_opt(batch, &options)
+            .map_err(|source| NodeError::rocksdb("write synced batch", source))
+    }
+
+    /// Flushes every memtable to SST files and waits: makes all unlogged writes durable.
+    pub fn flush(&self) -> NodeResult<()> {
+        self.database.flush().map_err(|source| NodeError::rocksdb("flush", source))?;
+        self.database.flush_wal(true).map_err(|source| NodeError::rocksdb("flush wal", source))
+    }
+
+    /// Calls `visit` for each (key, value) with `start <= key < end`, in key order, until it
+    /// returns false or `limit` rows were visited.
+    pub fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        mut visit: impl FnMut(&[u8], &[u8]) -> NodeResult<bool>,
+    ) -> NodeResult<()> {
+        let iterator = self.database.iterator(IteratorMode::From(start, Direction::Forward));
+        for (visited, item) in iterator.enumerate() {
+            if visited >= limit {
+                break;
+            }
+            let (key, value) = item.map_err(|source| NodeError::rocksdb("scan", source))?;
+            if key.as_ref() >= end {
+                break;
+            }
+            if !visit(&key, &value)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Collects (key, value) with `start <= key < end`, at most `limit` rows.
+    pub fn scan_collect(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> NodeResult<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut rows = Vec::new();
+        self.scan(start, end, limit, |key, value| {
+            rows.push((key.to_vec(), value.to_vec()));
+            Ok(true)
+        })?;
+        Ok(rows)
+    }
+}

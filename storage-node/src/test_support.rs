@@ -1,0 +1,57 @@
+//! Test support: a real `NodeStorage` on a temporary device file and RocksDB directory, so
+//! state machine tests exercise the same I/O paths as production (io_uring, O_DIRECT, RocksDB).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use ballast_device::{Device, EngineOptions, FormatOptions};
+
+use crate::command::{CommandResponse, FilesystemCommand};
+use crate::error::NodeResult;
+use crate::filesystem;
+use crate::state_store::StateStore;
+use crate::storage::NodeStorage;
+use crate::transaction::Transaction;
+
+pub struct TestStorage {
+    pub directory: tempfile::TempDir,
+    pub device: Device,
+    pub storage: Arc<NodeStorage>,
+    pub index: u64,
+}
+
+impl TestStorage {
+    pub fn new(device_size_bytes: u64) -> Self {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let device_path = directory.path().join("device.img");
+        std::fs::File::create(&device_path).unwrap().set_len(device_size_bytes).unwrap();
+        Device::format(&device_path, &FormatOptions { node_id: 1, ..Default::default() }).unwrap();
+        let (device, storage) = open(directory.path());
+        Self { directory, device, storage, index: 0 }
+    }
+
+    /// Applies one command the way the state machine does, with a fresh log id.
+    pub async fn apply(&mut self, container_id: u64, command: FilesystemCommand) -> NodeResult<CommandResponse> {
+        self.index += 1;
+        let log_id = openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), self.index);
+        let mut transaction = Transaction::begin(&self.storage, container_id)?;
+        match filesystem::apply(&mut transaction, command).await {
+            Ok(response) => {
+                transaction.commit(Some(log_id)).await?;
+                Ok(response)
+            }
+            Err(error) => {
+                transaction.commit_failure(Some(log_id)).await?;
+                Err(error)
+            }
+        }
+    }
+}
+
+pub fn open(directory: &Path) -> (Device, Arc<NodeStorage>) {
+    let device = Device::open(&directory.join("device.img"), EngineOptions::default()).unwrap();
+    let state = StateStore::open(&directory.join("rocksdb")).unwrap();
+    let block_count = device.superblock().data_block_count;
+    let storage = Arc::new(NodeStorage::open(state, device.block_store(), block_count).unwrap());
+    (device, storage)
+}

@@ -1,0 +1,191 @@
+//! `Transaction`: the changes one command makes to one container, staged in memory and written
+//! as a single RocksDB batch together with the container's applied log id.
+//!
+//! Owns: read-your-writes overlays for inodes and directory entries during one apply, the list
+//! of blocks allocated and freed, and the final atomic commit.
+//! Invariant: nothing reaches RocksDB before `commit`; a failed command commits only the new
+//! applied log id (and gives back any blocks it had allocated), so a failure is also a
+//! deterministic, replayable outcome.
+
+use std::collections::BTreeMap;
+
+use rocksdb::WriteBatch;
+
+use crate::error::{FsError, NodeResult};
+use crate::keys;
+use crate::records::{encode, ContainerState, DirentValue, Inode};
+use crate::storage::NodeStorage;
+use crate::types::LogId;
+
+/// A row of the readdir index: what readdir returns without a second lookup.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CookieRow {
+    pub name: String,
+    pub inode: u64,
+    pub kind: crate::records::EntryKind,
+}
+
+/// Row changes staged by a transaction; turned into a RocksDB `WriteBatch` at commit (a
+/// `WriteBatch` is not `Sync`, and the transaction is held across awaits).
+#[derive(Debug, Default)]
+pub struct StagedRows {
+    rows: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl StagedRows {
+    pub fn put(&mut self, key: Vec<u8>, value: impl Into<Vec<u8>>) {
+        self.rows.push((key, Some(value.into())));
+    }
+
+    pub fn delete(&mut self, key: Vec<u8>) {
+        self.rows.push((key, None));
+    }
+
+    fn into_batch(self, mut batch: WriteBatch) -> WriteBatch {
+        for (key, value) in self.rows {
+            match value {
+                Some(value) => batch.put(key, value),
+                None => batch.delete(key),
+            }
+        }
+        batch
+    }
+}
+
+pub struct Transaction<'storage> {
+    pub storage: &'storage NodeStorage,
+    pub container_id: u64,
+    pub state: ContainerState,
+    inodes: BTreeMap<u64, Option<Inode>>,
+    dirents: BTreeMap<(u64, String), Option<DirentValue>>,
+    batch: StagedRows,
+    /// Blocks this command stops referencing.
+    freed_device_blocks: Vec<u64>,
+    /// Blocks this command wrote; given back if the command fails.
+    allocated_device_blocks: Vec<u64>,
+}
+
+impl<'storage> Transaction<'storage> {
+    pub fn begin(storage: &'storage NodeStorage, container_id: u64) -> NodeResult<Self> {
+        let state = storage
+            .state
+            .get::<ContainerState>(
+                &keys::container_singleton(keys::TAG_CONTAINER_STATE, container_id),
+                "container state",
+            )?
+            .unwrap_or_default();
+        Ok(Self {
+            storage,
+            container_id,
+            state,
+            inodes: BTreeMap::new(),
+            dirents: BTreeMap::new(),
+            batch: StagedRows::default(),
+            freed_device_blocks: Vec::new(),
+            allocated_device_blocks: Vec::new(),
+        })
+    }
+
+    pub fn inode(&mut self, inode: u64) -> NodeResult<Option<Inode>> {
+        if let Some(staged) = self.inodes.get(&inode) {
+            return Ok(staged.clone());
+        }
+        self.storage.state.get::<Inode>(&keys::inode(self.container_id, inode), "inode")
+    }
+
+    /// The inode, or ENOENT.
+    pub fn require_inode(&mut self, inode: u64) -> NodeResult<Inode> {
+        self.inode(inode)?
+            .ok_or_else(|| FsError::not_found(format!("inode {inode} does not exist")).into())
+    }
+
+    /// The inode, which must be a live directory (ENOENT, ENOTDIR otherwise).
+    pub fn require_directory(&mut self, inode: u64) -> NodeResult<Inode> {
+        let directory = self.require_inode(inode)?;
+        if directory.kind != crate::records::EntryKind::Directory {
+            return Err(FsError::not_directory(format!("inode {inode} is not a directory")).into());
+        }
+        if directory.nlink == 0 {
+            return Err(FsError::not_found(format!("directory {inode} was removed")).into());
+        }
+        Ok(directory)
+    }
+
+    pub fn put_inode(&mut self, inode: u64, value: Inode) {
+        self.inodes.insert(inode, Some(value));
+    }
+
+    pub fn delete_inode(&mut self, inode: u64) {
+        self.inodes.insert(inode, None);
+    }
+
+    pub fn dirent(&mut self, parent: u64, name: &str) -> NodeResult<Option<DirentValue>> {
+        if let Some(staged) = self.dirents.get(&(parent, name.to_owned())) {
+            return Ok(staged.clone());
+        }
+        self.storage.state.get::<DirentValue>(&keys::dirent(self.container_id, parent, name), "dirent")
+    }
+
+    /// Stages a directory entry and its readdir row.
+    pub fn put_dirent(&mut self, parent: u64, name: &str, value: DirentValue) {
+        let row = CookieRow { name: name.to_owned(), inode: value.inode, kind: value.kind };
+        self.batch.put(keys::dirent_cookie(self.container_id, parent, value.cookie), encode(&row));
+        self.dirents.insert((parent, name.to_owned()), Some(value));
+    }
+
+    pub fn delete_dirent(&mut self, parent: u64, name: &str, cookie: u64) {
+        self.batch.delete(keys::dirent_cookie(self.container_id, parent, cookie));
+        self.dirents.insert((parent, name.to_owned()), None);
+    }
+
+    pub fn batch(&mut self) -> &mut StagedRows {
+        &mut self.batch
+    }
+
+    pub fn free_device_block(&mut self, device_block: u64) {
+        self.freed_device_blocks.push(device_block);
+    }
+
+    pub fn record_allocated(&mut self, device_blocks: &[u64]) {
+        self.allocated_device_blocks.extend_from_slice(device_blocks);
+    }
+
+    /// Writes every staged change plus the applied log id, atomically.
+    pub async fn commit(mut self, applied: Option<LogId>) -> NodeResult<()> {
+        self.state.last_applied = applied;
+        for (inode, value) in std::mem::take(&mut self.inodes) {
+            let key = keys::inode(self.container_id, inode);
+            match value {
+                Some(value) => self.batch.put(key, encode(&value)),
+                None => self.batch.delete(key),
+            }
+        }
+        for ((parent, name), value) in std::mem::take(&mut self.dirents) {
+            let key = keys::dirent(self.container_id, parent, &name);
+            match value {
+                Some(value) => self.batch.put(key, encode(&value)),
+                None => self.batch.delete(key),
+            }
+        }
+        self.batch.put(
+            keys::container_singleton(keys::TAG_CONTAINER_STATE, self.container_id),
+            encode(&self.state),
+        );
+        let batch = std::mem::take(&mut self.batch).into_batch(WriteBatch::default());
+        self.storage.commit_batch(batch, &self.freed_device_blocks).await
+    }
+
+    /// Discards every staged change of a failed command and commits only the applied log id,
+    /// returning any blocks the command had written.
+    pub async fn commit_failure(self, applied: Option<LogId>) -> NodeResult<()> {
+        let mut state = self.storage.state.get::<ContainerState>(
+            &keys::container_singleton(keys::TAG_CONTAINER_STATE, self.container_id),
+            "container state",
+        )?
+        .unwrap_or_default();
+        state.last_applied = applied;
+        let mut batch = WriteBatch::default();
+        batch.put(keys::container_singleton(keys::TAG_CONTAINER_STATE, self.container_id), encode(&state));
+        self.storage.commit_batch(batch, &self.allocated_device_blocks).await
+    }
+}

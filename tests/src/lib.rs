@@ -1,0 +1,331 @@
+//! Test harness for end-to-end tests: real `ballast-node` and `ballast-fuse` processes on a
+//! file-backed device, a real FUSE mount, `kill -9` and restart.
+//!
+//! Owns: process lifecycle for tests (start, wait until serving, mount, kill, restart, unmount)
+//! and the preconditions check (root, /dev/fuse, built binaries).
+//! Must not depend on: any Ballast library crate except `ballast-common`: the tests see the
+//! system from outside, as a user does.
+//! Invariants: every wait is bounded in time; every process and mount is cleaned up on drop.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+pub mod mariadb;
+
+/// Where `cargo build` put the binaries: the directory above this test executable's `deps/`.
+pub fn binary_directory() -> PathBuf {
+    if let Ok(directory) = std::env::var("BALLAST_BIN_DIR") {
+        return PathBuf::from(directory);
+    }
+    let executable = std::env::current_exe().expect("test executable path");
+    let deps = executable.parent().expect("deps directory");
+    deps.parent().expect("profile directory").to_path_buf()
+}
+
+pub fn binary(name: &str) -> PathBuf {
+    binary_directory().join(name)
+}
+
+/// Whether end-to-end tests can run here. In CI (`CI=true`) a missing precondition is a failure,
+/// not a skip.
+pub fn end_to_end_available() -> bool {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root".to_owned());
+    }
+    if !Path::new("/dev/fuse").exists() {
+        missing.push("/dev/fuse".to_owned());
+    }
+    for name in ["ballast-node", "ballast-fuse", "ballast"] {
+        if !binary(name).exists() {
+            missing.push(format!("binary {} (run `cargo build --workspace --bins` first)", binary(name).display()));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var("CI").map(|value| value == "true").unwrap_or(false) {
+        panic!("end-to-end preconditions missing in CI: {}", missing.join(", "));
+    }
+    eprintln!("SKIPPED: end-to-end preconditions missing: {}", missing.join(", "));
+    false
+}
+
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local address").port()
+}
+
+/// Waits until `condition` holds, polling every 20 ms, for at most `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("timed out after {timeout:?} waiting for {what}")
+}
+
+pub fn is_mounted(mountpoint: &Path) -> bool {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let wanted = mountpoint.to_string_lossy();
+    mountinfo.lines().any(|line| line.split(' ').nth(4) == Some(&*wanted))
+}
+
+fn kill(child: &mut Child, signal: i32) {
+    // SAFETY: kill(2) on a pid we own; a stale pid only yields ESRCH.
+    unsafe {
+        libc::kill(child.id() as i32, signal);
+    }
+}
+
+/// One storage node process on a file-backed device, plus FUSE mounts of its volumes.
+pub struct LocalNode {
+    pub directory: tempfile::TempDir,
+    pub device_path: PathBuf,
+    pub state_directory: PathBuf,
+    pub address: String,
+    pub log_path: PathBuf,
+    node: Option<Child>,
+    mounts: Vec<Mount>,
+}
+
+pub struct Mount {
+    pub volume: String,
+    pub mountpoint: PathBuf,
+    pub log_path: PathBuf,
+    process: Option<Child>,
+}
+
+impl LocalNode {
+    /// Formats a sparse device file of `device_size_bytes` and starts a node on it.
+    pub fn start(device_size_bytes: u64) -> Result<Self> {
+        let directory = tempfile::Builder::new().prefix("ballast-test-").tempdir_in(test_root())?;
+        let device_path = directory.path().join("device.img");
+        let file = File::create(&device_path)?;
+        file.set_len(device_size_bytes)?;
+        drop(file);
+        let status = Command::new(binary("ballast-node"))
+            .args(["format", "--device"])
+            .arg(&device_path)
+            .args(["--node-id", "1"])
+            .stdout(Stdio::null())
+            .status()
+            .context("running ballast-node format")?;
+        if !status.success() {
+            bail!("ballast-node format failed: {status}");
+        }
+        let mut node = Self {
+            state_directory: directory.path().join("state"),
+            log_path: directory.path().join("node.log"),
+            address: format!("127.0.0.1:{}", free_port()),
+            directory,
+            device_path,
+            node: None,
+            mounts: Vec::new(),
+        };
+        node.start_process()?;
+        Ok(node)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    fn start_process(&mut self) -> Result<()> {
+        let log = OpenOptions::new().create(true).append(true).open(&self.log_path)?;
+        let child = Command::new(binary("ballast-node"))
+            .arg("run")
+            .arg("--device")
+            .arg(&self.device_path)
+            .arg("--state-dir")
+            .arg(&self.state_directory)
+            .args(["--listen", &self.address])
+            .env("RUST_LOG", std::env::var("BALLAST_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("starting ballast-node")?;
+        let mut child = child;
+        let stdout = child.stdout.take().expect("piped stdout");
+        self.node = Some(child);
+        // The node prints one line when it serves.
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = sender.send(line);
+        });
+        match receiver.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) if line.contains("serving on") => Ok(()),
+            Ok(line) => bail!("node did not start (printed {line:?}); log:\n{}", self.log_tail()),
+            Err(_) => bail!("node did not start within 120 s; log:\n{}", self.log_tail()),
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub fn log_contents(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Runs the `ballast` CLI against this node.
+    pub fn cli(&self, arguments: &[&str]) -> Result<String> {
+        let output = Command::new(binary("ballast"))
+            .args(["--node", &self.endpoint()])
+            .args(arguments)
+            .output()
+            .context("running ballast")?;
+        if !output.status.success() {
+            bail!(
+                "ballast {arguments:?} failed: {}\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    pub fn create_volume(&self, name: &str, quota: &str) -> Result<()> {
+        self.cli(&["volume", "create", name, "--quota", quota]).map(|_| ())
+    }
+
+    /// Mounts a volume with the FUSE driver and waits until the mount is live.
+    pub fn mount(&mut self, volume: &str) -> Result<PathBuf> {
+        let mountpoint = self.directory.path().join(format!("mnt-{volume}"));
+        std::fs::create_dir_all(&mountpoint)?;
+        let log_path = self.directory.path().join(format!("fuse-{volume}.log"));
+        let mut mount = Mount { volume: volume.to_owned(), mountpoint: mountpoint.clone(), log_path, process: None };
+        mount.start(&self.endpoint())?;
+        self.mounts.push(mount);
+        Ok(mountpoint)
+    }
+
+    /// SIGKILLs the node (mounts stay; their requests fail until the node is back).
+    pub fn kill_node(&mut self) {
+        if let Some(mut child) = self.node.take() {
+            kill(&mut child, libc::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the node with SIGTERM (a clean shutdown), bounded.
+    pub fn stop_node(&mut self) -> Result<()> {
+        if let Some(mut child) = self.node.take() {
+            kill(&mut child, libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if child.try_wait()?.is_some() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    kill(&mut child, libc::SIGKILL);
+                    let _ = child.wait();
+                    bail!("node did not stop within 60 s of SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn restart_node(&mut self) -> Result<()> {
+        self.start_process()
+    }
+
+    /// Unmounts and remounts every volume (after a node restart the old driver keeps working
+    /// too, since it reconnects; remounting is what a pod restart does).
+    pub fn remount_all(&mut self) -> Result<()> {
+        let endpoint = self.endpoint();
+        for mount in &mut self.mounts {
+            mount.stop();
+            mount.start(&endpoint)?;
+        }
+        Ok(())
+    }
+
+    pub fn unmount_all(&mut self) {
+        for mount in &mut self.mounts {
+            mount.stop();
+        }
+        self.mounts.clear();
+    }
+}
+
+impl Mount {
+    fn start(&mut self, endpoint: &str) -> Result<()> {
+        let log = OpenOptions::new().create(true).append(true).open(&self.log_path)?;
+        let child = Command::new(binary("ballast-fuse"))
+            .args(["--node", endpoint, "--volume", &self.volume, "--mountpoint"])
+            .arg(&self.mountpoint)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting ballast-fuse")?;
+        self.process = Some(child);
+        let mountpoint = self.mountpoint.clone();
+        let result = wait_until("the FUSE mount", Duration::from_secs(30), || is_mounted(&mountpoint));
+        if result.is_err() {
+            let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+            bail!("mount of {} failed; driver log:\n{log}", self.volume);
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        if is_mounted(&self.mountpoint) {
+            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.mountpoint).status();
+        }
+        if let Some(mut child) = self.process.take() {
+            kill(&mut child, libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            kill(&mut child, libc::SIGKILL);
+            let _ = child.wait();
+        }
+        if is_mounted(&self.mountpoint) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
+        }
+    }
+}
+
+impl Drop for LocalNode {
+    fn drop(&mut self) {
+        self.unmount_all();
+        self.kill_node();
+    }
+}
+
+/// Where test directories go: `BALLAST_TEST_DIR` or the system temp directory.
+pub fn test_root() -> PathBuf {
+    std::env::var("BALLAST_TEST_DIR").map(PathBuf::from).unwrap_or_else(|_| std::env::temp_dir())
+}
+
+/// The seed for a randomized test: `BALLAST_SEED` to replay, otherwise from the clock. Always
+/// printed, so any failure can be replayed.
+pub fn seed(test: &str) -> u64 {
+    let seed = std::env::var("BALLAST_SEED").ok().and_then(|value| value.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+    });
+    eprintln!("{test}: seed {seed} (replay with BALLAST_SEED={seed})");
+    seed
+}
