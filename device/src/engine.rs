@@ -650,7 +650,10 @@ pub(crate) fn block_on<F: Future>(future: F) -> F::Output {
     }
     let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
     let mut context = Context::from_waker(&waker);
-    let mut future = std::pin::pin!(future);
+    // Called on a thread inside a tokio runtime, tokio's cooperative budget would be exhausted
+    // after ~128 channel operations and never refilled (we never yield to the runtime), making
+    // every poll return Pending and wake at once: a busy loop. `unconstrained` opts out.
+    let mut future = std::pin::pin!(tokio::task::unconstrained(future));
     loop {
         if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
             return output;

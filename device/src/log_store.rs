@@ -573,6 +573,8 @@ impl LogIndex {
 struct AppendRequest {
     records: Vec<LogRecord>,
     records_length_bytes: usize,
+    /// Whether the caller needs the records durable on return (else: written, flushed later).
+    durable: bool,
     reply: oneshot::Sender<Result<(), DeviceError>>,
 }
 
@@ -706,6 +708,23 @@ impl LogStore {
 
     /// Appends `records` durably; concurrent calls share one device write.
     pub async fn append(&self, records: Vec<LogRecord>) -> Result<(), DeviceError> {
+        self.append_with(records, true).await
+    }
+
+    /// Appends `records` and returns once they are written to the device but not necessarily
+    /// durable: a process crash keeps them, a power loss may not. [`LogStore::flush`] makes every
+    /// append that returned before it durable. This is how a filesystem defers durability to
+    /// `fsync` while still group-committing the barrier.
+    pub async fn append_buffered(&self, records: Vec<LogRecord>) -> Result<(), DeviceError> {
+        self.append_with(records, false).await
+    }
+
+    /// Makes every append that has returned durable (one device flush).
+    pub async fn flush(&self) -> Result<(), DeviceError> {
+        self.shared.engine.flush().await
+    }
+
+    async fn append_with(&self, records: Vec<LogRecord>, durable: bool) -> Result<(), DeviceError> {
         if records.is_empty() {
             return Ok(());
         }
@@ -726,6 +745,7 @@ impl LogStore {
             .send(AppendRequest {
                 records,
                 records_length_bytes,
+                durable,
                 reply,
             })
             .await
@@ -1128,6 +1148,7 @@ impl Writer {
             && self.tail.offset_in_segment_bytes + batch_bytes as u64 <= limit_bytes;
         let records = || requests.iter().flat_map(|request| request.records.iter());
         let sequence = self.tail.next_batch_sequence;
+        let durable = requests.iter().any(|request| request.durable);
 
         let (batch_offset_bytes, new_segment) = if fits_current {
             let offset_bytes = self
@@ -1137,7 +1158,11 @@ impl Writer {
             let mut buffer = AlignedBuffer::new_zeroed(batch_bytes);
             let payload_offsets = encode_batch(&mut buffer, sequence, records());
             debug_assert_eq!(payload_offsets.len(), records().count());
-            block_on(self.engine.write_durable(offset_bytes, buffer))?;
+            if durable {
+                block_on(self.engine.write_durable(offset_bytes, buffer))?;
+            } else {
+                block_on(self.engine.write(offset_bytes, buffer))?;
+            }
             (offset_bytes, None)
         } else {
             self.reclaim();

@@ -11,6 +11,11 @@
 //! - When the device log is full, the writer asks the node for a checkpoint (which lets openraft
 //!   purge) and retries with a bounded wait, instead of failing the group: a full log is
 //!   back-pressure, not a fatal error.
+//! - Entries are appended *buffered*: written to the device but flushed only by the next
+//!   durability barrier (`StorageNode::flush_log`, called by `fsync`, or a checkpoint). Like a
+//!   local filesystem's journal, a write is durable once fsync returns, and the barrier is group
+//!   committed: one device flush covers every container's appends. A process crash keeps
+//!   buffered appends; a power loss may lose the unflushed tail, never anything fsync'd.
 //! - Recently appended entries stay in memory (bounded by bytes) so that applying them right
 //!   after commit does not read them back from the device.
 //!
@@ -145,7 +150,7 @@ async fn run_writer(
             LogOperation::Append { records, callback } => {
                 let deadline = tokio::time::Instant::now() + Duration::from_millis(LOG_FULL_WAIT_MS_MAX);
                 let result = loop {
-                    match log_store.append(records.clone()).await {
+                    match log_store.append_buffered(records.clone()).await {
                         Err(DeviceError::LogFull { .. }) if tokio::time::Instant::now() < deadline => {
                             checkpoint_wanted.notify_one();
                             tokio::time::sleep(Duration::from_millis(LOG_FULL_RETRY_INTERVAL_MS)).await;

@@ -91,11 +91,18 @@ impl StorageNode {
     /// Opens the device and state directory and starts every container.
     pub async fn open(config: NodeConfig) -> NodeResult<Arc<Self>> {
         let opened = Instant::now();
-        let device = Device::open(&config.device_path, EngineOptions::default())
-            .map_err(|source| NodeError::device(format!("open {}", config.device_path.display()), source))?;
+        // Opening blocks (superblock reads, log recovery): keep it off the runtime's workers.
+        let device_path = config.device_path.clone();
+        let (device, log_store) = tokio::task::spawn_blocking(move || -> NodeResult<(Device, LogStore)> {
+            let device = Device::open(&device_path, EngineOptions::default())
+                .map_err(|source| NodeError::device(format!("open {}", device_path.display()), source))?;
+            let log_store = LogStore::open(device.engine(), device.superblock())
+                .map_err(|source| NodeError::device("recover log store", source))?;
+            Ok((device, log_store))
+        })
+        .await
+        .map_err(|error| NodeError::InvalidState(format!("open task: {error}")))??;
         let superblock = device.superblock().clone();
-        let log_store = LogStore::open(device.engine(), &superblock)
-            .map_err(|source| NodeError::device("recover log store", source))?;
         std::fs::create_dir_all(&config.state_directory).map_err(|source| NodeError::Io {
             context: format!("create {}", config.state_directory.display()),
             source,
@@ -226,6 +233,12 @@ impl StorageNode {
         }
     }
 
+    /// Durability barrier: every command applied before this call is durable when it returns
+    /// (one device flush covers every container's buffered log appends).
+    pub async fn flush_log(&self) -> NodeResult<()> {
+        self.log_store.flush().await.map_err(|source| NodeError::device("flush log", source))
+    }
+
     /// The container serving a volume.
     pub fn volume(&self, name: &str) -> NodeResult<VolumeRecord> {
         metadata::get_volume(&self.storage, name)?
@@ -251,6 +264,7 @@ impl StorageNode {
             return Err(NodeError::InvalidState("create volume returned no volume".into()));
         };
         self.start_volume_container(&volume).await?;
+        self.flush_log().await?;
         Ok(volume)
     }
 
@@ -260,6 +274,7 @@ impl StorageNode {
         else {
             return Err(NodeError::InvalidState("delete volume returned no volume".into()));
         };
+        self.flush_log().await?;
         self.drop_container(volume.container_id).await?;
         Ok(volume)
     }

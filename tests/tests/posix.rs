@@ -390,7 +390,7 @@ fn files_larger_than_a_request_and_sparse_files() {
         assert_eq!(&content[(index << 20) + 1..(index + 1) << 20], &block[1..]);
     }
     let sparse = mount.join("sparse");
-    let file = File::create(&sparse).unwrap();
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&sparse).unwrap();
     file.write_all_at(b"end", 1 << 30).unwrap();
     let metadata = file.metadata().unwrap();
     assert_eq!(metadata.len(), (1 << 30) + 3);

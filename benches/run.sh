@@ -1,0 +1,509 @@
+#!/usr/bin/env bash
+# Ballast benchmarks, each figure side by side with its yardstick measured in the same run on
+# the same disk, reported as a ratio (ballast / yardstick). No thresholds: this measures and
+# prints, it never fails on speed.
+#
+#   benches/run.sh [device] [fuse] [mariadb] [startup]      (default: all four)
+#
+# Sections:
+#   device   ballast-device-bench (io_uring Engine) vs fio --ioengine=io_uring --direct=1,
+#            on one preallocated, written file
+#   fuse     fio --ioengine=psync on a Ballast FUSE mount vs on a directory of the same filesystem
+#   mariadb  sysbench oltp_read_write, MariaDB datadir on a Ballast volume vs on the local disk
+#   startup  ballast-node start-up time with 1 GiB and 10 GiB stored, after SIGKILL and SIGTERM
+#
+# Parameters (environment; defaults are the spec values):
+#   BALLAST_BENCH_DIR     backing directory for every file of both sides (default /var/tmp)
+#   DEVICE_SECONDS=15  DEVICE_FILE_SIZE=2G  DEVICE_RANDOM_QUEUE_DEPTH=32  DEVICE_SEQUENTIAL_QUEUE_DEPTH=8
+#   FUSE_SEQUENTIAL_SIZE=1G  FUSE_FSYNC_SIZE=64M  FUSE_FSYNC_SECONDS=15
+#   SYSBENCH_TIME=60  SYSBENCH_TABLES=4  SYSBENCH_TABLE_SIZE=100000  SYSBENCH_THREADS=4
+#   STARTUP_SIZES_GIB="1 10"
+#   BENCH_SKIP_BUILD=1    use the release binaries already built
+#   BALLAST_BENCH_BIN_DIR use the binaries in this directory (implies nothing about the build)
+#
+# Results: printed per section and written to benches/results/latest.md and
+# benches/results/<UTC date>.md (previous files are kept).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repository=$PWD
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ballast/target}"
+binary_directory="${BALLAST_BENCH_BIN_DIR:-$CARGO_TARGET_DIR/release}"
+
+bench_root="${BALLAST_BENCH_DIR:-/var/tmp}"
+device_seconds="${DEVICE_SECONDS:-15}"
+device_file_size="${DEVICE_FILE_SIZE:-2G}"
+device_random_queue_depth="${DEVICE_RANDOM_QUEUE_DEPTH:-32}"
+device_sequential_queue_depth="${DEVICE_SEQUENTIAL_QUEUE_DEPTH:-8}"
+fuse_sequential_size="${FUSE_SEQUENTIAL_SIZE:-1G}"
+fuse_fsync_size="${FUSE_FSYNC_SIZE:-64M}"
+fuse_fsync_seconds="${FUSE_FSYNC_SECONDS:-15}"
+sysbench_time="${SYSBENCH_TIME:-60}"
+sysbench_tables="${SYSBENCH_TABLES:-4}"
+sysbench_table_size="${SYSBENCH_TABLE_SIZE:-100000}"
+sysbench_threads="${SYSBENCH_THREADS:-4}"
+startup_sizes_gib="${STARTUP_SIZES_GIB:-1 10}"
+
+# Bounds on every wait (seconds).
+node_start_timeout=600
+node_stop_timeout=180
+mount_timeout=30
+mariadb_start_timeout=300
+fio_timeout=1800
+sysbench_prepare_timeout=1800
+
+sections=("$@")
+if [ ${#sections[@]} -eq 0 ]; then
+    sections=(device fuse mariadb startup)
+fi
+for section in "${sections[@]}"; do
+    case "$section" in
+        device | fuse | mariadb | startup) ;;
+        *) echo "unknown section '$section' (expected: device fuse mariadb startup)" >&2; exit 2 ;;
+    esac
+done
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "run.sh needs root (FUSE mounts, drop_caches, mariadbd --user=root)" >&2
+    exit 2
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Everything started is recorded here and cleaned up on exit, even on failure.
+work_directory=""
+started_pids=()
+mountpoints=()
+
+stop_pid() { # pid signal timeout_seconds: signal, wait bounded, then SIGKILL
+    local pid=$1 signal=$2 timeout=$3 waited=0
+    kill -0 "$pid" 2>/dev/null || return 0
+    kill "-$signal" "$pid" 2>/dev/null || true
+    while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt $((timeout * 10)) ]; do
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        echo "   pid $pid still alive ${timeout}s after SIG$signal: SIGKILL" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+is_mounted() { awk -v m="$1" '$5 == m { found = 1 } END { exit !found }' /proc/self/mountinfo; }
+
+unmount() {
+    local mountpoint=$1
+    if is_mounted "$mountpoint"; then
+        fusermount3 -u "$mountpoint" 2>/dev/null || fusermount3 -u -z "$mountpoint" 2>/dev/null \
+            || umount -l "$mountpoint" 2>/dev/null || true
+    fi
+}
+
+cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    local mountpoint pid
+    for mountpoint in "${mountpoints[@]}"; do unmount "$mountpoint"; done
+    for pid in "${started_pids[@]}"; do stop_pid "$pid" KILL 10; done
+    if [ -n "$work_directory" ] && [ -d "$work_directory" ]; then
+        for mountpoint in "${mountpoints[@]}"; do unmount "$mountpoint"; done
+        rm -rf --one-file-system "$work_directory"
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------------------------------------
+# Output: every command that produced a figure is logged; tables are collected per section.
+report_tables=""
+report_commands=""
+report_notes=""
+
+record_command() { report_commands+="$(printf '%q ' "$@")"$'\n'; }
+log_command() { # records the exact command line, then runs it (not inside $(...): it records)
+    record_command "$@"
+    "$@"
+}
+device_bench() { # device-bench arguments...: one JSON line in $device_line
+    record_command "$binary_directory/ballast-device-bench" "$@"
+    device_line=$("$binary_directory/ballast-device-bench" "$@")
+}
+
+note() {
+    echo "   note: $*"
+    report_notes+="- $*"$'\n'
+}
+
+table_rows=""
+table_begin() {
+    table_rows="| metric | ballast | yardstick | ratio | goal |"$'\n'"|---|---|---|---|---|"$'\n'
+}
+table_row() { # metric ballast yardstick goal ; ratio = ballast / yardstick
+    local metric=$1 ballast=$2 yardstick=$3 goal=$4 ratio
+    ratio=$(awk -v b="$ballast" -v y="$yardstick" \
+        'BEGIN { if (b ~ /^[0-9.]+$/ && y ~ /^[0-9.]+$/ && y > 0) printf "%.2f×", b / y; else print "—" }')
+    table_rows+="| $metric | $ballast | $yardstick | $ratio | $goal |"$'\n'
+}
+table_end() { # title
+    local title=$1
+    echo
+    echo "== $title"
+    printf '%s' "$table_rows" | column -t -s '|' -o '|'
+    report_tables+="### $title"$'\n\n'"$table_rows"$'\n'
+}
+
+round() { awk -v v="$1" -v d="${2:-1}" 'BEGIN { printf "%.*f", d, v }'; }
+now_seconds() { date +%s.%N; }
+elapsed_since() { awk -v s="$1" -v e="$(date +%s.%N)" 'BEGIN { printf "%.2f", e - s }'; }
+
+# ---------------------------------------------------------------------------------------------
+# Ballast processes.
+node_pid=""
+node_stdout=""
+node_start_seconds=""
+
+node_format() { # device_path size
+    rm -f "$1"
+    truncate -s "$2" "$1"
+    "$binary_directory/ballast-node" format --device "$1" --node-id 1 >/dev/null
+}
+
+node_start() { # device_path state_directory address log_path: sets node_pid, node_start_seconds
+    local device=$1 state=$2 address=$3 log=$4 start waited=0
+    node_stdout="$log.stdout"
+    : >"$node_stdout"
+    start=$(now_seconds)
+    RUST_LOG="${BALLAST_BENCH_LOG:-warn}" "$binary_directory/ballast-node" run --device "$device" \
+        --state-dir "$state" --listen "$address" >"$node_stdout" 2>>"$log" &
+    node_pid=$!
+    started_pids+=("$node_pid")
+    until grep -q "serving on" "$node_stdout"; do
+        if ! kill -0 "$node_pid" 2>/dev/null; then
+            echo "ballast-node exited before serving; log tail:" >&2
+            tail -n 30 "$log" >&2
+            return 1
+        fi
+        if [ "$waited" -ge $((node_start_timeout * 100)) ]; then
+            echo "ballast-node not serving after ${node_start_timeout}s; log tail:" >&2
+            tail -n 30 "$log" >&2
+            return 1
+        fi
+        sleep 0.01
+        waited=$((waited + 1))
+    done
+    node_start_seconds=$(elapsed_since "$start")
+}
+
+fuse_pid=""
+fuse_mount() { # address volume mountpoint log_path: sets fuse_pid
+    local address=$1 volume=$2 mountpoint=$3 log=$4 waited=0
+    mkdir -p "$mountpoint"
+    mountpoints+=("$mountpoint")
+    RUST_LOG=warn "$binary_directory/ballast-fuse" --node "http://$address" --volume "$volume" \
+        --mountpoint "$mountpoint" >/dev/null 2>>"$log" &
+    fuse_pid=$!
+    started_pids+=("$fuse_pid")
+    until is_mounted "$mountpoint"; do
+        if ! kill -0 "$fuse_pid" 2>/dev/null || [ "$waited" -ge $((mount_timeout * 10)) ]; then
+            echo "mount of $volume at $mountpoint failed; driver log:" >&2
+            tail -n 30 "$log" >&2
+            return 1
+        fi
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+}
+
+fuse_unmount() { # mountpoint
+    unmount "$1"
+    stop_pid "$fuse_pid" TERM 30
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# A node with one mounted volume: sets node_* and fuse_pid; `node_directory` holds everything.
+node_directory=""
+node_address=""
+ballast_volume_up() { # name device_size quota
+    local name=$1 device_size=$2 quota=$3
+    node_directory="$work_directory/$name"
+    mkdir -p "$node_directory"
+    node_address="127.0.0.1:$(free_port)"
+    node_format "$node_directory/device.img" "$device_size"
+    node_start "$node_directory/device.img" "$node_directory/state" "$node_address" "$node_directory/node.log"
+    "$binary_directory/ballast" --node "http://$node_address" volume create "$name" --quota "$quota" >/dev/null
+    fuse_mount "$node_address" "$name" "$node_directory/mnt" "$node_directory/fuse.log"
+}
+ballast_volume_down() {
+    fuse_unmount "$node_directory/mnt"
+    stop_pid "$node_pid" TERM "$node_stop_timeout"
+}
+
+drop_caches() {
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+}
+
+fio_json() { # fio arguments...: runs fio with JSON output into $fio_output
+    fio_output="$work_directory/fio-$RANDOM.json"
+    log_command timeout "$fio_timeout" fio --output-format=json --output="$fio_output" "$@" >/dev/null
+}
+fio_field() { jq -r "$1" "$fio_output"; }
+
+# ---------------------------------------------------------------------------------------------
+section_device() {
+    echo "== device: ballast-device-bench vs fio io_uring, ${device_seconds}s per test"
+    local directory="$work_directory/device" file
+    mkdir -p "$directory"
+    file="$directory/engine.img"
+    fallocate -l "$device_file_size" "$file"
+    echo "   filling $file ($device_file_size) once so reads hit written data"
+    timeout "$fio_timeout" fio --name=fill --filename="$file" --rw=write --bs=1M --size="$device_file_size" \
+        --ioengine=io_uring --direct=1 --iodepth=8 --output=/dev/null
+    sync
+
+    local common=(--filename="$file" --size="$device_file_size" --ioengine=io_uring --direct=1
+        --time_based --runtime="$device_seconds" --norandommap --randrepeat=1 --group_reporting)
+    local ballast fio_value
+    table_begin
+
+    device_bench --file "$file" --workload random-write \
+        --random-queue-depth "$device_random_queue_depth" --duration-seconds "$device_seconds"
+    ballast=$(jq -r '.operations_per_second' <<<"$device_line")
+    fio_json --name=randwrite --rw=randwrite --bs=4k --iodepth="$device_random_queue_depth" "${common[@]}"
+    fio_value=$(fio_field '.jobs[0].write.iops')
+    table_row "4 KiB random write QD$device_random_queue_depth (IOPS)" "$(round "$ballast" 0)" "$(round "$fio_value" 0)" "≥ 0.9×"
+
+    device_bench --file "$file" --workload random-read \
+        --random-queue-depth "$device_random_queue_depth" --duration-seconds "$device_seconds"
+    ballast=$(jq -r '.operations_per_second' <<<"$device_line")
+    fio_json --name=randread --rw=randread --bs=4k --iodepth="$device_random_queue_depth" "${common[@]}"
+    fio_value=$(fio_field '.jobs[0].read.iops')
+    table_row "4 KiB random read QD$device_random_queue_depth (IOPS)" "$(round "$ballast" 0)" "$(round "$fio_value" 0)" "≥ 0.9×"
+
+    device_bench --file "$file" --workload sequential-write \
+        --sequential-queue-depth "$device_sequential_queue_depth" --duration-seconds "$device_seconds"
+    ballast=$(jq -r '.megabytes_per_second' <<<"$device_line")
+    fio_json --name=write --rw=write --bs=1M --iodepth="$device_sequential_queue_depth" "${common[@]}"
+    fio_value=$(fio_field '.jobs[0].write.bw_bytes / 1e6')
+    table_row "1 MiB sequential write QD$device_sequential_queue_depth (MB/s)" "$(round "$ballast")" "$(round "$fio_value")" "≥ 0.9×"
+
+    table_end "device engine vs fio (io_uring, O_DIRECT, ${device_file_size} file, ${device_seconds} s each)"
+    rm -f "$file"
+}
+
+# ---------------------------------------------------------------------------------------------
+section_fuse() {
+    echo "== fuse: fio psync on a Ballast FUSE mount vs a directory on the same filesystem"
+    ballast_volume_up fusebench 16G 8GiB
+    local ballast_directory="$node_directory/mnt" native_directory="$work_directory/native"
+    mkdir -p "$native_directory"
+    local -A values=()
+    local side directory
+    for side in ballast native; do
+        if [ "$side" = ballast ]; then directory=$ballast_directory; else directory=$native_directory; fi
+        drop_caches
+        fio_json --name=seqwrite --directory="$directory" --filename=sequential.bin --rw=write --bs=1M \
+            --size="$fuse_sequential_size" --ioengine=psync --end_fsync=1 --runtime=900
+        values[$side.write]=$(fio_field '.jobs[0].write.bw_bytes / 1e6')
+        drop_caches
+        fio_json --name=seqread --directory="$directory" --filename=sequential.bin --rw=read --bs=1M \
+            --size="$fuse_sequential_size" --ioengine=psync --runtime=900
+        values[$side.read]=$(fio_field '.jobs[0].read.bw_bytes / 1e6')
+        fio_json --name=fsyncwrite --directory="$directory" --filename=fsync.bin --rw=randwrite --bs=4k \
+            --size="$fuse_fsync_size" --ioengine=psync --fsync=1 --time_based --runtime="$fuse_fsync_seconds" \
+            --randrepeat=1 --norandommap
+        values[$side.fsync]=$(fio_field '.jobs[0].write.iops')
+        rm -f "$directory/sequential.bin" "$directory/fsync.bin"
+    done
+    table_begin
+    table_row "1 MiB sequential write $fuse_sequential_size + fsync (MB/s)" \
+        "$(round "${values[ballast.write]}")" "$(round "${values[native.write]}")" "≥ 0.8×"
+    table_row "1 MiB sequential read $fuse_sequential_size, cold cache (MB/s)" \
+        "$(round "${values[ballast.read]}")" "$(round "${values[native.read]}")" "≥ 0.8×"
+    table_row "4 KiB random write + fsync each, $fuse_fsync_size file (IOPS)" \
+        "$(round "${values[ballast.fsync]}" 0)" "$(round "${values[native.fsync]}" 0)" "—"
+    table_end "FUSE mount vs native directory (fio psync, same filesystem)"
+    ballast_volume_down
+}
+
+# ---------------------------------------------------------------------------------------------
+mariadb_pid=""
+mariadb_start() { # datadir run_directory: sets mariadb_pid
+    local datadir=$1 run=$2 waited=0
+    mkdir -p "$datadir" "$run"
+    mariadb-install-db --no-defaults --user=root --skip-test-db --auth-root-authentication-method=normal \
+        --datadir="$datadir" >"$run/install.log" 2>&1 || { tail -n 30 "$run/install.log" >&2; return 1; }
+    mariadbd --no-defaults --user=root --datadir="$datadir" --socket="$run/mariadb.sock" \
+        --pid-file="$run/mariadb.pid" --skip-networking --skip-log-bin \
+        --innodb-buffer-pool-size=256M --innodb-flush-log-at-trx-commit=1 \
+        --log-error="$run/mariadb.err" >/dev/null 2>&1 &
+    mariadb_pid=$!
+    started_pids+=("$mariadb_pid")
+    until mariadb --socket="$run/mariadb.sock" -uroot -N -B -e 'SELECT 1' >/dev/null 2>&1; do
+        if ! kill -0 "$mariadb_pid" 2>/dev/null || [ "$waited" -ge $((mariadb_start_timeout * 5)) ]; then
+            echo "mariadbd did not start; error log:" >&2
+            tail -n 30 "$run/mariadb.err" >&2
+            return 1
+        fi
+        sleep 0.2
+        waited=$((waited + 1))
+    done
+}
+
+sysbench_transactions_per_second="" sysbench_latency_p95_ms=""
+sysbench_on() { # datadir run_directory
+    local datadir=$1 run=$2 output
+    mariadb_start "$datadir" "$run"
+    mariadb --socket="$run/mariadb.sock" -uroot -e 'CREATE DATABASE sbtest'
+    local arguments=(oltp_read_write --db-driver=mysql --mysql-socket="$run/mariadb.sock" --mysql-user=root
+        --mysql-db=sbtest --tables="$sysbench_tables" --table-size="$sysbench_table_size"
+        --threads="$sysbench_threads" --rand-seed=1)
+    log_command timeout "$sysbench_prepare_timeout" sysbench "${arguments[@]}" prepare >"$run/prepare.log"
+    output="$run/run.log"
+    log_command timeout $((sysbench_time + 300)) sysbench "${arguments[@]}" --time="$sysbench_time" \
+        --report-interval=0 run >"$output"
+    sysbench_transactions_per_second=$(sed -n 's/.*transactions:.*(\([0-9.]*\) per sec.).*/\1/p' "$output")
+    sysbench_latency_p95_ms=$(awk '/95th percentile:/ { print $3 }' "$output")
+    if [ -z "$sysbench_transactions_per_second" ]; then
+        echo "sysbench printed no transaction rate:" >&2
+        cat "$output" >&2
+        return 1
+    fi
+    mariadb-admin --socket="$run/mariadb.sock" -uroot shutdown >/dev/null 2>&1 &
+    local admin_pid=$!
+    stop_pid "$mariadb_pid" TERM 120
+    stop_pid "$admin_pid" KILL 1
+}
+
+section_mariadb() {
+    echo "== mariadb: sysbench oltp_read_write, ${sysbench_threads} threads, ${sysbench_time}s," \
+        "${sysbench_tables} tables × ${sysbench_table_size} rows"
+    local local_tps local_p95 ballast_tps ballast_p95
+    sysbench_on "$work_directory/mariadb-local/data" "$work_directory/mariadb-local/run"
+    local_tps=$sysbench_transactions_per_second local_p95=$sysbench_latency_p95_ms
+    rm -rf "$work_directory/mariadb-local"
+
+    ballast_volume_up mariadb 16G 8GiB
+    sysbench_on "$node_directory/mnt/data" "$node_directory/run"
+    ballast_tps=$sysbench_transactions_per_second ballast_p95=$sysbench_latency_p95_ms
+    ballast_volume_down
+
+    table_begin
+    table_row "oltp_read_write transactions/s" "$ballast_tps" "$local_tps" "≥ 0.5×"
+    table_row "oltp_read_write 95th percentile latency (ms, lower is better)" "$ballast_p95" "$local_p95" "—"
+    table_end "MariaDB sysbench oltp_read_write: datadir on Ballast FUSE vs local disk"
+}
+
+# ---------------------------------------------------------------------------------------------
+section_startup() {
+    echo "== startup: ballast-node start-up time with data stored"
+    local size_gib available_kib needed_kib
+    table_begin
+    for size_gib in $startup_sizes_gib; do
+        available_kib=$(df --output=avail -k "$work_directory" | tail -n 1 | tr -d ' ')
+        needed_kib=$(((size_gib + 2) * 1024 * 1024))
+        if [ "$available_kib" -lt "$needed_kib" ]; then
+            note "startup with $size_gib GiB skipped: $((available_kib / 1024)) MiB free in $work_directory, $((needed_kib / 1024)) MiB needed"
+            table_row "start-up after SIGKILL, $size_gib GiB stored (s)" "skipped" "—" "—"
+            table_row "start-up after SIGTERM, $size_gib GiB stored (s)" "skipped" "—" "—"
+            continue
+        fi
+        ballast_volume_up "startup$size_gib" "$((size_gib + 2))G" "$((size_gib + 1))GiB"
+        echo "   writing $size_gib GiB through the mount ($size_gib files of 1 GiB, fsync)"
+        local fill_start fill_seconds
+        fill_start=$(now_seconds)
+        log_command timeout "$fio_timeout" fio --name=fill --directory="$node_directory/mnt" --rw=write --bs=1M \
+            --filesize=1G --nrfiles="$size_gib" --ioengine=psync --end_fsync=1 --output=/dev/null >/dev/null
+        fill_seconds=$(elapsed_since "$fill_start")
+        note "startup $size_gib GiB: filling through FUSE took ${fill_seconds}s"
+        fuse_unmount "$node_directory/mnt"
+
+        local device="$node_directory/device.img" state="$node_directory/state" log="$node_directory/node.log"
+        local killed_seconds terminated_seconds stop_start stop_seconds
+        stop_pid "$node_pid" KILL 10
+        node_start "$device" "$state" "$node_address" "$log"
+        killed_seconds=$node_start_seconds
+        stop_start=$(now_seconds)
+        stop_pid "$node_pid" TERM "$node_stop_timeout"
+        stop_seconds=$(elapsed_since "$stop_start")
+        node_start "$device" "$state" "$node_address" "$log"
+        terminated_seconds=$node_start_seconds
+        stop_pid "$node_pid" TERM "$node_stop_timeout"
+        note "startup $size_gib GiB: clean shutdown (SIGTERM, checkpoint) took ${stop_seconds}s"
+        table_row "start-up after SIGKILL, $size_gib GiB stored (s)" "$killed_seconds" "—" "—"
+        table_row "start-up after SIGTERM, $size_gib GiB stored (s)" "$terminated_seconds" "—" "—"
+        rm -rf "$node_directory"
+    done
+    table_end "ballast-node start-up (spawn until \"serving on\")"
+}
+
+# ---------------------------------------------------------------------------------------------
+if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
+    echo "== build release binaries (target dir $CARGO_TARGET_DIR)"
+    cargo build --release --workspace --bins --locked
+fi
+for name in ballast-node ballast-fuse ballast ballast-device-bench; do
+    [ -x "$binary_directory/$name" ] || { echo "missing $binary_directory/$name" >&2; exit 1; }
+done
+for tool in fio jq sysbench mariadbd mariadb-install-db fusermount3 python3 column; do
+    command -v "$tool" >/dev/null || { echo "missing tool: $tool" >&2; exit 1; }
+done
+
+mkdir -p "$bench_root"
+work_directory=$(mktemp -d "$bench_root/ballast-bench-XXXXXX")
+run_date=$(date -u '+%Y-%m-%dT%H:%M:%SZ')
+echo "== work directory $work_directory ($(df -T "$work_directory" | awk 'NR == 2 { print $1 ", " $2 }'))"
+
+for section in "${sections[@]}"; do
+    "section_$section"
+done
+
+# ---------------------------------------------------------------------------------------------
+filesystem_line=$(df -T "$work_directory" | awk 'NR == 2 { print $1 " (" $2 ")" }')
+source_device=$(df --output=source "$work_directory" | tail -n 1)
+disk_model=$(lsblk -ndo MODEL "$source_device" 2>/dev/null | xargs || true)
+disk_rotational=$(lsblk -ndo ROTA "$source_device" 2>/dev/null | xargs || true)
+commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+if [ -n "$(git status --porcelain 2>/dev/null)" ]; then commit="$commit (with uncommitted changes)"; fi
+memory=$(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
+
+results_directory="$repository/benches/results"
+mkdir -p "$results_directory"
+results_file="$results_directory/$(date -u -d "$run_date" '+%Y-%m-%dT%H%M%SZ').md"
+{
+    echo "# Ballast benchmark results"
+    echo
+    echo "- date: $run_date"
+    echo "- sections: ${sections[*]}"
+    echo "- machine: $(nproc) CPUs, $memory memory, kernel $(uname -r)"
+    echo "- backing directory: $bench_root on $filesystem_line, disk model: ${disk_model:-unknown}, rotational: ${disk_rotational:-unknown}"
+    echo "- git commit: $commit"
+    echo "- tools: $(fio --version), $(sysbench --version), $(mariadbd --version | head -n 1)"
+    echo "- parameters: DEVICE_SECONDS=$device_seconds DEVICE_FILE_SIZE=$device_file_size" \
+        "DEVICE_RANDOM_QUEUE_DEPTH=$device_random_queue_depth DEVICE_SEQUENTIAL_QUEUE_DEPTH=$device_sequential_queue_depth" \
+        "FUSE_SEQUENTIAL_SIZE=$fuse_sequential_size FUSE_FSYNC_SIZE=$fuse_fsync_size FUSE_FSYNC_SECONDS=$fuse_fsync_seconds" \
+        "SYSBENCH_TIME=$sysbench_time SYSBENCH_TABLES=$sysbench_tables SYSBENCH_TABLE_SIZE=$sysbench_table_size" \
+        "SYSBENCH_THREADS=$sysbench_threads STARTUP_SIZES_GIB=\"$startup_sizes_gib\""
+    echo "- ratio = ballast / yardstick; goals are targets, not pass/fail thresholds"
+    echo
+    printf '%s' "$report_tables"
+    if [ -n "$report_notes" ]; then
+        echo "### Notes"
+        echo
+        printf '%s' "$report_notes"
+        echo
+    fi
+    echo "### Commands"
+    echo
+    echo '```'
+    printf '%s' "$report_commands" | sed "s#$work_directory#\$WORK#g"
+    echo '```'
+    echo
+    echo "\$WORK is a fresh directory under $bench_root; Ballast volumes are mounted at \$WORK/<volume>/mnt."
+} >"$results_file"
+cp "$results_file" "$results_directory/latest.md"
+echo
+echo "== results written to $results_file and benches/results/latest.md"
