@@ -1358,6 +1358,36 @@ mod tests {
         block_on(engine.write_durable(offset_bytes, block)).unwrap();
     }
 
+    /// Regression: recovering a long log from inside a tokio task used to exhaust tokio's
+    /// cooperative budget in the engine's `block_on` and spin forever.
+    #[test]
+    fn recovery_inside_a_tokio_task_terminates() {
+        // Many small segments: recovery issues one read per segment header, far more than
+        // tokio's budget of 128 operations per poll.
+        let file = formatted(64 << 10, 256);
+        let path = file.path().to_path_buf();
+        {
+            let log = open_log(&path).unwrap();
+            block_on(async {
+                for index in 1..=400 {
+                    log.append_buffered(vec![entry(3, index, 1, 64)]).await.unwrap();
+                }
+                log.flush().await.unwrap();
+            });
+        }
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let recovered = runtime.block_on(async { open_log(&path).map(|log| log.group_state(3)) });
+            let _ = sender.send(recovered);
+        });
+        let state = receiver
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("recovery inside a tokio task must finish")
+            .unwrap();
+        assert_eq!(state.last, Some((1, 400)));
+    }
+
     #[tokio::test]
     async fn append_read_round_trip() {
         let file = formatted(1 << 20, 4);
