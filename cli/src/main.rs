@@ -124,7 +124,13 @@ async fn volume(client: &BallastClient, command: VolumeCommand) -> anyhow::Resul
             );
         }
         VolumeCommand::List { bytes } => {
-            let size = |value: u64| if bytes { value.to_string() } else { format_size(value) };
+            let size = |value: u64| {
+                if bytes {
+                    value.to_string()
+                } else {
+                    format_size(value)
+                }
+            };
             let mut volumes = client.list_volumes().await.context("listing volumes")?;
             volumes.sort_by(|left, right| left.name.cmp(&right.name));
             let rows: Vec<Vec<String>> = volumes

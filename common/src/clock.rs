@@ -29,7 +29,9 @@ pub struct ManualClock {
 
 impl ManualClock {
     pub fn new(now_ns: i64) -> Self {
-        Self { now_ns: AtomicI64::new(now_ns) }
+        Self {
+            now_ns: AtomicI64::new(now_ns),
+        }
     }
 
     pub fn advance_ns(&self, delta_ns: i64) {

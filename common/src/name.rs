@@ -11,7 +11,10 @@ pub enum NameError {
     #[error("name is empty")]
     Empty,
     #[error("name is {length_bytes} bytes long; the limit is {limit_bytes}")]
-    TooLong { length_bytes: usize, limit_bytes: usize },
+    TooLong {
+        length_bytes: usize,
+        limit_bytes: usize,
+    },
     #[error("name {name:?} is reserved")]
     Reserved { name: String },
     #[error("name {name:?} contains a forbidden character {character:?}")]
@@ -30,10 +33,15 @@ pub fn validate_entry_name(name: &str) -> Result<(), NameError> {
         });
     }
     if name == "." || name == ".." {
-        return Err(NameError::Reserved { name: name.to_owned() });
+        return Err(NameError::Reserved {
+            name: name.to_owned(),
+        });
     }
     if let Some(character) = name.chars().find(|&c| c == '/' || c == '\0') {
-        return Err(NameError::ForbiddenCharacter { name: name.to_owned(), character });
+        return Err(NameError::ForbiddenCharacter {
+            name: name.to_owned(),
+            character,
+        });
     }
     Ok(())
 }
@@ -50,13 +58,20 @@ pub fn validate_volume_name(name: &str) -> Result<(), NameError> {
             limit_bytes: VOLUME_NAME_LENGTH_BYTES_MAX,
         });
     }
-    if let Some(character) =
-        name.chars().find(|&c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'))
+    if let Some(character) = name
+        .chars()
+        .find(|&c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'))
     {
-        return Err(NameError::ForbiddenCharacter { name: name.to_owned(), character });
+        return Err(NameError::ForbiddenCharacter {
+            name: name.to_owned(),
+            character,
+        });
     }
     if name.starts_with('-') || name.ends_with('-') {
-        return Err(NameError::ForbiddenCharacter { name: name.to_owned(), character: '-' });
+        return Err(NameError::ForbiddenCharacter {
+            name: name.to_owned(),
+            character: '-',
+        });
     }
     Ok(())
 }
@@ -69,11 +84,23 @@ mod tests {
     fn entry_names() {
         assert!(validate_entry_name("ib_logfile0").is_ok());
         assert_eq!(validate_entry_name(""), Err(NameError::Empty));
-        assert!(matches!(validate_entry_name(".."), Err(NameError::Reserved { .. })));
-        assert!(matches!(validate_entry_name("a/b"), Err(NameError::ForbiddenCharacter { .. })));
-        assert!(matches!(validate_entry_name("a\0b"), Err(NameError::ForbiddenCharacter { .. })));
+        assert!(matches!(
+            validate_entry_name(".."),
+            Err(NameError::Reserved { .. })
+        ));
+        assert!(matches!(
+            validate_entry_name("a/b"),
+            Err(NameError::ForbiddenCharacter { .. })
+        ));
+        assert!(matches!(
+            validate_entry_name("a\0b"),
+            Err(NameError::ForbiddenCharacter { .. })
+        ));
         assert!(validate_entry_name(&"x".repeat(255)).is_ok());
-        assert!(matches!(validate_entry_name(&"x".repeat(256)), Err(NameError::TooLong { .. })));
+        assert!(matches!(
+            validate_entry_name(&"x".repeat(256)),
+            Err(NameError::TooLong { .. })
+        ));
     }
 
     #[test]

@@ -301,7 +301,6 @@ fn decode_batch(bytes: &[u8]) -> Result<DecodedBatch, BatchDefect> {
 }
 
 impl RecordHeader {
-    #[cfg(test)]
     fn to_record(self, batch: &[u8]) -> LogRecord {
         match self.kind {
             KIND_ENTRY => LogRecord::Entry {
@@ -413,6 +412,89 @@ fn decode_trailer(bytes: &[u8]) -> Option<(u64, u64)> {
         && bytes[0..8] == TRAILER_MAGIC
         && read_u32(bytes, 8) == ballast_common::checksum(&bytes[12..]))
     .then(|| (read_u64(bytes, 16), read_u64(bytes, 24)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fuzzing entry points
+
+/// Thin public wrappers over the private on-disk codecs above, for the fuzz targets in `fuzz/`
+/// (which decode arbitrary bytes and check that encoding a decoded value decodes to it again).
+/// Not part of the API: they add no behaviour, only call the codecs recovery and the writer use.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// A decoded batch: `(sequence, length_bytes, records)`.
+    pub type FuzzBatch = (u64, usize, Vec<LogRecord>);
+    /// A decoded segment header: `(segment_sequence, oldest_live_segment_sequence,
+    /// first_batch_sequence, header_length_bytes, purged)`, `purged` as `(group, term, index)`.
+    pub type FuzzSegmentHeader = (u64, u64, u64, usize, Vec<(u64, u64, u64)>);
+
+    /// `decode_batch` (as recovery calls it), records materialised; the defect as its `Debug`.
+    pub fn decode_batch_for_fuzzing(bytes: &[u8]) -> Result<FuzzBatch, String> {
+        let batch = decode_batch(bytes).map_err(|defect| format!("{defect:?}"))?;
+        let framed = &bytes[..batch.length_bytes];
+        let records = batch
+            .records
+            .iter()
+            .map(|header| header.to_record(framed))
+            .collect();
+        Ok((batch.sequence, batch.length_bytes, records))
+    }
+
+    /// `encode_batch` into a zeroed buffer of the smallest batch length holding `records`.
+    pub fn encode_batch_for_fuzzing(sequence: u64, records: &[LogRecord]) -> Vec<u8> {
+        let length_bytes: usize = records.iter().map(LogRecord::encoded_length_bytes).sum();
+        let mut buffer = vec![0u8; batch_length_bytes(length_bytes)];
+        encode_batch(&mut buffer, sequence, records.iter());
+        buffer
+    }
+
+    /// `SegmentHeader::decode` (as recovery calls it).
+    pub fn decode_segment_header_for_fuzzing(
+        bytes: &[u8],
+    ) -> Result<FuzzSegmentHeader, &'static str> {
+        let header = SegmentHeader::decode(bytes)?;
+        Ok((
+            header.segment_sequence,
+            header.oldest_live_segment_sequence,
+            header.first_batch_sequence,
+            header.header_length_bytes,
+            header.purged,
+        ))
+    }
+
+    /// `SegmentHeader::encode_into` a buffer of the header's length (from its group count).
+    pub fn encode_segment_header_for_fuzzing(
+        segment_sequence: u64,
+        oldest_live_segment_sequence: u64,
+        first_batch_sequence: u64,
+        purged: &[(u64, u64, u64)],
+    ) -> Vec<u8> {
+        let header = SegmentHeader {
+            segment_sequence,
+            oldest_live_segment_sequence,
+            first_batch_sequence,
+            header_length_bytes: segment_header_length_bytes(purged.len()),
+            purged: purged.to_vec(),
+        };
+        let mut buffer = vec![0u8; header.header_length_bytes];
+        header.encode_into(&mut buffer);
+        buffer
+    }
+
+    /// `decode_trailer`.
+    pub fn decode_trailer_for_fuzzing(bytes: &[u8]) -> Option<(u64, u64)> {
+        decode_trailer(bytes)
+    }
+
+    /// `encode_trailer`.
+    pub fn encode_trailer_for_fuzzing(
+        segment_sequence: u64,
+        oldest_live_segment_sequence: u64,
+    ) -> Vec<u8> {
+        encode_trailer(segment_sequence, oldest_live_segment_sequence).to_vec()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1370,15 +1452,21 @@ mod tests {
             let log = open_log(&path).unwrap();
             block_on(async {
                 for index in 1..=400 {
-                    log.append_buffered(vec![entry(3, index, 1, 64)]).await.unwrap();
+                    log.append_buffered(vec![entry(3, index, 1, 64)])
+                        .await
+                        .unwrap();
                 }
                 log.flush().await.unwrap();
             });
         }
         let (sender, receiver) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            let recovered = runtime.block_on(async { open_log(&path).map(|log| log.group_state(3)) });
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let recovered =
+                runtime.block_on(async { open_log(&path).map(|log| log.group_state(3)) });
             let _ = sender.send(recovered);
         });
         let state = receiver

@@ -41,7 +41,11 @@ pub struct AttributeChanges {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FilesystemCommand {
     /// Creates the root directory if absent; idempotent.
-    Initialize { volume_id: u64, quota_bytes: u64, now_ns: i64 },
+    Initialize {
+        volume_id: u64,
+        quota_bytes: u64,
+        now_ns: i64,
+    },
     Create {
         parent: u64,
         name: String,
@@ -53,12 +57,44 @@ pub enum FilesystemCommand {
         exclusive: bool,
         now_ns: i64,
     },
-    Link { inode: u64, new_parent: u64, new_name: String, now_ns: i64 },
-    Unlink { parent: u64, name: String, directory: bool, now_ns: i64 },
-    Rename { parent: u64, name: String, new_parent: u64, new_name: String, flags: u32, now_ns: i64 },
-    SetAttributes { inode: u64, changes: AttributeChanges, now_ns: i64 },
-    Write { inode: u64, offset_bytes: u64, data: Bytes, now_ns: i64 },
-    Fallocate { inode: u64, offset_bytes: u64, length_bytes: u64, mode: u32, now_ns: i64 },
+    Link {
+        inode: u64,
+        new_parent: u64,
+        new_name: String,
+        now_ns: i64,
+    },
+    Unlink {
+        parent: u64,
+        name: String,
+        directory: bool,
+        now_ns: i64,
+    },
+    Rename {
+        parent: u64,
+        name: String,
+        new_parent: u64,
+        new_name: String,
+        flags: u32,
+        now_ns: i64,
+    },
+    SetAttributes {
+        inode: u64,
+        changes: AttributeChanges,
+        now_ns: i64,
+    },
+    Write {
+        inode: u64,
+        offset_bytes: u64,
+        data: Bytes,
+        now_ns: i64,
+    },
+    Fallocate {
+        inode: u64,
+        offset_bytes: u64,
+        length_bytes: u64,
+        mode: u32,
+        now_ns: i64,
+    },
     /// Frees orphan inodes (nlink 0): one, or all when `inode` is 0.
     PurgeOrphans { inode: u64 },
 }
@@ -77,11 +113,26 @@ pub enum CommandResponse {
     #[default]
     Done,
     Volume(VolumeRecord),
-    Attributes { inode: u64, attributes: Inode },
-    Unlinked { inode: u64, orphaned: bool },
-    Renamed { replaced_inode: u64, replaced_orphaned: bool },
-    Written { written_bytes: u32, inode: u64, attributes: Inode },
-    Purged { purged_count: u64 },
+    Attributes {
+        inode: u64,
+        attributes: Inode,
+    },
+    Unlinked {
+        inode: u64,
+        orphaned: bool,
+    },
+    Renamed {
+        replaced_inode: u64,
+        replaced_orphaned: bool,
+    },
+    Written {
+        written_bytes: u32,
+        inode: u64,
+        attributes: Inode,
+    },
+    Purged {
+        purged_count: u64,
+    },
     Failed(FsError),
 }
 

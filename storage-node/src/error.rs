@@ -19,7 +19,10 @@ pub struct FsError {
 
 impl FsError {
     pub fn new(errno: Errno, message: impl Into<String>) -> Self {
-        Self { errno, message: message.into() }
+        Self {
+            errno,
+            message: message.into(),
+        }
     }
 }
 
@@ -94,15 +97,24 @@ pub enum NodeError {
 
 impl NodeError {
     pub fn device(context: impl Into<String>, source: ballast_device::DeviceError) -> Self {
-        Self::Device { context: context.into(), source }
+        Self::Device {
+            context: context.into(),
+            source,
+        }
     }
 
     pub fn rocksdb(context: impl Into<String>, source: rocksdb::Error) -> Self {
-        Self::Rocksdb { context: context.into(), source }
+        Self::Rocksdb {
+            context: context.into(),
+            source,
+        }
     }
 
     pub fn codec(context: impl Into<String>, source: postcard::Error) -> Self {
-        Self::Codec { context: context.into(), source }
+        Self::Codec {
+            context: context.into(),
+            source,
+        }
     }
 }
 

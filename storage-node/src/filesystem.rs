@@ -16,8 +16,8 @@ use ballast_common::validate_entry_name;
 use ballast_device::{AlignedBuffer, BLOCK_SIZE_BYTES};
 
 use crate::command::{
-    AttributeChanges, CommandResponse, FilesystemCommand, FALLOCATE_KEEP_SIZE, FALLOCATE_PUNCH_HOLE,
-    RENAME_EXCHANGE, RENAME_NOREPLACE,
+    AttributeChanges, CommandResponse, FilesystemCommand, FALLOCATE_KEEP_SIZE,
+    FALLOCATE_PUNCH_HOLE, RENAME_EXCHANGE, RENAME_NOREPLACE,
 };
 use crate::error::{FsError, NodeError, NodeResult};
 use crate::keys;
@@ -36,32 +36,84 @@ pub const DIRECTORY_COOKIE_FIRST: u64 = 3;
 const ORPHANS_PER_PURGE_MAX: usize = 1024;
 
 /// Applies one filesystem command. `Err(NodeError::Fs(..))` is a deterministic command failure.
-pub async fn apply(transaction: &mut Transaction<'_>, command: FilesystemCommand) -> NodeResult<CommandResponse> {
+pub async fn apply(
+    transaction: &mut Transaction<'_>,
+    command: FilesystemCommand,
+) -> NodeResult<CommandResponse> {
     match command {
-        FilesystemCommand::Initialize { volume_id, quota_bytes, now_ns } => {
-            initialize(transaction, volume_id, quota_bytes, now_ns)
-        }
-        FilesystemCommand::Create { parent, name, kind, mode, uid, gid, symlink_target, exclusive, now_ns } => {
-            create(transaction, parent, &name, kind, mode, uid, gid, symlink_target, exclusive, now_ns)
-        }
-        FilesystemCommand::Link { inode, new_parent, new_name, now_ns } => {
-            link(transaction, inode, new_parent, &new_name, now_ns)
-        }
-        FilesystemCommand::Unlink { parent, name, directory, now_ns } => {
-            unlink(transaction, parent, &name, directory, now_ns)
-        }
-        FilesystemCommand::Rename { parent, name, new_parent, new_name, flags, now_ns } => {
-            rename(transaction, parent, &name, new_parent, &new_name, flags, now_ns)
-        }
-        FilesystemCommand::SetAttributes { inode, changes, now_ns } => {
-            set_attributes(transaction, inode, changes, now_ns).await
-        }
-        FilesystemCommand::Write { inode, offset_bytes, data, now_ns } => {
-            write(transaction, inode, offset_bytes, &data, now_ns).await
-        }
-        FilesystemCommand::Fallocate { inode, offset_bytes, length_bytes, mode, now_ns } => {
-            fallocate(transaction, inode, offset_bytes, length_bytes, mode, now_ns).await
-        }
+        FilesystemCommand::Initialize {
+            volume_id,
+            quota_bytes,
+            now_ns,
+        } => initialize(transaction, volume_id, quota_bytes, now_ns),
+        FilesystemCommand::Create {
+            parent,
+            name,
+            kind,
+            mode,
+            uid,
+            gid,
+            symlink_target,
+            exclusive,
+            now_ns,
+        } => create(
+            transaction,
+            parent,
+            &name,
+            kind,
+            mode,
+            uid,
+            gid,
+            symlink_target,
+            exclusive,
+            now_ns,
+        ),
+        FilesystemCommand::Link {
+            inode,
+            new_parent,
+            new_name,
+            now_ns,
+        } => link(transaction, inode, new_parent, &new_name, now_ns),
+        FilesystemCommand::Unlink {
+            parent,
+            name,
+            directory,
+            now_ns,
+        } => unlink(transaction, parent, &name, directory, now_ns),
+        FilesystemCommand::Rename {
+            parent,
+            name,
+            new_parent,
+            new_name,
+            flags,
+            now_ns,
+        } => rename(
+            transaction,
+            parent,
+            &name,
+            new_parent,
+            &new_name,
+            flags,
+            now_ns,
+        ),
+        FilesystemCommand::SetAttributes {
+            inode,
+            changes,
+            now_ns,
+        } => set_attributes(transaction, inode, changes, now_ns).await,
+        FilesystemCommand::Write {
+            inode,
+            offset_bytes,
+            data,
+            now_ns,
+        } => write(transaction, inode, offset_bytes, &data, now_ns).await,
+        FilesystemCommand::Fallocate {
+            inode,
+            offset_bytes,
+            length_bytes,
+            mode,
+            now_ns,
+        } => fallocate(transaction, inode, offset_bytes, length_bytes, mode, now_ns).await,
         FilesystemCommand::PurgeOrphans { inode } => purge_orphans(transaction, inode),
     }
 }
@@ -72,12 +124,19 @@ fn attributes(inode: u64, attributes: Inode) -> NodeResult<CommandResponse> {
 
 fn check_name(name: &str) -> NodeResult<()> {
     validate_entry_name(name).map_err(|error| match error {
-        ballast_common::NameError::TooLong { .. } => FsError::name_too_long(error.to_string()).into(),
+        ballast_common::NameError::TooLong { .. } => {
+            FsError::name_too_long(error.to_string()).into()
+        }
         _ => FsError::invalid(error.to_string()).into(),
     })
 }
 
-fn initialize(transaction: &mut Transaction<'_>, volume_id: u64, quota_bytes: u64, now_ns: i64) -> NodeResult<CommandResponse> {
+fn initialize(
+    transaction: &mut Transaction<'_>,
+    volume_id: u64,
+    quota_bytes: u64,
+    now_ns: i64,
+) -> NodeResult<CommandResponse> {
     if let Some(root) = transaction.inode(ROOT_INODE)? {
         return attributes(ROOT_INODE, root);
     }
@@ -129,7 +188,9 @@ fn create(
         return attributes(existing.inode, inode);
     }
     let size_bytes = match (kind, &symlink_target) {
-        (EntryKind::Symlink, Some(target)) if !target.is_empty() && target.len() <= SYMLINK_TARGET_BYTES_MAX => {
+        (EntryKind::Symlink, Some(target))
+            if !target.is_empty() && target.len() <= SYMLINK_TARGET_BYTES_MAX =>
+        {
             target.len() as u64
         }
         (EntryKind::Symlink, _) => {
@@ -156,7 +217,11 @@ fn create(
         mtime_ns: now_ns,
         ctime_ns: now_ns,
         generation: 1,
-        symlink_target: if kind == EntryKind::Symlink { symlink_target } else { None },
+        symlink_target: if kind == EntryKind::Symlink {
+            symlink_target
+        } else {
+            None
+        },
         parent,
         entry_count: 0,
         cookie_next: DIRECTORY_COOKIE_FIRST,
@@ -171,11 +236,25 @@ fn create(
     directory.mtime_ns = now_ns;
     directory.ctime_ns = now_ns;
     transaction.put_inode(parent, directory);
-    transaction.put_dirent(parent, name, DirentValue { inode: inode_number, kind, cookie });
+    transaction.put_dirent(
+        parent,
+        name,
+        DirentValue {
+            inode: inode_number,
+            kind,
+            cookie,
+        },
+    );
     attributes(inode_number, inode)
 }
 
-fn link(transaction: &mut Transaction<'_>, inode_number: u64, new_parent: u64, new_name: &str, now_ns: i64) -> NodeResult<CommandResponse> {
+fn link(
+    transaction: &mut Transaction<'_>,
+    inode_number: u64,
+    new_parent: u64,
+    new_name: &str,
+    now_ns: i64,
+) -> NodeResult<CommandResponse> {
     check_name(new_name)?;
     let mut inode = transaction.require_inode(inode_number)?;
     if inode.kind == EntryKind::Directory {
@@ -186,7 +265,9 @@ fn link(transaction: &mut Transaction<'_>, inode_number: u64, new_parent: u64, n
     }
     let mut directory = transaction.require_directory(new_parent)?;
     if transaction.dirent(new_parent, new_name)?.is_some() {
-        return Err(FsError::exists(format!("{new_name:?} exists in directory {new_parent}")).into());
+        return Err(
+            FsError::exists(format!("{new_name:?} exists in directory {new_parent}")).into(),
+        );
     }
     if inode.nlink >= u32::MAX - 1 {
         return Err(FsError::new(ballast_common::Errno::EMLINK, "too many links").into());
@@ -199,15 +280,31 @@ fn link(transaction: &mut Transaction<'_>, inode_number: u64, new_parent: u64, n
     directory.mtime_ns = now_ns;
     directory.ctime_ns = now_ns;
     transaction.put_inode(new_parent, directory);
-    transaction.put_dirent(new_parent, new_name, DirentValue { inode: inode_number, kind: inode.kind, cookie });
+    transaction.put_dirent(
+        new_parent,
+        new_name,
+        DirentValue {
+            inode: inode_number,
+            kind: inode.kind,
+            cookie,
+        },
+    );
     transaction.put_inode(inode_number, inode.clone());
     attributes(inode_number, inode)
 }
 
 /// Drops one link to `inode_number` (not a directory). Returns whether it became an orphan.
-fn drop_link(transaction: &mut Transaction<'_>, inode_number: u64, now_ns: i64) -> NodeResult<bool> {
+fn drop_link(
+    transaction: &mut Transaction<'_>,
+    inode_number: u64,
+    now_ns: i64,
+) -> NodeResult<bool> {
     let mut inode = transaction.require_inode(inode_number)?;
-    assert_ne!(inode.kind, EntryKind::Directory, "drop_link is for non-directories");
+    assert_ne!(
+        inode.kind,
+        EntryKind::Directory,
+        "drop_link is for non-directories"
+    );
     assert!(inode.nlink > 0, "a linked inode has nlink > 0");
     inode.nlink -= 1;
     inode.ctime_ns = now_ns;
@@ -232,13 +329,22 @@ fn drop_link(transaction: &mut Transaction<'_>, inode_number: u64, now_ns: i64) 
 fn drop_directory(transaction: &mut Transaction<'_>, inode_number: u64) -> NodeResult<()> {
     let directory = transaction.require_inode(inode_number)?;
     assert_eq!(directory.kind, EntryKind::Directory);
-    assert_eq!(directory.entry_count, 0, "only empty directories are dropped");
+    assert_eq!(
+        directory.entry_count, 0,
+        "only empty directories are dropped"
+    );
     transaction.delete_inode(inode_number);
     transaction.state.inode_count -= 1;
     Ok(())
 }
 
-fn unlink(transaction: &mut Transaction<'_>, parent: u64, name: &str, directory_wanted: bool, now_ns: i64) -> NodeResult<CommandResponse> {
+fn unlink(
+    transaction: &mut Transaction<'_>,
+    parent: u64,
+    name: &str,
+    directory_wanted: bool,
+    now_ns: i64,
+) -> NodeResult<CommandResponse> {
     check_name(name)?;
     let mut directory = transaction.require_directory(parent)?;
     let entry = transaction
@@ -268,7 +374,10 @@ fn unlink(transaction: &mut Transaction<'_>, parent: u64, name: &str, directory_
         transaction.put_inode(parent, directory);
         drop_link(transaction, entry.inode, now_ns)?
     };
-    Ok(CommandResponse::Unlinked { inode: entry.inode, orphaned })
+    Ok(CommandResponse::Unlinked {
+        inode: entry.inode,
+        orphaned,
+    })
 }
 
 /// True when `candidate` is `ancestor` or lies below it.
@@ -284,7 +393,9 @@ fn is_within(transaction: &mut Transaction<'_>, candidate: u64, ancestor: u64) -
         }
         current = transaction.require_inode(current)?.parent;
     }
-    Err(NodeError::InvalidState(format!("directory loop above inode {candidate}")))
+    Err(NodeError::InvalidState(format!(
+        "directory loop above inode {candidate}"
+    )))
 }
 
 fn rename(
@@ -311,15 +422,31 @@ fn rename(
     let target = transaction.dirent(new_parent, new_name)?;
 
     if flags & RENAME_EXCHANGE != 0 {
-        let target = target.ok_or_else(|| FsError::not_found(format!("{new_name:?} not in directory {new_parent}")))?;
-        return exchange(transaction, parent, name, source, new_parent, new_name, target, now_ns);
+        let target = target.ok_or_else(|| {
+            FsError::not_found(format!("{new_name:?} not in directory {new_parent}"))
+        })?;
+        return exchange(
+            transaction,
+            parent,
+            name,
+            source,
+            new_parent,
+            new_name,
+            target,
+            now_ns,
+        );
     }
     if let Some(target) = &target {
         if target.inode == source.inode {
-            return Ok(CommandResponse::Renamed { replaced_inode: 0, replaced_orphaned: false });
+            return Ok(CommandResponse::Renamed {
+                replaced_inode: 0,
+                replaced_orphaned: false,
+            });
         }
         if flags & RENAME_NOREPLACE != 0 {
-            return Err(FsError::exists(format!("{new_name:?} exists in directory {new_parent}")).into());
+            return Err(
+                FsError::exists(format!("{new_name:?} exists in directory {new_parent}")).into(),
+            );
         }
     }
     let source_is_directory = source.kind == EntryKind::Directory;
@@ -332,10 +459,18 @@ fn rename(
         let target_inode = transaction.require_inode(target.inode)?;
         let target_is_directory = target_inode.kind == EntryKind::Directory;
         match (source_is_directory, target_is_directory) {
-            (false, true) => return Err(FsError::is_directory(format!("{new_name:?} is a directory")).into()),
-            (true, false) => return Err(FsError::not_directory(format!("{new_name:?} is not a directory")).into()),
+            (false, true) => {
+                return Err(FsError::is_directory(format!("{new_name:?} is a directory")).into())
+            }
+            (true, false) => {
+                return Err(
+                    FsError::not_directory(format!("{new_name:?} is not a directory")).into(),
+                )
+            }
             (true, true) if target_inode.entry_count > 0 => {
-                return Err(FsError::not_empty(format!("directory {new_name:?} is not empty")).into())
+                return Err(
+                    FsError::not_empty(format!("directory {new_name:?} is not empty")).into(),
+                )
             }
             _ => {}
         }
@@ -373,14 +508,25 @@ fn rename(
     new_directory.mtime_ns = now_ns;
     new_directory.ctime_ns = now_ns;
     transaction.put_inode(new_parent, new_directory);
-    transaction.put_dirent(new_parent, new_name, DirentValue { inode: source.inode, kind: source.kind, cookie });
+    transaction.put_dirent(
+        new_parent,
+        new_name,
+        DirentValue {
+            inode: source.inode,
+            kind: source.kind,
+            cookie,
+        },
+    );
     let mut moved = transaction.require_inode(source.inode)?;
     moved.ctime_ns = now_ns;
     if source_is_directory {
         moved.parent = new_parent;
     }
     transaction.put_inode(source.inode, moved);
-    Ok(CommandResponse::Renamed { replaced_inode, replaced_orphaned })
+    Ok(CommandResponse::Renamed {
+        replaced_inode,
+        replaced_orphaned,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -395,7 +541,10 @@ fn exchange(
     now_ns: i64,
 ) -> NodeResult<CommandResponse> {
     if source.inode == target.inode {
-        return Ok(CommandResponse::Renamed { replaced_inode: 0, replaced_orphaned: false });
+        return Ok(CommandResponse::Renamed {
+            replaced_inode: 0,
+            replaced_orphaned: false,
+        });
     }
     let source_is_directory = source.kind == EntryKind::Directory;
     let target_is_directory = target.kind == EntryKind::Directory;
@@ -408,10 +557,30 @@ fn exchange(
         }
     }
     // Each slot keeps its cookie; only what it points at changes.
-    transaction.put_dirent(parent, name, DirentValue { inode: target.inode, kind: target.kind, cookie: source.cookie });
-    transaction.put_dirent(new_parent, new_name, DirentValue { inode: source.inode, kind: source.kind, cookie: target.cookie });
+    transaction.put_dirent(
+        parent,
+        name,
+        DirentValue {
+            inode: target.inode,
+            kind: target.kind,
+            cookie: source.cookie,
+        },
+    );
+    transaction.put_dirent(
+        new_parent,
+        new_name,
+        DirentValue {
+            inode: source.inode,
+            kind: source.kind,
+            cookie: target.cookie,
+        },
+    );
     if parent != new_parent && source_is_directory != target_is_directory {
-        let (gains, loses) = if source_is_directory { (new_parent, parent) } else { (parent, new_parent) };
+        let (gains, loses) = if source_is_directory {
+            (new_parent, parent)
+        } else {
+            (parent, new_parent)
+        };
         let mut gaining = transaction.require_inode(gains)?;
         gaining.nlink += 1;
         transaction.put_inode(gains, gaining);
@@ -419,9 +588,10 @@ fn exchange(
         losing.nlink -= 1;
         transaction.put_inode(loses, losing);
     }
-    for (moved, destination, is_directory) in
-        [(source.inode, new_parent, source_is_directory), (target.inode, parent, target_is_directory)]
-    {
+    for (moved, destination, is_directory) in [
+        (source.inode, new_parent, source_is_directory),
+        (target.inode, parent, target_is_directory),
+    ] {
         let mut inode = transaction.require_inode(moved)?;
         inode.ctime_ns = now_ns;
         if is_directory {
@@ -435,15 +605,35 @@ fn exchange(
         directory.ctime_ns = now_ns;
         transaction.put_inode(directory_number, directory);
     }
-    Ok(CommandResponse::Renamed { replaced_inode: 0, replaced_orphaned: false })
+    Ok(CommandResponse::Renamed {
+        replaced_inode: 0,
+        replaced_orphaned: false,
+    })
 }
 
 /// The existing block references of `inode` for file blocks `first..=last`.
-fn block_references(transaction: &Transaction<'_>, inode: u64, first: u64, last: u64) -> NodeResult<Vec<(u64, BlockRef)>> {
-    block_references_in(transaction.storage, transaction.container_id, inode, first, last)
+fn block_references(
+    transaction: &Transaction<'_>,
+    inode: u64,
+    first: u64,
+    last: u64,
+) -> NodeResult<Vec<(u64, BlockRef)>> {
+    block_references_in(
+        transaction.storage,
+        transaction.container_id,
+        inode,
+        first,
+        last,
+    )
 }
 
-fn block_references_in(storage: &NodeStorage, container_id: u64, inode: u64, first: u64, last: u64) -> NodeResult<Vec<(u64, BlockRef)>> {
+fn block_references_in(
+    storage: &NodeStorage,
+    container_id: u64,
+    inode: u64,
+    first: u64,
+    last: u64,
+) -> NodeResult<Vec<(u64, BlockRef)>> {
     let start = keys::block(container_id, inode, first);
     let end = match last.checked_add(1) {
         Some(end) => keys::block(container_id, inode, end),
@@ -451,15 +641,27 @@ fn block_references_in(storage: &NodeStorage, container_id: u64, inode: u64, fir
     };
     let mut references = Vec::new();
     storage.state.scan(&start, &end, usize::MAX, |key, value| {
-        references.push((keys::block_key_file_block(key), decode::<BlockRef>(value, "block reference")?));
+        references.push((
+            keys::block_key_file_block(key),
+            decode::<BlockRef>(value, "block reference")?,
+        ));
         Ok(true)
     })?;
     Ok(references)
 }
 
 /// Reads one referenced block (verified) into `destination`.
-async fn read_block_into(transaction: &Transaction<'_>, reference: BlockRef, destination: &mut [u8], context: &str) -> NodeResult<()> {
-    match transaction.storage.read_verified(&[reference], context).await {
+async fn read_block_into(
+    transaction: &Transaction<'_>,
+    reference: BlockRef,
+    destination: &mut [u8],
+    context: &str,
+) -> NodeResult<()> {
+    match transaction
+        .storage
+        .read_verified(&[reference], context)
+        .await
+    {
         Ok(bytes) => {
             destination.copy_from_slice(&bytes);
             Ok(())
@@ -524,7 +726,8 @@ async fn rewrite_range(
     let head_partial = offset_bytes % BLOCK_SIZE != 0;
     let tail_partial = end % BLOCK_SIZE != 0;
     for &(file_block, reference) in &existing {
-        let needs_merge = (file_block == first && head_partial) || (file_block == last && tail_partial);
+        let needs_merge =
+            (file_block == first && head_partial) || (file_block == last && tail_partial);
         if needs_merge {
             let position = ((file_block - first) * BLOCK_SIZE) as usize;
             read_block_into(
@@ -538,16 +741,27 @@ async fn rewrite_range(
     }
     let start_in_buffer = (offset_bytes - first * BLOCK_SIZE) as usize;
     match fill {
-        Fill::Data(data) => buffer[start_in_buffer..start_in_buffer + data.len()].copy_from_slice(data),
+        Fill::Data(data) => {
+            buffer[start_in_buffer..start_in_buffer + data.len()].copy_from_slice(data)
+        }
         Fill::Zeros(length) => buffer[start_in_buffer..start_in_buffer + length as usize].fill(0),
     }
-    let checksums: Vec<u32> =
-        buffer.chunks(BLOCK_SIZE_BYTES).map(ballast_common::checksum).collect();
+    let checksums: Vec<u32> = buffer
+        .chunks(BLOCK_SIZE_BYTES)
+        .map(ballast_common::checksum)
+        .collect();
     let device_blocks = transaction.storage.write_new_blocks(buffer).await?;
     transaction.record_allocated(&device_blocks);
     for (position, (&device_block, &checksum)) in device_blocks.iter().zip(&checksums).enumerate() {
-        let key = keys::block(transaction.container_id, inode_number, first + position as u64);
-        let value = crate::records::encode(&BlockRef { device_block, checksum });
+        let key = keys::block(
+            transaction.container_id,
+            inode_number,
+            first + position as u64,
+        );
+        let value = crate::records::encode(&BlockRef {
+            device_block,
+            checksum,
+        });
         transaction.batch().put(key, value);
     }
     for (_, reference) in &existing {
@@ -559,7 +773,13 @@ async fn rewrite_range(
 }
 
 /// Drops the block references of file blocks `first..=last` (which must be whole blocks).
-fn drop_blocks(transaction: &mut Transaction<'_>, inode_number: u64, inode: &mut Inode, first: u64, last: u64) -> NodeResult<()> {
+fn drop_blocks(
+    transaction: &mut Transaction<'_>,
+    inode_number: u64,
+    inode: &mut Inode,
+    first: u64,
+    last: u64,
+) -> NodeResult<()> {
     if first > last {
         return Ok(());
     }
@@ -579,14 +799,24 @@ fn drop_blocks(transaction: &mut Transaction<'_>, inode_number: u64, inode: &mut
 fn require_file(inode_number: u64, inode: &Inode) -> NodeResult<()> {
     match inode.kind {
         EntryKind::File => Ok(()),
-        EntryKind::Directory => Err(FsError::is_directory(format!("inode {inode_number} is a directory")).into()),
+        EntryKind::Directory => {
+            Err(FsError::is_directory(format!("inode {inode_number} is a directory")).into())
+        }
         _ => Err(FsError::invalid(format!("inode {inode_number} is not a regular file")).into()),
     }
 }
 
-async fn truncate(transaction: &mut Transaction<'_>, inode_number: u64, inode: &mut Inode, size_bytes: u64) -> NodeResult<()> {
+async fn truncate(
+    transaction: &mut Transaction<'_>,
+    inode_number: u64,
+    inode: &mut Inode,
+    size_bytes: u64,
+) -> NodeResult<()> {
     if size_bytes > FILE_SIZE_BYTES_MAX {
-        return Err(FsError::file_too_big(format!("{size_bytes} bytes exceeds the file size limit")).into());
+        return Err(FsError::file_too_big(format!(
+            "{size_bytes} bytes exceeds the file size limit"
+        ))
+        .into());
     }
     if size_bytes < inode.size_bytes {
         let keep_blocks = size_bytes.div_ceil(BLOCK_SIZE);
@@ -594,14 +824,27 @@ async fn truncate(transaction: &mut Transaction<'_>, inode_number: u64, inode: &
         if size_bytes % BLOCK_SIZE != 0 {
             // Keep the invariant: bytes past end-of-file within the last block are zero.
             let zero_length = BLOCK_SIZE - size_bytes % BLOCK_SIZE;
-            rewrite_range(transaction, inode_number, inode, size_bytes, Fill::Zeros(zero_length), true).await?;
+            rewrite_range(
+                transaction,
+                inode_number,
+                inode,
+                size_bytes,
+                Fill::Zeros(zero_length),
+                true,
+            )
+            .await?;
         }
     }
     inode.size_bytes = size_bytes;
     Ok(())
 }
 
-async fn set_attributes(transaction: &mut Transaction<'_>, inode_number: u64, changes: AttributeChanges, now_ns: i64) -> NodeResult<CommandResponse> {
+async fn set_attributes(
+    transaction: &mut Transaction<'_>,
+    inode_number: u64,
+    changes: AttributeChanges,
+    now_ns: i64,
+) -> NodeResult<CommandResponse> {
     let mut inode = transaction.require_inode(inode_number)?;
     if let Some(size_bytes) = changes.size_bytes {
         require_file(inode_number, &inode)?;
@@ -631,7 +874,13 @@ async fn set_attributes(transaction: &mut Transaction<'_>, inode_number: u64, ch
     attributes(inode_number, inode)
 }
 
-async fn write(transaction: &mut Transaction<'_>, inode_number: u64, offset_bytes: u64, data: &[u8], now_ns: i64) -> NodeResult<CommandResponse> {
+async fn write(
+    transaction: &mut Transaction<'_>,
+    inode_number: u64,
+    offset_bytes: u64,
+    data: &[u8],
+    now_ns: i64,
+) -> NodeResult<CommandResponse> {
     let mut inode = transaction.require_inode(inode_number)?;
     require_file(inode_number, &inode)?;
     let end = offset_bytes
@@ -639,13 +888,25 @@ async fn write(transaction: &mut Transaction<'_>, inode_number: u64, offset_byte
         .filter(|&end| end <= FILE_SIZE_BYTES_MAX)
         .ok_or_else(|| FsError::file_too_big("write past the file size limit"))?;
     if !data.is_empty() {
-        rewrite_range(transaction, inode_number, &mut inode, offset_bytes, Fill::Data(data), false).await?;
+        rewrite_range(
+            transaction,
+            inode_number,
+            &mut inode,
+            offset_bytes,
+            Fill::Data(data),
+            false,
+        )
+        .await?;
         inode.size_bytes = inode.size_bytes.max(end);
         inode.mtime_ns = now_ns;
         inode.ctime_ns = now_ns;
         transaction.put_inode(inode_number, inode.clone());
     }
-    Ok(CommandResponse::Written { written_bytes: data.len() as u32, inode: inode_number, attributes: inode })
+    Ok(CommandResponse::Written {
+        written_bytes: data.len() as u32,
+        inode: inode_number,
+        attributes: inode,
+    })
 }
 
 async fn fallocate(
@@ -667,7 +928,9 @@ async fn fallocate(
         .ok_or_else(|| FsError::file_too_big("fallocate past the file size limit"))?;
     let keep_size = mode & FALLOCATE_KEEP_SIZE != 0;
     if mode & !(FALLOCATE_KEEP_SIZE | FALLOCATE_PUNCH_HOLE) != 0 {
-        return Err(FsError::not_supported(format!("fallocate mode {mode:#x} is not supported")).into());
+        return Err(
+            FsError::not_supported(format!("fallocate mode {mode:#x} is not supported")).into(),
+        );
     }
     if mode & FALLOCATE_PUNCH_HOLE != 0 {
         if !keep_size {
@@ -678,26 +941,49 @@ async fn fallocate(
             let first_whole = offset_bytes.div_ceil(BLOCK_SIZE);
             let end_whole = end / BLOCK_SIZE; // exclusive
             if first_whole < end_whole {
-                drop_blocks(transaction, inode_number, &mut inode, first_whole, end_whole - 1)?;
+                drop_blocks(
+                    transaction,
+                    inode_number,
+                    &mut inode,
+                    first_whole,
+                    end_whole - 1,
+                )?;
             }
             // Zero the partial edges that remain.
             let head_end = (first_whole * BLOCK_SIZE).min(end);
             if offset_bytes < head_end {
-                rewrite_range(transaction, inode_number, &mut inode, offset_bytes, Fill::Zeros(head_end - offset_bytes), true).await?;
+                rewrite_range(
+                    transaction,
+                    inode_number,
+                    &mut inode,
+                    offset_bytes,
+                    Fill::Zeros(head_end - offset_bytes),
+                    true,
+                )
+                .await?;
             }
             let tail_start = (end_whole * BLOCK_SIZE).max(head_end);
             if tail_start < end {
-                rewrite_range(transaction, inode_number, &mut inode, tail_start, Fill::Zeros(end - tail_start), true).await?;
+                rewrite_range(
+                    transaction,
+                    inode_number,
+                    &mut inode,
+                    tail_start,
+                    Fill::Zeros(end - tail_start),
+                    true,
+                )
+                .await?;
             }
         }
     } else {
         // Allocate every hole block in the range with zeros, in runs of at most 1 MiB.
         let first = offset_bytes / BLOCK_SIZE;
         let last = (end - 1) / BLOCK_SIZE;
-        let existing: std::collections::BTreeSet<u64> = block_references(transaction, inode_number, first, last)?
-            .into_iter()
-            .map(|(file_block, _)| file_block)
-            .collect();
+        let existing: std::collections::BTreeSet<u64> =
+            block_references(transaction, inode_number, first, last)?
+                .into_iter()
+                .map(|(file_block, _)| file_block)
+                .collect();
         let mut file_block = first;
         while file_block <= last {
             if existing.contains(&file_block) {
@@ -712,7 +998,15 @@ async fn fallocate(
                 run_end += 1;
             }
             let run_length = (run_end - file_block + 1) * BLOCK_SIZE;
-            rewrite_range(transaction, inode_number, &mut inode, file_block * BLOCK_SIZE, Fill::Zeros(run_length), false).await?;
+            rewrite_range(
+                transaction,
+                inode_number,
+                &mut inode,
+                file_block * BLOCK_SIZE,
+                Fill::Zeros(run_length),
+                false,
+            )
+            .await?;
             file_block = run_end + 1;
         }
         if !keep_size && end > inode.size_bytes {
@@ -772,7 +1066,12 @@ pub fn get_inode(storage: &NodeStorage, container_id: u64, inode: u64) -> NodeRe
         .ok_or_else(|| FsError::not_found(format!("inode {inode} does not exist")).into())
 }
 
-pub fn lookup(storage: &NodeStorage, container_id: u64, parent: u64, name: &str) -> NodeResult<(u64, Inode)> {
+pub fn lookup(
+    storage: &NodeStorage,
+    container_id: u64,
+    parent: u64,
+    name: &str,
+) -> NodeResult<(u64, Inode)> {
     check_name(name)?;
     let directory = get_inode(storage, container_id, parent)?;
     if directory.kind != EntryKind::Directory {
@@ -800,10 +1099,24 @@ pub fn read_directory(
     let entry_count_max = entry_count_max.clamp(1, 4096);
     let mut entries = Vec::new();
     if cookie < 1 {
-        entries.push((1, CookieRow { name: ".".into(), inode, kind: EntryKind::Directory }));
+        entries.push((
+            1,
+            CookieRow {
+                name: ".".into(),
+                inode,
+                kind: EntryKind::Directory,
+            },
+        ));
     }
     if cookie < 2 {
-        entries.push((2, CookieRow { name: "..".into(), inode: directory.parent, kind: EntryKind::Directory }));
+        entries.push((
+            2,
+            CookieRow {
+                name: "..".into(),
+                inode: directory.parent,
+                kind: EntryKind::Directory,
+            },
+        ));
     }
     let start = keys::dirent_cookie(container_id, inode, cookie.max(2) + 1);
     let end = keys::prefix_end(&keys::dirent_cookie_prefix(container_id, inode));
@@ -813,7 +1126,8 @@ pub fn read_directory(
             more = true;
             return Ok(false);
         }
-        let entry_cookie = u64::from_be_bytes(key[17..25].try_into().expect("cookie key is 25 bytes"));
+        let entry_cookie =
+            u64::from_be_bytes(key[17..25].try_into().expect("cookie key is 25 bytes"));
         entries.push((entry_cookie, decode::<CookieRow>(value, "readdir row")?));
         Ok(true)
     })?;
@@ -828,10 +1142,18 @@ pub fn read_link(storage: &NodeStorage, container_id: u64, inode: u64) -> NodeRe
 }
 
 /// Reads file bytes; holes read as zeros; short only at end of file. Every block is verified.
-pub async fn read(storage: &NodeStorage, container_id: u64, inode_number: u64, offset_bytes: u64, length_bytes: u32) -> NodeResult<Vec<u8>> {
+pub async fn read(
+    storage: &NodeStorage,
+    container_id: u64,
+    inode_number: u64,
+    offset_bytes: u64,
+    length_bytes: u32,
+) -> NodeResult<Vec<u8>> {
     let inode = get_inode(storage, container_id, inode_number)?;
     require_file(inode_number, &inode)?;
-    let end = offset_bytes.saturating_add(length_bytes as u64).min(inode.size_bytes);
+    let end = offset_bytes
+        .saturating_add(length_bytes as u64)
+        .min(inode.size_bytes);
     if offset_bytes >= end {
         return Ok(Vec::new());
     }
@@ -843,11 +1165,19 @@ pub async fn read(storage: &NodeStorage, container_id: u64, inode_number: u64, o
     let mut index = 0;
     while index < references.len() {
         let mut run = 1;
-        while index + run < references.len() && references[index + run].0 == references[index].0 + run as u64 {
+        while index + run < references.len()
+            && references[index + run].0 == references[index].0 + run as u64
+        {
             run += 1;
         }
-        let run_references: Vec<BlockRef> = references[index..index + run].iter().map(|(_, r)| *r).collect();
-        let context = format!("container {container_id} inode {inode_number} block {}", references[index].0);
+        let run_references: Vec<BlockRef> = references[index..index + run]
+            .iter()
+            .map(|(_, r)| *r)
+            .collect();
+        let context = format!(
+            "container {container_id} inode {inode_number} block {}",
+            references[index].0
+        );
         let bytes = storage.read_verified(&run_references, &context).await?;
         let position = ((references[index].0 - first) * BLOCK_SIZE) as usize;
         buffer[position..position + bytes.len()].copy_from_slice(&bytes);
@@ -865,8 +1195,14 @@ pub fn container_state(storage: &NodeStorage, container_id: u64) -> NodeResult<C
     container_state_from(&storage.state, container_id)
 }
 
-pub fn container_state_from(state: &crate::state_store::StateStore, container_id: u64) -> NodeResult<ContainerState> {
+pub fn container_state_from(
+    state: &crate::state_store::StateStore,
+    container_id: u64,
+) -> NodeResult<ContainerState> {
     Ok(state
-        .get::<ContainerState>(&keys::container_singleton(keys::TAG_CONTAINER_STATE, container_id), "container state")?
+        .get::<ContainerState>(
+            &keys::container_singleton(keys::TAG_CONTAINER_STATE, container_id),
+            "container state",
+        )?
         .unwrap_or_default())
 }

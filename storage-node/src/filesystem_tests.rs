@@ -4,7 +4,9 @@
 use ballast_common::Errno;
 use bytes::Bytes;
 
-use crate::command::{AttributeChanges, CommandResponse, FilesystemCommand, FALLOCATE_KEEP_SIZE, FALLOCATE_PUNCH_HOLE};
+use crate::command::{
+    AttributeChanges, CommandResponse, FilesystemCommand, FALLOCATE_KEEP_SIZE, FALLOCATE_PUNCH_HOLE,
+};
 use crate::error::NodeError;
 use crate::filesystem::{self, FILE_SIZE_BYTES_MAX};
 use crate::records::{EntryKind, ROOT_INODE};
@@ -15,7 +17,14 @@ const CONTAINER: u64 = 7;
 async fn initialized(quota_bytes: u64) -> TestStorage {
     let mut storage = TestStorage::new(256 << 20);
     storage
-        .apply(CONTAINER, FilesystemCommand::Initialize { volume_id: 1, quota_bytes, now_ns: 1 })
+        .apply(
+            CONTAINER,
+            FilesystemCommand::Initialize {
+                volume_id: 1,
+                quota_bytes,
+                now_ns: 1,
+            },
+        )
         .await
         .unwrap();
     storage
@@ -46,18 +55,41 @@ fn errno(result: Result<CommandResponse, NodeError>) -> Errno {
     }
 }
 
-async fn write(storage: &mut TestStorage, inode: u64, offset_bytes: u64, data: &[u8]) -> Result<CommandResponse, NodeError> {
+async fn write(
+    storage: &mut TestStorage,
+    inode: u64,
+    offset_bytes: u64,
+    data: &[u8],
+) -> Result<CommandResponse, NodeError> {
     storage
-        .apply(CONTAINER, FilesystemCommand::Write { inode, offset_bytes, data: Bytes::copy_from_slice(data), now_ns: 3 })
+        .apply(
+            CONTAINER,
+            FilesystemCommand::Write {
+                inode,
+                offset_bytes,
+                data: Bytes::copy_from_slice(data),
+                now_ns: 3,
+            },
+        )
         .await
 }
 
 async fn read(storage: &TestStorage, inode: u64, offset_bytes: u64, length_bytes: u32) -> Vec<u8> {
-    filesystem::read(&storage.storage, CONTAINER, inode, offset_bytes, length_bytes).await.unwrap()
+    filesystem::read(
+        &storage.storage,
+        CONTAINER,
+        inode,
+        offset_bytes,
+        length_bytes,
+    )
+    .await
+    .unwrap()
 }
 
 fn used_blocks(storage: &TestStorage) -> u64 {
-    filesystem::container_state(&storage.storage, CONTAINER).unwrap().used_block_count
+    filesystem::container_state(&storage.storage, CONTAINER)
+        .unwrap()
+        .used_block_count
 }
 
 #[tokio::test]
@@ -81,27 +113,71 @@ async fn write_read_unaligned_and_holes() {
 async fn truncate_zeroes_the_tail_and_frees_blocks() {
     let mut storage = initialized(0).await;
     let file = create(&mut storage, ROOT_INODE, "f", EntryKind::File).await;
-    write(&mut storage, file, 0, &vec![7u8; 3 * 4096]).await.unwrap();
+    write(&mut storage, file, 0, &vec![7u8; 3 * 4096])
+        .await
+        .unwrap();
     assert_eq!(used_blocks(&storage), 3);
-    let shrink = AttributeChanges { size_bytes: Some(100), ..Default::default() };
-    storage.apply(CONTAINER, FilesystemCommand::SetAttributes { inode: file, changes: shrink, now_ns: 4 }).await.unwrap();
+    let shrink = AttributeChanges {
+        size_bytes: Some(100),
+        ..Default::default()
+    };
+    storage
+        .apply(
+            CONTAINER,
+            FilesystemCommand::SetAttributes {
+                inode: file,
+                changes: shrink,
+                now_ns: 4,
+            },
+        )
+        .await
+        .unwrap();
     assert_eq!(used_blocks(&storage), 1);
-    let grow = AttributeChanges { size_bytes: Some(8192), ..Default::default() };
-    storage.apply(CONTAINER, FilesystemCommand::SetAttributes { inode: file, changes: grow, now_ns: 5 }).await.unwrap();
+    let grow = AttributeChanges {
+        size_bytes: Some(8192),
+        ..Default::default()
+    };
+    storage
+        .apply(
+            CONTAINER,
+            FilesystemCommand::SetAttributes {
+                inode: file,
+                changes: grow,
+                now_ns: 5,
+            },
+        )
+        .await
+        .unwrap();
     let content = read(&storage, file, 0, 8192).await;
     assert!(content[..100].iter().all(|&b| b == 7));
-    assert!(content[100..].iter().all(|&b| b == 0), "no stale bytes after shrink and grow");
+    assert!(
+        content[100..].iter().all(|&b| b == 0),
+        "no stale bytes after shrink and grow"
+    );
 }
 
 #[tokio::test]
 async fn fallocate_and_punch_hole() {
     let mut storage = initialized(0).await;
     let file = create(&mut storage, ROOT_INODE, "f", EntryKind::File).await;
-    let allocate = FilesystemCommand::Fallocate { inode: file, offset_bytes: 0, length_bytes: 10_000, mode: 0, now_ns: 6 };
+    let allocate = FilesystemCommand::Fallocate {
+        inode: file,
+        offset_bytes: 0,
+        length_bytes: 10_000,
+        mode: 0,
+        now_ns: 6,
+    };
     storage.apply(CONTAINER, allocate).await.unwrap();
     assert_eq!(used_blocks(&storage), 3);
-    assert_eq!(filesystem::get_inode(&storage.storage, CONTAINER, file).unwrap().size_bytes, 10_000);
-    write(&mut storage, file, 0, &vec![9u8; 10_000]).await.unwrap();
+    assert_eq!(
+        filesystem::get_inode(&storage.storage, CONTAINER, file)
+            .unwrap()
+            .size_bytes,
+        10_000
+    );
+    write(&mut storage, file, 0, &vec![9u8; 10_000])
+        .await
+        .unwrap();
     let punch = FilesystemCommand::Fallocate {
         inode: file,
         offset_bytes: 100,
@@ -115,21 +191,40 @@ async fn fallocate_and_punch_hole() {
     assert!(content[100..8292].iter().all(|&b| b == 0));
     assert!(content[8292..].iter().all(|&b| b == 9));
     assert_eq!(used_blocks(&storage), 2, "the whole middle block was freed");
-    let bad_mode = FilesystemCommand::Fallocate { inode: file, offset_bytes: 0, length_bytes: 1, mode: 0x8, now_ns: 8 };
-    assert_eq!(errno(storage.apply(CONTAINER, bad_mode).await), Errno::EOPNOTSUPP);
+    let bad_mode = FilesystemCommand::Fallocate {
+        inode: file,
+        offset_bytes: 0,
+        length_bytes: 1,
+        mode: 0x8,
+        now_ns: 8,
+    };
+    assert_eq!(
+        errno(storage.apply(CONTAINER, bad_mode).await),
+        Errno::EOPNOTSUPP
+    );
 }
 
 #[tokio::test]
 async fn quota_refuses_without_damage() {
     let mut storage = initialized(8 * 4096).await;
     let file = create(&mut storage, ROOT_INODE, "f", EntryKind::File).await;
-    write(&mut storage, file, 0, &vec![1u8; 6 * 4096]).await.unwrap();
-    assert_eq!(errno(write(&mut storage, file, 6 * 4096, &vec![2u8; 3 * 4096]).await), Errno::ENOSPC);
+    write(&mut storage, file, 0, &vec![1u8; 6 * 4096])
+        .await
+        .unwrap();
+    assert_eq!(
+        errno(write(&mut storage, file, 6 * 4096, &vec![2u8; 3 * 4096]).await),
+        Errno::ENOSPC
+    );
     assert_eq!(read(&storage, file, 0, 6 * 4096).await, vec![1u8; 6 * 4096]);
     assert_eq!(used_blocks(&storage), 6);
     // Overwriting in place needs no new quota.
-    write(&mut storage, file, 0, &vec![3u8; 6 * 4096]).await.unwrap();
-    assert_eq!(errno(write(&mut storage, file, FILE_SIZE_BYTES_MAX, b"x").await), Errno::EFBIG);
+    write(&mut storage, file, 0, &vec![3u8; 6 * 4096])
+        .await
+        .unwrap();
+    assert_eq!(
+        errno(write(&mut storage, file, FILE_SIZE_BYTES_MAX, b"x").await),
+        Errno::EFBIG
+    );
 }
 
 #[tokio::test]
@@ -148,11 +243,30 @@ async fn namespace_errors_and_rename() {
         exclusive: true,
         now_ns: 9,
     };
-    assert_eq!(errno(storage.apply(CONTAINER, duplicate).await), Errno::EEXIST);
-    let rmdir = FilesystemCommand::Unlink { parent: ROOT_INODE, name: "d".into(), directory: true, now_ns: 9 };
-    assert_eq!(errno(storage.apply(CONTAINER, rmdir).await), Errno::ENOTEMPTY);
-    let unlink_directory = FilesystemCommand::Unlink { parent: ROOT_INODE, name: "d".into(), directory: false, now_ns: 9 };
-    assert_eq!(errno(storage.apply(CONTAINER, unlink_directory).await), Errno::EISDIR);
+    assert_eq!(
+        errno(storage.apply(CONTAINER, duplicate).await),
+        Errno::EEXIST
+    );
+    let rmdir = FilesystemCommand::Unlink {
+        parent: ROOT_INODE,
+        name: "d".into(),
+        directory: true,
+        now_ns: 9,
+    };
+    assert_eq!(
+        errno(storage.apply(CONTAINER, rmdir).await),
+        Errno::ENOTEMPTY
+    );
+    let unlink_directory = FilesystemCommand::Unlink {
+        parent: ROOT_INODE,
+        name: "d".into(),
+        directory: false,
+        now_ns: 9,
+    };
+    assert_eq!(
+        errno(storage.apply(CONTAINER, unlink_directory).await),
+        Errno::EISDIR
+    );
     let into_itself = FilesystemCommand::Rename {
         parent: ROOT_INODE,
         name: "d".into(),
@@ -161,7 +275,10 @@ async fn namespace_errors_and_rename() {
         flags: 0,
         now_ns: 9,
     };
-    assert_eq!(errno(storage.apply(CONTAINER, into_itself).await), Errno::EINVAL);
+    assert_eq!(
+        errno(storage.apply(CONTAINER, into_itself).await),
+        Errno::EINVAL
+    );
     let through_file = FilesystemCommand::Create {
         parent: file,
         name: "x".into(),
@@ -173,7 +290,10 @@ async fn namespace_errors_and_rename() {
         exclusive: true,
         now_ns: 9,
     };
-    assert_eq!(errno(storage.apply(CONTAINER, through_file).await), Errno::ENOTDIR);
+    assert_eq!(
+        errno(storage.apply(CONTAINER, through_file).await),
+        Errno::ENOTDIR
+    );
     let moved = FilesystemCommand::Rename {
         parent: directory,
         name: "f".into(),
@@ -187,7 +307,8 @@ async fn namespace_errors_and_rename() {
     assert_eq!(found, file);
     let root = filesystem::get_inode(&storage.storage, CONTAINER, ROOT_INODE).unwrap();
     assert_eq!((root.entry_count, root.nlink), (2, 3));
-    let (entries, end) = filesystem::read_directory(&storage.storage, CONTAINER, ROOT_INODE, 0, 100).unwrap();
+    let (entries, end) =
+        filesystem::read_directory(&storage.storage, CONTAINER, ROOT_INODE, 0, 100).unwrap();
     assert!(end);
     let names: Vec<&str> = entries.iter().map(|(_, row)| row.name.as_str()).collect();
     assert_eq!(names, vec![".", "..", "d", "g"]);
@@ -197,16 +318,33 @@ async fn namespace_errors_and_rename() {
 async fn orphans_keep_data_until_purged() {
     let mut storage = initialized(0).await;
     let file = create(&mut storage, ROOT_INODE, "f", EntryKind::File).await;
-    write(&mut storage, file, 0, &vec![5u8; 8192]).await.unwrap();
-    let unlink = FilesystemCommand::Unlink { parent: ROOT_INODE, name: "f".into(), directory: false, now_ns: 11 };
+    write(&mut storage, file, 0, &vec![5u8; 8192])
+        .await
+        .unwrap();
+    let unlink = FilesystemCommand::Unlink {
+        parent: ROOT_INODE,
+        name: "f".into(),
+        directory: false,
+        now_ns: 11,
+    };
     assert_eq!(
         storage.apply(CONTAINER, unlink).await.unwrap(),
-        CommandResponse::Unlinked { inode: file, orphaned: true }
+        CommandResponse::Unlinked {
+            inode: file,
+            orphaned: true
+        }
     );
-    assert_eq!(read(&storage, file, 0, 8192).await, vec![5u8; 8192], "orphan still readable");
+    assert_eq!(
+        read(&storage, file, 0, 8192).await,
+        vec![5u8; 8192],
+        "orphan still readable"
+    );
     assert_eq!(used_blocks(&storage), 2);
     let purge = FilesystemCommand::PurgeOrphans { inode: 0 };
-    assert_eq!(storage.apply(CONTAINER, purge).await.unwrap(), CommandResponse::Purged { purged_count: 1 });
+    assert_eq!(
+        storage.apply(CONTAINER, purge).await.unwrap(),
+        CommandResponse::Purged { purged_count: 1 }
+    );
     assert_eq!(used_blocks(&storage), 0);
     assert!(filesystem::get_inode(&storage.storage, CONTAINER, file).is_err());
 }
@@ -215,7 +353,9 @@ async fn orphans_keep_data_until_purged() {
 async fn corrupted_block_is_an_error() {
     let mut storage = initialized(0).await;
     let file = create(&mut storage, ROOT_INODE, "f", EntryKind::File).await;
-    write(&mut storage, file, 0, &vec![0xA5u8; 4096]).await.unwrap();
+    write(&mut storage, file, 0, &vec![0xA5u8; 4096])
+        .await
+        .unwrap();
     let reference: crate::records::BlockRef = storage
         .storage
         .state
@@ -223,11 +363,24 @@ async fn corrupted_block_is_an_error() {
         .unwrap()
         .unwrap();
     // Flip one bit of the block on the device through the block store.
-    let mut block = storage.storage.block_store.read_blocks(reference.device_block, 1).await.unwrap();
+    let mut block = storage
+        .storage
+        .block_store
+        .read_blocks(reference.device_block, 1)
+        .await
+        .unwrap();
     block[17] ^= 0x01;
-    storage.storage.block_store.write_blocks(reference.device_block, block).await.unwrap();
+    storage
+        .storage
+        .block_store
+        .write_blocks(reference.device_block, block)
+        .await
+        .unwrap();
     let result = filesystem::read(&storage.storage, CONTAINER, file, 0, 4096).await;
-    assert!(matches!(result, Err(NodeError::ChecksumMismatch(_))), "got {result:?}");
+    assert!(
+        matches!(result, Err(NodeError::ChecksumMismatch(_))),
+        "got {result:?}"
+    );
     assert_eq!(storage.storage.checksum_error_count(), 1);
     // A partial overwrite must not build on the corrupt block either.
     assert_eq!(errno(write(&mut storage, file, 10, b"x").await), Errno::EIO);
@@ -244,6 +397,15 @@ async fn state_survives_reopen_after_checkpoint() {
     drop(storage.storage);
     drop(storage.device);
     let (_device, reopened) = crate::test_support::open(&directory);
-    assert_eq!(filesystem::read(&reopened, CONTAINER, file, 0, 100).await.unwrap(), b"durable");
-    assert_eq!(reopened.free_block_count(), free_before, "allocator restored from its bitmap groups");
+    assert_eq!(
+        filesystem::read(&reopened, CONTAINER, file, 0, 100)
+            .await
+            .unwrap(),
+        b"durable"
+    );
+    assert_eq!(
+        reopened.free_block_count(),
+        free_before,
+        "allocator restored from its bitmap groups"
+    );
 }

@@ -151,7 +151,10 @@ mod tests {
 
     #[test]
     fn block_keys_sort_numerically() {
-        let mut keys: Vec<Vec<u8>> = [300u64, 2, 256, 1].iter().map(|&b| block(7, 42, b)).collect();
+        let mut keys: Vec<Vec<u8>> = [300u64, 2, 256, 1]
+            .iter()
+            .map(|&b| block(7, 42, b))
+            .collect();
         keys.sort();
         let blocks: Vec<u64> = keys.iter().map(|k| block_key_file_block(k)).collect();
         assert_eq!(blocks, vec![1, 2, 256, 300]);

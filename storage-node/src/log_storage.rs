@@ -48,9 +48,19 @@ const LOG_FULL_WAIT_MS_MAX: u64 = 120_000;
 const LOG_FULL_RETRY_INTERVAL_MS: u64 = 10;
 
 enum LogOperation {
-    Append { records: Vec<LogRecord>, callback: LogFlushed<TypeConfig> },
-    Truncate { index_from: u64, done: oneshot::Sender<Result<(), DeviceError>> },
-    Purge { index_upto: u64, term: u64, done: oneshot::Sender<Result<(), DeviceError>> },
+    Append {
+        records: Vec<LogRecord>,
+        callback: LogFlushed<TypeConfig>,
+    },
+    Truncate {
+        index_from: u64,
+        done: oneshot::Sender<Result<(), DeviceError>>,
+    },
+    Purge {
+        index_upto: u64,
+        term: u64,
+        done: oneshot::Sender<Result<(), DeviceError>>,
+    },
 }
 
 #[derive(Default)]
@@ -67,7 +77,9 @@ impl EntryCache {
         }
         self.size_bytes += size_bytes;
         while self.size_bytes > ENTRY_CACHE_BYTES_MAX {
-            let Some((_, (_, evicted))) = self.entries.pop_first() else { break };
+            let Some((_, (_, evicted))) = self.entries.pop_first() else {
+                break;
+            };
             self.size_bytes -= evicted;
         }
     }
@@ -110,7 +122,12 @@ impl ContainerLog {
         checkpoint_wanted: Arc<Notify>,
     ) -> Self {
         let (writer, queue) = mpsc::channel(WRITER_QUEUE_DEPTH);
-        tokio::spawn(run_writer(container_id, log_store.clone(), queue, checkpoint_wanted));
+        tokio::spawn(run_writer(
+            container_id,
+            log_store.clone(),
+            queue,
+            checkpoint_wanted,
+        ));
         Self {
             shared: Arc::new(Shared {
                 container_id,
@@ -126,9 +143,14 @@ impl ContainerLog {
         &self.shared.state.state
     }
 
+    // openraft's StorageError is large by design; it is the trait's error type.
+    #[allow(clippy::result_large_err)]
     fn read_log_id(&self, tag: u8, what: &str) -> Result<Option<LogId>, StorageError> {
         self.state_store()
-            .get::<LogId>(&keys::container_singleton(tag, self.shared.container_id), what)
+            .get::<LogId>(
+                &keys::container_singleton(tag, self.shared.container_id),
+                what,
+            )
             .map_err(|error| StorageIOError::read_logs(&error).into())
     }
 
@@ -148,12 +170,16 @@ async fn run_writer(
     while let Some(operation) = queue.recv().await {
         match operation {
             LogOperation::Append { records, callback } => {
-                let deadline = tokio::time::Instant::now() + Duration::from_millis(LOG_FULL_WAIT_MS_MAX);
+                let deadline =
+                    tokio::time::Instant::now() + Duration::from_millis(LOG_FULL_WAIT_MS_MAX);
                 let result = loop {
                     match log_store.append_buffered(records.clone()).await {
-                        Err(DeviceError::LogFull { .. }) if tokio::time::Instant::now() < deadline => {
+                        Err(DeviceError::LogFull { .. })
+                            if tokio::time::Instant::now() < deadline =>
+                        {
                             checkpoint_wanted.notify_one();
-                            tokio::time::sleep(Duration::from_millis(LOG_FULL_RETRY_INTERVAL_MS)).await;
+                            tokio::time::sleep(Duration::from_millis(LOG_FULL_RETRY_INTERVAL_MS))
+                                .await;
                         }
                         other => break other,
                     }
@@ -164,11 +190,26 @@ async fn run_writer(
                 callback.log_io_completed(result.map_err(std::io::Error::other));
             }
             LogOperation::Truncate { index_from, done } => {
-                let result = log_store.append(vec![LogRecord::Truncate { group: container_id, index_from }]).await;
+                let result = log_store
+                    .append(vec![LogRecord::Truncate {
+                        group: container_id,
+                        index_from,
+                    }])
+                    .await;
                 let _ = done.send(result);
             }
-            LogOperation::Purge { index_upto, term, done } => {
-                let result = log_store.append(vec![LogRecord::Purge { group: container_id, index_upto, term }]).await;
+            LogOperation::Purge {
+                index_upto,
+                term,
+                done,
+            } => {
+                let result = log_store
+                    .append(vec![LogRecord::Purge {
+                        group: container_id,
+                        index_upto,
+                        term,
+                    }])
+                    .await;
                 let _ = done.send(result);
             }
         }
@@ -201,9 +242,16 @@ impl RaftLogReader<TypeConfig> for ContainerLog {
         // Entries below the cache come from the device; the rest from the cache.
         let cached: Vec<Entry> = {
             let cache = self.shared.cache.lock().expect("cache lock");
-            cache.entries.range(start..end).map(|(_, (entry, _))| entry.clone()).collect()
+            cache
+                .entries
+                .range(start..end)
+                .map(|(_, (entry, _))| entry.clone())
+                .collect()
         };
-        let device_end = cached.first().map(|entry| entry.log_id.index).unwrap_or(end);
+        let device_end = cached
+            .first()
+            .map(|entry| entry.log_id.index)
+            .unwrap_or(end);
         let mut entries = Vec::new();
         if start < device_end {
             let stored = self
@@ -213,13 +261,25 @@ impl RaftLogReader<TypeConfig> for ContainerLog {
                 .await
                 .map_err(|error| StorageError::from(StorageIOError::read_logs(&error)))?;
             for stored_entry in stored {
-                let entry: Entry = postcard::from_bytes(&stored_entry.payload).map_err(|error| {
-                    StorageError::from(StorageIOError::read_log_at_index(stored_entry.index, &error))
-                })?;
-                assert_eq!(entry.log_id.index, stored_entry.index, "log entry index mismatch on read-back");
+                let entry: Entry =
+                    postcard::from_bytes(&stored_entry.payload).map_err(|error| {
+                        StorageError::from(StorageIOError::read_log_at_index(
+                            stored_entry.index,
+                            &error,
+                        ))
+                    })?;
+                assert_eq!(
+                    entry.log_id.index, stored_entry.index,
+                    "log entry index mismatch on read-back"
+                );
                 entries.push(entry);
             }
-            if entries.last().map(|entry| entry.log_id.index + 1).unwrap_or(start) != device_end {
+            if entries
+                .last()
+                .map(|entry| entry.log_id.index + 1)
+                .unwrap_or(start)
+                != device_end
+            {
                 // A gap between device and cache: return only the contiguous prefix.
                 return Ok(entries);
             }
@@ -236,20 +296,34 @@ impl RaftLogStorage<TypeConfig> for ContainerLog {
         let last_purged_log_id = self.read_log_id(keys::TAG_PURGED, "purged log id")?;
         let cached_last = {
             let cache = self.shared.cache.lock().expect("cache lock");
-            cache.entries.last_key_value().map(|(_, (entry, _))| entry.log_id)
+            cache
+                .entries
+                .last_key_value()
+                .map(|(_, (entry, _))| entry.log_id)
         };
         let last_log_id = match cached_last {
             Some(log_id) => Some(log_id),
-            None => match self.shared.log_store.group_state(self.shared.container_id).last {
+            None => match self
+                .shared
+                .log_store
+                .group_state(self.shared.container_id)
+                .last
+            {
                 Some((_, index)) if Some(index) > last_purged_log_id.map(|log_id| log_id.index) => {
                     let mut reader = self.clone();
                     let entries = reader.try_get_log_entries(index..=index).await?;
-                    entries.first().map(|entry| entry.log_id).or(last_purged_log_id)
+                    entries
+                        .first()
+                        .map(|entry| entry.log_id)
+                        .or(last_purged_log_id)
                 }
                 _ => last_purged_log_id,
             },
         };
-        Ok(LogState { last_purged_log_id, last_log_id })
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -258,7 +332,10 @@ impl RaftLogStorage<TypeConfig> for ContainerLog {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
-        batch.put(keys::container_singleton(keys::TAG_VOTE, self.shared.container_id), encode(vote));
+        batch.put(
+            keys::container_singleton(keys::TAG_VOTE, self.shared.container_id),
+            encode(vote),
+        );
         self.state_store()
             .write_synced(batch)
             .map_err(|error| StorageIOError::write_vote(&error).into())
@@ -266,14 +343,20 @@ impl RaftLogStorage<TypeConfig> for ContainerLog {
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
         self.state_store()
-            .get::<Vote>(&keys::container_singleton(keys::TAG_VOTE, self.shared.container_id), "vote")
+            .get::<Vote>(
+                &keys::container_singleton(keys::TAG_VOTE, self.shared.container_id),
+                "vote",
+            )
             .map_err(|error| StorageIOError::read_vote(&error).into())
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         // Not synced: losing it only means re-deriving the commit point after a restart.
         let mut batch = WriteBatch::default();
-        batch.put(keys::container_singleton(keys::TAG_COMMITTED, self.shared.container_id), encode(&committed));
+        batch.put(
+            keys::container_singleton(keys::TAG_COMMITTED, self.shared.container_id),
+            encode(&committed),
+        );
         self.state_store()
             .write_unlogged(batch)
             .map_err(|error| StorageIOError::write_logs(&error).into())
@@ -290,7 +373,11 @@ impl RaftLogStorage<TypeConfig> for ContainerLog {
             .flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -320,26 +407,54 @@ impl RaftLogStorage<TypeConfig> for ContainerLog {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.shared.cache.lock().expect("cache lock").remove_from(log_id.index);
+        self.shared
+            .cache
+            .lock()
+            .expect("cache lock")
+            .remove_from(log_id.index);
         let (done, wait) = oneshot::channel();
-        self.send(LogOperation::Truncate { index_from: log_id.index, done }).await?;
+        self.send(LogOperation::Truncate {
+            index_from: log_id.index,
+            done,
+        })
+        .await?;
         wait.await
-            .map_err(|_| StorageError::from(StorageIOError::write_logs(&std::io::Error::other("log writer stopped"))))?
+            .map_err(|_| {
+                StorageError::from(StorageIOError::write_logs(&std::io::Error::other(
+                    "log writer stopped",
+                )))
+            })?
             .map_err(|error| StorageIOError::write_logs(&error).into())
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         // The purge mark is durable before any space is reused.
         let mut batch = WriteBatch::default();
-        batch.put(keys::container_singleton(keys::TAG_PURGED, self.shared.container_id), encode(&log_id));
+        batch.put(
+            keys::container_singleton(keys::TAG_PURGED, self.shared.container_id),
+            encode(&log_id),
+        );
         self.state_store()
             .write_synced(batch)
             .map_err(|error| StorageError::from(StorageIOError::write_logs(&error)))?;
-        self.shared.cache.lock().expect("cache lock").remove_upto(log_id.index);
+        self.shared
+            .cache
+            .lock()
+            .expect("cache lock")
+            .remove_upto(log_id.index);
         let (done, wait) = oneshot::channel();
-        self.send(LogOperation::Purge { index_upto: log_id.index, term: log_id.leader_id.term, done }).await?;
+        self.send(LogOperation::Purge {
+            index_upto: log_id.index,
+            term: log_id.leader_id.term,
+            done,
+        })
+        .await?;
         wait.await
-            .map_err(|_| StorageError::from(StorageIOError::write_logs(&std::io::Error::other("log writer stopped"))))?
+            .map_err(|_| {
+                StorageError::from(StorageIOError::write_logs(&std::io::Error::other(
+                    "log writer stopped",
+                )))
+            })?
             .map_err(|error| StorageIOError::write_logs(&error).into())
     }
 }

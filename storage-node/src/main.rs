@@ -65,28 +65,43 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        NodeCommand::Run { device, state_dir, listen } => {
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            runtime.block_on(run(NodeConfig { device_path: device, state_directory: state_dir, listen_address: listen }))
+        NodeCommand::Run {
+            device,
+            state_dir,
+            listen,
+        } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(run(NodeConfig {
+                device_path: device,
+                state_directory: state_dir,
+                listen_address: listen,
+            }))
         }
     }
 }
 
 async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let listen = config.listen_address;
-    let node = StorageNode::open(config).await.context("opening the storage node")?;
+    let node = StorageNode::open(config)
+        .await
+        .context("opening the storage node")?;
     let admin = AdminServer::new(AdminService::new(node.clone()))
         .max_decoding_message_size(MESSAGE_SIZE_BYTES_MAX)
         .max_encoding_message_size(MESSAGE_SIZE_BYTES_MAX);
     let filesystem = FilesystemServer::new(FilesystemService::new(node.clone()))
         .max_decoding_message_size(MESSAGE_SIZE_BYTES_MAX)
         .max_encoding_message_size(MESSAGE_SIZE_BYTES_MAX);
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
     tracing::info!(%listen, "serving");
     println!("ballast-node {} serving on {listen}", node.node_id());
     let shutdown = async {
         let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("SIGTERM handler");
         tokio::select! {
             _ = terminate.recv() => {},
             _ = tokio::signal::ctrl_c() => {},
@@ -97,7 +112,10 @@ async fn run(config: NodeConfig) -> anyhow::Result<()> {
         .tcp_nodelay(true)
         .add_service(admin)
         .add_service(filesystem)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
         .await
         .context("serving gRPC")?;
     node.shutdown().await;

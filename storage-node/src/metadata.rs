@@ -18,10 +18,20 @@ use crate::types::FIRST_VOLUME_CONTAINER_ID;
 /// Most volumes one node records (bounds listings and the container count per node).
 pub const VOLUME_COUNT_MAX: usize = 4096;
 
-pub fn apply(transaction: &mut Transaction<'_>, command: MetadataCommand) -> NodeResult<CommandResponse> {
+pub fn apply(
+    transaction: &mut Transaction<'_>,
+    command: MetadataCommand,
+) -> NodeResult<CommandResponse> {
     match command {
-        MetadataCommand::CreateVolume { name, quota_bytes, replication_factor, replication_minimum, now_ns } => {
-            validate_volume_name(&name).map_err(|error| FsError::invalid(format!("volume name: {error}")))?;
+        MetadataCommand::CreateVolume {
+            name,
+            quota_bytes,
+            replication_factor,
+            replication_minimum,
+            now_ns,
+        } => {
+            validate_volume_name(&name)
+                .map_err(|error| FsError::invalid(format!("volume name: {error}")))?;
             if replication_factor != 1 {
                 return Err(FsError::invalid(format!(
                     "replication factor {replication_factor} needs a cluster; this node serves rf=1 only"
@@ -39,7 +49,9 @@ pub fn apply(transaction: &mut Transaction<'_>, command: MetadataCommand) -> Nod
                 return Err(FsError::exists(format!("volume {name:?} exists")).into());
             }
             if list_volumes(transaction.storage)?.len() >= VOLUME_COUNT_MAX {
-                return Err(FsError::no_space(format!("at most {VOLUME_COUNT_MAX} volumes")).into());
+                return Err(
+                    FsError::no_space(format!("at most {VOLUME_COUNT_MAX} volumes")).into(),
+                );
             }
             let state = &mut transaction.state;
             let volume_id = state.volume_id_next.max(1);
@@ -72,7 +84,9 @@ pub fn apply(transaction: &mut Transaction<'_>, command: MetadataCommand) -> Nod
 }
 
 pub fn get_volume(storage: &NodeStorage, name: &str) -> NodeResult<Option<VolumeRecord>> {
-    storage.state.get::<VolumeRecord>(&keys::volume(name), "volume")
+    storage
+        .state
+        .get::<VolumeRecord>(&keys::volume(name), "volume")
 }
 
 pub fn list_volumes(storage: &NodeStorage) -> NodeResult<Vec<VolumeRecord>> {

@@ -66,7 +66,10 @@ pub struct StorageNode {
 
 impl std::fmt::Debug for StorageNode {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.debug_struct("StorageNode").field("node_id", &self.node_id).finish_non_exhaustive()
+        formatter
+            .debug_struct("StorageNode")
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -84,7 +87,11 @@ fn raft_config(container_id: u64) -> NodeResult<Arc<Config>> {
         max_payload_entries: 64,
         ..Default::default()
     };
-    Ok(Arc::new(config.validate().map_err(|error| NodeError::Raft(error.to_string()))?))
+    Ok(Arc::new(
+        config
+            .validate()
+            .map_err(|error| NodeError::Raft(error.to_string()))?,
+    ))
 }
 
 impl StorageNode {
@@ -93,22 +100,29 @@ impl StorageNode {
         let opened = Instant::now();
         // Opening blocks (superblock reads, log recovery): keep it off the runtime's workers.
         let device_path = config.device_path.clone();
-        let (device, log_store) = tokio::task::spawn_blocking(move || -> NodeResult<(Device, LogStore)> {
-            let device = Device::open(&device_path, EngineOptions::default())
-                .map_err(|source| NodeError::device(format!("open {}", device_path.display()), source))?;
-            let log_store = LogStore::open(device.engine(), device.superblock())
-                .map_err(|source| NodeError::device("recover log store", source))?;
-            Ok((device, log_store))
-        })
-        .await
-        .map_err(|error| NodeError::InvalidState(format!("open task: {error}")))??;
+        let (device, log_store) =
+            tokio::task::spawn_blocking(move || -> NodeResult<(Device, LogStore)> {
+                let device =
+                    Device::open(&device_path, EngineOptions::default()).map_err(|source| {
+                        NodeError::device(format!("open {}", device_path.display()), source)
+                    })?;
+                let log_store = LogStore::open(device.engine(), device.superblock())
+                    .map_err(|source| NodeError::device("recover log store", source))?;
+                Ok((device, log_store))
+            })
+            .await
+            .map_err(|error| NodeError::InvalidState(format!("open task: {error}")))??;
         let superblock = device.superblock().clone();
         std::fs::create_dir_all(&config.state_directory).map_err(|source| NodeError::Io {
             context: format!("create {}", config.state_directory.display()),
             source,
         })?;
         let state = StateStore::open(&config.state_directory.join("rocksdb"))?;
-        let storage = Arc::new(NodeStorage::open(state, device.block_store(), superblock.data_block_count)?);
+        let storage = Arc::new(NodeStorage::open(
+            state,
+            device.block_store(),
+            superblock.data_block_count,
+        )?);
         let node = Arc::new(Self {
             node_id: superblock.node_id,
             config,
@@ -175,9 +189,15 @@ impl StorageNode {
             Arc::clone(&self.checkpoint_wanted),
         );
         let state_machine = ContainerStateMachine::new(container_id, Arc::clone(&self.storage));
-        let raft = Raft::new(self.node_id, raft_config(container_id)?, LocalOnlyNetwork, log, state_machine)
-            .await
-            .map_err(|error| NodeError::Raft(format!("start container {container_id}: {error}")))?;
+        let raft = Raft::new(
+            self.node_id,
+            raft_config(container_id)?,
+            LocalOnlyNetwork,
+            log,
+            state_machine,
+        )
+        .await
+        .map_err(|error| NodeError::Raft(format!("start container {container_id}: {error}")))?;
         let initialized = raft
             .is_initialized()
             .await
@@ -187,15 +207,20 @@ impl StorageNode {
                 self.node_id,
                 BasicNode::new(self.config.listen_address.to_string()),
             )]);
-            raft.initialize(members)
-                .await
-                .map_err(|error| NodeError::Raft(format!("initialise container {container_id}: {error}")))?;
+            raft.initialize(members).await.map_err(|error| {
+                NodeError::Raft(format!("initialise container {container_id}: {error}"))
+            })?;
         }
         raft.wait(Some(Duration::from_millis(LEADER_WAIT_MS_MAX)))
             .current_leader(self.node_id, "single-member container elects itself")
             .await
-            .map_err(|error| NodeError::Raft(format!("container {container_id} has no leader: {error}")))?;
-        self.containers.write().await.insert(container_id, Container { raft: raft.clone() });
+            .map_err(|error| {
+                NodeError::Raft(format!("container {container_id} has no leader: {error}"))
+            })?;
+        self.containers
+            .write()
+            .await
+            .insert(container_id, Container { raft: raft.clone() });
         Ok(raft)
     }
 
@@ -208,14 +233,19 @@ impl StorageNode {
                 quota_bytes: volume.quota_bytes,
                 now_ns: self.now_ns(),
             };
-            self.propose(volume.container_id, Command::Filesystem(command)).await?;
+            self.propose(volume.container_id, Command::Filesystem(command))
+                .await?;
         }
         Ok(())
     }
 
     /// Proposes a command to a container and waits until it is applied. A command that failed
     /// deterministically comes back as `Err(NodeError::Fs(..))`.
-    pub async fn propose(&self, container_id: u64, command: Command) -> NodeResult<CommandResponse> {
+    pub async fn propose(
+        &self,
+        container_id: u64,
+        command: Command,
+    ) -> NodeResult<CommandResponse> {
         let raft = self
             .containers
             .read()
@@ -236,7 +266,10 @@ impl StorageNode {
     /// Durability barrier: every command applied before this call is durable when it returns
     /// (one device flush covers every container's buffered log appends).
     pub async fn flush_log(&self) -> NodeResult<()> {
-        self.log_store.flush().await.map_err(|source| NodeError::device("flush log", source))
+        self.log_store
+            .flush()
+            .await
+            .map_err(|source| NodeError::device("flush log", source))
     }
 
     /// The container serving a volume.
@@ -259,9 +292,13 @@ impl StorageNode {
             replication_minimum,
             now_ns: self.now_ns(),
         };
-        let CommandResponse::Volume(volume) = self.propose(METADATA_CONTAINER_ID, Command::Metadata(command)).await?
+        let CommandResponse::Volume(volume) = self
+            .propose(METADATA_CONTAINER_ID, Command::Metadata(command))
+            .await?
         else {
-            return Err(NodeError::InvalidState("create volume returned no volume".into()));
+            return Err(NodeError::InvalidState(
+                "create volume returned no volume".into(),
+            ));
         };
         self.start_volume_container(&volume).await?;
         self.flush_log().await?;
@@ -269,10 +306,16 @@ impl StorageNode {
     }
 
     pub async fn delete_volume(&self, name: &str) -> NodeResult<VolumeRecord> {
-        let command = MetadataCommand::DeleteVolume { name: name.to_owned() };
-        let CommandResponse::Volume(volume) = self.propose(METADATA_CONTAINER_ID, Command::Metadata(command)).await?
+        let command = MetadataCommand::DeleteVolume {
+            name: name.to_owned(),
+        };
+        let CommandResponse::Volume(volume) = self
+            .propose(METADATA_CONTAINER_ID, Command::Metadata(command))
+            .await?
         else {
-            return Err(NodeError::InvalidState("delete volume returned no volume".into()));
+            return Err(NodeError::InvalidState(
+                "delete volume returned no volume".into(),
+            ));
         };
         self.flush_log().await?;
         self.drop_container(volume.container_id).await?;
@@ -281,17 +324,27 @@ impl StorageNode {
 
     /// Finishes deletions interrupted by a crash: containers whose volume is gone.
     async fn drop_containers_without_volume(&self, volumes: &[VolumeRecord]) -> NodeResult<()> {
-        let (start, end) = (vec![keys::TAG_CONTAINER_STATE], vec![keys::TAG_CONTAINER_STATE + 1]);
+        let (start, end) = (
+            vec![keys::TAG_CONTAINER_STATE],
+            vec![keys::TAG_CONTAINER_STATE + 1],
+        );
         let mut orphans = Vec::new();
-        self.storage.state.scan(&start, &end, usize::MAX, |key, _| {
-            let container_id = u64::from_be_bytes(key[1..9].try_into().expect("container key"));
-            if container_id != METADATA_CONTAINER_ID && !volumes.iter().any(|v| v.container_id == container_id) {
-                orphans.push(container_id);
-            }
-            Ok(true)
-        })?;
+        self.storage
+            .state
+            .scan(&start, &end, usize::MAX, |key, _| {
+                let container_id = u64::from_be_bytes(key[1..9].try_into().expect("container key"));
+                if container_id != METADATA_CONTAINER_ID
+                    && !volumes.iter().any(|v| v.container_id == container_id)
+                {
+                    orphans.push(container_id);
+                }
+                Ok(true)
+            })?;
         for container_id in orphans {
-            tracing::warn!(container = container_id, "dropping container of a deleted volume");
+            tracing::warn!(
+                container = container_id,
+                "dropping container of a deleted volume"
+            );
             self.drop_container(container_id).await?;
         }
         Ok(())
@@ -299,7 +352,10 @@ impl StorageNode {
 
     /// Stops a container's Raft group and deletes its state and blocks.
     async fn drop_container(&self, container_id: u64) -> NodeResult<()> {
-        assert_ne!(container_id, METADATA_CONTAINER_ID, "the metadata container is never dropped");
+        assert_ne!(
+            container_id, METADATA_CONTAINER_ID,
+            "the metadata container is never dropped"
+        );
         if let Some(container) = self.containers.write().await.remove(&container_id) {
             if let Err(error) = container.raft.shutdown().await {
                 tracing::warn!(container = container_id, %error, "raft shutdown");
@@ -307,10 +363,15 @@ impl StorageNode {
         }
         let (block_start, block_end) = keys::container_range(keys::TAG_BLOCK, container_id);
         let mut freed = Vec::new();
-        self.storage.state.scan(&block_start, &block_end, usize::MAX, |_, value| {
-            freed.push(crate::records::decode::<crate::records::BlockRef>(value, "block reference")?.device_block);
-            Ok(true)
-        })?;
+        self.storage
+            .state
+            .scan(&block_start, &block_end, usize::MAX, |_, value| {
+                freed.push(
+                    crate::records::decode::<crate::records::BlockRef>(value, "block reference")?
+                        .device_block,
+                );
+                Ok(true)
+            })?;
         let mut batch = rocksdb::WriteBatch::default();
         for tag in [
             keys::TAG_CONTAINER_STATE,
@@ -332,7 +393,11 @@ impl StorageNode {
         self.storage.checkpoint(|_| Ok(())).await?;
         if let Some((_, last_index)) = self.log_store.group_state(container_id).last {
             self.log_store
-                .append(vec![ballast_device::LogRecord::Purge { group: container_id, index_upto: last_index, term: 0 }])
+                .append(vec![ballast_device::LogRecord::Purge {
+                    group: container_id,
+                    index_upto: last_index,
+                    term: 0,
+                }])
                 .await
                 .map_err(|source| NodeError::device("purge dropped container log", source))?;
         }
@@ -341,8 +406,13 @@ impl StorageNode {
 
     /// Raft handles of every container, for status.
     pub async fn container_rafts(&self) -> Vec<(u64, Raft)> {
-        let mut rafts: Vec<(u64, Raft)> =
-            self.containers.read().await.iter().map(|(&id, container)| (id, container.raft.clone())).collect();
+        let mut rafts: Vec<(u64, Raft)> = self
+            .containers
+            .read()
+            .await
+            .iter()
+            .map(|(&id, container)| (id, container.raft.clone()))
+            .collect();
         rafts.sort_by_key(|(id, _)| *id);
         rafts
     }
@@ -365,7 +435,9 @@ impl StorageNode {
             let mut pending = false;
             for (_, raft) in self.container_rafts().await {
                 let metrics = raft.metrics().borrow().clone();
-                if metrics.snapshot.map(|log_id| log_id.index) < metrics.last_applied.map(|log_id| log_id.index) {
+                if metrics.snapshot.map(|log_id| log_id.index)
+                    < metrics.last_applied.map(|log_id| log_id.index)
+                {
                     pending = true;
                 }
             }
@@ -396,7 +468,8 @@ async fn checkpoint_loop(node: Arc<StorageNode>) {
         let used = node.log_store.used_bytes();
         let region = node.log_store.region_size_bytes().max(1);
         let over_threshold = used * 100 / region >= CHECKPOINT_LOG_USED_PERCENT;
-        let interval_due = last_checkpoint.elapsed() >= Duration::from_millis(CHECKPOINT_INTERVAL_MS);
+        let interval_due =
+            last_checkpoint.elapsed() >= Duration::from_millis(CHECKPOINT_INTERVAL_MS);
         if notified || over_threshold || interval_due {
             tracing::debug!(used, region, notified, "checkpointing");
             node.checkpoint_all().await;
@@ -409,6 +482,10 @@ async fn checkpoint_loop(node: Arc<StorageNode>) {
 
 /// Formats a device for a new node (see `ballast_device::Device::format`).
 pub fn format_device(path: &Path, node_id: u64) -> NodeResult<ballast_device::Superblock> {
-    let options = ballast_device::FormatOptions { node_id, ..Default::default() };
-    Device::format(path, &options).map_err(|source| NodeError::device(format!("format {}", path.display()), source))
+    let options = ballast_device::FormatOptions {
+        node_id,
+        ..Default::default()
+    };
+    Device::format(path, &options)
+        .map_err(|source| NodeError::device(format!("format {}", path.display()), source))
 }

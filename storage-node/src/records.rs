@@ -112,8 +112,13 @@ mod tests {
     use proptest::prelude::*;
 
     fn inode_strategy() -> impl Strategy<Value = Inode> {
-        (any::<u32>(), any::<u64>(), any::<i64>(), proptest::option::of(".{0,40}")).prop_map(
-            |(mode, size_bytes, time_ns, symlink_target)| Inode {
+        (
+            any::<u32>(),
+            any::<u64>(),
+            any::<i64>(),
+            proptest::option::of(".{0,40}"),
+        )
+            .prop_map(|(mode, size_bytes, time_ns, symlink_target)| Inode {
                 kind: EntryKind::File,
                 mode,
                 uid: mode / 2,
@@ -129,8 +134,7 @@ mod tests {
                 parent: 1,
                 entry_count: 0,
                 cookie_next: 1,
-            },
-        )
+            })
     }
 
     proptest! {

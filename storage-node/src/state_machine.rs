@@ -12,7 +12,9 @@ use std::io::Cursor;
 use std::sync::Arc;
 
 use openraft::storage::RaftStateMachine;
-use openraft::{EntryPayload, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageIOError, StoredMembership};
+use openraft::{
+    EntryPayload, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageIOError, StoredMembership,
+};
 
 use crate::command::{Command, CommandResponse};
 use crate::error::{NodeError, NodeResult};
@@ -30,7 +32,10 @@ pub struct ContainerStateMachine {
 
 impl ContainerStateMachine {
     pub fn new(container_id: u64, storage: Arc<NodeStorage>) -> Self {
-        Self { container_id, storage }
+        Self {
+            container_id,
+            storage,
+        }
     }
 
     fn state(&self) -> NodeResult<ContainerState> {
@@ -60,7 +65,9 @@ impl ContainerStateMachine {
                 if self.container_id != METADATA_CONTAINER_ID {
                     filesystem::apply(&mut transaction, command).await
                 } else {
-                    Err(NodeError::InvalidState("filesystem command in the metadata container".into()))
+                    Err(NodeError::InvalidState(
+                        "filesystem command in the metadata container".into(),
+                    ))
                 }
             }
         };
@@ -87,8 +94,16 @@ impl RaftStateMachine<TypeConfig> for ContainerStateMachine {
 
     async fn applied_state(
         &mut self,
-    ) -> Result<(Option<crate::types::LogId>, StoredMembership<NodeId, RaftNode>), StorageError> {
-        let state = self.state().map_err(|error| StorageError::from(StorageIOError::read_state_machine(&error)))?;
+    ) -> Result<
+        (
+            Option<crate::types::LogId>,
+            StoredMembership<NodeId, RaftNode>,
+        ),
+        StorageError,
+    > {
+        let state = self
+            .state()
+            .map_err(|error| StorageError::from(StorageIOError::read_state_machine(&error)))?;
         Ok((state.last_applied, state.membership))
     }
 
@@ -138,7 +153,10 @@ impl RaftStateMachine<TypeConfig> for ContainerStateMachine {
                 "snapshot meta",
             )
             .map_err(|error| StorageError::from(StorageIOError::read_snapshot(None, &error)))?;
-        Ok(meta.map(|meta| Snapshot { meta, snapshot: Box::new(Cursor::new(Vec::new())) }))
+        Ok(meta.map(|meta| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(Vec::new())),
+        }))
     }
 }
 
@@ -150,7 +168,9 @@ impl RaftSnapshotBuilder<TypeConfig> for ContainerStateMachine {
             .checkpoint(|state| {
                 let container = filesystem::container_state_from(state, container_id)?;
                 let snapshot_id = match container.last_applied {
-                    Some(log_id) => format!("{container_id}-{}-{}", log_id.leader_id.term, log_id.index),
+                    Some(log_id) => {
+                        format!("{container_id}-{}-{}", log_id.leader_id.term, log_id.index)
+                    }
                     None => format!("{container_id}-empty"),
                 };
                 let meta = SnapshotMeta {
@@ -159,13 +179,19 @@ impl RaftSnapshotBuilder<TypeConfig> for ContainerStateMachine {
                     snapshot_id,
                 };
                 let mut batch = rocksdb::WriteBatch::default();
-                batch.put(keys::container_singleton(keys::TAG_SNAPSHOT, container_id), encode(&meta));
+                batch.put(
+                    keys::container_singleton(keys::TAG_SNAPSHOT, container_id),
+                    encode(&meta),
+                );
                 state.write_unlogged(batch)?;
                 Ok(meta)
             })
             .await
             .map_err(|error| StorageError::from(StorageIOError::write_snapshot(None, &error)))?;
         tracing::debug!(container = container_id, snapshot = %meta.snapshot_id, "checkpoint taken");
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(Vec::new())) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(Vec::new())),
+        })
     }
 }

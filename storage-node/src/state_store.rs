@@ -48,7 +48,9 @@ impl StateStore {
     }
 
     pub fn get_raw(&self, key: &[u8]) -> NodeResult<Option<Vec<u8>>> {
-        self.database.get(key).map_err(|source| NodeError::rocksdb("get", source))
+        self.database
+            .get(key)
+            .map_err(|source| NodeError::rocksdb("get", source))
     }
 
     pub fn get<T: DeserializeOwned>(&self, key: &[u8], what: &str) -> NodeResult<Option<T>> {
@@ -78,8 +80,12 @@ impl StateStore {
 
     /// Flushes every memtable to SST files and waits: makes all unlogged writes durable.
     pub fn flush(&self) -> NodeResult<()> {
-        self.database.flush().map_err(|source| NodeError::rocksdb("flush", source))?;
-        self.database.flush_wal(true).map_err(|source| NodeError::rocksdb("flush wal", source))
+        self.database
+            .flush()
+            .map_err(|source| NodeError::rocksdb("flush", source))?;
+        self.database
+            .flush_wal(true)
+            .map_err(|source| NodeError::rocksdb("flush wal", source))
     }
 
     /// Calls `visit` for each (key, value) with `start <= key < end`, in key order, until it
@@ -91,7 +97,9 @@ impl StateStore {
         limit: usize,
         mut visit: impl FnMut(&[u8], &[u8]) -> NodeResult<bool>,
     ) -> NodeResult<()> {
-        let iterator = self.database.iterator(IteratorMode::From(start, Direction::Forward));
+        let iterator = self
+            .database
+            .iterator(IteratorMode::From(start, Direction::Forward));
         for (visited, item) in iterator.enumerate() {
             if visited >= limit {
                 break;

@@ -18,7 +18,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ballast_device::{AlignedBuffer, BlockAllocator, BlockStore, DeviceError, Extent, BLOCK_SIZE_BYTES};
+use ballast_device::{
+    AlignedBuffer, BlockAllocator, BlockStore, DeviceError, Extent, BLOCK_SIZE_BYTES,
+};
 use rocksdb::WriteBatch;
 
 use crate::error::{FsError, NodeError, NodeResult};
@@ -41,7 +43,9 @@ pub struct NodeStorage {
 
 impl std::fmt::Debug for NodeStorage {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.debug_struct("NodeStorage").finish_non_exhaustive()
+        formatter
+            .debug_struct("NodeStorage")
+            .finish_non_exhaustive()
     }
 }
 
@@ -71,7 +75,10 @@ impl NodeStorage {
     }
 
     pub fn free_block_count(&self) -> u64 {
-        self.allocator.lock().expect("allocator lock").free_block_count()
+        self.allocator
+            .lock()
+            .expect("allocator lock")
+            .free_block_count()
     }
 
     pub fn checksum_error_count(&self) -> u64 {
@@ -92,7 +99,10 @@ impl NodeStorage {
             let mut allocator = self.allocator.lock().expect("allocator lock");
             match allocator.allocate(block_count) {
                 Ok(extents) => extents,
-                Err(DeviceError::NoSpace { requested_blocks, free_blocks }) => {
+                Err(DeviceError::NoSpace {
+                    requested_blocks,
+                    free_blocks,
+                }) => {
                     return Err(FsError::no_space(format!(
                         "device full: {requested_blocks} blocks requested, {free_blocks} free"
                     ))
@@ -120,8 +130,10 @@ impl NodeStorage {
                     let start = consumed_blocks * BLOCK_SIZE_BYTES;
                     let end = start + piece as usize * BLOCK_SIZE_BYTES;
                     let buffer = AlignedBuffer::from_slice_padded(&data[start..end]);
-                    if let Err(source) =
-                        self.block_store.write_blocks(extent.first_block + written, buffer).await
+                    if let Err(source) = self
+                        .block_store
+                        .write_blocks(extent.first_block + written, buffer)
+                        .await
                     {
                         result = Err(NodeError::device("write blocks", source));
                         break 'extents;
@@ -151,7 +163,11 @@ impl NodeStorage {
     /// Reads the given blocks, verifying each against its checksum. Contiguous device blocks are
     /// read with one request. A mismatch is an error, logged loudly; wrong bytes are never
     /// returned.
-    pub async fn read_verified(&self, references: &[BlockRef], context: &str) -> NodeResult<Vec<u8>> {
+    pub async fn read_verified(
+        &self,
+        references: &[BlockRef],
+        context: &str,
+    ) -> NodeResult<Vec<u8>> {
         let mut output = vec![0u8; references.len() * BLOCK_SIZE_BYTES];
         let mut index = 0;
         while index < references.len() {
@@ -167,7 +183,9 @@ impl NodeStorage {
                 .block_store
                 .read_blocks(first, run as u32)
                 .await
-                .map_err(|source| NodeError::device(format!("read blocks for {context}"), source))?;
+                .map_err(|source| {
+                    NodeError::device(format!("read blocks for {context}"), source)
+                })?;
             for offset in 0..run {
                 let block = &buffer[offset * BLOCK_SIZE_BYTES..(offset + 1) * BLOCK_SIZE_BYTES];
                 let reference = references[index + offset];
@@ -186,7 +204,8 @@ impl NodeStorage {
                         reference.device_block, reference.checksum, actual
                     )));
                 }
-                output[(index + offset) * BLOCK_SIZE_BYTES..(index + offset + 1) * BLOCK_SIZE_BYTES]
+                output
+                    [(index + offset) * BLOCK_SIZE_BYTES..(index + offset + 1) * BLOCK_SIZE_BYTES]
                     .copy_from_slice(block);
             }
             index += run;
@@ -202,13 +221,20 @@ impl NodeStorage {
     /// Known weakness: a group changed by another container's in-flight allocation may be
     /// persisted before that container's references; a crash in that window leaks those blocks
     /// (allocated, unreferenced). It never corrupts. A free-space audit is future work.
-    pub async fn commit_batch(&self, mut batch: WriteBatch, freed_device_blocks: &[u64]) -> NodeResult<()> {
+    pub async fn commit_batch(
+        &self,
+        mut batch: WriteBatch,
+        freed_device_blocks: &[u64],
+    ) -> NodeResult<()> {
         let _guard = self.apply_lock.lock().await;
         {
             let mut allocator = self.allocator.lock().expect("allocator lock");
             for &device_block in freed_device_blocks {
                 allocator
-                    .free_deferred(Extent { first_block: device_block, block_count: 1 })
+                    .free_deferred(Extent {
+                        first_block: device_block,
+                        block_count: 1,
+                    })
                     .map_err(|source| NodeError::device("free block", source))?;
             }
             for (group_index, bitmap) in allocator.take_dirty_groups() {
@@ -246,7 +272,10 @@ impl NodeStorage {
         tokio::task::spawn_blocking(move || storage.state.flush())
             .await
             .map_err(|error| NodeError::InvalidState(format!("checkpoint task: {error}")))??;
-        self.allocator.lock().expect("allocator lock").release_deferred();
+        self.allocator
+            .lock()
+            .expect("allocator lock")
+            .release_deferred();
         self.checkpoint_count.fetch_add(1, Ordering::Relaxed);
         Ok(value)
     }

@@ -24,14 +24,33 @@ impl TestStorage {
     pub fn new(device_size_bytes: u64) -> Self {
         let directory = tempfile::tempdir().expect("temporary directory");
         let device_path = directory.path().join("device.img");
-        std::fs::File::create(&device_path).unwrap().set_len(device_size_bytes).unwrap();
-        Device::format(&device_path, &FormatOptions { node_id: 1, ..Default::default() }).unwrap();
+        std::fs::File::create(&device_path)
+            .unwrap()
+            .set_len(device_size_bytes)
+            .unwrap();
+        Device::format(
+            &device_path,
+            &FormatOptions {
+                node_id: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let (device, storage) = open(directory.path());
-        Self { directory, device, storage, index: 0 }
+        Self {
+            directory,
+            device,
+            storage,
+            index: 0,
+        }
     }
 
     /// Applies one command the way the state machine does, with a fresh log id.
-    pub async fn apply(&mut self, container_id: u64, command: FilesystemCommand) -> NodeResult<CommandResponse> {
+    pub async fn apply(
+        &mut self,
+        container_id: u64,
+        command: FilesystemCommand,
+    ) -> NodeResult<CommandResponse> {
         self.index += 1;
         let log_id = openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), self.index);
         let mut transaction = Transaction::begin(&self.storage, container_id)?;

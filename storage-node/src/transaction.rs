@@ -90,7 +90,9 @@ impl<'storage> Transaction<'storage> {
         if let Some(staged) = self.inodes.get(&inode) {
             return Ok(staged.clone());
         }
-        self.storage.state.get::<Inode>(&keys::inode(self.container_id, inode), "inode")
+        self.storage
+            .state
+            .get::<Inode>(&keys::inode(self.container_id, inode), "inode")
     }
 
     /// The inode, or ENOENT.
@@ -123,18 +125,28 @@ impl<'storage> Transaction<'storage> {
         if let Some(staged) = self.dirents.get(&(parent, name.to_owned())) {
             return Ok(staged.clone());
         }
-        self.storage.state.get::<DirentValue>(&keys::dirent(self.container_id, parent, name), "dirent")
+        self.storage
+            .state
+            .get::<DirentValue>(&keys::dirent(self.container_id, parent, name), "dirent")
     }
 
     /// Stages a directory entry and its readdir row.
     pub fn put_dirent(&mut self, parent: u64, name: &str, value: DirentValue) {
-        let row = CookieRow { name: name.to_owned(), inode: value.inode, kind: value.kind };
-        self.batch.put(keys::dirent_cookie(self.container_id, parent, value.cookie), encode(&row));
+        let row = CookieRow {
+            name: name.to_owned(),
+            inode: value.inode,
+            kind: value.kind,
+        };
+        self.batch.put(
+            keys::dirent_cookie(self.container_id, parent, value.cookie),
+            encode(&row),
+        );
         self.dirents.insert((parent, name.to_owned()), Some(value));
     }
 
     pub fn delete_dirent(&mut self, parent: u64, name: &str, cookie: u64) {
-        self.batch.delete(keys::dirent_cookie(self.container_id, parent, cookie));
+        self.batch
+            .delete(keys::dirent_cookie(self.container_id, parent, cookie));
         self.dirents.insert((parent, name.to_owned()), None);
     }
 
@@ -147,7 +159,8 @@ impl<'storage> Transaction<'storage> {
     }
 
     pub fn record_allocated(&mut self, device_blocks: &[u64]) {
-        self.allocated_device_blocks.extend_from_slice(device_blocks);
+        self.allocated_device_blocks
+            .extend_from_slice(device_blocks);
     }
 
     /// Writes every staged change plus the applied log id, atomically.
@@ -172,20 +185,30 @@ impl<'storage> Transaction<'storage> {
             encode(&self.state),
         );
         let batch = std::mem::take(&mut self.batch).into_batch(WriteBatch::default());
-        self.storage.commit_batch(batch, &self.freed_device_blocks).await
+        self.storage
+            .commit_batch(batch, &self.freed_device_blocks)
+            .await
     }
 
     /// Discards every staged change of a failed command and commits only the applied log id,
     /// returning any blocks the command had written.
     pub async fn commit_failure(self, applied: Option<LogId>) -> NodeResult<()> {
-        let mut state = self.storage.state.get::<ContainerState>(
-            &keys::container_singleton(keys::TAG_CONTAINER_STATE, self.container_id),
-            "container state",
-        )?
-        .unwrap_or_default();
+        let mut state = self
+            .storage
+            .state
+            .get::<ContainerState>(
+                &keys::container_singleton(keys::TAG_CONTAINER_STATE, self.container_id),
+                "container state",
+            )?
+            .unwrap_or_default();
         state.last_applied = applied;
         let mut batch = WriteBatch::default();
-        batch.put(keys::container_singleton(keys::TAG_CONTAINER_STATE, self.container_id), encode(&state));
-        self.storage.commit_batch(batch, &self.allocated_device_blocks).await
+        batch.put(
+            keys::container_singleton(keys::TAG_CONTAINER_STATE, self.container_id),
+            encode(&state),
+        );
+        self.storage
+            .commit_batch(batch, &self.allocated_device_blocks)
+            .await
     }
 }

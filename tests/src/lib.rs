@@ -45,16 +45,28 @@ pub fn end_to_end_available() -> bool {
     }
     for name in ["ballast-node", "ballast-fuse", "ballast"] {
         if !binary(name).exists() {
-            missing.push(format!("binary {} (run `cargo build --workspace --bins` first)", binary(name).display()));
+            missing.push(format!(
+                "binary {} (run `cargo build --workspace --bins` first)",
+                binary(name).display()
+            ));
         }
     }
     if missing.is_empty() {
         return true;
     }
-    if std::env::var("CI").map(|value| value == "true").unwrap_or(false) {
-        panic!("end-to-end preconditions missing in CI: {}", missing.join(", "));
+    if std::env::var("CI")
+        .map(|value| value == "true")
+        .unwrap_or(false)
+    {
+        panic!(
+            "end-to-end preconditions missing in CI: {}",
+            missing.join(", ")
+        );
     }
-    eprintln!("SKIPPED: end-to-end preconditions missing: {}", missing.join(", "));
+    eprintln!(
+        "SKIPPED: end-to-end preconditions missing: {}",
+        missing.join(", ")
+    );
     false
 }
 
@@ -64,7 +76,11 @@ pub fn free_port() -> u16 {
 }
 
 /// Waits until `condition` holds, polling every 20 ms, for at most `timeout`.
-pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) -> Result<()> {
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut condition: impl FnMut() -> bool,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if condition() {
@@ -76,9 +92,13 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
 }
 
 pub fn is_mounted(mountpoint: &Path) -> bool {
-    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
     let wanted = mountpoint.to_string_lossy();
-    mountinfo.lines().any(|line| line.split(' ').nth(4) == Some(&*wanted))
+    mountinfo
+        .lines()
+        .any(|line| line.split(' ').nth(4) == Some(&*wanted))
 }
 
 fn kill(child: &mut Child, signal: i32) {
@@ -109,7 +129,9 @@ pub struct Mount {
 impl LocalNode {
     /// Formats a sparse device file of `device_size_bytes` and starts a node on it.
     pub fn start(device_size_bytes: u64) -> Result<Self> {
-        let directory = tempfile::Builder::new().prefix("ballast-test-").tempdir_in(test_root())?;
+        let directory = tempfile::Builder::new()
+            .prefix("ballast-test-")
+            .tempdir_in(test_root())?;
         let device_path = directory.path().join("device.img");
         let file = File::create(&device_path)?;
         file.set_len(device_size_bytes)?;
@@ -142,7 +164,10 @@ impl LocalNode {
     }
 
     fn start_process(&mut self) -> Result<()> {
-        let log = OpenOptions::new().create(true).append(true).open(&self.log_path)?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
         let child = Command::new(binary("ballast-node"))
             .arg("run")
             .arg("--device")
@@ -150,7 +175,10 @@ impl LocalNode {
             .arg("--state-dir")
             .arg(&self.state_directory)
             .args(["--listen", &self.address])
-            .env("RUST_LOG", std::env::var("BALLAST_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("BALLAST_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -167,7 +195,10 @@ impl LocalNode {
         });
         match receiver.recv_timeout(Duration::from_secs(120)) {
             Ok(line) if line.contains("serving on") => Ok(()),
-            Ok(line) => bail!("node did not start (printed {line:?}); log:\n{}", self.log_tail()),
+            Ok(line) => bail!(
+                "node did not start (printed {line:?}); log:\n{}",
+                self.log_tail()
+            ),
             Err(_) => bail!("node did not start within 120 s; log:\n{}", self.log_tail()),
         }
     }
@@ -200,7 +231,8 @@ impl LocalNode {
     }
 
     pub fn create_volume(&self, name: &str, quota: &str) -> Result<()> {
-        self.cli(&["volume", "create", name, "--quota", quota]).map(|_| ())
+        self.cli(&["volume", "create", name, "--quota", quota])
+            .map(|_| ())
     }
 
     /// Mounts a volume with the FUSE driver and waits until the mount is live.
@@ -208,7 +240,12 @@ impl LocalNode {
         let mountpoint = self.directory.path().join(format!("mnt-{volume}"));
         std::fs::create_dir_all(&mountpoint)?;
         let log_path = self.directory.path().join(format!("fuse-{volume}.log"));
-        let mut mount = Mount { volume: volume.to_owned(), mountpoint: mountpoint.clone(), log_path, process: None };
+        let mut mount = Mount {
+            volume: volume.to_owned(),
+            mountpoint: mountpoint.clone(),
+            log_path,
+            process: None,
+        };
         mount.start(&self.endpoint())?;
         self.mounts.push(mount);
         Ok(mountpoint)
@@ -267,7 +304,10 @@ impl LocalNode {
 
 impl Mount {
     fn start(&mut self, endpoint: &str) -> Result<()> {
-        let log = OpenOptions::new().create(true).append(true).open(&self.log_path)?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
         let child = Command::new(binary("ballast-fuse"))
             .args(["--node", endpoint, "--volume", &self.volume, "--mountpoint"])
             .arg(&self.mountpoint)
@@ -278,7 +318,9 @@ impl Mount {
             .context("starting ballast-fuse")?;
         self.process = Some(child);
         let mountpoint = self.mountpoint.clone();
-        let result = wait_until("the FUSE mount", Duration::from_secs(30), || is_mounted(&mountpoint));
+        let result = wait_until("the FUSE mount", Duration::from_secs(30), || {
+            is_mounted(&mountpoint)
+        });
         if result.is_err() {
             let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
             bail!("mount of {} failed; driver log:\n{log}", self.volume);
@@ -288,7 +330,11 @@ impl Mount {
 
     fn stop(&mut self) {
         if is_mounted(&self.mountpoint) {
-            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.mountpoint).status();
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&self.mountpoint)
+                .status();
         }
         if let Some(mut child) = self.process.take() {
             kill(&mut child, libc::SIGTERM);
@@ -303,7 +349,10 @@ impl Mount {
             let _ = child.wait();
         }
         if is_mounted(&self.mountpoint) {
-            let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mountpoint)
+                .status();
         }
     }
 }
@@ -317,15 +366,23 @@ impl Drop for LocalNode {
 
 /// Where test directories go: `BALLAST_TEST_DIR` or the system temp directory.
 pub fn test_root() -> PathBuf {
-    std::env::var("BALLAST_TEST_DIR").map(PathBuf::from).unwrap_or_else(|_| std::env::temp_dir())
+    std::env::var("BALLAST_TEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| std::env::temp_dir())
 }
 
 /// The seed for a randomized test: `BALLAST_SEED` to replay, otherwise from the clock. Always
 /// printed, so any failure can be replayed.
 pub fn seed(test: &str) -> u64 {
-    let seed = std::env::var("BALLAST_SEED").ok().and_then(|value| value.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-    });
+    let seed = std::env::var("BALLAST_SEED")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
     eprintln!("{test}: seed {seed} (replay with BALLAST_SEED={seed})");
     seed
 }

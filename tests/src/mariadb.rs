@@ -30,7 +30,12 @@ impl MariaDb {
     pub fn install(datadir: &Path, run_directory: &Path) -> Result<Self> {
         std::fs::create_dir_all(datadir)?;
         let output = Command::new("mariadb-install-db")
-            .args(["--no-defaults", "--user=root", "--skip-test-db", "--auth-root-authentication-method=normal"])
+            .args([
+                "--no-defaults",
+                "--user=root",
+                "--skip-test-db",
+                "--auth-root-authentication-method=normal",
+            ])
             .arg(format!("--datadir={}", datadir.display()))
             .output()
             .context("running mariadb-install-db")?;
@@ -52,7 +57,10 @@ impl MariaDb {
 
     pub fn start(&mut self) -> Result<()> {
         let _ = std::fs::remove_file(&self.socket);
-        let log = OpenOptions::new().create(true).append(true).open(&self.log_path)?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
         let child = Command::new("mariadbd")
             .args([
                 "--no-defaults",
@@ -66,16 +74,27 @@ impl MariaDb {
             ])
             .arg(format!("--datadir={}", self.datadir.display()))
             .arg(format!("--socket={}", self.socket.display()))
-            .arg(format!("--pid-file={}", self.socket.with_extension("pid").display()))
+            .arg(format!(
+                "--pid-file={}",
+                self.socket.with_extension("pid").display()
+            ))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .context("starting mariadbd")?;
         self.process = Some(child);
         let socket = self.socket.clone();
-        if wait_until("mariadbd to accept connections", Duration::from_secs(180), || {
-            socket.exists() && self.query("SELECT 1").map(|out| out.trim() == "1").unwrap_or(false)
-        })
+        if wait_until(
+            "mariadbd to accept connections",
+            Duration::from_secs(180),
+            || {
+                socket.exists()
+                    && self
+                        .query("SELECT 1")
+                        .map(|out| out.trim() == "1")
+                        .unwrap_or(false)
+            },
+        )
         .is_err()
         {
             bail!("mariadbd did not start; log:\n{}", self.log_tail());
@@ -97,7 +116,10 @@ impl MariaDb {
             .output()
             .context("running mariadb")?;
         if !output.status.success() {
-            bail!("query {sql:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+            bail!(
+                "query {sql:?} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
@@ -134,7 +156,11 @@ impl MariaDb {
                 }
             }
         });
-        Ok(Session { child, stdin, lines })
+        Ok(Session {
+            child,
+            stdin,
+            lines,
+        })
     }
 }
 
@@ -154,10 +180,21 @@ impl Session {
     /// Runs one transaction inserting `ids`; returns true only when the client printed the
     /// marker that follows a successful COMMIT (the ledger's evidence).
     pub fn insert_transaction(&mut self, ids: &[u64]) -> bool {
-        let values: Vec<String> = ids.iter().map(|id| format!("({id}, REPEAT('x', 200))")).collect();
+        let values: Vec<String> = ids
+            .iter()
+            .map(|id| format!("({id}, REPEAT('x', 200))"))
+            .collect();
         let marker = format!("committed-{}", ids[0]);
-        let sql = format!("BEGIN; INSERT INTO ledger (id, payload) VALUES {}; COMMIT; SELECT '{marker}';\n", values.join(","));
-        if self.stdin.write_all(sql.as_bytes()).and_then(|_| self.stdin.flush()).is_err() {
+        let sql = format!(
+            "BEGIN; INSERT INTO ledger (id, payload) VALUES {}; COMMIT; SELECT '{marker}';\n",
+            values.join(",")
+        );
+        if self
+            .stdin
+            .write_all(sql.as_bytes())
+            .and_then(|_| self.stdin.flush())
+            .is_err()
+        {
             return false;
         }
         match self.lines.recv_timeout(Duration::from_secs(120)) {

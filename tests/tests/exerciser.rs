@@ -16,13 +16,20 @@ const FILE_SIZE_BYTES_MAX: u64 = 8 << 20;
 const IO_LENGTH_BYTES_MAX: u64 = 192 << 10;
 
 fn operation_count() -> u64 {
-    std::env::var("BALLAST_EXERCISER_OPERATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000)
+    std::env::var("BALLAST_EXERCISER_OPERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000)
 }
 
 fn fallocate(file: &File, mode: i32, offset: u64, length: u64) -> std::io::Result<()> {
     // SAFETY: fallocate on an open descriptor with integer arguments.
     let result = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, length as i64) };
-    if result == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// The same operation applied to the mount and to the reference directory.
@@ -45,7 +52,13 @@ struct Totals {
 impl Pair {
     fn open(&self, name: &str) -> (File, File) {
         let open = |directory: &Path| {
-            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(directory.join(name)).unwrap()
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(directory.join(name))
+                .unwrap()
         };
         (open(&self.mount), open(&self.reference))
     }
@@ -60,7 +73,8 @@ impl Pair {
                 expected.as_ref().map(Vec::len)
             );
             if let (Some(actual), Some(expected)) = (&actual, &expected) {
-                if let Some(position) = actual.iter().zip(expected.iter()).position(|(a, b)| a != b) {
+                if let Some(position) = actual.iter().zip(expected.iter()).position(|(a, b)| a != b)
+                {
                     eprintln!("  first differing byte at {position}");
                 }
             }
@@ -77,7 +91,8 @@ impl Pair {
         match random.below(100) {
             0..=39 => {
                 let offset = random.below(FILE_SIZE_BYTES_MAX);
-                let length = 1 + random.below(IO_LENGTH_BYTES_MAX.min(FILE_SIZE_BYTES_MAX - offset));
+                let length =
+                    1 + random.below(IO_LENGTH_BYTES_MAX.min(FILE_SIZE_BYTES_MAX - offset));
                 let mut data = vec![0u8; length as usize];
                 random.fill(&mut data);
                 mount_file.write_all_at(&data, offset).unwrap();
@@ -92,7 +107,9 @@ impl Pair {
                 let actual_count = read_fully(&mount_file, &mut actual, offset);
                 let expected_count = read_fully(&reference_file, &mut expected, offset);
                 totals.reads += 1;
-                if actual_count != expected_count || actual[..actual_count] != expected[..expected_count] {
+                if actual_count != expected_count
+                    || actual[..actual_count] != expected[..expected_count]
+                {
                     eprintln!("MISMATCH read {name} offset {offset} length {length}: {actual_count} vs {expected_count} bytes");
                     return false;
                 }
@@ -123,7 +140,11 @@ impl Pair {
                 totals.renames += 1;
             }
             _ => {
-                if random.below(2) == 0 { mount_file.sync_all().unwrap() } else { mount_file.sync_data().unwrap() }
+                if random.below(2) == 0 {
+                    mount_file.sync_all().unwrap()
+                } else {
+                    mount_file.sync_data().unwrap()
+                }
                 totals.fsyncs += 1;
             }
         }
@@ -134,7 +155,10 @@ impl Pair {
 fn read_fully(file: &File, buffer: &mut [u8], offset: u64) -> usize {
     let mut total = 0;
     while total < buffer.len() {
-        match file.read_at(&mut buffer[total..], offset + total as u64).unwrap() {
+        match file
+            .read_at(&mut buffer[total..], offset + total as u64)
+            .unwrap()
+        {
             0 => break,
             count => total += count,
         }
@@ -149,14 +173,22 @@ fn setup(name: &str) -> Option<(LocalNode, Pair, tempfile::TempDir)> {
     let mut node = LocalNode::start(4 << 30).unwrap();
     node.create_volume(name, "2GiB").unwrap();
     let mount = node.mount(name).unwrap();
-    let reference = tempfile::Builder::new().prefix("ballast-reference-").tempdir_in(ballast_tests::test_root()).unwrap();
-    let pair = Pair { mount, reference: reference.path().to_path_buf() };
+    let reference = tempfile::Builder::new()
+        .prefix("ballast-reference-")
+        .tempdir_in(ballast_tests::test_root())
+        .unwrap();
+    let pair = Pair {
+        mount,
+        reference: reference.path().to_path_buf(),
+    };
     Some((node, pair, reference))
 }
 
 #[test]
 fn random_operations_match_reference() {
-    let Some((node, pair, _reference)) = setup("exerciser") else { return };
+    let Some((node, pair, _reference)) = setup("exerciser") else {
+        return;
+    };
     let seed = seed("random_operations_match_reference");
     let mut random = SplitMix64::new(seed);
     let mut totals = Totals::default();
@@ -181,14 +213,21 @@ fn random_operations_match_reference() {
         }
     }
     eprintln!("exerciser totals (seed {seed}): {totals:?}");
-    assert_eq!(totals.mismatches, 0, "seed {seed}: mismatches; node log:\n{}", node.log_tail());
+    assert_eq!(
+        totals.mismatches,
+        0,
+        "seed {seed}: mismatches; node log:\n{}",
+        node.log_tail()
+    );
 }
 
 /// Runs random operations per file, fsyncs and seals each file, kills the node with SIGKILL at a
 /// random moment, restarts, and checks that every sealed (fsync'd) file matches exactly.
 #[test]
 fn fsynced_files_survive_kill_during_random_operations() {
-    let Some((mut node, pair, _reference)) = setup("exerciser-kill") else { return };
+    let Some((mut node, pair, _reference)) = setup("exerciser-kill") else {
+        return;
+    };
     let seed = seed("fsynced_files_survive_kill_during_random_operations");
     let mut random = SplitMix64::new(seed);
     let mut totals = Totals::default();
@@ -199,7 +238,10 @@ fn fsynced_files_survive_kill_during_random_operations() {
         for file_index in 0..kill_after_files {
             let operations = 50 + random.below(150);
             for _ in 0..operations {
-                assert!(pair.step(&mut random, &mut totals), "seed {seed}: mismatch before the kill");
+                assert!(
+                    pair.step(&mut random, &mut totals),
+                    "seed {seed}: mismatch before the kill"
+                );
             }
             // Seal: fsync every working file, record its content under a unique name.
             for name in FILE_NAMES {
@@ -209,7 +251,10 @@ fn fsynced_files_survive_kill_during_random_operations() {
                 }
                 let sealed_name = format!("sealed-{round}-{file_index}-{name}");
                 fs::copy(pair.mount.join(name), pair.mount.join(&sealed_name)).unwrap();
-                File::open(pair.mount.join(&sealed_name)).unwrap().sync_all().unwrap();
+                File::open(pair.mount.join(&sealed_name))
+                    .unwrap()
+                    .sync_all()
+                    .unwrap();
                 sealed.insert(sealed_name, fs::read(&source).unwrap());
             }
         }
@@ -232,8 +277,16 @@ fn fsynced_files_survive_kill_during_random_operations() {
                 }
             }
         }
-        eprintln!("round {round}: {} sealed files checked, lost {lost}, wrong {wrong}; {totals:?}", sealed.len());
-        assert_eq!((lost, wrong), (0, 0), "seed {seed}: fsync'd data must survive kill -9\n{}", node.log_tail());
+        eprintln!(
+            "round {round}: {} sealed files checked, lost {lost}, wrong {wrong}; {totals:?}",
+            sealed.len()
+        );
+        assert_eq!(
+            (lost, wrong),
+            (0, 0),
+            "seed {seed}: fsync'd data must survive kill -9\n{}",
+            node.log_tail()
+        );
         // Resynchronise the working files with the reference (unsynced writes may be lost).
         for name in FILE_NAMES {
             let _ = fs::remove_file(pair.reference.join(name));

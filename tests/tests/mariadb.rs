@@ -15,7 +15,9 @@ fn setup() -> Option<(LocalNode, MariaDb)> {
     }
     if !mariadb::available() {
         if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("mariadb-server is not installed (scripts/install-prerequisites.sh installs it)");
+            panic!(
+                "mariadb-server is not installed (scripts/install-prerequisites.sh installs it)"
+            );
         }
         eprintln!("SKIPPED: mariadb-server not installed");
         return None;
@@ -27,9 +29,13 @@ fn setup() -> Option<(LocalNode, MariaDb)> {
     std::fs::create_dir_all(&run_directory).unwrap();
     let mut database = MariaDb::install(&mount.join("datadir"), &run_directory).unwrap();
     database.start().unwrap();
-    database.query("CREATE DATABASE IF NOT EXISTS test").unwrap();
     database
-        .query("CREATE TABLE test.ledger (id BIGINT PRIMARY KEY, payload VARCHAR(255)) ENGINE=InnoDB")
+        .query("CREATE DATABASE IF NOT EXISTS test")
+        .unwrap();
+    database
+        .query(
+            "CREATE TABLE test.ledger (id BIGINT PRIMARY KEY, payload VARCHAR(255)) ENGINE=InnoDB",
+        )
         .unwrap();
     Some((node, database))
 }
@@ -53,17 +59,31 @@ fn insert_load(database: &MariaDb, first_id: u64, transaction_count: u64) -> BTr
 fn assert_ledger_present(database: &MariaDb, ledger: &BTreeSet<u64>, context: &str) {
     let present = ledger_ids(database).unwrap();
     let missing: Vec<&u64> = ledger.difference(&present).collect();
-    assert!(missing.is_empty(), "{context}: {} committed rows missing, first {:?}", missing.len(), missing.first());
+    assert!(
+        missing.is_empty(),
+        "{context}: {} committed rows missing, first {:?}",
+        missing.len(),
+        missing.first()
+    );
     let check = database.query("CHECK TABLE test.ledger").unwrap();
-    assert!(check.contains("status\tOK") || check.trim_end().ends_with("OK"), "{context}: CHECK TABLE: {check}");
+    assert!(
+        check.contains("status\tOK") || check.trim_end().ends_with("OK"),
+        "{context}: CHECK TABLE: {check}"
+    );
 }
 
 #[test]
 fn mariadb_survives_kill_of_mariadbd_and_of_the_node() {
-    let Some((mut node, mut database)) = setup() else { return };
+    let Some((mut node, mut database)) = setup() else {
+        return;
+    };
     // 1. At least 10,000 rows in transactions, each commit confirmed.
     let mut ledger = insert_load(&database, 1, 1_000);
-    assert_eq!(ledger.len(), 10_000, "every transaction of the first load commits");
+    assert_eq!(
+        ledger.len(),
+        10_000,
+        "every transaction of the first load commits"
+    );
     assert_ledger_present(&database, &ledger, "after the first load");
 
     // 2. kill -9 of mariadbd while a load runs, then InnoDB recovery.
@@ -81,7 +101,10 @@ fn mariadb_survives_kill_of_mariadbd_and_of_the_node() {
         unsafe { libc::kill(pid, libc::SIGKILL) };
         load.join().unwrap()
     });
-    assert!(!concurrent.is_empty(), "some commits confirmed before the kill");
+    assert!(
+        !concurrent.is_empty(),
+        "some commits confirmed before the kill"
+    );
     ledger.extend(&concurrent);
     database.kill(); // reap
     database.start().unwrap();
@@ -95,7 +118,10 @@ fn mariadb_survives_kill_of_mariadbd_and_of_the_node() {
         node.kill_node();
         load.join().unwrap()
     });
-    assert!(!concurrent.is_empty(), "some commits confirmed before the node was killed");
+    assert!(
+        !concurrent.is_empty(),
+        "some commits confirmed before the node was killed"
+    );
     ledger.extend(&concurrent);
     database.kill();
     node.restart_node().unwrap();

@@ -25,7 +25,9 @@ fn setup(quota: &str) -> Option<(LocalNode, PathBuf)> {
 }
 
 fn errno_of(error: &std::io::Error) -> i32 {
-    error.raw_os_error().unwrap_or_else(|| panic!("not an OS error: {error}"))
+    error
+        .raw_os_error()
+        .unwrap_or_else(|| panic!("not an OS error: {error}"))
 }
 
 fn expect_errno<T: std::fmt::Debug>(result: std::io::Result<T>, errno: i32, what: &str) {
@@ -40,16 +42,33 @@ fn c_path(path: &Path) -> CString {
 }
 
 fn pattern(length: usize, seed: u8) -> Vec<u8> {
-    (0..length).map(|index| (index as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..length)
+        .map(|index| (index as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 #[test]
 fn pread_and_pwrite_at_any_offset() {
-    let Some((_node, mount)) = setup("1GiB") else { return };
+    let Some((_node, mount)) = setup("1GiB") else {
+        return;
+    };
     let path = mount.join("data");
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
     let mut model = vec![0u8; 300_000];
-    for (offset, length, seed) in [(0usize, 100usize, 1u8), (4090, 20, 2), (8192, 4096, 3), (12_345, 70_001, 4), (299_000, 1000, 5), (1, 1, 6)] {
+    for (offset, length, seed) in [
+        (0usize, 100usize, 1u8),
+        (4090, 20, 2),
+        (8192, 4096, 3),
+        (12_345, 70_001, 4),
+        (299_000, 1000, 5),
+        (1, 1, 6),
+    ] {
         let data = pattern(length, seed);
         file.write_all_at(&data, offset as u64).unwrap();
         model[offset..offset + length].copy_from_slice(&data);
@@ -62,12 +81,18 @@ fn pread_and_pwrite_at_any_offset() {
     assert_eq!(fs::read(&path).unwrap(), model);
     let mut tail = vec![0u8; 10];
     let file = File::open(&path).unwrap();
-    assert_eq!(file.read_at(&mut tail, model.len() as u64 - 4).unwrap(), 4, "short read at end of file");
+    assert_eq!(
+        file.read_at(&mut tail, model.len() as u64 - 4).unwrap(),
+        4,
+        "short read at end of file"
+    );
 }
 
 #[test]
 fn fsync_and_fdatasync_survive_node_kill() {
-    let Some((mut node, mount)) = setup("1GiB") else { return };
+    let Some((mut node, mount)) = setup("1GiB") else {
+        return;
+    };
     let first = mount.join("synced");
     let second = mount.join("datasynced");
     let payload = pattern(1 << 20, 7);
@@ -80,13 +105,23 @@ fn fsync_and_fdatasync_survive_node_kill() {
     node.kill_node();
     node.restart_node().unwrap();
     node.remount_all().unwrap();
-    assert_eq!(fs::read(&first).unwrap(), payload, "fsync'd data after kill -9 of the node");
-    assert_eq!(fs::read(&second).unwrap(), &payload[..65_536], "fdatasync'd data after kill -9");
+    assert_eq!(
+        fs::read(&first).unwrap(),
+        payload,
+        "fsync'd data after kill -9 of the node"
+    );
+    assert_eq!(
+        fs::read(&second).unwrap(),
+        &payload[..65_536],
+        "fdatasync'd data after kill -9"
+    );
 }
 
 #[test]
 fn o_direct_open_reads_and_writes() {
-    let Some((_node, mount)) = setup("1GiB") else { return };
+    let Some((_node, mount)) = setup("1GiB") else {
+        return;
+    };
     let path = mount.join("direct");
     let file = OpenOptions::new()
         .read(true)
@@ -115,63 +150,123 @@ fn o_direct_open_reads_and_writes() {
 fn fallocate(file: &File, mode: i32, offset: i64, length: i64) -> std::io::Result<()> {
     // SAFETY: fallocate on an open descriptor with plain integer arguments.
     let result = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, length) };
-    if result == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 #[test]
 fn fallocate_modes() {
-    let Some((_node, mount)) = setup("1GiB") else { return };
+    let Some((_node, mount)) = setup("1GiB") else {
+        return;
+    };
     let path = mount.join("preallocated");
-    let file = OpenOptions::new().read(true).write(true).create(true).open(&path).unwrap();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
     fallocate(&file, 0, 0, 1 << 20).unwrap();
     let metadata = file.metadata().unwrap();
     assert_eq!(metadata.len(), 1 << 20, "mode 0 extends the size");
-    assert!(metadata.blocks() >= (1 << 20) / 512, "blocks are allocated: {}", metadata.blocks());
+    assert!(
+        metadata.blocks() >= (1 << 20) / 512,
+        "blocks are allocated: {}",
+        metadata.blocks()
+    );
     fallocate(&file, libc::FALLOC_FL_KEEP_SIZE, 1 << 20, 1 << 20).unwrap();
-    assert_eq!(file.metadata().unwrap().len(), 1 << 20, "KEEP_SIZE keeps the size");
+    assert_eq!(
+        file.metadata().unwrap().len(),
+        1 << 20,
+        "KEEP_SIZE keeps the size"
+    );
     file.write_all_at(&pattern(3 * 4096, 1), 0).unwrap();
-    fallocate(&file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 100, 8000).unwrap();
+    fallocate(
+        &file,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        100,
+        8000,
+    )
+    .unwrap();
     let mut read_back = vec![0u8; 3 * 4096];
     file.read_exact_at(&mut read_back, 0).unwrap();
     let mut expected = pattern(3 * 4096, 1);
     expected[100..8100].fill(0);
-    assert_eq!(read_back, expected, "punched range reads as zeros, the rest is intact");
-    expect_errno(fallocate(&file, libc::FALLOC_FL_COLLAPSE_RANGE, 0, 4096), libc::EOPNOTSUPP, "unsupported mode");
+    assert_eq!(
+        read_back, expected,
+        "punched range reads as zeros, the rest is intact"
+    );
+    expect_errno(
+        fallocate(&file, libc::FALLOC_FL_COLLAPSE_RANGE, 0, 4096),
+        libc::EOPNOTSUPP,
+        "unsupported mode",
+    );
     expect_errno(fallocate(&file, 0, 0, 0), libc::EINVAL, "zero length");
 }
 
 #[test]
 fn truncate_and_ftruncate() {
-    let Some((_node, mount)) = setup("1GiB") else { return };
+    let Some((_node, mount)) = setup("1GiB") else {
+        return;
+    };
     let path = mount.join("truncated");
     fs::write(&path, pattern(10_000, 3)).unwrap();
-    let file = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
     file.set_len(5000).unwrap(); // ftruncate
     assert_eq!(fs::metadata(&path).unwrap().len(), 5000);
     file.set_len(9000).unwrap();
     let content = fs::read(&path).unwrap();
     assert_eq!(&content[..5000], &pattern(10_000, 3)[..5000]);
-    assert!(content[5000..].iter().all(|&byte| byte == 0), "extended range must read as zeros, never old bytes");
+    assert!(
+        content[5000..].iter().all(|&byte| byte == 0),
+        "extended range must read as zeros, never old bytes"
+    );
     let c = c_path(&path);
     // SAFETY: truncate(2) with a valid NUL-terminated path.
     assert_eq!(unsafe { libc::truncate(c.as_ptr(), 0) }, 0);
     assert_eq!(fs::metadata(&path).unwrap().len(), 0);
-    // SAFETY: as above, on a directory: must fail with EISDIR.
+    // On a directory: must fail with EISDIR.
     let directory = c_path(&mount);
+    // SAFETY: truncate(2) with a valid NUL-terminated path.
     assert_eq!(unsafe { libc::truncate(directory.as_ptr(), 0) }, -1);
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EISDIR));
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EISDIR)
+    );
 }
 
 fn rename_with_flags(from: &Path, to: &Path, flags: u32) -> std::io::Result<()> {
     let (from, to) = (c_path(from), c_path(to));
     // SAFETY: renameat2 with valid NUL-terminated paths relative to the current directory.
-    let result = unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), flags) };
-    if result == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    let result = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            flags,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 #[test]
 fn rename_over_existing_is_atomic_and_checked() {
-    let Some((_node, mount)) = setup("1GiB") else { return };
+    let Some((_node, mount)) = setup("1GiB") else {
+        return;
+    };
     let (a, b) = (mount.join("a"), mount.join("b"));
     fs::write(&a, b"new contents").unwrap();
     fs::write(&b, b"old contents").unwrap();
@@ -184,7 +279,11 @@ fn rename_over_existing_is_atomic_and_checked() {
     (&held).read_to_string(&mut old).unwrap();
     assert_eq!(old, "old contents");
     fs::write(&a, b"x").unwrap();
-    expect_errno(rename_with_flags(&a, &b, libc::RENAME_NOREPLACE), libc::EEXIST, "RENAME_NOREPLACE");
+    expect_errno(
+        rename_with_flags(&a, &b, libc::RENAME_NOREPLACE),
+        libc::EEXIST,
+        "RENAME_NOREPLACE",
+    );
     rename_with_flags(&a, &b, libc::RENAME_EXCHANGE).unwrap();
     assert_eq!(fs::read(&a).unwrap(), b"new contents");
     assert_eq!(fs::read(&b).unwrap(), b"x");
@@ -192,25 +291,47 @@ fn rename_over_existing_is_atomic_and_checked() {
     fs::create_dir(&directory).unwrap();
     fs::create_dir(&full).unwrap();
     fs::write(full.join("f"), b"1").unwrap();
-    expect_errno(fs::rename(&directory, &full), libc::ENOTEMPTY, "dir over non-empty dir");
+    expect_errno(
+        fs::rename(&directory, &full),
+        libc::ENOTEMPTY,
+        "dir over non-empty dir",
+    );
     expect_errno(fs::rename(&a, &directory), libc::EISDIR, "file over dir");
     expect_errno(fs::rename(&directory, &a), libc::ENOTDIR, "dir over file");
-    expect_errno(fs::rename(&full, full.join("inside")), libc::EINVAL, "dir into itself");
-    expect_errno(fs::rename(mount.join("missing"), &a), libc::ENOENT, "missing source");
+    expect_errno(
+        fs::rename(&full, full.join("inside")),
+        libc::EINVAL,
+        "dir into itself",
+    );
+    expect_errno(
+        fs::rename(mount.join("missing"), &a),
+        libc::ENOENT,
+        "missing source",
+    );
     fs::rename(&directory, mount.join("moved")).unwrap();
     assert!(mount.join("moved").is_dir());
 }
 
 #[test]
 fn unlink_while_open_keeps_data_until_close() {
-    let Some((node, mount)) = setup("64MiB") else { return };
+    let Some((node, mount)) = setup("64MiB") else {
+        return;
+    };
     let path = mount.join("temporary");
     let payload = pattern(8 << 20, 5);
     fs::write(&path, &payload).unwrap();
-    let mut file = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
     fs::remove_file(&path).unwrap();
     expect_errno(fs::metadata(&path), libc::ENOENT, "name is gone");
-    assert_eq!(file.metadata().unwrap().nlink(), 0, "fstat of an unlinked file");
+    assert_eq!(
+        file.metadata().unwrap().nlink(),
+        0,
+        "fstat of an unlinked file"
+    );
     let mut read_back = Vec::new();
     file.read_to_end(&mut read_back).unwrap();
     assert_eq!(read_back, payload, "data readable through the open handle");
@@ -218,52 +339,89 @@ fn unlink_while_open_keeps_data_until_close() {
     file.write_all(b"still writable").unwrap();
     file.sync_all().unwrap();
     let used_while_open = volume_used_bytes(&node);
-    assert!(used_while_open >= 8 << 20, "space is held while open: {used_while_open}");
+    assert!(
+        used_while_open >= 8 << 20,
+        "space is held while open: {used_while_open}"
+    );
     drop(file);
-    ballast_tests::wait_until("space of the closed orphan to be freed", std::time::Duration::from_secs(10), || {
-        volume_used_bytes(&node) < 1 << 20
-    })
+    ballast_tests::wait_until(
+        "space of the closed orphan to be freed",
+        std::time::Duration::from_secs(10),
+        || volume_used_bytes(&node) < 1 << 20,
+    )
     .unwrap();
 }
 
 fn volume_used_bytes(node: &LocalNode) -> u64 {
     let listing = node.cli(&["volume", "list", "--bytes"]).unwrap();
-    let row = listing.lines().find(|line| line.starts_with("posix ")).expect("volume row");
+    let row = listing
+        .lines()
+        .find(|line| line.starts_with("posix "))
+        .expect("volume row");
     // NAME ID QUOTA USED RF INODES
-    row.split_whitespace().nth(3).expect("USED column").parse().expect("bytes")
+    row.split_whitespace()
+        .nth(3)
+        .expect("USED column")
+        .parse()
+        .expect("bytes")
 }
 
 #[test]
 fn flock_and_fcntl_locks() {
-    let Some((_node, mount)) = setup("1GiB") else { return };
+    let Some((_node, mount)) = setup("1GiB") else {
+        return;
+    };
     let path = mount.join("locked");
     fs::write(&path, vec![0u8; 4096]).unwrap();
     let first = File::open(&path).unwrap();
     let second = File::open(&path).unwrap();
-    // SAFETY: flock on open descriptors.
-    assert_eq!(unsafe { libc::flock(first.as_raw_fd(), libc::LOCK_EX) }, 0);
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::flock(second.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, -1);
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EWOULDBLOCK));
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::flock(first.as_raw_fd(), libc::LOCK_UN) }, 0);
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::flock(second.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+    assert_eq!(flock(&first, libc::LOCK_EX), 0);
+    assert_eq!(flock(&second, libc::LOCK_EX | libc::LOCK_NB), -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EWOULDBLOCK)
+    );
+    assert_eq!(flock(&first, libc::LOCK_UN), 0);
+    assert_eq!(flock(&second, libc::LOCK_EX | libc::LOCK_NB), 0);
 
     // fcntl byte-range locks are per process: hold bytes 0..100 here, probe from another process.
-    let file = OpenOptions::new().read(true).write(true).open(&path).unwrap();
-    let lock = libc::flock { l_type: libc::F_WRLCK as i16, l_whence: libc::SEEK_SET as i16, l_start: 0, l_len: 100, l_pid: 0 };
-    // SAFETY: F_SETLK with a valid flock structure.
-    assert_eq!(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &lock) }, 0);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let lock = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 100,
+        l_pid: 0,
+    };
+    // SAFETY: F_SETLK on an open descriptor with a valid flock structure.
+    let result = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &lock) };
+    assert_eq!(result, 0);
     let probe = |start: u64, length: u64| -> String {
         let script = format!(
             "import fcntl,sys\nf=open(sys.argv[1],'r+')\ntry:\n fcntl.lockf(f,fcntl.LOCK_EX|fcntl.LOCK_NB,{length},{start})\n print('acquired')\nexcept OSError as e:\n print('blocked',e.errno)"
         );
-        let output = Command::new("python3").arg("-c").arg(script).arg(&path).output().unwrap();
+        let output = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(&path)
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     };
-    assert!(probe(50, 10).starts_with("blocked"), "overlapping range must be refused");
+    assert!(
+        probe(50, 10).starts_with("blocked"),
+        "overlapping range must be refused"
+    );
     assert_eq!(probe(200, 10), "acquired", "a disjoint range is free");
+}
+
+fn flock(file: &File, operation: i32) -> i32 {
+    // SAFETY: flock(2) on a descriptor owned by `file` for the duration of the call.
+    unsafe { libc::flock(file.as_raw_fd(), operation) }
 }
 
 fn statvfs(path: &Path) -> libc::statvfs {
@@ -277,43 +435,81 @@ fn statvfs(path: &Path) -> libc::statvfs {
 
 #[test]
 fn statfs_shows_quota_and_usage() {
-    let Some((_node, mount)) = setup("100MiB") else { return };
+    let Some((_node, mount)) = setup("100MiB") else {
+        return;
+    };
     let before = statvfs(&mount);
-    assert_eq!(before.f_blocks * before.f_frsize, 100 << 20, "total = quota");
+    assert_eq!(
+        before.f_blocks * before.f_frsize,
+        100 << 20,
+        "total = quota"
+    );
     fs::write(mount.join("ten"), pattern(10 << 20, 1)).unwrap();
     File::open(mount.join("ten")).unwrap().sync_all().unwrap();
     let after = statvfs(&mount);
     let used = (before.f_bfree - after.f_bfree) * after.f_frsize;
-    assert!((10 << 20..=11 << 20).contains(&used), "10 MiB written shows as used: {used}");
+    assert!(
+        (10 << 20..=11 << 20).contains(&used),
+        "10 MiB written shows as used: {used}"
+    );
 }
 
 #[test]
 fn hard_links_and_symlinks() {
-    let Some((_node, mount)) = setup("1GiB") else { return };
+    let Some((_node, mount)) = setup("1GiB") else {
+        return;
+    };
     let original = mount.join("original");
     fs::write(&original, b"shared").unwrap();
     fs::hard_link(&original, mount.join("alias")).unwrap();
-    let (first, second) = (fs::metadata(&original).unwrap(), fs::metadata(mount.join("alias")).unwrap());
+    let (first, second) = (
+        fs::metadata(&original).unwrap(),
+        fs::metadata(mount.join("alias")).unwrap(),
+    );
     assert_eq!(first.ino(), second.ino());
     assert_eq!(second.nlink(), 2);
     fs::write(mount.join("alias"), b"changed").unwrap();
     assert_eq!(fs::read(&original).unwrap(), b"changed");
     fs::remove_file(&original).unwrap();
     assert_eq!(fs::metadata(mount.join("alias")).unwrap().nlink(), 1);
-    expect_errno(fs::hard_link(mount.join("alias"), mount.join("alias")), libc::EEXIST, "link onto existing");
+    expect_errno(
+        fs::hard_link(mount.join("alias"), mount.join("alias")),
+        libc::EEXIST,
+        "link onto existing",
+    );
     fs::create_dir(mount.join("d")).unwrap();
-    expect_errno(fs::hard_link(mount.join("d"), mount.join("d2")), libc::EPERM, "link to a directory");
+    expect_errno(
+        fs::hard_link(mount.join("d"), mount.join("d2")),
+        libc::EPERM,
+        "link to a directory",
+    );
     std::os::unix::fs::symlink("alias", mount.join("pointer")).unwrap();
-    assert_eq!(fs::read_link(mount.join("pointer")).unwrap(), PathBuf::from("alias"));
-    assert_eq!(fs::read(mount.join("pointer")).unwrap(), b"changed", "symlink resolves");
-    assert!(fs::symlink_metadata(mount.join("pointer")).unwrap().file_type().is_symlink());
+    assert_eq!(
+        fs::read_link(mount.join("pointer")).unwrap(),
+        PathBuf::from("alias")
+    );
+    assert_eq!(
+        fs::read(mount.join("pointer")).unwrap(),
+        b"changed",
+        "symlink resolves"
+    );
+    assert!(fs::symlink_metadata(mount.join("pointer"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
     std::os::unix::fs::symlink("nowhere", mount.join("dangling")).unwrap();
-    expect_errno(fs::read(mount.join("dangling")), libc::ENOENT, "dangling symlink");
+    expect_errno(
+        fs::read(mount.join("dangling")),
+        libc::ENOENT,
+        "dangling symlink",
+    );
 }
 
 #[test]
 fn attributes_are_correct() {
-    let Some((_node, mount)) = setup("1GiB") else { return };
+    let Some((_node, mount)) = setup("1GiB") else {
+        return;
+    };
     let path = mount.join("attributes");
     fs::write(&path, b"12345").unwrap();
     let created = fs::metadata(&path).unwrap();
@@ -323,13 +519,24 @@ fn attributes_are_correct() {
     fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
     let changed = fs::metadata(&path).unwrap();
     assert_eq!(changed.mode() & 0o7777, 0o640);
-    assert!(changed.ctime_nsec() != created.ctime_nsec() || changed.ctime() > created.ctime(), "chmod updates ctime");
+    assert!(
+        changed.ctime_nsec() != created.ctime_nsec() || changed.ctime() > created.ctime(),
+        "chmod updates ctime"
+    );
     assert_eq!(changed.mtime(), created.mtime(), "chmod leaves mtime");
     std::thread::sleep(std::time::Duration::from_millis(20));
-    OpenOptions::new().append(true).open(&path).unwrap().write_all(b"678").unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap()
+        .write_all(b"678")
+        .unwrap();
     let written = fs::metadata(&path).unwrap();
     assert_eq!(written.len(), 8);
-    assert!((written.mtime(), written.mtime_nsec()) > (changed.mtime(), changed.mtime_nsec()), "write updates mtime");
+    assert!(
+        (written.mtime(), written.mtime_nsec()) > (changed.mtime(), changed.mtime_nsec()),
+        "write updates mtime"
+    );
     std::os::unix::fs::chown(&path, Some(1234), Some(5678)).unwrap();
     let owned = fs::metadata(&path).unwrap();
     assert_eq!((owned.uid(), owned.gid()), (1234, 5678));
@@ -337,7 +544,11 @@ fn attributes_are_correct() {
     let directory = fs::metadata(mount.join("sub")).unwrap();
     assert!(directory.is_dir());
     assert_eq!(directory.nlink(), 2);
-    assert_eq!(fs::metadata(&mount).unwrap().nlink(), 3, "root: . + .. + sub/..");
+    assert_eq!(
+        fs::metadata(&mount).unwrap().nlink(),
+        3,
+        "root: . + .. + sub/.."
+    );
     // Times persist across a remount (no kernel cache involved).
     let before = fs::metadata(&path).unwrap();
     drop(before.clone());
@@ -346,7 +557,9 @@ fn attributes_are_correct() {
 
 #[test]
 fn directory_with_100000_entries() {
-    let Some((_node, mount)) = setup("1GiB") else { return };
+    let Some((_node, mount)) = setup("1GiB") else {
+        return;
+    };
     let directory = mount.join("many");
     fs::create_dir(&directory).unwrap();
     const ENTRY_COUNT: usize = 100_000;
@@ -361,18 +574,28 @@ fn directory_with_100000_entries() {
             });
         }
     });
-    let mut names: Vec<String> =
-        fs::read_dir(&directory).unwrap().map(|entry| entry.unwrap().file_name().into_string().unwrap()).collect();
-    assert_eq!(names.len(), ENTRY_COUNT, "readdir returns every entry exactly once");
+    let mut names: Vec<String> = fs::read_dir(&directory)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        names.len(),
+        ENTRY_COUNT,
+        "readdir returns every entry exactly once"
+    );
     names.sort();
     names.dedup();
     assert_eq!(names.len(), ENTRY_COUNT, "no duplicates");
-    assert!(fs::metadata(directory.join("entry-054321")).unwrap().is_file());
+    assert!(fs::metadata(directory.join("entry-054321"))
+        .unwrap()
+        .is_file());
 }
 
 #[test]
 fn files_larger_than_a_request_and_sparse_files() {
-    let Some((_node, mount)) = setup("2GiB") else { return };
+    let Some((_node, mount)) = setup("2GiB") else {
+        return;
+    };
     let path = mount.join("large");
     let mut file = File::create(&path).unwrap();
     let block = pattern(1 << 20, 11);
@@ -390,11 +613,21 @@ fn files_larger_than_a_request_and_sparse_files() {
         assert_eq!(&content[(index << 20) + 1..(index + 1) << 20], &block[1..]);
     }
     let sparse = mount.join("sparse");
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&sparse).unwrap();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&sparse)
+        .unwrap();
     file.write_all_at(b"end", 1 << 30).unwrap();
     let metadata = file.metadata().unwrap();
     assert_eq!(metadata.len(), (1 << 30) + 3);
-    assert!(metadata.blocks() <= 16, "a sparse file allocates only what was written: {} blocks", metadata.blocks());
+    assert!(
+        metadata.blocks() <= 16,
+        "a sparse file allocates only what was written: {} blocks",
+        metadata.blocks()
+    );
     let mut hole = vec![1u8; 65_536];
     file.read_exact_at(&mut hole, 500 << 20).unwrap();
     assert!(hole.iter().all(|&byte| byte == 0), "holes read as zeros");
@@ -402,7 +635,9 @@ fn files_larger_than_a_request_and_sparse_files() {
 
 #[test]
 fn quota_exceeded_gives_enospc_and_damages_nothing() {
-    let Some((_node, mount)) = setup("16MiB") else { return };
+    let Some((_node, mount)) = setup("16MiB") else {
+        return;
+    };
     let keep = mount.join("keep");
     fs::write(&keep, pattern(4 << 20, 2)).unwrap();
     let path = mount.join("too-big");
@@ -421,27 +656,76 @@ fn quota_exceeded_gives_enospc_and_damages_nothing() {
         "quota error must be ENOSPC or EDQUOT, got {error}"
     );
     drop(file);
-    assert_eq!(fs::read(&keep).unwrap(), pattern(4 << 20, 2), "existing data intact");
+    assert_eq!(
+        fs::read(&keep).unwrap(),
+        pattern(4 << 20, 2),
+        "existing data intact"
+    );
     fs::remove_file(&path).unwrap();
     fs::write(mount.join("after"), pattern(1 << 20, 4)).unwrap();
-    assert_eq!(fs::read(mount.join("after")).unwrap(), pattern(1 << 20, 4), "space is usable again");
+    assert_eq!(
+        fs::read(mount.join("after")).unwrap(),
+        pattern(1 << 20, 4),
+        "space is usable again"
+    );
 }
 
 #[test]
 fn error_codes_of_bad_calls() {
-    let Some((mut node, mount)) = setup("1GiB") else { return };
-    expect_errno(File::open(mount.join("missing")), libc::ENOENT, "open missing");
+    let Some((mut node, mount)) = setup("1GiB") else {
+        return;
+    };
+    expect_errno(
+        File::open(mount.join("missing")),
+        libc::ENOENT,
+        "open missing",
+    );
     fs::create_dir(mount.join("d")).unwrap();
-    expect_errno(fs::create_dir(mount.join("d")), libc::EEXIST, "mkdir existing");
+    expect_errno(
+        fs::create_dir(mount.join("d")),
+        libc::EEXIST,
+        "mkdir existing",
+    );
     fs::write(mount.join("f"), b"x").unwrap();
-    expect_errno(OpenOptions::new().write(true).create_new(true).open(mount.join("f")), libc::EEXIST, "O_EXCL");
+    expect_errno(
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(mount.join("f")),
+        libc::EEXIST,
+        "O_EXCL",
+    );
     fs::write(mount.join("d").join("inner"), b"x").unwrap();
-    expect_errno(fs::remove_dir(mount.join("d")), libc::ENOTEMPTY, "rmdir non-empty");
-    expect_errno(fs::remove_file(mount.join("d")), libc::EISDIR, "unlink a directory");
-    expect_errno(fs::remove_dir(mount.join("f")), libc::ENOTDIR, "rmdir a file");
-    expect_errno(File::open(mount.join("f").join("below")), libc::ENOTDIR, "path through a file");
-    expect_errno(fs::write(mount.join("x".repeat(256)), b"x"), libc::ENAMETOOLONG, "name too long");
-    expect_errno(fs::read_link(mount.join("f")), libc::EINVAL, "readlink on a file");
+    expect_errno(
+        fs::remove_dir(mount.join("d")),
+        libc::ENOTEMPTY,
+        "rmdir non-empty",
+    );
+    expect_errno(
+        fs::remove_file(mount.join("d")),
+        libc::EISDIR,
+        "unlink a directory",
+    );
+    expect_errno(
+        fs::remove_dir(mount.join("f")),
+        libc::ENOTDIR,
+        "rmdir a file",
+    );
+    expect_errno(
+        File::open(mount.join("f").join("below")),
+        libc::ENOTDIR,
+        "path through a file",
+    );
+    expect_errno(
+        fs::write(mount.join("x".repeat(256)), b"x"),
+        libc::ENAMETOOLONG,
+        "name too long",
+    );
+    expect_errno(
+        fs::read_link(mount.join("f")),
+        libc::EINVAL,
+        "readlink on a file",
+    );
     // EXDEV: rename across two volumes (two mounts).
     node.create_volume("other", "1GiB").unwrap();
     let other = node.mount("other").unwrap();

@@ -40,13 +40,29 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn create_volume(&self, request: Request<proto::CreateVolumeRequest>) -> Result<Response<proto::Volume>, Status> {
+    async fn create_volume(
+        &self,
+        request: Request<proto::CreateVolumeRequest>,
+    ) -> Result<Response<proto::Volume>, Status> {
         let request = request.into_inner();
-        let replication_factor = if request.replication_factor == 0 { 1 } else { request.replication_factor };
-        let replication_minimum = if request.replication_minimum == 0 { 1 } else { request.replication_minimum };
+        let replication_factor = if request.replication_factor == 0 {
+            1
+        } else {
+            request.replication_factor
+        };
+        let replication_minimum = if request.replication_minimum == 0 {
+            1
+        } else {
+            request.replication_minimum
+        };
         let volume = self
             .node
-            .create_volume(&request.name, request.quota_bytes, replication_factor, replication_minimum)
+            .create_volume(
+                &request.name,
+                request.quota_bytes,
+                replication_factor,
+                replication_minimum,
+            )
             .await
             .map_err(node_status)?;
         Ok(Response::new(self.volume_message(&volume)))
@@ -56,7 +72,10 @@ impl Admin for AdminService {
         &self,
         request: Request<proto::DeleteVolumeRequest>,
     ) -> Result<Response<proto::DeleteVolumeResponse>, Status> {
-        self.node.delete_volume(&request.into_inner().name).await.map_err(node_status)?;
+        self.node
+            .delete_volume(&request.into_inner().name)
+            .await
+            .map_err(node_status)?;
         Ok(Response::new(proto::DeleteVolumeResponse {}))
     }
 
@@ -66,16 +85,28 @@ impl Admin for AdminService {
     ) -> Result<Response<proto::ListVolumesResponse>, Status> {
         let volumes = metadata::list_volumes(self.node.storage()).map_err(node_status)?;
         Ok(Response::new(proto::ListVolumesResponse {
-            volumes: volumes.iter().map(|volume| self.volume_message(volume)).collect(),
+            volumes: volumes
+                .iter()
+                .map(|volume| self.volume_message(volume))
+                .collect(),
         }))
     }
 
-    async fn get_volume(&self, request: Request<proto::GetVolumeRequest>) -> Result<Response<proto::Volume>, Status> {
-        let volume = self.node.volume(&request.into_inner().name).map_err(node_status)?;
+    async fn get_volume(
+        &self,
+        request: Request<proto::GetVolumeRequest>,
+    ) -> Result<Response<proto::Volume>, Status> {
+        let volume = self
+            .node
+            .volume(&request.into_inner().name)
+            .map_err(node_status)?;
         Ok(Response::new(self.volume_message(&volume)))
     }
 
-    async fn status(&self, _request: Request<proto::StatusRequest>) -> Result<Response<proto::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _request: Request<proto::StatusRequest>,
+    ) -> Result<Response<proto::StatusResponse>, Status> {
         let node = &self.node;
         let superblock = node.device().superblock();
         let volumes = metadata::list_volumes(node.storage()).map_err(node_status)?;

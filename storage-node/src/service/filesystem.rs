@@ -33,12 +33,23 @@ impl FilesystemService {
         Ok(self.node.volume(volume).map_err(node_status)?.container_id)
     }
 
-    async fn propose(&self, volume: &str, command: FilesystemCommand) -> Result<CommandResponse, Status> {
+    async fn propose(
+        &self,
+        volume: &str,
+        command: FilesystemCommand,
+    ) -> Result<CommandResponse, Status> {
         let container_id = self.container(volume)?;
-        self.node.propose(container_id, Command::Filesystem(command)).await.map_err(node_status)
+        self.node
+            .propose(container_id, Command::Filesystem(command))
+            .await
+            .map_err(node_status)
     }
 
-    async fn propose_for_attributes(&self, volume: &str, command: FilesystemCommand) -> Result<proto::Attr, Status> {
+    async fn propose_for_attributes(
+        &self,
+        volume: &str,
+        command: FilesystemCommand,
+    ) -> Result<proto::Attr, Status> {
         match self.propose(volume, command).await? {
             CommandResponse::Attributes { inode, attributes } => Ok(attr(inode, &attributes)),
             other => Err(unexpected(other)),
@@ -47,27 +58,48 @@ impl FilesystemService {
 }
 
 fn unexpected(response: CommandResponse) -> Status {
-    node_status(NodeError::InvalidState(format!("unexpected command response {response:?}")))
+    node_status(NodeError::InvalidState(format!(
+        "unexpected command response {response:?}"
+    )))
 }
 
 #[tonic::async_trait]
 impl Filesystem for FilesystemService {
-    async fn lookup(&self, request: Request<proto::LookupRequest>) -> Result<Response<proto::EntryResponse>, Status> {
+    async fn lookup(
+        &self,
+        request: Request<proto::LookupRequest>,
+    ) -> Result<Response<proto::EntryResponse>, Status> {
         let request = request.into_inner();
         let container_id = self.container(&request.volume)?;
-        let (inode, attributes) =
-            fs::lookup(self.node.storage(), container_id, request.parent, &request.name).map_err(node_status)?;
-        Ok(Response::new(proto::EntryResponse { attr: Some(attr(inode, &attributes)) }))
+        let (inode, attributes) = fs::lookup(
+            self.node.storage(),
+            container_id,
+            request.parent,
+            &request.name,
+        )
+        .map_err(node_status)?;
+        Ok(Response::new(proto::EntryResponse {
+            attr: Some(attr(inode, &attributes)),
+        }))
     }
 
-    async fn get_attr(&self, request: Request<proto::GetAttrRequest>) -> Result<Response<proto::AttrResponse>, Status> {
+    async fn get_attr(
+        &self,
+        request: Request<proto::GetAttrRequest>,
+    ) -> Result<Response<proto::AttrResponse>, Status> {
         let request = request.into_inner();
         let container_id = self.container(&request.volume)?;
-        let attributes = fs::get_inode(self.node.storage(), container_id, request.inode).map_err(node_status)?;
-        Ok(Response::new(proto::AttrResponse { attr: Some(attr(request.inode, &attributes)) }))
+        let attributes =
+            fs::get_inode(self.node.storage(), container_id, request.inode).map_err(node_status)?;
+        Ok(Response::new(proto::AttrResponse {
+            attr: Some(attr(request.inode, &attributes)),
+        }))
     }
 
-    async fn set_attr(&self, request: Request<proto::SetAttrRequest>) -> Result<Response<proto::AttrResponse>, Status> {
+    async fn set_attr(
+        &self,
+        request: Request<proto::SetAttrRequest>,
+    ) -> Result<Response<proto::AttrResponse>, Status> {
         let request = request.into_inner();
         let changes = AttributeChanges {
             mode: request.mode,
@@ -77,12 +109,21 @@ impl Filesystem for FilesystemService {
             atime_ns: request.atime_ns,
             mtime_ns: request.mtime_ns,
         };
-        let command = FilesystemCommand::SetAttributes { inode: request.inode, changes, now_ns: self.node.now_ns() };
-        let attr = self.propose_for_attributes(&request.volume, command).await?;
+        let command = FilesystemCommand::SetAttributes {
+            inode: request.inode,
+            changes,
+            now_ns: self.node.now_ns(),
+        };
+        let attr = self
+            .propose_for_attributes(&request.volume, command)
+            .await?;
         Ok(Response::new(proto::AttrResponse { attr: Some(attr) }))
     }
 
-    async fn create(&self, request: Request<proto::CreateRequest>) -> Result<Response<proto::EntryResponse>, Status> {
+    async fn create(
+        &self,
+        request: Request<proto::CreateRequest>,
+    ) -> Result<Response<proto::EntryResponse>, Status> {
         let request = request.into_inner();
         let kind = entry_kind_from_proto(request.kind)?;
         let command = FilesystemCommand::Create {
@@ -92,15 +133,21 @@ impl Filesystem for FilesystemService {
             mode: request.mode,
             uid: request.uid,
             gid: request.gid,
-            symlink_target: (kind == crate::records::EntryKind::Symlink).then_some(request.symlink_target),
+            symlink_target: (kind == crate::records::EntryKind::Symlink)
+                .then_some(request.symlink_target),
             exclusive: request.exclusive || kind == crate::records::EntryKind::Directory,
             now_ns: self.node.now_ns(),
         };
-        let attr = self.propose_for_attributes(&request.volume, command).await?;
+        let attr = self
+            .propose_for_attributes(&request.volume, command)
+            .await?;
         Ok(Response::new(proto::EntryResponse { attr: Some(attr) }))
     }
 
-    async fn link(&self, request: Request<proto::LinkRequest>) -> Result<Response<proto::EntryResponse>, Status> {
+    async fn link(
+        &self,
+        request: Request<proto::LinkRequest>,
+    ) -> Result<Response<proto::EntryResponse>, Status> {
         let request = request.into_inner();
         let command = FilesystemCommand::Link {
             inode: request.inode,
@@ -108,11 +155,16 @@ impl Filesystem for FilesystemService {
             new_name: request.new_name,
             now_ns: self.node.now_ns(),
         };
-        let attr = self.propose_for_attributes(&request.volume, command).await?;
+        let attr = self
+            .propose_for_attributes(&request.volume, command)
+            .await?;
         Ok(Response::new(proto::EntryResponse { attr: Some(attr) }))
     }
 
-    async fn unlink(&self, request: Request<proto::UnlinkRequest>) -> Result<Response<proto::UnlinkResponse>, Status> {
+    async fn unlink(
+        &self,
+        request: Request<proto::UnlinkRequest>,
+    ) -> Result<Response<proto::UnlinkResponse>, Status> {
         let request = request.into_inner();
         let command = FilesystemCommand::Unlink {
             parent: request.parent,
@@ -121,12 +173,17 @@ impl Filesystem for FilesystemService {
             now_ns: self.node.now_ns(),
         };
         match self.propose(&request.volume, command).await? {
-            CommandResponse::Unlinked { inode, orphaned } => Ok(Response::new(proto::UnlinkResponse { inode, orphaned })),
+            CommandResponse::Unlinked { inode, orphaned } => {
+                Ok(Response::new(proto::UnlinkResponse { inode, orphaned }))
+            }
             other => Err(unexpected(other)),
         }
     }
 
-    async fn rename(&self, request: Request<proto::RenameRequest>) -> Result<Response<proto::RenameResponse>, Status> {
+    async fn rename(
+        &self,
+        request: Request<proto::RenameRequest>,
+    ) -> Result<Response<proto::RenameResponse>, Status> {
         let request = request.into_inner();
         let command = FilesystemCommand::Rename {
             parent: request.parent,
@@ -137,14 +194,21 @@ impl Filesystem for FilesystemService {
             now_ns: self.node.now_ns(),
         };
         match self.propose(&request.volume, command).await? {
-            CommandResponse::Renamed { replaced_inode, replaced_orphaned } => {
-                Ok(Response::new(proto::RenameResponse { replaced_inode, replaced_orphaned }))
-            }
+            CommandResponse::Renamed {
+                replaced_inode,
+                replaced_orphaned,
+            } => Ok(Response::new(proto::RenameResponse {
+                replaced_inode,
+                replaced_orphaned,
+            })),
             other => Err(unexpected(other)),
         }
     }
 
-    async fn read_dir(&self, request: Request<proto::ReadDirRequest>) -> Result<Response<proto::ReadDirResponse>, Status> {
+    async fn read_dir(
+        &self,
+        request: Request<proto::ReadDirRequest>,
+    ) -> Result<Response<proto::ReadDirResponse>, Status> {
         let request = request.into_inner();
         let container_id = self.container(&request.volume)?;
         let (entries, end) = fs::read_directory(
@@ -169,29 +233,51 @@ impl Filesystem for FilesystemService {
         }))
     }
 
-    async fn read_link(&self, request: Request<proto::ReadLinkRequest>) -> Result<Response<proto::ReadLinkResponse>, Status> {
+    async fn read_link(
+        &self,
+        request: Request<proto::ReadLinkRequest>,
+    ) -> Result<Response<proto::ReadLinkResponse>, Status> {
         let request = request.into_inner();
         let container_id = self.container(&request.volume)?;
-        let target = fs::read_link(self.node.storage(), container_id, request.inode).map_err(node_status)?;
+        let target =
+            fs::read_link(self.node.storage(), container_id, request.inode).map_err(node_status)?;
         Ok(Response::new(proto::ReadLinkResponse { target }))
     }
 
-    async fn read(&self, request: Request<proto::ReadRequest>) -> Result<Response<proto::ReadResponse>, Status> {
+    async fn read(
+        &self,
+        request: Request<proto::ReadRequest>,
+    ) -> Result<Response<proto::ReadResponse>, Status> {
         let request = request.into_inner();
         if request.length_bytes as usize > IO_LENGTH_BYTES_MAX {
-            return Err(fs_status(FsError::invalid(format!("read of {} bytes is too large", request.length_bytes))));
+            return Err(fs_status(FsError::invalid(format!(
+                "read of {} bytes is too large",
+                request.length_bytes
+            ))));
         }
         let container_id = self.container(&request.volume)?;
-        let data = fs::read(self.node.storage(), container_id, request.inode, request.offset_bytes, request.length_bytes)
-            .await
-            .map_err(node_status)?;
+        let data = fs::read(
+            self.node.storage(),
+            container_id,
+            request.inode,
+            request.offset_bytes,
+            request.length_bytes,
+        )
+        .await
+        .map_err(node_status)?;
         Ok(Response::new(proto::ReadResponse { data: data.into() }))
     }
 
-    async fn write(&self, request: Request<proto::WriteRequest>) -> Result<Response<proto::WriteResponse>, Status> {
+    async fn write(
+        &self,
+        request: Request<proto::WriteRequest>,
+    ) -> Result<Response<proto::WriteResponse>, Status> {
         let request = request.into_inner();
         if request.data.len() > IO_LENGTH_BYTES_MAX {
-            return Err(fs_status(FsError::invalid(format!("write of {} bytes is too large", request.data.len()))));
+            return Err(fs_status(FsError::invalid(format!(
+                "write of {} bytes is too large",
+                request.data.len()
+            ))));
         }
         let command = FilesystemCommand::Write {
             inode: request.inode,
@@ -200,14 +286,22 @@ impl Filesystem for FilesystemService {
             now_ns: self.node.now_ns(),
         };
         match self.propose(&request.volume, command).await? {
-            CommandResponse::Written { written_bytes, inode, attributes } => {
-                Ok(Response::new(proto::WriteResponse { written_bytes, attr: Some(attr(inode, &attributes)) }))
-            }
+            CommandResponse::Written {
+                written_bytes,
+                inode,
+                attributes,
+            } => Ok(Response::new(proto::WriteResponse {
+                written_bytes,
+                attr: Some(attr(inode, &attributes)),
+            })),
             other => Err(unexpected(other)),
         }
     }
 
-    async fn fallocate(&self, request: Request<proto::FallocateRequest>) -> Result<Response<proto::AttrResponse>, Status> {
+    async fn fallocate(
+        &self,
+        request: Request<proto::FallocateRequest>,
+    ) -> Result<Response<proto::AttrResponse>, Status> {
         let request = request.into_inner();
         let command = FilesystemCommand::Fallocate {
             inode: request.inode,
@@ -216,11 +310,16 @@ impl Filesystem for FilesystemService {
             mode: request.mode,
             now_ns: self.node.now_ns(),
         };
-        let attr = self.propose_for_attributes(&request.volume, command).await?;
+        let attr = self
+            .propose_for_attributes(&request.volume, command)
+            .await?;
         Ok(Response::new(proto::AttrResponse { attr: Some(attr) }))
     }
 
-    async fn fsync(&self, request: Request<proto::FsyncRequest>) -> Result<Response<proto::FsyncResponse>, Status> {
+    async fn fsync(
+        &self,
+        request: Request<proto::FsyncRequest>,
+    ) -> Result<Response<proto::FsyncResponse>, Status> {
         // The kernel sends its cached writes before FSYNC, and each was applied before it was
         // answered; one log flush makes all of them (and every earlier namespace change of this
         // volume) durable. Concurrent fsyncs of all volumes share device flushes.
@@ -231,15 +330,24 @@ impl Filesystem for FilesystemService {
         Ok(Response::new(proto::FsyncResponse {}))
     }
 
-    async fn stat_fs(&self, request: Request<proto::StatFsRequest>) -> Result<Response<proto::StatFsResponse>, Status> {
+    async fn stat_fs(
+        &self,
+        request: Request<proto::StatFsRequest>,
+    ) -> Result<Response<proto::StatFsResponse>, Status> {
         let request = request.into_inner();
         let volume = self.node.volume(&request.volume).map_err(node_status)?;
-        let state = fs::container_state(self.node.storage(), volume.container_id).map_err(node_status)?;
+        let state =
+            fs::container_state(self.node.storage(), volume.container_id).map_err(node_status)?;
         let block_size = ballast_device::BLOCK_SIZE_BYTES as u64;
         let device_free = self.node.storage().free_block_count();
         let (total_blocks, free_blocks) = if volume.quota_bytes > 0 {
             let total = volume.quota_bytes / block_size;
-            (total, total.saturating_sub(state.used_block_count).min(device_free))
+            (
+                total,
+                total
+                    .saturating_sub(state.used_block_count)
+                    .min(device_free),
+            )
         } else {
             let total = self.node.device().superblock().data_block_count;
             (total, device_free)
@@ -260,8 +368,18 @@ impl Filesystem for FilesystemService {
         request: Request<proto::PurgeOrphansRequest>,
     ) -> Result<Response<proto::PurgeOrphansResponse>, Status> {
         let request = request.into_inner();
-        match self.propose(&request.volume, FilesystemCommand::PurgeOrphans { inode: request.inode }).await? {
-            CommandResponse::Purged { purged_count } => Ok(Response::new(proto::PurgeOrphansResponse { purged_count })),
+        match self
+            .propose(
+                &request.volume,
+                FilesystemCommand::PurgeOrphans {
+                    inode: request.inode,
+                },
+            )
+            .await?
+        {
+            CommandResponse::Purged { purged_count } => {
+                Ok(Response::new(proto::PurgeOrphansResponse { purged_count }))
+            }
             other => Err(unexpected(other)),
         }
     }

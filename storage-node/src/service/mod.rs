@@ -28,8 +28,14 @@ fn status_code(errno: Errno) -> Code {
 
 fn with_errno(code: Code, errno: Errno, message: String) -> Status {
     let mut status = Status::new(code, format!("{}: {message}", errno.name()));
-    let value = errno.0.to_string().parse().expect("a decimal number is valid metadata");
-    status.metadata_mut().insert(ballast_proto::ERRNO_METADATA_KEY, value);
+    let value = errno
+        .0
+        .to_string()
+        .parse()
+        .expect("a decimal number is valid metadata");
+    status
+        .metadata_mut()
+        .insert(ballast_proto::ERRNO_METADATA_KEY, value);
     status
 }
 
@@ -41,12 +47,16 @@ pub fn fs_status(error: FsError) -> Status {
 pub fn node_status(error: NodeError) -> Status {
     match error {
         NodeError::Fs(error) => fs_status(error),
-        NodeError::ChecksumMismatch(message) => {
-            with_errno(Code::DataLoss, Errno::EIO, format!("checksum mismatch, refusing to serve corrupt data: {message}"))
-        }
-        NodeError::UnknownVolume { name } => {
-            with_errno(Code::NotFound, Errno::ENOENT, format!("volume {name:?} does not exist"))
-        }
+        NodeError::ChecksumMismatch(message) => with_errno(
+            Code::DataLoss,
+            Errno::EIO,
+            format!("checksum mismatch, refusing to serve corrupt data: {message}"),
+        ),
+        NodeError::UnknownVolume { name } => with_errno(
+            Code::NotFound,
+            Errno::ENOENT,
+            format!("volume {name:?} does not exist"),
+        ),
         NodeError::Raft(message) => with_errno(Code::Unavailable, Errno::EIO, message),
         other => {
             tracing::error!(error = %other, "request failed inside the node");
@@ -72,7 +82,9 @@ pub fn entry_kind_from_proto(kind: i32) -> Result<EntryKind, Status> {
         Ok(proto::EntryKind::Symlink) => Ok(EntryKind::Symlink),
         Ok(proto::EntryKind::Table) => Ok(EntryKind::Table),
         Ok(proto::EntryKind::Stream) => Ok(EntryKind::Stream),
-        _ => Err(fs_status(FsError::invalid(format!("unknown entry kind {kind}")))),
+        _ => Err(fs_status(FsError::invalid(format!(
+            "unknown entry kind {kind}"
+        )))),
     }
 }
 
