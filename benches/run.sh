@@ -174,6 +174,7 @@ node_start() { # device_path state_directory address log_path: sets node_pid, no
     local device=$1 state=$2 address=$3 log=$4 start waited=0
     node_stdout="$log.stdout"
     : >"$node_stdout"
+    record_command "$binary_directory/ballast-node" run --device "$device" --state-dir "$state" --listen "$address"
     start=$(now_seconds)
     RUST_LOG="${BALLAST_BENCH_LOG:-warn}" "$binary_directory/ballast-node" run --device "$device" \
         --state-dir "$state" --listen "$address" >"$node_stdout" 2>>"$log" &
@@ -201,6 +202,7 @@ fuse_mount() { # address volume mountpoint log_path: sets fuse_pid
     local address=$1 volume=$2 mountpoint=$3 log=$4 waited=0
     mkdir -p "$mountpoint"
     mountpoints+=("$mountpoint")
+    record_command "$binary_directory/ballast-fuse" --node "http://$address" --volume "$volume" --mountpoint "$mountpoint"
     RUST_LOG=warn "$binary_directory/ballast-fuse" --node "http://$address" --volume "$volume" \
         --mountpoint "$mountpoint" >/dev/null 2>>"$log" &
     fuse_pid=$!
@@ -336,6 +338,9 @@ mariadb_start() { # datadir run_directory: sets mariadb_pid
     mkdir -p "$datadir" "$run"
     mariadb-install-db --no-defaults --user=root --skip-test-db --auth-root-authentication-method=normal \
         --datadir="$datadir" >"$run/install.log" 2>&1 || { tail -n 30 "$run/install.log" >&2; return 1; }
+    record_command mariadbd --no-defaults --user=root --datadir="$datadir" --socket="$run/mariadb.sock" \
+        --pid-file="$run/mariadb.pid" --skip-networking --skip-log-bin \
+        --innodb-buffer-pool-size=256M --innodb-flush-log-at-trx-commit=1 --log-error="$run/mariadb.err"
     mariadbd --no-defaults --user=root --datadir="$datadir" --socket="$run/mariadb.sock" \
         --pid-file="$run/mariadb.pid" --skip-networking --skip-log-bin \
         --innodb-buffer-pool-size=256M --innodb-flush-log-at-trx-commit=1 \

@@ -11,4 +11,4 @@ echo "== build (target dir $CARGO_TARGET_DIR)"
 cargo build --workspace --bins --tests --locked
 echo "== tests"
 # Two test threads: the machine has two cores and each end-to-end test runs its own node.
-cargo test --workspace --locked -- --test-threads=2 "$@"
+cargo test --workspace --locked --no-fail-fast -- --test-threads=2 "$@"

@@ -48,7 +48,7 @@ fn flipped_bit_is_an_error_not_wrong_bytes() {
     drop(bytes);
 
     node.restart_node().unwrap();
-    node.remount_all().unwrap();
+    let mount = node.mount("corrupt").unwrap();
     let error = fs::read(mount.join("victim")).expect_err("a corrupt block must not be served");
     assert_eq!(
         error.raw_os_error(),
