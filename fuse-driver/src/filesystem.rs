@@ -273,6 +273,11 @@ impl Filesystem for BallastFilesystem {
         // More background requests (readahead, writeback) in flight than the default 16, so
         // the writeback cache can keep the node busy.
         let _ = config.set_max_background(64);
+        // Ask for a large readahead; the kernel keeps the smaller of this and its own limit
+        // (main.rs raises that limit after mount).
+        if let Err(nearest_bytes) = config.set_max_readahead(4 << 20) {
+            let _ = config.set_max_readahead(nearest_bytes);
+        }
         tracing::info!(volume = %self.shared.volume, "FUSE session initialised");
         Ok(())
     }

@@ -12,8 +12,10 @@ use ballast_common::{Random, SplitMix64};
 use ballast_tests::{end_to_end_available, seed, LocalNode};
 
 const FILE_NAMES: [&str; 4] = ["file-a", "file-b", "file-c", "file-d"];
-const FILE_SIZE_BYTES_MAX: u64 = 8 << 20;
-const IO_LENGTH_BYTES_MAX: u64 = 192 << 10;
+/// Small files and requests keep 100,000 operations within minutes while still crossing block
+/// boundaries, holes and end-of-file in every way.
+const FILE_SIZE_BYTES_MAX: u64 = 4 << 20;
+const IO_LENGTH_BYTES_MAX: u64 = 64 << 10;
 
 fn operation_count() -> u64 {
     std::env::var("BALLAST_EXERCISER_OPERATIONS")
