@@ -8,7 +8,7 @@
 #
 # Environment: CARGO_TARGET_DIR (default ~/.cache/ballast/fuzz-target), and optionally
 # ROCKSDB_LIB_DIR + ROCKSDB_STATIC=1 to link a prebuilt librocksdb.a instead of compiling RocksDB
-# (see README.md). Needs cargo-fuzz; the stable toolchain is used with RUSTC_BOOTSTRAP=1.
+# (default: ~/.cache/ballast/fuzz-rocksdb if it holds one; see README.md). Needs cargo-fuzz; the stable toolchain is used with RUSTC_BOOTSTRAP=1.
 set -euo pipefail
 
 seconds="${1:-30}"
@@ -17,6 +17,10 @@ cd "$(dirname "$0")"
 
 export RUSTC_BOOTSTRAP=1
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ballast/fuzz-target}"
+# A prebuilt librocksdb.a saves compiling RocksDB (with ASan flags) from source; see README.md.
+if [ -z "${ROCKSDB_LIB_DIR:-}" ] && [ -f "$HOME/.cache/ballast/fuzz-rocksdb/librocksdb.a" ]; then
+    export ROCKSDB_LIB_DIR="$HOME/.cache/ballast/fuzz-rocksdb" ROCKSDB_STATIC=1
+fi
 
 if [ "$#" -gt 0 ]; then
     targets=("$@")

@@ -41,19 +41,30 @@ fn check_entry_name(name: &str) {
         && name != ".."
         && !name.contains('/')
         && !name.contains('\0');
-    assert_eq!(accepted, expected, "validate_entry_name({name:?}) = {accepted}");
+    assert_eq!(
+        accepted, expected,
+        "validate_entry_name({name:?}) = {accepted}"
+    );
 }
 
 fn check_volume_name(name: &str) {
     let accepted = validate_volume_name(name).is_ok();
     let expected = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-');
-    assert_eq!(accepted, expected, "validate_volume_name({name:?}) = {accepted}");
+    assert_eq!(
+        accepted, expected,
+        "validate_volume_name({name:?}) = {accepted}"
+    );
     if accepted {
-        assert!(validate_entry_name(name).is_ok(), "volume name {name:?} is not an entry name");
+        assert!(
+            validate_entry_name(name).is_ok(),
+            "volume name {name:?} is not an entry name"
+        );
     }
 }
 

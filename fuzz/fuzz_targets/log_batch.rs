@@ -52,7 +52,9 @@ fn check_batch(bytes: &[u8]) {
     let Ok((sequence, length_bytes, records)) = decode_batch_for_fuzzing(bytes) else {
         return;
     };
-    assert!(length_bytes > 0 && length_bytes % BLOCK_SIZE_BYTES == 0 && length_bytes <= bytes.len());
+    assert!(
+        length_bytes > 0 && length_bytes % BLOCK_SIZE_BYTES == 0 && length_bytes <= bytes.len()
+    );
     let encoded = encode_batch_for_fuzzing(sequence, &records);
     assert!(
         encoded.len() <= length_bytes,
@@ -107,8 +109,9 @@ fn framed_batch(data: &[u8], fix_payloads: bool) -> Vec<u8> {
             }
             let payload_offset = position + RECORD_HEADER_BYTES;
             let payload_length = read_u32(&batch, position + 4) as usize;
-            let Some(payload_end) =
-                payload_offset.checked_add(payload_length).filter(|&end| end <= length_bytes)
+            let Some(payload_end) = payload_offset
+                .checked_add(payload_length)
+                .filter(|&end| end <= length_bytes)
             else {
                 break;
             };

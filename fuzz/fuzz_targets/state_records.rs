@@ -33,7 +33,11 @@ where
     let again: T = records::decode(&encoded, what)
         .unwrap_or_else(|error| panic!("re-encoded {what} does not decode: {error}"));
     assert_eq!(again, value, "decode(encode({what})) != {what}");
-    assert_eq!(records::encode(&again), encoded, "{what} encoding is not deterministic");
+    assert_eq!(
+        records::encode(&again),
+        encoded,
+        "{what} encoding is not deterministic"
+    );
 }
 
 /// A Raft log entry, as the log storage decodes payloads read from the device log.

@@ -136,6 +136,12 @@ impl LocalNode {
         let file = File::create(&device_path)?;
         file.set_len(device_size_bytes)?;
         drop(file);
+        Self::start_on_device(directory, device_path)
+    }
+
+    /// Formats `device_path` (a file or a block device such as a loop device) and starts a node
+    /// on it; `directory` holds the node's state and logs.
+    pub fn start_on_device(directory: tempfile::TempDir, device_path: PathBuf) -> Result<Self> {
         let status = Command::new(binary("ballast-node"))
             .args(["format", "--device"])
             .arg(&device_path)
