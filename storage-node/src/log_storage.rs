@@ -268,10 +268,19 @@ impl RaftLogReader<TypeConfig> for ContainerLog {
                             &error,
                         ))
                     })?;
-                assert_eq!(
-                    entry.log_id.index, stored_entry.index,
-                    "log entry index mismatch on read-back"
-                );
+                if entry.log_id.index != stored_entry.index {
+                    // The record's checksum held but its content names another index: a bug or
+                    // a misdirected write. Refuse it rather than feed Raft the wrong entry.
+                    let message = format!(
+                        "log entry stored at index {} decodes as index {}",
+                        stored_entry.index, entry.log_id.index
+                    );
+                    tracing::error!(container = self.shared.container_id, "{message}");
+                    let error = std::io::Error::other(message);
+                    return Err(
+                        StorageIOError::read_log_at_index(stored_entry.index, &error).into(),
+                    );
+                }
                 entries.push(entry);
             }
             if entries
