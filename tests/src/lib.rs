@@ -134,7 +134,20 @@ impl LocalNode {
             .tempdir_in(test_root())?;
         let device_path = directory.path().join("device.img");
         let file = File::create(&device_path)?;
-        file.set_len(device_size_bytes)?;
+        // Preallocated like a real device: writes into holes of a sparse file make the
+        // filesystem allocate at submission, which pushes every io_uring write to a worker.
+        // SAFETY: fallocate(2) on a descriptor owned by `file`.
+        let result = unsafe {
+            libc::fallocate(
+                std::os::unix::io::AsRawFd::as_raw_fd(&file),
+                0,
+                0,
+                device_size_bytes as i64,
+            )
+        };
+        if result != 0 {
+            file.set_len(device_size_bytes)?; // A filesystem without fallocate: sparse it is.
+        }
         drop(file);
         Self::start_on_device(directory, device_path)
     }
