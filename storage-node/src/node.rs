@@ -217,6 +217,17 @@ impl StorageNode {
             .map_err(|error| {
                 NodeError::Raft(format!("container {container_id} has no leader: {error}"))
             })?;
+        // Serve nothing before the committed log is applied: after a crash the applied state in
+        // RocksDB is older than the log, and reads (or the list of volumes) would be stale.
+        let last_log_index = raft.metrics().borrow().last_log_index;
+        raft.wait(Some(Duration::from_millis(LEADER_WAIT_MS_MAX)))
+            .applied_index_at_least(last_log_index, "replay the committed log")
+            .await
+            .map_err(|error| {
+                NodeError::Raft(format!(
+                    "container {container_id} did not replay its log: {error}"
+                ))
+            })?;
         self.containers
             .write()
             .await
