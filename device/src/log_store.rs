@@ -78,13 +78,13 @@ use tokio::sync::{mpsc, oneshot};
 use crate::engine::block_on;
 use crate::{AlignedBuffer, DeviceError, Engine, Superblock, BLOCK_SIZE_BYTES};
 
-const SEGMENT_MAGIC: [u8; 8] = *b"BLLOGSEG";
-const BATCH_MAGIC: [u8; 8] = *b"BLLOGBAT";
-const TRAILER_MAGIC: [u8; 8] = *b"BLLOGTRL";
-const SEGMENT_HEADER_FIXED_BYTES: usize = 48;
-const GROUP_TABLE_ENTRY_BYTES: usize = 24;
-const BATCH_HEADER_BYTES: usize = 32;
-const RECORD_HEADER_BYTES: usize = 40;
+pub const SEGMENT_MAGIC: [u8; 8] = *b"BLLOGSEG";
+pub const BATCH_MAGIC: [u8; 8] = *b"BLLOGBAT";
+pub const TRAILER_MAGIC: [u8; 8] = *b"BLLOGTRL";
+pub const SEGMENT_HEADER_FIXED_BYTES: usize = 48;
+pub const GROUP_TABLE_ENTRY_BYTES: usize = 24;
+pub const BATCH_HEADER_BYTES: usize = 32;
+pub const RECORD_HEADER_BYTES: usize = 40;
 const BLOCK_BYTES: u64 = BLOCK_SIZE_BYTES as u64;
 /// Most bytes a group-commit batch gathers from several requests.
 const BATCH_BYTES_MAX: usize = 4 << 20;
@@ -423,6 +423,12 @@ fn decode_trailer(bytes: &[u8]) -> Option<(u64, u64)> {
 #[doc(hidden)]
 pub mod fuzzing {
     use super::*;
+
+    /// The on-disk framing constants, so fuzz targets build valid frames without copies.
+    pub use super::{
+        BATCH_HEADER_BYTES, BATCH_MAGIC, GROUP_TABLE_ENTRY_BYTES, RECORD_HEADER_BYTES,
+        SEGMENT_HEADER_FIXED_BYTES, SEGMENT_MAGIC, TRAILER_MAGIC,
+    };
 
     /// A decoded batch: `(sequence, length_bytes, records)`.
     pub type FuzzBatch = (u64, usize, Vec<LogRecord>);

@@ -22,13 +22,10 @@ use ballast_device::log_store::fuzzing::{
 use ballast_device::BLOCK_SIZE_BYTES;
 use libfuzzer_sys::fuzz_target;
 
-const SEGMENT_MAGIC: [u8; 8] = *b"BLLOGSEG";
-const BATCH_MAGIC: [u8; 8] = *b"BLLOGBAT";
-const TRAILER_MAGIC: [u8; 8] = *b"BLLOGTRL";
-const SEGMENT_HEADER_FIXED_BYTES: usize = 48;
-const GROUP_TABLE_ENTRY_BYTES: usize = 24;
-const BATCH_HEADER_BYTES: usize = 32;
-const RECORD_HEADER_BYTES: usize = 40;
+use ballast_device::log_store::fuzzing::{
+    BATCH_HEADER_BYTES, BATCH_MAGIC, GROUP_TABLE_ENTRY_BYTES, RECORD_HEADER_BYTES,
+    SEGMENT_HEADER_FIXED_BYTES, SEGMENT_MAGIC, TRAILER_MAGIC,
+};
 /// Most records whose payload CRC the framing fixes up (keeps one iteration cheap).
 const FIXED_RECORDS_MAX: usize = 256;
 
