@@ -113,7 +113,10 @@ async fn run(config: NodeConfig) -> anyhow::Result<()> {
         .add_service(admin)
         .add_service(filesystem)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // Accepted connections must disable Nagle themselves: with a custom incoming, the
+            // builder's tcp_nodelay is not applied, and small replies then wait ~40 ms for the
+            // peer's delayed ACK.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         )
         .await
