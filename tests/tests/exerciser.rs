@@ -17,14 +17,12 @@ const FILE_NAMES: [&str; 4] = ["file-a", "file-b", "file-c", "file-d"];
 const FILE_SIZE_BYTES_MAX: u64 = 4 << 20;
 const IO_LENGTH_BYTES_MAX: u64 = 64 << 10;
 
-/// Operations of the long run. The suite runs 20,000 by default to stay within CI's time while
-/// the write path is slow (about 30 Raft entries/s here, see the issue notes); the 100,000-operation
-/// run is `BALLAST_EXERCISER_OPERATIONS=100000 cargo test -p ballast-tests --test exerciser`.
+/// Operations of the long run; `BALLAST_EXERCISER_OPERATIONS` overrides.
 fn operation_count() -> u64 {
     std::env::var("BALLAST_EXERCISER_OPERATIONS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000)
+        .unwrap_or(100_000)
 }
 
 fn fallocate(file: &File, mode: i32, offset: u64, length: u64) -> std::io::Result<()> {
