@@ -69,6 +69,12 @@ enum VolumeCommand {
     },
     /// Delete a volume and all its data.
     Delete { name: String },
+    /// Change a volume's quota (shrinking below the bytes in use is refused).
+    Resize {
+        name: String,
+        #[arg(long, value_parser = parse_size_bytes)]
+        quota: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -154,6 +160,17 @@ async fn volume(client: &BallastClient, command: VolumeCommand) -> anyhow::Resul
                 .await
                 .with_context(|| format!("deleting volume {name:?}"))?;
             println!("deleted volume {name}");
+        }
+        VolumeCommand::Resize { name, quota } => {
+            let volume = client
+                .resize_volume(&name, quota)
+                .await
+                .with_context(|| format!("resizing volume {name:?}"))?;
+            println!(
+                "volume {} now has a quota of {}",
+                volume.name,
+                format_size(volume.quota_bytes)
+            );
         }
     }
     Ok(())

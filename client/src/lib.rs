@@ -213,6 +213,30 @@ impl BallastClient {
         .await
     }
 
+    /// Sets a volume's quota. Shrinking below the bytes in use is refused (`InvalidArgument`).
+    /// Safe to repeat: the same quota twice is the same result.
+    pub async fn resize_volume(
+        &self,
+        name: &str,
+        quota_bytes: u64,
+    ) -> Result<proto::Volume, ClientError> {
+        ballast_common::validate_volume_name(name)?;
+        let request = proto::ResizeVolumeRequest {
+            name: name.to_owned(),
+            quota_bytes,
+        };
+        self.call(
+            "ResizeVolume",
+            Idempotency::Idempotent,
+            request,
+            |request| {
+                let mut client = self.admin();
+                async move { client.resize_volume(request).await }
+            },
+        )
+        .await
+    }
+
     /// Deletes a volume and everything in it.
     pub async fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
         let request = proto::DeleteVolumeRequest {

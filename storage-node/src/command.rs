@@ -24,6 +24,11 @@ pub enum MetadataCommand {
     DeleteVolume {
         name: String,
     },
+    /// Records a new quota; the volume's container enforces it after its own `SetQuota`.
+    ResizeVolume {
+        name: String,
+        quota_bytes: u64,
+    },
 }
 
 /// Attribute changes of a SetAttr command; `None` leaves a field alone.
@@ -97,6 +102,8 @@ pub enum FilesystemCommand {
     },
     /// Frees orphan inodes (nlink 0): one, or all when `inode` is 0.
     PurgeOrphans { inode: u64 },
+    /// Sets the quota; refused below the bytes in use (0 means unlimited).
+    SetQuota { quota_bytes: u64 },
 }
 
 /// Anything a container log may carry.

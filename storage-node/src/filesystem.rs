@@ -115,6 +115,7 @@ pub async fn apply(
             now_ns,
         } => fallocate(transaction, inode, offset_bytes, length_bytes, mode, now_ns).await,
         FilesystemCommand::PurgeOrphans { inode } => purge_orphans(transaction, inode),
+        FilesystemCommand::SetQuota { quota_bytes } => set_quota(transaction, quota_bytes),
     }
 }
 
@@ -1019,6 +1020,18 @@ async fn fallocate(
     }
     transaction.put_inode(inode_number, inode.clone());
     attributes(inode_number, inode)
+}
+
+fn set_quota(transaction: &mut Transaction<'_>, quota_bytes: u64) -> NodeResult<CommandResponse> {
+    let used_bytes = transaction.state.used_block_count * BLOCK_SIZE;
+    if quota_bytes > 0 && quota_bytes < used_bytes {
+        return Err(FsError::invalid(format!(
+            "quota of {quota_bytes} bytes is below the {used_bytes} bytes in use"
+        ))
+        .into());
+    }
+    transaction.state.quota_bytes = quota_bytes;
+    Ok(CommandResponse::Done)
 }
 
 fn purge_orphans(transaction: &mut Transaction<'_>, inode: u64) -> NodeResult<CommandResponse> {

@@ -228,6 +228,33 @@ async fn quota_refuses_without_damage() {
 }
 
 #[tokio::test]
+async fn quota_changes_are_refused_below_usage() {
+    let mut storage = initialized(8 * 4096).await;
+    let file = create(&mut storage, ROOT_INODE, "f", EntryKind::File).await;
+    write(&mut storage, file, 0, &vec![1u8; 6 * 4096])
+        .await
+        .unwrap();
+    let set_quota = |quota_bytes| FilesystemCommand::SetQuota { quota_bytes };
+    assert_eq!(
+        errno(storage.apply(CONTAINER, set_quota(5 * 4096)).await),
+        Errno::EINVAL
+    );
+    storage
+        .apply(CONTAINER, set_quota(16 * 4096))
+        .await
+        .unwrap();
+    // The grown quota admits what the old one refused.
+    write(&mut storage, file, 6 * 4096, &vec![2u8; 9 * 4096])
+        .await
+        .unwrap();
+    assert_eq!(used_blocks(&storage), 15);
+    assert_eq!(
+        errno(write(&mut storage, file, 15 * 4096, &vec![3u8; 2 * 4096]).await),
+        Errno::ENOSPC
+    );
+}
+
+#[tokio::test]
 async fn namespace_errors_and_rename() {
     let mut storage = initialized(0).await;
     let directory = create(&mut storage, ROOT_INODE, "d", EntryKind::Directory).await;

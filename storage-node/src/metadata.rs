@@ -80,6 +80,17 @@ pub fn apply(
             transaction.batch().delete(key);
             Ok(CommandResponse::Volume(record))
         }
+        MetadataCommand::ResizeVolume { name, quota_bytes } => {
+            let key = keys::volume(&name);
+            let mut record = transaction
+                .storage
+                .state
+                .get::<VolumeRecord>(&key, "volume")?
+                .ok_or_else(|| FsError::not_found(format!("volume {name:?} does not exist")))?;
+            record.quota_bytes = quota_bytes;
+            transaction.batch().put(key, encode(&record));
+            Ok(CommandResponse::Volume(record))
+        }
     }
 }
 

@@ -316,6 +316,31 @@ impl StorageNode {
         Ok(volume)
     }
 
+    /// Changes a volume's quota: the container first (it refuses a quota below the bytes in use),
+    /// then the metadata record. Repeating the call after a crash in between converges.
+    pub async fn resize_volume(&self, name: &str, quota_bytes: u64) -> NodeResult<VolumeRecord> {
+        let volume = self.volume(name)?;
+        self.propose(
+            volume.container_id,
+            Command::Filesystem(FilesystemCommand::SetQuota { quota_bytes }),
+        )
+        .await?;
+        let command = MetadataCommand::ResizeVolume {
+            name: name.to_owned(),
+            quota_bytes,
+        };
+        let CommandResponse::Volume(volume) = self
+            .propose(METADATA_CONTAINER_ID, Command::Metadata(command))
+            .await?
+        else {
+            return Err(NodeError::InvalidState(
+                "resize volume returned no volume".into(),
+            ));
+        };
+        self.flush_log().await?;
+        Ok(volume)
+    }
+
     pub async fn delete_volume(&self, name: &str) -> NodeResult<VolumeRecord> {
         let command = MetadataCommand::DeleteVolume {
             name: name.to_owned(),

@@ -103,6 +103,19 @@ impl Admin for AdminService {
         Ok(Response::new(self.volume_message(&volume)))
     }
 
+    async fn resize_volume(
+        &self,
+        request: Request<proto::ResizeVolumeRequest>,
+    ) -> Result<Response<proto::Volume>, Status> {
+        let request = request.into_inner();
+        let volume = self
+            .node
+            .resize_volume(&request.name, request.quota_bytes)
+            .await
+            .map_err(node_status)?;
+        Ok(Response::new(self.volume_message(&volume)))
+    }
+
     async fn status(
         &self,
         _request: Request<proto::StatusRequest>,
