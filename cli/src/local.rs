@@ -1,12 +1,14 @@
-//! `ballast local up|down`: a single-node Ballast on this machine, for development and demos.
+//! `ballast local up|down`: a local Ballast cluster on this machine (3 nodes by default, each its
+//! own process with its own device file), for development and demos.
 //!
 //! Owns: the layout of the local directory and the supervision of the node and FUSE processes.
 //! Must not depend on: server code. It runs the sibling binaries `ballast-node` and
 //! `ballast-fuse` found next to the running `ballast` executable.
-//! Layout (all under `--dir`, made absolute first):
-//!   node1/device.img  sparse device file       node1/state/   node state directory
-//!   node1/node.log    node stdout and stderr   node1/node.pid node process id
-//!   mnt/<volume>/     mountpoint               mnt-<volume>.log, fuse-<volume>.pid
+//! Layout (all under `--dir`, made absolute first), for every node i:
+//!   node<i>/device.img  sparse device file       node<i>/state/   node state directory
+//!   node<i>/node.log    node stdout and stderr   node<i>/node.pid node process id
+//!   join-secret         the cluster's join secret (random, made once)
+//!   mnt/<volume>/       mountpoint               mnt-<volume>.log, fuse-<volume>.pid
 //! Invariants: children run in their own session (setsid), so they survive this command and a
 //! Ctrl-C in its terminal; every wait is bounded; pid files are removed only once the process
 //! is gone.
@@ -26,7 +28,8 @@ use crate::size::{format_size, parse_size_bytes};
 
 const NODE_BINARY: &str = "ballast-node";
 const FUSE_BINARY: &str = "ballast-fuse";
-const NODE_ID: u64 = 1;
+/// Most nodes a local cluster runs (each is a process with its own device file).
+const NODE_COUNT_MAX: u32 = 7;
 const NODE_READY_TIMEOUT_MS: u64 = 60_000;
 const MOUNT_READY_TIMEOUT_MS: u64 = 30_000;
 const FORMAT_TIMEOUT_MS: u64 = 300_000;
@@ -52,9 +55,12 @@ pub enum LocalCommand {
         /// Quota of the volume when it is created.
         #[arg(long, default_value = "1GiB", value_parser = parse_size_bytes)]
         quota: u64,
-        /// Address the node serves gRPC on.
+        /// Address node 1 serves gRPC on; node i listens on the next port i-1 above it.
         #[arg(long, default_value = "127.0.0.1:7400")]
         listen: String,
+        /// Storage nodes to run, each its own process with its own device file.
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
     },
     /// Unmount every volume under the directory and stop the node.
     Down {
@@ -72,32 +78,72 @@ pub async fn run(command: LocalCommand) -> anyhow::Result<()> {
             volume,
             quota,
             listen,
-        } => up(&absolute(&dir)?, device_size, &volume, quota, &listen).await,
+            nodes,
+        } => {
+            let settings = Settings {
+                device_size_bytes: device_size,
+                volume,
+                quota_bytes: quota,
+                listen,
+                node_count: nodes,
+            };
+            up(&absolute(&dir)?, &settings).await
+        }
         LocalCommand::Down { dir } => down(&absolute(&dir)?).await,
     }
 }
 
-/// Paths of the local layout.
+/// What `local up` was asked for.
+struct Settings {
+    device_size_bytes: u64,
+    volume: String,
+    quota_bytes: u64,
+    listen: String,
+    node_count: u32,
+}
+
+/// Paths of the local layout: `<dir>/node<i>/` per node, mounts under `<dir>/mnt/`.
 struct Layout {
     dir: PathBuf,
-    node_dir: PathBuf,
-    device: PathBuf,
-    state_dir: PathBuf,
-    node_log: PathBuf,
-    node_pid: PathBuf,
 }
 
 impl Layout {
     fn new(dir: &Path) -> Self {
-        let node_dir = dir.join("node1");
         Self {
             dir: dir.to_path_buf(),
-            device: node_dir.join("device.img"),
-            state_dir: node_dir.join("state"),
-            node_log: node_dir.join("node.log"),
-            node_pid: node_dir.join("node.pid"),
-            node_dir,
         }
+    }
+
+    fn node_dir(&self, node_id: u32) -> PathBuf {
+        self.dir.join(format!("node{node_id}"))
+    }
+
+    fn device(&self, node_id: u32) -> PathBuf {
+        self.node_dir(node_id).join("device.img")
+    }
+
+    fn state_dir(&self, node_id: u32) -> PathBuf {
+        self.node_dir(node_id).join("state")
+    }
+
+    fn node_log(&self, node_id: u32) -> PathBuf {
+        self.node_dir(node_id).join("node.log")
+    }
+
+    fn node_pid(&self, node_id: u32) -> PathBuf {
+        self.node_dir(node_id).join("node.pid")
+    }
+
+    /// The cluster's join secret, made once per local setup.
+    fn join_secret(&self) -> PathBuf {
+        self.dir.join("join-secret")
+    }
+
+    /// Node ids with a directory in the layout (for `down`).
+    fn node_ids(&self) -> Vec<u32> {
+        (1..=NODE_COUNT_MAX)
+            .filter(|node_id| self.node_dir(*node_id).exists())
+            .collect()
     }
 
     fn mountpoint(&self, volume: &str) -> PathBuf {
@@ -113,98 +159,138 @@ impl Layout {
     }
 }
 
+/// The listen address of node `node_id`: node 1 at `listen`, the others on the following ports.
+fn node_listen(listen: &str, node_id: u32) -> anyhow::Result<String> {
+    let address: std::net::SocketAddr = listen
+        .parse()
+        .with_context(|| format!("listen address {listen:?}"))?;
+    let port = u32::from(address.port()) + node_id - 1;
+    let port = u16::try_from(port).with_context(|| format!("port {port} of node {node_id}"))?;
+    Ok(std::net::SocketAddr::new(address.ip(), port).to_string())
+}
+
+/// Reads the join secret, creating a random one the first time.
+fn join_secret(layout: &Layout) -> anyhow::Result<String> {
+    let path = layout.join_secret();
+    if let Ok(secret) = std::fs::read_to_string(&path) {
+        return Ok(secret.trim().to_owned());
+    }
+    let mut bytes = [0u8; 16];
+    File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut bytes))
+        .context("reading /dev/urandom for the join secret")?;
+    let secret: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+    std::fs::write(&path, format!("{secret}\n"))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(secret)
+}
+
 fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
     std::path::absolute(path).with_context(|| format!("making {} absolute", path.display()))
 }
 
-async fn up(
-    dir: &Path,
-    device_size_bytes: u64,
-    volume: &str,
-    quota_bytes: u64,
-    listen: &str,
-) -> anyhow::Result<()> {
+async fn up(dir: &Path, settings: &Settings) -> anyhow::Result<()> {
+    let volume = settings.volume.as_str();
     ballast_common::validate_volume_name(volume)
         .with_context(|| format!("invalid volume name {volume:?}"))?;
+    if settings.node_count == 0 || settings.node_count > NODE_COUNT_MAX {
+        bail!("--nodes must be between 1 and {NODE_COUNT_MAX}");
+    }
     let layout = Layout::new(dir);
-    let endpoint = format!("http://{listen}");
     let node_binary = sibling_binary(NODE_BINARY)?;
     let fuse_binary = sibling_binary(FUSE_BINARY)?;
     let mountpoint = layout.mountpoint(volume);
-
-    // Already running? Then only what is missing is started.
-    let node_running = match read_pid(&layout.node_pid) {
-        Some(pid) if process_alive(pid) => ready_client(&endpoint).await.is_some(),
-        _ => false,
-    };
-    let mounted = is_mounted(&mountpoint)?;
-    if node_running && mounted {
-        println!("Ballast is already running in {}:", dir.display());
-        print_summary(&layout, &endpoint, volume, &mountpoint);
-        return Ok(());
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let secret = join_secret(&layout)?;
+    let mut endpoints = Vec::new();
+    for node_id in 1..=settings.node_count {
+        endpoints.push(format!(
+            "http://{}",
+            node_listen(&settings.listen, node_id)?
+        ));
     }
+    let all_endpoints = endpoints.join(",");
 
-    std::fs::create_dir_all(&layout.node_dir)
-        .with_context(|| format!("creating {}", layout.node_dir.display()))?;
-
-    // 1. Device: created and formatted once.
-    if !layout.device.exists() {
-        create_sparse_file(&layout.device, device_size_bytes)?;
-        println!(
-            "created {} device {}",
-            format_size(device_size_bytes),
-            layout.device.display()
-        );
-        if let Err(error) = format_device(&node_binary, &layout) {
-            // Without this, the next run would take the unformatted image for a formatted one.
-            let _ = std::fs::remove_file(&layout.device);
-            return Err(error);
+    // 1. Devices: created and formatted once each.
+    for node_id in 1..=settings.node_count {
+        std::fs::create_dir_all(layout.node_dir(node_id))
+            .with_context(|| format!("creating {}", layout.node_dir(node_id).display()))?;
+        let device = layout.device(node_id);
+        if !device.exists() {
+            create_sparse_file(&device, settings.device_size_bytes)?;
+            if let Err(error) = format_device(&node_binary, &device, node_id) {
+                // Without this, the next run would take the unformatted image for a formatted one.
+                let _ = std::fs::remove_file(&device);
+                return Err(error);
+            }
+            println!(
+                "formatted {} device {} as node {node_id}",
+                format_size(settings.device_size_bytes),
+                device.display()
+            );
         }
-        println!("formatted {} as node {NODE_ID}", layout.device.display());
     }
 
-    // 2. Node.
-    let client = if node_running {
-        println!("node already running at {endpoint}");
-        connect(&endpoint).await?
-    } else {
-        remove_stale_pid_file(&layout.node_pid);
-        std::fs::create_dir_all(&layout.state_dir)
-            .with_context(|| format!("creating {}", layout.state_dir.display()))?;
+    // 2. Nodes: node 1 founds the cluster, the others join it. Only missing ones are started,
+    // so running `up` again restarts a node that was stopped or killed.
+    for node_id in 1..=settings.node_count {
+        let endpoint = &endpoints[node_id as usize - 1];
+        let pid_file = layout.node_pid(node_id);
+        let running = match read_pid(&pid_file) {
+            Some(pid) if process_alive(pid) => ready_client(endpoint).await.is_some(),
+            _ => false,
+        };
+        if running {
+            println!("node {node_id} already running at {endpoint}");
+            continue;
+        }
+        remove_stale_pid_file(&pid_file);
+        std::fs::create_dir_all(layout.state_dir(node_id))
+            .with_context(|| format!("creating {}", layout.state_dir(node_id).display()))?;
         let mut node = Command::new(&node_binary);
         node.arg("run")
             .arg("--device")
-            .arg(&layout.device)
+            .arg(layout.device(node_id))
             .arg("--state-dir")
-            .arg(&layout.state_dir)
+            .arg(layout.state_dir(node_id))
             .arg("--listen")
-            .arg(listen);
-        let mut child = spawn_detached(node, &layout.node_log, &layout.node_pid)?;
+            .arg(node_listen(&settings.listen, node_id)?)
+            .arg("--label")
+            .arg(format!("zone=local-{node_id}"))
+            .env("BALLAST_JOIN_SECRET", &secret);
+        if node_id > 1 {
+            node.arg("--join").arg(&endpoints[0]);
+        }
+        let mut child = spawn_detached(node, &layout.node_log(node_id), &pid_file)?;
         println!(
-            "started node (pid {}), waiting for it to answer at {endpoint}",
+            "started node {node_id} (pid {}), waiting for it to answer at {endpoint}",
             child.id()
         );
-        wait_for_node(&mut child, &endpoint, &layout.node_log).await?
-    };
+        wait_for_node(&mut child, endpoint, &layout.node_log(node_id)).await?;
+    }
+    let client = connect(&all_endpoints).await?;
+    wait_for_members(&client, settings.node_count).await?;
 
-    // 3. Volume.
+    // 3. Volume (replicated on every node, up to 3).
     match client.get_volume(volume).await {
         Ok(_) => println!("volume {volume} exists"),
         Err(error) if error.is_not_found() => {
-            client
-                .create_volume(volume, quota_bytes, 1, 1)
+            let created = client
+                .create_volume(volume, settings.quota_bytes, 0, 0)
                 .await
                 .with_context(|| format!("creating volume {volume:?}"))?;
             println!(
-                "created volume {volume} (quota {})",
-                format_size(quota_bytes)
+                "created volume {volume} (quota {}, {} replicas on nodes {:?})",
+                format_size(settings.quota_bytes),
+                created.replication_factor,
+                created.replica_node_ids
             );
         }
         Err(error) => return Err(error).with_context(|| format!("looking up volume {volume:?}")),
     }
 
-    // 4. Mount.
-    if mounted {
+    // 4. Mount, through every node: the driver follows the leader and survives a node's death.
+    if is_mounted(&mountpoint)? {
         println!("{} already mounted", mountpoint.display());
     } else {
         let fuse_pid = layout.fuse_pid(volume);
@@ -213,7 +299,7 @@ async fn up(
             .with_context(|| format!("creating mountpoint {}", mountpoint.display()))?;
         let mut fuse = Command::new(&fuse_binary);
         fuse.arg("--node")
-            .arg(&endpoint)
+            .arg(&all_endpoints)
             .arg("--volume")
             .arg(volume)
             .arg("--mountpoint")
@@ -231,19 +317,52 @@ async fn up(
     // 5. Summary.
     println!();
     println!("Ballast is running in {}:", dir.display());
-    print_summary(&layout, &endpoint, volume, &mountpoint);
+    print_summary(
+        &layout,
+        settings.node_count,
+        &all_endpoints,
+        volume,
+        &mountpoint,
+    );
     Ok(())
 }
 
-fn print_summary(layout: &Layout, endpoint: &str, volume: &str, mountpoint: &Path) {
-    println!(
-        "  node       {endpoint} (log {})",
-        layout.node_log.display()
-    );
-    println!("  device     {}", layout.device.display());
+/// Waits (bounded) until the cluster map lists `node_count` nodes.
+async fn wait_for_members(client: &BallastClient, node_count: u32) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_millis(NODE_READY_TIMEOUT_MS);
+    loop {
+        let listed = client
+            .list_nodes()
+            .await
+            .map(|nodes| nodes.len())
+            .unwrap_or(0);
+        if listed >= node_count as usize {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("only {listed} of {node_count} nodes joined within {NODE_READY_TIMEOUT_MS} ms");
+        }
+        tokio::time::sleep(Duration::from_millis(POLL_INTERVAL_MS)).await;
+    }
+}
+
+fn print_summary(
+    layout: &Layout,
+    node_count: u32,
+    endpoints: &str,
+    volume: &str,
+    mountpoint: &Path,
+) {
+    for node_id in 1..=node_count {
+        println!(
+            "  node {node_id}     log {}, device {}",
+            layout.node_log(node_id).display(),
+            layout.device(node_id).display()
+        );
+    }
     println!("  volume     {volume} mounted at {}", mountpoint.display());
     println!("  fuse log   {}", layout.fuse_log(volume).display());
-    println!("  try        ballast --node {endpoint} status");
+    println!("  try        ballast --node {endpoints} node list");
     println!(
         "  stop with  ballast local down --dir {}",
         layout.dir.display()
@@ -294,16 +413,19 @@ async fn down(dir: &Path) -> anyhow::Result<()> {
         println!("unmounted {}", mountpoint.display());
     }
 
-    // Node.
-    match read_pid(&layout.node_pid) {
-        Some(pid) if process_alive(pid) => {
-            stop_process(pid, NODE_BINARY).await;
-            println!("stopped node (pid {pid})");
+    // Nodes.
+    for node_id in layout.node_ids() {
+        let pid_file = layout.node_pid(node_id);
+        match read_pid(&pid_file) {
+            Some(pid) if process_alive(pid) => {
+                stop_process(pid, NODE_BINARY).await;
+                println!("stopped node {node_id} (pid {pid})");
+            }
+            Some(_) => println!("node {node_id} was not running"),
+            None => println!("no pid file for node {node_id}"),
         }
-        Some(_) => println!("node was not running"),
-        None => println!("no node pid file in {}", layout.node_dir.display()),
+        let _ = std::fs::remove_file(&pid_file);
     }
-    let _ = std::fs::remove_file(&layout.node_pid);
     Ok(())
 }
 
@@ -340,13 +462,13 @@ fn create_sparse_file(path: &Path, size_bytes: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn format_device(node_binary: &Path, layout: &Layout) -> anyhow::Result<()> {
+fn format_device(node_binary: &Path, device: &Path, node_id: u32) -> anyhow::Result<()> {
     let mut child = Command::new(node_binary)
         .arg("format")
         .arg("--device")
-        .arg(&layout.device)
+        .arg(device)
         .arg("--node-id")
-        .arg(NODE_ID.to_string())
+        .arg(node_id.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -675,7 +797,10 @@ mod tests {
     #[test]
     fn layout_paths() {
         let layout = Layout::new(Path::new("/tmp/b"));
-        assert_eq!(layout.device, PathBuf::from("/tmp/b/node1/device.img"));
+        assert_eq!(layout.device(1), PathBuf::from("/tmp/b/node1/device.img"));
+        assert_eq!(layout.node_pid(3), PathBuf::from("/tmp/b/node3/node.pid"));
+        assert_eq!(node_listen("127.0.0.1:7400", 3).unwrap(), "127.0.0.1:7402");
+        assert!(node_listen("127.0.0.1:65535", 2).is_err());
         assert_eq!(layout.mountpoint("demo"), PathBuf::from("/tmp/b/mnt/demo"));
         assert_eq!(
             layout.fuse_pid("demo"),

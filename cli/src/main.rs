@@ -22,7 +22,7 @@ use crate::size::{format_size, parse_size_bytes};
     about = "Ballast storage platform command line"
 )]
 struct Arguments {
-    /// gRPC address of the storage node.
+    /// gRPC address of a storage node (several nodes of one cluster: comma-separated).
     #[arg(
         long,
         global = true,
@@ -41,9 +41,18 @@ enum Command {
     Volume(VolumeCommand),
     /// Show the node's device, log and replicated containers.
     Status,
+    /// Show the cluster's nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Run a single-node setup on this machine for development.
     #[command(subcommand)]
     Local(local::LocalCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// List every node: its state, role in the metadata group, capacity and containers.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -54,12 +63,17 @@ enum VolumeCommand {
         /// Capacity limit, e.g. 512MiB, 10GiB, 1G or plain bytes.
         #[arg(long, default_value = "10GiB", value_parser = parse_size_bytes)]
         quota: u64,
-        /// Copies kept of every piece of data.
-        #[arg(long, default_value_t = 1)]
+        /// Copies kept of every piece of data; 0 lets the cluster choose (3, or every node of a
+        /// smaller cluster).
+        #[arg(long, default_value_t = 0)]
         replication_factor: u32,
-        /// Copies that must acknowledge a write before it succeeds.
-        #[arg(long, default_value_t = 1)]
+        /// Copies that must hold a write before it succeeds; 0 lets the cluster choose (a
+        /// majority of the replicas).
+        #[arg(long, default_value_t = 0)]
         replication_minimum: u32,
+        /// Place replicas only on nodes with these labels, e.g. `--selector zone=a,gpu=true`.
+        #[arg(long, value_parser = parse_selector, default_value = "")]
+        selector: std::collections::BTreeMap<String, String>,
     },
     /// List volumes.
     List {
@@ -98,6 +112,7 @@ async fn run(arguments: Arguments) -> anyhow::Result<()> {
     match arguments.command {
         Command::Volume(command) => volume(&connect(&arguments.node).await?, command).await,
         Command::Status => status(&connect(&arguments.node).await?).await,
+        Command::Node(NodeCommand::List) => node_list(&connect(&arguments.node).await?).await,
         Command::Local(command) => local::run(command).await,
     }
 }
@@ -115,9 +130,16 @@ async fn volume(client: &BallastClient, command: VolumeCommand) -> anyhow::Resul
             quota,
             replication_factor,
             replication_minimum,
+            selector,
         } => {
             let volume = client
-                .create_volume(&name, quota, replication_factor, replication_minimum)
+                .create_volume_placed(
+                    &name,
+                    quota,
+                    replication_factor,
+                    replication_minimum,
+                    selector,
+                )
                 .await
                 .with_context(|| format!("creating volume {name:?}"))?;
             println!(
@@ -149,10 +171,26 @@ async fn volume(client: &BallastClient, command: VolumeCommand) -> anyhow::Resul
                         size(volume.used_bytes),
                         volume.replication_factor.to_string(),
                         volume.inode_count.to_string(),
+                        volume
+                            .replica_node_ids
+                            .iter()
+                            .map(u64::to_string)
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        // 0: the answering node holds no replica and does not know.
+                        match volume.leader_node_id {
+                            0 => "?".to_owned(),
+                            leader => leader.to_string(),
+                        },
                     ]
                 })
                 .collect();
-            print_table(&["NAME", "ID", "QUOTA", "USED", "RF", "INODES"], &rows);
+            print_table(
+                &[
+                    "NAME", "ID", "QUOTA", "USED", "RF", "INODES", "REPLICAS", "LEADER",
+                ],
+                &rows,
+            );
         }
         VolumeCommand::Delete { name } => {
             client
@@ -173,6 +211,66 @@ async fn volume(client: &BallastClient, command: VolumeCommand) -> anyhow::Resul
             );
         }
     }
+    Ok(())
+}
+
+fn parse_selector(text: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut selector = std::collections::BTreeMap::new();
+    for pair in text
+        .split(',')
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty())
+    {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("selector term {pair:?} must look like key=value"))?;
+        if key.is_empty() {
+            return Err(format!("selector term {pair:?} has an empty key"));
+        }
+        selector.insert(key.to_owned(), value.to_owned());
+    }
+    Ok(selector)
+}
+
+async fn node_list(client: &BallastClient) -> anyhow::Result<()> {
+    let mut nodes = client.list_nodes().await.context("listing nodes")?;
+    nodes.sort_by_key(|node| node.node_id);
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|node| {
+            let mut labels: Vec<String> = node
+                .labels
+                .iter()
+                .map(|(key, value)| format!("{key}={value}"))
+                .collect();
+            labels.sort();
+            vec![
+                node.node_id.to_string(),
+                node.address.clone(),
+                node.state.clone(),
+                node.metadata_role.clone(),
+                format_size(node.capacity_bytes),
+                format_size(node.free_bytes),
+                node.container_ids.len().to_string(),
+                node.leader_count.to_string(),
+                labels.join(","),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "NODE",
+            "ADDRESS",
+            "STATE",
+            "METADATA",
+            "CAPACITY",
+            "FREE",
+            "CONTAINERS",
+            "LEADS",
+            "LABELS",
+        ],
+        &rows,
+    );
     Ok(())
 }
 

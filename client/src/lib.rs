@@ -56,16 +56,185 @@ impl Default for ClientOptions {
     }
 }
 
-/// A connection to one storage node, speaking both the Admin and the Filesystem services.
+/// Redirects to a container's leader followed by one call, at most.
+pub const REDIRECT_COUNT_MAX: u32 = 4;
+/// Endpoints a client remembers (seeds plus leaders it was redirected to).
+const ENDPOINT_COUNT_MAX: usize = 64;
+
+/// A client of a Ballast cluster, speaking both the Admin and the Filesystem services.
+///
+/// It starts from one or more seed endpoints and learns where each volume's leader is from the
+/// nodes' redirects, so calls go straight to the leader; when a node stops answering it moves on
+/// to the next endpoint it knows.
 #[derive(Debug, Clone)]
 pub struct BallastClient {
-    channel: Channel,
+    routes: std::sync::Arc<Routes>,
     options: ClientOptions,
 }
 
+/// Where calls go: the channels to every known node, and the preferred node per volume.
+#[derive(Debug)]
+struct Routes {
+    /// Known endpoints in the order they were learned; seeds first.
+    endpoints: std::sync::Mutex<Vec<String>>,
+    channels: std::sync::Mutex<std::collections::HashMap<String, Channel>>,
+    /// Volume name ("" for admin calls) → the endpoint that last served it.
+    preferred: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    options: ClientOptions,
+    /// This client's request-id session (see [`RequestTag`]).
+    session: u64,
+    sequence_next: std::sync::atomic::AtomicU64,
+    /// Sequences of side-effecting calls still waiting for an answer.
+    in_flight: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+}
+
+/// The request id of one side-effecting call: the node applies it at most once, however often
+/// it is resent (after a lost answer, to a new leader), and answers repeats with the first
+/// response. Dropping the tag ends the call, which lets the node forget its response.
+struct RequestTag<'routes> {
+    routes: &'routes Routes,
+    sequence: u64,
+}
+
+impl RequestTag<'_> {
+    /// `session:sequence:floor` in hex; the floor is the oldest call still in flight.
+    fn metadata_value(&self) -> tonic::metadata::MetadataValue<tonic::metadata::Ascii> {
+        let floor = self
+            .routes
+            .in_flight
+            .lock()
+            .expect("in-flight lock")
+            .first()
+            .copied()
+            .unwrap_or(self.sequence)
+            .min(self.sequence);
+        format!("{:x}:{:x}:{:x}", self.routes.session, self.sequence, floor)
+            .parse()
+            .expect("hex digits and colons are valid metadata")
+    }
+}
+
+impl Drop for RequestTag<'_> {
+    fn drop(&mut self) {
+        self.routes
+            .in_flight
+            .lock()
+            .expect("in-flight lock")
+            .remove(&self.sequence);
+    }
+}
+
+impl Routes {
+    fn begin_request(&self) -> RequestTag<'_> {
+        let sequence = self
+            .sequence_next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.in_flight
+            .lock()
+            .expect("in-flight lock")
+            .insert(sequence);
+        RequestTag {
+            routes: self,
+            sequence,
+        }
+    }
+
+    fn channel(&self, endpoint: &str) -> Result<Channel, ClientError> {
+        let mut channels = self.channels.lock().expect("channels lock");
+        if let Some(channel) = channels.get(endpoint) {
+            return Ok(channel.clone());
+        }
+        let channel = BallastClient::endpoint(endpoint, &self.options)?.connect_lazy();
+        channels.insert(endpoint.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    fn preferred(&self, route: &str) -> String {
+        if let Some(endpoint) = self.preferred.lock().expect("preferred lock").get(route) {
+            return endpoint.clone();
+        }
+        self.endpoints.lock().expect("endpoints lock")[0].clone()
+    }
+
+    fn prefer(&self, route: &str, endpoint: &str) {
+        let mut endpoints = self.endpoints.lock().expect("endpoints lock");
+        if !endpoints.iter().any(|known| known == endpoint) && endpoints.len() < ENDPOINT_COUNT_MAX
+        {
+            endpoints.push(endpoint.to_owned());
+        }
+        drop(endpoints);
+        let mut preferred = self.preferred.lock().expect("preferred lock");
+        if preferred.get(route).map(String::as_str) != Some(endpoint) {
+            preferred.insert(route.to_owned(), endpoint.to_owned());
+        }
+    }
+
+    /// The known endpoint after `endpoint` (wrapping), for moving past a node that is down.
+    fn next_after(&self, endpoint: &str) -> String {
+        let endpoints = self.endpoints.lock().expect("endpoints lock");
+        let position = endpoints.iter().position(|known| known == endpoint);
+        match position {
+            Some(index) => endpoints[(index + 1) % endpoints.len()].clone(),
+            None => endpoints[0].clone(),
+        }
+    }
+}
+
+/// Requests that belong to one volume are routed to that volume's leader.
+pub trait Routed {
+    /// The volume the request is about; "" for cluster-wide (admin) requests.
+    fn route(&self) -> &str {
+        ""
+    }
+}
+
+macro_rules! routed_by_volume {
+    ($($request:ident),* $(,)?) => {
+        $(impl Routed for proto::$request {
+            fn route(&self) -> &str {
+                &self.volume
+            }
+        })*
+    };
+}
+
+routed_by_volume!(
+    LookupRequest,
+    GetAttrRequest,
+    SetAttrRequest,
+    CreateRequest,
+    LinkRequest,
+    UnlinkRequest,
+    RenameRequest,
+    ReadDirRequest,
+    ReadLinkRequest,
+    ReadRequest,
+    WriteRequest,
+    FallocateRequest,
+    FsyncRequest,
+    StatFsRequest,
+    PurgeOrphansRequest,
+);
+
+macro_rules! routed_cluster_wide {
+    ($($request:ident),* $(,)?) => {
+        $(impl Routed for proto::$request {})*
+    };
+}
+
+routed_cluster_wide!(
+    CreateVolumeRequest,
+    DeleteVolumeRequest,
+    ListVolumesRequest,
+    GetVolumeRequest,
+    ResizeVolumeRequest,
+    StatusRequest,
+    ListNodesRequest,
+);
+
 impl BallastClient {
-    /// Connects to `endpoint` ("http://127.0.0.1:7400", or "unix:/path/to/socket") with default
-    /// options.
+    /// Connects to `endpoint` ("http://127.0.0.1:7400", or "unix:/path/to/socket"; several
+    /// nodes of one cluster separated by commas) with default options.
     pub async fn connect(endpoint: &str) -> Result<Self, ClientError> {
         Self::connect_with_options(endpoint, ClientOptions::default()).await
     }
@@ -73,26 +242,69 @@ impl BallastClient {
     /// Connects to `endpoint`, failing after `options.connect_timeout_ms` if the node does not
     /// answer. Later connection losses are repaired transparently on the next call.
     pub async fn connect_with_options(
-        endpoint: &str,
+        endpoints: &str,
         options: ClientOptions,
     ) -> Result<Self, ClientError> {
-        let endpoint_config = Self::endpoint(endpoint, &options)?;
-        let channel = endpoint_config
-            .connect()
-            .await
-            .map_err(|source| ClientError::Transport {
-                endpoint: endpoint.to_owned(),
-                source,
-            })?;
-        Ok(Self { channel, options })
+        let client = Self::connect_lazy(endpoints, options)?;
+        // Succeed if any seed answers; report the last failure otherwise.
+        let seeds = client
+            .routes
+            .endpoints
+            .lock()
+            .expect("endpoints lock")
+            .clone();
+        let mut last_error = None;
+        for seed in &seeds {
+            let endpoint_config = Self::endpoint(seed, &options)?;
+            match endpoint_config.connect().await {
+                Ok(channel) => {
+                    client
+                        .routes
+                        .channels
+                        .lock()
+                        .expect("channels lock")
+                        .insert(seed.clone(), channel);
+                    client.routes.prefer("", seed);
+                    return Ok(client);
+                }
+                Err(source) => {
+                    last_error = Some(ClientError::Transport {
+                        endpoint: seed.clone(),
+                        source,
+                    })
+                }
+            }
+        }
+        Err(last_error.expect("at least one seed"))
     }
 
-    /// Builds a client without contacting the node; the connection is made on the first call.
+    /// Builds a client without contacting any node; connections are made on the first call.
     /// Useful where the node may start later than the caller.
-    pub fn connect_lazy(endpoint: &str, options: ClientOptions) -> Result<Self, ClientError> {
-        let endpoint_config = Self::endpoint(endpoint, &options)?;
+    pub fn connect_lazy(endpoints: &str, options: ClientOptions) -> Result<Self, ClientError> {
+        let seeds: Vec<String> = endpoints
+            .split(',')
+            .map(str::trim)
+            .filter(|seed| !seed.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if seeds.is_empty() {
+            return Err(ClientError::InvalidArgument(
+                "no storage node endpoint given".to_owned(),
+            ));
+        }
+        for seed in &seeds {
+            Self::endpoint(seed, &options)?;
+        }
         Ok(Self {
-            channel: endpoint_config.connect_lazy(),
+            routes: std::sync::Arc::new(Routes {
+                endpoints: std::sync::Mutex::new(seeds),
+                channels: std::sync::Mutex::new(std::collections::HashMap::new()),
+                preferred: std::sync::Mutex::new(std::collections::HashMap::new()),
+                options,
+                session: new_session(),
+                sequence_next: std::sync::atomic::AtomicU64::new(1),
+                in_flight: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+            }),
             options,
         })
     }
@@ -122,19 +334,24 @@ impl BallastClient {
         self.options
     }
 
-    fn admin(&self) -> AdminClient<Channel> {
-        AdminClient::new(self.channel.clone())
-            .max_decoding_message_size(MESSAGE_SIZE_BYTES_MAX)
-            .max_encoding_message_size(MESSAGE_SIZE_BYTES_MAX)
+    /// Every endpoint this client knows: its seeds and the leaders it was redirected to.
+    pub fn known_endpoints(&self) -> Vec<String> {
+        self.routes
+            .endpoints
+            .lock()
+            .expect("endpoints lock")
+            .clone()
     }
 
-    fn filesystem(&self) -> FilesystemClient<Channel> {
-        FilesystemClient::new(self.channel.clone())
-            .max_decoding_message_size(MESSAGE_SIZE_BYTES_MAX)
-            .max_encoding_message_size(MESSAGE_SIZE_BYTES_MAX)
-    }
-
-    /// Runs one unary call with the per-attempt timeout and the bounded retry policy.
+    /// Runs one unary call with the per-attempt timeout, leader redirects and the bounded retry
+    /// policy.
+    ///
+    /// - A node that does not lead the volume's container answers with the leader's address and
+    ///   a promise that it applied nothing; the call goes there at once (at most
+    ///   [`REDIRECT_COUNT_MAX`] times) and the leader is remembered for the volume.
+    /// - "No leader yet" also applied nothing, so any call waits and retries.
+    /// - A node that cannot be connected to is skipped for the next known endpoint.
+    /// - Otherwise [`retry::should_retry`] decides, and sleeps follow [`RetryPolicy`].
     async fn call<Request, Response, Attempt, AttemptFuture>(
         &self,
         method: &'static str,
@@ -143,31 +360,70 @@ impl BallastClient {
         mut attempt: Attempt,
     ) -> Result<Response, ClientError>
     where
-        Request: Clone,
-        Attempt: FnMut(tonic::Request<Request>) -> AttemptFuture,
+        Request: Clone + Routed,
+        Attempt: FnMut(Channel, tonic::Request<Request>) -> AttemptFuture,
         AttemptFuture: Future<Output = Result<tonic::Response<Response>, tonic::Status>>,
     {
         let request_timeout = Duration::from_millis(self.options.request_timeout_ms);
         let attempt_count_max = self.options.retry.attempt_count_max.max(1);
+        let route = request.route().to_owned();
+        // Side effects on a volume carry a request id, which makes every resend safe.
+        let tag = (idempotency == Idempotency::SideEffecting && !route.is_empty())
+            .then(|| self.routes.begin_request());
+        let idempotency = if tag.is_some() {
+            Idempotency::Idempotent
+        } else {
+            idempotency
+        };
+        let mut endpoint = self.routes.preferred(&route);
         let mut attempt_index = 0;
+        let mut redirect_count = 0;
         loop {
+            let channel = self.routes.channel(&endpoint)?;
             let mut grpc_request = tonic::Request::new(request.clone());
             // Also tell the node, so it can abandon work nobody waits for.
             grpc_request.set_timeout(request_timeout);
-            let status = match tokio::time::timeout(request_timeout, attempt(grpc_request)).await {
-                Ok(Ok(response)) => return Ok(response.into_inner()),
-                Ok(Err(status)) => status,
-                Err(_elapsed) => tonic::Status::deadline_exceeded(format!(
-                    "{method}: no answer within {} ms",
-                    self.options.request_timeout_ms
-                )),
-            };
+            if let Some(tag) = &tag {
+                grpc_request
+                    .metadata_mut()
+                    .insert(ballast_proto::REQUEST_ID_METADATA_KEY, tag.metadata_value());
+            }
+            let status =
+                match tokio::time::timeout(request_timeout, attempt(channel, grpc_request)).await {
+                    Ok(Ok(response)) => {
+                        self.routes.prefer(&route, &endpoint);
+                        return Ok(response.into_inner());
+                    }
+                    Ok(Err(status)) => status,
+                    Err(_elapsed) => tonic::Status::deadline_exceeded(format!(
+                        "{method}: no answer within {} ms",
+                        self.options.request_timeout_ms
+                    )),
+                };
+            if let Some(leader) = retry::leader_address(&status) {
+                if redirect_count < REDIRECT_COUNT_MAX && leader != endpoint {
+                    redirect_count += 1;
+                    tracing::debug!(method, from = %endpoint, to = %leader, "following the leader");
+                    self.routes.prefer(&route, &leader);
+                    endpoint = leader;
+                    continue;
+                }
+            }
             attempt_index += 1;
-            if attempt_index >= attempt_count_max || !retry::should_retry(&status, idempotency) {
+            // A tagged call that timed out (a hung node) may be resent elsewhere, too.
+            let tagged_timeout = tag.is_some() && status.code() == tonic::Code::DeadlineExceeded;
+            if attempt_index >= attempt_count_max
+                || !(tagged_timeout || retry::should_retry(&status, idempotency))
+            {
                 if status.code() != tonic::Code::NotFound {
                     tracing::debug!(method, attempt_index, %status, "call failed");
                 }
                 return Err(ClientError::from_status(&status));
+            }
+            if retry::never_sent(&status) || status.code() == tonic::Code::DeadlineExceeded {
+                // That node is down or hung: try the next one we know (it redirects if needed).
+                endpoint = self.routes.next_after(&endpoint);
+                redirect_count = 0;
             }
             let backoff = self.options.retry.backoff(attempt_index - 1);
             tracing::warn!(method, attempt_index, backoff_ms = backoff.as_millis() as u64, %status,
@@ -188,8 +444,28 @@ impl BallastClient {
         replication_factor: u32,
         replication_minimum: u32,
     ) -> Result<proto::Volume, ClientError> {
+        self.create_volume_placed(
+            name,
+            quota_bytes,
+            replication_factor,
+            replication_minimum,
+            std::collections::BTreeMap::new(),
+        )
+        .await
+    }
+
+    /// Creates a volume whose replicas go only to nodes carrying every label of `node_selector`.
+    pub async fn create_volume_placed(
+        &self,
+        name: &str,
+        quota_bytes: u64,
+        replication_factor: u32,
+        replication_minimum: u32,
+        node_selector: std::collections::BTreeMap<String, String>,
+    ) -> Result<proto::Volume, ClientError> {
         ballast_common::validate_volume_name(name)?;
-        if replication_minimum > replication_factor {
+        // 0 asks the cluster for its default (3, or every node of a smaller cluster).
+        if replication_factor != 0 && replication_minimum > replication_factor {
             return Err(ClientError::InvalidArgument(format!(
                 "replication minimum {replication_minimum} exceeds replication factor \
                  {replication_factor}"
@@ -200,13 +476,14 @@ impl BallastClient {
             quota_bytes,
             replication_factor,
             replication_minimum,
+            node_selector: node_selector.into_iter().collect(),
         };
         self.call(
             "CreateVolume",
             Idempotency::SideEffecting,
             request,
-            |request| {
-                let mut client = self.admin();
+            |channel, request| {
+                let mut client = admin_client(channel);
                 async move { client.create_volume(request).await }
             },
         )
@@ -229,8 +506,8 @@ impl BallastClient {
             "ResizeVolume",
             Idempotency::Idempotent,
             request,
-            |request| {
-                let mut client = self.admin();
+            |channel, request| {
+                let mut client = admin_client(channel);
                 async move { client.resize_volume(request).await }
             },
         )
@@ -246,8 +523,8 @@ impl BallastClient {
             "DeleteVolume",
             Idempotency::SideEffecting,
             request,
-            |request| {
-                let mut client = self.admin();
+            |channel, request| {
+                let mut client = admin_client(channel);
                 async move { client.delete_volume(request).await }
             },
         )
@@ -261,8 +538,8 @@ impl BallastClient {
             "ListVolumes",
             Idempotency::Idempotent,
             proto::ListVolumesRequest {},
-            |request| {
-                let mut client = self.admin();
+            |channel, request| {
+                let mut client = admin_client(channel);
                 async move { client.list_volumes(request).await }
             },
         )
@@ -275,11 +552,31 @@ impl BallastClient {
         let request = proto::GetVolumeRequest {
             name: name.to_owned(),
         };
-        self.call("GetVolume", Idempotency::Idempotent, request, |request| {
-            let mut client = self.admin();
-            async move { client.get_volume(request).await }
-        })
+        self.call(
+            "GetVolume",
+            Idempotency::Idempotent,
+            request,
+            |channel, request| {
+                let mut client = admin_client(channel);
+                async move { client.get_volume(request).await }
+            },
+        )
         .await
+    }
+
+    /// The cluster's nodes, as the answering node's copy of the cluster map records them.
+    pub async fn list_nodes(&self) -> Result<Vec<proto::NodeInfo>, ClientError> {
+        self.call(
+            "ListNodes",
+            Idempotency::Idempotent,
+            proto::ListNodesRequest {},
+            |channel, request| {
+                let mut client = admin_client(channel);
+                async move { client.list_nodes(request).await }
+            },
+        )
+        .await
+        .map(|response| response.nodes)
     }
 
     /// The node's identity, device usage and replicated containers.
@@ -288,8 +585,8 @@ impl BallastClient {
             "Status",
             Idempotency::Idempotent,
             proto::StatusRequest {},
-            |request| {
-                let mut client = self.admin();
+            |channel, request| {
+                let mut client = admin_client(channel);
                 async move { client.status(request).await }
             },
         )
@@ -314,10 +611,15 @@ impl BallastClient {
             name: name.to_owned(),
         };
         let response = self
-            .call("Lookup", Idempotency::Idempotent, request, |request| {
-                let mut client = self.filesystem();
-                async move { client.lookup(request).await }
-            })
+            .call(
+                "Lookup",
+                Idempotency::Idempotent,
+                request,
+                |channel, request| {
+                    let mut client = filesystem_client(channel);
+                    async move { client.lookup(request).await }
+                },
+            )
             .await?;
         response.attr.ok_or(ClientError::MissingField {
             field: "EntryResponse.attr",
@@ -331,10 +633,15 @@ impl BallastClient {
             inode,
         };
         let response = self
-            .call("GetAttr", Idempotency::Idempotent, request, |request| {
-                let mut client = self.filesystem();
-                async move { client.get_attr(request).await }
-            })
+            .call(
+                "GetAttr",
+                Idempotency::Idempotent,
+                request,
+                |channel, request| {
+                    let mut client = filesystem_client(channel);
+                    async move { client.get_attr(request).await }
+                },
+            )
             .await?;
         response.attr.ok_or(ClientError::MissingField {
             field: "AttrResponse.attr",
@@ -354,10 +661,15 @@ impl BallastClient {
             }
         }
         let response = self
-            .call("SetAttr", Idempotency::SideEffecting, request, |request| {
-                let mut client = self.filesystem();
-                async move { client.set_attr(request).await }
-            })
+            .call(
+                "SetAttr",
+                Idempotency::Idempotent,
+                request,
+                |channel, request| {
+                    let mut client = filesystem_client(channel);
+                    async move { client.set_attr(request).await }
+                },
+            )
             .await?;
         response.attr.ok_or(ClientError::MissingField {
             field: "AttrResponse.attr",
@@ -380,10 +692,15 @@ impl BallastClient {
             ));
         }
         let response = self
-            .call("Create", Idempotency::SideEffecting, request, |request| {
-                let mut client = self.filesystem();
-                async move { client.create(request).await }
-            })
+            .call(
+                "Create",
+                Idempotency::SideEffecting,
+                request,
+                |channel, request| {
+                    let mut client = filesystem_client(channel);
+                    async move { client.create(request).await }
+                },
+            )
             .await?;
         response.attr.ok_or(ClientError::MissingField {
             field: "EntryResponse.attr",
@@ -406,10 +723,15 @@ impl BallastClient {
             new_name: new_name.to_owned(),
         };
         let response = self
-            .call("Link", Idempotency::SideEffecting, request, |request| {
-                let mut client = self.filesystem();
-                async move { client.link(request).await }
-            })
+            .call(
+                "Link",
+                Idempotency::SideEffecting,
+                request,
+                |channel, request| {
+                    let mut client = filesystem_client(channel);
+                    async move { client.link(request).await }
+                },
+            )
             .await?;
         response.attr.ok_or(ClientError::MissingField {
             field: "EntryResponse.attr",
@@ -432,10 +754,15 @@ impl BallastClient {
             name: name.to_owned(),
             directory,
         };
-        self.call("Unlink", Idempotency::SideEffecting, request, |request| {
-            let mut client = self.filesystem();
-            async move { client.unlink(request).await }
-        })
+        self.call(
+            "Unlink",
+            Idempotency::SideEffecting,
+            request,
+            |channel, request| {
+                let mut client = filesystem_client(channel);
+                async move { client.unlink(request).await }
+            },
+        )
         .await
     }
 
@@ -460,10 +787,15 @@ impl BallastClient {
             new_name: new_name.to_owned(),
             flags,
         };
-        self.call("Rename", Idempotency::SideEffecting, request, |request| {
-            let mut client = self.filesystem();
-            async move { client.rename(request).await }
-        })
+        self.call(
+            "Rename",
+            Idempotency::SideEffecting,
+            request,
+            |channel, request| {
+                let mut client = filesystem_client(channel);
+                async move { client.rename(request).await }
+            },
+        )
         .await
     }
 
@@ -481,10 +813,15 @@ impl BallastClient {
             cookie,
             entry_count_max,
         };
-        self.call("ReadDir", Idempotency::Idempotent, request, |request| {
-            let mut client = self.filesystem();
-            async move { client.read_dir(request).await }
-        })
+        self.call(
+            "ReadDir",
+            Idempotency::Idempotent,
+            request,
+            |channel, request| {
+                let mut client = filesystem_client(channel);
+                async move { client.read_dir(request).await }
+            },
+        )
         .await
     }
 
@@ -494,10 +831,15 @@ impl BallastClient {
             volume: volume.to_owned(),
             inode,
         };
-        self.call("ReadLink", Idempotency::Idempotent, request, |request| {
-            let mut client = self.filesystem();
-            async move { client.read_link(request).await }
-        })
+        self.call(
+            "ReadLink",
+            Idempotency::Idempotent,
+            request,
+            |channel, request| {
+                let mut client = filesystem_client(channel);
+                async move { client.read_link(request).await }
+            },
+        )
         .await
         .map(|response| response.target)
     }
@@ -516,10 +858,15 @@ impl BallastClient {
             offset_bytes,
             length_bytes,
         };
-        self.call("Read", Idempotency::Idempotent, request, |request| {
-            let mut client = self.filesystem();
-            async move { client.read(request).await }
-        })
+        self.call(
+            "Read",
+            Idempotency::Idempotent,
+            request,
+            |channel, request| {
+                let mut client = filesystem_client(channel);
+                async move { client.read(request).await }
+            },
+        )
         .await
         .map(|response| response.data)
     }
@@ -545,10 +892,15 @@ impl BallastClient {
             offset_bytes,
             data,
         };
-        self.call("Write", Idempotency::SideEffecting, request, |request| {
-            let mut client = self.filesystem();
-            async move { client.write(request).await }
-        })
+        self.call(
+            "Write",
+            Idempotency::Idempotent,
+            request,
+            |channel, request| {
+                let mut client = filesystem_client(channel);
+                async move { client.write(request).await }
+            },
+        )
         .await
     }
 
@@ -572,10 +924,10 @@ impl BallastClient {
         let response = self
             .call(
                 "Fallocate",
-                Idempotency::SideEffecting,
+                Idempotency::Idempotent,
                 request,
-                |request| {
-                    let mut client = self.filesystem();
+                |channel, request| {
+                    let mut client = filesystem_client(channel);
                     async move { client.fallocate(request).await }
                 },
             )
@@ -597,10 +949,15 @@ impl BallastClient {
             inode,
             data_only,
         };
-        self.call("Fsync", Idempotency::Idempotent, request, |request| {
-            let mut client = self.filesystem();
-            async move { client.fsync(request).await }
-        })
+        self.call(
+            "Fsync",
+            Idempotency::Idempotent,
+            request,
+            |channel, request| {
+                let mut client = filesystem_client(channel);
+                async move { client.fsync(request).await }
+            },
+        )
         .await
         .map(|_| ())
     }
@@ -610,10 +967,15 @@ impl BallastClient {
         let request = proto::StatFsRequest {
             volume: volume.to_owned(),
         };
-        self.call("StatFs", Idempotency::Idempotent, request, |request| {
-            let mut client = self.filesystem();
-            async move { client.stat_fs(request).await }
-        })
+        self.call(
+            "StatFs",
+            Idempotency::Idempotent,
+            request,
+            |channel, request| {
+                let mut client = filesystem_client(channel);
+                async move { client.stat_fs(request).await }
+            },
+        )
         .await
     }
 
@@ -628,14 +990,45 @@ impl BallastClient {
             "PurgeOrphans",
             Idempotency::Idempotent,
             request,
-            |request| {
-                let mut client = self.filesystem();
+            |channel, request| {
+                let mut client = filesystem_client(channel);
                 async move { client.purge_orphans(request).await }
             },
         )
         .await
         .map(|response| response.purged_count)
     }
+}
+
+/// A session id unlikely to repeat across processes and restarts: the clock, the process id and
+/// a per-process counter, mixed.
+fn new_session() -> u64 {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut value = now_ns
+        ^ (u64::from(std::process::id()) << 32)
+        ^ COUNTER
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    // SplitMix64 finaliser: spreads the bits.
+    value = (value ^ (value >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    value = (value ^ (value >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    value ^ (value >> 31)
+}
+
+fn admin_client(channel: Channel) -> AdminClient<Channel> {
+    AdminClient::new(channel)
+        .max_decoding_message_size(MESSAGE_SIZE_BYTES_MAX)
+        .max_encoding_message_size(MESSAGE_SIZE_BYTES_MAX)
+}
+
+fn filesystem_client(channel: Channel) -> FilesystemClient<Channel> {
+    FilesystemClient::new(channel)
+        .max_decoding_message_size(MESSAGE_SIZE_BYTES_MAX)
+        .max_encoding_message_size(MESSAGE_SIZE_BYTES_MAX)
 }
 
 #[cfg(test)]
@@ -699,8 +1092,7 @@ mod transport_tests {
         // Guards the retry policy against tonic changing how it reports connect failures.
         let client =
             BallastClient::connect_lazy("http://127.0.0.1:1", ClientOptions::default()).unwrap();
-        let status = client
-            .filesystem()
+        let status = filesystem_client(client.routes.channel("http://127.0.0.1:1").unwrap())
             .get_attr(proto::GetAttrRequest {
                 volume: "demo".to_owned(),
                 inode: 1,

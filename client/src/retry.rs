@@ -1,11 +1,16 @@
 //! Bounded retry policy for calls that fail with `Unavailable`.
 //!
 //! Invariant: a call is retried only when repeating it cannot apply it twice: either the RPC is
-//! idempotent (reads, lookups, fsync...), or the failure proves the request never left this
-//! process (the connection could not be established). A `Write`, `Create`, `Rename`... that
-//! reached a node whose answer was lost is never repeated: the caller sees EIO instead of a
-//! silently doubled side effect (for example a second `Create` failing with EEXIST, or a
-//! `Rename` that moved a file replaced by someone else in between).
+//! idempotent, or the failure proves the request was not applied: the connection could not be
+//! established, or the node said so (`ballast-not-applied`: it does not lead the container).
+//!
+//! Idempotent means "repeating it leaves the same state": reads, lookups, fsync, and also
+//! positional writes, attribute changes and fallocate (writing the same bytes at the same offset
+//! twice is writing them once). A `Create`, `Link`, `Unlink` or `Rename` that reached a node whose
+//! answer was lost is never repeated: the caller sees EIO instead of a silently doubled side
+//! effect (a second `Create` failing with EEXIST, or a `Rename` that moved a file replaced by
+//! someone else in between). Making those exactly-once needs request ids remembered by the state
+//! machine; that is future work.
 
 use std::error::Error as _;
 use std::time::Duration;
@@ -31,7 +36,8 @@ pub struct RetryPolicy {
 impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
-            attempt_count_max: 5,
+            // Long enough to ride out a leader election (about 1-2 s) after a node dies.
+            attempt_count_max: 12,
             backoff_initial_ms: 50,
             backoff_max_ms: 1000,
         }
@@ -68,10 +74,30 @@ pub fn never_sent(status: &tonic::Status) -> bool {
     false
 }
 
+/// The address of the container's leader, when the node that answered named one.
+pub fn leader_address(status: &tonic::Status) -> Option<String> {
+    status
+        .metadata()
+        .get(ballast_proto::LEADER_METADATA_KEY)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Whether the node promised that it applied nothing.
+pub fn not_applied(status: &tonic::Status) -> bool {
+    status
+        .metadata()
+        .get(ballast_proto::NOT_APPLIED_METADATA_KEY)
+        .is_some()
+}
+
 /// Whether a failed attempt may be repeated under `idempotency`.
 pub fn should_retry(status: &tonic::Status, idempotency: Idempotency) -> bool {
     if status.code() != tonic::Code::Unavailable {
         return false;
+    }
+    if not_applied(status) {
+        return true;
     }
     match idempotency {
         Idempotency::Idempotent => true,
@@ -103,6 +129,25 @@ mod tests {
         assert!(!should_retry(&not_found, Idempotency::Idempotent));
         let deadline = tonic::Status::deadline_exceeded("slow");
         assert!(!should_retry(&deadline, Idempotency::Idempotent));
+    }
+
+    #[test]
+    fn not_applied_is_retried_even_with_side_effects() {
+        let mut status = tonic::Status::unavailable("no leader yet");
+        status.metadata_mut().insert(
+            ballast_proto::NOT_APPLIED_METADATA_KEY,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        assert!(should_retry(&status, Idempotency::SideEffecting));
+        assert_eq!(leader_address(&status), None);
+        status.metadata_mut().insert(
+            ballast_proto::LEADER_METADATA_KEY,
+            tonic::metadata::MetadataValue::from_static("http://10.0.0.2:7400"),
+        );
+        assert_eq!(
+            leader_address(&status).as_deref(),
+            Some("http://10.0.0.2:7400")
+        );
     }
 
     #[test]

@@ -11,5 +11,24 @@ pub mod v1 {
     tonic::include_proto!("ballast.v1");
 }
 
+/// Node-to-node API (`package ballast.cluster.v1`): Raft transport and membership. Front ends
+/// never use it.
+pub mod cluster_v1 {
+    tonic::include_proto!("ballast.cluster.v1");
+}
+
+/// gRPC metadata key of a request id (`session:sequence:floor`, hex) on side-effecting calls:
+/// the node applies a tagged request at most once and answers repeats with the first response.
+pub const REQUEST_ID_METADATA_KEY: &str = "ballast-request-id";
+
+/// gRPC metadata key carrying the address ("http://host:port") of the node that leads the
+/// container a refused request was meant for. Its presence also promises that the refusing node
+/// applied nothing, so the client may resend any request there.
+pub const LEADER_METADATA_KEY: &str = "ballast-leader";
+
+/// gRPC metadata key marking a failure that provably applied nothing (for example "no leader
+/// yet"), so even side-effecting requests may be retried.
+pub const NOT_APPLIED_METADATA_KEY: &str = "ballast-not-applied";
+
 /// gRPC metadata key carrying the numeric POSIX errno of a filesystem error.
 pub const ERRNO_METADATA_KEY: &str = "ballast-errno";

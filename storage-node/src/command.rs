@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::error::FsError;
-use crate::records::{EntryKind, Inode, VolumeRecord};
+use crate::records::{EntryKind, Inode, NodeRecord, VolumeRecord};
 
 /// A command for the metadata container (container 0).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,10 +20,17 @@ pub enum MetadataCommand {
         replication_factor: u32,
         replication_minimum: u32,
         now_ns: i64,
+        /// Placement decided by the proposer (the metadata leader), so every replica applies
+        /// the same decision.
+        replicas: Vec<u64>,
+        bootstrap_node_id: u64,
+        node_selector: std::collections::BTreeMap<String, String>,
     },
     DeleteVolume {
         name: String,
     },
+    /// Adds or updates a node of the cluster map.
+    RegisterNode(NodeRecord),
     /// Records a new quota; the volume's container enforces it after its own `SetQuota`.
     ResizeVolume {
         name: String,
@@ -111,6 +118,12 @@ pub enum FilesystemCommand {
 pub enum Command {
     Metadata(MetadataCommand),
     Filesystem(FilesystemCommand),
+    /// A command applied at most once per request id (see `deduplication`); a repeat gets the
+    /// first response back.
+    Once {
+        request: crate::deduplication::RequestId,
+        command: Box<Command>,
+    },
 }
 
 /// What applying a command produced.

@@ -81,6 +81,16 @@ pub enum NodeError {
     ChecksumMismatch(String),
     #[error("container {container_id} is not served by this node")]
     UnknownContainer { container_id: u64 },
+    /// This node does not lead the container; nothing was applied. `leader_address` is where to
+    /// go instead, when known.
+    #[error("container {container_id} is led by {}", leader_address.as_deref().unwrap_or("an unknown node (election in progress)"))]
+    NotLeader {
+        container_id: u64,
+        leader_address: Option<String>,
+    },
+    /// A cluster operation was refused (bad join secret, conflicting node id, ...).
+    #[error("cluster: {0}")]
+    Cluster(String),
     #[error("volume {name:?} not found")]
     UnknownVolume { name: String },
     #[error("{0}")]

@@ -20,6 +20,12 @@ pub const TAG_BLOCK: u8 = b'B';
 pub const TAG_ORPHAN: u8 = b'O';
 /// Volume records of the metadata container: volume name.
 pub const TAG_VOLUME: u8 = b'V';
+/// Node records of the metadata container (the cluster map): node id.
+pub const TAG_NODE: u8 = b'N';
+/// Container records of the metadata container (replicas of each container): container id.
+pub const TAG_CONTAINER_RECORD: u8 = b'K';
+/// Stored responses of tagged requests (exactly-once retries): container, session, sequence.
+pub const TAG_SESSION: u8 = b'W';
 /// Device block allocator bitmap groups: group index.
 pub const TAG_ALLOCATOR_GROUP: u8 = b'A';
 /// Raft vote of a container (written with the RocksDB WAL and synced).
@@ -110,6 +116,25 @@ pub fn volume(name: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(1 + name.len());
     key.push(TAG_VOLUME);
     key.extend_from_slice(name.as_bytes());
+    key
+}
+
+pub fn session(container_id: u64, session: u64, sequence: u64) -> Vec<u8> {
+    let mut key = with_container(TAG_SESSION, container_id, 16);
+    key.extend_from_slice(&session.to_be_bytes());
+    key.extend_from_slice(&sequence.to_be_bytes());
+    key
+}
+
+pub fn node(node_id: u64) -> Vec<u8> {
+    let mut key = vec![TAG_NODE];
+    key.extend_from_slice(&node_id.to_be_bytes());
+    key
+}
+
+pub fn container_record(container_id: u64) -> Vec<u8> {
+    let mut key = vec![TAG_CONTAINER_RECORD];
+    key.extend_from_slice(&container_id.to_be_bytes());
     key
 }
 

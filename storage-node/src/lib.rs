@@ -14,16 +14,20 @@
 //! - File data is copy-on-write with deferred frees; every block carries a CRC-32 that is
 //!   verified on every read.
 
+pub mod cluster;
 pub mod command;
+pub mod deduplication;
 pub mod error;
 pub mod filesystem;
 pub mod keys;
 pub mod log_storage;
 pub mod metadata;
-pub mod network;
 pub mod node;
+pub mod placement;
+pub mod raft_network;
 pub mod records;
 pub mod service;
+pub mod snapshot;
 pub mod state_machine;
 pub mod state_store;
 pub mod storage;

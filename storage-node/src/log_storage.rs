@@ -16,6 +16,11 @@
 //!   local filesystem's journal, a write is durable once fsync returns, and the barrier is group
 //!   committed: one device flush covers every container's appends. A process crash keeps
 //!   buffered appends; a power loss may lose the unflushed tail, never anything fsync'd.
+//! - A *replicated* group (more than one member) appends durably instead (RWF_DSYNC, still
+//!   group-committed with every other group's appends): a follower's acknowledgement counts
+//!   towards a commit, and Raft is only safe if what a majority acknowledged survives any crash.
+//!   A group becomes replicated when the node starts it so, or when its log carries a
+//!   membership with more than one node; it never goes back.
 //! - Recently appended entries stay in memory (bounded by bytes) so that applying them right
 //!   after commit does not read them back from the device.
 //!
@@ -25,6 +30,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,6 +56,7 @@ const LOG_FULL_RETRY_INTERVAL_MS: u64 = 10;
 enum LogOperation {
     Append {
         records: Vec<LogRecord>,
+        durable: bool,
         callback: LogFlushed<TypeConfig>,
     },
     Truncate {
@@ -104,6 +111,8 @@ struct Shared {
     state: Arc<crate::storage::NodeStorage>,
     cache: Mutex<EntryCache>,
     writer: mpsc::Sender<LogOperation>,
+    /// Appends are durable before they are acknowledged (see the module doc).
+    durable: AtomicBool,
 }
 
 /// Log storage of one container; cheap to clone (the reader is a clone).
@@ -120,6 +129,7 @@ impl ContainerLog {
         log_store: LogStore,
         state: Arc<crate::storage::NodeStorage>,
         checkpoint_wanted: Arc<Notify>,
+        replicated: bool,
     ) -> Self {
         let (writer, queue) = mpsc::channel(WRITER_QUEUE_DEPTH);
         tokio::spawn(run_writer(
@@ -135,6 +145,7 @@ impl ContainerLog {
                 state,
                 cache: Mutex::new(EntryCache::default()),
                 writer,
+                durable: AtomicBool::new(replicated),
             }),
         }
     }
@@ -169,21 +180,21 @@ async fn run_writer(
 ) {
     while let Some(operation) = queue.recv().await {
         match operation {
-            LogOperation::Append { records, callback } => {
-                let deadline =
-                    tokio::time::Instant::now() + Duration::from_millis(LOG_FULL_WAIT_MS_MAX);
-                let result = loop {
-                    match log_store.append_buffered(records.clone()).await {
-                        Err(DeviceError::LogFull { .. })
-                            if tokio::time::Instant::now() < deadline =>
-                        {
-                            checkpoint_wanted.notify_one();
-                            tokio::time::sleep(Duration::from_millis(LOG_FULL_RETRY_INTERVAL_MS))
-                                .await;
-                        }
-                        other => break other,
+            LogOperation::Append {
+                records,
+                durable,
+                callback,
+            } => {
+                let mut result = Ok(());
+                // One device request holds at most a segment; a follower may receive a batch of
+                // large entries in one go, so split it (order is kept: chunks go one by one).
+                for chunk in split_records(records, log_store.request_length_bytes_max() / 2) {
+                    result =
+                        append_with_retry(&log_store, chunk, durable, &checkpoint_wanted).await;
+                    if result.is_err() {
+                        break;
                     }
-                };
+                }
                 if let Err(error) = &result {
                     tracing::error!(container = container_id, %error, "log append failed");
                 }
@@ -212,6 +223,57 @@ async fn run_writer(
                     .await;
                 let _ = done.send(result);
             }
+        }
+    }
+}
+
+/// Bytes a log record adds beyond its payload (generous: headers, index, term, group).
+const RECORD_OVERHEAD_BYTES: u64 = 64;
+
+/// Splits records into runs whose estimated encoded size stays under `chunk_bytes_max` (a single
+/// larger record travels alone; the log store then refuses it with a clear error).
+fn split_records(records: Vec<LogRecord>, chunk_bytes_max: u64) -> Vec<Vec<LogRecord>> {
+    let mut chunks = Vec::new();
+    let mut chunk = Vec::new();
+    let mut chunk_bytes = 0u64;
+    for record in records {
+        let record_bytes = match &record {
+            LogRecord::Entry { payload, .. } => payload.len() as u64,
+            _ => 0,
+        } + RECORD_OVERHEAD_BYTES;
+        if !chunk.is_empty() && chunk_bytes + record_bytes > chunk_bytes_max {
+            chunks.push(std::mem::take(&mut chunk));
+            chunk_bytes = 0;
+        }
+        chunk_bytes += record_bytes;
+        chunk.push(record);
+    }
+    if !chunk.is_empty() {
+        chunks.push(chunk);
+    }
+    chunks
+}
+
+/// Appends one chunk, waiting (bounded) for checkpoints to free space when the log is full.
+async fn append_with_retry(
+    log_store: &LogStore,
+    records: Vec<LogRecord>,
+    durable: bool,
+    checkpoint_wanted: &Notify,
+) -> Result<(), DeviceError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(LOG_FULL_WAIT_MS_MAX);
+    loop {
+        let attempt = if durable {
+            log_store.append(records.clone()).await
+        } else {
+            log_store.append_buffered(records.clone()).await
+        };
+        match attempt {
+            Err(DeviceError::LogFull { .. }) if tokio::time::Instant::now() < deadline => {
+                checkpoint_wanted.notify_one();
+                tokio::time::sleep(Duration::from_millis(LOG_FULL_RETRY_INTERVAL_MS)).await;
+            }
+            other => return other,
         }
     }
 }
@@ -395,6 +457,11 @@ impl RaftLogStorage<TypeConfig> for ContainerLog {
         {
             let mut cache = self.shared.cache.lock().expect("cache lock");
             for entry in entries {
+                if let openraft::EntryPayload::Membership(membership) = &entry.payload {
+                    if membership.nodes().count() > 1 {
+                        self.shared.durable.store(true, Ordering::Release);
+                    }
+                }
                 let payload = postcard::to_allocvec(&entry).map_err(|error| {
                     StorageError::from(StorageIOError::write_log_entry(entry.log_id, &error))
                 })?;
@@ -412,7 +479,13 @@ impl RaftLogStorage<TypeConfig> for ContainerLog {
             callback.log_io_completed(Ok(()));
             return Ok(());
         }
-        self.send(LogOperation::Append { records, callback }).await
+        let durable = self.shared.durable.load(Ordering::Acquire);
+        self.send(LogOperation::Append {
+            records,
+            durable,
+            callback,
+        })
+        .await
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -465,5 +538,42 @@ impl RaftLogStorage<TypeConfig> for ContainerLog {
                 )))
             })?
             .map_err(|error| StorageIOError::write_logs(&error).into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64, payload_bytes: usize) -> LogRecord {
+        LogRecord::Entry {
+            group: 1,
+            index,
+            term: 1,
+            payload: vec![0; payload_bytes],
+        }
+    }
+
+    #[test]
+    fn chunks_keep_order_and_stay_under_the_limit() {
+        let records: Vec<LogRecord> = (1..=10).map(|index| entry(index, 1000)).collect();
+        let chunks = split_records(records, 3_000);
+        let indexes: Vec<u64> = chunks
+            .iter()
+            .flatten()
+            .map(|record| match record {
+                LogRecord::Entry { index, .. } => *index,
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(indexes, (1..=10).collect::<Vec<_>>());
+        assert!(
+            chunks.iter().all(|chunk| chunk.len() == 2),
+            "{}",
+            chunks.len()
+        );
+        // A record larger than the limit goes alone.
+        let chunks = split_records(vec![entry(1, 10), entry(2, 5000), entry(3, 10)], 3_000);
+        assert_eq!(chunks.len(), 3);
     }
 }

@@ -4,9 +4,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use ballast_proto::cluster_v1::cluster_server::ClusterServer;
+use ballast_proto::cluster_v1::raft_transport_server::RaftTransportServer;
 use ballast_proto::v1::admin_server::AdminServer;
 use ballast_proto::v1::filesystem_server::FilesystemServer;
+use ballast_storage_node::raft_network::RAFT_MESSAGE_SIZE_BYTES_MAX;
 use ballast_storage_node::service::admin::AdminService;
+use ballast_storage_node::service::cluster::{ClusterService, RaftTransportService};
 use ballast_storage_node::service::filesystem::FilesystemService;
 use ballast_storage_node::{node, NodeConfig, StorageNode};
 use clap::{Parser, Subcommand};
@@ -38,7 +42,42 @@ enum NodeCommand {
         state_dir: PathBuf,
         #[arg(long, default_value = "127.0.0.1:7400")]
         listen: SocketAddr,
+        /// Address other nodes and clients reach this node at; defaults to http://<listen>.
+        #[arg(long)]
+        advertise: Option<String>,
+        /// Any node of an existing cluster ("http://host:port"). Without it, the node starts a
+        /// cluster of its own (or restarts the one it belongs to).
+        #[arg(long)]
+        join: Option<String>,
+        /// Secret shared by every node of the cluster; joins must present it.
+        #[arg(
+            long,
+            env = "BALLAST_JOIN_SECRET",
+            default_value = "",
+            hide_env_values = true
+        )]
+        join_secret: String,
+        /// Node label used by placement selectors and failure domains (`zone`, `rack`), e.g.
+        /// `--label zone=a --label gpu=true`.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Checkpoint and purge the log at least this often (bounds restart replay; tests use
+        /// short intervals to force snapshot transfers).
+        #[arg(long, default_value_t = node::CHECKPOINT_INTERVAL_MS_DEFAULT)]
+        checkpoint_interval_ms: u64,
     },
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("label {text:?} must look like key=value"))?;
+    if key.is_empty() || key.len() > 63 || value.len() > 63 {
+        return Err(format!(
+            "label {text:?}: key must be 1-63 bytes, value at most 63"
+        ));
+    }
+    Ok((key.to_owned(), value.to_owned()))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +87,8 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,openraft=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: logs in files stay greppable.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let arguments = Arguments::parse();
     match arguments.command {
@@ -69,6 +110,11 @@ fn main() -> anyhow::Result<()> {
             device,
             state_dir,
             listen,
+            advertise,
+            join,
+            join_secret,
+            labels,
+            checkpoint_interval_ms,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -77,6 +123,11 @@ fn main() -> anyhow::Result<()> {
                 device_path: device,
                 state_directory: state_dir,
                 listen_address: listen,
+                advertise_address: advertise.unwrap_or_else(|| format!("http://{listen}")),
+                join_address: join,
+                join_secret,
+                labels: labels.into_iter().collect(),
+                checkpoint_interval_ms: checkpoint_interval_ms.max(100),
             }))
         }
     }
@@ -93,6 +144,12 @@ async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let filesystem = FilesystemServer::new(FilesystemService::new(node.clone()))
         .max_decoding_message_size(MESSAGE_SIZE_BYTES_MAX)
         .max_encoding_message_size(MESSAGE_SIZE_BYTES_MAX);
+    let raft_transport = RaftTransportServer::new(RaftTransportService::new(node.clone()))
+        .max_decoding_message_size(RAFT_MESSAGE_SIZE_BYTES_MAX)
+        .max_encoding_message_size(RAFT_MESSAGE_SIZE_BYTES_MAX);
+    let cluster = ClusterServer::new(ClusterService::new(node.clone()))
+        .max_decoding_message_size(RAFT_MESSAGE_SIZE_BYTES_MAX)
+        .max_encoding_message_size(RAFT_MESSAGE_SIZE_BYTES_MAX);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
@@ -112,6 +169,8 @@ async fn run(config: NodeConfig) -> anyhow::Result<()> {
         .tcp_nodelay(true)
         .add_service(admin)
         .add_service(filesystem)
+        .add_service(raft_transport)
+        .add_service(cluster)
         .serve_with_incoming_shutdown(
             // Accepted connections must disable Nagle themselves: with a custom incoming, the
             // builder's tcp_nodelay is not applied, and small replies then wait ~40 ms for the

@@ -1,22 +1,29 @@
-//! The metadata state machine (container 0): the volumes of the cluster and the container each
-//! one lives in. Later also nodes, labels and replica placement (the cluster map).
+//! The metadata state machine (container 0): the cluster map. It records the nodes, the volumes
+//! and, for each volume's container, the nodes holding its replicas.
 //!
-//! Owns: the meaning of every [`MetadataCommand`] and volume lookups.
-//! Must not depend on: filesystem internals. Starting and stopping the container of a volume is
-//! the node's job (`node.rs`); this module only records the decision.
+//! Owns: the meaning of every [`MetadataCommand`], and lookups of nodes, volumes and containers.
+//! Must not depend on: filesystem internals. Starting and stopping containers is the node's job
+//! (`node.rs`), and choosing replicas is `placement.rs`'s; this module only records decisions
+//! after checking they are consistent with the map.
+//! Invariants: every container record names exactly `replication_factor` distinct registered
+//! nodes, one of them the bootstrap node; a node id stays bound to the device it registered with.
 
 use ballast_common::validate_volume_name;
 
 use crate::command::{CommandResponse, MetadataCommand};
 use crate::error::{FsError, NodeResult};
 use crate::keys;
-use crate::records::{encode, VolumeRecord};
+use crate::records::{decode, encode, ContainerRecord, NodeRecord, VolumeRecord};
 use crate::storage::NodeStorage;
 use crate::transaction::Transaction;
 use crate::types::FIRST_VOLUME_CONTAINER_ID;
 
-/// Most volumes one node records (bounds listings and the container count per node).
+/// Most volumes one cluster records (bounds listings and the container count per node).
 pub const VOLUME_COUNT_MAX: usize = 4096;
+/// Most nodes one cluster records.
+pub const NODE_COUNT_MAX: usize = 1024;
+/// Highest replication factor a volume may ask for.
+pub const REPLICATION_FACTOR_MAX: u32 = 5;
 
 pub fn apply(
     transaction: &mut Transaction<'_>,
@@ -29,18 +36,28 @@ pub fn apply(
             replication_factor,
             replication_minimum,
             now_ns,
+            replicas,
+            bootstrap_node_id,
+            node_selector,
         } => {
             validate_volume_name(&name)
                 .map_err(|error| FsError::invalid(format!("volume name: {error}")))?;
-            if replication_factor != 1 {
+            if replication_factor == 0 || replication_factor > REPLICATION_FACTOR_MAX {
                 return Err(FsError::invalid(format!(
-                    "replication factor {replication_factor} needs a cluster; this node serves rf=1 only"
+                    "replication factor {replication_factor} must be between 1 and {REPLICATION_FACTOR_MAX}"
                 ))
                 .into());
             }
             if replication_minimum == 0 || replication_minimum > replication_factor {
                 return Err(FsError::invalid(format!(
                     "replication minimum {replication_minimum} must be between 1 and the replication factor"
+                ))
+                .into());
+            }
+            check_replicas(transaction.storage, &replicas, replication_factor)?;
+            if !replicas.contains(&bootstrap_node_id) {
+                return Err(FsError::invalid(format!(
+                    "bootstrap node {bootstrap_node_id} is not one of the replicas {replicas:?}"
                 ))
                 .into());
             }
@@ -59,7 +76,7 @@ pub fn apply(
             state.volume_id_next = volume_id + 1;
             state.container_id_next = container_id + 1;
             let record = VolumeRecord {
-                name,
+                name: name.clone(),
                 volume_id,
                 container_id,
                 quota_bytes,
@@ -67,7 +84,17 @@ pub fn apply(
                 replication_minimum,
                 created_ns: now_ns,
             };
+            let container = ContainerRecord {
+                container_id,
+                volume_name: name,
+                replicas,
+                bootstrap_node_id,
+                node_selector,
+            };
             transaction.batch().put(key, encode(&record));
+            transaction
+                .batch()
+                .put(keys::container_record(container_id), encode(&container));
             Ok(CommandResponse::Volume(record))
         }
         MetadataCommand::DeleteVolume { name } => {
@@ -78,6 +105,9 @@ pub fn apply(
                 .get::<VolumeRecord>(&key, "volume")?
                 .ok_or_else(|| FsError::not_found(format!("volume {name:?} does not exist")))?;
             transaction.batch().delete(key);
+            transaction
+                .batch()
+                .delete(keys::container_record(record.container_id));
             Ok(CommandResponse::Volume(record))
         }
         MetadataCommand::ResizeVolume { name, quota_bytes } => {
@@ -91,7 +121,59 @@ pub fn apply(
             transaction.batch().put(key, encode(&record));
             Ok(CommandResponse::Volume(record))
         }
+        MetadataCommand::RegisterNode(node) => {
+            if node.node_id == 0 {
+                return Err(FsError::invalid("node id 0 is reserved").into());
+            }
+            match get_node(transaction.storage, node.node_id)? {
+                Some(existing) if existing.device_uuid != node.device_uuid => {
+                    return Err(FsError::exists(format!(
+                        "node id {} is already registered with another device; format the new \
+                         device with a new node id",
+                        node.node_id
+                    ))
+                    .into());
+                }
+                Some(_) => {}
+                None => {
+                    if list_nodes(transaction.storage)?.len() >= NODE_COUNT_MAX {
+                        return Err(
+                            FsError::no_space(format!("at most {NODE_COUNT_MAX} nodes")).into()
+                        );
+                    }
+                }
+            }
+            transaction
+                .batch()
+                .put(keys::node(node.node_id), encode(&node));
+            Ok(CommandResponse::Done)
+        }
     }
+}
+
+fn check_replicas(
+    storage: &NodeStorage,
+    replicas: &[u64],
+    replication_factor: u32,
+) -> NodeResult<()> {
+    if replicas.len() != replication_factor as usize {
+        return Err(FsError::invalid(format!(
+            "placement names {} replicas for replication factor {replication_factor}",
+            replicas.len()
+        ))
+        .into());
+    }
+    for (index, node_id) in replicas.iter().enumerate() {
+        if replicas[..index].contains(node_id) {
+            return Err(FsError::invalid(format!("node {node_id} holds two replicas")).into());
+        }
+        if get_node(storage, *node_id)?.is_none() {
+            return Err(
+                FsError::invalid(format!("replica node {node_id} is not registered")).into(),
+            );
+        }
+    }
+    Ok(())
 }
 
 pub fn get_volume(storage: &NodeStorage, name: &str) -> NodeResult<Option<VolumeRecord>> {
@@ -101,12 +183,49 @@ pub fn get_volume(storage: &NodeStorage, name: &str) -> NodeResult<Option<Volume
 }
 
 pub fn list_volumes(storage: &NodeStorage) -> NodeResult<Vec<VolumeRecord>> {
-    let start = vec![keys::TAG_VOLUME];
+    list(storage, keys::TAG_VOLUME, VOLUME_COUNT_MAX, "volume")
+}
+
+pub fn get_node(storage: &NodeStorage, node_id: u64) -> NodeResult<Option<NodeRecord>> {
+    storage
+        .state
+        .get::<NodeRecord>(&keys::node(node_id), "node")
+}
+
+pub fn list_nodes(storage: &NodeStorage) -> NodeResult<Vec<NodeRecord>> {
+    list(storage, keys::TAG_NODE, NODE_COUNT_MAX, "node")
+}
+
+pub fn get_container(
+    storage: &NodeStorage,
+    container_id: u64,
+) -> NodeResult<Option<ContainerRecord>> {
+    storage
+        .state
+        .get::<ContainerRecord>(&keys::container_record(container_id), "container record")
+}
+
+pub fn list_containers(storage: &NodeStorage) -> NodeResult<Vec<ContainerRecord>> {
+    list(
+        storage,
+        keys::TAG_CONTAINER_RECORD,
+        VOLUME_COUNT_MAX,
+        "container record",
+    )
+}
+
+fn list<T: serde::de::DeserializeOwned>(
+    storage: &NodeStorage,
+    tag: u8,
+    count_max: usize,
+    what: &str,
+) -> NodeResult<Vec<T>> {
+    let start = vec![tag];
     let end = keys::prefix_end(&start);
     storage
         .state
-        .scan_collect(&start, &end, VOLUME_COUNT_MAX)?
+        .scan_collect(&start, &end, count_max)?
         .into_iter()
-        .map(|(_, value)| crate::records::decode::<VolumeRecord>(&value, "volume"))
+        .map(|(_, value)| decode::<T>(&value, what))
         .collect()
 }

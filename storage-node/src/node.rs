@@ -18,47 +18,68 @@ use std::time::{Duration, Instant};
 
 use ballast_common::{Clock, SystemClock};
 use ballast_device::{Device, EngineOptions, LogStore};
+use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, Config, SnapshotPolicy};
-use tokio::sync::{Notify, RwLock};
+use tokio::sync::{Mutex, Notify, RwLock};
 
 use crate::command::{Command, CommandResponse, FilesystemCommand, MetadataCommand};
 use crate::error::{FsError, NodeError, NodeResult};
 use crate::log_storage::ContainerLog;
-use crate::network::LocalOnlyNetwork;
-use crate::records::{VolumeRecord, ROOT_INODE};
+use crate::raft_network::{ClusterNetwork, PeerChannels};
+use crate::records::{ContainerRecord, VolumeRecord, ROOT_INODE};
 use crate::state_machine::ContainerStateMachine;
 use crate::state_store::StateStore;
 use crate::storage::NodeStorage;
-use crate::types::{Raft, METADATA_CONTAINER_ID};
-use crate::{filesystem, keys, metadata};
+use crate::types::{NodeId, Raft, METADATA_CONTAINER_ID};
+use crate::{filesystem, keys, metadata, placement};
 
 /// Checkpoint when the device log is this full (percent).
 const CHECKPOINT_LOG_USED_PERCENT: u64 = 40;
-/// Checkpoint at least this often, which bounds restart replay time.
-const CHECKPOINT_INTERVAL_MS: u64 = 30_000;
+/// Checkpoint at least this often by default, which bounds restart replay time.
+pub const CHECKPOINT_INTERVAL_MS_DEFAULT: u64 = 30_000;
 /// How often the checkpoint policy looks at the log.
 const CHECKPOINT_POLL_INTERVAL_MS: u64 = 200;
-/// How long start-up waits for a container to elect itself leader.
+/// How long start-up waits for a single-member container to elect itself leader.
 const LEADER_WAIT_MS_MAX: u64 = 30_000;
+/// How long start-up waits for a replicated container (metadata) to find a leader before
+/// serving anyway (requests then get "no leader" until one is elected).
+const REPLICATED_LEADER_WAIT_MS_MAX: u64 = 5_000;
+/// How long start-up waits for a started group's metrics to show its membership.
+const MEMBERSHIP_WAIT_MS_MAX: u64 = 2_000;
+/// Attempts of a proposal while its container elects a leader.
+const PROPOSE_ATTEMPT_COUNT_MAX: u32 = 12;
+const PROPOSE_BACKOFF_MS: u64 = 50;
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub device_path: PathBuf,
     pub state_directory: PathBuf,
     pub listen_address: SocketAddr,
+    /// The address other nodes and clients use ("http://host:port").
+    pub advertise_address: String,
+    /// Any node of an existing cluster to join; `None` starts (or restarts) a cluster here.
+    pub join_address: Option<String>,
+    /// Shared secret every node of a cluster is started with; joins must present it.
+    pub join_secret: String,
+    pub labels: BTreeMap<String, String>,
+    /// Checkpoint (and purge the log) at least this often.
+    pub checkpoint_interval_ms: u64,
 }
 
-struct Container {
-    raft: Raft,
+pub(crate) struct Container {
+    pub(crate) raft: Raft,
 }
 
 pub struct StorageNode {
-    node_id: u64,
-    config: NodeConfig,
+    pub(crate) node_id: u64,
+    pub(crate) config: NodeConfig,
     device: Device,
-    storage: Arc<NodeStorage>,
+    pub(crate) storage: Arc<NodeStorage>,
     log_store: LogStore,
-    containers: RwLock<HashMap<u64, Container>>,
+    pub(crate) containers: RwLock<HashMap<u64, Container>>,
+    /// Serialises container start-up, so two paths never create two Raft instances of one group.
+    starting: Mutex<()>,
+    pub(crate) peers: Arc<PeerChannels>,
     checkpoint_wanted: Arc<Notify>,
     clock: Arc<dyn Clock>,
     started: Instant,
@@ -76,15 +97,17 @@ impl std::fmt::Debug for StorageNode {
 fn raft_config(container_id: u64) -> NodeResult<Arc<Config>> {
     let config = Config {
         cluster_name: format!("container-{container_id}"),
-        heartbeat_interval: 100,
-        election_timeout_min: 200,
-        election_timeout_max: 400,
+        heartbeat_interval: 150,
+        // Generous on a loaded 2-core machine, so a busy node is not mistaken for a dead one.
+        election_timeout_min: 750,
+        election_timeout_max: 1_500,
         // Checkpoints are driven by log space and time (see `checkpoint_loop`); this is only a
         // backstop for very many tiny entries.
         snapshot_policy: SnapshotPolicy::LogsSinceLast(50_000),
         max_in_snapshot_log_to_keep: 0,
         purge_batch_size: 1,
-        max_payload_entries: 64,
+        // 16 entries of at most 1 MiB keep a replication message well under the transport limit.
+        max_payload_entries: 16,
         ..Default::default()
     };
     Ok(Arc::new(
@@ -94,8 +117,17 @@ fn raft_config(container_id: u64) -> NodeResult<Arc<Config>> {
     ))
 }
 
+/// Whether a Raft group has exactly one voter, `node_id`: such a group commits alone and is
+/// waited for at start-up.
+fn is_local_only(raft: &Raft, node_id: NodeId) -> bool {
+    let metrics = raft.metrics().borrow().clone();
+    let membership = metrics.membership_config.membership();
+    let voters: Vec<NodeId> = membership.voter_ids().collect();
+    voters == [node_id] && membership.learner_ids().next().is_none()
+}
+
 impl StorageNode {
-    /// Opens the device and state directory and starts every container.
+    /// Opens the device and state directory and starts every container this node holds.
     pub async fn open(config: NodeConfig) -> NodeResult<Arc<Self>> {
         let opened = Instant::now();
         // Opening blocks (superblock reads, log recovery): keep it off the runtime's workers.
@@ -130,17 +162,37 @@ impl StorageNode {
             storage,
             log_store,
             containers: RwLock::new(HashMap::new()),
+            starting: Mutex::new(()),
+            peers: Arc::new(PeerChannels::default()),
             checkpoint_wanted: Arc::new(Notify::new()),
             clock: Arc::new(SystemClock),
             started: Instant::now(),
         });
-        node.start_container(METADATA_CONTAINER_ID).await?;
-        let volumes = metadata::list_volumes(&node.storage)?;
-        for volume in &volumes {
-            node.start_volume_container(volume).await?;
+        node.start_metadata_container().await?;
+        let local_authority = node.metadata_is_local_only().await;
+        if local_authority {
+            // A one-node cluster: register synchronously so volumes can be placed at once.
+            node.register_locally().await?;
         }
-        node.drop_containers_without_volume(&volumes).await?;
+        let volumes = metadata::list_volumes(&node.storage)?;
+        for container in metadata::list_containers(&node.storage)? {
+            if container.replicas.contains(&node.node_id) {
+                if let Err(error) = node.start_replica(&container).await {
+                    // Replicated containers may lack peers right now; the reconcile loop retries.
+                    tracing::warn!(container = container.container_id, %error, "container not started yet");
+                }
+            }
+        }
+        if local_authority {
+            // Only a node whose metadata is authoritative may conclude a container is orphaned; a
+            // follower's metadata may lag behind its containers.
+            node.drop_containers_without_volume(&volumes).await?;
+        }
         tokio::spawn(checkpoint_loop(Arc::clone(&node)));
+        tokio::spawn(crate::cluster::reconcile_loop(Arc::clone(&node)));
+        if !local_authority {
+            tokio::spawn(crate::cluster::join_loop(Arc::clone(&node)));
+        }
         tracing::info!(
             node_id = node.node_id,
             volumes = volumes.len(),
@@ -178,39 +230,129 @@ impl StorageNode {
         self.clock.now_ns()
     }
 
-    async fn start_container(&self, container_id: u64) -> NodeResult<Raft> {
-        if let Some(container) = self.containers.read().await.get(&container_id) {
-            return Ok(container.raft.clone());
+    pub(crate) fn basic_node(&self) -> BasicNode {
+        BasicNode::new(self.config.advertise_address.clone())
+    }
+
+    /// The metadata container: initialised here as a one-node cluster unless this node joins
+    /// another one.
+    async fn start_metadata_container(&self) -> NodeResult<()> {
+        let _starting = self.starting.lock().await;
+        let raft = self.new_raft(METADATA_CONTAINER_ID, true).await?;
+        if !self.is_initialized(&raft, METADATA_CONTAINER_ID).await?
+            && self.config.join_address.is_none()
+        {
+            let members = BTreeMap::from([(self.node_id, self.basic_node())]);
+            raft.initialize(members).await.map_err(|error| {
+                NodeError::Raft(format!("initialise the metadata container: {error}"))
+            })?;
         }
+        self.wait_for_membership(&raft, METADATA_CONTAINER_ID).await;
+        if is_local_only(&raft, self.node_id) {
+            self.wait_until_served(&raft, METADATA_CONTAINER_ID).await?;
+        }
+        // A replicated metadata group is not waited for: its peers can only reach this node once
+        // it serves, and requests meanwhile get a clear "no leader" answer.
+        self.containers
+            .write()
+            .await
+            .insert(METADATA_CONTAINER_ID, Container { raft });
+        Ok(())
+    }
+
+    /// Whether the metadata group is this node alone (a one-node cluster).
+    pub(crate) async fn metadata_is_local_only(&self) -> bool {
+        match self.containers.read().await.get(&METADATA_CONTAINER_ID) {
+            Some(container) => is_local_only(&container.raft, self.node_id),
+            None => false,
+        }
+    }
+
+    async fn register_locally(&self) -> NodeResult<()> {
+        let record = self.node_record();
+        self.propose(
+            METADATA_CONTAINER_ID,
+            Command::Metadata(MetadataCommand::RegisterNode(record)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// This node as the cluster map should record it.
+    pub(crate) fn node_record(&self) -> crate::records::NodeRecord {
+        let superblock = self.device.superblock();
+        crate::records::NodeRecord {
+            node_id: self.node_id,
+            address: self.config.advertise_address.clone(),
+            labels: self.config.labels.clone(),
+            device_uuid: superblock.device_uuid,
+            data_block_count: superblock.data_block_count,
+            data_block_free_count: self.storage.free_block_count(),
+            registered_ns: self.now_ns(),
+        }
+    }
+
+    async fn new_raft(&self, container_id: u64, replicated: bool) -> NodeResult<Raft> {
         let log = ContainerLog::new(
             container_id,
             self.log_store.clone(),
             Arc::clone(&self.storage),
             Arc::clone(&self.checkpoint_wanted),
+            replicated,
         );
         let state_machine = ContainerStateMachine::new(container_id, Arc::clone(&self.storage));
-        let raft = Raft::new(
+        Raft::new(
             self.node_id,
             raft_config(container_id)?,
-            LocalOnlyNetwork,
+            ClusterNetwork::new(container_id, Arc::clone(&self.peers)),
             log,
             state_machine,
         )
         .await
-        .map_err(|error| NodeError::Raft(format!("start container {container_id}: {error}")))?;
-        let initialized = raft
-            .is_initialized()
+        .map_err(|error| NodeError::Raft(format!("start container {container_id}: {error}")))
+    }
+
+    async fn is_initialized(&self, raft: &Raft, container_id: u64) -> NodeResult<bool> {
+        raft.is_initialized()
             .await
-            .map_err(|error| NodeError::Raft(format!("container {container_id}: {error}")))?;
-        if !initialized {
-            let members = BTreeMap::from([(
-                self.node_id,
-                BasicNode::new(self.config.listen_address.to_string()),
-            )]);
-            raft.initialize(members).await.map_err(|error| {
-                NodeError::Raft(format!("initialise container {container_id}: {error}"))
-            })?;
+            .map_err(|error| NodeError::Raft(format!("container {container_id}: {error}")))
+    }
+
+    /// Waits (bounded) until the Raft metrics show the group's stored membership: right after
+    /// start or initialisation they may not yet, and start-up decisions depend on it. An
+    /// uninitialised group has none and is not waited for.
+    async fn wait_for_membership(&self, raft: &Raft, container_id: u64) {
+        if !self
+            .is_initialized(raft, container_id)
+            .await
+            .unwrap_or(false)
+        {
+            return;
         }
+        let shown = raft
+            .wait(Some(Duration::from_millis(MEMBERSHIP_WAIT_MS_MAX)))
+            .metrics(
+                |metrics| {
+                    metrics
+                        .membership_config
+                        .membership()
+                        .voter_ids()
+                        .next()
+                        .is_some()
+                },
+                "membership loaded",
+            )
+            .await;
+        if shown.is_err() {
+            tracing::warn!(
+                container = container_id,
+                "membership not visible after start"
+            );
+        }
+    }
+
+    /// Waits until a single-member container leads itself and has applied its whole log.
+    async fn wait_until_served(&self, raft: &Raft, container_id: u64) -> NodeResult<()> {
         raft.wait(Some(Duration::from_millis(LEADER_WAIT_MS_MAX)))
             .current_leader(self.node_id, "single-member container elects itself")
             .await
@@ -228,6 +370,51 @@ impl StorageNode {
                     "container {container_id} did not replay its log: {error}"
                 ))
             })?;
+        Ok(())
+    }
+
+    /// Whether this node runs a Raft instance of the container.
+    pub(crate) async fn raft(&self, container_id: u64) -> Option<Raft> {
+        self.containers
+            .read()
+            .await
+            .get(&container_id)
+            .map(|container| container.raft.clone())
+    }
+
+    /// Starts this node's replica of a container (idempotent). Only the record's bootstrap node
+    /// initialises the group, and only while it has no Raft state at all; every other replica
+    /// waits to hear from a leader. A container held by this node alone is waited for like the
+    /// metadata of a one-node cluster.
+    pub(crate) async fn start_replica(&self, record: &ContainerRecord) -> NodeResult<Raft> {
+        let _starting = self.starting.lock().await;
+        if let Some(raft) = self.raft(record.container_id).await {
+            return Ok(raft);
+        }
+        let container_id = record.container_id;
+        let replicated = record.replicas.len() > 1;
+        let raft = self.new_raft(container_id, replicated).await?;
+        if !self.is_initialized(&raft, container_id).await?
+            && record.bootstrap_node_id == self.node_id
+        {
+            let mut members = BTreeMap::new();
+            for replica in &record.replicas {
+                let node = metadata::get_node(&self.storage, *replica)?.ok_or_else(|| {
+                    NodeError::Cluster(format!(
+                        "replica node {replica} of container {container_id} is not in this node's cluster map yet"
+                    ))
+                })?;
+                members.insert(*replica, BasicNode::new(node.address));
+            }
+            tracing::info!(container = container_id, replicas = ?record.replicas, "initialising container");
+            raft.initialize(members).await.map_err(|error| {
+                NodeError::Raft(format!("initialise container {container_id}: {error}"))
+            })?;
+        }
+        self.wait_for_membership(&raft, container_id).await;
+        if record.replicas == [self.node_id] {
+            self.wait_until_served(&raft, container_id).await?;
+        }
         self.containers
             .write()
             .await
@@ -235,8 +422,70 @@ impl StorageNode {
         Ok(raft)
     }
 
-    async fn start_volume_container(&self, volume: &VolumeRecord) -> NodeResult<()> {
-        self.start_container(volume.container_id).await?;
+    /// The Raft group of a container this node leads, after confirming with a quorum that it
+    /// still leads and that everything committed is applied (a linearizable read point).
+    /// Otherwise `NotLeader`, naming the leader when known.
+    pub async fn leading_raft(&self, container_id: u64) -> NodeResult<Raft> {
+        let Some(raft) = self.raft(container_id).await else {
+            return Err(self.not_leader_from_metadata(container_id));
+        };
+        if raft.metrics().borrow().current_leader != Some(self.node_id) {
+            return Err(self.not_leader(container_id, &raft));
+        }
+        if is_local_only(&raft, self.node_id) {
+            // A single member is the quorum; everything it acknowledged is applied.
+            return Ok(raft);
+        }
+        match raft.ensure_linearizable().await {
+            Ok(_) => Ok(raft),
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
+                forward,
+            ))) => Err(NodeError::NotLeader {
+                container_id,
+                leader_address: forward.leader_node.map(|node| node.addr),
+            }),
+            Err(error) => Err(NodeError::Raft(format!(
+                "container {container_id}: confirming leadership: {error}"
+            ))),
+        }
+    }
+
+    fn not_leader(&self, container_id: u64, raft: &Raft) -> NodeError {
+        let metrics = raft.metrics().borrow().clone();
+        let leader_address = metrics.current_leader.and_then(|leader| {
+            metrics
+                .membership_config
+                .membership()
+                .get_node(&leader)
+                .map(|node| node.addr.clone())
+        });
+        NodeError::NotLeader {
+            container_id,
+            leader_address,
+        }
+    }
+
+    /// For a container this node does not hold: point at one of its replicas (which knows the
+    /// leader, or is it).
+    fn not_leader_from_metadata(&self, container_id: u64) -> NodeError {
+        let record = match metadata::get_container(&self.storage, container_id) {
+            Ok(Some(record)) => record,
+            _ => return NodeError::UnknownContainer { container_id },
+        };
+        let leader_address = record
+            .replicas
+            .iter()
+            .chain(std::iter::once(&record.bootstrap_node_id))
+            .rev()
+            .find_map(|replica| metadata::get_node(&self.storage, *replica).ok().flatten())
+            .map(|node| node.address);
+        NodeError::NotLeader {
+            container_id,
+            leader_address,
+        }
+    }
+
+    async fn initialize_root_if_leader(&self, volume: &VolumeRecord) -> NodeResult<()> {
         // Idempotent: creates the root directory if this container never got that far.
         if filesystem::get_inode(&self.storage, volume.container_id, ROOT_INODE).is_err() {
             let command = FilesystemCommand::Initialize {
@@ -250,28 +499,121 @@ impl StorageNode {
         Ok(())
     }
 
-    /// Proposes a command to a container and waits until it is applied. A command that failed
-    /// deterministically comes back as `Err(NodeError::Fs(..))`.
+    /// Starts the bootstrap replica of a new container, lets it elect a leader, and creates the
+    /// volume's root directory. Called on the bootstrap node (directly, or by the
+    /// `InitializeContainer` RPC). Returns the leader.
+    pub async fn initialize_container(&self, container_id: u64) -> NodeResult<NodeId> {
+        // The metadata entry that placed the container may still be on its way to this node.
+        let deadline = Instant::now() + Duration::from_millis(REPLICATED_LEADER_WAIT_MS_MAX * 2);
+        let record = loop {
+            if let Some(record) = metadata::get_container(&self.storage, container_id)? {
+                break record;
+            }
+            if Instant::now() >= deadline {
+                return Err(NodeError::Cluster(format!(
+                    "container {container_id} is not in this node's cluster map"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        if record.bootstrap_node_id != self.node_id {
+            return Err(NodeError::Cluster(format!(
+                "node {} is not the bootstrap node of container {container_id}",
+                self.node_id
+            )));
+        }
+        let raft = self.start_replica(&record).await?;
+        let metrics = raft
+            .wait(Some(Duration::from_millis(LEADER_WAIT_MS_MAX)))
+            .metrics(
+                |metrics| metrics.current_leader.is_some(),
+                "container leader elected",
+            )
+            .await
+            .map_err(|error| {
+                NodeError::Raft(format!(
+                    "container {container_id} elected no leader: {error}"
+                ))
+            })?;
+        let leader = metrics.current_leader.expect("waited for a leader");
+        if leader == self.node_id {
+            let volume = self.volume(&record.volume_name)?;
+            self.initialize_root_if_leader(&volume).await?;
+        }
+        Ok(leader)
+    }
+
+    /// Proposes a command to a container this node leads and waits until it is applied. A
+    /// command that failed deterministically comes back as `Err(NodeError::Fs(..))`; a
+    /// container led elsewhere as `NotLeader` (nothing was applied).
     pub async fn propose(
         &self,
         container_id: u64,
         command: Command,
     ) -> NodeResult<CommandResponse> {
-        let raft = self
-            .containers
-            .read()
-            .await
-            .get(&container_id)
-            .map(|container| container.raft.clone())
-            .ok_or(NodeError::UnknownContainer { container_id })?;
-        let response = raft
-            .client_write(command)
-            .await
-            .map_err(|error| NodeError::Raft(format!("container {container_id}: {error}")))?;
+        let Some(raft) = self.raft(container_id).await else {
+            return Err(self.not_leader_from_metadata(container_id));
+        };
+        let response = match raft.client_write(command).await {
+            Ok(response) => response,
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                return Err(NodeError::NotLeader {
+                    container_id,
+                    leader_address: forward.leader_node.map(|node| node.addr),
+                })
+            }
+            Err(error) => {
+                return Err(NodeError::Raft(format!(
+                    "container {container_id}: {error}"
+                )))
+            }
+        };
         match response.data {
             CommandResponse::Failed(error) => Err(NodeError::Fs(error)),
             other => Ok(other),
         }
+    }
+
+    /// Proposes a command wherever the container's leader is: here, or forwarded once to the
+    /// leader (`Cluster.Propose`). Retries, bounded, while the group elects a leader; every
+    /// retried attempt provably applied nothing.
+    pub async fn propose_anywhere(
+        &self,
+        container_id: u64,
+        command: Command,
+    ) -> NodeResult<CommandResponse> {
+        let mut last_error = None;
+        for attempt in 0..PROPOSE_ATTEMPT_COUNT_MAX {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(
+                    (PROPOSE_BACKOFF_MS << attempt.min(4)).min(1_000),
+                ))
+                .await;
+            }
+            let error = match self.propose(container_id, command.clone()).await {
+                Err(NodeError::NotLeader {
+                    leader_address: Some(address),
+                    ..
+                }) if address != self.config.advertise_address => {
+                    match crate::cluster::forward_proposal(self, &address, container_id, &command)
+                        .await
+                    {
+                        Ok(CommandResponse::Failed(error)) => return Err(NodeError::Fs(error)),
+                        Ok(response) => return Ok(response),
+                        Err(error) => error,
+                    }
+                }
+                other => return other,
+            };
+            match error {
+                NodeError::NotLeader { .. } | NodeError::Raft(_) => {
+                    tracing::debug!(container = container_id, attempt, %error, "proposal not placed yet");
+                    last_error = Some(error);
+                }
+                other => return Err(other),
+            }
+        }
+        Err(last_error.unwrap_or(NodeError::UnknownContainer { container_id }))
     }
 
     /// Durability barrier: every command applied before this call is durable when it returns
@@ -283,35 +625,75 @@ impl StorageNode {
             .map_err(|source| NodeError::device("flush log", source))
     }
 
+    /// Turns "volume not found" into a redirect to the metadata leader when this node is not
+    /// it: the volume may be newer than this node's copy of the cluster map.
+    pub async fn metadata_redirect(&self, error: NodeError) -> NodeError {
+        let NodeError::Fs(FsError { errno, .. }) = &error else {
+            return error;
+        };
+        if *errno != ballast_common::Errno::ENOENT {
+            return error;
+        }
+        let Some(raft) = self.raft(METADATA_CONTAINER_ID).await else {
+            return error;
+        };
+        match raft.metrics().borrow().current_leader {
+            Some(leader) if leader != self.node_id => self.not_leader(METADATA_CONTAINER_ID, &raft),
+            _ => error,
+        }
+    }
+
     /// The container serving a volume.
     pub fn volume(&self, name: &str) -> NodeResult<VolumeRecord> {
         metadata::get_volume(&self.storage, name)?
             .ok_or_else(|| FsError::not_found(format!("volume {name:?} does not exist")).into())
     }
 
+    /// Creates a volume: places its container (on this node's view of the cluster map; the
+    /// metadata state machine re-checks the placement), records it, and has the bootstrap
+    /// replica initialise the group and the root directory. Works from any node.
     pub async fn create_volume(
         &self,
         name: &str,
         quota_bytes: u64,
         replication_factor: u32,
         replication_minimum: u32,
+        node_selector: BTreeMap<String, String>,
     ) -> NodeResult<VolumeRecord> {
+        let placement = placement::place(
+            &metadata::list_nodes(&self.storage)?,
+            &metadata::list_containers(&self.storage)?,
+            replication_factor,
+            &node_selector,
+        )?;
         let command = MetadataCommand::CreateVolume {
             name: name.to_owned(),
             quota_bytes,
             replication_factor,
             replication_minimum,
             now_ns: self.now_ns(),
+            replicas: placement.replicas,
+            bootstrap_node_id: placement.bootstrap_node_id,
+            node_selector,
         };
         let CommandResponse::Volume(volume) = self
-            .propose(METADATA_CONTAINER_ID, Command::Metadata(command))
+            .propose_anywhere(METADATA_CONTAINER_ID, Command::Metadata(command))
             .await?
         else {
             return Err(NodeError::InvalidState(
                 "create volume returned no volume".into(),
             ));
         };
-        self.start_volume_container(&volume).await?;
+        if placement.bootstrap_node_id == self.node_id {
+            self.initialize_container(volume.container_id).await?;
+        } else {
+            crate::cluster::initialize_remote_container(
+                self,
+                placement.bootstrap_node_id,
+                volume.container_id,
+            )
+            .await?;
+        }
         self.flush_log().await?;
         Ok(volume)
     }
@@ -320,7 +702,7 @@ impl StorageNode {
     /// then the metadata record. Repeating the call after a crash in between converges.
     pub async fn resize_volume(&self, name: &str, quota_bytes: u64) -> NodeResult<VolumeRecord> {
         let volume = self.volume(name)?;
-        self.propose(
+        self.propose_anywhere(
             volume.container_id,
             Command::Filesystem(FilesystemCommand::SetQuota { quota_bytes }),
         )
@@ -330,7 +712,7 @@ impl StorageNode {
             quota_bytes,
         };
         let CommandResponse::Volume(volume) = self
-            .propose(METADATA_CONTAINER_ID, Command::Metadata(command))
+            .propose_anywhere(METADATA_CONTAINER_ID, Command::Metadata(command))
             .await?
         else {
             return Err(NodeError::InvalidState(
@@ -341,12 +723,14 @@ impl StorageNode {
         Ok(volume)
     }
 
+    /// Deletes a volume from the cluster map and drops this node's replica; other replicas drop
+    /// theirs when their reconcile loop sees the record gone.
     pub async fn delete_volume(&self, name: &str) -> NodeResult<VolumeRecord> {
         let command = MetadataCommand::DeleteVolume {
             name: name.to_owned(),
         };
         let CommandResponse::Volume(volume) = self
-            .propose(METADATA_CONTAINER_ID, Command::Metadata(command))
+            .propose_anywhere(METADATA_CONTAINER_ID, Command::Metadata(command))
             .await?
         else {
             return Err(NodeError::InvalidState(
@@ -387,7 +771,7 @@ impl StorageNode {
     }
 
     /// Stops a container's Raft group and deletes its state and blocks.
-    async fn drop_container(&self, container_id: u64) -> NodeResult<()> {
+    pub(crate) async fn drop_container(&self, container_id: u64) -> NodeResult<()> {
         assert_ne!(
             container_id, METADATA_CONTAINER_ID,
             "the metadata container is never dropped"
@@ -416,6 +800,7 @@ impl StorageNode {
             keys::TAG_DIRENT_COOKIE,
             keys::TAG_BLOCK,
             keys::TAG_ORPHAN,
+            keys::TAG_SESSION,
             keys::TAG_VOTE,
             keys::TAG_COMMITTED,
             keys::TAG_PURGED,
@@ -505,7 +890,7 @@ async fn checkpoint_loop(node: Arc<StorageNode>) {
         let region = node.log_store.region_size_bytes().max(1);
         let over_threshold = used * 100 / region >= CHECKPOINT_LOG_USED_PERCENT;
         let interval_due =
-            last_checkpoint.elapsed() >= Duration::from_millis(CHECKPOINT_INTERVAL_MS);
+            last_checkpoint.elapsed() >= Duration::from_millis(node.config.checkpoint_interval_ms);
         if notified || over_threshold || interval_due {
             tracing::debug!(used, region, notified, "checkpointing");
             node.checkpoint_all().await;

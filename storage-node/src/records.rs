@@ -5,6 +5,8 @@
 //! of a struct and bump `docs/on-disk-format.md`.
 //! Invariant: decoding never panics on bad bytes; it returns a codec error naming the key.
 
+use std::collections::BTreeMap;
+
 use openraft::{LogId, StoredMembership};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -95,6 +97,33 @@ pub struct VolumeRecord {
     pub replication_factor: u32,
     pub replication_minimum: u32,
     pub created_ns: i64,
+}
+
+/// A storage node, as recorded by the metadata container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub node_id: u64,
+    /// gRPC address ("http://host:port") for clients and other nodes.
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+    pub device_uuid: [u8; 16],
+    pub data_block_count: u64,
+    /// Free blocks when the node last registered (placement prefers emptier nodes).
+    pub data_block_free_count: u64,
+    pub registered_ns: i64,
+}
+
+/// Where one container lives: its replica nodes. Decided by the metadata leader at creation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    pub container_id: u64,
+    pub volume_name: String,
+    /// Nodes holding a replica, in placement order.
+    pub replicas: Vec<u64>,
+    /// The one replica allowed to initialise the Raft group (only while it has no Raft state).
+    pub bootstrap_node_id: u64,
+    /// Placement selector: replicas only on nodes carrying all these labels.
+    pub node_selector: BTreeMap<String, String>,
 }
 
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {

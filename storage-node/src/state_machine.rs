@@ -3,10 +3,15 @@
 //! Owns: applying committed entries (dispatching to the metadata or filesystem state machine),
 //! the applied log id and membership, and snapshots.
 //!
-//! A snapshot is a *checkpoint*: the device and RocksDB are flushed, after which the container's
-//! state up to the snapshot's log id is durable without its log, and openraft may purge the log.
-//! Snapshot *transfer* to another node is not implemented yet (single-member groups never need
-//! it); `install_snapshot` refuses clearly. That is the clustering issue's job.
+//! Building a snapshot is a *checkpoint*: the device and RocksDB are flushed, after which the
+//! container's state up to the snapshot's log id is durable without its log, and openraft may
+//! purge the log. No copy is made.
+//!
+//! Sending a snapshot to a lagging replica exports the container's *current* state (see
+//! `snapshot.rs`) when openraft asks for it: the state is always at least as new as the last
+//! checkpoint, and its applied log id becomes the snapshot's id. The one exception is the call
+//! openraft makes while starting the group, which only wants the metadata; answering it with the
+//! stored checkpoint metadata keeps start-up independent of the data size.
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -22,12 +27,15 @@ use crate::records::{encode, ContainerState};
 use crate::storage::NodeStorage;
 use crate::transaction::Transaction;
 use crate::types::{Entry, NodeId, RaftNode, StorageError, TypeConfig, METADATA_CONTAINER_ID};
-use crate::{filesystem, keys, metadata};
+use crate::{deduplication, filesystem, keys, metadata};
 
 #[derive(Debug, Clone)]
 pub struct ContainerStateMachine {
     container_id: u64,
     storage: Arc<NodeStorage>,
+    /// Whether openraft's start-up call of `get_current_snapshot` has happened (see the module
+    /// doc).
+    started: bool,
 }
 
 impl ContainerStateMachine {
@@ -35,7 +43,36 @@ impl ContainerStateMachine {
         Self {
             container_id,
             storage,
+            started: false,
         }
+    }
+
+    fn stored_snapshot_meta(&self) -> NodeResult<Option<SnapshotMeta<NodeId, RaftNode>>> {
+        self.storage.state.get::<SnapshotMeta<NodeId, RaftNode>>(
+            &keys::container_singleton(keys::TAG_SNAPSHOT, self.container_id),
+            "snapshot meta",
+        )
+    }
+
+    /// Records `meta` as the latest checkpoint after making the state durable.
+    async fn checkpoint(
+        &self,
+        meta_for: impl FnOnce(ContainerState) -> SnapshotMeta<NodeId, RaftNode>,
+    ) -> NodeResult<SnapshotMeta<NodeId, RaftNode>> {
+        let container_id = self.container_id;
+        self.storage
+            .checkpoint(|state| {
+                let container = filesystem::container_state_from(state, container_id)?;
+                let meta = meta_for(container);
+                let mut batch = rocksdb::WriteBatch::default();
+                batch.put(
+                    keys::container_singleton(keys::TAG_SNAPSHOT, container_id),
+                    encode(&meta),
+                );
+                state.write_unlogged(batch)?;
+                Ok(meta)
+            })
+            .await
     }
 
     fn state(&self) -> NodeResult<ContainerState> {
@@ -45,48 +82,81 @@ impl ContainerStateMachine {
     async fn apply_entry(&self, entry: Entry) -> NodeResult<CommandResponse> {
         let log_id = entry.log_id;
         let mut transaction = Transaction::begin(&self.storage, self.container_id)?;
-        let outcome = match entry.payload {
-            EntryPayload::Blank => Ok(CommandResponse::Done),
+        let (command, request) = match entry.payload {
+            EntryPayload::Blank => (None, None),
             EntryPayload::Membership(membership) => {
                 transaction.state.membership = StoredMembership::new(Some(log_id), membership);
-                Ok(CommandResponse::Done)
+                (None, None)
             }
-            EntryPayload::Normal(Command::Metadata(command)) => {
-                if self.container_id == METADATA_CONTAINER_ID {
-                    metadata::apply(&mut transaction, command)
-                } else {
-                    Err(NodeError::InvalidState(format!(
-                        "metadata command in filesystem container {}",
-                        self.container_id
-                    )))
+            EntryPayload::Normal(Command::Once { request, command }) => {
+                if let Some(response) =
+                    deduplication::lookup(&self.storage, self.container_id, &request)?
+                {
+                    // A repeat of an applied request: answer as the first time, change nothing.
+                    transaction.commit_failure(Some(log_id)).await?;
+                    return Ok(response);
                 }
+                (Some(*command), Some(request))
             }
-            EntryPayload::Normal(Command::Filesystem(command)) => {
-                if self.container_id != METADATA_CONTAINER_ID {
-                    filesystem::apply(&mut transaction, command).await
-                } else {
-                    Err(NodeError::InvalidState(
-                        "filesystem command in the metadata container".into(),
-                    ))
-                }
+            EntryPayload::Normal(command) => (Some(command), None),
+        };
+        let outcome = match command {
+            None => Ok(CommandResponse::Done),
+            Some(command) => self.dispatch(&mut transaction, command).await,
+        };
+        let response = match &outcome {
+            Ok(response) => response.clone(),
+            Err(NodeError::Fs(error)) => CommandResponse::Failed(error.clone()),
+            Err(_) => CommandResponse::Done,
+        };
+        let stored = match &request {
+            Some(request) => {
+                deduplication::rows(&self.storage, self.container_id, request, &response)?
             }
+            None => Vec::new(),
         };
         match outcome {
             Ok(response) => {
+                for (key, value) in stored {
+                    match value {
+                        Some(value) => transaction.batch().put(key, value),
+                        None => transaction.batch().delete(key),
+                    }
+                }
                 transaction.commit(Some(log_id)).await?;
                 Ok(response)
             }
             Err(NodeError::Fs(error)) => {
-                transaction.commit_failure(Some(log_id)).await?;
+                transaction
+                    .commit_failure_with(Some(log_id), stored)
+                    .await?;
                 Ok(CommandResponse::Failed(error))
             }
             Err(other) => Err(other),
         }
     }
-}
 
-fn storage_error(error: NodeError) -> StorageError {
-    StorageIOError::write_state_machine(&error).into()
+    async fn dispatch(
+        &self,
+        transaction: &mut Transaction<'_>,
+        command: Command,
+    ) -> NodeResult<CommandResponse> {
+        match command {
+            Command::Metadata(command) if self.container_id == METADATA_CONTAINER_ID => {
+                metadata::apply(transaction, command)
+            }
+            Command::Filesystem(command) if self.container_id != METADATA_CONTAINER_ID => {
+                filesystem::apply(transaction, command).await
+            }
+            Command::Once { .. } => Err(NodeError::InvalidState(
+                "a request id inside a request id".into(),
+            )),
+            other => Err(NodeError::InvalidState(format!(
+                "command {other:?} does not belong in container {}",
+                self.container_id
+            ))),
+        }
+    }
 }
 
 impl RaftStateMachine<TypeConfig> for ContainerStateMachine {
@@ -129,33 +199,70 @@ impl RaftStateMachine<TypeConfig> for ContainerStateMachine {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Err(storage_error(NodeError::InvalidState(
-            "receiving snapshots from other nodes is not implemented yet (single-member containers)".into(),
-        )))
+        Ok(Box::new(Cursor::new(Vec::new())))
     }
 
     async fn install_snapshot(
         &mut self,
-        _meta: &SnapshotMeta<NodeId, RaftNode>,
-        _snapshot: Box<Cursor<Vec<u8>>>,
+        meta: &SnapshotMeta<NodeId, RaftNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
-        Err(storage_error(NodeError::InvalidState(
-            "installing snapshots from other nodes is not implemented yet (single-member containers)".into(),
-        )))
+        let container_id = self.container_id;
+        let snapshot_error = |error: NodeError| {
+            tracing::error!(container = container_id, snapshot = %meta.snapshot_id, %error, "snapshot refused");
+            StorageError::from(StorageIOError::write_snapshot(
+                Some(meta.signature()),
+                &error,
+            ))
+        };
+        let bytes = snapshot.into_inner();
+        let parsed = crate::snapshot::parse(container_id, &bytes).map_err(snapshot_error)?;
+        let mut state = parsed.state.clone();
+        state.last_applied = meta.last_log_id;
+        state.membership = meta.last_membership.clone();
+        let block_count = parsed.blocks.len();
+        crate::snapshot::install(&self.storage, container_id, parsed, state)
+            .await
+            .map_err(snapshot_error)?;
+        let installed = meta.clone();
+        self.checkpoint(|_| installed)
+            .await
+            .map_err(snapshot_error)?;
+        tracing::info!(container = container_id, snapshot = %meta.snapshot_id, bytes = bytes.len(), block_count,
+            "installed a snapshot from the leader");
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let meta = self
-            .storage
-            .state
-            .get::<SnapshotMeta<NodeId, RaftNode>>(
-                &keys::container_singleton(keys::TAG_SNAPSHOT, self.container_id),
-                "snapshot meta",
-            )
-            .map_err(|error| StorageError::from(StorageIOError::read_snapshot(None, &error)))?;
-        Ok(meta.map(|meta| Snapshot {
+        let read_error =
+            |error: NodeError| StorageError::from(StorageIOError::read_snapshot(None, &error));
+        if !self.started {
+            self.started = true;
+            let meta = self.stored_snapshot_meta().map_err(read_error)?;
+            return Ok(meta.map(|meta| Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(Vec::new())),
+            }));
+        }
+        let (bytes, state) = crate::snapshot::export(&self.storage, self.container_id)
+            .await
+            .map_err(read_error)?;
+        let Some(last_log_id) = state.last_applied else {
+            return Ok(None);
+        };
+        let meta = SnapshotMeta {
+            last_log_id: Some(last_log_id),
+            last_membership: state.membership,
+            snapshot_id: format!(
+                "{}-{}-{}-export",
+                self.container_id, last_log_id.leader_id.term, last_log_id.index
+            ),
+        };
+        tracing::info!(container = self.container_id, snapshot = %meta.snapshot_id, bytes = bytes.len(),
+            "exported a snapshot for a lagging replica");
+        Ok(Some(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(Vec::new())),
+            snapshot: Box::new(Cursor::new(bytes)),
         }))
     }
 }
@@ -164,27 +271,18 @@ impl RaftSnapshotBuilder<TypeConfig> for ContainerStateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let container_id = self.container_id;
         let meta = self
-            .storage
-            .checkpoint(|state| {
-                let container = filesystem::container_state_from(state, container_id)?;
+            .checkpoint(|container| {
                 let snapshot_id = match container.last_applied {
                     Some(log_id) => {
                         format!("{container_id}-{}-{}", log_id.leader_id.term, log_id.index)
                     }
                     None => format!("{container_id}-empty"),
                 };
-                let meta = SnapshotMeta {
+                SnapshotMeta {
                     last_log_id: container.last_applied,
                     last_membership: container.membership,
                     snapshot_id,
-                };
-                let mut batch = rocksdb::WriteBatch::default();
-                batch.put(
-                    keys::container_singleton(keys::TAG_SNAPSHOT, container_id),
-                    encode(&meta),
-                );
-                state.write_unlogged(batch)?;
-                Ok(meta)
+                }
             })
             .await
             .map_err(|error| StorageError::from(StorageIOError::write_snapshot(None, &error)))?;
@@ -193,5 +291,100 @@ impl RaftSnapshotBuilder<TypeConfig> for ContainerStateMachine {
             meta,
             snapshot: Box::new(Cursor::new(Vec::new())),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload, LogId};
+
+    use super::*;
+    use crate::command::FilesystemCommand;
+    use crate::deduplication::RequestId;
+    use crate::records::{EntryKind, ROOT_INODE};
+    use crate::test_support::TestStorage;
+
+    const CONTAINER: u64 = 3;
+
+    fn entry(index: u64, command: Command) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(command),
+        }
+    }
+
+    fn create(name: &str, session: u64, sequence: u64) -> Command {
+        Command::Once {
+            request: RequestId {
+                session,
+                sequence,
+                floor: sequence,
+            },
+            command: Box::new(Command::Filesystem(FilesystemCommand::Create {
+                parent: ROOT_INODE,
+                name: name.to_owned(),
+                kind: EntryKind::File,
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                symlink_target: None,
+                exclusive: true,
+                now_ns: 1,
+            })),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_repeated_request_is_applied_once_and_answered_the_same() {
+        let test = TestStorage::new(64 << 20);
+        let mut machine = ContainerStateMachine::new(CONTAINER, Arc::clone(&test.storage));
+        let initialize = Command::Filesystem(FilesystemCommand::Initialize {
+            volume_id: 1,
+            quota_bytes: 0,
+            now_ns: 1,
+        });
+        let responses = machine
+            .apply(vec![
+                entry(1, initialize),
+                entry(2, create("a", 7, 1)),
+                // The same request again (a resend after a lost answer): the same answer.
+                entry(3, create("a", 7, 1)),
+                // A new request for the same exclusive name fails as it should.
+                entry(4, create("a", 7, 2)),
+                // Another session's request is independent.
+                entry(5, create("b", 8, 1)),
+            ])
+            .await
+            .unwrap();
+        assert!(matches!(responses[1], CommandResponse::Attributes { .. }));
+        assert_eq!(
+            responses[2], responses[1],
+            "a repeat returns the first response"
+        );
+        assert!(
+            matches!(&responses[3], CommandResponse::Failed(error) if error.errno == ballast_common::Errno::EEXIST),
+            "{:?}",
+            responses[3]
+        );
+        assert!(matches!(responses[4], CommandResponse::Attributes { .. }));
+        let state = filesystem::container_state(&test.storage, CONTAINER).unwrap();
+        assert_eq!(state.inode_count, 3, "root, a and b: nothing created twice");
+        // A request below the floor of a later one was forgotten; the failure is remembered.
+        let responses = machine
+            .apply(vec![entry(6, create("a", 7, 2))])
+            .await
+            .unwrap();
+        assert!(matches!(&responses[0], CommandResponse::Failed(_)));
+        assert!(deduplication::lookup(
+            &test.storage,
+            CONTAINER,
+            &RequestId {
+                session: 7,
+                sequence: 1,
+                floor: 1
+            }
+        )
+        .unwrap()
+        .is_none());
     }
 }

@@ -244,6 +244,12 @@ impl NodeStorage {
         self.state.write_unlogged(batch)
     }
 
+    /// Holds back every apply (and checkpoint) until the guard is dropped: a consistent view of
+    /// the state and of the blocks it references, for snapshot export.
+    pub async fn pause_applies(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.apply_lock.lock().await
+    }
+
     /// Makes everything applied so far durable without the log: device flush, then RocksDB
     /// flush, then deferred frees become reusable. `before_flush` runs under the apply lock
     /// (to record snapshot metadata consistent with the flushed state).

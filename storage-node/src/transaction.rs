@@ -25,11 +25,14 @@ pub struct CookieRow {
     pub kind: crate::records::EntryKind,
 }
 
+/// One staged row change: a value to put, or `None` to delete the key.
+pub type RowChange = (Vec<u8>, Option<Vec<u8>>);
+
 /// Row changes staged by a transaction; turned into a RocksDB `WriteBatch` at commit (a
 /// `WriteBatch` is not `Sync`, and the transaction is held across awaits).
 #[derive(Debug, Default)]
 pub struct StagedRows {
-    rows: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    rows: Vec<RowChange>,
 }
 
 impl StagedRows {
@@ -193,6 +196,16 @@ impl<'storage> Transaction<'storage> {
     /// Discards every staged change of a failed command and commits only the applied log id,
     /// returning any blocks the command had written.
     pub async fn commit_failure(self, applied: Option<LogId>) -> NodeResult<()> {
+        self.commit_failure_with(applied, Vec::new()).await
+    }
+
+    /// Like `commit_failure`, also writing `rows` (a failure's stored response must persist
+    /// with the applied id, so a repeat returns the same failure).
+    pub async fn commit_failure_with(
+        self,
+        applied: Option<LogId>,
+        rows: Vec<RowChange>,
+    ) -> NodeResult<()> {
         let mut state = self
             .storage
             .state
@@ -202,7 +215,7 @@ impl<'storage> Transaction<'storage> {
             )?
             .unwrap_or_default();
         state.last_applied = applied;
-        let mut batch = WriteBatch::default();
+        let mut batch = StagedRows { rows }.into_batch(WriteBatch::default());
         batch.put(
             keys::container_singleton(keys::TAG_CONTAINER_STATE, self.container_id),
             encode(&state),

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod cluster;
 pub mod mariadb;
 
 /// Where `cargo build` put the binaries: the directory above this test executable's `deps/`.
@@ -115,6 +116,9 @@ pub struct LocalNode {
     pub state_directory: PathBuf,
     pub address: String,
     pub log_path: PathBuf,
+    pub node_id: u64,
+    /// Extra `ballast-node run` arguments (cluster membership, labels, tuning).
+    pub run_arguments: Vec<String>,
     node: Option<Child>,
     mounts: Vec<Mount>,
 }
@@ -129,6 +133,16 @@ pub struct Mount {
 impl LocalNode {
     /// Formats a sparse device file of `device_size_bytes` and starts a node on it.
     pub fn start(device_size_bytes: u64) -> Result<Self> {
+        Self::start_member(device_size_bytes, 1, Vec::new())
+    }
+
+    /// Like [`LocalNode::start`], as node `node_id` with extra `run` arguments (for example
+    /// `--join`).
+    pub fn start_member(
+        device_size_bytes: u64,
+        node_id: u64,
+        run_arguments: Vec<String>,
+    ) -> Result<Self> {
         let directory = tempfile::Builder::new()
             .prefix("ballast-test-")
             .tempdir_in(test_root())?;
@@ -149,16 +163,25 @@ impl LocalNode {
             file.set_len(device_size_bytes)?; // A filesystem without fallocate: sparse it is.
         }
         drop(file);
-        Self::start_on_device(directory, device_path)
+        Self::start_on_device_as(directory, device_path, node_id, run_arguments)
     }
 
     /// Formats `device_path` (a file or a block device such as a loop device) and starts a node
     /// on it; `directory` holds the node's state and logs.
     pub fn start_on_device(directory: tempfile::TempDir, device_path: PathBuf) -> Result<Self> {
+        Self::start_on_device_as(directory, device_path, 1, Vec::new())
+    }
+
+    fn start_on_device_as(
+        directory: tempfile::TempDir,
+        device_path: PathBuf,
+        node_id: u64,
+        run_arguments: Vec<String>,
+    ) -> Result<Self> {
         let status = Command::new(binary("ballast-node"))
             .args(["format", "--device"])
             .arg(&device_path)
-            .args(["--node-id", "1"])
+            .args(["--node-id", &node_id.to_string()])
             .stdout(Stdio::null())
             .status()
             .context("running ballast-node format")?;
@@ -171,6 +194,8 @@ impl LocalNode {
             address: format!("127.0.0.1:{}", free_port()),
             directory,
             device_path,
+            node_id,
+            run_arguments,
             node: None,
             mounts: Vec::new(),
         };
@@ -194,6 +219,7 @@ impl LocalNode {
             .arg("--state-dir")
             .arg(&self.state_directory)
             .args(["--listen", &self.address])
+            .args(&self.run_arguments)
             .env(
                 "RUST_LOG",
                 std::env::var("BALLAST_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
@@ -256,6 +282,12 @@ impl LocalNode {
 
     /// Mounts a volume with the FUSE driver and waits until the mount is live.
     pub fn mount(&mut self, volume: &str) -> Result<PathBuf> {
+        let endpoint = self.endpoint();
+        self.mount_via(volume, &endpoint)
+    }
+
+    /// Mounts a volume through `endpoints` (several nodes of a cluster, comma-separated).
+    pub fn mount_via(&mut self, volume: &str, endpoints: &str) -> Result<PathBuf> {
         let mountpoint = self.directory.path().join(format!("mnt-{volume}"));
         std::fs::create_dir_all(&mountpoint)?;
         let log_path = self.directory.path().join(format!("fuse-{volume}.log"));
@@ -265,7 +297,7 @@ impl LocalNode {
             log_path,
             process: None,
         };
-        mount.start(&self.endpoint())?;
+        mount.start(endpoints)?;
         self.mounts.push(mount);
         Ok(mountpoint)
     }
@@ -300,6 +332,11 @@ impl LocalNode {
 
     pub fn restart_node(&mut self) -> Result<()> {
         self.start_process()
+    }
+
+    /// Whether the node process is running (not killed or stopped by the test).
+    pub fn is_running(&self) -> bool {
+        self.node.is_some()
     }
 
     /// Unmounts and remounts every volume (after a node restart the old driver keeps working

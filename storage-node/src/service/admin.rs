@@ -12,6 +12,9 @@ use crate::metadata;
 use crate::node::StorageNode;
 use crate::records::VolumeRecord;
 
+/// Replicas of a volume that does not ask for a number.
+const DEFAULT_REPLICATION_FACTOR: u32 = 3;
+
 #[derive(Debug, Clone)]
 pub struct AdminService {
     node: Arc<StorageNode>,
@@ -22,9 +25,24 @@ impl AdminService {
         Self { node }
     }
 
-    fn volume_message(&self, volume: &VolumeRecord) -> proto::Volume {
+    async fn volume_message(&self, volume: &VolumeRecord) -> proto::Volume {
         let state = container_state(self.node.storage(), volume.container_id).unwrap_or_default();
+        let record = metadata::get_container(self.node.storage(), volume.container_id)
+            .ok()
+            .flatten();
+        let leader_node_id = match self.node.raft(volume.container_id).await {
+            Some(raft) => raft.metrics().borrow().current_leader.unwrap_or(0),
+            None => 0,
+        };
         proto::Volume {
+            replica_node_ids: record
+                .as_ref()
+                .map(|record| record.replicas.clone())
+                .unwrap_or_default(),
+            leader_node_id,
+            node_selector: record
+                .map(|record| record.node_selector.into_iter().collect())
+                .unwrap_or_default(),
             name: volume.name.clone(),
             volume_id: volume.volume_id,
             quota_bytes: volume.quota_bytes,
@@ -45,15 +63,18 @@ impl Admin for AdminService {
         request: Request<proto::CreateVolumeRequest>,
     ) -> Result<Response<proto::Volume>, Status> {
         let request = request.into_inner();
-        let replication_factor = if request.replication_factor == 0 {
-            1
-        } else {
-            request.replication_factor
+        // The defaults: rf=3 (or every node of a smaller cluster), and a majority of it.
+        let node_count = metadata::list_nodes(self.node.storage())
+            .map_err(node_status)?
+            .len()
+            .max(1) as u32;
+        let replication_factor = match request.replication_factor {
+            0 => node_count.min(DEFAULT_REPLICATION_FACTOR),
+            explicit => explicit,
         };
-        let replication_minimum = if request.replication_minimum == 0 {
-            1
-        } else {
-            request.replication_minimum
+        let replication_minimum = match request.replication_minimum {
+            0 => replication_factor / 2 + 1,
+            explicit => explicit,
         };
         let volume = self
             .node
@@ -62,10 +83,11 @@ impl Admin for AdminService {
                 request.quota_bytes,
                 replication_factor,
                 replication_minimum,
+                request.node_selector.into_iter().collect(),
             )
             .await
             .map_err(node_status)?;
-        Ok(Response::new(self.volume_message(&volume)))
+        Ok(Response::new(self.volume_message(&volume).await))
     }
 
     async fn delete_volume(
@@ -84,11 +106,12 @@ impl Admin for AdminService {
         _request: Request<proto::ListVolumesRequest>,
     ) -> Result<Response<proto::ListVolumesResponse>, Status> {
         let volumes = metadata::list_volumes(self.node.storage()).map_err(node_status)?;
+        let mut messages = Vec::with_capacity(volumes.len());
+        for volume in &volumes {
+            messages.push(self.volume_message(volume).await);
+        }
         Ok(Response::new(proto::ListVolumesResponse {
-            volumes: volumes
-                .iter()
-                .map(|volume| self.volume_message(volume))
-                .collect(),
+            volumes: messages,
         }))
     }
 
@@ -100,7 +123,7 @@ impl Admin for AdminService {
             .node
             .volume(&request.into_inner().name)
             .map_err(node_status)?;
-        Ok(Response::new(self.volume_message(&volume)))
+        Ok(Response::new(self.volume_message(&volume).await))
     }
 
     async fn resize_volume(
@@ -113,7 +136,82 @@ impl Admin for AdminService {
             .resize_volume(&request.name, request.quota_bytes)
             .await
             .map_err(node_status)?;
-        Ok(Response::new(self.volume_message(&volume)))
+        Ok(Response::new(self.volume_message(&volume).await))
+    }
+
+    async fn list_nodes(
+        &self,
+        _request: Request<proto::ListNodesRequest>,
+    ) -> Result<Response<proto::ListNodesResponse>, Status> {
+        let storage = self.node.storage();
+        let nodes = metadata::list_nodes(storage).map_err(node_status)?;
+        let containers = metadata::list_containers(storage).map_err(node_status)?;
+        let metadata_metrics = self
+            .node
+            .raft(crate::types::METADATA_CONTAINER_ID)
+            .await
+            .map(|raft| raft.metrics().borrow().clone());
+        let mut leaders = std::collections::BTreeMap::<u64, u32>::new();
+        for (_, raft) in self.node.container_rafts().await {
+            if let Some(leader) = raft.metrics().borrow().current_leader {
+                *leaders.entry(leader).or_default() += 1;
+            }
+        }
+        let block_size = ballast_device::BLOCK_SIZE_BYTES as u64;
+        let messages = nodes
+            .iter()
+            .map(|node| {
+                let (role, state) = match &metadata_metrics {
+                    Some(metrics) => {
+                        let membership = metrics.membership_config.membership();
+                        let role = if membership.voter_ids().any(|id| id == node.node_id) {
+                            "voter"
+                        } else if membership.learner_ids().any(|id| id == node.node_id) {
+                            "learner"
+                        } else {
+                            "removed"
+                        };
+                        // The metadata leader knows who answers heartbeats; other nodes only
+                        // know themselves and the leader.
+                        let up = node.node_id == self.node.node_id()
+                            || metrics.current_leader == Some(node.node_id)
+                            || metrics
+                                .replication
+                                .as_ref()
+                                .and_then(|replication| replication.get(&node.node_id))
+                                .map(|matched| matched.is_some())
+                                .unwrap_or(false);
+                        let state = match (&metrics.replication, up) {
+                            (_, true) => "up",
+                            (Some(_), false) => "down",
+                            (None, false) => "unknown",
+                        };
+                        (role, state)
+                    }
+                    None => ("unknown", "unknown"),
+                };
+                proto::NodeInfo {
+                    node_id: node.node_id,
+                    address: node.address.clone(),
+                    labels: node.labels.clone().into_iter().collect(),
+                    metadata_role: role.to_owned(),
+                    state: state.to_owned(),
+                    capacity_bytes: node.data_block_count * block_size,
+                    free_bytes: if node.node_id == self.node.node_id() {
+                        storage.free_block_count() * block_size
+                    } else {
+                        node.data_block_free_count * block_size
+                    },
+                    container_ids: containers
+                        .iter()
+                        .filter(|container| container.replicas.contains(&node.node_id))
+                        .map(|container| container.container_id)
+                        .collect(),
+                    leader_count: leaders.get(&node.node_id).copied().unwrap_or(0),
+                }
+            })
+            .collect();
+        Ok(Response::new(proto::ListNodesResponse { nodes: messages }))
     }
 
     async fn status(

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 
 use super::{attr, entry_kind, entry_kind_from_proto, fs_status, node_status};
 use crate::command::{AttributeChanges, Command, CommandResponse, FilesystemCommand};
+use crate::deduplication::{RequestId, REQUEST_ID_METADATA_KEY};
 use crate::error::{FsError, NodeError};
 use crate::filesystem as fs;
 use crate::node::StorageNode;
@@ -29,18 +30,43 @@ impl FilesystemService {
         Self { node }
     }
 
-    fn container(&self, volume: &str) -> Result<u64, Status> {
-        Ok(self.node.volume(volume).map_err(node_status)?.container_id)
+    /// The container of a volume, from this node's cluster map. A volume unknown here may be
+    /// one this node has not heard of yet: then the metadata leader is named instead.
+    async fn container(&self, volume: &str) -> Result<u64, Status> {
+        match self.node.volume(volume) {
+            Ok(record) => Ok(record.container_id),
+            Err(error) => Err(node_status(self.node.metadata_redirect(error).await)),
+        }
     }
 
+    /// The container of a volume, for a read: this node must lead it (confirmed with a quorum),
+    /// so the read sees every acknowledged write.
+    async fn read_container(&self, volume: &str) -> Result<u64, Status> {
+        let container_id = self.container(volume).await?;
+        self.node
+            .leading_raft(container_id)
+            .await
+            .map_err(node_status)?;
+        Ok(container_id)
+    }
+
+    /// Proposes to the volume's container; with a request id, at most once per id.
     async fn propose(
         &self,
         volume: &str,
         command: FilesystemCommand,
+        request: Option<RequestId>,
     ) -> Result<CommandResponse, Status> {
-        let container_id = self.container(volume)?;
+        let container_id = self.container(volume).await?;
+        let command = match request {
+            Some(request) => Command::Once {
+                request,
+                command: Box::new(Command::Filesystem(command)),
+            },
+            None => Command::Filesystem(command),
+        };
         self.node
-            .propose(container_id, Command::Filesystem(command))
+            .propose(container_id, command)
             .await
             .map_err(node_status)
     }
@@ -49,11 +75,27 @@ impl FilesystemService {
         &self,
         volume: &str,
         command: FilesystemCommand,
+        request: Option<RequestId>,
     ) -> Result<proto::Attr, Status> {
-        match self.propose(volume, command).await? {
+        match self.propose(volume, command, request).await? {
             CommandResponse::Attributes { inode, attributes } => Ok(attr(inode, &attributes)),
             other => Err(unexpected(other)),
         }
+    }
+}
+
+/// The request id a client attached to a side-effecting call (see `deduplication`).
+fn request_id<T>(request: &Request<T>) -> Result<Option<RequestId>, Status> {
+    match request.metadata().get(REQUEST_ID_METADATA_KEY) {
+        None => Ok(None),
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(RequestId::parse)
+            .map(Some)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("malformed {REQUEST_ID_METADATA_KEY}"))
+            }),
     }
 }
 
@@ -70,7 +112,7 @@ impl Filesystem for FilesystemService {
         request: Request<proto::LookupRequest>,
     ) -> Result<Response<proto::EntryResponse>, Status> {
         let request = request.into_inner();
-        let container_id = self.container(&request.volume)?;
+        let container_id = self.read_container(&request.volume).await?;
         let (inode, attributes) = fs::lookup(
             self.node.storage(),
             container_id,
@@ -88,7 +130,7 @@ impl Filesystem for FilesystemService {
         request: Request<proto::GetAttrRequest>,
     ) -> Result<Response<proto::AttrResponse>, Status> {
         let request = request.into_inner();
-        let container_id = self.container(&request.volume)?;
+        let container_id = self.read_container(&request.volume).await?;
         let attributes =
             fs::get_inode(self.node.storage(), container_id, request.inode).map_err(node_status)?;
         Ok(Response::new(proto::AttrResponse {
@@ -115,7 +157,7 @@ impl Filesystem for FilesystemService {
             now_ns: self.node.now_ns(),
         };
         let attr = self
-            .propose_for_attributes(&request.volume, command)
+            .propose_for_attributes(&request.volume, command, None)
             .await?;
         Ok(Response::new(proto::AttrResponse { attr: Some(attr) }))
     }
@@ -124,6 +166,7 @@ impl Filesystem for FilesystemService {
         &self,
         request: Request<proto::CreateRequest>,
     ) -> Result<Response<proto::EntryResponse>, Status> {
+        let request_id = request_id(&request)?;
         let request = request.into_inner();
         let kind = entry_kind_from_proto(request.kind)?;
         let command = FilesystemCommand::Create {
@@ -139,7 +182,7 @@ impl Filesystem for FilesystemService {
             now_ns: self.node.now_ns(),
         };
         let attr = self
-            .propose_for_attributes(&request.volume, command)
+            .propose_for_attributes(&request.volume, command, request_id)
             .await?;
         Ok(Response::new(proto::EntryResponse { attr: Some(attr) }))
     }
@@ -148,6 +191,7 @@ impl Filesystem for FilesystemService {
         &self,
         request: Request<proto::LinkRequest>,
     ) -> Result<Response<proto::EntryResponse>, Status> {
+        let request_id = request_id(&request)?;
         let request = request.into_inner();
         let command = FilesystemCommand::Link {
             inode: request.inode,
@@ -156,7 +200,7 @@ impl Filesystem for FilesystemService {
             now_ns: self.node.now_ns(),
         };
         let attr = self
-            .propose_for_attributes(&request.volume, command)
+            .propose_for_attributes(&request.volume, command, request_id)
             .await?;
         Ok(Response::new(proto::EntryResponse { attr: Some(attr) }))
     }
@@ -165,6 +209,7 @@ impl Filesystem for FilesystemService {
         &self,
         request: Request<proto::UnlinkRequest>,
     ) -> Result<Response<proto::UnlinkResponse>, Status> {
+        let request_id = request_id(&request)?;
         let request = request.into_inner();
         let command = FilesystemCommand::Unlink {
             parent: request.parent,
@@ -172,7 +217,7 @@ impl Filesystem for FilesystemService {
             directory: request.directory,
             now_ns: self.node.now_ns(),
         };
-        match self.propose(&request.volume, command).await? {
+        match self.propose(&request.volume, command, request_id).await? {
             CommandResponse::Unlinked { inode, orphaned } => {
                 Ok(Response::new(proto::UnlinkResponse { inode, orphaned }))
             }
@@ -184,6 +229,7 @@ impl Filesystem for FilesystemService {
         &self,
         request: Request<proto::RenameRequest>,
     ) -> Result<Response<proto::RenameResponse>, Status> {
+        let request_id = request_id(&request)?;
         let request = request.into_inner();
         let command = FilesystemCommand::Rename {
             parent: request.parent,
@@ -193,7 +239,7 @@ impl Filesystem for FilesystemService {
             flags: request.flags,
             now_ns: self.node.now_ns(),
         };
-        match self.propose(&request.volume, command).await? {
+        match self.propose(&request.volume, command, request_id).await? {
             CommandResponse::Renamed {
                 replaced_inode,
                 replaced_orphaned,
@@ -210,7 +256,7 @@ impl Filesystem for FilesystemService {
         request: Request<proto::ReadDirRequest>,
     ) -> Result<Response<proto::ReadDirResponse>, Status> {
         let request = request.into_inner();
-        let container_id = self.container(&request.volume)?;
+        let container_id = self.read_container(&request.volume).await?;
         let (entries, end) = fs::read_directory(
             self.node.storage(),
             container_id,
@@ -238,7 +284,7 @@ impl Filesystem for FilesystemService {
         request: Request<proto::ReadLinkRequest>,
     ) -> Result<Response<proto::ReadLinkResponse>, Status> {
         let request = request.into_inner();
-        let container_id = self.container(&request.volume)?;
+        let container_id = self.read_container(&request.volume).await?;
         let target =
             fs::read_link(self.node.storage(), container_id, request.inode).map_err(node_status)?;
         Ok(Response::new(proto::ReadLinkResponse { target }))
@@ -255,7 +301,7 @@ impl Filesystem for FilesystemService {
                 request.length_bytes
             ))));
         }
-        let container_id = self.container(&request.volume)?;
+        let container_id = self.read_container(&request.volume).await?;
         let data = fs::read(
             self.node.storage(),
             container_id,
@@ -285,7 +331,7 @@ impl Filesystem for FilesystemService {
             data: request.data,
             now_ns: self.node.now_ns(),
         };
-        match self.propose(&request.volume, command).await? {
+        match self.propose(&request.volume, command, None).await? {
             CommandResponse::Written {
                 written_bytes,
                 inode,
@@ -311,7 +357,7 @@ impl Filesystem for FilesystemService {
             now_ns: self.node.now_ns(),
         };
         let attr = self
-            .propose_for_attributes(&request.volume, command)
+            .propose_for_attributes(&request.volume, command, None)
             .await?;
         Ok(Response::new(proto::AttrResponse { attr: Some(attr) }))
     }
@@ -324,7 +370,7 @@ impl Filesystem for FilesystemService {
         // answered; one log flush makes all of them (and every earlier namespace change of this
         // volume) durable. Concurrent fsyncs of all volumes share device flushes.
         let request = request.into_inner();
-        let container_id = self.container(&request.volume)?;
+        let container_id = self.read_container(&request.volume).await?;
         fs::get_inode(self.node.storage(), container_id, request.inode).map_err(node_status)?;
         self.node.flush_log().await.map_err(node_status)?;
         Ok(Response::new(proto::FsyncResponse {}))
@@ -374,6 +420,7 @@ impl Filesystem for FilesystemService {
                 FilesystemCommand::PurgeOrphans {
                     inode: request.inode,
                 },
+                None,
             )
             .await?
         {

@@ -5,6 +5,7 @@
 //! Must not contain storage logic: every decision lives in the node and state machines.
 
 pub mod admin;
+pub mod cluster;
 pub mod filesystem;
 
 use ballast_common::Errno;
@@ -58,6 +59,36 @@ pub fn node_status(error: NodeError) -> Status {
             format!("volume {name:?} does not exist"),
         ),
         NodeError::Raft(message) => with_errno(Code::Unavailable, Errno::EIO, message),
+        NodeError::NotLeader {
+            container_id,
+            leader_address,
+        } => {
+            // Unavailable, so an old client retries idempotent calls; the metadata says that
+            // nothing was applied and where the leader is.
+            let mut status = with_errno(
+                Code::Unavailable,
+                Errno::EIO,
+                format!(
+                    "container {container_id} is led by {}",
+                    leader_address
+                        .as_deref()
+                        .unwrap_or("an unknown node (election in progress)")
+                ),
+            );
+            status.metadata_mut().insert(
+                ballast_proto::NOT_APPLIED_METADATA_KEY,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+            if let Some(address) = leader_address
+                .and_then(|address| tonic::metadata::MetadataValue::try_from(address).ok())
+            {
+                status
+                    .metadata_mut()
+                    .insert(ballast_proto::LEADER_METADATA_KEY, address);
+            }
+            status
+        }
+        NodeError::Cluster(message) => with_errno(Code::PermissionDenied, Errno::EPERM, message),
         other => {
             tracing::error!(error = %other, "request failed inside the node");
             with_errno(Code::Internal, Errno::EIO, other.to_string())

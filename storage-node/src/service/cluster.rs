@@ -1,0 +1,170 @@
+//! The node-to-node services (`proto/cluster.proto`): `RaftTransport`, the receiving side of
+//! `raft_network`, and `Cluster` (join, container initialisation, forwarded proposals).
+//!
+//! Owns: decoding peer messages defensively (a malformed payload is `InvalidArgument`, never a
+//! panic) and routing them to the right container's Raft group.
+//! Must not contain cluster logic: that is `cluster.rs` and `node.rs`.
+//!
+//! A Raft message for a container this node does not run yet starts the replica on demand when
+//! the local cluster map places it here; otherwise the sender is told `Unavailable` and retries.
+
+use std::sync::Arc;
+
+use ballast_proto::cluster_v1 as proto;
+use ballast_proto::cluster_v1::cluster_server::Cluster;
+use ballast_proto::cluster_v1::raft_transport_server::RaftTransport;
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::{Request, Response, Status};
+
+use super::node_status;
+use crate::command::Command;
+use crate::error::NodeError;
+use crate::metadata;
+use crate::node::StorageNode;
+use crate::types::{NodeId, Raft, TypeConfig};
+
+#[derive(Debug, Clone)]
+pub struct RaftTransportService {
+    node: Arc<StorageNode>,
+}
+
+impl RaftTransportService {
+    pub fn new(node: Arc<StorageNode>) -> Self {
+        Self { node }
+    }
+
+    async fn raft(&self, container_id: u64) -> Result<Raft, Status> {
+        if let Some(raft) = self.node.raft(container_id).await {
+            return Ok(raft);
+        }
+        let record = metadata::get_container(self.node.storage(), container_id)
+            .map_err(node_status)?
+            .filter(|record| record.replicas.contains(&self.node.node_id()))
+            .ok_or_else(|| {
+                Status::unavailable(format!(
+                    "container {container_id} is not placed on node {} (yet)",
+                    self.node.node_id()
+                ))
+            })?;
+        self.node.start_replica(&record).await.map_err(node_status)
+    }
+}
+
+fn decode<T: DeserializeOwned>(message: &proto::RaftMessage, what: &str) -> Result<T, Status> {
+    postcard::from_bytes(&message.payload).map_err(|error| {
+        Status::invalid_argument(format!(
+            "malformed {what} for container {}: {error}",
+            message.container_id
+        ))
+    })
+}
+
+fn encode<T: Serialize>(
+    container_id: u64,
+    value: &T,
+) -> Result<Response<proto::RaftMessage>, Status> {
+    let payload = postcard::to_allocvec(value)
+        .map_err(|error| Status::internal(format!("encode Raft reply: {error}")))?;
+    Ok(Response::new(proto::RaftMessage {
+        container_id,
+        payload: payload.into(),
+    }))
+}
+
+#[tonic::async_trait]
+impl RaftTransport for RaftTransportService {
+    async fn append_entries(
+        &self,
+        request: Request<proto::RaftMessage>,
+    ) -> Result<Response<proto::RaftMessage>, Status> {
+        let message = request.into_inner();
+        let append: AppendEntriesRequest<TypeConfig> = decode(&message, "append entries")?;
+        let raft = self.raft(message.container_id).await?;
+        let result = raft.append_entries(append).await;
+        encode(message.container_id, &result)
+    }
+
+    async fn vote(
+        &self,
+        request: Request<proto::RaftMessage>,
+    ) -> Result<Response<proto::RaftMessage>, Status> {
+        let message = request.into_inner();
+        let vote: VoteRequest<NodeId> = decode(&message, "vote")?;
+        let raft = self.raft(message.container_id).await?;
+        let result = raft.vote(vote).await;
+        encode(message.container_id, &result)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<proto::RaftMessage>,
+    ) -> Result<Response<proto::RaftMessage>, Status> {
+        let message = request.into_inner();
+        let chunk: InstallSnapshotRequest<TypeConfig> = decode(&message, "snapshot chunk")?;
+        let raft = self.raft(message.container_id).await?;
+        let result = raft.install_snapshot(chunk).await;
+        encode(message.container_id, &result)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterService {
+    node: Arc<StorageNode>,
+}
+
+impl ClusterService {
+    pub fn new(node: Arc<StorageNode>) -> Self {
+        Self { node }
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn join(
+        &self,
+        request: Request<proto::JoinRequest>,
+    ) -> Result<Response<proto::JoinResponse>, Status> {
+        let forwarded = request.metadata().get("ballast-forwarded").is_some();
+        crate::cluster::handle_join(&self.node, request.into_inner(), forwarded)
+            .await
+            .map(Response::new)
+            .map_err(node_status)
+    }
+
+    async fn initialize_container(
+        &self,
+        request: Request<proto::InitializeContainerRequest>,
+    ) -> Result<Response<proto::InitializeContainerResponse>, Status> {
+        let container_id = request.into_inner().container_id;
+        let leader_node_id = self
+            .node
+            .initialize_container(container_id)
+            .await
+            .map_err(node_status)?;
+        Ok(Response::new(proto::InitializeContainerResponse {
+            leader_node_id,
+        }))
+    }
+
+    async fn propose(
+        &self,
+        request: Request<proto::ProposeRequest>,
+    ) -> Result<Response<proto::ProposeResponse>, Status> {
+        let request = request.into_inner();
+        let command: Command = postcard::from_bytes(&request.command).map_err(|error| {
+            Status::invalid_argument(format!("malformed forwarded command: {error}"))
+        })?;
+        // Deterministic failures travel inside the response, so the forwarding node reports
+        // exactly what a local proposal would.
+        let response = match self.node.propose(request.container_id, command).await {
+            Ok(response) => response,
+            Err(NodeError::Fs(error)) => crate::command::CommandResponse::Failed(error),
+            Err(error) => return Err(node_status(error)),
+        };
+        Ok(Response::new(proto::ProposeResponse {
+            response: crate::records::encode(&response).into(),
+        }))
+    }
+}

@@ -1,0 +1,188 @@
+//! A cluster of real `ballast-node` processes on one machine, for replication tests.
+//!
+//! Owns: starting N nodes (the first bootstraps, the others join it with the cluster secret),
+//! finding a volume's leader and replica progress through the CLI, and waiting (bounded) until
+//! replicas have caught up.
+//! Must not depend on: any Ballast library crate; it sees the cluster from outside, through the
+//! `ballast` CLI, as an operator does.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::{wait_until, LocalNode};
+
+/// The join secret of every test cluster.
+pub const TEST_JOIN_SECRET: &str = "ballast-test-secret";
+
+pub struct TestCluster {
+    pub nodes: Vec<LocalNode>,
+}
+
+/// One container row of `ballast status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerProgress {
+    pub container_id: u64,
+    pub volume: String,
+    pub leader_node_id: u64,
+    pub applied_index: u64,
+    pub last_log_index: u64,
+}
+
+impl TestCluster {
+    /// Starts `node_count` nodes with `device_size_bytes` devices, node `i` labelled
+    /// `zone=z<i>`, each also given `extra_arguments`; waits until all are registered.
+    pub fn start(
+        node_count: usize,
+        device_size_bytes: u64,
+        extra_arguments: &[&str],
+    ) -> Result<Self> {
+        let mut nodes: Vec<LocalNode> = Vec::with_capacity(node_count);
+        for index in 0..node_count {
+            let node_id = index as u64 + 1;
+            let mut arguments: Vec<String> = vec![
+                "--join-secret".into(),
+                TEST_JOIN_SECRET.into(),
+                "--label".into(),
+                format!("zone=z{node_id}"),
+            ];
+            if let Some(first) = nodes.first() {
+                arguments.push("--join".into());
+                arguments.push(first.endpoint());
+            }
+            arguments.extend(extra_arguments.iter().map(|argument| argument.to_string()));
+            nodes.push(
+                LocalNode::start_member(device_size_bytes, node_id, arguments)
+                    .with_context(|| format!("starting node {node_id}"))?,
+            );
+        }
+        let cluster = Self { nodes };
+        wait_until("every node registered", Duration::from_secs(60), || {
+            cluster
+                .cli(&["node", "list"])
+                .map(|listing| listing.lines().skip(1).count() == node_count)
+                .unwrap_or(false)
+        })?;
+        Ok(cluster)
+    }
+
+    /// Every node's endpoint, comma-separated (what clients are given).
+    pub fn endpoints(&self) -> String {
+        self.nodes
+            .iter()
+            .map(LocalNode::endpoint)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Runs the CLI against the running nodes (a client fails over between them).
+    pub fn cli(&self, arguments: &[&str]) -> Result<String> {
+        let endpoints: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|node| node.is_running())
+            .map(LocalNode::endpoint)
+            .collect();
+        let output = std::process::Command::new(crate::binary("ballast"))
+            .args(["--node", &endpoints.join(",")])
+            .args(arguments)
+            .output()
+            .context("running ballast")?;
+        if !output.status.success() {
+            bail!(
+                "ballast {arguments:?} failed: {}\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    pub fn node_mut(&mut self, node_id: u64) -> &mut LocalNode {
+        &mut self.nodes[node_id as usize - 1]
+    }
+
+    /// The container rows of one node's `ballast status`.
+    pub fn progress(&self, node_id: u64) -> Result<Vec<ContainerProgress>> {
+        let node = &self.nodes[node_id as usize - 1];
+        let status = node.cli(&["status"])?;
+        let mut rows = Vec::new();
+        let mut in_table = false;
+        for line in status.lines() {
+            if line.starts_with("CONTAINER") {
+                in_table = true;
+                continue;
+            }
+            if !in_table || line.trim().is_empty() {
+                continue;
+            }
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 6 {
+                bail!("unexpected status row {line:?}");
+            }
+            rows.push(ContainerProgress {
+                container_id: fields[0].parse()?,
+                volume: fields[1].to_owned(),
+                leader_node_id: fields[2].parse()?,
+                applied_index: fields[3].parse()?,
+                last_log_index: fields[4].parse()?,
+            });
+        }
+        Ok(rows)
+    }
+
+    /// The node leading `volume`'s container, as the running nodes agree (bounded wait).
+    pub fn leader_of(&self, volume: &str) -> Result<u64> {
+        let mut leader = 0;
+        wait_until(
+            &format!("a leader of {volume}"),
+            Duration::from_secs(30),
+            || {
+                let views: Vec<u64> = self
+                    .nodes
+                    .iter()
+                    .filter(|node| node.is_running())
+                    .filter_map(|node| self.progress(node.node_id).ok())
+                    .filter_map(|rows| rows.into_iter().find(|row| row.volume == volume))
+                    .map(|row| row.leader_node_id)
+                    .collect();
+                match views.first() {
+                    Some(&first) if first != 0 && views.iter().all(|&view| view == first) => {
+                        leader = first;
+                        self.nodes[first as usize - 1].is_running()
+                    }
+                    _ => false,
+                }
+            },
+        )?;
+        Ok(leader)
+    }
+
+    /// Waits until every running replica of `volume` has applied the same index as its leader.
+    pub fn wait_caught_up(&self, volume: &str, timeout: Duration) -> Result<u64> {
+        let mut applied = 0;
+        wait_until(&format!("replicas of {volume} caught up"), timeout, || {
+            let rows: Vec<ContainerProgress> = self
+                .nodes
+                .iter()
+                .filter(|node| node.is_running())
+                .filter_map(|node| self.progress(node.node_id).ok())
+                .filter_map(|rows| rows.into_iter().find(|row| row.volume == volume))
+                .collect();
+            let running = self.nodes.iter().filter(|node| node.is_running()).count();
+            match rows.first() {
+                Some(first)
+                    if rows.len() == running
+                        && rows
+                            .iter()
+                            .all(|row| row.applied_index == first.applied_index) =>
+                {
+                    applied = first.applied_index;
+                    true
+                }
+                _ => false,
+            }
+        })?;
+        Ok(applied)
+    }
+}
