@@ -24,7 +24,9 @@ fn repository_root() -> PathBuf {
 }
 
 fn in_ci() -> bool {
-    std::env::var("CI").map(|value| value == "true").unwrap_or(false)
+    std::env::var("CI")
+        .map(|value| value == "true")
+        .unwrap_or(false)
 }
 
 /// Whether the image can be built and run here; in CI a missing precondition is a failure.
@@ -41,7 +43,9 @@ fn image_tools_available() -> bool {
             .map(|output| output.status.success())
             .unwrap_or(false);
         if !found {
-            missing.push(format!("{tool} (scripts/install-prerequisites.sh installs it)"));
+            missing.push(format!(
+                "{tool} (scripts/install-prerequisites.sh installs it)"
+            ));
         }
     }
     for name in ["ballast-node", "ballast-fuse", "ballast"] {
@@ -53,9 +57,15 @@ fn image_tools_available() -> bool {
         return true;
     }
     if in_ci() {
-        panic!("image test preconditions missing in CI: {}", missing.join(", "));
+        panic!(
+            "image test preconditions missing in CI: {}",
+            missing.join(", ")
+        );
     }
-    eprintln!("SKIPPED: image test preconditions missing: {}", missing.join(", "));
+    eprintln!(
+        "SKIPPED: image test preconditions missing: {}",
+        missing.join(", ")
+    );
     false
 }
 
@@ -213,13 +223,17 @@ impl NodeFixture {
             .args(["sh", "-c", &script]));
         assert!(output.status.success(), "podman run: {}", text(&output));
         let mut exited = false;
-        let served = wait_until("the node in the container", Duration::from_secs(120), || {
-            if !container.is_running() {
-                exited = true;
-                return true;
-            }
-            self.cli(&["status"]).status.success()
-        });
+        let served = wait_until(
+            "the node in the container",
+            Duration::from_secs(120),
+            || {
+                if !container.is_running() {
+                    exited = true;
+                    return true;
+                }
+                self.cli(&["status"]).status.success()
+            },
+        );
         assert!(
             served.is_ok() && !exited,
             "the node in the image did not serve (exited: {exited}); logs:\n{}",
@@ -236,7 +250,11 @@ impl NodeFixture {
 
     fn cli_ok(&self, arguments: &[&str]) -> String {
         let output = self.cli(arguments);
-        assert!(output.status.success(), "ballast {arguments:?}: {}", text(&output));
+        assert!(
+            output.status.success(),
+            "ballast {arguments:?}: {}",
+            text(&output)
+        );
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 }
@@ -245,7 +263,11 @@ fn build_image() -> String {
     let output = run(Command::new("bash")
         .arg(repository_root().join("scripts/build-image.sh"))
         .env("BALLAST_BIN_DIR", binary_directory()));
-    assert!(output.status.success(), "build-image.sh failed: {}", text(&output));
+    assert!(
+        output.status.success(),
+        "build-image.sh failed: {}",
+        text(&output)
+    );
     eprintln!("{}", String::from_utf8_lossy(&output.stderr));
     let stdout = String::from_utf8_lossy(&output.stdout);
     let image = stdout.lines().last().unwrap_or_default().trim().to_owned();
@@ -286,7 +308,11 @@ fn image_builds_and_serves_a_storage_node() {
         .arg("--rm")
         .arg(&image)
         .args(["sh", "-c", &script]));
-    assert!(output.status.success(), "binaries in the image: {}", text(&output));
+    assert!(
+        output.status.success(),
+        "binaries in the image: {}",
+        text(&output)
+    );
     let listing = String::from_utf8_lossy(&output.stdout);
     for name in &expected {
         assert!(
@@ -313,7 +339,10 @@ fn image_builds_and_serves_a_storage_node() {
     let prepared = fixture.prepare(&[]);
     assert!(prepared.status.success(), "prepare: {}", text(&prepared));
     let prepare_log = String::from_utf8_lossy(&prepared.stderr);
-    assert!(prepare_log.contains("is blank; formatting"), "{prepare_log}");
+    assert!(
+        prepare_log.contains("is blank; formatting"),
+        "{prepare_log}"
+    );
     assert_eq!(
         std::fs::metadata(fixture.host_path().join("device.img"))
             .unwrap()
@@ -345,17 +374,28 @@ fn image_builds_and_serves_a_storage_node() {
             .args(["--rm", "--device", "/dev/fuse", "--cap-add", "SYS_ADMIN"])
             .arg(&fixture.image)
             .args(["bash", "-c", &script]));
-        assert!(output.status.success(), "FUSE in the image: {}", text(&output));
+        assert!(
+            output.status.success(),
+            "FUSE in the image: {}",
+            text(&output)
+        );
         assert!(String::from_utf8_lossy(&output.stdout).contains("written-inside-the-image"));
     }
 
     let logs = node.stop();
-    assert!(logs.contains("stopped cleanly"), "SIGTERM stops the node cleanly:\n{logs}");
+    assert!(
+        logs.contains("stopped cleanly"),
+        "SIGTERM stops the node cleanly:\n{logs}"
+    );
     drop(node);
 
     // Second start: the superblock is found, nothing is formatted, the volume is still there.
     let prepared = fixture.prepare(&[]);
-    assert!(prepared.status.success(), "prepare again: {}", text(&prepared));
+    assert!(
+        prepared.status.success(),
+        "prepare again: {}",
+        text(&prepared)
+    );
     let prepare_log = String::from_utf8_lossy(&prepared.stderr);
     assert!(
         prepare_log.contains("already holds a Ballast superblock")
@@ -364,7 +404,10 @@ fn image_builds_and_serves_a_storage_node() {
     );
     let node = fixture.start_node();
     let volumes = fixture.cli_ok(&["volume", "list"]);
-    assert!(volumes.contains("from-image"), "the volume survives the restart:\n{volumes}");
+    assert!(
+        volumes.contains("from-image"),
+        "the volume survives the restart:\n{volumes}"
+    );
     node.stop();
     drop(node);
 
@@ -383,9 +426,17 @@ fn image_builds_and_serves_a_storage_node() {
     };
     let before = first_mebibyte(&foreign);
     let refused = fixture.prepare(&[]);
-    assert!(!refused.status.success(), "prepare must refuse a foreign device: {}", text(&refused));
+    assert!(
+        !refused.status.success(),
+        "prepare must refuse a foreign device: {}",
+        text(&refused)
+    );
     assert!(String::from_utf8_lossy(&refused.stderr).contains("refusing to format"));
-    assert_eq!(first_mebibyte(&foreign), before, "a refused device is untouched");
+    assert_eq!(
+        first_mebibyte(&foreign),
+        before,
+        "a refused device is untouched"
+    );
     // Unless the operator says so.
     let forced = fixture.prepare(&["BALLAST_FORMAT_NONEMPTY=true"]);
     assert!(forced.status.success(), "formatNonEmpty: {}", text(&forced));
