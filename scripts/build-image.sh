@@ -7,7 +7,8 @@
 #      the binaries' glibc matches), imported into podman as localhost/ballast-base:<hash>;
 #   2. image: image/Containerfile on top of it, adding every executable ballast* file found in
 #      $BALLAST_BIN_DIR (stripped of debug info) and image/ballast-node-prepare, tagged
-#      localhost/ballast:<hash> and localhost/ballast:dev.
+#      localhost/ballast:<hash>, localhost/ballast:dev and localhost/ballast:<version> (the
+#      chart's default image).
 #
 # Both steps are cached, keyed by a hash of their inputs: the base by the package list and the
 # mmdebstrap command, the image by the base, the recipe and the binaries. A rebuild with
@@ -119,13 +120,14 @@ else
     --build-arg BASE_IMAGE="$base_image" --build-arg BALLAST_VERSION="$version" \
     --tag "$image" "$context" >/dev/null
 fi
-podman tag "$image" localhost/ballast:dev
+# :<version> is what the Helm chart deploys by default (image.tag empty = appVersion).
+podman tag "$image" localhost/ballast:dev "localhost/ballast:$version"
 
 # Keep one image of each kind: remove older ones this script made, by exact reference.
 podman images --format '{{.Repository}}:{{.Tag}}' |
   while read -r reference; do
     case "$reference" in
-      localhost/ballast:dev | "$image" | "$base_image") ;;
+      localhost/ballast:dev | "localhost/ballast:$version" | "$image" | "$base_image") ;;
       localhost/ballast:* | localhost/ballast-base:*)
         log "removing old $reference"
         podman rmi "$reference" >/dev/null 2>&1 || true
