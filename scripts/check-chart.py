@@ -36,9 +36,19 @@ import sys
 import traceback
 from typing import Any, Callable
 
-import helm_python as helm
-import kubernetes_validate
-import yaml
+try:
+    import helm_python as helm
+    import kubernetes_validate
+    import yaml
+except ImportError:
+    # Started with another interpreter (e.g. `scripts/check-chart.py` through /usr/bin/env):
+    # use the virtual environment of scripts/install-prerequisites.sh when it exists.
+    VENV_PYTHON = os.path.expanduser("~/.cache/ballast/venv/bin/python3")
+    if os.path.exists(VENV_PYTHON) and os.path.realpath(sys.prefix) != os.path.realpath(
+            os.path.dirname(os.path.dirname(VENV_PYTHON))):
+        os.execv(VENV_PYTHON, [VENV_PYTHON, *sys.argv])
+    sys.exit("check-chart.py needs helm-python-sdk and kubernetes-validate: "
+             "run scripts/install-prerequisites.sh")
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CHART = os.path.join(REPOSITORY, "charts", "ballast")
