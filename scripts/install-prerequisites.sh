@@ -13,6 +13,10 @@ packages=(
   mariadb-client
   sysbench         # benchmarks
   fio              # benchmark yardstick
+  python3-venv     # the chart checker's virtual environment (below)
+  podman           # builds and runs the container image (no Docker engine here)
+  runc             # podman's runtime here: crun fails on this VM's hybrid cgroups
+  mmdebstrap       # the image's base root filesystem, from Debian's packages
 )
 
 missing=()
@@ -30,6 +34,24 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo_command apt-get update -qq
   # Debian's maintainer scripts try to start mariadb; in containers that is refused, harmlessly.
   $sudo_command apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The chart checks (scripts/check-chart.py) render the chart with Helm's own Go engine
+# (helm-python-sdk embeds it: no helm binary) and validate every object with
+# kubernetes-validate. Both come from PyPI, into a virtual environment of their own: Debian's
+# python3 is "externally managed" (PEP 668), and --break-system-packages would mix them into
+# the system's packages. tests/tests/chart.rs runs the same interpreter ($BALLAST_PYTHON, else
+# this venv's). Quick when present: one import check, no network.
+venv="${BALLAST_VENV:-$HOME/.cache/ballast/venv}"
+python_packages=(helm-python-sdk==0.2.2 kubernetes-validate==1.37.0)
+venv_check='import importlib.metadata as m, helm_python, kubernetes_validate
+assert m.version("helm-python-sdk") == "0.2.2" and m.version("kubernetes-validate") == "1.37.0"'
+if ! "$venv/bin/python3" -c "$venv_check" >/dev/null 2>&1; then
+  echo "installing the chart checker's Python packages into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check "${python_packages[@]}"
+  "$venv/bin/python3" -c "$venv_check"
 fi
 
 # mariadbd must not be running from the package: tests start their own servers.
