@@ -168,7 +168,8 @@ impl FuseLauncher {
                 let _ = child.wait();
             });
         if let Err(error) = reaper {
-            tracing::warn!(pid, %error, "cannot start a reaper thread; the daemon will be reaped by init after the plugin exits");
+            tracing::warn!(pid, %error,
+                "cannot start a reaper thread; init reaps the daemon after the plugin exits");
         }
         Ok(FuseDaemon { pid, start_ticks })
     }

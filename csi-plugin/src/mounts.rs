@@ -286,11 +286,19 @@ pub enum MountHealth {
 }
 
 impl MountHealth {
+    /// Whether the FUSE connection behind the mount is gone for good: the kernel answers
+    /// ECONNABORTED (first, for an aborted connection) or ENOTCONN once the daemon has exited. No
+    /// later call on this mount can succeed; only a new mount helps.
+    pub fn connection_gone(&self) -> bool {
+        matches!(self, MountHealth::Failed(error)
+            if matches!(error.raw_os_error(), Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)))
+    }
+
     /// A sentence for a volume condition or an error message.
     pub fn describe(&self) -> String {
         match self {
             MountHealth::Answering(_) => "mounted and answering".to_owned(),
-            MountHealth::Failed(error) if error.raw_os_error() == Some(libc::ENOTCONN) => format!(
+            MountHealth::Failed(error) if self.connection_gone() => format!(
                 "the FUSE connection is gone ({error}): the ballast-fuse daemon has exited; \
                  the volume must be staged again and its pods restarted"
             ),

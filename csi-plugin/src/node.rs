@@ -12,8 +12,8 @@
 //! - One operation per volume at a time (`operations`), so retries from kubelet cannot
 //!   interleave with the call they repeat.
 //! - A live staging mount is never torn down by a repeated NodeStage; only a mount whose FUSE
-//!   connection is gone (ENOTCONN) is replaced. A slow or stalled one (storage node down) is left
-//!   alone: its pods recover when the node returns.
+//!   connection is gone (ENOTCONN/ECONNABORTED) is replaced. A slow or stalled one (storage
+//!   node down) is left alone: its pods recover when the node returns.
 
 use std::path::{Path, PathBuf};
 
@@ -188,9 +188,9 @@ impl NodeService {
                 )));
             }
             match mounts::probe(&staging_path, HEALTH_TIMEOUT_MS).await {
-                MountHealth::Failed(error) if error.raw_os_error() == Some(libc::ENOTCONN) => {
+                health if health.connection_gone() => {
                     tracing::warn!(volume = %volume_id, staging_path = %staging_path.display(),
-                        "staging mount is dead (ENOTCONN); replacing it");
+                        condition = %health.describe(), "staging mount is dead; replacing it");
                     self.teardown_staging(volume_id, &staging_path).await?;
                 }
                 health => {
@@ -315,7 +315,8 @@ impl NodeService {
             )));
         }
         self.teardown_staging(volume_id, &staging_path).await?;
-        tracing::info!(volume = %volume_id, staging_path = %staging_path.display(), "volume unstaged");
+        tracing::info!(volume = %volume_id, staging_path = %staging_path.display(),
+            "volume unstaged");
         self.update_state(|state| {
             if state
                 .staged

@@ -921,7 +921,10 @@ fn mariadb_runs_on_a_published_volume() {
     let mut database = MariaDb::install(&target.join("mysql"), &run_directory).unwrap();
     database.start().unwrap();
     database
-        .query("CREATE DATABASE shop; CREATE TABLE shop.orders (id BIGINT PRIMARY KEY, item VARCHAR(64)) ENGINE=InnoDB")
+        .query(
+            "CREATE DATABASE shop; \
+             CREATE TABLE shop.orders (id BIGINT PRIMARY KEY, item VARCHAR(64)) ENGINE=InnoDB",
+        )
         .unwrap();
     for batch in 0..20 {
         let values: Vec<String> = (0..50)

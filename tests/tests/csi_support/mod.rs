@@ -16,6 +16,7 @@ use std::ffi::CString;
 use std::fs::OpenOptions;
 use std::future::Future;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -98,6 +99,9 @@ impl CsiPlugin {
             )
             .stdout(Stdio::null())
             .stderr(log)
+            // Its own process group, so `kill` can take the whole group down, as a supervisor
+            // or a terminal would; the FUSE daemons must not be in it.
+            .process_group(0)
             .spawn()
             .context("starting ballast-csi")?;
         self.process = Some(child);
@@ -119,12 +123,14 @@ impl CsiPlugin {
         CsiClient::connect(&self.socket)
     }
 
-    /// `kill -9` of the plugin process only (not of its FUSE daemons).
+    /// `kill -9` of the plugin's whole process group. The FUSE daemons it started survive only
+    /// because they run in sessions of their own.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.process.take() {
-            // SAFETY: kill(2) on our own child's pid.
+            // SAFETY: kill(2) on the process group our child leads (process_group(0) made its
+            // pid the group id); at worst ESRCH.
             unsafe {
-                libc::kill(child.id() as i32, libc::SIGKILL);
+                libc::kill(-(child.id() as i32), libc::SIGKILL);
             }
             let _ = child.wait();
         }
