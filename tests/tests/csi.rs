@@ -264,8 +264,48 @@ fn rwx_two_targets_share_data_and_read_only_publish_refuses_writes() {
     let (csi, plugin) = (&fixture.csi, &fixture.plugin);
     let name = "pvc-shared";
     let mode = Mode::MultiNodeMultiWriter;
-    csi.create_volume(name, 32 * MIB, mode, &[("replication", "1")])
+    // As external-provisioner sends it: StorageClass parameters plus its own keys, and the
+    // topology of the node chosen for the first consumer.
+    let volume = csi
+        .run(
+            csi.controller().create_volume(CreateVolumeRequest {
+                name: name.to_owned(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: 32 * MIB,
+                    limit_bytes: 64 * MIB,
+                }),
+                volume_capabilities: vec![mount_capability(mode)],
+                parameters: [
+                    ("replication", "1"),
+                    ("replicationMinimum", "1"),
+                    ("nodeSelector", "zone=a,gpu=true"),
+                    ("csi.storage.k8s.io/pvc/name", "shared"),
+                ]
+                .into_iter()
+                .map(|(key, value)| (key.to_owned(), value.to_owned()))
+                .collect(),
+                accessibility_requirements: Some(TopologyRequirement {
+                    requisite: vec![Topology {
+                        segments: [("topology.ballast.io/node".to_owned(), NODE_ID.to_owned())]
+                            .into(),
+                    }],
+                    preferred: vec![Topology {
+                        segments: [("topology.ballast.io/node".to_owned(), NODE_ID.to_owned())]
+                            .into(),
+                    }],
+                }),
+                ..Default::default()
+            }),
+        )
+        .unwrap()
+        .volume
         .unwrap();
+    assert_eq!(volume.capacity_bytes, 32 * MIB);
+    assert_eq!(volume.volume_context["nodeSelector"], "zone=a,gpu=true");
+    assert!(
+        volume.accessible_topology.is_empty(),
+        "reachable from every node over the network: no node affinity"
+    );
     let staging = plugin.path("staging/shared");
     csi.stage(name, &staging, mode).unwrap();
     let writer_a = plugin.path("pods/a/mount");
@@ -430,6 +470,20 @@ fn invalid_requests_get_the_spec_error_codes() {
             },
             Code::InvalidArgument,
             "limit below required",
+        ),
+        (
+            CreateVolumeRequest {
+                accessibility_requirements: Some(TopologyRequirement {
+                    requisite: vec![Topology {
+                        segments: [("topology.kubernetes.io/zone".to_owned(), "a".to_owned())]
+                            .into(),
+                    }],
+                    preferred: vec![],
+                }),
+                ..create("pvc-x", vec![capability.clone()])
+            },
+            Code::InvalidArgument,
+            "topology key this driver does not report",
         ),
     ] {
         expect_code(csi.run(controller.create_volume(request)), code, what);
@@ -1135,5 +1189,57 @@ fn plugin_restart_does_not_break_a_writing_pod() {
         || !process_alive(daemons[0]),
     )
     .unwrap();
+    csi.delete_volume(name).unwrap();
+}
+
+/// The state file is only a record: with it gone (or torn), a restarted plugin still recognises
+/// live mounts through the mount table, answers repeats, and tears everything down.
+#[test]
+fn lost_node_state_is_recovered_from_the_mount_table() {
+    let Some(mut fixture) = setup(DEVICE_SIZE_BYTES) else {
+        return;
+    };
+    let name = "pvc-amnesia";
+    let mode = Mode::SingleNodeMultiWriter;
+    let staging = fixture.plugin.path("staging/amnesia");
+    let target = fixture.plugin.path("pods/p/mount");
+    fs::create_dir_all(target.parent().unwrap()).unwrap();
+    fixture
+        .csi
+        .create_volume(name, 16 * MIB, mode, &[])
+        .unwrap();
+    fixture.csi.stage(name, &staging, mode).unwrap();
+    fixture
+        .csi
+        .publish(name, &staging, &target, mode, false)
+        .unwrap();
+    write_file(&target.join("kept"), b"still here");
+    let daemons = fuse_daemons_under(&fixture.plugin.root);
+
+    fixture.plugin.kill();
+    let state_file = fixture.plugin.state_directory.join("node-state.json");
+    assert!(state_file.exists());
+    fs::write(&state_file, b"{ torn").unwrap();
+    fixture.plugin.restart().unwrap();
+    fixture.csi = fixture.plugin.client().unwrap();
+    let csi = &fixture.csi;
+
+    csi.stage(name, &staging, mode).unwrap();
+    csi.publish(name, &staging, &target, mode, false).unwrap();
+    assert_eq!(fuse_daemons_under(&fixture.plugin.root), daemons);
+    assert_eq!(fs::read(target.join("kept")).unwrap(), b"still here");
+    csi.unpublish(name, &target).unwrap();
+    csi.unstage(name, &staging).unwrap();
+    assert!(mountpoints_under(&fixture.plugin.root).is_empty());
+    // Its pid was lost with the record; the daemon ends on its own once its mount is gone.
+    wait_until("the daemon to exit", Duration::from_secs(30), || {
+        daemons.iter().all(|&pid| !process_alive(pid))
+    })
+    .unwrap();
+    let set_aside = fs::read_dir(&fixture.plugin.state_directory)
+        .unwrap()
+        .filter_map(|entry| entry.ok())
+        .any(|entry| entry.file_name().to_string_lossy().contains("unreadable"));
+    assert!(set_aside, "the torn state file is kept for inspection");
     csi.delete_volume(name).unwrap();
 }
