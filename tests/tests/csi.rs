@@ -472,6 +472,16 @@ fn invalid_requests_get_the_spec_error_codes() {
             "limit below required",
         ),
         (
+            // Valid syntax, but the storage node serves rf=1 until clustering: its refusal is
+            // passed on with its code.
+            CreateVolumeRequest {
+                parameters: [("replication".to_owned(), "3".to_owned())].into(),
+                ..create("pvc-x", vec![capability.clone()])
+            },
+            Code::InvalidArgument,
+            "replication the storage node cannot provide",
+        ),
+        (
             CreateVolumeRequest {
                 accessibility_requirements: Some(TopologyRequirement {
                     requisite: vec![Topology {
