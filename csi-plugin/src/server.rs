@@ -9,15 +9,19 @@
 //!   to register the node plugin, and Probe reports `ready: false` until the node answers.
 //! - A stale socket file from a killed instance is replaced; any other file at the socket path is
 //!   left alone and reported.
-//! - Shutting down (SIGTERM/SIGINT) stops serving and removes the socket; it never touches FUSE
-//!   daemons or mounts, which belong to the pods using them.
+//! - Shutting down (SIGTERM/SIGINT) stops serving and removes the socket within a bounded grace
+//!   time, even while clients keep connections open; it never touches FUSE daemons or mounts,
+//!   which belong to the pods using them.
 
 use std::future::Future;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use ballast_client::{BallastClient, ClientOptions, RetryPolicy};
 use tokio::net::UnixListener;
+use tokio::sync::Notify;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::controller::ControllerService;
@@ -86,6 +90,9 @@ const PROBE_CLIENT_OPTIONS: ClientOptions = ClientOptions {
         backoff_max_ms: 0,
     },
 };
+
+/// Time in-flight calls get to finish after SIGTERM before the process exits regardless.
+const SHUTDOWN_GRACE_MS: u64 = 5_000;
 
 /// The socket path of a CSI endpoint: `unix:///p`, `unix:/p` or a bare absolute path `/p`.
 pub fn socket_path(endpoint: &str) -> Result<PathBuf, CsiError> {
@@ -178,12 +185,29 @@ pub async fn serve(
     tracing::info!(socket = %socket.display(), mode = ?config.mode,
         ballast_endpoint = %config.ballast_endpoint, "serving CSI");
     println!("ballast-csi serving on {}", socket.display());
-    let result = tonic::transport::Server::builder()
+    // Graceful shutdown waits for open connections, and kubelet keeps one open for good: after
+    // the signal, in-flight calls get SHUTDOWN_GRACE_MS to finish, then the process exits anyway.
+    let shutdown_started = Arc::new(Notify::new());
+    let shutdown_notifier = Arc::clone(&shutdown_started);
+    let server = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService::new(probe_client)))
         .add_optional_service(controller)
         .add_optional_service(node)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+            shutdown.await;
+            shutdown_notifier.notify_one();
+        });
+    let grace_expired = async {
+        shutdown_started.notified().await;
+        tokio::time::sleep(Duration::from_millis(SHUTDOWN_GRACE_MS)).await;
+    };
+    let result = tokio::select! {
+        result = server => result,
+        () = grace_expired => {
+            tracing::info!(grace_ms = SHUTDOWN_GRACE_MS, "connections still open; exiting");
+            Ok(())
+        }
+    };
     let _ = std::fs::remove_file(&socket);
     result.map_err(|error| CsiError::Internal(format!("gRPC server failed: {error}")))
 }

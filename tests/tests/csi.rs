@@ -1253,3 +1253,46 @@ fn lost_node_state_is_recovered_from_the_mount_table() {
     assert!(set_aside, "the torn state file is kept for inspection");
     csi.delete_volume(name).unwrap();
 }
+
+/// SIGTERM (a clean stop) ends serving and removes the socket, but never the pods' mounts.
+#[test]
+fn sigterm_stops_serving_but_keeps_mounts() {
+    let Some(mut fixture) = setup(DEVICE_SIZE_BYTES) else {
+        return;
+    };
+    let name = "pvc-sigterm";
+    let mode = Mode::SingleNodeWriter;
+    let staging = fixture.plugin.path("staging/sigterm");
+    let target = fixture.plugin.path("pods/p/mount");
+    fs::create_dir_all(target.parent().unwrap()).unwrap();
+    fixture
+        .csi
+        .create_volume(name, 16 * MIB, mode, &[])
+        .unwrap();
+    fixture.csi.stage(name, &staging, mode).unwrap();
+    fixture
+        .csi
+        .publish(name, &staging, &target, mode, false)
+        .unwrap();
+
+    let status = fixture.plugin.terminate().unwrap();
+    assert!(status.success(), "clean exit: {status}");
+    assert!(!fixture.plugin.socket.exists(), "the socket is removed");
+    assert!(is_ballast_mount_of(&target, name));
+    write_file(
+        &target.join("after-stop"),
+        b"written with no plugin running",
+    );
+
+    fixture.plugin.restart().unwrap();
+    fixture.csi = fixture.plugin.client().unwrap();
+    let csi = &fixture.csi;
+    assert_eq!(
+        fs::read(target.join("after-stop")).unwrap(),
+        b"written with no plugin running"
+    );
+    csi.unpublish(name, &target).unwrap();
+    csi.unstage(name, &staging).unwrap();
+    assert!(mountpoints_under(&fixture.plugin.root).is_empty());
+    csi.delete_volume(name).unwrap();
+}

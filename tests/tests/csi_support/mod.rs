@@ -136,6 +136,29 @@ impl CsiPlugin {
         }
     }
 
+    /// SIGTERM to the plugin (a clean stop, as kubelet stops a container); waits at most 30 s
+    /// for it to exit and returns its exit status.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let Some(mut child) = self.process.take() else {
+            bail!("the plugin is not running");
+        };
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                self.process = Some(child);
+                bail!("the plugin did not exit within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
         self.spawn()
