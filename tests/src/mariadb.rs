@@ -55,6 +55,16 @@ impl MariaDb {
         })
     }
 
+    /// A server for a datadir initialised earlier (e.g. by another mount of the same volume).
+    pub fn existing(datadir: &Path, run_directory: &Path) -> Self {
+        Self {
+            datadir: datadir.to_path_buf(),
+            socket: run_directory.join("mariadb.sock"),
+            log_path: run_directory.join("mariadb.log"),
+            process: None,
+        }
+    }
+
     pub fn start(&mut self) -> Result<()> {
         let _ = std::fs::remove_file(&self.socket);
         let log = OpenOptions::new()
