@@ -253,11 +253,13 @@ impl ControllerService {
             Some(volume) => volume,
             None => match self
                 .client
-                .create_volume(
+                .create_volume_placed(
                     &name,
                     quota_bytes,
                     volume_parameters.replication_factor,
                     volume_parameters.replication_minimum,
+                    // Replicas go only to storage nodes carrying these labels.
+                    volume_parameters.node_selector.iter().cloned().collect(),
                 )
                 .await
             {

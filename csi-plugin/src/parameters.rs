@@ -13,9 +13,9 @@
 //! - Keys under `csi.storage.k8s.io/` belong to the sidecars (PVC name, namespace, fs type,
 //!   secrets) and are ignored; any other unknown key is refused, so a typo in a StorageClass
 //!   fails loudly instead of being silently dropped.
-//! - `nodeSelector` is validated with Kubernetes label syntax and recorded in the volume context
-//!   (visible on the PV); placement by labels arrives with clustering, until then it does not
-//!   change where data lives (one storage node holds everything).
+//! - `nodeSelector` is validated with Kubernetes label syntax, recorded in the volume context
+//!   (visible on the PV) and passed to the storage cluster, which places the volume's replicas
+//!   only on storage nodes carrying every label (too few such nodes: `RESOURCE_EXHAUSTED`).
 
 use std::collections::HashMap;
 

@@ -31,7 +31,14 @@ fn setup(device_size_bytes: u64) -> Option<Fixture> {
     if !end_to_end_available() || !plugin_available() {
         return None;
     }
-    let node = LocalNode::start(device_size_bytes).expect("start node");
+    // Labelled like a GPU node in zone a: StorageClass node selectors are placement rules now.
+    let labels = ["--label", "zone=a", "--label", "gpu=true"];
+    let node = LocalNode::start_member(
+        device_size_bytes,
+        1,
+        labels.iter().map(|label| label.to_string()).collect(),
+    )
+    .expect("start node");
     let plugin = CsiPlugin::start(&node).expect("start plugin");
     let csi = plugin.client().expect("client");
     Some(Fixture { plugin, csi, node })
@@ -472,14 +479,23 @@ fn invalid_requests_get_the_spec_error_codes() {
             "limit below required",
         ),
         (
-            // Valid syntax, but the storage node serves rf=1 until clustering: its refusal is
-            // passed on with its code.
+            // Valid syntax, but no storage node carries the label: nowhere to place it.
+            CreateVolumeRequest {
+                parameters: [("nodeSelector".to_owned(), "gpu=false".to_owned())].into(),
+                ..create("pvc-x", vec![capability.clone()])
+            },
+            Code::ResourceExhausted,
+            "a node selector no storage node matches",
+        ),
+        (
+            // Valid syntax, but a one-node cluster cannot place 3 replicas: the storage
+            // cluster's refusal is passed on with its code.
             CreateVolumeRequest {
                 parameters: [("replication".to_owned(), "3".to_owned())].into(),
                 ..create("pvc-x", vec![capability.clone()])
             },
-            Code::InvalidArgument,
-            "replication the storage node cannot provide",
+            Code::ResourceExhausted,
+            "replication the storage cluster cannot provide",
         ),
         (
             CreateVolumeRequest {
