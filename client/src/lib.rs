@@ -394,7 +394,7 @@ impl BallastClient {
                         self.routes.prefer(&route, &endpoint);
                         return Ok(response.into_inner());
                     }
-                    Ok(Err(status)) => status,
+                    Ok(Err(status)) => retry::normalize_timeout(status),
                     Err(_elapsed) => tonic::Status::deadline_exceeded(format!(
                         "{method}: no answer within {} ms",
                         self.options.request_timeout_ms
@@ -410,11 +410,7 @@ impl BallastClient {
                 }
             }
             attempt_index += 1;
-            // A tagged call that timed out (a hung node) may be resent elsewhere, too.
-            let tagged_timeout = tag.is_some() && status.code() == tonic::Code::DeadlineExceeded;
-            if attempt_index >= attempt_count_max
-                || !(tagged_timeout || retry::should_retry(&status, idempotency))
-            {
+            if attempt_index >= attempt_count_max || !retry::should_retry(&status, idempotency) {
                 if status.code() != tonic::Code::NotFound {
                     tracing::debug!(method, attempt_index, %status, "call failed");
                 }

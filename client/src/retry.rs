@@ -74,6 +74,18 @@ pub fn never_sent(status: &tonic::Status) -> bool {
     false
 }
 
+/// Tonic reports its own per-request deadline (`Request::set_timeout`) as `Cancelled`
+/// ("Timeout expired"); it is a timeout like any other, so it becomes `DeadlineExceeded`.
+pub fn normalize_timeout(status: tonic::Status) -> tonic::Status {
+    if status.code() == tonic::Code::Cancelled && status.message().contains("Timeout expired") {
+        return tonic::Status::deadline_exceeded(format!(
+            "no answer in time: {}",
+            status.message()
+        ));
+    }
+    status
+}
+
 /// The address of the container's leader, when the node that answered named one.
 pub fn leader_address(status: &tonic::Status) -> Option<String> {
     status
@@ -93,6 +105,11 @@ pub fn not_applied(status: &tonic::Status) -> bool {
 
 /// Whether a failed attempt may be repeated under `idempotency`.
 pub fn should_retry(status: &tonic::Status, idempotency: Idempotency) -> bool {
+    // A node that did not answer in time (hung, or cut off by a partition) may be skipped for
+    // another one, when repeating the call is harmless.
+    if status.code() == tonic::Code::DeadlineExceeded {
+        return idempotency == Idempotency::Idempotent;
+    }
     if status.code() != tonic::Code::Unavailable {
         return false;
     }
@@ -120,7 +137,7 @@ mod tests {
     }
 
     #[test]
-    fn only_unavailable_is_retried() {
+    fn only_unavailable_and_timeouts_are_retried() {
         let unavailable = tonic::Status::unavailable("node restarting");
         assert!(should_retry(&unavailable, Idempotency::Idempotent));
         // A server-sent Unavailable may have been applied; side effects are not repeated.
@@ -128,7 +145,16 @@ mod tests {
         let not_found = tonic::Status::not_found("x");
         assert!(!should_retry(&not_found, Idempotency::Idempotent));
         let deadline = tonic::Status::deadline_exceeded("slow");
-        assert!(!should_retry(&deadline, Idempotency::Idempotent));
+        assert!(should_retry(&deadline, Idempotency::Idempotent));
+        assert!(!should_retry(&deadline, Idempotency::SideEffecting));
+    }
+
+    #[test]
+    fn tonic_timeouts_count_as_deadlines() {
+        let status = normalize_timeout(tonic::Status::cancelled("Timeout expired"));
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        let other = normalize_timeout(tonic::Status::cancelled("client went away"));
+        assert_eq!(other.code(), tonic::Code::Cancelled);
     }
 
     #[test]

@@ -39,7 +39,8 @@ const RUNTIME_SHUTDOWN_TIMEOUT_MS: u64 = 5_000;
     about = "Mount a Ballast volume through FUSE"
 )]
 struct Arguments {
-    /// gRPC address of the storage node.
+    /// gRPC address of a storage node; several nodes of one cluster comma-separated (the
+    /// driver follows the volume's leader and fails over between them).
     #[arg(long, default_value = "http://127.0.0.1:7400")]
     node: String,
     /// Name of the volume to mount.
@@ -54,6 +55,12 @@ struct Arguments {
     /// Largest single write the kernel sends.
     #[arg(long, default_value_t = 1024 * 1024)]
     max_write_bytes: u32,
+    /// Limit on one attempt of one request to a node.
+    #[arg(long, default_value_t = ClientOptions::default().request_timeout_ms)]
+    request_timeout_ms: u64,
+    /// Attempts of a request before the application gets EIO (failover needs several).
+    #[arg(long, default_value_t = ClientOptions::default().retry.attempt_count_max)]
+    attempt_count_max: u32,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -138,7 +145,16 @@ fn main() -> anyhow::Result<()> {
 
 /// Connects, checks the volume exists, and purges the orphans a previous mount left behind.
 async fn prepare_volume(arguments: &Arguments) -> anyhow::Result<BallastClient> {
-    let client = BallastClient::connect_with_options(&arguments.node, ClientOptions::default())
+    let defaults = ClientOptions::default();
+    let options = ClientOptions {
+        request_timeout_ms: arguments.request_timeout_ms.max(1),
+        retry: ballast_client::RetryPolicy {
+            attempt_count_max: arguments.attempt_count_max.max(1),
+            ..defaults.retry
+        },
+        ..defaults
+    };
+    let client = BallastClient::connect_with_options(&arguments.node, options)
         .await
         .with_context(|| format!("connecting to the storage node at {}", arguments.node))?;
     match client.get_volume(&arguments.volume).await {

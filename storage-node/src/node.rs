@@ -46,6 +46,8 @@ const LEADER_WAIT_MS_MAX: u64 = 30_000;
 const REPLICATED_LEADER_WAIT_MS_MAX: u64 = 5_000;
 /// How long start-up waits for a started group's metrics to show its membership.
 const MEMBERSHIP_WAIT_MS_MAX: u64 = 2_000;
+/// How long a proposal waits to be committed and applied.
+const PROPOSE_COMMIT_TIMEOUT_MS: u64 = 10_000;
 /// Attempts of a proposal while its container elects a leader.
 const PROPOSE_ATTEMPT_COUNT_MAX: u32 = 12;
 const PROPOSE_BACKOFF_MS: u64 = 50;
@@ -554,7 +556,18 @@ impl StorageNode {
         let Some(raft) = self.raft(container_id).await else {
             return Err(self.not_leader_from_metadata(container_id));
         };
-        let response = match raft.client_write(command).await {
+        // Bounded: a leader cut off from its quorum cannot commit and does not know it yet.
+        let write = tokio::time::timeout(
+            Duration::from_millis(PROPOSE_COMMIT_TIMEOUT_MS),
+            raft.client_write(command),
+        );
+        let Ok(written) = write.await else {
+            return Err(NodeError::Raft(format!(
+                "container {container_id}: not committed within {PROPOSE_COMMIT_TIMEOUT_MS} ms \
+                 (no quorum reachable?); it may still commit"
+            )));
+        };
+        let response = match written {
             Ok(response) => response,
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
                 return Err(NodeError::NotLeader {

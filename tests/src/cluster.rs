@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use crate::netns::TestNetwork;
 use crate::{wait_until, LocalNode};
 
 /// The join secret of every test cluster.
@@ -37,6 +38,30 @@ impl TestCluster {
         device_size_bytes: u64,
         extra_arguments: &[&str],
     ) -> Result<Self> {
+        Self::start_on(None, node_count, device_size_bytes, extra_arguments)
+    }
+
+    /// Like [`TestCluster::start`], node `i` in host `i`'s namespace of `network`.
+    pub fn start_in_network(
+        network: &TestNetwork,
+        node_count: usize,
+        device_size_bytes: u64,
+        extra_arguments: &[&str],
+    ) -> Result<Self> {
+        Self::start_on(
+            Some(network),
+            node_count,
+            device_size_bytes,
+            extra_arguments,
+        )
+    }
+
+    fn start_on(
+        network: Option<&TestNetwork>,
+        node_count: usize,
+        device_size_bytes: u64,
+        extra_arguments: &[&str],
+    ) -> Result<Self> {
         let mut nodes: Vec<LocalNode> = Vec::with_capacity(node_count);
         for index in 0..node_count {
             let node_id = index as u64 + 1;
@@ -51,10 +76,17 @@ impl TestCluster {
                 arguments.push(first.endpoint());
             }
             arguments.extend(extra_arguments.iter().map(|argument| argument.to_string()));
-            nodes.push(
-                LocalNode::start_member(device_size_bytes, node_id, arguments)
-                    .with_context(|| format!("starting node {node_id}"))?,
-            );
+            let node = match network {
+                None => LocalNode::start_member(device_size_bytes, node_id, arguments),
+                Some(network) => LocalNode::start_member_at(
+                    device_size_bytes,
+                    node_id,
+                    arguments,
+                    format!("{}:7400", network.address(index + 1)),
+                    Some(format!("/var/run/netns/{}", network.namespace(index + 1))),
+                ),
+            };
+            nodes.push(node.with_context(|| format!("starting node {node_id}"))?);
         }
         let cluster = Self { nodes };
         wait_until("every node registered", Duration::from_secs(60), || {

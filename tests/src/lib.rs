@@ -18,6 +18,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod cluster;
 pub mod mariadb;
+pub mod netns;
 
 /// Where `cargo build` put the binaries: the directory above this test executable's `deps/`.
 pub fn binary_directory() -> PathBuf {
@@ -119,6 +120,8 @@ pub struct LocalNode {
     pub node_id: u64,
     /// Extra `ballast-node run` arguments (cluster membership, labels, tuning).
     pub run_arguments: Vec<String>,
+    /// The network namespace (`/var/run/netns/<name>`) the node runs in, if not the test's own.
+    pub net_namespace: Option<String>,
     node: Option<Child>,
     mounts: Vec<Mount>,
 }
@@ -127,7 +130,22 @@ pub struct Mount {
     pub volume: String,
     pub mountpoint: PathBuf,
     pub log_path: PathBuf,
+    net_namespace: Option<String>,
+    driver_arguments: Vec<String>,
     process: Option<Child>,
+}
+
+/// A command for `program`, run inside the network namespace at `net_namespace` when given
+/// (`nsenter --net`: the mount namespace stays the test's, so FUSE mounts stay visible).
+fn in_namespace(net_namespace: Option<&str>, program: &Path) -> Command {
+    match net_namespace {
+        Some(path) => {
+            let mut command = Command::new("nsenter");
+            command.arg(format!("--net={path}")).arg("--").arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
 }
 
 impl LocalNode {
@@ -142,6 +160,19 @@ impl LocalNode {
         device_size_bytes: u64,
         node_id: u64,
         run_arguments: Vec<String>,
+    ) -> Result<Self> {
+        let address = format!("127.0.0.1:{}", free_port());
+        Self::start_member_at(device_size_bytes, node_id, run_arguments, address, None)
+    }
+
+    /// Like [`LocalNode::start_member`], listening on `address`, inside the network namespace
+    /// `net_namespace` (a path such as `/var/run/netns/x`) when given.
+    pub fn start_member_at(
+        device_size_bytes: u64,
+        node_id: u64,
+        run_arguments: Vec<String>,
+        address: String,
+        net_namespace: Option<String>,
     ) -> Result<Self> {
         let directory = tempfile::Builder::new()
             .prefix("ballast-test-")
@@ -163,13 +194,21 @@ impl LocalNode {
             file.set_len(device_size_bytes)?; // A filesystem without fallocate: sparse it is.
         }
         drop(file);
-        Self::start_on_device_as(directory, device_path, node_id, run_arguments)
+        Self::start_on_device_as(
+            directory,
+            device_path,
+            node_id,
+            run_arguments,
+            address,
+            net_namespace,
+        )
     }
 
     /// Formats `device_path` (a file or a block device such as a loop device) and starts a node
     /// on it; `directory` holds the node's state and logs.
     pub fn start_on_device(directory: tempfile::TempDir, device_path: PathBuf) -> Result<Self> {
-        Self::start_on_device_as(directory, device_path, 1, Vec::new())
+        let address = format!("127.0.0.1:{}", free_port());
+        Self::start_on_device_as(directory, device_path, 1, Vec::new(), address, None)
     }
 
     fn start_on_device_as(
@@ -177,6 +216,8 @@ impl LocalNode {
         device_path: PathBuf,
         node_id: u64,
         run_arguments: Vec<String>,
+        address: String,
+        net_namespace: Option<String>,
     ) -> Result<Self> {
         let status = Command::new(binary("ballast-node"))
             .args(["format", "--device"])
@@ -191,11 +232,12 @@ impl LocalNode {
         let mut node = Self {
             state_directory: directory.path().join("state"),
             log_path: directory.path().join("node.log"),
-            address: format!("127.0.0.1:{}", free_port()),
+            address,
             directory,
             device_path,
             node_id,
             run_arguments,
+            net_namespace,
             node: None,
             mounts: Vec::new(),
         };
@@ -212,7 +254,7 @@ impl LocalNode {
             .create(true)
             .append(true)
             .open(&self.log_path)?;
-        let child = Command::new(binary("ballast-node"))
+        let child = in_namespace(self.net_namespace.as_deref(), &binary("ballast-node"))
             .arg("run")
             .arg("--device")
             .arg(&self.device_path)
@@ -288,13 +330,31 @@ impl LocalNode {
 
     /// Mounts a volume through `endpoints` (several nodes of a cluster, comma-separated).
     pub fn mount_via(&mut self, volume: &str, endpoints: &str) -> Result<PathBuf> {
-        let mountpoint = self.directory.path().join(format!("mnt-{volume}"));
+        self.mount_with(volume, endpoints, None, &[], "")
+    }
+
+    /// Mounts a volume at `mnt-<volume><suffix>` through `endpoints`, with the driver in the
+    /// network namespace `net_namespace` (when given) and extra driver arguments.
+    pub fn mount_with(
+        &mut self,
+        volume: &str,
+        endpoints: &str,
+        net_namespace: Option<&str>,
+        driver_arguments: &[&str],
+        suffix: &str,
+    ) -> Result<PathBuf> {
+        let mountpoint = self.directory.path().join(format!("mnt-{volume}{suffix}"));
         std::fs::create_dir_all(&mountpoint)?;
-        let log_path = self.directory.path().join(format!("fuse-{volume}.log"));
+        let log_path = self
+            .directory
+            .path()
+            .join(format!("fuse-{volume}{suffix}.log"));
         let mut mount = Mount {
             volume: volume.to_owned(),
             mountpoint: mountpoint.clone(),
             log_path,
+            net_namespace: net_namespace.map(str::to_owned),
+            driver_arguments: driver_arguments.iter().map(|a| a.to_string()).collect(),
             process: None,
         };
         mount.start(endpoints)?;
@@ -350,6 +410,14 @@ impl LocalNode {
         Ok(())
     }
 
+    /// Unmounts (and stops the driver of) the mount at `mountpoint`.
+    pub fn unmount(&mut self, mountpoint: &Path) {
+        if let Some(index) = self.mounts.iter().position(|m| m.mountpoint == mountpoint) {
+            let mut mount = self.mounts.remove(index);
+            mount.stop();
+        }
+    }
+
     pub fn unmount_all(&mut self) {
         for mount in &mut self.mounts {
             mount.stop();
@@ -364,10 +432,14 @@ impl Mount {
             .create(true)
             .append(true)
             .open(&self.log_path)?;
-        let child = Command::new(binary("ballast-fuse"))
+        let child = in_namespace(self.net_namespace.as_deref(), &binary("ballast-fuse"))
             .args(["--node", endpoint, "--volume", &self.volume, "--mountpoint"])
             .arg(&self.mountpoint)
-            .env("RUST_LOG", "warn")
+            .args(&self.driver_arguments)
+            .env(
+                "RUST_LOG",
+                std::env::var("BALLAST_TEST_FUSE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
