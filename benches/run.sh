@@ -11,6 +11,9 @@
 #   fuse     fio --ioengine=psync on a Ballast FUSE mount vs on a directory of the same filesystem
 #   mariadb  sysbench oltp_read_write, MariaDB datadir on a Ballast volume vs on the local disk
 #   startup  ballast-node start-up time with 1 GiB and 10 GiB stored, after SIGKILL and SIGTERM
+#   cluster  a local 3-node cluster: rf=3 vs rf=1 for FUSE sequential write, 4 KiB fsync'd
+#            writes and sysbench, and failover time (kill -9 of the leader until the next
+#            acknowledged write) as a distribution
 #
 # Parameters (environment; defaults are the spec values):
 #   BALLAST_BENCH_DIR     backing directory for every file of both sides (default /var/tmp)
@@ -43,6 +46,7 @@ sysbench_tables="${SYSBENCH_TABLES:-4}"
 sysbench_table_size="${SYSBENCH_TABLE_SIZE:-100000}"
 sysbench_threads="${SYSBENCH_THREADS:-4}"
 startup_sizes_gib="${STARTUP_SIZES_GIB:-1 10}"
+failover_rounds="${FAILOVER_ROUNDS:-10}"
 
 # Bounds on every wait (seconds).
 node_start_timeout=600
@@ -54,12 +58,12 @@ sysbench_prepare_timeout=1800
 
 sections=("$@")
 if [ ${#sections[@]} -eq 0 ]; then
-    sections=(device fuse mariadb startup)
+    sections=(device fuse mariadb startup cluster)
 fi
 for section in "${sections[@]}"; do
     case "$section" in
-        device | fuse | mariadb | startup) ;;
-        *) echo "unknown section '$section' (expected: device fuse mariadb startup)" >&2; exit 2 ;;
+        device | fuse | mariadb | startup | cluster) ;;
+        *) echo "unknown section '$section' (expected: device fuse mariadb startup cluster)" >&2; exit 2 ;;
     esac
 done
 
@@ -446,6 +450,120 @@ section_startup() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# A local 3-node cluster (ballast local up), both volumes on the same three nodes.
+cluster_directory=""
+cluster_endpoints=""
+cluster_port=""
+cluster_up() {
+    cluster_directory="$work_directory/cluster"
+    local port
+    port=$(free_port)
+    cluster_port=$port
+    # local up uses port, port+1, port+2.
+    cluster_endpoints="http://127.0.0.1:$port,http://127.0.0.1:$((port + 1)),http://127.0.0.1:$((port + 2))"
+    log_command "$binary_directory/ballast" local up --dir "$cluster_directory" --nodes 3 --volume rf3 \
+        --quota 8GiB --device-size 24GiB --listen "127.0.0.1:$port" >/dev/null
+    "$binary_directory/ballast" --node "$cluster_endpoints" volume create rf1 --quota 8GiB \
+        --replication-factor 1 >/dev/null
+    mkdir -p "$cluster_directory/mnt/rf1"
+    mountpoints+=("$cluster_directory/mnt/rf1" "$cluster_directory/mnt/rf3")
+    RUST_LOG=warn "$binary_directory/ballast-fuse" --node "$cluster_endpoints" --volume rf1 \
+        --mountpoint "$cluster_directory/mnt/rf1" >/dev/null 2>>"$cluster_directory/mnt-rf1.log" &
+    started_pids+=("$!")
+    local waited=0
+    until is_mounted "$cluster_directory/mnt/rf1"; do
+        [ "$waited" -lt $((mount_timeout * 10)) ] || { echo "rf1 mount failed" >&2; return 1; }
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+}
+cluster_down() {
+    unmount "$cluster_directory/mnt/rf1"
+    "$binary_directory/ballast" local down --dir "$cluster_directory" >/dev/null
+}
+cluster_leader() { # volume: the node id leading it
+    "$binary_directory/ballast" --node "$cluster_endpoints" volume list --bytes | awk -v v="$1" '$1 == v { print $8 }'
+}
+
+section_cluster() {
+    echo "== cluster: 3 local nodes, rf=3 vs rf=1, failover time over $failover_rounds leader kills"
+    cluster_up
+    local -A values=()
+    local side directory
+    for side in rf3 rf1; do
+        directory="$cluster_directory/mnt/$side"
+        fio_json --name=seqwrite --directory="$directory" --filename=sequential.bin --rw=write --bs=1M \
+            --size="$fuse_sequential_size" --ioengine=psync --end_fsync=1 --runtime=900
+        values[$side.write]=$(fio_field '.jobs[0].write.bw_bytes / 1e6')
+        fio_json --name=fsyncwrite --directory="$directory" --filename=fsync.bin --rw=randwrite --bs=4k \
+            --size="$fuse_fsync_size" --ioengine=psync --fsync=1 --time_based --runtime="$fuse_fsync_seconds" \
+            --randrepeat=1 --norandommap
+        values[$side.fsync]=$(fio_field '.jobs[0].write.iops')
+        rm -f "$directory/sequential.bin" "$directory/fsync.bin"
+        sysbench_on "$directory/data" "$cluster_directory/run-$side"
+        values[$side.tps]=$sysbench_transactions_per_second
+    done
+
+    # Failover: a probe writes and fsyncs a 4 KiB file in a loop and logs when each write was
+    # acknowledged; the gap after a kill is the failover time as a client sees it.
+    local probe_log="$cluster_directory/probe.log" samples=() round leader kill_time gap
+    python3 - "$cluster_directory/mnt/rf3/probe.bin" "$probe_log" "$cluster_directory/probe.stop" <<'PROBE' &
+import os, sys, time
+path, log, stop = sys.argv[1], sys.argv[2], sys.argv[3]
+deadline = time.time() + 3600
+with open(log, "w", buffering=1) as out:
+    while not os.path.exists(stop) and time.time() < deadline:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            os.pwrite(fd, os.urandom(4096), 0)
+            os.fsync(fd)
+            os.close(fd)
+            out.write(f"{time.time():.6f}\n")
+        except OSError as error:
+            out.write(f"error {time.time():.6f} {error}\n")
+            time.sleep(0.01)
+        time.sleep(0.005)
+PROBE
+    local probe_pid=$!
+    started_pids+=("$probe_pid")
+    for round in $(seq 1 "$failover_rounds"); do
+        sleep 2
+        leader=$(cluster_leader rf3)
+        kill_time=$(now_seconds)
+        kill -9 "$(cat "$cluster_directory/node$leader/node.pid")"
+        sleep 6
+        gap=$(awk -v k="$kill_time" '$1 != "error" && $1 > k { print $1 - k; exit }' "$probe_log")
+        [ -n "$gap" ] || { echo "no acknowledged write within 6 s of killing node $leader" >&2; gap=6; }
+        samples+=("$gap")
+        note "failover round $round: killed node $leader, next acknowledged write after $(round "$gap" 3) s"
+        "$binary_directory/ballast" local up --dir "$cluster_directory" --nodes 3 --volume rf3 \
+            --listen "127.0.0.1:$cluster_port" >/dev/null 2>&1 || true
+    done
+    touch "$cluster_directory/probe.stop"
+    stop_pid "$probe_pid" TERM 10
+    local sorted p50 p99 maximum count
+    sorted=$(printf '%s\n' "${samples[@]}" | sort -n)
+    count=${#samples[@]}
+    p50=$(awk -v n="$count" 'NR == int((n + 1) / 2) { print $1 }' <<<"$sorted")
+    p99=$(awk -v n="$count" 'NR == (int(n * 0.99 + 0.999) > n ? n : int(n * 0.99 + 0.999)) { print $1 }' <<<"$sorted")
+    maximum=$(tail -n 1 <<<"$sorted")
+    cluster_down
+
+    table_begin
+    table_row "1 MiB sequential write $fuse_sequential_size + fsync (MB/s)" \
+        "$(round "${values[rf3.write]}")" "$(round "${values[rf1.write]}")" "—"
+    table_row "4 KiB random write + fsync each (IOPS)" \
+        "$(round "${values[rf3.fsync]}" 0)" "$(round "${values[rf1.fsync]}" 0)" "—"
+    table_row "sysbench oltp_read_write transactions/s" "${values[rf3.tps]}" "${values[rf1.tps]}" "—"
+    table_end "rf=3 (ballast column) vs rf=1 (yardstick column), same 3-node local cluster"
+    table_begin
+    table_row "failover p50 (s, kill -9 of the leader until the next acknowledged write)" "$(round "$p50" 3)" "—" "—"
+    table_row "failover p99 (s; $count samples, so p99 is the maximum)" "$(round "$p99" 3)" "—" "—"
+    table_row "failover max (s)" "$(round "$maximum" 3)" "—" "—"
+    table_end "failover time over $count kills of the rf=3 volume's leader"
+}
+
+# ---------------------------------------------------------------------------------------------
 if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
     echo "== build release binaries (target dir $CARGO_TARGET_DIR)"
     cargo build --release --workspace --bins --locked
@@ -491,7 +609,7 @@ results_file="$results_directory/$(date -u -d "$run_date" '+%Y-%m-%dT%H%M%SZ').m
         "DEVICE_RANDOM_QUEUE_DEPTH=$device_random_queue_depth DEVICE_SEQUENTIAL_QUEUE_DEPTH=$device_sequential_queue_depth" \
         "FUSE_SEQUENTIAL_SIZE=$fuse_sequential_size FUSE_FSYNC_SIZE=$fuse_fsync_size FUSE_FSYNC_SECONDS=$fuse_fsync_seconds" \
         "SYSBENCH_TIME=$sysbench_time SYSBENCH_TABLES=$sysbench_tables SYSBENCH_TABLE_SIZE=$sysbench_table_size" \
-        "SYSBENCH_THREADS=$sysbench_threads STARTUP_SIZES_GIB=\"$startup_sizes_gib\""
+        "SYSBENCH_THREADS=$sysbench_threads STARTUP_SIZES_GIB=\"$startup_sizes_gib\" FAILOVER_ROUNDS=$failover_rounds"
     echo "- ratio = ballast / yardstick; goals are targets, not pass/fail thresholds"
     echo
     printf '%s' "$report_tables"

@@ -83,6 +83,8 @@ enum VolumeCommand {
     },
     /// Delete a volume and all its data.
     Delete { name: String },
+    /// Checksum of the answering node's replica of a volume (compare replicas at one index).
+    Digest { name: String },
     /// Change a volume's quota (shrinking below the bytes in use is refused).
     Resize {
         name: String,
@@ -198,6 +200,16 @@ async fn volume(client: &BallastClient, command: VolumeCommand) -> anyhow::Resul
                 .await
                 .with_context(|| format!("deleting volume {name:?}"))?;
             println!("deleted volume {name}");
+        }
+        VolumeCommand::Digest { name } => {
+            let digest = client
+                .volume_digest(&name)
+                .await
+                .with_context(|| format!("digest of volume {name:?}"))?;
+            println!(
+                "container {} applied {} digest {:08x} bytes {}",
+                digest.container_id, digest.applied_index, digest.digest, digest.content_bytes
+            );
         }
         VolumeCommand::Resize { name, quota } => {
             let volume = client

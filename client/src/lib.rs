@@ -223,6 +223,7 @@ macro_rules! routed_cluster_wide {
 }
 
 routed_cluster_wide!(
+    VolumeDigestRequest,
     CreateVolumeRequest,
     DeleteVolumeRequest,
     ListVolumesRequest,
@@ -555,6 +556,26 @@ impl BallastClient {
             |channel, request| {
                 let mut client = admin_client(channel);
                 async move { client.get_volume(request).await }
+            },
+        )
+        .await
+    }
+
+    /// A checksum of the answering node's replica of `name` and the index it is at. Not routed
+    /// to the leader: the point is to ask each replica.
+    pub async fn volume_digest(
+        &self,
+        name: &str,
+    ) -> Result<proto::VolumeDigestResponse, ClientError> {
+        self.call(
+            "VolumeDigest",
+            Idempotency::Idempotent,
+            proto::VolumeDigestRequest {
+                name: name.to_owned(),
+            },
+            |channel, request| {
+                let mut client = admin_client(channel);
+                async move { client.volume_digest(request).await }
             },
         )
         .await

@@ -360,6 +360,44 @@ impl RaftLogReader<TypeConfig> for ContainerLog {
     }
 }
 
+/// How long a purge waits for the snapshot it relies on to become durable.
+const PURGE_SNAPSHOT_WAIT_MS_MAX: u64 = 2_000;
+
+impl ContainerLog {
+    /// The last log id of the durable snapshot (checkpoint or installed snapshot).
+    #[allow(clippy::result_large_err)]
+    fn durable_snapshot(&self) -> Result<Option<LogId>, StorageError> {
+        let meta = self
+            .state_store()
+            .get::<openraft::SnapshotMeta<crate::types::NodeId, crate::types::RaftNode>>(
+                &keys::container_singleton(keys::TAG_SNAPSHOT, self.shared.container_id),
+                "snapshot meta",
+            )
+            .map_err(|error| StorageError::from(StorageIOError::read_snapshot(None, &error)))?;
+        Ok(meta.and_then(|meta| meta.last_log_id))
+    }
+
+    /// `wanted`, or the durable snapshot's log id if that is lower (after a bounded wait), or
+    /// nothing when no more than what is already purged is covered.
+    async fn purge_point(&self, wanted: LogId) -> Result<Option<LogId>, StorageError> {
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(PURGE_SNAPSHOT_WAIT_MS_MAX);
+        loop {
+            let snapshot = self.durable_snapshot()?;
+            if snapshot.map(|log_id| log_id.index) >= Some(wanted.index) {
+                return Ok(Some(wanted));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let purged = self.read_log_id(keys::TAG_PURGED, "purged log id")?;
+                tracing::warn!(container = self.shared.container_id, wanted = %wanted,
+                    snapshot = ?snapshot, "purging only what the durable snapshot covers");
+                return Ok(snapshot.filter(|snapshot| Some(*snapshot) > purged));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 impl RaftLogStorage<TypeConfig> for ContainerLog {
     type LogReader = ContainerLog;
 
@@ -510,6 +548,13 @@ impl RaftLogStorage<TypeConfig> for ContainerLog {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Never purge past the durable snapshot: openraft may ask to purge what a snapshot being
+        // installed covers before that install is durable, and a crash in between would leave a
+        // purged log with no state to stand for it (openraft refuses to start on
+        // "purged > snapshot"). Wait a little for the install, then purge only what is covered.
+        let Some(log_id) = self.purge_point(log_id).await? else {
+            return Ok(());
+        };
         // The purge mark is durable before any space is reused.
         let mut batch = WriteBatch::default();
         batch.put(

@@ -217,4 +217,64 @@ impl TestCluster {
         })?;
         Ok(applied)
     }
+
+    /// `(applied index, digest)` of every running node's replica of `volume`.
+    pub fn digests(&self, volume: &str) -> Result<Vec<(u64, u64, String)>> {
+        let mut digests = Vec::new();
+        for node in self.nodes.iter().filter(|node| node.is_running()) {
+            let line = node.cli(&["volume", "digest", volume])?;
+            // "container C applied A digest D bytes B"
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 8 {
+                bail!("unexpected digest line {line:?}");
+            }
+            digests.push((node.node_id, fields[3].parse()?, fields[5].to_owned()));
+        }
+        Ok(digests)
+    }
+
+    /// Waits until every running replica of `volume` is at the same index with the same digest:
+    /// no replica diverges. Returns the common digest.
+    pub fn wait_converged(&self, volume: &str, timeout: Duration) -> Result<String> {
+        let mut last = Vec::new();
+        let result = wait_until(
+            &format!("replicas of {volume} converged"),
+            timeout,
+            || match self.digests(volume) {
+                Ok(digests) => {
+                    let converged = digests.len()
+                        == self.nodes.iter().filter(|node| node.is_running()).count()
+                        && digests
+                            .windows(2)
+                            .all(|pair| pair[0].1 == pair[1].1 && pair[0].2 == pair[1].2);
+                    last = digests;
+                    converged
+                }
+                Err(_) => false,
+            },
+        );
+        match result {
+            Ok(()) => Ok(last[0].2.clone()),
+            Err(error) => {
+                let progress: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .map(|node| match self.progress(node.node_id) {
+                        Ok(rows) => format!("node {}: {rows:?}", node.node_id),
+                        Err(error) => format!("node {}: {error}", node.node_id),
+                    })
+                    .collect();
+                let logs: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .map(|node| format!("node {} log tail:\n{}", node.node_id, node.log_tail()))
+                    .collect();
+                bail!(
+                    "{error}; last digests (node, applied, digest): {last:?}\n{}\n{}",
+                    progress.join("\n"),
+                    logs.join("\n")
+                )
+            }
+        }
+    }
 }

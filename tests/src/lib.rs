@@ -394,6 +394,13 @@ impl LocalNode {
         self.start_process()
     }
 
+    /// Sends `signal` to the node process (for SIGSTOP/SIGCONT pauses).
+    pub fn signal(&mut self, signal: i32) {
+        if let Some(child) = self.node.as_mut() {
+            kill(child, signal);
+        }
+    }
+
     /// Whether the node process is running (not killed or stopped by the test).
     pub fn is_running(&self) -> bool {
         self.node.is_some()

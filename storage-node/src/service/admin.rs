@@ -139,6 +139,30 @@ impl Admin for AdminService {
         Ok(Response::new(self.volume_message(&volume).await))
     }
 
+    async fn volume_digest(
+        &self,
+        request: Request<proto::VolumeDigestRequest>,
+    ) -> Result<Response<proto::VolumeDigestResponse>, Status> {
+        let volume = self
+            .node
+            .volume(&request.into_inner().name)
+            .map_err(node_status)?;
+        if self.node.raft(volume.container_id).await.is_none() {
+            return Err(node_status(crate::error::NodeError::UnknownContainer {
+                container_id: volume.container_id,
+            }));
+        }
+        let (content, state) = crate::snapshot::export(self.node.storage(), volume.container_id)
+            .await
+            .map_err(node_status)?;
+        Ok(Response::new(proto::VolumeDigestResponse {
+            container_id: volume.container_id,
+            applied_index: state.last_applied.map(|log_id| log_id.index).unwrap_or(0),
+            digest: ballast_common::checksum(&content),
+            content_bytes: content.len() as u64,
+        }))
+    }
+
     async fn list_nodes(
         &self,
         _request: Request<proto::ListNodesRequest>,
