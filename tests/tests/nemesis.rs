@@ -9,6 +9,7 @@
 //! - every acknowledged file reads back (from the cluster, not the page cache) with its bytes;
 //! - every replica reaches the same applied index with the same content digest (no divergence);
 //! - all three replicas are back (rf restored).
+//!
 //! It prints the totals. Rounds: `BALLAST_NEMESIS_ROUNDS` (20 by default, as in CI); replay a
 //! run with `BALLAST_SEED`.
 
