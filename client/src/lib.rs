@@ -58,6 +58,8 @@ impl Default for ClientOptions {
 
 /// Redirects to a container's leader followed by one call, at most.
 pub const REDIRECT_COUNT_MAX: u32 = 4;
+/// How long after a failed connection a redirect to that endpoint is taken for stale news.
+const STALE_REDIRECT_WINDOW_MS: u64 = 2_000;
 /// Endpoints a client remembers (seeds plus leaders it was redirected to).
 const ENDPOINT_COUNT_MAX: usize = 64;
 
@@ -86,6 +88,9 @@ struct Routes {
     sequence_next: std::sync::atomic::AtomicU64,
     /// Sequences of side-effecting calls still waiting for an answer.
     in_flight: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    /// When a connection to an endpoint last failed: a redirect there soon after is stale (the
+    /// redirecting node has not noticed the leader died) and is not followed.
+    unreachable_since: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 /// The request id of one side-effecting call: the node applies it at most once, however often
@@ -167,6 +172,24 @@ impl Routes {
         if preferred.get(route).map(String::as_str) != Some(endpoint) {
             preferred.insert(route.to_owned(), endpoint.to_owned());
         }
+    }
+
+    fn mark_unreachable(&self, endpoint: &str) {
+        self.unreachable_since
+            .lock()
+            .expect("unreachable lock")
+            .insert(endpoint.to_owned(), std::time::Instant::now());
+    }
+
+    /// Whether connecting to `endpoint` failed within the last [`STALE_REDIRECT_WINDOW_MS`].
+    fn recently_unreachable(&self, endpoint: &str) -> bool {
+        self.unreachable_since
+            .lock()
+            .expect("unreachable lock")
+            .get(endpoint)
+            .is_some_and(|since| {
+                since.elapsed() < std::time::Duration::from_millis(STALE_REDIRECT_WINDOW_MS)
+            })
     }
 
     /// The known endpoint after `endpoint` (wrapping), for moving past a node that is down.
@@ -305,6 +328,7 @@ impl BallastClient {
                 session: new_session(),
                 sequence_next: std::sync::atomic::AtomicU64::new(1),
                 in_flight: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+                unreachable_since: std::sync::Mutex::new(std::collections::HashMap::new()),
             }),
             options,
         })
@@ -402,7 +426,10 @@ impl BallastClient {
                     )),
                 };
             if let Some(leader) = retry::leader_address(&status) {
-                if redirect_count < REDIRECT_COUNT_MAX && leader != endpoint {
+                if redirect_count < REDIRECT_COUNT_MAX
+                    && leader != endpoint
+                    && !self.routes.recently_unreachable(&leader)
+                {
                     redirect_count += 1;
                     tracing::debug!(method, from = %endpoint, to = %leader, "following the leader");
                     self.routes.prefer(&route, &leader);
@@ -418,6 +445,7 @@ impl BallastClient {
                 return Err(ClientError::from_status(&status));
             }
             if retry::never_sent(&status) || status.code() == tonic::Code::DeadlineExceeded {
+                self.routes.mark_unreachable(&endpoint);
                 // That node is down or hung: try the next one we know (it redirects if needed).
                 endpoint = self.routes.next_after(&endpoint);
                 redirect_count = 0;

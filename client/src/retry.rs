@@ -76,12 +76,19 @@ pub fn never_sent(status: &tonic::Status) -> bool {
 
 /// Tonic reports its own per-request deadline (`Request::set_timeout`) as `Cancelled`
 /// ("Timeout expired"); it is a timeout like any other, so it becomes `DeadlineExceeded`.
+///
+/// A connection that broke under a request in flight (the node died) comes back as `Unknown`
+/// "transport error"; the node is unavailable, so it becomes `Unavailable` (still not
+/// `never_sent`: the request may have been applied, and only calls safe to repeat are repeated).
 pub fn normalize_timeout(status: tonic::Status) -> tonic::Status {
     if status.code() == tonic::Code::Cancelled && status.message().contains("Timeout expired") {
         return tonic::Status::deadline_exceeded(format!(
             "no answer in time: {}",
             status.message()
         ));
+    }
+    if status.code() == tonic::Code::Unknown && status.message() == "transport error" {
+        return tonic::Status::unavailable("connection lost during the call (transport error)");
     }
     status
 }
@@ -155,6 +162,12 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
         let other = normalize_timeout(tonic::Status::cancelled("client went away"));
         assert_eq!(other.code(), tonic::Code::Cancelled);
+        let broken = normalize_timeout(tonic::Status::unknown("transport error"));
+        assert_eq!(broken.code(), tonic::Code::Unavailable);
+        assert!(
+            !never_sent(&broken),
+            "a broken connection may have delivered the call"
+        );
     }
 
     #[test]

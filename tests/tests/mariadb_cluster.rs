@@ -116,12 +116,19 @@ fn mariadb_keeps_working_when_the_leader_node_dies() {
         (confirmed, attempted, bench.join().unwrap())
     });
     let sysbench_output = String::from_utf8_lossy(&sysbench_run.stdout);
-    assert!(
-        sysbench_run.status.success(),
-        "sysbench failed across the failover: {}\n{}",
-        String::from_utf8_lossy(&sysbench_run.stderr),
-        sysbench_output
-    );
+    if !sysbench_run.status.success() {
+        let fuse_log =
+            std::fs::read_to_string(cluster.nodes[0].directory.path().join("fuse-mysql.log"))
+                .unwrap_or_default();
+        let fuse_tail: Vec<&str> = fuse_log.lines().rev().take(20).collect();
+        panic!(
+            "sysbench failed across the failover: {}\n{}\nmariadbd log:\n{}\nFUSE driver log:\n{}",
+            String::from_utf8_lossy(&sysbench_run.stderr),
+            sysbench_output,
+            database.log_tail(),
+            fuse_tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
     let transactions = sysbench_output
         .lines()
         .find(|line| line.contains("transactions:"))
