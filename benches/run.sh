@@ -481,8 +481,14 @@ cluster_down() {
     unmount "$cluster_directory/mnt/rf1"
     "$binary_directory/ballast" local down --dir "$cluster_directory" >/dev/null
 }
-cluster_leader() { # volume: the node id leading it
-    "$binary_directory/ballast" --node "$cluster_endpoints" volume list --bytes | awk -v v="$1" '$1 == v { print $8 }'
+cluster_leader() { # volume: the node id a majority of the nodes see leading it (empty if none)
+    local port node_id views=""
+    for node_id in 1 2 3; do
+        port=$((cluster_port + node_id - 1))
+        views+="$("$binary_directory/ballast" --node "http://127.0.0.1:$port" status 2>/dev/null |
+            awk -v v="$1" '$2 == v && $3 != 0 { print $3 }')"$'\n'
+    done
+    sort <<<"$views" | uniq -c | sort -rn | awk '$1 >= 2 { print $2; exit }'
 }
 
 section_cluster() {
@@ -529,13 +535,22 @@ PROBE
     for round in $(seq 1 "$failover_rounds"); do
         sleep 2
         leader=$(cluster_leader rf3)
+        if [ -z "$leader" ]; then
+            note "failover round $round: no leader agreed by a majority; skipped"
+            continue
+        fi
         kill_time=$(now_seconds)
         kill -9 "$(cat "$cluster_directory/node$leader/node.pid")"
-        sleep 6
-        gap=$(awk -v k="$kill_time" '$1 != "error" && $1 > k { print $1 - k; exit }' "$probe_log")
-        [ -n "$gap" ] || { echo "no acknowledged write within 6 s of killing node $leader" >&2; gap=6; }
+        sleep 8
+        # The stall: the longest wait for an acknowledgement after the kill (a write already in
+        # flight may still be acknowledged just after it; the next one waits for the new leader).
+        gap=$(awk -v k="$kill_time" '
+            $1 == "error" { next }
+            { t = $1; if (t > k && t < k + 8) { from = (previous > k) ? previous : k; if (t - from > worst) worst = t - from } previous = t }
+            END { if (worst == "") print ""; else print worst }' "$probe_log")
+        [ -n "$gap" ] || { note "failover round $round: no acknowledged write within 8 s of killing node $leader"; gap=8; }
         samples+=("$gap")
-        note "failover round $round: killed node $leader, next acknowledged write after $(round "$gap" 3) s"
+        note "failover round $round: killed node $leader (the leader), writes stalled $(round "$gap" 3) s"
         "$binary_directory/ballast" local up --dir "$cluster_directory" --nodes 3 --volume rf3 \
             --listen "127.0.0.1:$cluster_port" >/dev/null 2>&1 || true
     done
@@ -557,7 +572,7 @@ PROBE
     table_row "sysbench oltp_read_write transactions/s" "${values[rf3.tps]}" "${values[rf1.tps]}" "—"
     table_end "rf=3 (ballast column) vs rf=1 (yardstick column), same 3-node local cluster"
     table_begin
-    table_row "failover p50 (s, kill -9 of the leader until the next acknowledged write)" "$(round "$p50" 3)" "—" "—"
+    table_row "failover p50 (s: longest wait for an acknowledged write after kill -9 of the leader)" "$(round "$p50" 3)" "—" "—"
     table_row "failover p99 (s; $count samples, so p99 is the maximum)" "$(round "$p99" 3)" "—" "—"
     table_row "failover max (s)" "$(round "$maximum" 3)" "—" "—"
     table_end "failover time over $count kills of the rf=3 volume's leader"

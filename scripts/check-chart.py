@@ -264,7 +264,7 @@ def assert_objects(objects: list[dict[str, Any]], values: dict[str, Any], app_ve
 
     storage = values["storage"]
     if storage["enabled"]:
-        groups += assert_storage(objects, values, ballast_image)
+        groups += assert_storage(objects, values, ballast_image, service_endpoint)
     else:
         check(not find(objects, "DaemonSet", f"{fullname(values)}-node"), "storage.enabled false renders nodes")
 
@@ -357,7 +357,7 @@ def assert_objects(objects: list[dict[str, Any]], values: dict[str, Any], app_ve
     return groups
 
 
-def assert_storage(objects, values, ballast_image) -> int:
+def assert_storage(objects, values, ballast_image, service_endpoint) -> int:
     storage = values["storage"]
     block = storage["device"]["type"] == "block"
     daemonset = one(objects, "DaemonSet", f"{fullname(values)}-node")
@@ -416,6 +416,22 @@ def assert_storage(objects, values, ballast_image) -> int:
               "PodDisruptionBudget maxUnavailable")
         check(budget["spec"]["selector"]["matchLabels"] == daemonset["spec"]["selector"]["matchLabels"],
               "the PodDisruptionBudget does not select the storage nodes")
+    # Clustering: one bootstrap node, everyone else joins through the Service with the secret.
+    node_environment = {e["name"]: e for e in node["env"]}
+    cluster = storage["cluster"]
+    bootstrap = cluster["bootstrapNode"] or (storage["nodes"][0]["name"] if storage["nodes"] else "")
+    check(node_environment["BALLAST_BOOTSTRAP_NODE"]["value"] == bootstrap,
+          f"BALLAST_BOOTSTRAP_NODE should be {bootstrap!r}")
+    check(node_environment["BALLAST_JOIN_ADDRESS"]["value"] == service_endpoint,
+          "storage nodes must join through the storage Service")
+    check('--join "$BALLAST_JOIN_ADDRESS"' in command and "--advertise" in command,
+          f"ballast-node command lacks --join/--advertise: {command}")
+    secret_name = cluster["joinSecretName"] or f"{fullname(values)}-join"
+    reference = node_environment["BALLAST_JOIN_SECRET"]["valueFrom"]["secretKeyRef"]
+    check(reference == {"name": secret_name, "key": "join-secret"}, f"join secret reference {reference}")
+    rendered_secret = find(objects, "Secret", secret_name)
+    check(bool(rendered_secret) == (not cluster["joinSecretName"]),
+          "the chart renders the join Secret exactly when no existing one is named")
     headless = one(objects, "Service", f"{fullname(values)}-node-peers")
     check(headless["spec"]["clusterIP"] == "None", "the peers Service must be headless")
     service = one(objects, "Service", f"{fullname(values)}-node")

@@ -89,10 +89,15 @@ impl TestCluster {
             nodes.push(node.with_context(|| format!("starting node {node_id}"))?);
         }
         let cluster = Self { nodes };
+        // Registered, and the metadata group has its voters (promotion follows registration).
+        let voters = node_count.min(3);
         wait_until("every node registered", Duration::from_secs(60), || {
             cluster
                 .cli(&["node", "list"])
-                .map(|listing| listing.lines().skip(1).count() == node_count)
+                .map(|listing| {
+                    listing.lines().skip(1).count() == node_count
+                        && listing.matches(" voter ").count() >= voters
+                })
                 .unwrap_or(false)
         })?;
         Ok(cluster)
@@ -115,19 +120,7 @@ impl TestCluster {
             .filter(|node| node.is_running())
             .map(LocalNode::endpoint)
             .collect();
-        let output = std::process::Command::new(crate::binary("ballast"))
-            .args(["--node", &endpoints.join(",")])
-            .args(arguments)
-            .output()
-            .context("running ballast")?;
-        if !output.status.success() {
-            bail!(
-                "ballast {arguments:?} failed: {}\n{}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        crate::run_cli(&endpoints.join(","), arguments)
     }
 
     pub fn node_mut(&mut self, node_id: u64) -> &mut LocalNode {

@@ -302,19 +302,7 @@ impl LocalNode {
 
     /// Runs the `ballast` CLI against this node.
     pub fn cli(&self, arguments: &[&str]) -> Result<String> {
-        let output = Command::new(binary("ballast"))
-            .args(["--node", &self.endpoint()])
-            .args(arguments)
-            .output()
-            .context("running ballast")?;
-        if !output.status.success() {
-            bail!(
-                "ballast {arguments:?} failed: {}\n{}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        run_cli(&self.endpoint(), arguments)
     }
 
     pub fn create_volume(&self, name: &str, quota: &str) -> Result<()> {
@@ -497,6 +485,70 @@ impl Drop for LocalNode {
         self.unmount_all();
         self.kill_node();
     }
+}
+
+/// Reads a whole file after dropping its cached pages, so the bytes come from the storage
+/// (through the FUSE driver), not from this machine's page cache.
+pub fn read_uncached(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut file = File::open(path)?;
+    // SAFETY: posix_fadvise on a descriptor we own; it only drops cached pages.
+    unsafe {
+        libc::posix_fadvise(
+            std::os::unix::io::AsRawFd::as_raw_fd(&file),
+            0,
+            0,
+            libc::POSIX_FADV_DONTNEED,
+        );
+    }
+    let mut data = Vec::new();
+    file.read_to_end(&mut data)?;
+    Ok(data)
+}
+
+/// SplitMix64: a tiny deterministic generator for randomised tests (the logged seed is what
+/// makes a run replayable).
+#[derive(Debug, Clone)]
+pub struct Generator(pub u64);
+
+impl Generator {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut value = self.0;
+        value = (value ^ (value >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        value = (value ^ (value >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        value ^ (value >> 31)
+    }
+
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.next_u64() % bound.max(1)
+    }
+
+    pub fn bytes(&mut self, length: usize) -> Vec<u8> {
+        let mut output = Vec::with_capacity(length + 8);
+        while output.len() < length {
+            output.extend_from_slice(&self.next_u64().to_le_bytes());
+        }
+        output.truncate(length);
+        output
+    }
+}
+
+/// Runs the `ballast` CLI against `endpoints` (comma-separated) and returns its stdout.
+pub fn run_cli(endpoints: &str, arguments: &[&str]) -> Result<String> {
+    let output = Command::new(binary("ballast"))
+        .args(["--node", endpoints])
+        .args(arguments)
+        .output()
+        .context("running ballast")?;
+    if !output.status.success() {
+        bail!(
+            "ballast {arguments:?} failed: {}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// Where test directories go: `BALLAST_TEST_DIR` or the system temp directory.

@@ -8,37 +8,14 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::unix::io::AsRawFd;
+use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
 use ballast_tests::cluster::TestCluster;
-use ballast_tests::{end_to_end_available, seed};
+use ballast_tests::{end_to_end_available, read_uncached, seed, Generator};
 
 const DEVICE_SIZE_BYTES: u64 = 2 << 30;
-
-/// SplitMix64: a tiny deterministic generator (the seed is what matters).
-struct Generator(u64);
-
-impl Generator {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut value = self.0;
-        value = (value ^ (value >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        value = (value ^ (value >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        value ^ (value >> 31)
-    }
-
-    fn bytes(&mut self, length: usize) -> Vec<u8> {
-        let mut output = Vec::with_capacity(length + 8);
-        while output.len() < length {
-            output.extend_from_slice(&self.next().to_le_bytes());
-        }
-        output.truncate(length);
-        output
-    }
-}
 
 /// Writes `files` new files with fsync; every one that returns is recorded as acknowledged.
 fn write_files(
@@ -49,7 +26,7 @@ fn write_files(
 ) {
     for _ in 0..files {
         let name = format!("file-{:04}", acknowledged.len());
-        let length = 4096 + (generator.next() % (2 << 20)) as usize;
+        let length = 4096 + (generator.next_u64() % (2 << 20)) as usize;
         let data = generator.bytes(length);
         let mut file = File::create(mountpoint.join(&name)).expect("create");
         file.write_all(&data).expect("write");
@@ -63,23 +40,20 @@ fn write_files(
 fn verify(mountpoint: &Path, acknowledged: &BTreeMap<String, Vec<u8>>) -> (usize, usize) {
     let (mut lost, mut wrong) = (0, 0);
     for (name, expected) in acknowledged {
-        let Ok(mut file) = File::open(mountpoint.join(name)) else {
-            eprintln!("LOST: {name}");
-            lost += 1;
-            continue;
-        };
-        // SAFETY: posix_fadvise on a descriptor we own; it only drops cached pages.
-        unsafe {
-            libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
-        }
-        let mut actual = Vec::new();
-        if file.read_to_end(&mut actual).is_err() || actual != *expected {
-            eprintln!(
-                "WRONG: {name} ({} bytes, expected {})",
-                actual.len(),
-                expected.len()
-            );
-            wrong += 1;
+        match read_uncached(&mountpoint.join(name)) {
+            Err(error) => {
+                eprintln!("LOST: {name}: {error}");
+                lost += 1;
+            }
+            Ok(actual) if actual != *expected => {
+                eprintln!(
+                    "WRONG: {name} ({} bytes, expected {})",
+                    actual.len(),
+                    expected.len()
+                );
+                wrong += 1;
+            }
+            Ok(_) => {}
         }
     }
     (lost, wrong)

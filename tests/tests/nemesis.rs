@@ -15,33 +15,15 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::io::Write;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ballast_tests::cluster::TestCluster;
 use ballast_tests::netns::TestNetwork;
-use ballast_tests::{end_to_end_available, seed};
-
-/// SplitMix64: deterministic from the logged seed.
-struct Generator(u64);
-
-impl Generator {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut value = self.0;
-        value = (value ^ (value >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        value = (value ^ (value >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        value ^ (value >> 31)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound
-    }
-}
+use ballast_tests::{end_to_end_available, read_uncached, seed, Generator};
 
 #[derive(Debug, Clone, Copy)]
 enum Fault {
@@ -71,11 +53,7 @@ fn writer(
         sequence += 1;
         let name = format!("w{writer_id}-{sequence:05}");
         let length = 1 + generator.below(256 * 1024) as usize;
-        let mut data = Vec::with_capacity(length + 8);
-        while data.len() < length {
-            data.extend_from_slice(&generator.next().to_le_bytes());
-        }
-        data.truncate(length);
+        let data = generator.bytes(length);
         let result = File::create(mountpoint.join(&name)).and_then(|mut file| {
             file.write_all(&data)?;
             file.sync_all()
@@ -90,17 +68,6 @@ fn writer(
             }
         }
     }
-}
-
-fn read_uncached(path: &Path) -> std::io::Result<Vec<u8>> {
-    let mut file = File::open(path)?;
-    // SAFETY: posix_fadvise on a descriptor we own; it only drops cached pages.
-    unsafe {
-        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
-    }
-    let mut data = Vec::new();
-    file.read_to_end(&mut data)?;
-    Ok(data)
 }
 
 #[test]

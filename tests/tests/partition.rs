@@ -11,30 +11,18 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::unix::io::AsRawFd;
+use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
 use ballast_tests::cluster::TestCluster;
-use ballast_tests::end_to_end_available;
 use ballast_tests::netns::TestNetwork;
+use ballast_tests::{end_to_end_available, read_uncached};
 
 fn write_file(directory: &Path, name: &str, data: &[u8]) -> std::io::Result<()> {
     let mut file = File::create(directory.join(name))?;
     file.write_all(data)?;
     file.sync_all()
-}
-
-fn read_uncached(path: &Path) -> std::io::Result<Vec<u8>> {
-    let mut file = File::open(path)?;
-    // SAFETY: posix_fadvise on a descriptor we own; it only drops cached pages.
-    unsafe {
-        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
-    }
-    let mut data = Vec::new();
-    file.read_to_end(&mut data)?;
-    Ok(data)
 }
 
 #[test]

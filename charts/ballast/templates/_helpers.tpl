@@ -182,3 +182,21 @@ change.
 {{- fail "tests.enabled needs a StorageClass: set tests.storageClassName or define storageClasses" }}
 {{- end }}
 {{- end }}
+
+{{/*
+The Kubernetes node whose storage node founds the cluster: storage.cluster.bootstrapNode, else
+the first of storage.nodes, else none (every storage node founds its own one-node cluster).
+*/}}
+{{- define "ballast.bootstrapNode" -}}
+{{- $cluster := .Values.storage.cluster -}}
+{{- if $cluster.bootstrapNode -}}
+{{- $cluster.bootstrapNode -}}
+{{- else if .Values.storage.nodes -}}
+{{- (first .Values.storage.nodes).name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the cluster's join secret (key join-secret). */}}
+{{- define "ballast.joinSecretName" -}}
+{{- default (printf "%s-join" (include "ballast.fullname" .)) .Values.storage.cluster.joinSecretName -}}
+{{- end -}}
