@@ -542,6 +542,7 @@ async fn ready_client(endpoint: &str) -> Option<BallastClient> {
         request_timeout_ms: 2_000,
         retry: RetryPolicy {
             attempt_count_max: 1,
+            failover_window_ms: 0,
             ..RetryPolicy::default()
         },
     };

@@ -401,6 +401,7 @@ impl BallastClient {
             idempotency
         };
         let mut endpoint = self.routes.preferred(&route);
+        let started = std::time::Instant::now();
         let mut attempt_index = 0;
         let mut redirect_count = 0;
         loop {
@@ -438,7 +439,12 @@ impl BallastClient {
                 }
             }
             attempt_index += 1;
-            if attempt_index >= attempt_count_max || !retry::should_retry(&status, idempotency) {
+            let failover = retry::is_failover(&status);
+            let in_failover_window = failover
+                && started.elapsed() < Duration::from_millis(self.options.retry.failover_window_ms);
+            if (attempt_index >= attempt_count_max && !in_failover_window)
+                || !retry::should_retry(&status, idempotency)
+            {
                 if status.code() != tonic::Code::NotFound {
                     tracing::debug!(method, attempt_index, %status, "call failed");
                 }
@@ -450,7 +456,10 @@ impl BallastClient {
                 endpoint = self.routes.next_after(&endpoint);
                 redirect_count = 0;
             }
-            let backoff = self.options.retry.backoff(attempt_index - 1);
+            let mut backoff = self.options.retry.backoff(attempt_index - 1);
+            if failover {
+                backoff = backoff.min(Duration::from_millis(retry::FAILOVER_BACKOFF_MS_MAX));
+            }
             tracing::warn!(method, attempt_index, backoff_ms = backoff.as_millis() as u64, %status,
                 "node unavailable; retrying");
             tokio::time::sleep(backoff).await;
@@ -1116,6 +1125,7 @@ mod tests {
                 attempt_count_max: 3,
                 backoff_initial_ms: 1,
                 backoff_max_ms: 2,
+                failover_window_ms: 0,
             },
         };
         let client = BallastClient::connect_lazy("http://127.0.0.1:1", options).unwrap();

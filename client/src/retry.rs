@@ -26,22 +26,38 @@ pub enum Idempotency {
 
 /// The retry schedule: `attempt_count_max` tries in all, sleeping `backoff_initial_ms`,
 /// doubling each time up to `backoff_max_ms`, between them.
+///
+/// Failover is treated apart: while the cluster has no reachable leader (a node refused the
+/// connection, or answered "not applied: no leader / not the leader"), a call keeps retrying for
+/// up to `failover_window_ms` from its start whatever the attempt count, sleeping at most
+/// [`FAILOVER_BACKOFF_MS_MAX`], so it resumes within a moment of the new leader's election.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     pub attempt_count_max: u32,
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
+    pub failover_window_ms: u64,
 }
+
+/// Longest sleep between attempts while a new leader is being elected.
+pub const FAILOVER_BACKOFF_MS_MAX: u64 = 100;
 
 impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
-            // Long enough to ride out a leader election (about 1-2 s) after a node dies.
             attempt_count_max: 12,
             backoff_initial_ms: 50,
             backoff_max_ms: 1000,
+            // Rides out an election (about 1-2 s after a node dies) with room for a busy machine.
+            failover_window_ms: 15_000,
         }
     }
+}
+
+/// Whether `status` says "no leader reachable right now" and nothing was applied: the node
+/// refused the connection, or said it applied nothing.
+pub fn is_failover(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable && (never_sent(status) || not_applied(status))
 }
 
 impl RetryPolicy {
@@ -132,6 +148,24 @@ pub fn should_retry(status: &tonic::Status, idempotency: Idempotency) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failover_is_refused_connections_and_not_applied_answers() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let status = tonic::Status::from_error(Box::new(tonic::ConnectError(Box::new(refused))));
+        assert!(is_failover(&status));
+        let mut no_leader = tonic::Status::unavailable("no leader");
+        assert!(
+            !is_failover(&no_leader),
+            "an unmarked Unavailable may have been applied"
+        );
+        no_leader.metadata_mut().insert(
+            ballast_proto::NOT_APPLIED_METADATA_KEY,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        assert!(is_failover(&no_leader));
+        assert!(!is_failover(&tonic::Status::not_found("x")));
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

@@ -76,6 +76,8 @@ const CONTROL_CLIENT_OPTIONS: ClientOptions = ClientOptions {
         attempt_count_max: 3,
         backoff_initial_ms: 100,
         backoff_max_ms: 1_000,
+        // Rides out a leader election of the storage cluster.
+        failover_window_ms: 15_000,
     },
 };
 
@@ -88,6 +90,7 @@ const PROBE_CLIENT_OPTIONS: ClientOptions = ClientOptions {
         attempt_count_max: 1,
         backoff_initial_ms: 0,
         backoff_max_ms: 0,
+        failover_window_ms: 0,
     },
 };
 
