@@ -167,6 +167,23 @@ impl Admin for AdminService {
         &self,
         _request: Request<proto::ListNodesRequest>,
     ) -> Result<Response<proto::ListNodesResponse>, Status> {
+        // Only the metadata leader sees every node's replication progress (up or down): send the
+        // client there when it is known; without a leader, answer with this node's view.
+        if let Some(raft) = self.node.raft(crate::types::METADATA_CONTAINER_ID).await {
+            let metrics = raft.metrics().borrow().clone();
+            if let Some(leader) = metrics
+                .current_leader
+                .filter(|&leader| leader != self.node.node_id())
+            {
+                if let Some(leader_node) = metrics.membership_config.membership().get_node(&leader)
+                {
+                    return Err(node_status(crate::error::NodeError::NotLeader {
+                        container_id: crate::types::METADATA_CONTAINER_ID,
+                        leader_address: Some(leader_node.addr.clone()),
+                    }));
+                }
+            }
+        }
         let storage = self.node.storage();
         let nodes = metadata::list_nodes(storage).map_err(node_status)?;
         let containers = metadata::list_containers(storage).map_err(node_status)?;
