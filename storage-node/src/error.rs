@@ -88,6 +88,14 @@ pub enum NodeError {
         container_id: u64,
         leader_address: Option<String>,
     },
+    /// A write to a container with fewer replicas in contact than its volume's minimum was
+    /// refused; nothing was applied.
+    #[error("volume {volume:?} has {in_sync} of the {minimum} replicas it requires in contact; write refused")]
+    BelowMinimumReplication {
+        volume: String,
+        in_sync: usize,
+        minimum: u32,
+    },
     /// A cluster operation was refused (bad join secret, conflicting node id, ...).
     #[error("cluster: {0}")]
     Cluster(String),

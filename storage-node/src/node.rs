@@ -46,6 +46,9 @@ const LEADER_WAIT_MS_MAX: u64 = 30_000;
 const REPLICATED_LEADER_WAIT_MS_MAX: u64 = 5_000;
 /// How long start-up waits for a started group's metrics to show its membership.
 const MEMBERSHIP_WAIT_MS_MAX: u64 = 2_000;
+/// A follower counts as in contact when it answered a Raft RPC within this time (heartbeats go
+/// out every 150 ms).
+const REPLICA_CONTACT_MS_MAX: u64 = 1_000;
 /// How long a proposal waits to be committed and applied.
 const PROPOSE_COMMIT_TIMEOUT_MS: u64 = 10_000;
 /// Attempts of a proposal while its container elects a leader.
@@ -636,6 +639,43 @@ impl StorageNode {
             .flush()
             .await
             .map_err(|source| NodeError::device("flush log", source))
+    }
+
+    /// Refuses a write to `volume` when fewer of its replicas than its minimum replication are in
+    /// contact with this leader (the leader itself counts; a follower counts when it answered a
+    /// Raft RPC of the container within [`REPLICA_CONTACT_MS_MAX`]). Raft alone would accept a
+    /// write with a bare majority; a volume may ask for more.
+    pub async fn check_minimum_replication(&self, volume: &VolumeRecord) -> NodeResult<()> {
+        let minimum = volume.replication_minimum;
+        if minimum <= 1 {
+            return Ok(());
+        }
+        let Some(raft) = self.raft(volume.container_id).await else {
+            return Ok(()); // Not here: the proposal itself answers "not leader".
+        };
+        let metrics = raft.metrics().borrow().clone();
+        if metrics.current_leader != Some(self.node_id) {
+            return Ok(());
+        }
+        let in_sync = 1 + metrics
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|&member| member != self.node_id)
+            .filter(|&member| {
+                self.peers
+                    .since_contact(volume.container_id, member)
+                    .is_some_and(|since| since < Duration::from_millis(REPLICA_CONTACT_MS_MAX))
+            })
+            .count();
+        if in_sync < minimum as usize {
+            return Err(NodeError::BelowMinimumReplication {
+                volume: volume.name.clone(),
+                in_sync,
+                minimum,
+            });
+        }
+        Ok(())
     }
 
     /// Turns "volume not found" into a redirect to the metadata leader when this node is not

@@ -38,13 +38,32 @@ pub const RAFT_MESSAGE_SIZE_BYTES_MAX: usize = 128 << 20;
 /// Limit on establishing a connection to a peer.
 const CONNECT_TIMEOUT_MS: u64 = 1_000;
 
-/// One lazily connected channel per peer address, shared by every container of the node.
+/// One lazily connected channel per peer address, shared by every container of the node, and
+/// when each container last heard from each peer (for minimum-replication checks).
 #[derive(Debug, Default)]
 pub struct PeerChannels {
     channels: Mutex<HashMap<String, Channel>>,
+    last_contact: Mutex<HashMap<(u64, NodeId), std::time::Instant>>,
 }
 
 impl PeerChannels {
+    /// Records that `target` answered a Raft RPC of `container_id` just now.
+    pub fn record_contact(&self, container_id: u64, target: NodeId) {
+        self.last_contact
+            .lock()
+            .expect("contact lock")
+            .insert((container_id, target), std::time::Instant::now());
+    }
+
+    /// How long ago `target` last answered a Raft RPC of `container_id` (None: never).
+    pub fn since_contact(&self, container_id: u64, target: NodeId) -> Option<Duration> {
+        self.last_contact
+            .lock()
+            .expect("contact lock")
+            .get(&(container_id, target))
+            .map(|instant| instant.elapsed())
+    }
+
     /// The channel to `address`, created on first use. Tonic re-establishes a broken connection
     /// on the next call.
     pub fn channel(&self, address: &str) -> Result<Channel, tonic::transport::Error> {
@@ -86,6 +105,7 @@ pub struct PeerConnection {
     target: NodeId,
     target_node: RaftNode,
     client: Result<RaftTransportClient<Channel>, String>,
+    peers: Arc<PeerChannels>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for ClusterNetwork {
@@ -106,6 +126,7 @@ impl RaftNetworkFactory<TypeConfig> for ClusterNetwork {
             target,
             target_node: node.clone(),
             client,
+            peers: Arc::clone(&self.peers),
         }
     }
 }
@@ -170,6 +191,8 @@ impl PeerConnection {
                 ))))
             }
         };
+        // The peer answered (whatever it answered): it is in contact with this group.
+        self.peers.record_contact(self.container_id, self.target);
         let result: Result<Response, RaftError<NodeId, Error>> =
             postcard::from_bytes(&reply.payload).map_err(|error| {
                 RPCError::Network(NetworkError::new(&std::io::Error::other(format!(

@@ -141,3 +141,70 @@ fn a_node_behind_a_purged_log_catches_up_from_a_snapshot() {
         "no node installed a snapshot of the volume's container"
     );
 }
+
+fn write_fsync(directory: &Path, name: &str, data: &[u8]) -> std::io::Result<()> {
+    let mut file = File::create(directory.join(name))?;
+    file.write_all(data)?;
+    file.sync_all()
+}
+
+#[test]
+fn writes_below_minimum_replication_are_refused() {
+    if !end_to_end_available() {
+        return;
+    }
+    let mut cluster = TestCluster::start(3, DEVICE_SIZE_BYTES, &[]).expect("cluster");
+    cluster
+        .cli(&[
+            "volume",
+            "create",
+            "strict",
+            "--quota",
+            "256MiB",
+            "--replication-factor",
+            "3",
+            "--replication-minimum",
+            "3",
+        ])
+        .expect("create volume");
+    let endpoints = cluster.endpoints();
+    let mountpoint = cluster
+        .node_mut(1)
+        .mount_via("strict", &endpoints)
+        .expect("mount");
+    write_fsync(&mountpoint, "before", b"three replicas in contact").expect("write with 3 of 3");
+    let leader = cluster.leader_of("strict").expect("leader");
+    let follower = (1..=3).find(|&node| node != leader).expect("a follower");
+    cluster.node_mut(follower).kill_node();
+    // Past the contact window (1 s), the leader knows only 2 of 3 replicas answer.
+    std::thread::sleep(Duration::from_secs(2));
+    let refused = write_fsync(&mountpoint, "below", b"must be refused");
+    assert!(
+        refused.is_err(),
+        "a write with 2 of the 3 required replicas was accepted"
+    );
+    cluster.node_mut(follower).restart_node().expect("restart");
+    cluster
+        .wait_caught_up("strict", Duration::from_secs(60))
+        .expect("the follower catches up");
+    // Back in contact: writes are accepted again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut accepted = write_fsync(&mountpoint, "after", b"three again");
+    while accepted.is_err() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        accepted = write_fsync(&mountpoint, "after", b"three again");
+    }
+    accepted.expect("writes resume once the replica is back");
+    assert_eq!(
+        read_uncached(&mountpoint.join("before")).unwrap(),
+        b"three replicas in contact"
+    );
+    assert_eq!(
+        read_uncached(&mountpoint.join("after")).unwrap(),
+        b"three again"
+    );
+    assert!(
+        !mountpoint.join("below").exists(),
+        "the refused write left a file behind"
+    );
+}

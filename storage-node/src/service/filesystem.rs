@@ -58,6 +58,12 @@ impl FilesystemService {
         request: Option<RequestId>,
     ) -> Result<CommandResponse, Status> {
         let container_id = self.container(volume).await?;
+        if let Ok(record) = self.node.volume(volume) {
+            self.node
+                .check_minimum_replication(&record)
+                .await
+                .map_err(node_status)?;
+        }
         let command = match request {
             Some(request) => Command::Once {
                 request,

@@ -88,6 +88,16 @@ pub fn node_status(error: NodeError) -> Status {
             }
             status
         }
+        error @ NodeError::BelowMinimumReplication { .. } => {
+            // Nothing was applied; the condition may heal (a replica returns), so the client may
+            // retry within its failover window before reporting EIO.
+            let mut status = with_errno(Code::Unavailable, Errno::EIO, error.to_string());
+            status.metadata_mut().insert(
+                ballast_proto::NOT_APPLIED_METADATA_KEY,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+            status
+        }
         NodeError::Cluster(message) => with_errno(Code::PermissionDenied, Errno::EPERM, message),
         other => {
             tracing::error!(error = %other, "request failed inside the node");
