@@ -11,7 +11,10 @@ packages=(
   python3          # lock probes in the POSIX tests
   mariadb-server   # real MariaDB for the end-to-end tests
   mariadb-client
-  sysbench         # benchmarks
+  sysbench         # benchmarks and the MariaDB-under-failover test
+  iproute2         # ip netns / veth / bridge for the partition and nemesis tests
+  util-linux       # nsenter: run a node inside its network namespace
+  jq               # benches/run.sh reads fio's JSON
   fio              # benchmark yardstick
   python3-venv     # the chart checker's virtual environment (below)
   podman           # builds and runs the container image (no Docker engine here)

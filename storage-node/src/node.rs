@@ -653,7 +653,9 @@ impl StorageNode {
         let Some(raft) = self.raft(volume.container_id).await else {
             return Ok(()); // Not here: the proposal itself answers "not leader".
         };
-        let metrics = raft.metrics().borrow().clone();
+        // Borrowed, not cloned: this runs before every write of such a volume.
+        let metrics = raft.metrics();
+        let metrics = metrics.borrow();
         if metrics.current_leader != Some(self.node_id) {
             return Ok(());
         }

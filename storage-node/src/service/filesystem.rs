@@ -16,6 +16,7 @@ use crate::deduplication::{RequestId, REQUEST_ID_METADATA_KEY};
 use crate::error::{FsError, NodeError};
 use crate::filesystem as fs;
 use crate::node::StorageNode;
+use crate::records::VolumeRecord;
 
 /// Largest read or write served in one request (the FUSE driver sends at most 1 MiB).
 const IO_LENGTH_BYTES_MAX: usize = 16 << 20;
@@ -32,11 +33,15 @@ impl FilesystemService {
 
     /// The container of a volume, from this node's cluster map. A volume unknown here may be
     /// one this node has not heard of yet: then the metadata leader is named instead.
-    async fn container(&self, volume: &str) -> Result<u64, Status> {
+    async fn volume_record(&self, volume: &str) -> Result<VolumeRecord, Status> {
         match self.node.volume(volume) {
-            Ok(record) => Ok(record.container_id),
+            Ok(record) => Ok(record),
             Err(error) => Err(node_status(self.node.metadata_redirect(error).await)),
         }
+    }
+
+    async fn container(&self, volume: &str) -> Result<u64, Status> {
+        Ok(self.volume_record(volume).await?.container_id)
     }
 
     /// The container of a volume, for a read: this node must lead it (confirmed with a quorum),
@@ -57,13 +62,12 @@ impl FilesystemService {
         command: FilesystemCommand,
         request: Option<RequestId>,
     ) -> Result<CommandResponse, Status> {
-        let container_id = self.container(volume).await?;
-        if let Ok(record) = self.node.volume(volume) {
-            self.node
-                .check_minimum_replication(&record)
-                .await
-                .map_err(node_status)?;
-        }
+        let record = self.volume_record(volume).await?;
+        self.node
+            .check_minimum_replication(&record)
+            .await
+            .map_err(node_status)?;
+        let container_id = record.container_id;
         let command = match request {
             Some(request) => Command::Once {
                 request,
