@@ -433,7 +433,8 @@ impl Mount {
             .args(&self.driver_arguments)
             .env(
                 "RUST_LOG",
-                std::env::var("BALLAST_TEST_FUSE_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("BALLAST_TEST_FUSE_LOG")
+                    .unwrap_or_else(|_| "warn,ballast_client=debug".into()),
             )
             .stdout(Stdio::null())
             .stderr(log)

@@ -28,9 +28,19 @@ fn write_files(
         let name = format!("file-{:04}", acknowledged.len());
         let length = 4096 + (generator.next_u64() % (2 << 20)) as usize;
         let data = generator.bytes(length);
-        let mut file = File::create(mountpoint.join(&name)).expect("create");
-        file.write_all(&data).expect("write");
-        file.sync_all().expect("fsync");
+        if let Err(error) = write_fsync(mountpoint, &name, &data) {
+            // The driver's log says which call failed and why (ballast_client logs at debug).
+            let log_path = mountpoint
+                .parent()
+                .expect("mountpoint has a parent")
+                .join("fuse-data.log");
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(25).collect();
+            panic!(
+                "writing {name}: {error}; driver log tail:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         acknowledged.insert(name, data);
     }
 }
