@@ -47,8 +47,8 @@ const REPLICATED_LEADER_WAIT_MS_MAX: u64 = 5_000;
 /// How long start-up waits for a started group's metrics to show its membership.
 const MEMBERSHIP_WAIT_MS_MAX: u64 = 2_000;
 /// A follower counts as in contact when it answered a Raft RPC within this time (heartbeats go
-/// out every 150 ms).
-const REPLICA_CONTACT_MS_MAX: u64 = 1_000;
+/// out every 150 ms; generous, so a follower busy installing a snapshot still counts).
+const REPLICA_CONTACT_MS_MAX: u64 = 5_000;
 /// How long a proposal waits to be committed and applied.
 const PROPOSE_COMMIT_TIMEOUT_MS: u64 = 10_000;
 /// Attempts of a proposal while its container elects a leader.

@@ -186,8 +186,8 @@ fn writes_below_minimum_replication_are_refused() {
     let leader = cluster.leader_of("strict").expect("leader");
     let follower = (1..=3).find(|&node| node != leader).expect("a follower");
     cluster.node_mut(follower).kill_node();
-    // Past the contact window (1 s), the leader knows only 2 of 3 replicas answer.
-    std::thread::sleep(Duration::from_secs(2));
+    // Past the contact window (5 s), the leader knows only 2 of 3 replicas answer.
+    std::thread::sleep(Duration::from_secs(6));
     let refused = write_fsync(&mountpoint, "below", b"must be refused");
     assert!(
         refused.is_err(),
