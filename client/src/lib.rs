@@ -254,6 +254,7 @@ routed_cluster_wide!(
     ResizeVolumeRequest,
     StatusRequest,
     ListNodesRequest,
+    DrainNodeRequest,
 );
 
 impl BallastClient {
@@ -497,21 +498,32 @@ impl BallastClient {
         replication_minimum: u32,
         node_selector: std::collections::BTreeMap<String, String>,
     ) -> Result<proto::Volume, ClientError> {
-        ballast_common::validate_volume_name(name)?;
-        // 0 asks the cluster for its default (3, or every node of a smaller cluster).
-        if replication_factor != 0 && replication_minimum > replication_factor {
-            return Err(ClientError::InvalidArgument(format!(
-                "replication minimum {replication_minimum} exceeds replication factor \
-                 {replication_factor}"
-            )));
-        }
-        let request = proto::CreateVolumeRequest {
+        self.create_volume_with(proto::CreateVolumeRequest {
             name: name.to_owned(),
             quota_bytes,
             replication_factor,
             replication_minimum,
             node_selector: node_selector.into_iter().collect(),
-        };
+            labels: Default::default(),
+        })
+        .await
+    }
+
+    /// Creates a volume from a full request (placement selector and volume labels included).
+    pub async fn create_volume_with(
+        &self,
+        request: proto::CreateVolumeRequest,
+    ) -> Result<proto::Volume, ClientError> {
+        ballast_common::validate_volume_name(&request.name)?;
+        // 0 asks the cluster for its default (3, or every node of a smaller cluster).
+        if request.replication_factor != 0
+            && request.replication_minimum > request.replication_factor
+        {
+            return Err(ClientError::InvalidArgument(format!(
+                "replication minimum {} exceeds replication factor {}",
+                request.replication_minimum, request.replication_factor
+            )));
+        }
         self.call(
             "CreateVolume",
             Idempotency::SideEffecting,
@@ -620,6 +632,11 @@ impl BallastClient {
 
     /// The cluster's nodes, as the answering node's copy of the cluster map records them.
     pub async fn list_nodes(&self) -> Result<Vec<proto::NodeInfo>, ClientError> {
+        self.cluster_nodes().await.map(|response| response.nodes)
+    }
+
+    /// The cluster's nodes and replication health, from the metadata leader when there is one.
+    pub async fn cluster_nodes(&self) -> Result<proto::ListNodesResponse, ClientError> {
         self.call(
             "ListNodes",
             Idempotency::Idempotent,
@@ -630,7 +647,21 @@ impl BallastClient {
             },
         )
         .await
-        .map(|response| response.nodes)
+    }
+
+    /// Marks a node draining (`true`: its replicas move to other nodes) or active again.
+    pub async fn drain_node(&self, node_id: u64, draining: bool) -> Result<(), ClientError> {
+        self.call(
+            "DrainNode",
+            Idempotency::Idempotent,
+            proto::DrainNodeRequest { node_id, draining },
+            |channel, request| {
+                let mut client = admin_client(channel);
+                async move { client.drain_node(request).await }
+            },
+        )
+        .await
+        .map(|_| ())
     }
 
     /// The node's identity, device usage and replicated containers.

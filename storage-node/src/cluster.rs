@@ -104,6 +104,28 @@ pub async fn forward_proposal(
     crate::records::decode::<CommandResponse>(&reply.response, "forwarded command response")
 }
 
+/// Asks the node at `address` (which must lead the container) to make its voters `voter_ids`.
+pub async fn forward_change_replicas(
+    node: &StorageNode,
+    address: &str,
+    container_id: u64,
+    voter_ids: &BTreeSet<NodeId>,
+) -> NodeResult<()> {
+    let mut client = cluster_client(node, address)?;
+    let mut request = tonic::Request::new(proto::ChangeReplicasRequest {
+        container_id,
+        voter_ids: voter_ids.iter().copied().collect(),
+    });
+    request.set_timeout(Duration::from_millis(
+        crate::mover::CATCH_UP_TIMEOUT_MS + FORWARD_TIMEOUT_MS,
+    ));
+    client
+        .change_replicas(request)
+        .await
+        .map_err(|status| error_from_status(status, container_id))?;
+    Ok(())
+}
+
 /// Asks the bootstrap node of a new container to initialise it.
 pub async fn initialize_remote_container(
     node: &StorageNode,
@@ -191,6 +213,7 @@ pub async fn handle_join(
         data_block_count: request.data_block_count,
         data_block_free_count: request.data_block_free_count,
         registered_ns: node.now_ns(),
+        draining: false,
     };
     node.propose(
         METADATA_CONTAINER_ID,
@@ -302,8 +325,8 @@ pub async fn join_loop(node: Arc<StorageNode>) {
 }
 
 /// Makes the containers running here match the cluster map: starts replicas placed here, drops
-/// replicas of deleted volumes, and creates the root directory of volumes whose group this
-/// node leads but which never got one.
+/// replicas of deleted volumes and replicas moved away (once their move finished), and creates
+/// the root directory of volumes whose group this node leads but which never got one.
 pub async fn reconcile_loop(node: Arc<StorageNode>) {
     loop {
         tokio::time::sleep(Duration::from_millis(RECONCILE_INTERVAL_MS)).await;
@@ -316,7 +339,7 @@ pub async fn reconcile_loop(node: Arc<StorageNode>) {
 async fn reconcile_once(node: &Arc<StorageNode>) -> NodeResult<()> {
     let records = metadata::list_containers(&node.storage)?;
     for record in &records {
-        if !record.replicas.contains(&node.node_id) {
+        if !record.holds(node.node_id) {
             continue;
         }
         let raft = match node.raft(record.container_id).await {
@@ -359,6 +382,21 @@ async fn reconcile_once(node: &Arc<StorageNode>) -> NodeResult<()> {
             tracing::info!(
                 container = container_id,
                 "dropping the replica of a deleted volume"
+            );
+            node.drop_container(container_id).await?;
+        }
+    }
+    // A copy whose move away has finished: the group's committed membership no longer has this
+    // node (`FinishMove` follows the membership change), so nothing depends on it. This also
+    // clears a stale copy on a node that returns after being replaced.
+    for container_id in node.local_container_ids().await? {
+        let moved_away = records
+            .iter()
+            .any(|record| record.container_id == container_id && !record.holds(node.node_id));
+        if moved_away {
+            tracing::info!(
+                container = container_id,
+                "dropping a replica that moved away"
             );
             node.drop_container(container_id).await?;
         }

@@ -25,6 +25,7 @@ pub enum MetadataCommand {
         replicas: Vec<u64>,
         bootstrap_node_id: u64,
         node_selector: std::collections::BTreeMap<String, String>,
+        labels: std::collections::BTreeMap<String, String>,
     },
     DeleteVolume {
         name: String,
@@ -35,6 +36,24 @@ pub enum MetadataCommand {
     ResizeVolume {
         name: String,
         quota_bytes: u64,
+    },
+    /// Marks a node draining (or active again).
+    SetNodeDraining {
+        node_id: u64,
+        draining: bool,
+    },
+    /// Starts moving a container's replica from one node to another: `to` joins `replicas` and
+    /// `from` becomes retiring. Refused unless the record still has `from` and not `to`.
+    MoveReplica {
+        container_id: u64,
+        from_node_id: u64,
+        to_node_id: u64,
+    },
+    /// Ends a move once the group's membership no longer has the node: it stops retiring, and
+    /// its copy may be dropped.
+    FinishMove {
+        container_id: u64,
+        node_id: u64,
     },
 }
 

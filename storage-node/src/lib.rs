@@ -22,6 +22,7 @@ pub mod filesystem;
 pub mod keys;
 pub mod log_storage;
 pub mod metadata;
+pub mod mover;
 pub mod node;
 pub mod placement;
 pub mod raft_network;

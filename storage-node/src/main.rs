@@ -65,6 +65,10 @@ enum NodeCommand {
         /// short intervals to force snapshot transfers).
         #[arg(long, default_value_t = node::CHECKPOINT_INTERVAL_MS_DEFAULT)]
         checkpoint_interval_ms: u64,
+        /// How long a node may stay unreachable before its replicas are re-created on other
+        /// nodes (milliseconds).
+        #[arg(long, default_value_t = ballast_storage_node::mover::DOWN_GRACE_MS_DEFAULT)]
+        down_grace_ms: u64,
     },
 }
 
@@ -115,6 +119,7 @@ fn main() -> anyhow::Result<()> {
             join_secret,
             labels,
             checkpoint_interval_ms,
+            down_grace_ms,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -128,6 +133,8 @@ fn main() -> anyhow::Result<()> {
                 join_secret,
                 labels: labels.into_iter().collect(),
                 checkpoint_interval_ms: checkpoint_interval_ms.max(100),
+                // Below a few heartbeat rounds a busy node would be mistaken for a lost one.
+                down_grace_ms: down_grace_ms.max(1_000),
             }))
         }
     }

@@ -5,8 +5,12 @@
 //! Must not depend on: filesystem internals. Starting and stopping containers is the node's job
 //! (`node.rs`), and choosing replicas is `placement.rs`'s; this module only records decisions
 //! after checking they are consistent with the map.
-//! Invariants: every container record names exactly `replication_factor` distinct registered
-//! nodes, one of them the bootstrap node; a node id stays bound to the device it registered with.
+//! Invariants:
+//! - Every container record names exactly `replication_factor` distinct registered nodes in
+//!   `replicas`, and no node is both a replica and retiring.
+//! - At creation the bootstrap node is one of the replicas; the first move sets it to 0 (the
+//!   group exists, so no node may ever initialise it again).
+//! - A node id stays bound to the device it registered with.
 
 use ballast_common::validate_volume_name;
 
@@ -39,6 +43,7 @@ pub fn apply(
             replicas,
             bootstrap_node_id,
             node_selector,
+            labels,
         } => {
             validate_volume_name(&name)
                 .map_err(|error| FsError::invalid(format!("volume name: {error}")))?;
@@ -83,6 +88,7 @@ pub fn apply(
                 replication_factor,
                 replication_minimum,
                 created_ns: now_ns,
+                labels,
             };
             let container = ContainerRecord {
                 container_id,
@@ -90,6 +96,7 @@ pub fn apply(
                 replicas,
                 bootstrap_node_id,
                 node_selector,
+                retiring: Vec::new(),
             };
             transaction.batch().put(key, encode(&record));
             transaction
@@ -121,7 +128,7 @@ pub fn apply(
             transaction.batch().put(key, encode(&record));
             Ok(CommandResponse::Volume(record))
         }
-        MetadataCommand::RegisterNode(node) => {
+        MetadataCommand::RegisterNode(mut node) => {
             if node.node_id == 0 {
                 return Err(FsError::invalid("node id 0 is reserved").into());
             }
@@ -134,7 +141,8 @@ pub fn apply(
                     ))
                     .into());
                 }
-                Some(_) => {}
+                // Draining is the operator's decision; a restart does not undo it.
+                Some(existing) => node.draining = existing.draining,
                 None => {
                     if list_nodes(transaction.storage)?.len() >= NODE_COUNT_MAX {
                         return Err(
@@ -146,6 +154,68 @@ pub fn apply(
             transaction
                 .batch()
                 .put(keys::node(node.node_id), encode(&node));
+            Ok(CommandResponse::Done)
+        }
+        MetadataCommand::SetNodeDraining { node_id, draining } => {
+            let mut node = get_node(transaction.storage, node_id)?
+                .ok_or_else(|| FsError::not_found(format!("node {node_id} is not registered")))?;
+            node.draining = draining;
+            transaction.batch().put(keys::node(node_id), encode(&node));
+            Ok(CommandResponse::Done)
+        }
+        MetadataCommand::MoveReplica {
+            container_id,
+            from_node_id,
+            to_node_id,
+        } => {
+            let mut record =
+                get_container(transaction.storage, container_id)?.ok_or_else(|| {
+                    FsError::not_found(format!("container {container_id} does not exist"))
+                })?;
+            let Some(position) = record
+                .replicas
+                .iter()
+                .position(|&replica| replica == from_node_id)
+            else {
+                return Err(FsError::invalid(format!(
+                    "node {from_node_id} holds no replica of container {container_id}"
+                ))
+                .into());
+            };
+            if record.replicas.contains(&to_node_id) {
+                return Err(FsError::exists(format!(
+                    "node {to_node_id} already holds a replica of container {container_id}"
+                ))
+                .into());
+            }
+            if get_node(transaction.storage, to_node_id)?.is_none() {
+                return Err(
+                    FsError::invalid(format!("node {to_node_id} is not registered")).into(),
+                );
+            }
+            record.replicas[position] = to_node_id;
+            record.retiring.retain(|&node| node != to_node_id);
+            if !record.retiring.contains(&from_node_id) {
+                record.retiring.push(from_node_id);
+            }
+            record.bootstrap_node_id = 0;
+            transaction
+                .batch()
+                .put(keys::container_record(container_id), encode(&record));
+            Ok(CommandResponse::Done)
+        }
+        MetadataCommand::FinishMove {
+            container_id,
+            node_id,
+        } => {
+            let mut record =
+                get_container(transaction.storage, container_id)?.ok_or_else(|| {
+                    FsError::not_found(format!("container {container_id} does not exist"))
+                })?;
+            record.retiring.retain(|&node| node != node_id);
+            transaction
+                .batch()
+                .put(keys::container_record(container_id), encode(&record));
             Ok(CommandResponse::Done)
         }
     }

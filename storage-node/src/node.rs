@@ -69,6 +69,8 @@ pub struct NodeConfig {
     pub labels: BTreeMap<String, String>,
     /// Checkpoint (and purge the log) at least this often.
     pub checkpoint_interval_ms: u64,
+    /// How long a node may stay unreachable before its replicas are re-created elsewhere.
+    pub down_grace_ms: u64,
 }
 
 pub(crate) struct Container {
@@ -88,6 +90,8 @@ pub struct StorageNode {
     checkpoint_wanted: Arc<Notify>,
     clock: Arc<dyn Clock>,
     started: Instant,
+    /// Since when this node leads the metadata group (kept by the replica mover).
+    metadata_leading_since: std::sync::Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for StorageNode {
@@ -172,6 +176,7 @@ impl StorageNode {
             checkpoint_wanted: Arc::new(Notify::new()),
             clock: Arc::new(SystemClock),
             started: Instant::now(),
+            metadata_leading_since: std::sync::Mutex::new(None),
         });
         node.start_metadata_container().await?;
         let local_authority = node.metadata_is_local_only().await;
@@ -181,7 +186,7 @@ impl StorageNode {
         }
         let volumes = metadata::list_volumes(&node.storage)?;
         for container in metadata::list_containers(&node.storage)? {
-            if container.replicas.contains(&node.node_id) {
+            if container.holds(node.node_id) {
                 if let Err(error) = node.start_replica(&container).await {
                     // Replicated containers may lack peers right now; the reconcile loop retries.
                     tracing::warn!(container = container.container_id, %error, "container not started yet");
@@ -195,6 +200,7 @@ impl StorageNode {
         }
         tokio::spawn(checkpoint_loop(Arc::clone(&node)));
         tokio::spawn(crate::cluster::reconcile_loop(Arc::clone(&node)));
+        tokio::spawn(crate::mover::mover_loop(Arc::clone(&node)));
         if !local_authority {
             tokio::spawn(crate::cluster::join_loop(Arc::clone(&node)));
         }
@@ -233,6 +239,25 @@ impl StorageNode {
 
     pub fn now_ns(&self) -> i64 {
         self.clock.now_ns()
+    }
+
+    /// Records whether this node leads the metadata group now (the replica mover calls this).
+    pub(crate) fn set_metadata_leading(&self, leads: bool) {
+        let mut since = self.metadata_leading_since.lock().expect("leading lock");
+        match (leads, since.is_some()) {
+            (true, false) => *since = Some(Instant::now()),
+            (false, true) => *since = None,
+            _ => {}
+        }
+    }
+
+    /// How long this node has led the metadata group without interruption, as last seen by the
+    /// replica mover; `None` when it does not lead.
+    pub(crate) fn metadata_leading_for(&self) -> Option<Duration> {
+        self.metadata_leading_since
+            .lock()
+            .expect("leading lock")
+            .map(|since| since.elapsed())
     }
 
     pub(crate) fn basic_node(&self) -> BasicNode {
@@ -294,6 +319,8 @@ impl StorageNode {
             data_block_count: superblock.data_block_count,
             data_block_free_count: self.storage.free_block_count(),
             registered_ns: self.now_ns(),
+            // The metadata state machine keeps the recorded value.
+            draining: false,
         }
     }
 
@@ -664,11 +691,7 @@ impl StorageNode {
             .membership()
             .voter_ids()
             .filter(|&member| member != self.node_id)
-            .filter(|&member| {
-                self.peers
-                    .since_contact(volume.container_id, member)
-                    .is_some_and(|since| since < Duration::from_millis(REPLICA_CONTACT_MS_MAX))
-            })
+            .filter(|&member| self.in_contact(volume.container_id, member))
             .count();
         if in_sync < minimum as usize {
             return Err(NodeError::BelowMinimumReplication {
@@ -714,6 +737,7 @@ impl StorageNode {
         replication_factor: u32,
         replication_minimum: u32,
         node_selector: BTreeMap<String, String>,
+        labels: BTreeMap<String, String>,
     ) -> NodeResult<VolumeRecord> {
         let placement = placement::place(
             &metadata::list_nodes(&self.storage)?,
@@ -730,6 +754,7 @@ impl StorageNode {
             replicas: placement.replicas,
             bootstrap_node_id: placement.bootstrap_node_id,
             node_selector,
+            labels,
         };
         let CommandResponse::Volume(volume) = self
             .propose_anywhere(METADATA_CONTAINER_ID, Command::Metadata(command))
@@ -751,6 +776,23 @@ impl StorageNode {
         }
         self.flush_log().await?;
         Ok(volume)
+    }
+
+    /// Marks a node draining (its replicas move away, it gets no new ones) or active again.
+    pub async fn set_node_draining(&self, node_id: NodeId, draining: bool) -> NodeResult<()> {
+        self.propose_anywhere(
+            METADATA_CONTAINER_ID,
+            Command::Metadata(MetadataCommand::SetNodeDraining { node_id, draining }),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Whether `member` answered a Raft RPC of `container_id` from this node recently.
+    pub(crate) fn in_contact(&self, container_id: u64, member: NodeId) -> bool {
+        self.peers
+            .since_contact(container_id, member)
+            .is_some_and(|since| since < Duration::from_millis(REPLICA_CONTACT_MS_MAX))
     }
 
     /// Changes a volume's quota: the container first (it refuses a quota below the bytes in use),
@@ -797,25 +839,38 @@ impl StorageNode {
         Ok(volume)
     }
 
-    /// Finishes deletions interrupted by a crash: containers whose volume is gone.
-    async fn drop_containers_without_volume(&self, volumes: &[VolumeRecord]) -> NodeResult<()> {
+    /// Containers this node has state for or runs (the metadata container excluded).
+    pub(crate) async fn local_container_ids(&self) -> NodeResult<std::collections::BTreeSet<u64>> {
         let (start, end) = (
             vec![keys::TAG_CONTAINER_STATE],
             vec![keys::TAG_CONTAINER_STATE + 1],
         );
-        let mut orphans = Vec::new();
+        let mut local = std::collections::BTreeSet::new();
         self.storage
             .state
             .scan(&start, &end, usize::MAX, |key, _| {
-                let container_id = u64::from_be_bytes(key[1..9].try_into().expect("container key"));
-                if container_id != METADATA_CONTAINER_ID
-                    && !volumes.iter().any(|v| v.container_id == container_id)
-                {
-                    orphans.push(container_id);
-                }
+                let container_id = key
+                    .get(1..9)
+                    .and_then(|bytes| bytes.try_into().ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| NodeError::InvalidState(format!("container key {key:?}")))?;
+                local.insert(container_id);
                 Ok(true)
             })?;
-        for container_id in orphans {
+        local.extend(self.containers.read().await.keys().copied());
+        local.remove(&METADATA_CONTAINER_ID);
+        Ok(local)
+    }
+
+    /// Finishes deletions interrupted by a crash: containers whose volume is gone.
+    async fn drop_containers_without_volume(&self, volumes: &[VolumeRecord]) -> NodeResult<()> {
+        for container_id in self.local_container_ids().await? {
+            if volumes
+                .iter()
+                .any(|volume| volume.container_id == container_id)
+            {
+                continue;
+            }
             tracing::warn!(
                 container = container_id,
                 "dropping container of a deleted volume"

@@ -14,6 +14,13 @@
 //!    then lower node ids (a deterministic tie-break).
 //! 4. The bootstrap node is the replica that bootstraps the fewest containers, which spreads
 //!    leaders over the nodes.
+//! 5. Draining nodes get no new replicas.
+//!
+//! [`plan_move`] decides the replica mover's next step by the same rules: first replicas on down
+//! or draining nodes move to the best eligible node (repair and drain), then, once nothing is
+//! degraded, one replica at a time moves from the fullest node to a node holding at least two
+//! fewer, never losing failure-domain spread (rebalance). Every move strictly improves the
+//! cluster, so a sequence of plans always ends.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -55,7 +62,7 @@ pub fn place(
     let replication_factor = replication_factor as usize;
     let mut candidates: Vec<&NodeRecord> = nodes
         .iter()
-        .filter(|node| matches_selector(node, selector))
+        .filter(|node| !node.draining && matches_selector(node, selector))
         .collect();
     if candidates.len() < replication_factor {
         return Err(FsError::no_space(format!(
@@ -119,6 +126,197 @@ pub fn place(
     })
 }
 
+/// Why a replica moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoveReason {
+    /// Its node is down past the grace period.
+    Repair,
+    /// Its node is draining.
+    Drain,
+    /// Its node holds at least two more replicas than the target.
+    Rebalance,
+}
+
+/// One replica move: the replica mover's unit of work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaMove {
+    pub container_id: u64,
+    pub from_node_id: u64,
+    pub to_node_id: u64,
+    pub reason: MoveReason,
+}
+
+/// Replicas per node, counting only `replicas` (retiring copies are on their way out).
+fn hosted_counts(containers: &[ContainerRecord]) -> BTreeMap<u64, usize> {
+    let mut hosted = BTreeMap::new();
+    for container in containers {
+        for replica in &container.replicas {
+            *hosted.entry(*replica).or_default() += 1;
+        }
+    }
+    hosted
+}
+
+fn distinct_domains<'a>(nodes: &[NodeRecord], replicas: impl Iterator<Item = &'a u64>) -> usize {
+    replicas
+        .map(
+            |replica| match nodes.iter().find(|node| node.node_id == *replica) {
+                Some(node) => failure_domain(node),
+                None => format!("node={replica}"),
+            },
+        )
+        .collect::<BTreeSet<_>>()
+        .len()
+}
+
+/// Whether `node` may receive a replica of `container`.
+fn eligible_target(node: &NodeRecord, container: &ContainerRecord, down: &BTreeSet<u64>) -> bool {
+    !node.draining
+        && !down.contains(&node.node_id)
+        && !container.replicas.contains(&node.node_id)
+        && !container.retiring.contains(&node.node_id)
+        && matches_selector(node, &container.node_selector)
+}
+
+/// Whether a container has a replica on a down or draining node, or a move in progress.
+pub fn is_degraded(
+    nodes: &[NodeRecord],
+    container: &ContainerRecord,
+    down: &BTreeSet<u64>,
+) -> bool {
+    !container.retiring.is_empty()
+        || container.replicas.iter().any(|replica| {
+            down.contains(replica)
+                || nodes
+                    .iter()
+                    .any(|node| node.node_id == *replica && node.draining)
+        })
+}
+
+/// The replica mover's next move, or `None` when the cluster is settled (or nothing that needs
+/// doing can be done now). `down` holds the nodes unreachable past the grace period.
+pub fn plan_move(
+    nodes: &[NodeRecord],
+    containers: &[ContainerRecord],
+    down: &BTreeSet<u64>,
+) -> Option<ReplicaMove> {
+    let hosted = hosted_counts(containers);
+    let load = |node_id: u64| hosted.get(&node_id).copied().unwrap_or(0);
+    let draining = |node_id: u64| {
+        nodes
+            .iter()
+            .any(|node| node.node_id == node_id && node.draining)
+    };
+    let mut any_down_replica = false;
+    // Repair and drain first.
+    for container in containers {
+        let live_count = container
+            .replicas
+            .iter()
+            .filter(|replica| !down.contains(replica))
+            .count();
+        for &replica in &container.replicas {
+            let reason = if down.contains(&replica) {
+                any_down_replica = true;
+                MoveReason::Repair
+            } else if draining(replica) {
+                MoveReason::Drain
+            } else {
+                continue;
+            };
+            // A membership change needs the group's quorum.
+            if live_count < container.replicas.len() / 2 + 1 {
+                continue;
+            }
+            let remaining: Vec<u64> = container
+                .replicas
+                .iter()
+                .copied()
+                .filter(|&other| other != replica)
+                .collect();
+            let used_domains: BTreeSet<String> = remaining
+                .iter()
+                .filter_map(|other| nodes.iter().find(|node| node.node_id == *other))
+                .map(failure_domain)
+                .collect();
+            let target = nodes
+                .iter()
+                .filter(|node| eligible_target(node, container, down))
+                .min_by_key(|node| {
+                    (
+                        used_domains.contains(&failure_domain(node)),
+                        load(node.node_id),
+                        std::cmp::Reverse(node.data_block_free_count),
+                        node.node_id,
+                    )
+                });
+            if let Some(target) = target {
+                return Some(ReplicaMove {
+                    container_id: container.container_id,
+                    from_node_id: replica,
+                    to_node_id: target.node_id,
+                    reason,
+                });
+            }
+        }
+    }
+    // Rebalance only a healthy, quiet cluster: one move at a time, never while repairs wait.
+    if any_down_replica
+        || containers
+            .iter()
+            .any(|container| !container.retiring.is_empty())
+    {
+        return None;
+    }
+    let mut sources: Vec<&NodeRecord> = nodes
+        .iter()
+        .filter(|node| !node.draining && !down.contains(&node.node_id))
+        .collect();
+    sources.sort_by_key(|node| (std::cmp::Reverse(load(node.node_id)), node.node_id));
+    for source in sources {
+        for container in containers
+            .iter()
+            .filter(|container| container.replicas.contains(&source.node_id))
+        {
+            let domains_now = distinct_domains(nodes, container.replicas.iter());
+            let target = nodes
+                .iter()
+                .filter(|node| eligible_target(node, container, down))
+                .filter(|node| load(node.node_id) + 2 <= load(source.node_id))
+                .filter(|node| {
+                    let moved = container
+                        .replicas
+                        .iter()
+                        .map(|&replica| {
+                            if replica == source.node_id {
+                                node.node_id
+                            } else {
+                                replica
+                            }
+                        })
+                        .collect::<Vec<_>>();
+                    distinct_domains(nodes, moved.iter()) >= domains_now
+                })
+                .min_by_key(|node| {
+                    (
+                        load(node.node_id),
+                        std::cmp::Reverse(node.data_block_free_count),
+                        node.node_id,
+                    )
+                });
+            if let Some(target) = target {
+                return Some(ReplicaMove {
+                    container_id: container.container_id,
+                    from_node_id: source.node_id,
+                    to_node_id: target.node_id,
+                    reason: MoveReason::Rebalance,
+                });
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,7 +334,116 @@ mod tests {
             data_block_count: 1000,
             data_block_free_count: free,
             registered_ns: 0,
+            draining: false,
         }
+    }
+
+    fn container(container_id: u64, replicas: &[u64]) -> ContainerRecord {
+        ContainerRecord {
+            container_id,
+            volume_name: format!("v{container_id}"),
+            replicas: replicas.to_vec(),
+            bootstrap_node_id: replicas[0],
+            node_selector: BTreeMap::new(),
+            retiring: Vec::new(),
+        }
+    }
+
+    /// What the mover does with a plan once the group's membership changed.
+    fn apply(containers: &mut [ContainerRecord], planned: &ReplicaMove) {
+        let record = containers
+            .iter_mut()
+            .find(|c| c.container_id == planned.container_id)
+            .unwrap();
+        for replica in record.replicas.iter_mut() {
+            if *replica == planned.from_node_id {
+                *replica = planned.to_node_id;
+            }
+        }
+    }
+
+    #[test]
+    fn a_down_node_is_replaced_by_a_live_one_in_a_new_zone() {
+        let nodes = vec![
+            node(1, &[("zone", "a")], 10),
+            node(2, &[("zone", "b")], 10),
+            node(3, &[("zone", "c")], 10),
+            node(4, &[("zone", "a")], 900),
+            node(5, &[("zone", "c")], 10),
+        ];
+        let containers = vec![container(7, &[1, 2, 3])];
+        let planned = plan_move(&nodes, &containers, &BTreeSet::from([3])).unwrap();
+        assert_eq!(
+            planned,
+            ReplicaMove {
+                container_id: 7,
+                from_node_id: 3,
+                to_node_id: 5,
+                reason: MoveReason::Repair
+            },
+            "zone c lost its replica; node 5 is the only other node in zone c"
+        );
+    }
+
+    #[test]
+    fn no_move_without_a_quorum_or_a_target() {
+        let nodes = vec![
+            node(1, &[], 10),
+            node(2, &[], 10),
+            node(3, &[], 10),
+            node(4, &[], 10),
+        ];
+        let containers = vec![container(7, &[1, 2, 3])];
+        assert_eq!(
+            plan_move(&nodes, &containers, &BTreeSet::from([2, 3])),
+            None
+        );
+        let three = &nodes[..3];
+        assert_eq!(plan_move(three, &containers, &BTreeSet::from([3])), None);
+    }
+
+    #[test]
+    fn a_draining_node_is_emptied() {
+        let mut nodes = vec![
+            node(1, &[], 10),
+            node(2, &[], 10),
+            node(3, &[], 10),
+            node(4, &[], 10),
+        ];
+        nodes[1].draining = true;
+        let mut containers = vec![container(1, &[1, 2, 3]), container(2, &[2, 3, 4])];
+        let mut steps = 0;
+        while let Some(planned) = plan_move(&nodes, &containers, &BTreeSet::new()) {
+            assert_ne!(planned.to_node_id, 2);
+            apply(&mut containers, &planned);
+            steps += 1;
+            assert!(steps < 10, "plans keep coming");
+        }
+        assert!(containers.iter().all(|c| !c.replicas.contains(&2)));
+    }
+
+    #[test]
+    fn a_new_node_receives_replicas() {
+        let nodes = vec![
+            node(1, &[], 10),
+            node(2, &[], 10),
+            node(3, &[], 10),
+            node(4, &[], 10),
+        ];
+        let mut containers: Vec<ContainerRecord> =
+            (1..=4).map(|id| container(id, &[1, 2, 3])).collect();
+        let mut steps = 0;
+        while let Some(planned) = plan_move(&nodes, &containers, &BTreeSet::new()) {
+            assert_eq!(planned.reason, MoveReason::Rebalance);
+            apply(&mut containers, &planned);
+            steps += 1;
+            assert!(steps < 10, "plans keep coming");
+        }
+        let hosted = hosted_counts(&containers);
+        assert_eq!(
+            hosted.values().copied().collect::<Vec<_>>(),
+            vec![3, 3, 3, 3]
+        );
     }
 
     #[test]
@@ -183,6 +490,7 @@ mod tests {
                 replicas: placement.replicas,
                 bootstrap_node_id: placement.bootstrap_node_id,
                 node_selector: BTreeMap::new(),
+                retiring: Vec::new(),
             });
         }
         for node_id in 1..=3 {
@@ -230,6 +538,59 @@ mod tests {
                         .collect();
                     prop_assert_eq!(used.len(), available.len().min(replication_factor as usize));
                 }
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn plans_are_valid_and_end(
+            zones in proptest::collection::vec(0u8..3, 2..8),
+            placements in proptest::collection::vec(proptest::collection::btree_set(0usize..8, 1..4), 1..12),
+            down_mask in proptest::collection::vec(any::<bool>(), 8),
+            draining_mask in proptest::collection::vec(any::<bool>(), 8),
+        ) {
+            let mut nodes: Vec<NodeRecord> = zones.iter().enumerate().map(|(index, zone)| {
+                let zone = format!("z{zone}");
+                node(index as u64 + 1, &[("zone", zone.as_str())], 10)
+            }).collect();
+            for (index, node) in nodes.iter_mut().enumerate() {
+                node.draining = draining_mask[index] && index % 3 == 0;
+            }
+            let down: BTreeSet<u64> = (0..nodes.len())
+                .filter(|index| down_mask[*index] && index % 2 == 1)
+                .map(|index| index as u64 + 1)
+                .collect();
+            let mut containers: Vec<ContainerRecord> = placements.iter().enumerate()
+                .map(|(index, set)| {
+                    let replicas: Vec<u64> = set.iter()
+                        .map(|slot| (*slot % nodes.len()) as u64 + 1)
+                        .collect::<BTreeSet<u64>>().into_iter().collect();
+                    container(index as u64 + 1, &replicas)
+                })
+                .collect();
+            let step_max = containers.len() * 4 * nodes.len() + 1;
+            let mut steps = 0;
+            while let Some(planned) = plan_move(&nodes, &containers, &down) {
+                let record = containers.iter().find(|c| c.container_id == planned.container_id).unwrap();
+                prop_assert!(record.replicas.contains(&planned.from_node_id));
+                prop_assert!(!record.replicas.contains(&planned.to_node_id));
+                let target = nodes.iter().find(|n| n.node_id == planned.to_node_id).unwrap();
+                prop_assert!(!target.draining && !down.contains(&target.node_id));
+                apply(&mut containers, &planned);
+                steps += 1;
+                prop_assert!(steps <= step_max, "the plans never end");
+            }
+            // Settled: no replica sits on a down or draining node while a live, non-draining
+            // node without a replica of that container exists and a quorum is alive.
+            for record in &containers {
+                let live = record.replicas.iter().filter(|r| !down.contains(r)).count();
+                let bad = record.replicas.iter().any(|r| {
+                    down.contains(r) || nodes.iter().any(|n| n.node_id == *r && n.draining)
+                });
+                let spare = nodes.iter().any(|n| eligible_target(n, record, &down));
+                prop_assert!(!(bad && spare && live > record.replicas.len() / 2),
+                    "container {} left degraded: {:?}", record.container_id, record.replicas);
             }
         }
     }

@@ -97,6 +97,9 @@ pub struct VolumeRecord {
     pub replication_factor: u32,
     pub replication_minimum: u32,
     pub created_ns: i64,
+    /// Free-form labels given at creation (the CSI plugin records the PVC's namespace and name,
+    /// which the scheduler extender looks up).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A storage node, as recorded by the metadata container.
@@ -111,9 +114,13 @@ pub struct NodeRecord {
     /// Free blocks when the node last registered (placement prefers emptier nodes).
     pub data_block_free_count: u64,
     pub registered_ns: i64,
+    /// Set by `ballast node drain`: the node holds no new replicas and its replicas move away.
+    /// Re-registration keeps it.
+    pub draining: bool,
 }
 
-/// Where one container lives: its replica nodes. Decided by the metadata leader at creation.
+/// Where one container lives: its replica nodes. Decided by the metadata leader at creation and
+/// changed by replica moves (re-replication, drain, rebalance).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerRecord {
     pub container_id: u64,
@@ -124,6 +131,16 @@ pub struct ContainerRecord {
     pub bootstrap_node_id: u64,
     /// Placement selector: replicas only on nodes carrying all these labels.
     pub node_selector: BTreeMap<String, String>,
+    /// Nodes being moved off: no longer in `replicas`, but possibly still voters of the group
+    /// until the move finishes. A node keeps its copy while it is listed here.
+    pub retiring: Vec<u64>,
+}
+
+impl ContainerRecord {
+    /// Whether `node_id` keeps a copy: a replica, or retiring until its move finishes.
+    pub fn holds(&self, node_id: u64) -> bool {
+        self.replicas.contains(&node_id) || self.retiring.contains(&node_id)
+    }
 }
 
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {

@@ -40,9 +40,14 @@ impl AdminService {
                 .map(|record| record.replicas.clone())
                 .unwrap_or_default(),
             leader_node_id,
+            retiring_node_ids: record
+                .as_ref()
+                .map(|record| record.retiring.clone())
+                .unwrap_or_default(),
             node_selector: record
                 .map(|record| record.node_selector.into_iter().collect())
                 .unwrap_or_default(),
+            labels: volume.labels.clone().into_iter().collect(),
             name: volume.name.clone(),
             volume_id: volume.volume_id,
             quota_bytes: volume.quota_bytes,
@@ -84,6 +89,7 @@ impl Admin for AdminService {
                 replication_factor,
                 replication_minimum,
                 request.node_selector.into_iter().collect(),
+                request.labels.into_iter().collect(),
             )
             .await
             .map_err(node_status)?;
@@ -199,6 +205,10 @@ impl Admin for AdminService {
             }
         }
         let block_size = ballast_device::BLOCK_SIZE_BYTES as u64;
+        let leads_metadata = metadata_metrics
+            .as_ref()
+            .is_some_and(|metrics| metrics.current_leader == Some(self.node.node_id()));
+        let down = crate::mover::down_nodes(&self.node, &nodes);
         let messages = nodes
             .iter()
             .map(|node| {
@@ -212,20 +222,19 @@ impl Admin for AdminService {
                         } else {
                             "removed"
                         };
-                        // The metadata leader knows who answers heartbeats; other nodes only
-                        // know themselves and the leader.
-                        let up = node.node_id == self.node.node_id()
+                        // The metadata leader hears from every node; other nodes only know
+                        // themselves and the leader.
+                        let state = if node.node_id == self.node.node_id()
                             || metrics.current_leader == Some(node.node_id)
-                            || metrics
-                                .replication
-                                .as_ref()
-                                .and_then(|replication| replication.get(&node.node_id))
-                                .map(|matched| matched.is_some())
-                                .unwrap_or(false);
-                        let state = match (&metrics.replication, up) {
-                            (_, true) => "up",
-                            (Some(_), false) => "down",
-                            (None, false) => "unknown",
+                            || self
+                                .node
+                                .in_contact(crate::types::METADATA_CONTAINER_ID, node.node_id)
+                        {
+                            "up"
+                        } else if leads_metadata {
+                            "down"
+                        } else {
+                            "unknown"
                         };
                         (role, state)
                     }
@@ -245,14 +254,40 @@ impl Admin for AdminService {
                     },
                     container_ids: containers
                         .iter()
-                        .filter(|container| container.replicas.contains(&node.node_id))
+                        .filter(|container| container.holds(node.node_id))
                         .map(|container| container.container_id)
                         .collect(),
                     leader_count: leaders.get(&node.node_id).copied().unwrap_or(0),
+                    draining: node.draining,
                 }
             })
             .collect();
-        Ok(Response::new(proto::ListNodesResponse { nodes: messages }))
+        let container_degraded_count = containers
+            .iter()
+            .filter(|container| crate::placement::is_degraded(&nodes, container, &down))
+            .count() as u32;
+        let settled = leads_metadata
+            && container_degraded_count == 0
+            && crate::placement::plan_move(&nodes, &containers, &down).is_none();
+        Ok(Response::new(proto::ListNodesResponse {
+            nodes: messages,
+            container_count: containers.len() as u32,
+            container_degraded_count,
+            settled,
+            down_grace_ms: self.node.config().down_grace_ms,
+        }))
+    }
+
+    async fn drain_node(
+        &self,
+        request: Request<proto::DrainNodeRequest>,
+    ) -> Result<Response<proto::DrainNodeResponse>, Status> {
+        let request = request.into_inner();
+        self.node
+            .set_node_draining(request.node_id, request.draining)
+            .await
+            .map_err(node_status)?;
+        Ok(Response::new(proto::DrainNodeResponse {}))
     }
 
     async fn status(

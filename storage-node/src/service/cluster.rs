@@ -41,7 +41,7 @@ impl RaftTransportService {
         }
         let record = metadata::get_container(self.node.storage(), container_id)
             .map_err(node_status)?
-            .filter(|record| record.replicas.contains(&self.node.node_id()))
+            .filter(|record| record.holds(self.node.node_id()))
             .ok_or_else(|| {
                 Status::unavailable(format!(
                     "container {container_id} is not placed on node {} (yet)",
@@ -166,5 +166,18 @@ impl Cluster for ClusterService {
         Ok(Response::new(proto::ProposeResponse {
             response: crate::records::encode(&response).into(),
         }))
+    }
+
+    async fn change_replicas(
+        &self,
+        request: Request<proto::ChangeReplicasRequest>,
+    ) -> Result<Response<proto::ChangeReplicasResponse>, Status> {
+        let request = request.into_inner();
+        let voter_ids = request.voter_ids.into_iter().collect();
+        self.node
+            .change_replicas(request.container_id, &voter_ids)
+            .await
+            .map_err(node_status)?;
+        Ok(Response::new(proto::ChangeReplicasResponse {}))
     }
 }

@@ -1,0 +1,346 @@
+//! The replica mover: restores replication after a node is lost, empties draining nodes, and
+//! spreads replicas onto new nodes. It runs on every node and acts only on the metadata leader.
+//!
+//! Owns: deciding when a node is down (no answer to the metadata group's heartbeats for the grace
+//! period), running one replica move at a time to completion, resuming moves a crash or a lost
+//! leadership interrupted, and keeping the metadata group at its voter count.
+//! Must not depend on: the gRPC services. What to move is `placement::plan_move`'s decision;
+//! this module only carries it out.
+//!
+//! A move of container C from node X to node Y is four steps, each idempotent, so whichever
+//! metadata leader comes next simply repeats the unfinished ones:
+//! 1. The cluster map records the intent (`MoveReplica`): Y joins `replicas`, X becomes
+//!    `retiring`. Y's reconcile loop starts an empty replica.
+//! 2. C's leader adds Y as a learner and waits until it caught up (log or snapshot).
+//! 3. C's leader replaces the voters with `replicas` (joint consensus), removing X.
+//! 4. The cluster map records the end (`FinishMove`); X then drops its copy.
+//!
+//! Invariants:
+//! - A node's copy is dropped only after the group's committed membership no longer has it
+//!   (step 4 follows a successful step 3).
+//! - Only the metadata leader moves replicas, and it plans from its own applied cluster map.
+//! - A node counts as down only after the grace period, measured from the later of its last
+//!   answer and the start of this node's leadership (a new leader knows nothing older).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::{BasicNode, ChangeMembers};
+
+use crate::cluster::METADATA_VOTER_COUNT_MAX;
+use crate::command::{Command, MetadataCommand};
+use crate::error::{NodeError, NodeResult};
+use crate::node::StorageNode;
+use crate::records::{ContainerRecord, NodeRecord};
+use crate::types::{NodeId, METADATA_CONTAINER_ID};
+use crate::{metadata, placement};
+
+/// How often the mover looks at the cluster map.
+const MOVER_INTERVAL_MS: u64 = 1_000;
+/// Moves planned per pass, one after another (a pass ends early when leadership is lost).
+const MOVE_COUNT_PER_PASS_MAX: usize = 64;
+/// Limit on a new replica catching up, and on the membership change after it. A container
+/// larger than this allows at the copy rate stays in flight and is resumed on the next pass.
+pub const CATCH_UP_TIMEOUT_MS: u64 = 300_000;
+const MEMBERSHIP_CHANGE_TIMEOUT_MS: u64 = 30_000;
+/// Nodes tried when looking for a container's leader.
+const LEADER_SEARCH_ATTEMPT_COUNT_MAX: usize = 8;
+/// Default grace period before a silent node's replicas are re-created elsewhere.
+pub const DOWN_GRACE_MS_DEFAULT: u64 = 300_000;
+
+/// The nodes the metadata leader has not heard from for the grace period. Empty on any other
+/// node: only the leader sends heartbeats to everyone.
+pub fn down_nodes(node: &StorageNode, nodes: &[NodeRecord]) -> BTreeSet<NodeId> {
+    let Some(leading_for) = node.metadata_leading_for() else {
+        return BTreeSet::new();
+    };
+    let grace = Duration::from_millis(node.config.down_grace_ms);
+    nodes
+        .iter()
+        .filter(|record| record.node_id != node.node_id)
+        .filter(|record| {
+            let silent_for = node
+                .peers
+                .since_contact(METADATA_CONTAINER_ID, record.node_id)
+                .map_or(leading_for, |since| since.min(leading_for));
+            silent_for > grace
+        })
+        .map(|record| record.node_id)
+        .collect()
+}
+
+/// Runs forever: one mover pass per interval while this node leads the metadata group.
+pub async fn mover_loop(node: Arc<StorageNode>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(MOVER_INTERVAL_MS)).await;
+        let Some(raft) = node.raft(METADATA_CONTAINER_ID).await else {
+            continue;
+        };
+        let leads = raft.metrics().borrow().current_leader == Some(node.node_id);
+        node.set_metadata_leading(leads);
+        if !leads {
+            continue;
+        }
+        if let Err(error) = mover_pass(&node).await {
+            tracing::warn!(%error, "replica mover pass failed; retrying");
+        }
+    }
+}
+
+async fn mover_pass(node: &Arc<StorageNode>) -> NodeResult<()> {
+    let nodes = metadata::list_nodes(&node.storage)?;
+    let down = down_nodes(node, &nodes);
+    if let Err(error) = maintain_metadata_voters(node, &nodes, &down).await {
+        tracing::warn!(%error, "metadata voters not changed");
+    }
+    // Finish the moves a previous pass (or leader) started.
+    for record in metadata::list_containers(&node.storage)? {
+        if record.retiring.is_empty() {
+            continue;
+        }
+        if let Err(error) = complete_move(node, &record).await {
+            tracing::warn!(container = record.container_id, %error, "move not finished yet");
+        }
+    }
+    for _ in 0..MOVE_COUNT_PER_PASS_MAX {
+        if node.metadata_leading_for().is_none() {
+            break;
+        }
+        let nodes = metadata::list_nodes(&node.storage)?;
+        let containers = metadata::list_containers(&node.storage)?;
+        let down = down_nodes(node, &nodes);
+        let Some(planned) = placement::plan_move(&nodes, &containers, &down) else {
+            break;
+        };
+        if containers.iter().any(|record| {
+            record.container_id == planned.container_id && !record.retiring.is_empty()
+        }) {
+            // Repairing a container whose earlier move is unfinished: record it, then let the
+            // next pass finish both together.
+            tracing::info!(
+                ?planned,
+                "moving a replica of a container with a move in flight"
+            );
+        }
+        tracing::info!(
+            container = planned.container_id,
+            from = planned.from_node_id,
+            to = planned.to_node_id,
+            reason = ?planned.reason,
+            "moving a replica"
+        );
+        let started = Instant::now();
+        node.propose(
+            METADATA_CONTAINER_ID,
+            Command::Metadata(MetadataCommand::MoveReplica {
+                container_id: planned.container_id,
+                from_node_id: planned.from_node_id,
+                to_node_id: planned.to_node_id,
+            }),
+        )
+        .await?;
+        let record = metadata::get_container(&node.storage, planned.container_id)?.ok_or(
+            NodeError::UnknownContainer {
+                container_id: planned.container_id,
+            },
+        )?;
+        complete_move(node, &record).await?;
+        tracing::info!(
+            container = planned.container_id,
+            to = planned.to_node_id,
+            move_ms = started.elapsed().as_millis() as u64,
+            "replica moved"
+        );
+    }
+    Ok(())
+}
+
+/// Steps 2-4 of a move: the group's voters become the record's replicas, then every retiring
+/// node is released.
+async fn complete_move(node: &Arc<StorageNode>, record: &ContainerRecord) -> NodeResult<()> {
+    change_replicas_anywhere(node, record).await?;
+    for &retired in &record.retiring {
+        node.propose(
+            METADATA_CONTAINER_ID,
+            Command::Metadata(MetadataCommand::FinishMove {
+                container_id: record.container_id,
+                node_id: retired,
+            }),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Has the container's leader make the group's voters equal to `record.replicas`, searching for
+/// the leader among the record's nodes and following redirects (bounded).
+async fn change_replicas_anywhere(
+    node: &Arc<StorageNode>,
+    record: &ContainerRecord,
+) -> NodeResult<()> {
+    let container_id = record.container_id;
+    let voter_ids: BTreeSet<NodeId> = record.replicas.iter().copied().collect();
+    let mut candidates: Vec<String> = Vec::new();
+    for holder in record.replicas.iter().chain(&record.retiring) {
+        if let Some(holder) = metadata::get_node(&node.storage, *holder)? {
+            candidates.push(holder.address);
+        }
+    }
+    let mut last_error = NodeError::Cluster(format!(
+        "container {container_id}: no replica holder is registered"
+    ));
+    let mut next: Option<String> = None;
+    for attempt in 0..LEADER_SEARCH_ATTEMPT_COUNT_MAX {
+        let Some(address) = next
+            .take()
+            .or_else(|| (!candidates.is_empty()).then(|| candidates.remove(0)))
+        else {
+            break;
+        };
+        let result = if address == node.config.advertise_address {
+            node.change_replicas(container_id, &voter_ids).await
+        } else {
+            crate::cluster::forward_change_replicas(node, &address, container_id, &voter_ids).await
+        };
+        match result {
+            Ok(()) => return Ok(()),
+            Err(NodeError::NotLeader {
+                leader_address: Some(leader),
+                ..
+            }) if leader != address => {
+                next = Some(leader);
+            }
+            Err(error) => {
+                tracing::debug!(container = container_id, attempt, %address, %error, "change replicas");
+                last_error = error;
+            }
+        }
+    }
+    Err(last_error)
+}
+
+impl StorageNode {
+    /// On the container's leader: makes the group's voters exactly `voter_ids`. New voters are
+    /// added as learners first and caught up (bounded by [`CATCH_UP_TIMEOUT_MS`]); the change
+    /// itself goes through joint consensus. Idempotent.
+    pub async fn change_replicas(
+        &self,
+        container_id: u64,
+        voter_ids: &BTreeSet<NodeId>,
+    ) -> NodeResult<()> {
+        if voter_ids.is_empty() {
+            return Err(NodeError::Cluster(format!(
+                "container {container_id}: a group needs at least one voter"
+            )));
+        }
+        let raft = self.leading_raft(container_id).await?;
+        let metrics = raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let voters_now: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let settled = membership.get_joint_config().len() == 1;
+        if voters_now == *voter_ids && settled {
+            return Ok(());
+        }
+        for &new_voter in voter_ids.difference(&voters_now) {
+            let record = metadata::get_node(&self.storage, new_voter)?
+                .ok_or_else(|| NodeError::Cluster(format!("node {new_voter} is not registered")))?;
+            let started = Instant::now();
+            let added = tokio::time::timeout(
+                Duration::from_millis(CATCH_UP_TIMEOUT_MS),
+                raft.add_learner(new_voter, BasicNode::new(record.address), true),
+            )
+            .await
+            .map_err(|_| {
+                NodeError::Raft(format!(
+                    "container {container_id}: node {new_voter} did not catch up within \
+                     {CATCH_UP_TIMEOUT_MS} ms"
+                ))
+            })?;
+            added.map_err(|error| {
+                NodeError::Raft(format!(
+                    "container {container_id}: add learner {new_voter}: {error}"
+                ))
+            })?;
+            tracing::info!(
+                container = container_id,
+                node = new_voter,
+                catch_up_ms = started.elapsed().as_millis() as u64,
+                "new replica caught up"
+            );
+        }
+        let changed = tokio::time::timeout(
+            Duration::from_millis(MEMBERSHIP_CHANGE_TIMEOUT_MS),
+            raft.change_membership(ChangeMembers::ReplaceAllVoters(voter_ids.clone()), false),
+        )
+        .await
+        .map_err(|_| {
+            NodeError::Raft(format!(
+                "container {container_id}: membership change not committed within \
+                 {MEMBERSHIP_CHANGE_TIMEOUT_MS} ms"
+            ))
+        })?;
+        changed.map_err(|error| {
+            NodeError::Raft(format!(
+                "container {container_id}: change voters to {voter_ids:?}: {error}"
+            ))
+        })?;
+        tracing::info!(container = container_id, voters = ?voter_ids, "replicas changed");
+        Ok(())
+    }
+}
+
+/// Keeps the metadata group at [`METADATA_VOTER_COUNT_MAX`] voters on live, non-draining nodes:
+/// a down or draining voter is replaced by a live learner (it stays a learner, so it still gets
+/// the cluster map when it returns), and missing voters are filled from live learners. Without a
+/// replacement a voter stays: removing it would not make the group more available.
+async fn maintain_metadata_voters(
+    node: &StorageNode,
+    nodes: &[NodeRecord],
+    down: &BTreeSet<NodeId>,
+) -> NodeResult<()> {
+    let Some(raft) = node.raft(METADATA_CONTAINER_ID).await else {
+        return Ok(());
+    };
+    let membership = raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .clone();
+    if membership.get_joint_config().len() != 1 {
+        return Ok(()); // A change is in progress.
+    }
+    let healthy = |node_id: &NodeId| {
+        !down.contains(node_id)
+            && !nodes
+                .iter()
+                .any(|record| record.node_id == *node_id && record.draining)
+    };
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let mut spares: Vec<NodeId> = membership.learner_ids().filter(healthy).collect();
+    spares.sort_unstable();
+    let mut wanted: BTreeSet<NodeId> = voters.clone();
+    for voter in voters.iter().filter(|voter| !healthy(voter)) {
+        if spares.is_empty() {
+            break;
+        }
+        wanted.remove(voter);
+        wanted.insert(spares.remove(0));
+    }
+    while wanted.len() < METADATA_VOTER_COUNT_MAX && !spares.is_empty() {
+        wanted.insert(spares.remove(0));
+    }
+    if wanted == voters {
+        return Ok(());
+    }
+    tracing::info!(from = ?voters, to = ?wanted, "changing the metadata voters");
+    tokio::time::timeout(
+        Duration::from_millis(MEMBERSHIP_CHANGE_TIMEOUT_MS),
+        raft.change_membership(ChangeMembers::ReplaceAllVoters(wanted), true),
+    )
+    .await
+    .map_err(|_| NodeError::Raft("metadata voter change timed out".into()))?
+    .map_err(|error| NodeError::Raft(format!("metadata voter change: {error}")))?;
+    Ok(())
+}
