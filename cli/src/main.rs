@@ -7,6 +7,7 @@
 //! Invariants: every wait is bounded; every path handed to a child process is absolute.
 
 mod local;
+mod progress;
 mod size;
 
 use anyhow::Context;
@@ -53,6 +54,24 @@ enum Command {
 enum NodeCommand {
     /// List every node: its state, role in the metadata group, capacity and containers.
     List,
+    /// Move every replica off a node before it is removed; it gets no new replicas. Waits (with
+    /// progress) until the node holds nothing, unless `--no-wait`.
+    Drain {
+        node_id: u64,
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds (the drain itself goes on).
+        #[arg(long, default_value_t = 3_600)]
+        timeout_seconds: u64,
+    },
+    /// Make a draining node eligible for replicas again.
+    Undrain { node_id: u64 },
+    /// Wait (with progress) until every container is fully replicated on live nodes and the
+    /// replicas are balanced: after a node loss, a drain, or adding nodes.
+    Wait {
+        #[arg(long, default_value_t = 3_600)]
+        timeout_seconds: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,7 +133,7 @@ async fn run(arguments: Arguments) -> anyhow::Result<()> {
     match arguments.command {
         Command::Volume(command) => volume(&connect(&arguments.node).await?, command).await,
         Command::Status => status(&connect(&arguments.node).await?).await,
-        Command::Node(NodeCommand::List) => node_list(&connect(&arguments.node).await?).await,
+        Command::Node(command) => node(&connect(&arguments.node).await?, command).await,
         Command::Local(command) => local::run(command).await,
     }
 }
@@ -184,12 +203,23 @@ async fn volume(client: &BallastClient, command: VolumeCommand) -> anyhow::Resul
                             0 => "?".to_owned(),
                             leader => leader.to_string(),
                         },
+                        // Replicas being moved away (re-replication, drain, rebalance).
+                        if volume.retiring_node_ids.is_empty() {
+                            "-".to_owned()
+                        } else {
+                            volume
+                                .retiring_node_ids
+                                .iter()
+                                .map(u64::to_string)
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        },
                     ]
                 })
                 .collect();
             print_table(
                 &[
-                    "NAME", "ID", "QUOTA", "USED", "RF", "INODES", "REPLICAS", "LEADER",
+                    "NAME", "ID", "QUOTA", "USED", "RF", "INODES", "REPLICAS", "LEADER", "MOVING",
                 ],
                 &rows,
             );
@@ -244,8 +274,41 @@ fn parse_selector(text: &str) -> Result<std::collections::BTreeMap<String, Strin
     Ok(selector)
 }
 
+async fn node(client: &BallastClient, command: NodeCommand) -> anyhow::Result<()> {
+    match command {
+        NodeCommand::List => node_list(client).await,
+        NodeCommand::Drain {
+            node_id,
+            no_wait,
+            timeout_seconds,
+        } => {
+            client
+                .drain_node(node_id, true)
+                .await
+                .with_context(|| format!("marking node {node_id} draining"))?;
+            println!("node {node_id} is draining");
+            if no_wait {
+                return Ok(());
+            }
+            progress::wait_for_drain(client, node_id, timeout_seconds).await
+        }
+        NodeCommand::Undrain { node_id } => {
+            client
+                .drain_node(node_id, false)
+                .await
+                .with_context(|| format!("marking node {node_id} active"))?;
+            println!("node {node_id} is active");
+            Ok(())
+        }
+        NodeCommand::Wait { timeout_seconds } => {
+            progress::wait_until_settled(client, timeout_seconds).await
+        }
+    }
+}
+
 async fn node_list(client: &BallastClient) -> anyhow::Result<()> {
-    let mut nodes = client.list_nodes().await.context("listing nodes")?;
+    let cluster = client.cluster_nodes().await.context("listing nodes")?;
+    let mut nodes = cluster.nodes;
     nodes.sort_by_key(|node| node.node_id);
     let rows: Vec<Vec<String>> = nodes
         .iter()
@@ -259,7 +322,11 @@ async fn node_list(client: &BallastClient) -> anyhow::Result<()> {
             vec![
                 node.node_id.to_string(),
                 node.address.clone(),
-                node.state.clone(),
+                if node.draining {
+                    format!("{},draining", node.state)
+                } else {
+                    node.state.clone()
+                },
                 node.metadata_role.clone(),
                 format_size(node.capacity_bytes),
                 format_size(node.free_bytes),
@@ -282,6 +349,12 @@ async fn node_list(client: &BallastClient) -> anyhow::Result<()> {
             "LABELS",
         ],
         &rows,
+    );
+    println!(
+        "containers: {}, degraded: {}, settled: {}",
+        cluster.container_count,
+        cluster.container_degraded_count,
+        if cluster.settled { "yes" } else { "no" }
     );
     Ok(())
 }

@@ -788,11 +788,13 @@ impl StorageNode {
         Ok(())
     }
 
-    /// Whether `member` answered a Raft RPC of `container_id` from this node recently.
+    /// Whether `member` answered a Raft RPC of `container_id` from this node recently: within
+    /// [`REPLICA_CONTACT_MS_MAX`], or the down grace period when that is shorter.
     pub(crate) fn in_contact(&self, container_id: u64, member: NodeId) -> bool {
+        let window_ms = REPLICA_CONTACT_MS_MAX.min(self.config.down_grace_ms);
         self.peers
             .since_contact(container_id, member)
-            .is_some_and(|since| since < Duration::from_millis(REPLICA_CONTACT_MS_MAX))
+            .is_some_and(|since| since < Duration::from_millis(window_ms))
     }
 
     /// Changes a volume's quota: the container first (it refuses a quota below the bytes in use),

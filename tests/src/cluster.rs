@@ -95,8 +95,12 @@ impl TestCluster {
             cluster
                 .cli(&["node", "list"])
                 .map(|listing| {
-                    listing.lines().skip(1).count() == node_count
-                        && listing.matches(" voter ").count() >= voters
+                    let node_rows = listing.lines().skip(1).filter(|line| {
+                        line.split_whitespace()
+                            .next()
+                            .is_some_and(|field| field.parse::<u64>().is_ok())
+                    });
+                    node_rows.count() == node_count && listing.matches(" voter ").count() >= voters
                 })
                 .unwrap_or(false)
         })?;
@@ -121,6 +125,85 @@ impl TestCluster {
             .map(LocalNode::endpoint)
             .collect();
         crate::run_cli(&endpoints.join(","), arguments)
+    }
+
+    /// Starts one more node, joining the cluster, with the same arguments the others got plus
+    /// `extra_arguments`; waits until it is registered. Returns its node id.
+    pub fn add_node(&mut self, device_size_bytes: u64, extra_arguments: &[&str]) -> Result<u64> {
+        let node_id = self.nodes.len() as u64 + 1;
+        // `--join` takes one address: any running node's.
+        let join = self
+            .nodes
+            .iter()
+            .find(|node| node.is_running())
+            .map(LocalNode::endpoint)
+            .context("no running node to join")?;
+        let mut arguments: Vec<String> = vec![
+            "--join-secret".into(),
+            TEST_JOIN_SECRET.into(),
+            "--label".into(),
+            format!("zone=z{node_id}"),
+            "--join".into(),
+            join,
+        ];
+        arguments.extend(extra_arguments.iter().map(|argument| argument.to_string()));
+        let node = LocalNode::start_member(device_size_bytes, node_id, arguments)
+            .with_context(|| format!("starting node {node_id}"))?;
+        self.nodes.push(node);
+        wait_until("the new node registered", Duration::from_secs(60), || {
+            self.cli(&["node", "list"])
+                .map(|listing| {
+                    listing
+                        .lines()
+                        .any(|line| line.split_whitespace().next() == Some(&node_id.to_string()))
+                })
+                .unwrap_or(false)
+        })?;
+        Ok(node_id)
+    }
+
+    /// `(replicas, moving away)` of `volume` as the cluster map records them.
+    pub fn placement(&self, volume: &str) -> Result<(Vec<u64>, Vec<u64>)> {
+        let listing = self.cli(&["volume", "list", "--bytes"])?;
+        let parse = |field: &str| -> Result<Vec<u64>> {
+            if field == "-" {
+                return Ok(Vec::new());
+            }
+            field
+                .split(',')
+                .map(|id| id.parse::<u64>().context("node id"))
+                .collect()
+        };
+        for line in listing.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.first() == Some(&volume) {
+                if fields.len() < 9 {
+                    bail!("unexpected volume row {line:?}");
+                }
+                return Ok((parse(fields[6])?, parse(fields[8])?));
+            }
+        }
+        bail!("volume {volume} not listed:\n{listing}")
+    }
+
+    /// Number of replicas each node holds, from `ballast node list` (node id, containers).
+    pub fn replica_counts(&self) -> Result<Vec<(u64, usize)>> {
+        let listing = self.cli(&["node", "list"])?;
+        let header = listing.lines().next().unwrap_or_default();
+        // Sizes contain spaces ("1.7 GiB"): find the column by its offset in the aligned table.
+        let offset = header.find("CONTAINERS").context("no CONTAINERS column")?;
+        let mut counts = Vec::new();
+        for line in listing.lines().skip(1) {
+            let Ok(node_id) = line.split_whitespace().next().unwrap_or("").parse::<u64>() else {
+                continue; // The summary line.
+            };
+            let count = line
+                .get(offset..)
+                .and_then(|rest| rest.split_whitespace().next())
+                .with_context(|| format!("no container count in {line:?}"))?;
+            counts.push((node_id, count.parse()?));
+        }
+        Ok(counts)
     }
 
     pub fn node_mut(&mut self, node_id: u64) -> &mut LocalNode {
@@ -211,10 +294,25 @@ impl TestCluster {
         Ok(applied)
     }
 
-    /// `(applied index, digest)` of every running node's replica of `volume`.
+    /// `(node, applied index, digest)` of every running node's replica of `volume`.
     pub fn digests(&self, volume: &str) -> Result<Vec<(u64, u64, String)>> {
+        let running: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|node| node.is_running())
+            .map(|node| node.node_id)
+            .collect();
+        self.digests_on(volume, &running)
+    }
+
+    /// `(node, applied index, digest)` of the replicas of `volume` on `holders`.
+    pub fn digests_on(&self, volume: &str, holders: &[u64]) -> Result<Vec<(u64, u64, String)>> {
         let mut digests = Vec::new();
-        for node in self.nodes.iter().filter(|node| node.is_running()) {
+        for node in self
+            .nodes
+            .iter()
+            .filter(|node| holders.contains(&node.node_id))
+        {
             let line = node.cli(&["volume", "digest", volume])?;
             // "container C applied A digest D bytes B"
             let fields: Vec<&str> = line.split_whitespace().collect();
@@ -229,14 +327,29 @@ impl TestCluster {
     /// Waits until every running replica of `volume` is at the same index with the same digest:
     /// no replica diverges. Returns the common digest.
     pub fn wait_converged(&self, volume: &str, timeout: Duration) -> Result<String> {
+        let running: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|node| node.is_running())
+            .map(|node| node.node_id)
+            .collect();
+        self.wait_converged_on(volume, &running, timeout)
+    }
+
+    /// Like [`TestCluster::wait_converged`], for the replicas on `holders` only.
+    pub fn wait_converged_on(
+        &self,
+        volume: &str,
+        holders: &[u64],
+        timeout: Duration,
+    ) -> Result<String> {
         let mut last = Vec::new();
         let result = wait_until(
-            &format!("replicas of {volume} converged"),
+            &format!("replicas of {volume} on nodes {holders:?} converged"),
             timeout,
-            || match self.digests(volume) {
+            || match self.digests_on(volume, holders) {
                 Ok(digests) => {
-                    let converged = digests.len()
-                        == self.nodes.iter().filter(|node| node.is_running()).count()
+                    let converged = digests.len() == holders.len()
                         && digests
                             .windows(2)
                             .all(|pair| pair[0].1 == pair[1].1 && pair[0].2 == pair[1].2);

@@ -224,17 +224,23 @@ impl Admin for AdminService {
                         };
                         // The metadata leader hears from every node; other nodes only know
                         // themselves and the leader.
+                        // "down": silent past the grace period (its replicas are re-created
+                        // elsewhere); "unreachable": silent, still within it.
                         let state = if node.node_id == self.node.node_id()
                             || metrics.current_leader == Some(node.node_id)
-                            || self
-                                .node
-                                .in_contact(crate::types::METADATA_CONTAINER_ID, node.node_id)
                         {
                             "up"
-                        } else if leads_metadata {
-                            "down"
-                        } else {
+                        } else if !leads_metadata {
                             "unknown"
+                        } else if down.contains(&node.node_id) {
+                            "down"
+                        } else if self
+                            .node
+                            .in_contact(crate::types::METADATA_CONTAINER_ID, node.node_id)
+                        {
+                            "up"
+                        } else {
+                            "unreachable"
                         };
                         (role, state)
                     }
