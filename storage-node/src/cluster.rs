@@ -337,6 +337,7 @@ pub async fn reconcile_loop(node: Arc<StorageNode>) {
 }
 
 async fn reconcile_once(node: &Arc<StorageNode>) -> NodeResult<()> {
+    node.restart_failed_containers().await;
     let records = metadata::list_containers(&node.storage)?;
     for record in &records {
         if !record.holds(node.node_id) {

@@ -26,7 +26,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openraft::{BasicNode, ChangeMembers};
+use openraft::{BasicNode, ChangeMembers, ServerState};
 
 use crate::cluster::METADATA_VOTER_COUNT_MAX;
 use crate::command::{Command, MetadataCommand};
@@ -236,6 +236,15 @@ impl StorageNode {
         }
         let raft = self.leading_raft(container_id).await?;
         let metrics = raft.metrics().borrow().clone();
+        if metrics.state != ServerState::Leader {
+            // Still leading, but already removed by an earlier change that is not committed yet
+            // (openraft keeps such a leader until then). Another membership change from it
+            // breaks openraft's invariants; the next leader takes over.
+            return Err(NodeError::NotLeader {
+                container_id,
+                leader_address: None,
+            });
+        }
         let membership = metrics.membership_config.membership().clone();
         let voters_now: BTreeSet<NodeId> = membership.voter_ids().collect();
         let settled = membership.get_joint_config().len() == 1;
@@ -302,14 +311,10 @@ async fn maintain_metadata_voters(
     let Some(raft) = node.raft(METADATA_CONTAINER_ID).await else {
         return Ok(());
     };
-    let membership = raft
-        .metrics()
-        .borrow()
-        .membership_config
-        .membership()
-        .clone();
-    if membership.get_joint_config().len() != 1 {
-        return Ok(()); // A change is in progress.
+    let metrics = raft.metrics().borrow().clone();
+    let membership = metrics.membership_config.membership().clone();
+    if membership.get_joint_config().len() != 1 || metrics.state != ServerState::Leader {
+        return Ok(()); // A change is in progress, or this leader is already being removed.
     }
     let healthy = |node_id: &NodeId| {
         !down.contains(node_id)

@@ -950,6 +950,34 @@ impl StorageNode {
         rafts
     }
 
+    /// Restarts the Raft instance of every container whose core stopped with a fatal error (a
+    /// panic inside openraft): the same as restarting the process for that container alone, since
+    /// everything it acknowledged is in the log store and RocksDB. Without this the container
+    /// would stay dead on this node until the process restarts.
+    pub(crate) async fn restart_failed_containers(&self) {
+        for (container_id, raft) in self.container_rafts().await {
+            let Err(fatal) = raft.is_initialized().await else {
+                continue;
+            };
+            tracing::error!(container = container_id, %fatal, "container's Raft core stopped; restarting it");
+            let _ = raft.shutdown().await; // Already stopped; the error says so.
+            let restarted = if container_id == METADATA_CONTAINER_ID {
+                // Replaces the dead instance in place: the node is never without one.
+                self.start_metadata_container().await
+            } else {
+                self.containers.write().await.remove(&container_id);
+                match metadata::get_container(&self.storage, container_id) {
+                    Ok(Some(record)) => self.start_replica(&record).await.map(|_| ()),
+                    Ok(None) => Ok(()), // Deleted meanwhile: nothing to restart.
+                    Err(error) => Err(error),
+                }
+            };
+            if let Err(error) = restarted {
+                tracing::error!(container = container_id, %error, "restarting the container failed; the reconcile loop retries");
+            }
+        }
+    }
+
     /// Checkpoints every container now (snapshot + log purge).
     pub async fn checkpoint_all(&self) {
         for (container_id, raft) in self.container_rafts().await {

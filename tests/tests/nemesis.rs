@@ -10,8 +10,13 @@
 //! - every replica reaches the same applied index with the same content digest (no divergence);
 //! - all three replicas are back (rf restored).
 //!
-//! It prints the totals. Rounds: `BALLAST_NEMESIS_ROUNDS` (20 by default, as in CI); replay a
-//! run with `BALLAST_SEED`.
+//! A second run uses four nodes and a 2 s down grace period, with faults held up to 4 s: the
+//! replica mover re-creates replicas on the spare node while faults keep coming, so membership
+//! changes themselves are under fire. Its checker also requires that the volume is back at
+//! rf=3 with no move in flight.
+//!
+//! It prints the totals. Rounds: `BALLAST_NEMESIS_ROUNDS` (20 by default, as in CI; the
+//! four-node run does half as many); replay a run with `BALLAST_SEED`.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -70,23 +75,92 @@ fn writer(
     }
 }
 
+fn rounds_configured() -> usize {
+    std::env::var("BALLAST_NEMESIS_ROUNDS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(20)
+}
+
 #[test]
 fn acknowledged_writes_survive_kills_pauses_and_partitions() {
     if !end_to_end_available() {
         return;
     }
-    let rounds: usize = std::env::var("BALLAST_NEMESIS_ROUNDS")
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(20);
-    let seed = seed("nemesis");
+    run_nemesis("nemesis", 3, rounds_configured(), 2_500, &[]);
+}
+
+#[test]
+fn acknowledged_writes_survive_faults_while_replicas_move() {
+    if !end_to_end_available() {
+        return;
+    }
+    run_nemesis(
+        "nemesis-moves",
+        4,
+        rounds_configured().div_ceil(2),
+        4_000,
+        &["--down-grace-ms", "2000"],
+    );
+}
+
+/// The cluster map, every node's status and log tail, and the FUSE driver's log tail.
+fn diagnostics(cluster: &TestCluster, mountpoint: &std::path::Path) -> String {
+    let mut report = Vec::new();
+    for arguments in [&["volume", "list"][..], &["node", "list"][..]] {
+        report.push(format!("{arguments:?}:\n{:?}", cluster.cli(arguments)));
+    }
+    for node in &cluster.nodes {
+        // The whole log, kept after the test's directories are gone.
+        let kept = ballast_tests::test_root().join(format!("nemesis-node{}.log", node.node_id));
+        let _ = std::fs::write(&kept, node.log_contents());
+        report.push(format!("node {} log kept at {kept:?}", node.node_id));
+        report.push(format!(
+            "node {} status: {:?}\nnode {} log tail:\n{}",
+            node.node_id,
+            node.cli(&["status"]),
+            node.node_id,
+            node.log_tail()
+        ));
+    }
+    let driver_log = mountpoint
+        .parent()
+        .map(|directory| directory.join("fuse-data.log"))
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .unwrap_or_default();
+    let tail: Vec<&str> = driver_log.lines().rev().take(30).collect();
+    report.push(format!(
+        "driver log tail:\n{}",
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    ));
+    report.join("\n")
+}
+
+/// One nemesis run on `node_count` nodes: faults held between 0.5 s and `hold_ms_max`.
+fn run_nemesis(
+    test: &str,
+    node_count: usize,
+    rounds: usize,
+    hold_ms_max: u64,
+    extra_arguments: &[&str],
+) {
+    let seed = seed(test);
     let mut generator = Generator(seed);
-    let network = TestNetwork::create(3).expect("network namespaces");
+    let network = TestNetwork::create(node_count).expect("network namespaces");
+    let mut arguments = vec!["--checkpoint-interval-ms", "2000"];
+    arguments.extend_from_slice(extra_arguments);
     let mut cluster =
-        TestCluster::start_in_network(&network, 3, 2 << 30, &["--checkpoint-interval-ms", "2000"])
-            .expect("cluster");
+        TestCluster::start_in_network(&network, node_count, 2 << 30, &arguments).expect("cluster");
     cluster
-        .cli(&["volume", "create", "data", "--quota", "2GiB"])
+        .cli(&[
+            "volume",
+            "create",
+            "data",
+            "--quota",
+            "2GiB",
+            "--replication-factor",
+            "3",
+        ])
         .expect("create volume");
     let endpoints = cluster.endpoints();
     let mountpoint = cluster
@@ -110,13 +184,13 @@ fn acknowledged_writes_survive_kills_pauses_and_partitions() {
         .collect();
 
     for round in 0..rounds {
-        let node_id = 1 + generator.below(3);
+        let node_id = 1 + generator.below(node_count as u64);
         let fault = match generator.below(3) {
             0 => Fault::Kill,
             1 => Fault::Pause,
             _ => Fault::Partition,
         };
-        let hold = Duration::from_millis(500 + generator.below(2500));
+        let hold = Duration::from_millis(500 + generator.below(hold_ms_max - 500));
         let before = ledger.acknowledged.lock().unwrap().len();
         let node = cluster.node_mut(node_id);
         match fault {
@@ -159,7 +233,8 @@ fn acknowledged_writes_survive_kills_pauses_and_partitions() {
     let acknowledged = ledger.acknowledged.lock().unwrap().clone();
     assert!(
         acknowledged.len() >= resumed_from + 5,
-        "writes did not resume after the faults stopped"
+        "writes did not resume after the faults stopped\n{}",
+        diagnostics(&cluster, &mountpoint)
     );
     let (mut lost, mut wrong) = (0, 0);
     for (name, expected) in &acknowledged {
@@ -179,12 +254,24 @@ fn acknowledged_writes_survive_kills_pauses_and_partitions() {
             Ok(_) => {}
         }
     }
+    // rf restored: three replicas, no move in flight, all at one index with one digest.
+    let mut placement = (Vec::new(), Vec::new());
+    ballast_tests::wait_until("rf=3 restored", Duration::from_secs(120), || match cluster
+        .placement("data")
+    {
+        Ok(now) => {
+            placement = now;
+            placement.0.len() == 3 && placement.1.is_empty()
+        }
+        Err(_) => false,
+    })
+    .unwrap_or_else(|error| panic!("{error}: last placement {placement:?}"));
     let digest = cluster
-        .wait_converged("data", Duration::from_secs(60))
+        .wait_converged_on("data", &placement.0, Duration::from_secs(60))
         .expect("replicas converge");
     let replicas = cluster.cli(&["volume", "list", "--bytes"]).unwrap();
     eprintln!(
-        "nemesis: rounds {rounds}, writes acknowledged {}, failed attempts {}, lost {lost}, wrong bytes {wrong}, replicas converged at digest {digest}",
+        "{test}: nodes {node_count}, rounds {rounds}, writes acknowledged {}, failed attempts {}, lost {lost}, wrong bytes {wrong}, replicas converged at digest {digest}",
         acknowledged.len(),
         ledger.failed_attempts.load(Ordering::Relaxed)
     );
