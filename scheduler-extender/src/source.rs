@@ -110,3 +110,85 @@ impl PlacementSource {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A TCP port that accepts connections (the kernel completes the handshake) but never
+    /// answers: a hung Ballast node.
+    fn silent_endpoint() -> (std::net::TcpListener, String) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        (listener, endpoint)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hung_cluster_costs_one_deadline_per_ttl() {
+        let (_listener, endpoint) = silent_endpoint();
+        let timeout = Duration::from_millis(300);
+        let source = Arc::new(
+            PlacementSource::new(
+                &endpoint,
+                "kubernetes.io/hostname",
+                Duration::from_secs(60),
+                timeout,
+            )
+            .unwrap(),
+        );
+        // Four concurrent calls during the first listing are all answered within about one
+        // deadline (they wait for the one listing in flight, not each for its own in turn).
+        let started = Instant::now();
+        let calls: Vec<_> = (0..4)
+            .map(|_| {
+                let source = Arc::clone(&source);
+                tokio::spawn(async move { source.placement().await })
+            })
+            .collect();
+        for call in calls {
+            let result = call.await.unwrap();
+            assert!(
+                matches!(
+                    result,
+                    Err(ExtenderError::BallastTimeout { .. } | ExtenderError::BallastUnavailable(_))
+                ),
+                "{result:?}"
+            );
+        }
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= timeout,
+            "answered before the deadline: {elapsed:?}"
+        );
+        assert!(
+            elapsed < timeout * 3,
+            "concurrent calls each waited for a listing: {elapsed:?}"
+        );
+        // Within the TTL the failure is answered from the cache, at once.
+        let started = Instant::now();
+        assert!(source.placement().await.is_err());
+        assert!(started.elapsed() < timeout / 3, "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_zero_ttl_lists_every_time_and_bad_settings_are_refused() {
+        let (_listener, endpoint) = silent_endpoint();
+        let timeout = Duration::from_millis(100);
+        let source =
+            PlacementSource::new(&endpoint, "kubernetes.io/hostname", Duration::ZERO, timeout)
+                .unwrap();
+        for _ in 0..2 {
+            let started = Instant::now();
+            assert!(source.placement().await.is_err());
+            assert!(started.elapsed() >= timeout, "{:?}", started.elapsed());
+        }
+        assert!(matches!(
+            PlacementSource::new(&endpoint, "k", Duration::ZERO, Duration::ZERO),
+            Err(ExtenderError::Configuration(_))
+        ));
+        assert!(matches!(
+            PlacementSource::new("ftp://nowhere", "k", Duration::ZERO, timeout),
+            Err(ExtenderError::Configuration(_))
+        ));
+    }
+}
