@@ -149,6 +149,14 @@ def container(spec, name, init=False):
     return found[0]
 
 
+def node_env_field(container_spec, name):
+    """The fieldRef path of environment variable `name` (None when absent or not a fieldRef)."""
+    for variable in container_spec.get("env", []):
+        if variable["name"] == name:
+            return variable.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+    return None
+
+
 def argument(container_spec, flag):
     """The value of --flag=value in a container's args (None when absent)."""
     prefix = f"--{flag}="
@@ -375,6 +383,9 @@ def assert_storage(objects, values, ballast_image, service_endpoint) -> int:
           "BALLAST_NODE_NAME must come from spec.nodeName")
     command = " ".join(node["command"])
     state_dir = storage["hostPath"].rstrip("/") + "/state"
+    check(f'--label "{storage["nodeNameLabel"]}=$NODE_NAME"' in command,
+          f"storage nodes must be labelled {storage['nodeNameLabel']}=<node name>: {command}")
+    check(node_env_field(node, "NODE_NAME") == "spec.nodeName", "NODE_NAME must come from spec.nodeName")
     check("ballast-node run" in command and f"--listen 0.0.0.0:{storage['port']}" in command
           and f'--state-dir "{state_dir}"' in command and "/run/ballast/device" in command,
           f"ballast-node command: {command}")
@@ -470,6 +481,8 @@ def assert_csi_controller(objects, values, ballast_image, service_endpoint) -> i
             check(mounts.get("socket-dir") == "/csi", f"{name} does not share the socket directory")
     provisioner = container(spec, "csi-provisioner")
     check("--leader-election" in provisioner["args"], "provisioner without leader election")
+    check("--extra-create-metadata" in provisioner["args"],
+          "the provisioner must pass PVC metadata (the extender finds volumes by it)")
     check(argument(provisioner, "feature-gates") == "Topology=true", "provisioner without topology")
     check(spec["securityContext"]["runAsNonRoot"] is True, "the controller pod must not run as root")
     check(not any(c.get("securityContext", {}).get("privileged") for c in spec["containers"]),
@@ -552,6 +565,20 @@ def assert_extender(objects, values, service_endpoint) -> int:
     check(argument(main, "listen") == f"0.0.0.0:{extender['port']}", "extender --listen")
     check(argument(main, "ballast-endpoint") == (extender["ballastEndpoint"] or service_endpoint),
           "extender --ballast-endpoint")
+    check(argument(main, "filter-policy") == extender["filterPolicy"], "extender --filter-policy")
+    check(argument(main, "node-name-label") == values["storage"]["nodeNameLabel"],
+          "extender --node-name-label must be the label the storage nodes carry")
+    check(argument(main, "cache-ttl-ms") == str(extender["cacheTtlMs"]), "extender --cache-ttl-ms")
+    check(argument(main, "ballast-timeout-ms") == str(extender["ballastTimeoutMs"]),
+          "extender --ballast-timeout-ms")
+    for probe in ("readinessProbe", "livenessProbe"):
+        check(main[probe].get("httpGet") == {"path": "/healthz", "port": "http"},
+              f"extender {probe} must GET /healthz")
+    check(pod_spec(deployment).get("automountServiceAccountToken") is False,
+          "the extender needs no Kubernetes API token")
+    check(not [o for o in objects if o["kind"] in ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+               and o["metadata"]["name"] == name],
+          "the extender needs no RBAC")
     service = one(objects, "Service", name)
     check(service["spec"]["ports"][0]["port"] == extender["port"], "extender Service port")
     check(service["spec"]["type"] == extender["service"]["type"], "extender Service type")
@@ -563,8 +590,10 @@ def assert_extender(objects, values, service_endpoint) -> int:
     url = extender["scheduler"]["urlPrefix"] or \
         f"http://{name}.{NAMESPACE}.svc.{values['clusterDomain']}:{extender['port']}"
     check(entry["urlPrefix"] == url, f"scheduler urlPrefix {entry['urlPrefix']}, expected {url}")
-    check(entry["filterVerb"] == "filter" and entry["prioritizeVerb"] == "prioritize",
-          "the extender serves /filter and /prioritize")
+    check(entry["prioritizeVerb"] == "prioritize", "the extender serves /prioritize")
+    check(entry.get("filterVerb") == ("filter" if extender["filterPolicy"] == "require" else None),
+          "filterVerb is set exactly under filterPolicy require (prefer's filter passes every node)")
+    check("managedResources" not in entry, "Ballast manages no extended resources")
     check(entry["weight"] == extender["scheduler"]["weight"], "extender weight")
     check(entry["ignorable"] == extender["scheduler"]["ignorable"], "extender ignorable")
     check(entry["nodeCacheCapable"] == extender["scheduler"]["nodeCacheCapable"], "nodeCacheCapable")
@@ -665,6 +694,9 @@ SCHEMA_VIOLATIONS = [
     ("pull policy outside its enum", {"image": {"pullPolicy": "Sometimes"}}),
     ("extender nodePort out of range", {"extender": {"service": {"type": "NodePort", "nodePort": 80}}}),
     ("extender enabled as a string", {"extender": {"enabled": "yes"}}),
+    ("extender filter policy outside its enum", {"extender": {"filterPolicy": "always"}}),
+    ("extender Ballast timeout of 0", {"extender": {"ballastTimeoutMs": 0}}),
+    ("node name label with a space", {"storage": {"nodeNameLabel": "kubernetes.io/host name"}}),
     ("test size in MB", {"tests": {"size": "64MB"}}),
     ("update strategy outside its enum", {"storage": {"updateStrategy": {"type": "Recreate"}}}),
 ]

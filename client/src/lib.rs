@@ -28,6 +28,21 @@ pub use retry::{Idempotency, RetryPolicy};
 use proto::admin_client::AdminClient;
 use proto::filesystem_client::FilesystemClient;
 
+/// Volume labels with a meaning shared by several front ends: the CSI plugin records them when it
+/// creates a volume for a PersistentVolumeClaim (external-provisioner's `--extra-create-metadata`
+/// passes them as CreateVolume parameters under these same keys), and the scheduler extender
+/// finds a pod's volumes by them.
+pub mod volume_labels {
+    /// Name of the PersistentVolumeClaim the volume was provisioned for.
+    pub const PVC_NAME: &str = "csi.storage.k8s.io/pvc/name";
+    /// Namespace of that PersistentVolumeClaim.
+    pub const PVC_NAMESPACE: &str = "csi.storage.k8s.io/pvc/namespace";
+    /// Name of the PersistentVolume (equal to the volume id the CSI plugin returns).
+    pub const PV_NAME: &str = "csi.storage.k8s.io/pv/name";
+    /// Every key above: the labels the CSI plugin copies from CreateVolume parameters.
+    pub const FROM_PROVISIONER: [&str; 3] = [PVC_NAME, PVC_NAMESPACE, PV_NAME];
+}
+
 /// Largest gRPC message accepted or sent, both ways: a 1 MiB FUSE write plus headroom for large
 /// reads and long directory pages.
 pub const MESSAGE_SIZE_BYTES_MAX: usize = 64 * 1024 * 1024;

@@ -132,6 +132,7 @@ fn recorded_context(volume: &proto::Volume) -> HashMap<String, String> {
         replication_factor: volume.replication_factor,
         replication_minimum: volume.replication_minimum,
         node_selector: Vec::new(),
+        volume_labels: Vec::new(),
     }
     .volume_context()
 }
@@ -253,14 +254,17 @@ impl ControllerService {
             Some(volume) => volume,
             None => match self
                 .client
-                .create_volume_placed(
-                    &name,
+                .create_volume_with(proto::CreateVolumeRequest {
+                    name: name.clone(),
                     quota_bytes,
-                    volume_parameters.replication_factor,
-                    volume_parameters.replication_minimum,
+                    replication_factor: volume_parameters.replication_factor,
+                    replication_minimum: volume_parameters.replication_minimum,
                     // Replicas go only to storage nodes carrying these labels.
-                    volume_parameters.node_selector.iter().cloned().collect(),
-                )
+                    node_selector: volume_parameters.node_selector.iter().cloned().collect(),
+                    // The claim's namespace and name: how the scheduler extender finds a
+                    // pod's volumes.
+                    labels: volume_parameters.volume_labels.iter().cloned().collect(),
+                })
                 .await
             {
                 Ok(volume) => {
@@ -614,6 +618,7 @@ mod tests {
             replication_factor: 3,
             replication_minimum: 2,
             node_selector: Vec::new(),
+            volume_labels: Vec::new(),
         };
         assert!(incompatibility(&volume, 10 << 20, 0, &replicated).is_some());
     }

@@ -11,13 +11,18 @@
 //! Must not depend on: the services or the storage node.
 //! Invariants:
 //! - Keys under `csi.storage.k8s.io/` belong to the sidecars (PVC name, namespace, fs type,
-//!   secrets) and are ignored; any other unknown key is refused, so a typo in a StorageClass
-//!   fails loudly instead of being silently dropped.
+//!   secrets) and are never placement parameters; any other unknown key is refused, so a typo
+//!   in a StorageClass fails loudly instead of being silently dropped.
+//! - The PVC and PV names that external-provisioner adds with `--extra-create-metadata`
+//!   (`ballast_client::volume_labels::FROM_PROVISIONER`) become labels of the Ballast volume:
+//!   the scheduler extender finds a pod's volumes by them. The other sidecar keys are ignored.
 //! - `nodeSelector` is validated with Kubernetes label syntax, recorded in the volume context
 //!   (visible on the PV) and passed to the storage cluster, which places the volume's replicas
 //!   only on storage nodes carrying every label (too few such nodes: `RESOURCE_EXHAUSTED`).
 
 use std::collections::HashMap;
+
+use ballast_client::volume_labels;
 
 use crate::CsiError;
 
@@ -43,6 +48,8 @@ pub struct VolumeParameters {
     pub replication_minimum: u32,
     /// Label requirements in the order given, each `(key, value)`.
     pub node_selector: Vec<(String, String)>,
+    /// Labels for the Ballast volume (PVC namespace and name, PV name), sorted by key.
+    pub volume_labels: Vec<(String, String)>,
 }
 
 impl Default for VolumeParameters {
@@ -51,6 +58,7 @@ impl Default for VolumeParameters {
             replication_factor: 1,
             replication_minimum: 1,
             node_selector: Vec::new(),
+            volume_labels: Vec::new(),
         }
     }
 }
@@ -68,6 +76,9 @@ impl VolumeParameters {
                 REPLICATION => result.replication_factor = parse_count(key, value)?,
                 REPLICATION_MINIMUM => result.replication_minimum = parse_count(key, value)?,
                 NODE_SELECTOR => result.node_selector = parse_node_selector(value)?,
+                _ if volume_labels::FROM_PROVISIONER.contains(&key.as_str()) => {
+                    result.volume_labels.push((key.clone(), value.clone()));
+                }
                 _ if key.starts_with(SIDECAR_PREFIX) => {}
                 _ => {
                     return Err(CsiError::InvalidArgument(format!(
@@ -231,6 +242,47 @@ mod tests {
         let context = parsed.volume_context();
         assert_eq!(context["replication"], "3");
         assert_eq!(context["nodeSelector"], "zone=a,gpu=true");
+        assert_eq!(
+            parsed.volume_labels,
+            [("csi.storage.k8s.io/pvc/name".to_owned(), "data".to_owned())]
+        );
+    }
+
+    #[test]
+    fn provisioner_metadata_becomes_volume_labels_not_errors() {
+        // What external-provisioner --extra-create-metadata adds, plus a secret reference
+        // (another sidecar key, ignored).
+        let parsed = VolumeParameters::parse(&parameters(&[
+            ("replication", "1"),
+            ("csi.storage.k8s.io/pvc/namespace", "shop"),
+            ("csi.storage.k8s.io/pvc/name", "data-mysql-0"),
+            ("csi.storage.k8s.io/pv/name", "pvc-6f1c"),
+            ("csi.storage.k8s.io/provisioner-secret-name", "secret"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            parsed.volume_labels,
+            [
+                (
+                    "csi.storage.k8s.io/pv/name".to_owned(),
+                    "pvc-6f1c".to_owned()
+                ),
+                (
+                    "csi.storage.k8s.io/pvc/name".to_owned(),
+                    "data-mysql-0".to_owned()
+                ),
+                (
+                    "csi.storage.k8s.io/pvc/namespace".to_owned(),
+                    "shop".to_owned()
+                ),
+            ]
+        );
+        assert!(parsed.node_selector.is_empty());
+        // They stay out of the volume context (the PV carries them already).
+        assert!(!parsed
+            .volume_context()
+            .keys()
+            .any(|key| key.starts_with("csi.storage.k8s.io/")));
     }
 
     #[test]

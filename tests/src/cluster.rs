@@ -38,7 +38,30 @@ impl TestCluster {
         device_size_bytes: u64,
         extra_arguments: &[&str],
     ) -> Result<Self> {
-        Self::start_on(None, node_count, device_size_bytes, extra_arguments)
+        Self::start_on(
+            None,
+            node_count,
+            device_size_bytes,
+            extra_arguments,
+            &|_| Vec::new(),
+        )
+    }
+
+    /// Like [`TestCluster::start`], node `i` also given `node_arguments(i)` (for example
+    /// per-node labels such as `--label kubernetes.io/hostname=worker-<i>`).
+    pub fn start_with(
+        node_count: usize,
+        device_size_bytes: u64,
+        extra_arguments: &[&str],
+        node_arguments: &dyn Fn(u64) -> Vec<String>,
+    ) -> Result<Self> {
+        Self::start_on(
+            None,
+            node_count,
+            device_size_bytes,
+            extra_arguments,
+            node_arguments,
+        )
     }
 
     /// Like [`TestCluster::start`], node `i` in host `i`'s namespace of `network`.
@@ -53,6 +76,7 @@ impl TestCluster {
             node_count,
             device_size_bytes,
             extra_arguments,
+            &|_| Vec::new(),
         )
     }
 
@@ -61,6 +85,7 @@ impl TestCluster {
         node_count: usize,
         device_size_bytes: u64,
         extra_arguments: &[&str],
+        node_arguments: &dyn Fn(u64) -> Vec<String>,
     ) -> Result<Self> {
         let mut nodes: Vec<LocalNode> = Vec::with_capacity(node_count);
         for index in 0..node_count {
@@ -76,6 +101,7 @@ impl TestCluster {
                 arguments.push(first.endpoint());
             }
             arguments.extend(extra_arguments.iter().map(|argument| argument.to_string()));
+            arguments.extend(node_arguments(node_id));
             let node = match network {
                 None => LocalNode::start_member(device_size_bytes, node_id, arguments),
                 Some(network) => LocalNode::start_member_at(
