@@ -328,6 +328,20 @@ impl Admin for AdminService {
             uptime_ms: node.uptime().as_millis() as u64,
             checksum_error_count: node.storage().checksum_error_count(),
             containers,
+            scrub: Some(crate::scrub::status_message(node.scrubber())),
+        }))
+    }
+
+    async fn scrub(
+        &self,
+        request: Request<proto::ScrubRequest>,
+    ) -> Result<Response<proto::ScrubResponse>, Status> {
+        let rate_bytes_per_second = request.into_inner().rate_bytes_per_second;
+        let report = crate::scrub::run_pass(&self.node, rate_bytes_per_second)
+            .await
+            .map_err(node_status)?;
+        Ok(Response::new(proto::ScrubResponse {
+            pass: Some(report.into()),
         }))
     }
 }
