@@ -471,8 +471,7 @@ mod tests {
 
     #[test]
     fn scrub_arguments_and_result() {
-        let arguments =
-            Arguments::try_parse_from(["ballast", "scrub", "--rate", "64MiB"]).unwrap();
+        let arguments = Arguments::try_parse_from(["ballast", "scrub", "--rate", "64MiB"]).unwrap();
         match arguments.command {
             Command::Scrub {
                 rate,

@@ -203,7 +203,9 @@ impl Pacer {
     /// Takes `bytes` from the bucket at `now` and returns how long the caller must wait before
     /// reading them.
     pub fn reserve(&mut self, bytes: u64, now: Instant) -> Duration {
-        let elapsed_seconds = now.saturating_duration_since(self.refilled_at).as_secs_f64();
+        let elapsed_seconds = now
+            .saturating_duration_since(self.refilled_at)
+            .as_secs_f64();
         self.refilled_at = self.refilled_at.max(now);
         self.available_bytes = (self.available_bytes
             + elapsed_seconds * self.rate_bytes_per_second as f64)
@@ -522,7 +524,11 @@ async fn repair(node: &StorageNode, container_id: u64, block: &ScannedBlock) -> 
 }
 
 /// Confirms a suspicious block and repairs it when it is really bad.
-async fn handle_suspect(node: &StorageNode, container_id: u64, block: &ScannedBlock) -> BlockOutcome {
+async fn handle_suspect(
+    node: &StorageNode,
+    container_id: u64,
+    block: &ScannedBlock,
+) -> BlockOutcome {
     match confirm_bad(&node.storage, block).await {
         Ok(Confirmation::Stale) => BlockOutcome::Skipped,
         Ok(Confirmation::Intact) => BlockOutcome::Verified,
@@ -569,13 +575,13 @@ async fn verify_page(
             let Some(run) = pending.pop_front() else {
                 break;
             };
-            pacer
-                .pace((run.len() * BLOCK_SIZE_BYTES) as u64)
-                .await;
+            pacer.pace((run.len() * BLOCK_SIZE_BYTES) as u64).await;
             let block_store = storage.block_store.clone();
             let first_block = page[run.start].reference.device_block;
             let block_count = run.len() as u32;
-            reads.spawn(async move { (run, block_store.read_blocks(first_block, block_count).await) });
+            reads.spawn(
+                async move { (run, block_store.read_blocks(first_block, block_count).await) },
+            );
         }
         let Some(joined) = reads.join_next().await else {
             break;
@@ -681,7 +687,10 @@ pub async fn scrub_loop(node: Arc<StorageNode>) {
     if interval_ms == 0 {
         return;
     }
-    tokio::time::sleep(Duration::from_millis(interval_ms.min(FIRST_PASS_DELAY_MS_MAX))).await;
+    tokio::time::sleep(Duration::from_millis(
+        interval_ms.min(FIRST_PASS_DELAY_MS_MAX),
+    ))
+    .await;
     loop {
         if let Err(error) = run_pass(&node, 0).await {
             tracing::warn!(%error, "scrub pass incomplete; the next pass starts over");
@@ -711,15 +720,18 @@ pub async fn repair_read_range(
         None => keys::prefix_end(&keys::block_prefix(container_id, inode)),
     };
     let mut page = Vec::new();
-    node.storage
-        .state
-        .scan(&start, &end, READ_REPAIR_BLOCK_COUNT_MAX as usize, |key, value| {
+    node.storage.state.scan(
+        &start,
+        &end,
+        READ_REPAIR_BLOCK_COUNT_MAX as usize,
+        |key, value| {
             page.push(ScannedBlock {
                 key: key.to_vec(),
                 reference: decode(value, "block reference")?,
             });
             Ok(true)
-        })?;
+        },
+    )?;
     let mut report = PassReport::default();
     for block in &page {
         let intact = match node
@@ -789,7 +801,10 @@ pub async fn serve_block(
             let block = ScannedBlock { key, reference };
             let storage = &node.storage;
             let _applies_paused = storage.pause_applies().await;
-            match storage.state.get::<BlockRef>(&block.key, "block reference")? {
+            match storage
+                .state
+                .get::<BlockRef>(&block.key, "block reference")?
+            {
                 Some(current) => {
                     let bytes = storage
                         .block_store
@@ -806,7 +821,7 @@ pub async fn serve_block(
                     return Ok(cluster_proto::ReadBlockResponse {
                         present: true,
                         checksum: current.checksum,
-                        data: bytes.to_vec().into(),
+                        data: bytes.to_vec(),
                         applied_index,
                     });
                 }
@@ -824,7 +839,7 @@ pub async fn serve_block(
     Ok(cluster_proto::ReadBlockResponse {
         present: true,
         checksum: reference.checksum,
-        data: data.into(),
+        data,
         applied_index,
     })
 }
@@ -871,7 +886,7 @@ mod tests {
         cluster_proto::ReadBlockResponse {
             present,
             checksum,
-            data: data.into(),
+            data,
             applied_index: 7,
         }
     }
@@ -966,7 +981,9 @@ mod tests {
         };
         let mut page: Vec<ScannedBlock> = [10, 11, 12, 40, 41, 13].into_iter().map(block).collect();
         assert_eq!(device_runs(&page), vec![0..3, 3..5, 5..6]);
-        page = (0..(READ_BLOCKS_PER_REQUEST_MAX as u64 + 3)).map(block).collect();
+        page = (0..(READ_BLOCKS_PER_REQUEST_MAX as u64 + 3))
+            .map(block)
+            .collect();
         assert_eq!(
             device_runs(&page),
             vec![
@@ -1029,17 +1046,16 @@ mod tests {
             .await
             .unwrap();
         let key = keys::block(container_id, inode, 0);
-        let reference: BlockRef = storage
-            .storage
-            .state
-            .get(&key, "block")
-            .unwrap()
-            .unwrap();
+        let reference: BlockRef = storage.storage.state.get(&key, "block").unwrap().unwrap();
         (storage, ScannedBlock { key, reference }, data)
     }
 
     async fn corrupt(storage: &NodeStorage, device_block: u64) {
-        let mut bytes = storage.block_store.read_blocks(device_block, 1).await.unwrap();
+        let mut bytes = storage
+            .block_store
+            .read_blocks(device_block, 1)
+            .await
+            .unwrap();
         bytes[1234] ^= 0x40;
         storage
             .block_store
@@ -1052,9 +1068,15 @@ mod tests {
     async fn a_bad_block_is_confirmed_under_the_lock_and_rewritten_in_place() {
         let (test, block, data) = one_block_file(0x42).await;
         let storage = &test.storage;
-        assert_eq!(confirm_bad(storage, &block).await.unwrap(), Confirmation::Intact);
+        assert_eq!(
+            confirm_bad(storage, &block).await.unwrap(),
+            Confirmation::Intact
+        );
         corrupt(storage, block.reference.device_block).await;
-        assert_eq!(confirm_bad(storage, &block).await.unwrap(), Confirmation::Bad);
+        assert_eq!(
+            confirm_bad(storage, &block).await.unwrap(),
+            Confirmation::Bad
+        );
         assert!(matches!(
             crate::filesystem::read(storage, 3, block.inode(), 0, 4096).await,
             Err(NodeError::ChecksumMismatch(_))
@@ -1063,7 +1085,10 @@ mod tests {
             rewrite_in_place(storage, &block, &data).await.unwrap(),
             Rewrite::Done
         );
-        assert_eq!(confirm_bad(storage, &block).await.unwrap(), Confirmation::Intact);
+        assert_eq!(
+            confirm_bad(storage, &block).await.unwrap(),
+            Confirmation::Intact
+        );
         assert_eq!(
             crate::filesystem::read(storage, 3, block.inode(), 0, 4096)
                 .await
@@ -1090,7 +1115,10 @@ mod tests {
         let storage = &test.storage;
         // Even if the old device block now holds anything at all...
         corrupt(storage, scanned.reference.device_block).await;
-        assert_eq!(confirm_bad(storage, &scanned).await.unwrap(), Confirmation::Stale);
+        assert_eq!(
+            confirm_bad(storage, &scanned).await.unwrap(),
+            Confirmation::Stale
+        );
         // ...a repair with the old version's bytes writes nothing.
         let before = storage
             .block_store
