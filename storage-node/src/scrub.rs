@@ -648,12 +648,29 @@ async fn scrub_container(
     }
 }
 
+/// Holds `running` up while a pass runs, and lowers it however the pass ends (even when its
+/// future is dropped).
+struct RunningFlag<'flag>(&'flag AtomicBool);
+
+impl<'flag> RunningFlag<'flag> {
+    fn raise(flag: &'flag AtomicBool) -> Self {
+        flag.store(true, Ordering::Relaxed);
+        Self(flag)
+    }
+}
+
+impl Drop for RunningFlag<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
 /// Runs one whole pass over every container this node holds, after any pass in progress.
 /// `rate_bytes_per_second` 0 uses the node's configured pace.
 pub async fn run_pass(node: &StorageNode, rate_bytes_per_second: u64) -> NodeResult<PassReport> {
     let scrubber = node.scrubber();
     let _one_pass = scrubber.pass_lock.lock().await;
-    scrubber.running.store(true, Ordering::Relaxed);
+    let _running = RunningFlag::raise(&scrubber.running);
     let rate = match rate_bytes_per_second {
         0 => scrubber.config.rate_bytes_per_second,
         rate => rate,
@@ -676,7 +693,6 @@ pub async fn run_pass(node: &StorageNode, rate_bytes_per_second: u64) -> NodeRes
     }
     report.finished_ns = node.now_ns();
     scrubber.record(&report, result.is_ok());
-    scrubber.running.store(false, Ordering::Relaxed);
     tracing::info!(?report, "scrub pass finished");
     result.map(|()| report)
 }
