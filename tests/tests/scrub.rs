@@ -331,4 +331,22 @@ fn a_single_replica_block_is_unrepairable_and_never_served() {
     );
     // Still bad on the device: nothing "repaired" it with other bytes.
     assert!(read_at(&node.device_path, found[0]) != victim);
+
+    // Pacing: with 512 KiB more data, a pass at 128 KiB/s reads about 530 KiB, of which the
+    // first 256 KiB ride on the burst: it cannot take less than about 2 s.
+    write_fsync(&mountpoint.join("paced"), &generator.bytes(512 << 10));
+    let started = std::time::Instant::now();
+    let output = Command::new(binary("ballast"))
+        .args(["--node", &node.endpoint(), "scrub", "--rate", "128KiB"])
+        .output()
+        .unwrap();
+    let elapsed = started.elapsed();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(scrub_field(&stdout, "verified") >= 128, "{stdout}");
+    let duration_ms = scrub_field(&stdout, "duration");
+    assert!(
+        duration_ms >= 1_900 && elapsed >= Duration::from_millis(1_900),
+        "a paced pass took {duration_ms} ms ({elapsed:?}):\n{stdout}"
+    );
+    assert!(duration_ms < 20_000, "pacing far too slow: {stdout}");
 }
