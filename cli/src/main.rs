@@ -48,6 +48,16 @@ enum Command {
     /// Run a single-node setup on this machine for development.
     #[command(subcommand)]
     Local(local::LocalCommand),
+    /// Verify every data block the node (the first one of --node) holds now, repair bad blocks
+    /// from replicas, and print the result.
+    Scrub {
+        /// Pace of this pass, e.g. 64MiB (per second); default: the node's configured pace.
+        #[arg(long, value_parser = parse_size_bytes)]
+        rate: Option<u64>,
+        /// Give up waiting for the result after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout_seconds: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,7 +145,52 @@ async fn run(arguments: Arguments) -> anyhow::Result<()> {
         Command::Status => status(&connect(&arguments.node).await?).await,
         Command::Node(command) => node(&connect(&arguments.node).await?, command).await,
         Command::Local(command) => local::run(command).await,
+        Command::Scrub {
+            rate,
+            timeout_seconds,
+        } => scrub(&arguments.node, rate.unwrap_or(0), timeout_seconds).await,
     }
+}
+
+async fn scrub(node: &str, rate_bytes_per_second: u64, timeout_seconds: u64) -> anyhow::Result<()> {
+    // A pass is answered by the node it is sent to: only the first address is used, so the
+    // client cannot fail over to another node and scrub that one instead.
+    let endpoint = node.split(',').next().unwrap_or(node).trim();
+    let options = ClientOptions {
+        request_timeout_ms: timeout_seconds.saturating_mul(1000).max(1000),
+        ..ClientOptions::default()
+    };
+    let client = BallastClient::connect_with_options(endpoint, options)
+        .await
+        .with_context(|| format!("connecting to the storage node at {endpoint}"))?;
+    let pass = client
+        .scrub(rate_bytes_per_second)
+        .await
+        .context("running a scrub pass")?;
+    print!("{}", render_scrub_pass(&pass));
+    if pass.unrepairable_block_count > 0 {
+        anyhow::bail!(
+            "{} bad block(s) could not be repaired; reads of them fail with EIO",
+            pass.unrepairable_block_count
+        );
+    }
+    Ok(())
+}
+
+/// The result of a scrub pass, one `key value` line each (stable for scripts and tests).
+fn render_scrub_pass(pass: &ballast_client::proto::ScrubPass) -> String {
+    let duration_ms = (pass.finished_ns.saturating_sub(pass.started_ns)).max(0) / 1_000_000;
+    format!(
+        "containers     {}\nverified       {} blocks ({})\nerrors found   {}\nrepaired       {}\nunrepairable   {}\nskipped        {}\nduration       {} ms\n",
+        pass.container_count,
+        pass.verified_block_count,
+        format_size(pass.verified_bytes),
+        pass.error_count,
+        pass.repaired_block_count,
+        pass.unrepairable_block_count,
+        pass.skipped_block_count,
+        duration_ms
+    )
 }
 
 async fn connect(node: &str) -> anyhow::Result<BallastClient> {
@@ -383,6 +438,38 @@ async fn status(client: &BallastClient) -> anyhow::Result<()> {
     println!("volumes          {}", status.volume_count);
     println!("uptime           {} s", status.uptime_ms / 1000);
     println!("checksum errors  {}", status.checksum_error_count);
+    if let Some(scrub) = &status.scrub {
+        println!(
+            "scrub            {} passes, {} blocks verified, {} errors, {} repaired, {} unrepairable{}",
+            scrub.pass_count,
+            scrub.verified_block_count,
+            scrub.error_count,
+            scrub.repaired_block_count,
+            scrub.unrepairable_block_count,
+            if scrub.running { ", running" } else { "" }
+        );
+        let last_pass = match scrub.last_pass_finished_ns {
+            0 => "never".to_owned(),
+            finished_ns => format!(
+                "{} s ago",
+                (std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|now| now.as_nanos() as i64)
+                    .unwrap_or(0)
+                    - finished_ns)
+                    .max(0)
+                    / 1_000_000_000
+            ),
+        };
+        let schedule = match scrub.interval_ms {
+            0 => "background passes off".to_owned(),
+            interval_ms => format!("every {} s", interval_ms / 1000),
+        };
+        println!(
+            "scrub last pass  {last_pass} ({schedule}, {}/s)",
+            format_size(scrub.rate_bytes_per_second)
+        );
+    }
     println!();
     let rows: Vec<Vec<String>> = status
         .containers
@@ -453,6 +540,36 @@ mod tests {
             render_table(&["NAME", "ID"], &rows),
             "NAME  ID\ndemo  1\nx     22\n"
         );
+    }
+
+    #[test]
+    fn scrub_arguments_and_result() {
+        let arguments = Arguments::try_parse_from(["ballast", "scrub", "--rate", "64MiB"]).unwrap();
+        match arguments.command {
+            Command::Scrub {
+                rate,
+                timeout_seconds,
+            } => {
+                assert_eq!(rate, Some(64 << 20));
+                assert_eq!(timeout_seconds, 3600);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let rendered = render_scrub_pass(&ballast_client::proto::ScrubPass {
+            container_count: 2,
+            verified_block_count: 10,
+            verified_bytes: 40960,
+            error_count: 1,
+            repaired_block_count: 1,
+            unrepairable_block_count: 0,
+            skipped_block_count: 0,
+            started_ns: 1_000_000_000,
+            finished_ns: 1_250_000_000,
+        });
+        assert!(rendered.contains("errors found   1\n"), "{rendered}");
+        assert!(rendered.contains("repaired       1\n"), "{rendered}");
+        assert!(rendered.contains("unrepairable   0\n"), "{rendered}");
+        assert!(rendered.contains("duration       250 ms\n"), "{rendered}");
     }
 
     #[test]

@@ -270,6 +270,7 @@ routed_cluster_wide!(
     StatusRequest,
     ListNodesRequest,
     DrainNodeRequest,
+    ScrubRequest,
 );
 
 impl BallastClient {
@@ -677,6 +678,26 @@ impl BallastClient {
         )
         .await
         .map(|_| ())
+    }
+
+    /// Runs a scrub pass on the answering node (the first endpoint that answers: give one
+    /// node's address to scrub that node) and waits for its result. `rate_bytes_per_second` 0
+    /// uses the node's configured pace. A pass over a large device takes long: connect with a
+    /// `request_timeout_ms` to match.
+    pub async fn scrub(&self, rate_bytes_per_second: u64) -> Result<proto::ScrubPass, ClientError> {
+        self.call(
+            "Scrub",
+            Idempotency::Idempotent,
+            proto::ScrubRequest {
+                rate_bytes_per_second,
+            },
+            |channel, request| {
+                let mut client = admin_client(channel);
+                async move { client.scrub(request).await }
+            },
+        )
+        .await
+        .map(|response| response.pass.unwrap_or_default())
     }
 
     /// The node's identity, device usage and replicated containers.

@@ -94,6 +94,9 @@ fuzz_target!(|data: &[u8]| {
         check_names(&[&request.name], &[]);
     }
     check_message::<StatusRequest>(data);
+    check_message::<ScrubRequest>(data);
+    // Node-to-node: the scrub repair's block fetch.
+    check_message::<ballast_proto::cluster_v1::ReadBlockRequest>(data);
 
     // Filesystem requests.
     if let Some(request) = check_message::<LookupRequest>(data) {
@@ -162,4 +165,8 @@ fuzz_target!(|data: &[u8]| {
     check_message::<FsyncResponse>(data);
     check_message::<StatFsResponse>(data);
     check_message::<PurgeOrphansResponse>(data);
+    check_message::<ScrubResponse>(data);
+    check_message::<ScrubPass>(data);
+    check_message::<ScrubStatus>(data);
+    check_message::<ballast_proto::cluster_v1::ReadBlockResponse>(data);
 });

@@ -105,6 +105,9 @@ pub enum NodeError {
     Fs(#[from] FsError),
     #[error("invalid state: {0}")]
     InvalidState(String),
+    /// A peer node failed a node-to-node call (or could not be reached).
+    #[error("peer node {node_id}: {message}")]
+    Peer { node_id: u64, message: String },
     #[error("io: {context}: {source}")]
     Io {
         context: String,

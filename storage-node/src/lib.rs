@@ -27,6 +27,7 @@ pub mod node;
 pub mod placement;
 pub mod raft_network;
 pub mod records;
+pub mod scrub;
 pub mod service;
 pub mod snapshot;
 pub mod state_machine;

@@ -12,7 +12,7 @@ use ballast_storage_node::raft_network::RAFT_MESSAGE_SIZE_BYTES_MAX;
 use ballast_storage_node::service::admin::AdminService;
 use ballast_storage_node::service::cluster::{ClusterService, RaftTransportService};
 use ballast_storage_node::service::filesystem::FilesystemService;
-use ballast_storage_node::{node, NodeConfig, StorageNode};
+use ballast_storage_node::{node, scrub, NodeConfig, StorageNode};
 use clap::{Parser, Subcommand};
 
 /// Largest gRPC message (a 1 MiB write plus framing fits easily; readdir pages too).
@@ -69,6 +69,14 @@ enum NodeCommand {
         /// nodes (milliseconds).
         #[arg(long, default_value_t = ballast_storage_node::mover::DOWN_GRACE_MS_DEFAULT)]
         down_grace_ms: u64,
+        /// Pace of scrub passes (reading and verifying every data block), in bytes per second.
+        #[arg(long, default_value_t = scrub::SCRUB_RATE_BYTES_PER_SECOND_DEFAULT,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        scrub_rate_bytes_per_second: u64,
+        /// Pause between background scrub passes (milliseconds); 0 disables background passes
+        /// (`ballast scrub` and repairs of bad blocks met by reads still work).
+        #[arg(long, default_value_t = scrub::SCRUB_INTERVAL_MS_DEFAULT)]
+        scrub_interval_ms: u64,
     },
 }
 
@@ -120,6 +128,8 @@ fn main() -> anyhow::Result<()> {
             labels,
             checkpoint_interval_ms,
             down_grace_ms,
+            scrub_rate_bytes_per_second,
+            scrub_interval_ms,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -135,6 +145,10 @@ fn main() -> anyhow::Result<()> {
                 checkpoint_interval_ms: checkpoint_interval_ms.max(100),
                 // Below a few heartbeat rounds a busy node would be mistaken for a lost one.
                 down_grace_ms: down_grace_ms.max(1_000),
+                scrub: scrub::ScrubConfig {
+                    rate_bytes_per_second: scrub_rate_bytes_per_second,
+                    interval_ms: scrub_interval_ms,
+                },
             }))
         }
     }

@@ -71,6 +71,8 @@ pub struct NodeConfig {
     pub checkpoint_interval_ms: u64,
     /// How long a node may stay unreachable before its replicas are re-created elsewhere.
     pub down_grace_ms: u64,
+    /// Background scrub pace and interval.
+    pub scrub: crate::scrub::ScrubConfig,
 }
 
 pub(crate) struct Container {
@@ -92,6 +94,8 @@ pub struct StorageNode {
     started: Instant,
     /// Since when this node leads the metadata group (kept by the replica mover).
     metadata_leading_since: std::sync::Mutex<Option<Instant>>,
+    /// Verifies and repairs data blocks (`scrub.rs`).
+    scrubber: crate::scrub::Scrubber,
 }
 
 impl std::fmt::Debug for StorageNode {
@@ -159,6 +163,7 @@ impl StorageNode {
             source,
         })?;
         let state = StateStore::open(&config.state_directory.join("rocksdb"))?;
+        let config_scrub = config.scrub;
         let storage = Arc::new(NodeStorage::open(
             state,
             device.block_store(),
@@ -177,6 +182,7 @@ impl StorageNode {
             clock: Arc::new(SystemClock),
             started: Instant::now(),
             metadata_leading_since: std::sync::Mutex::new(None),
+            scrubber: crate::scrub::Scrubber::new(config_scrub),
         });
         node.start_metadata_container().await?;
         let local_authority = node.metadata_is_local_only().await;
@@ -201,6 +207,7 @@ impl StorageNode {
         tokio::spawn(checkpoint_loop(Arc::clone(&node)));
         tokio::spawn(crate::cluster::reconcile_loop(Arc::clone(&node)));
         tokio::spawn(crate::mover::mover_loop(Arc::clone(&node)));
+        tokio::spawn(crate::scrub::scrub_loop(Arc::clone(&node)));
         if !local_authority {
             tokio::spawn(crate::cluster::join_loop(Arc::clone(&node)));
         }
@@ -231,6 +238,10 @@ impl StorageNode {
 
     pub fn config(&self) -> &NodeConfig {
         &self.config
+    }
+
+    pub fn scrubber(&self) -> &crate::scrub::Scrubber {
+        &self.scrubber
     }
 
     pub fn uptime(&self) -> Duration {

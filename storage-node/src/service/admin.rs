@@ -334,6 +334,24 @@ impl Admin for AdminService {
             uptime_ms: node.uptime().as_millis() as u64,
             checksum_error_count: node.storage().checksum_error_count(),
             containers,
+            scrub: Some(crate::scrub::status_message(node.scrubber())),
+        }))
+    }
+
+    async fn scrub(
+        &self,
+        request: Request<proto::ScrubRequest>,
+    ) -> Result<Response<proto::ScrubResponse>, Status> {
+        let rate_bytes_per_second = request.into_inner().rate_bytes_per_second;
+        // In its own task: a caller that gives up waiting does not cut the pass short.
+        let node = Arc::clone(&self.node);
+        let report =
+            tokio::spawn(async move { crate::scrub::run_pass(&node, rate_bytes_per_second).await })
+                .await
+                .map_err(|error| Status::internal(format!("scrub task: {error}")))?
+                .map_err(node_status)?;
+        Ok(Response::new(proto::ScrubResponse {
+            pass: Some(report.into()),
         }))
     }
 }

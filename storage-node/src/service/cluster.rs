@@ -180,4 +180,14 @@ impl Cluster for ClusterService {
             .map_err(node_status)?;
         Ok(Response::new(proto::ChangeReplicasResponse {}))
     }
+
+    async fn read_block(
+        &self,
+        request: Request<proto::ReadBlockRequest>,
+    ) -> Result<Response<proto::ReadBlockResponse>, Status> {
+        crate::scrub::serve_block(&self.node, &request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(node_status)
+    }
 }

@@ -312,14 +312,40 @@ impl Filesystem for FilesystemService {
             ))));
         }
         let container_id = self.read_container(&request.volume).await?;
-        let data = fs::read(
-            self.node.storage(),
-            container_id,
-            request.inode,
-            request.offset_bytes,
-            request.length_bytes,
-        )
-        .await
+        let read = || {
+            fs::read(
+                self.node.storage(),
+                container_id,
+                request.inode,
+                request.offset_bytes,
+                request.length_bytes,
+            )
+        };
+        let data = match read().await {
+            Err(NodeError::ChecksumMismatch(message)) => {
+                // A bad block on this leader: repair it from a replica now and serve the read
+                // after all; when nothing could be repaired, the read fails with EIO as before.
+                const BLOCK_SIZE_BYTES: u64 = ballast_device::BLOCK_SIZE_BYTES as u64;
+                let first = request.offset_bytes / BLOCK_SIZE_BYTES;
+                let last = request
+                    .offset_bytes
+                    .saturating_add(u64::from(request.length_bytes).max(1) - 1)
+                    / BLOCK_SIZE_BYTES;
+                match crate::scrub::repair_read_range(
+                    &self.node,
+                    container_id,
+                    request.inode,
+                    first,
+                    last,
+                )
+                .await
+                {
+                    Ok(repaired) if repaired > 0 => read().await,
+                    _ => Err(NodeError::ChecksumMismatch(message)),
+                }
+            }
+            other => other,
+        }
         .map_err(node_status)?;
         Ok(Response::new(proto::ReadResponse { data: data.into() }))
     }
