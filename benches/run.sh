@@ -3,7 +3,7 @@
 # the same disk, reported as a ratio (ballast / yardstick). No thresholds: this measures and
 # prints, it never fails on speed.
 #
-#   benches/run.sh [device] [fuse] [mariadb] [startup]      (default: all four)
+#   benches/run.sh [device] [fuse] [mariadb] [startup] [cluster] [moves]   (default: all)
 #
 # Sections:
 #   device   ballast-device-bench (io_uring Engine) vs fio --ioengine=io_uring --direct=1,
@@ -14,13 +14,16 @@
 #   cluster  a local 3-node cluster: rf=3 vs rf=1 for FUSE sequential write, 4 KiB fsync'd
 #            writes and sysbench, and failover time (kill -9 of the leader until the next
 #            acknowledged write) as a distribution
+#   moves    a local 4-node cluster: the copy rate of moving a replica (drain of a node holding
+#            a volume with MOVE_SIZE written; re-replication takes the same path) vs fio
+#            sequential write of the same size on the same filesystem
 #
 # Parameters (environment; defaults are the spec values):
 #   BALLAST_BENCH_DIR     backing directory for every file of both sides (default /var/tmp)
 #   DEVICE_SECONDS=15  DEVICE_FILE_SIZE=2G  DEVICE_RANDOM_QUEUE_DEPTH=32  DEVICE_SEQUENTIAL_QUEUE_DEPTH=8
 #   FUSE_SEQUENTIAL_SIZE=1G  FUSE_FSYNC_SIZE=64M  FUSE_FSYNC_SECONDS=15
 #   SYSBENCH_TIME=60  SYSBENCH_TABLES=4  SYSBENCH_TABLE_SIZE=100000  SYSBENCH_THREADS=4
-#   STARTUP_SIZES_GIB="1 10"
+#   STARTUP_SIZES_GIB="1 10"  FAILOVER_ROUNDS=10  MOVE_SIZE=2G
 #   BENCH_SKIP_BUILD=1    use the release binaries already built
 #   BALLAST_BENCH_BIN_DIR use the binaries in this directory (implies nothing about the build)
 #
@@ -47,6 +50,7 @@ sysbench_table_size="${SYSBENCH_TABLE_SIZE:-100000}"
 sysbench_threads="${SYSBENCH_THREADS:-4}"
 startup_sizes_gib="${STARTUP_SIZES_GIB:-1 10}"
 failover_rounds="${FAILOVER_ROUNDS:-10}"
+move_size="${MOVE_SIZE:-2G}"
 
 # Bounds on every wait (seconds).
 node_start_timeout=600
@@ -58,12 +62,12 @@ sysbench_prepare_timeout=1800
 
 sections=("$@")
 if [ ${#sections[@]} -eq 0 ]; then
-    sections=(device fuse mariadb startup cluster)
+    sections=(device fuse mariadb startup cluster moves)
 fi
 for section in "${sections[@]}"; do
     case "$section" in
-        device | fuse | mariadb | startup | cluster) ;;
-        *) echo "unknown section '$section' (expected: device fuse mariadb startup cluster)" >&2; exit 2 ;;
+        device | fuse | mariadb | startup | cluster | moves) ;;
+        *) echo "unknown section '$section' (expected: device fuse mariadb startup cluster moves)" >&2; exit 2 ;;
     esac
 done
 
@@ -579,6 +583,46 @@ PROBE
 }
 
 # ---------------------------------------------------------------------------------------------
+# Replica moves on a local 4-node cluster. Draining a node that holds a replica copies the whole
+# volume to the fourth node (learner catch-up by snapshot, then a membership change), which is
+# the path re-replication after a node loss takes too; `node drain` returns when the node holds
+# nothing. The rate counts the volume's used bytes over the drain's wall time.
+section_moves() {
+    echo "== moves: drain a replica holder of a volume with $move_size written, vs fio sequential write"
+    local directory="$work_directory/moves" port endpoints
+    port=$(free_port)
+    endpoints="http://127.0.0.1:$port,http://127.0.0.1:$((port + 1)),http://127.0.0.1:$((port + 2)),http://127.0.0.1:$((port + 3))"
+    log_command "$binary_directory/ballast" local up --dir "$directory" --nodes 4 --volume moved \
+        --quota 16GiB --device-size 24GiB --listen "127.0.0.1:$port" >/dev/null
+    mountpoints+=("$directory/mnt/moved")
+    fio_json --name=fill --directory="$directory/mnt/moved" --filename=data.bin --rw=write --bs=1M \
+        --size="$move_size" --ioengine=psync --end_fsync=1
+    local listing replicas used holder started seconds rate
+    listing=$("$binary_directory/ballast" --node "$endpoints" volume list --bytes)
+    replicas=$(awk '$1 == "moved" { print $7 }' <<<"$listing")
+    used=$(awk '$1 == "moved" { print $4 }' <<<"$listing")
+    holder=${replicas%%,*}
+    started=$(now_seconds)
+    log_command "$binary_directory/ballast" --node "$endpoints" node drain "$holder" \
+        --timeout-seconds 3600 >/dev/null
+    seconds=$(elapsed_since "$started")
+    rate=$(awk -v b="$used" -v s="$seconds" 'BEGIN { printf "%.1f", b / s / 1e6 }')
+    listing=$("$binary_directory/ballast" --node "$endpoints" volume list --bytes)
+    note "moves: drained node $holder (replicas were $replicas, now $(awk '$1 == "moved" { print $7 }' <<<"$listing")): $used bytes in $(round "$seconds" 2) s"
+    "$binary_directory/ballast" local down --dir "$directory" >/dev/null
+    fio_json --name=yardstick --directory="$work_directory" --filename=moves-yardstick.bin --rw=write \
+        --bs=1M --size="$move_size" --ioengine=psync --end_fsync=1
+    local yardstick
+    yardstick=$(fio_field '.jobs[0].write.bw_bytes / 1e6')
+    rm -f "$work_directory/moves-yardstick.bin"
+    rm -rf "$directory"
+    table_begin
+    table_row "replica move copy rate, $move_size volume (MB/s, drain wall time)" "$rate" \
+        "$(round "$yardstick")" "—"
+    table_end "moving a replica (drain; re-replication uses the same copy) vs fio 1 MiB sequential write + fsync"
+}
+
+# ---------------------------------------------------------------------------------------------
 if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
     echo "== build release binaries (target dir $CARGO_TARGET_DIR)"
     cargo build --release --workspace --bins --locked
@@ -624,7 +668,8 @@ results_file="$results_directory/$(date -u -d "$run_date" '+%Y-%m-%dT%H%M%SZ').m
         "DEVICE_RANDOM_QUEUE_DEPTH=$device_random_queue_depth DEVICE_SEQUENTIAL_QUEUE_DEPTH=$device_sequential_queue_depth" \
         "FUSE_SEQUENTIAL_SIZE=$fuse_sequential_size FUSE_FSYNC_SIZE=$fuse_fsync_size FUSE_FSYNC_SECONDS=$fuse_fsync_seconds" \
         "SYSBENCH_TIME=$sysbench_time SYSBENCH_TABLES=$sysbench_tables SYSBENCH_TABLE_SIZE=$sysbench_table_size" \
-        "SYSBENCH_THREADS=$sysbench_threads STARTUP_SIZES_GIB=\"$startup_sizes_gib\" FAILOVER_ROUNDS=$failover_rounds"
+        "SYSBENCH_THREADS=$sysbench_threads STARTUP_SIZES_GIB=\"$startup_sizes_gib\" FAILOVER_ROUNDS=$failover_rounds" \
+        "MOVE_SIZE=$move_size"
     echo "- ratio = ballast / yardstick; goals are targets, not pass/fail thresholds"
     echo
     printf '%s' "$report_tables"
