@@ -14,6 +14,8 @@
 #   cluster  a local 3-node cluster: rf=3 vs rf=1 for FUSE sequential write, 4 KiB fsync'd
 #            writes and sysbench, and failover time (kill -9 of the leader until the next
 #            acknowledged write) as a distribution
+#   idle     a local 3-node cluster: CPU the node processes use while idle with IDLE_CONTAINERS
+#            rf=3 containers vs with one (the cost of per-group heartbeats)
 #   moves    a local 4-node cluster: the copy rate of moving a replica (drain of a node holding
 #            a volume with MOVE_SIZE written; re-replication takes the same path) vs fio
 #            sequential write of the same size on the same filesystem
@@ -23,7 +25,7 @@
 #   DEVICE_SECONDS=15  DEVICE_FILE_SIZE=2G  DEVICE_RANDOM_QUEUE_DEPTH=32  DEVICE_SEQUENTIAL_QUEUE_DEPTH=8
 #   FUSE_SEQUENTIAL_SIZE=1G  FUSE_FSYNC_SIZE=64M  FUSE_FSYNC_SECONDS=15
 #   SYSBENCH_TIME=60  SYSBENCH_TABLES=4  SYSBENCH_TABLE_SIZE=100000  SYSBENCH_THREADS=4
-#   STARTUP_SIZES_GIB="1 10"  FAILOVER_ROUNDS=10  MOVE_SIZE=2G
+#   STARTUP_SIZES_GIB="1 10"  FAILOVER_ROUNDS=10  MOVE_SIZE=2G  IDLE_CONTAINERS=200  IDLE_SECONDS=20
 #   BENCH_SKIP_BUILD=1    use the release binaries already built
 #   BALLAST_BENCH_BIN_DIR use the binaries in this directory (implies nothing about the build)
 #
@@ -51,6 +53,8 @@ sysbench_threads="${SYSBENCH_THREADS:-4}"
 startup_sizes_gib="${STARTUP_SIZES_GIB:-1 10}"
 failover_rounds="${FAILOVER_ROUNDS:-10}"
 move_size="${MOVE_SIZE:-2G}"
+idle_containers="${IDLE_CONTAINERS:-200}"
+idle_seconds="${IDLE_SECONDS:-20}"
 
 # Bounds on every wait (seconds).
 node_start_timeout=600
@@ -62,12 +66,12 @@ sysbench_prepare_timeout=1800
 
 sections=("$@")
 if [ ${#sections[@]} -eq 0 ]; then
-    sections=(device fuse mariadb startup cluster moves)
+    sections=(device fuse mariadb startup cluster moves idle)
 fi
 for section in "${sections[@]}"; do
     case "$section" in
-        device | fuse | mariadb | startup | cluster | moves) ;;
-        *) echo "unknown section '$section' (expected: device fuse mariadb startup cluster moves)" >&2; exit 2 ;;
+        device | fuse | mariadb | startup | cluster | moves | idle) ;;
+        *) echo "unknown section '$section' (expected: device fuse mariadb startup cluster moves idle)" >&2; exit 2 ;;
     esac
 done
 
@@ -623,6 +627,46 @@ section_moves() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Idle cost of replicated containers: every rf=3 group's leader sends heartbeats every 150 ms to
+# its two followers (one HTTP/2 connection per peer is shared; heartbeats are not batched).
+cpu_ticks() { # pid: user + system clock ticks so far
+    awk '{ print $14 + $15 }' "/proc/$1/stat"
+}
+idle_cpu_percent() { # directory: average CPU % per node process over $idle_seconds
+    local directory=$1 node_id pids=() before=() total=0 index
+    for node_id in 1 2 3; do pids+=("$(cat "$directory/node$node_id/node.pid")"); done
+    for index in 0 1 2; do before[index]=$(cpu_ticks "${pids[index]}"); done
+    sleep "$idle_seconds"
+    for index in 0 1 2; do total=$((total + $(cpu_ticks "${pids[index]}") - before[index])); done
+    awk -v t="$total" -v hz="$(getconf CLK_TCK)" -v s="$idle_seconds" 'BEGIN { printf "%.1f", t / hz / s / 3 * 100 }'
+}
+section_idle() {
+    echo "== idle: CPU per node with $idle_containers rf=3 containers vs 1, idle for $idle_seconds s"
+    local directory="$work_directory/idle" port endpoints
+    port=$(free_port)
+    endpoints="http://127.0.0.1:$port,http://127.0.0.1:$((port + 1)),http://127.0.0.1:$((port + 2))"
+    log_command "$binary_directory/ballast" local up --dir "$directory" --nodes 3 --volume idle0 \
+        --quota 1GiB --device-size 8GiB --listen "127.0.0.1:$port" >/dev/null
+    mountpoints+=("$directory/mnt/idle0")
+    sleep 5
+    local one many index
+    one=$(idle_cpu_percent "$directory")
+    for index in $(seq 1 $((idle_containers - 1))); do
+        "$binary_directory/ballast" --node "$endpoints" volume create "idle$index" --quota 64MiB \
+            --replication-factor 3 >/dev/null
+    done
+    record_command "$binary_directory/ballast" --node "$endpoints" volume create "idle<i>" --quota 64MiB --replication-factor 3
+    sleep 5
+    many=$(idle_cpu_percent "$directory")
+    note "idle: $idle_containers containers, CPU per node $many % of one core (1 container: $one %); $(round "$(awk -v m="$many" -v o="$one" -v n="$idle_containers" 'BEGIN { print (m - o) / (n - 1) }')" 3) % per extra container"
+    "$binary_directory/ballast" local down --dir "$directory" >/dev/null
+    rm -rf "$directory"
+    table_begin
+    table_row "idle CPU per node, $idle_containers rf=3 containers (% of a core)" "$many" "$one" "—"
+    table_end "idle cost: $idle_containers containers (ballast column) vs 1 container (yardstick column), per-group heartbeats every 150 ms"
+}
+
+# ---------------------------------------------------------------------------------------------
 if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
     echo "== build release binaries (target dir $CARGO_TARGET_DIR)"
     cargo build --release --workspace --bins --locked
@@ -669,7 +713,7 @@ results_file="$results_directory/$(date -u -d "$run_date" '+%Y-%m-%dT%H%M%SZ').m
         "FUSE_SEQUENTIAL_SIZE=$fuse_sequential_size FUSE_FSYNC_SIZE=$fuse_fsync_size FUSE_FSYNC_SECONDS=$fuse_fsync_seconds" \
         "SYSBENCH_TIME=$sysbench_time SYSBENCH_TABLES=$sysbench_tables SYSBENCH_TABLE_SIZE=$sysbench_table_size" \
         "SYSBENCH_THREADS=$sysbench_threads STARTUP_SIZES_GIB=\"$startup_sizes_gib\" FAILOVER_ROUNDS=$failover_rounds" \
-        "MOVE_SIZE=$move_size"
+        "MOVE_SIZE=$move_size IDLE_CONTAINERS=$idle_containers IDLE_SECONDS=$idle_seconds"
     echo "- ratio = ballast / yardstick; goals are targets, not pass/fail thresholds"
     echo
     printf '%s' "$report_tables"
