@@ -26,14 +26,14 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openraft::{BasicNode, ChangeMembers, ServerState};
+use openraft::{BasicNode, ChangeMembers, RaftMetrics, ServerState};
 
 use crate::cluster::METADATA_VOTER_COUNT_MAX;
 use crate::command::{Command, MetadataCommand};
 use crate::error::{NodeError, NodeResult};
 use crate::node::StorageNode;
 use crate::records::{ContainerRecord, NodeRecord};
-use crate::types::{NodeId, METADATA_CONTAINER_ID};
+use crate::types::{NodeId, RaftNode, METADATA_CONTAINER_ID};
 use crate::{metadata, placement};
 
 /// How often the mover looks at the cluster map.
@@ -255,22 +255,42 @@ impl StorageNode {
             let record = metadata::get_node(&self.storage, new_voter)?
                 .ok_or_else(|| NodeError::Cluster(format!("node {new_voter} is not registered")))?;
             let started = Instant::now();
-            let added = tokio::time::timeout(
-                Duration::from_millis(CATCH_UP_TIMEOUT_MS),
-                raft.add_learner(new_voter, BasicNode::new(record.address), true),
-            )
-            .await
-            .map_err(|_| {
-                NodeError::Raft(format!(
-                    "container {container_id}: node {new_voter} did not catch up within \
-                     {CATCH_UP_TIMEOUT_MS} ms"
-                ))
-            })?;
-            added.map_err(|error| {
-                NodeError::Raft(format!(
-                    "container {container_id}: add learner {new_voter}: {error}"
-                ))
-            })?;
+            let deadline = Duration::from_millis(CATCH_UP_TIMEOUT_MS);
+            // Not openraft's blocking mode: it calls a learner "up to date" when it is within
+            // `replication_lag_threshold` (5000) entries, which for a volume written in 1 MiB
+            // entries means gigabytes behind. The old copy must not go before the new one holds
+            // everything up to the moment it was added.
+            let added = raft
+                .add_learner(new_voter, BasicNode::new(record.address), false)
+                .await
+                .map_err(|error| {
+                    NodeError::Raft(format!(
+                        "container {container_id}: add learner {new_voter}: {error}"
+                    ))
+                })?;
+            let target_index = added.log_id.index;
+            let waited = raft
+                .wait(Some(deadline))
+                .metrics(
+                    |metrics| {
+                        metrics.replication.is_none()
+                            || learner_caught_up(metrics, new_voter, target_index)
+                    },
+                    "new replica caught up",
+                )
+                .await
+                .map_err(|_| {
+                    NodeError::Raft(format!(
+                        "container {container_id}: node {new_voter} did not catch up to index \
+                         {target_index} within {CATCH_UP_TIMEOUT_MS} ms"
+                    ))
+                })?;
+            if waited.replication.is_none() {
+                return Err(NodeError::NotLeader {
+                    container_id,
+                    leader_address: None,
+                });
+            }
             tracing::info!(
                 container = container_id,
                 node = new_voter,
@@ -297,6 +317,21 @@ impl StorageNode {
         tracing::info!(container = container_id, voters = ?voter_ids, "replicas changed");
         Ok(())
     }
+}
+
+/// Whether the leader's replication to `learner` has reached `target_index` (everything up to the
+/// entry that added it).
+fn learner_caught_up(
+    metrics: &RaftMetrics<NodeId, RaftNode>,
+    learner: NodeId,
+    target_index: u64,
+) -> bool {
+    metrics
+        .replication
+        .as_ref()
+        .and_then(|replication| replication.get(&learner))
+        .and_then(|matched| matched.as_ref())
+        .is_some_and(|matched| matched.index >= target_index)
 }
 
 /// Keeps the metadata group at [`METADATA_VOTER_COUNT_MAX`] voters on live, non-draining nodes:
@@ -348,4 +383,53 @@ async fn maintain_metadata_voters(
     .map_err(|_| NodeError::Raft("metadata voter change timed out".into()))?
     .map_err(|error| NodeError::Raft(format!("metadata voter change: {error}")))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, LogId};
+
+    fn metrics_with(
+        replication: Option<Vec<(NodeId, Option<u64>)>>,
+    ) -> RaftMetrics<NodeId, RaftNode> {
+        let mut metrics = RaftMetrics::new_initial(1);
+        metrics.replication = replication.map(|entries| {
+            entries
+                .into_iter()
+                .map(|(node, index)| {
+                    (
+                        node,
+                        index.map(|index| LogId::new(CommittedLeaderId::new(1, 1), index)),
+                    )
+                })
+                .collect()
+        });
+        metrics
+    }
+
+    #[test]
+    fn a_learner_is_caught_up_only_at_the_target_index() {
+        assert!(!learner_caught_up(
+            &metrics_with(Some(vec![(4, None)])),
+            4,
+            10
+        ));
+        assert!(!learner_caught_up(
+            &metrics_with(Some(vec![(4, Some(9))])),
+            4,
+            10
+        ));
+        assert!(learner_caught_up(
+            &metrics_with(Some(vec![(4, Some(10))])),
+            4,
+            10
+        ));
+        assert!(!learner_caught_up(
+            &metrics_with(Some(vec![(5, Some(99))])),
+            4,
+            10
+        ));
+        assert!(!learner_caught_up(&metrics_with(None), 4, 10));
+    }
 }
