@@ -52,9 +52,11 @@
 
 pub mod capabilities;
 pub mod controller;
+pub mod daemons;
 pub mod error;
 pub mod fuse;
 pub mod identity;
+pub mod mounter;
 pub mod mounts;
 pub mod names;
 pub mod node;
