@@ -1062,27 +1062,6 @@ fn mariadb_runs_on_a_published_volume() {
 
 /// Appends numbered lines with an fsync after each, until `stop` exists (bounded in count);
 /// exits non-zero on the first error. Prints how many lines it wrote.
-const WRITER_SCRIPT: &str = r#"
-import os, sys
-path, stop = sys.argv[1], sys.argv[2]
-fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-count = 0
-while count < 2_000_000 and not os.path.exists(stop):
-    os.write(fd, b"%09d\n" % count)
-    os.fsync(fd)
-    count += 1
-os.close(fd)
-print(count)
-"#;
-
-fn line_count(path: &Path) -> usize {
-    let mut text = String::new();
-    File::open(path)
-        .and_then(|mut file| file.read_to_string(&mut text))
-        .map(|_| text.lines().count())
-        .unwrap_or(0)
-}
-
 #[test]
 fn plugin_restart_does_not_break_a_writing_pod() {
     let Some(mut fixture) = setup(DEVICE_SIZE_BYTES) else {

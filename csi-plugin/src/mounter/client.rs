@@ -151,7 +151,10 @@ impl MounterClient {
 
     /// Every daemon the mounter owns.
     pub async fn list(&self) -> Result<Vec<DaemonReport>, CsiError> {
-        match self.call(&MounterRequest::List {}, QUERY_TIMEOUT_MS).await? {
+        match self
+            .call(&MounterRequest::List {}, QUERY_TIMEOUT_MS)
+            .await?
+        {
             MounterResponse::List { daemons } => Ok(daemons),
             other => Err(self.unexpected(other)),
         }

@@ -645,7 +645,8 @@ mod tests {
         )
         .unwrap();
         let mounter = mounter_in(directory.path());
-        let MounterResponse::List { daemons } = mounter.handle(MounterRequest::List {}).await else {
+        let MounterResponse::List { daemons } = mounter.handle(MounterRequest::List {}).await
+        else {
             panic!("list");
         };
         let states: Vec<(&str, bool, bool)> = daemons

@@ -13,8 +13,9 @@
 
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::future::Future;
+use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -457,4 +458,28 @@ pub fn expect_code<T: std::fmt::Debug>(
             status.message()
         ),
     }
+}
+
+/// A pod that appends numbered lines and fsyncs each one, until a stop file appears; prints
+/// how many it wrote. Any failed write or fsync ends it with an error.
+pub const WRITER_SCRIPT: &str = r#"
+import os, sys
+path, stop = sys.argv[1], sys.argv[2]
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+count = 0
+while count < 2_000_000 and not os.path.exists(stop):
+    os.write(fd, b"%09d\n" % count)
+    os.fsync(fd)
+    count += 1
+os.close(fd)
+print(count)
+"#;
+
+/// Lines in the file at `path` (0 when it cannot be read).
+pub fn line_count(path: &Path) -> usize {
+    let mut text = String::new();
+    File::open(path)
+        .and_then(|mut file| file.read_to_string(&mut text))
+        .map(|_| text.lines().count())
+        .unwrap_or(0)
 }
