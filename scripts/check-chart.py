@@ -465,6 +465,9 @@ def assert_csi_controller(objects, values, ballast_image, service_endpoint) -> i
           f"controller --ballast-endpoint {argument(plugin, 'ballast-endpoint')}")
     check(argument(plugin, "fuse-binary") == "/usr/local/bin/ballast-fuse", "controller --fuse-binary")
     check(argument(plugin, "state-dir") == "/var/lib/ballast-csi", "controller --state-dir")
+    check(plugin["livenessProbe"]["failureThreshold"] * plugin["livenessProbe"]["periodSeconds"] >= 600,
+          "the controller's liveness probe must tolerate 10 minutes of Probe ready=false "
+          "(a storage node restart) before restarting the plugin")
     expected = {"ballast-csi", "csi-provisioner", "csi-resizer", "liveness-probe"}
     if sidecars["snapshotter"]["enabled"]:
         expected.add("csi-snapshotter")
