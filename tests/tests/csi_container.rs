@@ -329,7 +329,7 @@ fn start_mounter(
     );
     let socket = directories.mounter_socket();
     let up = wait_until("the mounter's socket", Duration::from_secs(30), || {
-        socket.exists()
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
     });
     assert!(up.is_ok(), "mounter did not start:\n{}", container.logs());
     container
@@ -625,7 +625,7 @@ fn mounter_container_restart_is_reported_and_recovered_by_restaging() {
     .unwrap();
     let socket = fixture.directories.mounter_socket();
     wait_until("the mounter's socket", Duration::from_secs(30), || {
-        socket.exists()
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
     })
     .unwrap();
     let condition = csi
