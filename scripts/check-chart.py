@@ -465,6 +465,9 @@ def assert_csi_controller(objects, values, ballast_image, service_endpoint) -> i
           f"controller --ballast-endpoint {argument(plugin, 'ballast-endpoint')}")
     check(argument(plugin, "fuse-binary") == "/usr/local/bin/ballast-fuse", "controller --fuse-binary")
     check(argument(plugin, "state-dir") == "/var/lib/ballast-csi", "controller --state-dir")
+    check(plugin["livenessProbe"]["failureThreshold"] * plugin["livenessProbe"]["periodSeconds"] >= 600,
+          "the controller's liveness probe must tolerate 10 minutes of Probe ready=false "
+          "(a storage node restart) before restarting the plugin")
     expected = {"ballast-csi", "csi-provisioner", "csi-resizer", "liveness-probe"}
     if sidecars["snapshotter"]["enabled"]:
         expected.add("csi-snapshotter")
@@ -533,8 +536,25 @@ def assert_csi_node(objects, values, ballast_image, service_endpoint) -> int:
           "the node plugin must mount the kubelet directory with Bidirectional propagation")
     check(kubelet["mountPath"] == kubelet_dir == volumes["kubelet-dir"]["hostPath"]["path"],
           "the kubelet directory must be mounted at the same path as on the host")
-    check(mounts["fuse-device"]["mountPath"] == "/dev/fuse"
-          and volumes["fuse-device"]["hostPath"]["path"] == "/dev/fuse", "the node plugin needs /dev/fuse")
+    check(plugin["livenessProbe"]["failureThreshold"] * plugin["livenessProbe"]["periodSeconds"] >= 600,
+          "the node plugin's liveness probe must tolerate 10 minutes of Probe ready=false "
+          "(a storage node restart) before restarting the plugin")
+    mounter_values = csi["mounter"]
+    mounter_dir = mounter_values["directory"].rstrip("/")
+    if mounter_values["enabled"]:
+        check(argument(plugin, "mounter-socket") == f"{mounter_dir}/mounter.sock",
+              "the node plugin must delegate its FUSE processes to the mounter's socket")
+        check(mounts["mounter-dir"]["mountPath"] == mounter_dir == volumes["mounter-dir"]["hostPath"]["path"],
+              "the node plugin must see the mounter's directory at the host path")
+        check("mountPropagation" not in mounts["mounter-dir"], "the mounter's socket directory needs no propagation")
+        check("fuse-device" not in mounts, "with the mounter, the node plugin needs no /dev/fuse")
+        assert_csi_mounter(objects, values, endpoint)
+    else:
+        check(argument(plugin, "mounter-socket") is None, "mounter disabled, yet the plugin names its socket")
+        check(not find(objects, "DaemonSet", f"{fullname(values)}-csi-mounter"),
+              "csi.mounter.enabled false still renders the mounter")
+        check(mounts["fuse-device"]["mountPath"] == "/dev/fuse"
+              and volumes["fuse-device"]["hostPath"]["path"] == "/dev/fuse", "the node plugin needs /dev/fuse")
     # The socket: the plugin's /csi is <kubelet>/plugins/<driver>, which the registrar announces.
     plugin_dir = f"{kubelet_dir}/plugins/{DRIVER}"
     check(volumes["plugin-dir"]["hostPath"]["path"] == plugin_dir,
@@ -554,6 +574,48 @@ def assert_csi_node(objects, values, ballast_image, service_endpoint) -> int:
     tolerations = spec.get("tolerations", [])
     check(tolerations == node_values["tolerations"], "node plugin tolerations do not follow the values")
     return 1
+
+
+def assert_csi_mounter(objects, values, node_plugin_endpoint) -> None:
+    """ballast-csi-mounter: its own DaemonSet on the node plugin's nodes, never restarted by a
+    probe, owning the FUSE mounts under the kubelet directory with Bidirectional propagation."""
+    csi = values["csi"]
+    node_values = csi["node"]
+    mounter_values = csi["mounter"]
+    kubelet_dir = node_values["kubeletDir"].rstrip("/")
+    mounter_dir = mounter_values["directory"].rstrip("/")
+    daemonset = one(objects, "DaemonSet", f"{fullname(values)}-csi-mounter")
+    check(daemonset["spec"]["updateStrategy"]["type"] == mounter_values["updateStrategy"],
+          "the mounter's updateStrategy does not follow csi.mounter.updateStrategy")
+    spec = pod_spec(daemonset)
+    check(spec.get("automountServiceAccountToken") is False, "the mounter needs no Kubernetes API token")
+    for field in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
+        check(spec.get(field) == (node_values[field] or None),
+              f"the mounter's {field} must be the node plugin's (it serves the plugin on each node)")
+    (main,) = spec["containers"]
+    check(main["name"] == "ballast-csi-mounter" and main["command"] == ["ballast-csi-mounter"],
+          "the mounter runs ballast-csi-mounter")
+    check(main["args"][0] == "serve", "the mounter runs `ballast-csi-mounter serve`")
+    check(argument(main, "socket") == f"{mounter_dir}/mounter.sock", "mounter --socket")
+    check(argument(main, "state-dir") == mounter_dir, "mounter --state-dir")
+    check(argument(main, "mount-root") == kubelet_dir, "mounter --mount-root must be the kubelet directory")
+    check(argument(main, "ballast-endpoint") == node_plugin_endpoint,
+          "the FUSE processes must reach the storage node the node plugin reaches")
+    check(argument(main, "fuse-binary") == "/usr/local/bin/ballast-fuse", "mounter --fuse-binary")
+    check("livenessProbe" not in main, "a liveness probe would restart the mounter and end every mount")
+    check(main["securityContext"].get("privileged") is True,
+          "the mounter must be privileged (FUSE mounts with Bidirectional propagation)")
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["name"]: m for m in main["volumeMounts"]}
+    kubelet = mounts.get("kubelet-dir")
+    check(kubelet is not None and kubelet.get("mountPropagation") == "Bidirectional",
+          "the mounter must mount the kubelet directory with Bidirectional propagation")
+    check(kubelet["mountPath"] == kubelet_dir == volumes["kubelet-dir"]["hostPath"]["path"],
+          "the mounter must mount the kubelet directory at the same path as on the host")
+    check(mounts["mounter-dir"]["mountPath"] == mounter_dir == volumes["mounter-dir"]["hostPath"]["path"],
+          "the mounter's directory must be the host path the node plugin mounts")
+    check(mounts["fuse-device"]["mountPath"] == "/dev/fuse"
+          and volumes["fuse-device"]["hostPath"]["path"] == "/dev/fuse", "the mounter needs /dev/fuse")
 
 
 def assert_extender(objects, values, service_endpoint) -> int:
@@ -699,6 +761,7 @@ SCHEMA_VIOLATIONS = [
     ("node name label with a space", {"storage": {"nodeNameLabel": "kubernetes.io/host name"}}),
     ("test size in MB", {"tests": {"size": "64MB"}}),
     ("update strategy outside its enum", {"storage": {"updateStrategy": {"type": "Recreate"}}}),
+    ("a mounter update strategy that does not exist", {"csi": {"mounter": {"updateStrategy": "Always"}}}),
 ]
 
 # Values the schema accepts but the templates refuse (checks across values).
@@ -773,6 +836,21 @@ def negative_checks(report: Report, chart: helm.Chart) -> None:
         raise CheckFailed("the assertions accepted a node plugin without mount propagation")
 
     report.run("assertions refuse a node plugin without Bidirectional propagation", assertions_can_fail)
+
+    def mounter_assertions_can_fail() -> str:
+        objects = render(chart, {})
+        daemonset = one(objects, "DaemonSet", f"{RELEASE}-csi-mounter")
+        for mount in pod_spec(daemonset)["containers"][0]["volumeMounts"]:
+            mount.pop("mountPropagation", None)
+        try:
+            assert_objects(objects, chart.merge_values({}), chart.metadata.get("appVersion", ""))
+        except CheckFailed as error:
+            check("mounter" in str(error) and "Bidirectional" in str(error),
+                  f"failed for another reason: {error}")
+            return str(error)[:100]
+        raise CheckFailed("the assertions accepted a mounter without mount propagation")
+
+    report.run("assertions refuse a mounter without Bidirectional propagation", mounter_assertions_can_fail)
 
 
 def check_examples(report: Report, chart_path: str) -> None:

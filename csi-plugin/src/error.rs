@@ -38,6 +38,10 @@ pub enum CsiError {
     /// advertised).
     #[error("{0}")]
     Unimplemented(String),
+    /// A local helper (the FUSE mounter) cannot be reached or did not answer in time; the CO
+    /// retries.
+    #[error("{0}")]
+    Unavailable(String),
     /// The storage node answered with an error, or could not be reached.
     #[error("storage node: {0}")]
     Backend(#[from] ClientError),
@@ -74,6 +78,7 @@ impl CsiError {
             CsiError::Aborted(_) => Code::Aborted,
             CsiError::FailedPrecondition(_) => Code::FailedPrecondition,
             CsiError::Unimplemented(_) => Code::Unimplemented,
+            CsiError::Unavailable(_) => Code::Unavailable,
             CsiError::Backend(error) => backend_code(error),
             CsiError::Io { .. } | CsiError::Internal(_) => Code::Internal,
         }

@@ -3,7 +3,9 @@
 //! CSI sidecars) can provision Ballast volumes and mount them into pods.
 //!
 //! Owns: translating CSI calls into Ballast volume operations (through `ballast-client`) and into
-//! FUSE mounts (by launching the `ballast-fuse` binary) plus bind mounts on the node.
+//! FUSE mounts (by launching the `ballast-fuse` binary, itself or through `ballast-csi-mounter`)
+//! plus bind mounts on the node; and the mounter itself ([`mounter`], binary
+//! `ballast-csi-mounter`).
 //! Must not depend on: `ballast-storage-node`, `ballast-device` or any server internals; the
 //! storage node is reached only over gRPC through `ballast-client`.
 //!
@@ -30,31 +32,27 @@
 //! NodeUnpublish/NodeUnstage later stop the daemon it did not start, by recorded pid (verified by
 //! start time, so a reused pid is never signalled).
 //!
-//! # What this means in Kubernetes (and what it does not solve yet)
+//! # In Kubernetes: the daemons belong to `ballast-csi-mounter`
 //! `setsid` protects the daemons from the plugin *process* dying. A container restart is
 //! different: the container runtime kills every process of the container's cgroup and pid
-//! namespace, daemons included, so inside a plain node-plugin container a restart of that
-//! container would still take the FUSE daemons (and the pods' I/O) with it. To keep mounts alive
-//! in a cluster the daemons must live outside the plugin container's lifetime, for example:
-//! - run the node plugin with `hostPID: true` and launch the daemons into the host's scope (e.g.
-//!   `--fuse-binary` pointing at a wrapper that calls `systemd-run --scope` or `nsenter -t 1`),
-//!   so they belong to the host, not to the container; or
-//! - a separate, rarely-restarted mounter DaemonSet that owns the daemons, with the plugin asking
-//!   it to mount.
-//!
-//! Either way the staging/target paths must sit on a `Bidirectional` mount-propagation hostPath
-//! (`/var/lib/kubelet`) so the mounts are visible to kubelet and the pods. The plugin itself is
-//! ready for both (the daemon binary is configurable, state lives on a hostPath); the wrapper or
-//! mounter is not built yet. Also not solved: if a FUSE daemon itself dies, the kernel aborts its
-//! connection and the pods' bind mounts of it answer ENOTCONN until the pod is restarted; the
-//! node reports this as an abnormal volume condition, and a repeated NodeStage replaces a dead
-//! staging mount, but pods holding the old mount must be restarted.
+//! namespace, daemons included. So in a cluster the plugin runs with `--mounter-socket` and
+//! delegates the daemons to `ballast-csi-mounter` ([`mounter`], [`daemons`]), which runs in a
+//! DaemonSet of its own that is not restarted with the plugin; the staging and target paths sit
+//! on the kubelet directory with Bidirectional propagation in both pods, so the mounter's FUSE
+//! mounts and the plugin's bind mounts reach each other, the host and the pods. A restart of the
+//! mounter still ends its daemons; so does a daemon's own death: the kernel aborts its connection
+//! and the pods' bind mounts of it answer ENOTCONN until the pod is restarted. The node reports
+//! this as an abnormal volume condition (with the mounter's view of the daemon), and a repeated
+//! NodeStage replaces a dead staging mount. See `docs/kubernetes.md`, "Node plugin restarts and
+//! FUSE mounts".
 
 pub mod capabilities;
 pub mod controller;
+pub mod daemons;
 pub mod error;
 pub mod fuse;
 pub mod identity;
+pub mod mounter;
 pub mod mounts;
 pub mod names;
 pub mod node;

@@ -38,6 +38,11 @@ struct Arguments {
     /// The FUSE driver: a path, or a name looked up on PATH.
     #[arg(long, default_value = "ballast-fuse")]
     fuse_binary: PathBuf,
+    /// The socket of `ballast-csi-mounter`, which then owns the FUSE daemons (so they survive
+    /// restarts of this plugin's container). Without it the plugin starts them itself, and they
+    /// survive only restarts of the plugin process.
+    #[arg(long)]
+    mounter_socket: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -57,6 +62,7 @@ async fn main() -> std::process::ExitCode {
         ballast_endpoint: arguments.ballast_endpoint,
         state_directory: arguments.state_dir,
         fuse_binary: arguments.fuse_binary,
+        mounter_socket: arguments.mounter_socket,
     };
     match server::serve(config, termination()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

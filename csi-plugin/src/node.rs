@@ -24,10 +24,10 @@ use crate::csi::v1::node_server::Node;
 use crate::csi::v1::node_service_capability::{self, rpc};
 use crate::csi::v1::volume_usage::Unit;
 use crate::csi::v1::*;
-use crate::fuse::{self, FuseDaemon, FuseLauncher};
+use crate::daemons::FuseDaemons;
 use crate::mounts::{self, MountHealth};
 use crate::operations::OperationLocks;
-use crate::state::{NodeState, PublishedVolume, StagedVolume, StateFile};
+use crate::state::{DaemonOwner, NodeState, PublishedVolume, StagedVolume, StateFile};
 use crate::{capabilities, CsiError, TOPOLOGY_NODE_KEY};
 
 /// Time a new FUSE mount may take to appear.
@@ -46,7 +46,7 @@ pub const MAX_VOLUMES_PER_NODE: i64 = 256;
 pub struct NodeService {
     node_id: String,
     client: BallastClient,
-    launcher: FuseLauncher,
+    daemons: FuseDaemons,
     state_file: StateFile,
     state: tokio::sync::Mutex<NodeState>,
     locks: OperationLocks,
@@ -86,13 +86,10 @@ fn reconcile(state: &mut NodeState, entries: &[mounts::MountEntry]) -> bool {
     let before = (state.staged.len(), state.published.len());
     state.staged.retain(|volume, staged| {
         let live = mounted_volume(entries, &staged.staging_path, volume).is_some();
-        let daemon = FuseDaemon {
-            pid: staged.fuse_pid,
-            start_ticks: staged.fuse_start_ticks,
-        };
         if live {
             tracing::info!(volume, staging_path = %staged.staging_path.display(),
-                fuse_pid = staged.fuse_pid, daemon_running = fuse::is_running(&daemon),
+                fuse_pid = staged.fuse_pid, fuse_owner = ?staged.fuse_owner,
+                daemon_running = ?FuseDaemons::is_running_here(staged),
                 "recovered staged volume");
         } else {
             tracing::warn!(volume, staging_path = %staged.staging_path.display(),
@@ -120,7 +117,7 @@ impl NodeService {
     pub fn new(
         node_id: String,
         client: BallastClient,
-        launcher: FuseLauncher,
+        daemons: FuseDaemons,
         state_file: StateFile,
     ) -> Result<Self, CsiError> {
         let mut state = state_file.load()?;
@@ -132,12 +129,13 @@ impl NodeService {
             staged_count = state.staged.len(),
             published_count = state.published.len(),
             state_file = %state_file.path().display(),
+            mounter_socket = ?daemons.mounter_socket(),
             "node state loaded"
         );
         Ok(Self {
             node_id,
             client,
-            launcher,
+            daemons,
             state_file,
             state: tokio::sync::Mutex::new(state),
             locks: OperationLocks::default(),
@@ -209,6 +207,7 @@ impl NodeService {
                                     staging_path: staging_path_recorded,
                                     fuse_pid: 0,
                                     fuse_start_ticks: 0,
+                                    fuse_owner: DaemonOwner::default(),
                                 });
                         })
                         .await;
@@ -238,19 +237,20 @@ impl NodeService {
         }
         std::fs::create_dir_all(&staging_path)
             .map_err(|error| CsiError::io("creating staging path", &staging_path, error))?;
-        let daemon = self
-            .launcher
-            .mount(volume_id, &staging_path, MOUNT_TIMEOUT_MS)
+        let started = self
+            .daemons
+            .start(volume_id, &staging_path, MOUNT_TIMEOUT_MS)
             .await?;
         tracing::info!(volume = %volume_id, staging_path = %staging_path.display(),
-            fuse_pid = daemon.pid, "volume staged");
+            fuse_pid = started.daemon.pid, fuse_owner = ?started.owner, "volume staged");
         self.update_state(|state| {
             state.staged.insert(
                 volume_id.to_owned(),
                 StagedVolume {
                     staging_path,
-                    fuse_pid: daemon.pid,
-                    fuse_start_ticks: daemon.start_ticks,
+                    fuse_pid: started.daemon.pid,
+                    fuse_start_ticks: started.daemon.start_ticks,
+                    fuse_owner: started.owner,
                 },
             );
         })
@@ -275,17 +275,22 @@ impl NodeService {
                 staging_path.display()
             )));
         }
-        let recorded = self.state.lock().await.staged.get(volume_id).cloned();
-        if let Some(staged) = recorded.filter(|staged| staged.staging_path == staging_path) {
-            let daemon = FuseDaemon {
-                pid: staged.fuse_pid,
-                start_ticks: staged.fuse_start_ticks,
-            };
-            if fuse::is_running(&daemon) {
-                fuse::stop(&daemon, DAEMON_EXIT_WAIT_MS).await;
-            }
-        }
-        Ok(())
+        let recorded = self
+            .state
+            .lock()
+            .await
+            .staged
+            .get(volume_id)
+            .filter(|staged| staged.staging_path == staging_path)
+            .cloned();
+        self.daemons
+            .stop(
+                volume_id,
+                staging_path,
+                recorded.as_ref(),
+                DAEMON_EXIT_WAIT_MS,
+            )
+            .await
     }
 
     async fn unstage(&self, request: NodeUnstageVolumeRequest) -> Result<(), CsiError> {
@@ -491,9 +496,15 @@ impl NodeService {
             )));
         }
         let health = mounts::probe(&volume_path, HEALTH_TIMEOUT_MS).await;
+        let mut message = health.describe();
+        if health.connection_gone() {
+            if let Some(explanation) = self.daemons.explain_dead_connection(volume_id).await {
+                message = format!("{message}; {explanation}");
+            }
+        }
         let condition = VolumeCondition {
             abnormal: !matches!(health, MountHealth::Answering(_)),
-            message: health.describe(),
+            message,
         };
         let usage = match health {
             MountHealth::Answering(usage) => {
@@ -660,6 +671,7 @@ mod tests {
                     staging_path: format!("/stage/{volume}").into(),
                     fuse_pid: 0,
                     fuse_start_ticks: 0,
+                    fuse_owner: DaemonOwner::Plugin,
                 },
             );
             state.published.insert(

@@ -28,8 +28,10 @@ use crate::controller::ControllerService;
 use crate::csi::v1::controller_server::ControllerServer;
 use crate::csi::v1::identity_server::IdentityServer;
 use crate::csi::v1::node_server::NodeServer;
+use crate::daemons::FuseDaemons;
 use crate::fuse::FuseLauncher;
 use crate::identity::IdentityService;
+use crate::mounter::MounterClient;
 use crate::node::NodeService;
 use crate::parameters::validate_label_value;
 use crate::state::StateFile;
@@ -65,6 +67,9 @@ pub struct PluginConfig {
     pub ballast_endpoint: String,
     pub state_directory: PathBuf,
     pub fuse_binary: PathBuf,
+    /// `ballast-csi-mounter`'s socket: when set, the mounter owns the FUSE daemons; otherwise
+    /// the plugin starts them itself.
+    pub mounter_socket: Option<PathBuf>,
 }
 
 /// Options of the client that performs volume operations: each attempt bounded, retried only
@@ -132,7 +137,7 @@ fn node_id_for(config: &PluginConfig) -> Result<Option<String>, CsiError> {
 }
 
 /// Binds the socket, replacing a stale one.
-fn bind(socket: &Path) -> Result<UnixListener, CsiError> {
+pub(crate) fn bind(socket: &Path) -> Result<UnixListener, CsiError> {
     if let Some(parent) = socket.parent() {
         std::fs::create_dir_all(parent)
             .map_err(|error| CsiError::io("creating socket directory", parent, error))?;
@@ -168,16 +173,19 @@ pub async fn serve(
         .then(|| ControllerServer::new(ControllerService::new(control_client.clone())));
     let node = match node_id {
         Some(node_id) if config.mode.serves_node() => {
-            let launcher = FuseLauncher::new(
-                config.fuse_binary.clone(),
-                config.ballast_endpoint.clone(),
-                &config.state_directory,
-            )?;
+            let daemons = match &config.mounter_socket {
+                Some(socket) => FuseDaemons::Mounter(MounterClient::new(socket.clone())),
+                None => FuseDaemons::InProcess(FuseLauncher::new(
+                    config.fuse_binary.clone(),
+                    config.ballast_endpoint.clone(),
+                    &config.state_directory,
+                )?),
+            };
             let state_file = StateFile::open(&config.state_directory)?;
             Some(NodeServer::new(NodeService::new(
                 node_id,
                 control_client,
-                launcher,
+                daemons,
                 state_file,
             )?))
         }
@@ -253,6 +261,7 @@ mod tests {
             ballast_endpoint: "http://127.0.0.1:7400".into(),
             state_directory: "/tmp".into(),
             fuse_binary: "ballast-fuse".into(),
+            mounter_socket: None,
         };
         assert!(node_id_for(&config(Mode::Controller, None)).is_ok());
         assert!(node_id_for(&config(Mode::Node, None)).is_err());

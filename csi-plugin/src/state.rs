@@ -56,6 +56,23 @@ pub struct StagedVolume {
     pub fuse_pid: i32,
     /// The daemon's start time in clock ticks since boot (`/proc/<pid>/stat` field 22).
     pub fuse_start_ticks: u64,
+    /// Who started the daemon and so who may stop it. Absent in files written before the
+    /// mounter existed, which means the plugin.
+    #[serde(default)]
+    pub fuse_owner: DaemonOwner,
+}
+
+/// Which process owns a staged volume's FUSE daemon.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DaemonOwner {
+    /// The plugin started it itself (no `--mounter-socket`); the pid is in the plugin's pid
+    /// namespace and the plugin signals it.
+    #[default]
+    Plugin,
+    /// `ballast-csi-mounter` started it; the pid is in the mounter's pid namespace, so only the
+    /// mounter may stop it.
+    Mounter,
 }
 
 /// A bind mount of a staged volume at a pod's target path.
@@ -128,25 +145,34 @@ impl StateFile {
     pub fn save(&self, state: &NodeState) -> Result<(), CsiError> {
         let text = serde_json::to_vec_pretty(state)
             .map_err(|error| CsiError::Internal(format!("encoding node state: {error}")))?;
-        let temporary = self.path.with_extension("json.tmp");
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&temporary)
-            .map_err(|error| CsiError::io("creating temporary state file", &temporary, error))?;
-        file.write_all(&text)
-            .and_then(|()| file.sync_all())
-            .map_err(|error| CsiError::io("writing temporary state file", &temporary, error))?;
-        drop(file);
-        std::fs::rename(&temporary, &self.path)
-            .map_err(|error| CsiError::io("renaming state file", &self.path, error))?;
-        // The rename is durable only once the directory entry is.
-        let directory = self.path.parent().unwrap_or(Path::new("."));
-        File::open(directory)
-            .and_then(|directory_file| directory_file.sync_all())
-            .map_err(|error| CsiError::io("syncing state directory", directory, error))
+        write_atomically(&self.path, &text)
     }
+}
+
+/// Replaces `path` with `contents` atomically: a temporary file in the same directory
+/// (`<path>.tmp`), fsync'd, renamed over `path`, then the directory fsync'd. A crash at any moment
+/// leaves either the old or the new complete file.
+pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), CsiError> {
+    let mut temporary_name = path.as_os_str().to_owned();
+    temporary_name.push(".tmp");
+    let temporary = PathBuf::from(temporary_name);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&temporary)
+        .map_err(|error| CsiError::io("creating temporary file", &temporary, error))?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(|error| CsiError::io("writing temporary file", &temporary, error))?;
+    drop(file);
+    std::fs::rename(&temporary, path)
+        .map_err(|error| CsiError::io("renaming into place", path, error))?;
+    // The rename is durable only once the directory entry is.
+    let directory = path.parent().unwrap_or(Path::new("."));
+    File::open(directory)
+        .and_then(|directory_file| directory_file.sync_all())
+        .map_err(|error| CsiError::io("syncing directory", directory, error))
 }
 
 #[cfg(test)]
@@ -161,6 +187,7 @@ mod tests {
                 staging_path: "/var/lib/kubelet/plugins/x/globalmount".into(),
                 fuse_pid: 4242,
                 fuse_start_ticks: 123_456,
+                fuse_owner: DaemonOwner::Mounter,
             },
         );
         state.published.insert(
@@ -194,6 +221,22 @@ mod tests {
             .map(|entry| entry.unwrap().file_name())
             .collect();
         assert_eq!(names, [STATE_FILE_NAME]);
+    }
+
+    #[test]
+    fn files_without_an_owner_mean_the_plugin() {
+        let directory = tempfile::tempdir().unwrap();
+        let file = StateFile::open(directory.path()).unwrap();
+        std::fs::write(
+            file.path(),
+            br#"{"version":1,"staged":{"a":{"staging_path":"/s","fuse_pid":7,
+                "fuse_start_ticks":9}},"published":{}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            file.load().unwrap().staged["a"].fuse_owner,
+            DaemonOwner::Plugin
+        );
     }
 
     #[test]

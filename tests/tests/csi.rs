@@ -1062,27 +1062,6 @@ fn mariadb_runs_on_a_published_volume() {
 
 /// Appends numbered lines with an fsync after each, until `stop` exists (bounded in count);
 /// exits non-zero on the first error. Prints how many lines it wrote.
-const WRITER_SCRIPT: &str = r#"
-import os, sys
-path, stop = sys.argv[1], sys.argv[2]
-fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-count = 0
-while count < 2_000_000 and not os.path.exists(stop):
-    os.write(fd, b"%09d\n" % count)
-    os.fsync(fd)
-    count += 1
-os.close(fd)
-print(count)
-"#;
-
-fn line_count(path: &Path) -> usize {
-    let mut text = String::new();
-    File::open(path)
-        .and_then(|mut file| file.read_to_string(&mut text))
-        .map(|_| text.lines().count())
-        .unwrap_or(0)
-}
-
 #[test]
 fn plugin_restart_does_not_break_a_writing_pod() {
     let Some(mut fixture) = setup(DEVICE_SIZE_BYTES) else {
@@ -1215,6 +1194,127 @@ fn plugin_restart_does_not_break_a_writing_pod() {
         || !process_alive(daemons[0]),
     )
     .unwrap();
+    csi.delete_volume(name).unwrap();
+}
+
+/// With `ballast-csi-mounter` owning the daemons (run on the host, as processes): `kill -9` of
+/// both the plugin and the mounter leaves the pod writing; the restarted mounter re-adopts the
+/// running daemon from its record, the plugin's repeats are no-ops, and unstage stops the adopted
+/// daemon through the mounter.
+#[test]
+fn mounter_kill_re_adopts_running_daemons() {
+    if !end_to_end_available() || !plugin_available() {
+        return;
+    }
+    let node = LocalNode::start(DEVICE_SIZE_BYTES).expect("start node");
+    let mut plugin = CsiPlugin::start_with_mounter(&node).expect("start plugin and mounter");
+    let mut csi = plugin.client().unwrap();
+    let name = "pvc-adopted";
+    let mode = Mode::SingleNodeWriter;
+    let staging = plugin.path("staging/adopted");
+    let target = plugin.path("pods/writer/mount");
+    fs::create_dir_all(target.parent().unwrap()).unwrap();
+    csi.create_volume(name, 64 * MIB, mode, &[]).unwrap();
+    csi.stage(name, &staging, mode).unwrap();
+    csi.publish(name, &staging, &target, mode, false).unwrap();
+    let daemons = fuse_daemons_under(&plugin.root);
+    assert_eq!(daemons.len(), 1);
+    let mounter_pid = |plugin: &CsiPlugin| {
+        let listing = plugin.mounter.as_ref().unwrap().list().unwrap();
+        assert_eq!(listing.as_array().map(Vec::len), Some(1), "{listing}");
+        (
+            listing[0]["daemon"]["pid"].as_i64().unwrap() as i32,
+            listing[0]["running"].as_bool().unwrap(),
+            listing[0]["mounted"].as_bool().unwrap(),
+        )
+    };
+    assert_eq!(mounter_pid(&plugin), (daemons[0], true, true));
+
+    let log = target.join("writer.log");
+    let stop = plugin.path("stop-writer");
+    let writer = Command::new("python3")
+        .args(["-c", WRITER_SCRIPT])
+        .arg(&log)
+        .arg(&stop)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    // Kill the writer on any failure below.
+    struct KillOnDrop(i32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) on the writer's pid; at worst ESRCH after it exited.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let _writer_guard = KillOnDrop(writer.id() as i32);
+    let wait_for_lines = |what: &str, at_least: usize| {
+        wait_until(what, Duration::from_secs(60), || {
+            line_count(&log) >= at_least
+        })
+        .unwrap()
+    };
+    wait_for_lines("the writer to start", 50);
+
+    plugin.kill();
+    plugin.mounter.as_mut().unwrap().kill();
+    wait_for_lines(
+        "writes with neither plugin nor mounter",
+        line_count(&log) + 100,
+    );
+    assert!(process_alive(daemons[0]), "the daemon outlived its mounter");
+
+    plugin.mounter.as_mut().unwrap().restart().unwrap();
+    plugin.restart().unwrap();
+    csi = plugin.client().unwrap();
+    let mounter_log = fs::read_to_string(&plugin.mounter.as_ref().unwrap().log_path).unwrap();
+    assert!(
+        mounter_log.contains("re-adopted a running FUSE daemon"),
+        "{mounter_log}"
+    );
+    assert_eq!(mounter_pid(&plugin), (daemons[0], true, true));
+    csi.stage(name, &staging, mode).unwrap();
+    csi.publish(name, &staging, &target, mode, false).unwrap();
+    assert_eq!(
+        fuse_daemons_under(&plugin.root),
+        daemons,
+        "nothing was remounted"
+    );
+    wait_for_lines("writes after the restarts", line_count(&log) + 100);
+
+    File::create(&stop).unwrap();
+    let output = writer.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "writer failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let written: usize = String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    let text = fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        text.lines().count(),
+        written,
+        "every fsync'd line is in the file"
+    );
+    for (index, line) in text.lines().enumerate() {
+        assert_eq!(line, format!("{index:09}"), "line {index}");
+    }
+
+    csi.unpublish(name, &target).unwrap();
+    csi.unstage(name, &staging).unwrap();
+    assert!(mountpoints_under(&plugin.root).is_empty());
+    wait_until(
+        "the adopted daemon to exit",
+        Duration::from_secs(30),
+        || !process_alive(daemons[0]),
+    )
+    .unwrap();
+    let listing = plugin.mounter.as_ref().unwrap().list().unwrap();
+    assert_eq!(listing, serde_json::json!([]));
     csi.delete_volume(name).unwrap();
 }
 

@@ -97,6 +97,19 @@ app.kubernetes.io/part-of: ballast
 {{- printf "%s-csi-node" (include "ballast.fullname" .) }}
 {{- end }}
 
+{{- define "ballast.csiMounterName" -}}
+{{- printf "%s-csi-mounter" (include "ballast.fullname" .) }}
+{{- end }}
+
+{{/* The storage node endpoint of the node plugin and of the FUSE daemons (csi.node.endpointMode). */}}
+{{- define "ballast.csiNodeBallastEndpoint" -}}
+{{- if eq .Values.csi.node.endpointMode "local" -}}
+http://$(KUBE_NODE_IP):{{ .Values.storage.port }}
+{{- else -}}
+{{ include "ballast.csiControllerEndpoint" . }}
+{{- end }}
+{{- end }}
+
 {{- define "ballast.extenderName" -}}
 {{- printf "%s-scheduler-extender" (include "ballast.fullname" .) }}
 {{- end }}

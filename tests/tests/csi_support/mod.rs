@@ -13,8 +13,9 @@
 
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::future::Future;
+use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -60,6 +61,88 @@ pub struct CsiPlugin {
     pub log_path: PathBuf,
     ballast_endpoint: String,
     process: Option<Child>,
+    /// `ballast-csi-mounter` owning the daemons, when started with [`CsiPlugin::start_with_mounter`].
+    pub mounter: Option<MounterProcess>,
+}
+
+/// A `ballast-csi-mounter serve` process on the host, in its own process group.
+pub struct MounterProcess {
+    pub socket: PathBuf,
+    pub state_directory: PathBuf,
+    pub log_path: PathBuf,
+    mount_root: PathBuf,
+    ballast_endpoint: String,
+    process: Option<Child>,
+}
+
+impl MounterProcess {
+    fn spawn(&mut self) -> Result<()> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
+        let child = Command::new(binary("ballast-csi-mounter"))
+            .arg("serve")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state_directory)
+            .arg("--mount-root")
+            .arg(&self.mount_root)
+            .args(["--ballast-endpoint", &self.ballast_endpoint])
+            .arg("--fuse-binary")
+            .arg(binary("ballast-fuse"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .context("starting ballast-csi-mounter")?;
+        self.process = Some(child);
+        // A connection, not the file: a killed mounter leaves a stale socket file behind.
+        let socket = self.socket.clone();
+        if wait_until("the mounter's socket", Duration::from_secs(30), || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        })
+        .is_err()
+        {
+            bail!(
+                "ballast-csi-mounter did not start; log:\n{}",
+                std::fs::read_to_string(&self.log_path).unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    /// `kill -9` of the mounter's process group; its daemons run in sessions of their own.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            // SAFETY: kill(2) on the process group our child leads; at worst ESRCH.
+            unsafe {
+                libc::kill(-(child.id() as i32), libc::SIGKILL);
+            }
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        // A killed mounter leaves its socket file; the new one replaces it.
+        self.spawn()
+    }
+
+    /// `ballast-csi-mounter list` against this mounter: its answer as JSON.
+    pub fn list(&self) -> Result<serde_json::Value> {
+        let output = Command::new(binary("ballast-csi-mounter"))
+            .arg("list")
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()?;
+        if !output.status.success() {
+            bail!("list: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(serde_json::from_slice(&output.stdout)?)
+    }
 }
 
 impl CsiPlugin {
@@ -74,6 +157,34 @@ impl CsiPlugin {
             ballast_endpoint: node.endpoint(),
             root,
             process: None,
+            mounter: None,
+        };
+        plugin.spawn()?;
+        Ok(plugin)
+    }
+
+    /// Like [`CsiPlugin::start`], with a `ballast-csi-mounter` on the host owning the FUSE
+    /// daemons (mount root: this plugin's root).
+    pub fn start_with_mounter(node: &LocalNode) -> Result<Self> {
+        let root = node.directory.path().join("csi");
+        std::fs::create_dir_all(&root)?;
+        let mut mounter = MounterProcess {
+            socket: root.join("mounter.sock"),
+            state_directory: root.join("mounter"),
+            log_path: root.join("mounter.log"),
+            mount_root: root.clone(),
+            ballast_endpoint: node.endpoint(),
+            process: None,
+        };
+        mounter.spawn()?;
+        let mut plugin = Self {
+            socket: root.join("csi.sock"),
+            state_directory: root.join("state"),
+            log_path: root.join("plugin.log"),
+            ballast_endpoint: node.endpoint(),
+            root,
+            process: None,
+            mounter: Some(mounter),
         };
         plugin.spawn()?;
         Ok(plugin)
@@ -93,6 +204,12 @@ impl CsiPlugin {
             .arg(&self.state_directory)
             .arg("--fuse-binary")
             .arg(binary("ballast-fuse"))
+            .args(
+                self.mounter
+                    .as_ref()
+                    .map(|mounter| vec![format!("--mounter-socket={}", mounter.socket.display())])
+                    .unwrap_or_default(),
+            )
             .env(
                 "RUST_LOG",
                 std::env::var("BALLAST_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -179,6 +296,9 @@ impl CsiPlugin {
 impl Drop for CsiPlugin {
     fn drop(&mut self) {
         self.kill();
+        if let Some(mounter) = &mut self.mounter {
+            mounter.kill();
+        }
         // Mounts first (deepest first), so the daemons see their session end; then the daemons.
         let mut mountpoints = mountpoints_under(&self.root);
         mountpoints.sort_by_key(|path| std::cmp::Reverse(path.as_os_str().len()));
@@ -457,4 +577,28 @@ pub fn expect_code<T: std::fmt::Debug>(
             status.message()
         ),
     }
+}
+
+/// A pod that appends numbered lines and fsyncs each one, until a stop file appears; prints
+/// how many it wrote. Any failed write or fsync ends it with an error.
+pub const WRITER_SCRIPT: &str = r#"
+import os, sys
+path, stop = sys.argv[1], sys.argv[2]
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+count = 0
+while count < 2_000_000 and not os.path.exists(stop):
+    os.write(fd, b"%09d\n" % count)
+    os.fsync(fd)
+    count += 1
+os.close(fd)
+print(count)
+"#;
+
+/// Lines in the file at `path` (0 when it cannot be read).
+pub fn line_count(path: &Path) -> usize {
+    let mut text = String::new();
+    File::open(path)
+        .and_then(|mut file| file.read_to_string(&mut text))
+        .map(|_| text.lines().count())
+        .unwrap_or(0)
 }

@@ -1,0 +1,666 @@
+//! The node plugin's restart at container level: `ballast-csi` and `ballast-csi-mounter` run from
+//! the real image in two separate podman containers, the way the chart runs them in two pods.
+//! They share a "kubelet" directory bind-mounted with shared (rshared) propagation, the host side
+//! of the chart's Bidirectional hostPath, and the mounter's socket directory. A storage node runs
+//! on the host. The test publishes a volume through the plugin's CSI socket like kubelet,
+//! starts a writer on the host that appends and fsyncs through the pod's target path, and then
+//! stops, starts, kills and starts the *plugin container* (the container runtime kills every
+//! process in it). The writer must never fail and every line must read back; after the restarts
+//! the new plugin answers kubelet's repeated stage/publish idempotently and tears everything down.
+//!
+//! A second test shows what still breaks, on purpose: restarting the *mounter* container ends its
+//! FUSE daemons; the volume condition says so (naming the mounter's view), and a repeated
+//! NodeStage and NodePublish (what kubelet does when the pod is restarted) bring the volume back
+//! with its data.
+//!
+//! Runs podman with `--runtime runc` and explicit ulimits (crun fails on this VM's hybrid
+//! cgroups), both containers privileged as in the chart (mounts with Bidirectional propagation
+//! require it). Skips only when root, podman, runc, mmdebstrap, python3 or /dev/fuse are missing,
+//! and fails instead in CI (`CI=true`).
+
+mod csi_support;
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use ballast_csi_plugin::csi::v1::volume_capability::access_mode::Mode;
+use ballast_tests::{binary, binary_directory, test_root, wait_until, LocalNode};
+use csi_support::*;
+
+const DEVICE_SIZE_BYTES: u64 = 2 << 30;
+const MIB: i64 = 1 << 20;
+
+fn repository_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Whether containers can be built and run here; in CI a missing precondition is a failure.
+fn container_tools_available() -> bool {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root".to_owned());
+    }
+    if !Path::new("/dev/fuse").exists() {
+        missing.push("/dev/fuse".to_owned());
+    }
+    for tool in ["podman", "runc", "mmdebstrap", "python3"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|output| output.status.success())
+            .unwrap_or(false);
+        if !found {
+            missing.push(format!(
+                "{tool} (scripts/install-prerequisites.sh installs it)"
+            ));
+        }
+    }
+    for name in [
+        "ballast-node",
+        "ballast-fuse",
+        "ballast",
+        "ballast-csi",
+        "ballast-csi-mounter",
+    ] {
+        if !binary(name).exists() {
+            missing.push(format!("binary {}", binary(name).display()));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!(
+            "container test preconditions missing in CI: {}",
+            missing.join(", ")
+        );
+    }
+    eprintln!(
+        "SKIPPED: container test preconditions missing: {}",
+        missing.join(", ")
+    );
+    false
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "status {}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn run(command: &mut Command) -> Output {
+    command
+        .output()
+        .unwrap_or_else(|error| panic!("running {command:?}: {error}"))
+}
+
+fn run_ok(command: &mut Command) -> String {
+    let output = run(command);
+    assert!(output.status.success(), "{command:?}: {}", text(&output));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn build_image() -> String {
+    let output = run(Command::new("bash")
+        .arg(repository_root().join("scripts/build-image.sh"))
+        .env("BALLAST_BIN_DIR", binary_directory()));
+    assert!(
+        output.status.success(),
+        "build-image.sh failed: {}",
+        text(&output)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let image = stdout.lines().last().unwrap_or_default().trim().to_owned();
+    assert!(image.starts_with("localhost/ballast:"), "{}", text(&output));
+    image
+}
+
+/// A limit for podman's --ulimit, capped by this process's hard limit.
+fn capped_limit(resource: libc::__rlimit_resource_t, wanted: u64) -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct we own.
+    if unsafe { libc::getrlimit(resource, &mut limit) } != 0 {
+        return 1024;
+    }
+    wanted.min(limit.rlim_max)
+}
+
+/// A detached, privileged container from the image, removed (forcibly) when dropped.
+struct Container {
+    name: String,
+}
+
+impl Container {
+    fn start(name: String, image: &str, volumes: &[(&Path, &str)], command: &[String]) -> Self {
+        let nofile = capped_limit(libc::RLIMIT_NOFILE, 65_536);
+        let nproc = capped_limit(libc::RLIMIT_NPROC, 8_192);
+        let mut podman = Command::new("podman");
+        podman
+            .args(["run", "--detach", "--name", &name, "--runtime", "runc"])
+            .args(["--ulimit", &format!("nofile={nofile}:{nofile}")])
+            .args(["--ulimit", &format!("nproc={nproc}:{nproc}")])
+            .args([
+                "--network",
+                "host",
+                "--privileged",
+                "--log-driver",
+                "k8s-file",
+            ])
+            .args(["--env", "RUST_LOG=info"]);
+        for (host_path, options) in volumes {
+            let path = host_path.display();
+            podman.args(["--volume", &format!("{path}:{path}{options}")]);
+        }
+        let container = Container { name };
+        run_ok(podman.arg(image).args(command));
+        container
+    }
+
+    fn logs(&self) -> String {
+        let output = run(Command::new("podman").args(["logs", &self.name]));
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    }
+
+    fn id(&self) -> String {
+        run_ok(Command::new("podman").args(["inspect", "--format", "{{.Id}}", &self.name]))
+            .trim()
+            .to_owned()
+    }
+
+    fn podman(&self, verb: &[&str]) {
+        run_ok(Command::new("podman").args(verb).arg(&self.name));
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = Command::new("podman")
+            .args(["rm", "--force", "--time", "5", &self.name])
+            .output();
+    }
+}
+
+fn detach(path: &Path) {
+    if let Ok(path) = CString::new(path.as_os_str().as_bytes()) {
+        // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
+        unsafe {
+            libc::umount2(path.as_ptr(), libc::MNT_DETACH);
+        }
+    }
+}
+
+/// The test's directories; on drop, every mount and daemon under them goes, then the shared
+/// bind of the kubelet directory.
+struct Directories {
+    root: tempfile::TempDir,
+}
+
+impl Directories {
+    fn kubelet(&self) -> PathBuf {
+        self.root.path().join("kubelet")
+    }
+    fn csi_socket_directory(&self) -> PathBuf {
+        self.root.path().join("csi")
+    }
+    fn plugin_state(&self) -> PathBuf {
+        self.root.path().join("plugin-state")
+    }
+    fn mounter_directory(&self) -> PathBuf {
+        self.root.path().join("mounter")
+    }
+    fn mounter_socket(&self) -> PathBuf {
+        self.mounter_directory().join("mounter.sock")
+    }
+}
+
+impl Drop for Directories {
+    fn drop(&mut self) {
+        let mut mountpoints = mountpoints_under(&self.kubelet());
+        mountpoints.sort_by_key(|path| std::cmp::Reverse(path.as_os_str().len()));
+        for mountpoint in mountpoints {
+            detach(&mountpoint);
+        }
+        for pid in fuse_daemons_under(&self.kubelet()) {
+            // SAFETY: kill(2) on a ballast-fuse pid whose mountpoint lies in our test directory.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// A storage node on the host, the mounter and the plugin in containers, a CSI client.
+/// Field order is drop order: client, plugin, mounter, mounts, storage node.
+struct Fixture {
+    csi: CsiClient,
+    plugin: Container,
+    mounter: Container,
+    directories: Directories,
+    /// Kept alive (and stopped last) for the fixture's lifetime.
+    _storage_node: LocalNode,
+}
+
+fn setup(test: &str) -> Option<Fixture> {
+    if !container_tools_available() {
+        return None;
+    }
+    // Built once per test binary: the two tests must not run build-image.sh concurrently.
+    static IMAGE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let image = IMAGE.get_or_init(build_image).clone();
+    let node = LocalNode::start(DEVICE_SIZE_BYTES).expect("start storage node");
+    let root = tempfile::Builder::new()
+        .prefix("ballast-csi-container-")
+        .tempdir_in(test_root())
+        .unwrap();
+    let directories = Directories { root };
+    for directory in [
+        directories.kubelet(),
+        directories.csi_socket_directory(),
+        directories.plugin_state(),
+        directories.mounter_directory(),
+    ] {
+        fs::create_dir_all(&directory).unwrap();
+    }
+    // The kubelet directory must be a shared mount point for rshared binds (on a real node,
+    // /var/lib/kubelet is, since systemd makes / shared).
+    let kubelet = directories.kubelet();
+    run_ok(
+        Command::new("mount")
+            .arg("--bind")
+            .arg(&kubelet)
+            .arg(&kubelet),
+    );
+    run_ok(Command::new("mount").arg("--make-rshared").arg(&kubelet));
+    let serial = format!("{}-{test}", std::process::id());
+    let mounter = start_mounter(&image, &directories, &node, &serial);
+    let plugin = start_plugin(&image, &directories, &node, &serial);
+    let csi = CsiClient::connect(&directories.csi_socket_directory().join("csi.sock")).unwrap();
+    wait_for_plugin(&csi, &plugin);
+    Some(Fixture {
+        csi,
+        plugin,
+        mounter,
+        directories,
+        _storage_node: node,
+    })
+}
+
+fn start_mounter(
+    image: &str,
+    directories: &Directories,
+    node: &LocalNode,
+    serial: &str,
+) -> Container {
+    let kubelet = directories.kubelet();
+    let mounter_directory = directories.mounter_directory();
+    let command: Vec<String> = vec![
+        "ballast-csi-mounter".into(),
+        "serve".into(),
+        format!("--socket={}", directories.mounter_socket().display()),
+        format!("--state-dir={}", mounter_directory.display()),
+        format!("--mount-root={}", kubelet.display()),
+        format!("--ballast-endpoint={}", node.endpoint()),
+        "--fuse-binary=/usr/local/bin/ballast-fuse".into(),
+    ];
+    let container = Container::start(
+        format!("ballast-csi-mounter-{serial}"),
+        image,
+        &[(&kubelet, ":rshared"), (&mounter_directory, "")],
+        &command,
+    );
+    let socket = directories.mounter_socket();
+    let up = wait_until("the mounter's socket", Duration::from_secs(30), || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    });
+    assert!(up.is_ok(), "mounter did not start:\n{}", container.logs());
+    container
+}
+
+fn start_plugin(
+    image: &str,
+    directories: &Directories,
+    node: &LocalNode,
+    serial: &str,
+) -> Container {
+    let kubelet = directories.kubelet();
+    let csi_directory = directories.csi_socket_directory();
+    let plugin_state = directories.plugin_state();
+    let mounter_directory = directories.mounter_directory();
+    let command: Vec<String> = vec![
+        "ballast-csi".into(),
+        format!("--endpoint=unix://{}/csi.sock", csi_directory.display()),
+        "--mode=all".into(),
+        format!("--node-id={NODE_ID}"),
+        format!("--ballast-endpoint={}", node.endpoint()),
+        format!("--state-dir={}", plugin_state.display()),
+        format!(
+            "--mounter-socket={}",
+            directories.mounter_socket().display()
+        ),
+    ];
+    Container::start(
+        format!("ballast-csi-plugin-{serial}"),
+        image,
+        &[
+            (&kubelet, ":rshared"),
+            (&csi_directory, ""),
+            (&plugin_state, ""),
+            (&mounter_directory, ""),
+        ],
+        &command,
+    )
+}
+
+fn wait_for_plugin(csi: &CsiClient, plugin: &Container) {
+    let ready = wait_until("the plugin to answer", Duration::from_secs(60), || {
+        csi.run(csi.identity().get_plugin_info(GetPluginInfoRequest {}))
+            .is_ok()
+    });
+    assert!(ready.is_ok(), "plugin did not answer:\n{}", plugin.logs());
+}
+
+/// Mount points strictly below `root` (not the shared bind of `root` itself).
+fn mounts_below(root: &Path) -> Vec<PathBuf> {
+    mountpoints_under(root)
+        .into_iter()
+        .filter(|path| path != root)
+        .collect()
+}
+
+/// The container (by full id) whose cgroup holds process `pid`.
+fn cgroup_of(pid: i32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default()
+}
+
+/// A process appending and fsyncing numbered lines through a target path.
+struct Writer {
+    child: Child,
+    log: PathBuf,
+    stop: PathBuf,
+}
+
+impl Writer {
+    fn start(target: &Path, stop: PathBuf) -> Self {
+        let log = target.join("writer.log");
+        let child = Command::new("python3")
+            .args(["-c", WRITER_SCRIPT])
+            .arg(&log)
+            .arg(&stop)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        Self { child, log, stop }
+    }
+
+    fn lines(&self) -> usize {
+        line_count(&self.log)
+    }
+
+    /// Waits until at least `count` more lines than now are written; fails if the writer exits.
+    fn wait_for_more(&mut self, what: &str, count: usize) {
+        let goal = self.lines() + count;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while self.lines() < goal {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let mut stderr = String::new();
+                let _ = self
+                    .child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut stderr);
+                panic!("{what}: the writer exited ({status}):\n{stderr}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: no progress in 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the writer; checks it never failed and every fsync'd line is in the file, in order.
+    fn finish(mut self) -> usize {
+        File::create(&self.stop).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(std::time::Instant::now() < deadline, "writer did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stdout = String::new();
+        let mut stderr = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut stdout)
+            .unwrap();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        assert!(status.success(), "writer failed: {status}\n{stderr}");
+        let written: usize = stdout.trim().parse().unwrap();
+        let text = fs::read_to_string(&self.log).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), written, "every fsync'd line is in the file");
+        for (index, line) in lines.iter().enumerate() {
+            assert_eq!(*line, format!("{index:09}"), "line {index}");
+        }
+        written
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn plugin_container_restarts_do_not_break_a_writing_pod() {
+    let Some(mut fixture) = setup("plugin") else {
+        return;
+    };
+    let kubelet = fixture.directories.kubelet();
+    let name = "pvc-container-restart";
+    let mode = Mode::SingleNodeWriter;
+    let staging = kubelet.join("plugins/kubernetes.io/csi/csi.ballast.io/staging/globalmount");
+    let target = kubelet.join("pods/pod-1/volumes/kubernetes.io~csi/data/mount");
+    fs::create_dir_all(target.parent().unwrap()).unwrap();
+    {
+        let csi = &fixture.csi;
+        csi.create_volume(name, 256 * MIB, mode, &[]).unwrap();
+        csi.stage(name, &staging, mode).unwrap();
+        csi.publish(name, &staging, &target, mode, false).unwrap();
+    }
+    // The host (kubelet, the pods) sees both mounts.
+    let source = |path: &Path| mount_at(path).map(|(source, _)| source);
+    assert_eq!(
+        source(&staging).as_deref(),
+        Some("ballast:pvc-container-restart")
+    );
+    assert_eq!(
+        source(&target).as_deref(),
+        Some("ballast:pvc-container-restart")
+    );
+    // One daemon, and it lives in the mounter's container, not the plugin's.
+    let daemons = fuse_daemons_under(&kubelet);
+    assert_eq!(daemons.len(), 1, "one FUSE daemon: {daemons:?}");
+    let daemon_cgroup = cgroup_of(daemons[0]);
+    assert!(
+        daemon_cgroup.contains(&fixture.mounter.id()),
+        "the daemon runs in the mounter's container: {daemon_cgroup}"
+    );
+    assert!(!daemon_cgroup.contains(&fixture.plugin.id()));
+
+    let mut writer = Writer::start(&target, fixture.directories.root.path().join("stop-writer"));
+    writer.wait_for_more("the writer to start", 50);
+
+    // 1. A clean stop of the plugin container (SIGTERM, then the runtime ends everything in its
+    //    cgroup), as kubelet does when it restarts a container. The pod keeps writing while no
+    //    plugin runs at all.
+    fixture.plugin.podman(&["stop", "--time", "10"]);
+    let lines_at_stop = writer.lines();
+    writer.wait_for_more("writes with the plugin container stopped", 100);
+    assert!(
+        process_alive(daemons[0]),
+        "the FUSE daemon outlived the plugin container"
+    );
+    fixture.plugin.podman(&["start"]);
+    fixture.csi =
+        CsiClient::connect(&fixture.directories.csi_socket_directory().join("csi.sock")).unwrap();
+    wait_for_plugin(&fixture.csi, &fixture.plugin);
+    writer.wait_for_more("writes after the first restart", 100);
+
+    // 2. SIGKILL of the plugin container (a crash or an OOM kill), then a start.
+    fixture.plugin.podman(&["kill", "--signal", "KILL"]);
+    writer.wait_for_more("writes with the plugin container killed", 100);
+    fixture.plugin.podman(&["start"]);
+    fixture.csi =
+        CsiClient::connect(&fixture.directories.csi_socket_directory().join("csi.sock")).unwrap();
+    wait_for_plugin(&fixture.csi, &fixture.plugin);
+    let lines_after_restarts = writer.lines();
+
+    // kubelet repeats stage and publish for running pods: both are no-ops on the live mounts.
+    let csi = &fixture.csi;
+    csi.stage(name, &staging, mode).unwrap();
+    csi.publish(name, &staging, &target, mode, false).unwrap();
+    assert_eq!(
+        fuse_daemons_under(&kubelet),
+        daemons,
+        "the same daemon serves; nothing was remounted"
+    );
+    let condition = csi
+        .volume_stats(name, &target)
+        .unwrap()
+        .volume_condition
+        .unwrap();
+    assert!(!condition.abnormal, "{}", condition.message);
+    writer.wait_for_more("writes after the restarts", 100);
+    let written = writer.finish();
+    eprintln!(
+        "writer: {written} fsync'd appends; {lines_at_stop} when the plugin container was \
+         stopped, {lines_after_restarts} after it was stopped, started, killed and started"
+    );
+
+    // The restarted plugin tears everything down through the mounter.
+    csi.unpublish(name, &target).unwrap();
+    csi.unstage(name, &staging).unwrap();
+    assert_eq!(mounts_below(&kubelet), Vec::<PathBuf>::new());
+    wait_until("the daemon to exit", Duration::from_secs(30), || {
+        !process_alive(daemons[0])
+    })
+    .unwrap();
+    let listing = run_ok(
+        Command::new("podman")
+            .args(["exec", &fixture.mounter.name, "ballast-csi-mounter", "list"])
+            .arg(format!(
+                "--socket={}",
+                fixture.directories.mounter_socket().display()
+            )),
+    );
+    assert_eq!(listing.trim(), "[]", "the mounter owns nothing any more");
+    csi.delete_volume(name).unwrap();
+}
+
+/// What still breaks: the mounter's container owns the daemons, so restarting it ends them.
+/// The plugin reports it, and kubelet's repeated stage and publish (a pod restart) recover.
+#[test]
+fn mounter_container_restart_is_reported_and_recovered_by_restaging() {
+    let Some(fixture) = setup("mounter") else {
+        return;
+    };
+    let kubelet = fixture.directories.kubelet();
+    let name = "pvc-mounter-restart";
+    let mode = Mode::SingleNodeWriter;
+    let staging = kubelet.join("plugins/kubernetes.io/csi/csi.ballast.io/staging2/globalmount");
+    let target = kubelet.join("pods/pod-2/volumes/kubernetes.io~csi/data/mount");
+    fs::create_dir_all(target.parent().unwrap()).unwrap();
+    let csi = &fixture.csi;
+    csi.create_volume(name, 64 * MIB, mode, &[]).unwrap();
+    csi.stage(name, &staging, mode).unwrap();
+    csi.publish(name, &staging, &target, mode, false).unwrap();
+    let contents = b"written before the mounter restarted".to_vec();
+    {
+        let mut file = File::create(target.join("kept")).unwrap();
+        std::io::Write::write_all(&mut file, &contents).unwrap();
+        file.sync_all().unwrap();
+    }
+    let daemons = fuse_daemons_under(&kubelet);
+    assert_eq!(daemons.len(), 1);
+
+    fixture.mounter.podman(&["restart", "--time", "10"]);
+    wait_until(
+        "the daemon to die with its container",
+        Duration::from_secs(30),
+        || !process_alive(daemons[0]),
+    )
+    .unwrap();
+    let socket = fixture.directories.mounter_socket();
+    wait_until("the mounter's socket", Duration::from_secs(30), || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    })
+    .unwrap();
+    let condition = csi
+        .volume_stats(name, &target)
+        .unwrap()
+        .volume_condition
+        .unwrap();
+    assert!(
+        condition.abnormal,
+        "a dead daemon is abnormal: {}",
+        condition.message
+    );
+    assert!(
+        condition.message.contains("has exited"),
+        "the condition carries the mounter's view: {}",
+        condition.message
+    );
+
+    // A pod restart: kubelet stages and publishes again; both replace the dead mounts.
+    csi.stage(name, &staging, mode).unwrap();
+    csi.publish(name, &staging, &target, mode, false).unwrap();
+    let new_daemons = fuse_daemons_under(&kubelet);
+    assert_eq!(new_daemons.len(), 1);
+    assert_ne!(new_daemons, daemons);
+    assert!(cgroup_of(new_daemons[0]).contains(&fixture.mounter.id()));
+    assert_eq!(fs::read(target.join("kept")).unwrap(), contents);
+    let condition = csi
+        .volume_stats(name, &target)
+        .unwrap()
+        .volume_condition
+        .unwrap();
+    assert!(!condition.abnormal, "{}", condition.message);
+
+    csi.unpublish(name, &target).unwrap();
+    csi.unstage(name, &staging).unwrap();
+    assert_eq!(mounts_below(&kubelet), Vec::<PathBuf>::new());
+    csi.delete_volume(name).unwrap();
+}
