@@ -366,6 +366,8 @@ impl BallastClient {
         Ok(endpoint_config
             .connect_timeout(Duration::from_millis(options.connect_timeout_ms))
             .tcp_nodelay(true)
+            .initial_stream_window_size(ballast_proto::HTTP2_STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(ballast_proto::HTTP2_CONNECTION_WINDOW_BYTES)
             // Detect a dead node on an idle connection instead of waiting for a request timeout.
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20)))

@@ -17,6 +17,15 @@ pub mod cluster_v1 {
     tonic::include_proto!("ballast.cluster.v1");
 }
 
+/// HTTP/2 flow-control window per stream, for every Ballast client and server. The 64 KiB
+/// default makes a sender stop for a window update every 64 KiB, which capped 1 MiB writes and
+/// snapshot chunks on a busy machine; 8 MiB keeps a few messages in flight. It bounds the bytes
+/// a peer may buffer in this process per stream.
+pub const HTTP2_STREAM_WINDOW_BYTES: u32 = 8 << 20;
+/// HTTP/2 flow-control window per connection (all streams together): the bound on buffered bytes
+/// per peer connection.
+pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
+
 /// gRPC metadata key of a request id (`session:sequence:floor`, hex) on side-effecting calls:
 /// the node applies a tagged request at most once and answers repeats with the first response.
 pub const REQUEST_ID_METADATA_KEY: &str = "ballast-request-id";

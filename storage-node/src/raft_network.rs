@@ -74,6 +74,8 @@ impl PeerChannels {
         let channel = Endpoint::from_shared(address.to_owned())?
             .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
             .tcp_nodelay(true)
+            .initial_stream_window_size(ballast_proto::HTTP2_STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(ballast_proto::HTTP2_CONNECTION_WINDOW_BYTES)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .connect_lazy();
@@ -144,6 +146,7 @@ impl PeerConnection {
         &mut self,
         rpc: RaftRpc,
         request: &Request,
+        snapshot_data: Vec<u8>,
         option: &RPCOption,
     ) -> Result<Response, RPCError<NodeId, RaftNode, RaftError<NodeId, Error>>>
     where
@@ -167,6 +170,7 @@ impl PeerConnection {
         let mut message = tonic::Request::new(proto::RaftMessage {
             container_id: self.container_id,
             payload: payload.into(),
+            snapshot_data: snapshot_data.into(),
         });
         let deadline = option.hard_ttl();
         message.set_timeout(deadline);
@@ -232,7 +236,8 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         request: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, RaftNode, RaftError<NodeId>>> {
-        self.send(RaftRpc::AppendEntries, &request, &option).await
+        self.send(RaftRpc::AppendEntries, &request, Vec::new(), &option)
+            .await
     }
 
     async fn install_snapshot(
@@ -243,7 +248,11 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, RaftNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.send(RaftRpc::InstallSnapshot, &request, &option).await
+        let mut request = request;
+        // The chunk travels as raw bytes beside the payload (see `RaftMessage.snapshot_data`).
+        let snapshot_data = std::mem::take(&mut request.data);
+        self.send(RaftRpc::InstallSnapshot, &request, snapshot_data, &option)
+            .await
     }
 
     async fn vote(
@@ -251,6 +260,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         request: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, RaftNode, RaftError<NodeId>>> {
-        self.send(RaftRpc::Vote, &request, &option).await
+        self.send(RaftRpc::Vote, &request, Vec::new(), &option)
+            .await
     }
 }

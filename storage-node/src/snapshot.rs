@@ -34,6 +34,9 @@ pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BLSNAP01";
 pub const SNAPSHOT_BYTES_MAX: usize = 4 << 30;
 /// Largest frame (a block item plus its key).
 const FRAME_BYTES_MAX: usize = 1 << 20;
+/// Device requests (of up to `BLOCKS_PER_REQUEST_MAX` blocks each) an export or import keeps in
+/// flight; well under the engine's 128, so other containers' I/O still gets through.
+const DEVICE_REQUESTS_IN_FLIGHT_MAX: usize = 8;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SnapshotItem {
@@ -133,21 +136,29 @@ pub async fn export(
             references.push((key.to_vec(), decode::<BlockRef>(value, "block reference")?));
             Ok(true)
         })?;
-        for chunk in references.chunks(BLOCKS_PER_REQUEST_MAX as usize) {
-            let refs: Vec<BlockRef> = chunk.iter().map(|(_, reference)| *reference).collect();
-            // Verified: a corrupt local block is never shipped to another replica.
-            let data = storage.read_verified(&refs, "snapshot export").await?;
-            for (index, (key, reference)) in chunk.iter().enumerate() {
-                let block = &data[index * BLOCK_SIZE_BYTES..(index + 1) * BLOCK_SIZE_BYTES];
-                push_frame(
-                    &mut output,
-                    &SnapshotItem::Block {
-                        key: key.clone(),
-                        checksum: reference.checksum,
-                        data: block.to_vec(),
-                    },
-                )?;
-                block_count += 1;
+        // Several device reads in flight: one at a time left the disk idle between them.
+        for group in
+            references.chunks(BLOCKS_PER_REQUEST_MAX as usize * DEVICE_REQUESTS_IN_FLIGHT_MAX)
+        {
+            let reads = group.chunks(BLOCKS_PER_REQUEST_MAX as usize).map(|chunk| {
+                let refs: Vec<BlockRef> = chunk.iter().map(|(_, reference)| *reference).collect();
+                // Verified: a corrupt local block is never shipped to another replica.
+                async move { storage.read_verified(&refs, "snapshot export").await }
+            });
+            let read = futures::future::try_join_all(reads).await?;
+            for (chunk, data) in group.chunks(BLOCKS_PER_REQUEST_MAX as usize).zip(read) {
+                for (index, (key, reference)) in chunk.iter().enumerate() {
+                    let block = &data[index * BLOCK_SIZE_BYTES..(index + 1) * BLOCK_SIZE_BYTES];
+                    push_frame(
+                        &mut output,
+                        &SnapshotItem::Block {
+                            key: key.clone(),
+                            checksum: reference.checksum,
+                            data: block.to_vec(),
+                        },
+                    )?;
+                    block_count += 1;
+                }
             }
         }
     }
@@ -266,20 +277,37 @@ pub async fn install(
     // New blocks first (rule 2 of `storage`): nothing references them until the batch lands.
     let mut batch = WriteBatch::default();
     let mut written = Vec::with_capacity(snapshot.blocks.len());
-    for chunk in snapshot.blocks.chunks(BLOCKS_PER_REQUEST_MAX as usize) {
-        let mut data = AlignedBuffer::new_zeroed(chunk.len() * BLOCK_SIZE_BYTES);
-        for (index, (_, _, block)) in chunk.iter().enumerate() {
-            data[index * BLOCK_SIZE_BYTES..(index + 1) * BLOCK_SIZE_BYTES].copy_from_slice(block);
-        }
-        let device_blocks = storage.write_new_blocks(data).await?;
-        for ((key, checksum, _), device_block) in chunk.iter().zip(device_blocks) {
-            written.push((
-                key.clone(),
-                BlockRef {
-                    device_block,
-                    checksum: *checksum,
-                },
-            ));
+    for group in snapshot
+        .blocks
+        .chunks(BLOCKS_PER_REQUEST_MAX as usize * DEVICE_REQUESTS_IN_FLIGHT_MAX)
+    {
+        // Several device writes in flight: one at a time left the disk idle between them.
+        let writes = group.chunks(BLOCKS_PER_REQUEST_MAX as usize).map(|chunk| {
+            let mut data = AlignedBuffer::new_zeroed(chunk.len() * BLOCK_SIZE_BYTES);
+            for (index, (_, _, block)) in chunk.iter().enumerate() {
+                data[index * BLOCK_SIZE_BYTES..(index + 1) * BLOCK_SIZE_BYTES]
+                    .copy_from_slice(block);
+            }
+            storage.write_new_blocks(data)
+        });
+        // Every write runs to its end (no cancellation half-way through a device write).
+        let device_blocks = futures::future::join_all(writes)
+            .await
+            .into_iter()
+            .collect::<NodeResult<Vec<_>>>()?;
+        for (chunk, device_blocks) in group
+            .chunks(BLOCKS_PER_REQUEST_MAX as usize)
+            .zip(device_blocks)
+        {
+            for ((key, checksum, _), device_block) in chunk.iter().zip(device_blocks) {
+                written.push((
+                    key.clone(),
+                    BlockRef {
+                        device_block,
+                        checksum: *checksum,
+                    },
+                ));
+            }
         }
     }
     let mut freed = Vec::new();

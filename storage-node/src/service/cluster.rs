@@ -70,6 +70,7 @@ fn encode<T: Serialize>(
     Ok(Response::new(proto::RaftMessage {
         container_id,
         payload: payload.into(),
+        snapshot_data: Default::default(),
     }))
 }
 
@@ -102,7 +103,16 @@ impl RaftTransport for RaftTransportService {
         request: Request<proto::RaftMessage>,
     ) -> Result<Response<proto::RaftMessage>, Status> {
         let message = request.into_inner();
-        let chunk: InstallSnapshotRequest<TypeConfig> = decode(&message, "snapshot chunk")?;
+        let mut chunk: InstallSnapshotRequest<TypeConfig> = decode(&message, "snapshot chunk")?;
+        if !message.snapshot_data.is_empty() {
+            if !chunk.data.is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "snapshot chunk for container {} carries data twice",
+                    message.container_id
+                )));
+            }
+            chunk.data = message.snapshot_data.to_vec();
+        }
         let raft = self.raft(message.container_id).await?;
         let result = raft.install_snapshot(chunk).await;
         encode(message.container_id, &result)
