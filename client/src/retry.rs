@@ -6,11 +6,11 @@
 //!
 //! Idempotent means "repeating it leaves the same state": reads, lookups, fsync, and also
 //! positional writes, attribute changes and fallocate (writing the same bytes at the same offset
-//! twice is writing them once). A `Create`, `Link`, `Unlink` or `Rename` that reached a node whose
-//! answer was lost is never repeated: the caller sees EIO instead of a silently doubled side
-//! effect (a second `Create` failing with EEXIST, or a `Rename` that moved a file replaced by
-//! someone else in between). Making those exactly-once needs request ids remembered by the state
-//! machine; that is future work.
+//! twice is writing them once). A `Create`, `Link`, `Unlink` or `Rename` on a volume carries a
+//! request id (`ballast-request-id`) that the container's state machine remembers with its
+//! response, so the client resends it like an idempotent call (`BallastClient::call`). Calls
+//! without one (volume administration) are repeated only when the failure proves they were
+//! never applied.
 
 use std::error::Error as _;
 use std::time::Duration;
@@ -106,7 +106,31 @@ pub fn normalize_timeout(status: tonic::Status) -> tonic::Status {
     if status.code() == tonic::Code::Unknown && status.message() == "transport error" {
         return tonic::Status::unavailable("connection lost during the call (transport error)");
     }
+    // The same, when the connection closed while the request was queued or in flight: hyper
+    // cancels it ("operation was canceled", source "connection closed"). Seen when a node is
+    // killed under a call; the FUSE driver turned it into EIO before this.
+    if status.code() == tonic::Code::Cancelled
+        && (status.message().contains("operation was canceled") || transport_failed(&status))
+    {
+        return tonic::Status::unavailable(format!(
+            "connection lost during the call: {}",
+            status.message()
+        ));
+    }
     status
+}
+
+/// Whether the status came from the transport (a `tonic::transport::Error` in its source chain)
+/// rather than from the node.
+fn transport_failed(status: &tonic::Status) -> bool {
+    let mut source = status.source();
+    while let Some(error) = source {
+        if error.downcast_ref::<tonic::transport::Error>().is_some() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// The address of the container's leader, when the node that answered named one.
@@ -148,6 +172,19 @@ pub fn should_retry(status: &tonic::Status, idempotency: Idempotency) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_closed_under_a_call_is_unavailable_not_cancelled() {
+        let closed = normalize_timeout(tonic::Status::cancelled("operation was canceled"));
+        assert_eq!(closed.code(), tonic::Code::Unavailable);
+        assert!(should_retry(&closed, Idempotency::Idempotent));
+        assert!(
+            !should_retry(&closed, Idempotency::SideEffecting),
+            "it may have been applied: only calls safe to repeat are repeated"
+        );
+        let other = normalize_timeout(tonic::Status::cancelled("the caller gave up"));
+        assert_eq!(other.code(), tonic::Code::Cancelled);
+    }
 
     #[test]
     fn failover_is_refused_connections_and_not_applied_answers() {
