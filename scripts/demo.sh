@@ -14,6 +14,17 @@ ballast="$BALLAST_BIN_DIR/ballast"
 directory="$PWD/.ballast"
 
 echo "== start a local 3-node cluster and mount volume 'demo' (3 replicas)"
+if [ -d "$directory" ]; then
+    # A fresh cluster every run: the demo's data is throw-away, and a directory left by an older
+    # build may hold an on-disk format this build refuses.
+    echo "   removing the previous demo cluster in $directory"
+    "$ballast" local down --dir "$directory" >/dev/null 2>&1 || true
+    if findmnt -rn -o TARGET | grep -q "^$directory/"; then
+        echo "a mount under $directory is still active; unmount it first" >&2
+        exit 1
+    fi
+    rm -rf --one-file-system "$directory"
+fi
 "$ballast" local up --dir "$directory" --volume demo --quota 1GiB --nodes 3
 mount="$directory/mnt/demo"
 nodes="http://127.0.0.1:7400,http://127.0.0.1:7401,http://127.0.0.1:7402"

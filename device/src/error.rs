@@ -61,7 +61,12 @@ pub enum DeviceError {
     #[error("bad magic at offset {offset_bytes}: not a Ballast structure")]
     BadMagic { offset_bytes: u64 },
 
-    #[error("unsupported on-disk format version {found} (this build supports version 1)")]
+    #[error(
+        "unsupported on-disk format version {found} (this build reads version {}); the node's \
+         data cannot be read by this build: format the device again (its data is lost) or run \
+         the build that wrote it",
+        crate::superblock::FORMAT_VERSION
+    )]
     UnsupportedFormatVersion { found: u32 },
 
     #[error(

@@ -9,7 +9,7 @@
 //! Byte layout (little-endian, rest of the 4096-byte block is zero):
 //! ```text
 //!   0  magic                     [u8; 8] = "BALLAST\0"
-//!   8  format_version            u32     = 1
+//!   8  format_version            u32     = 2
 //!  12  block_size_bytes          u32     = 4096
 //!  16  device_uuid               [u8; 16]
 //!  32  node_id                   u64
@@ -29,7 +29,9 @@
 use crate::{AlignedBuffer, DeviceError, BLOCK_SIZE_BYTES};
 
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"BALLAST\0";
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2: the cluster-map records in the state store gained fields (volume labels, node
+/// draining, container moves); a node formatted by version 1 cannot decode them.
+pub const FORMAT_VERSION: u32 = 2;
 /// Where the log region starts; everything before it is reserved for the superblock copies.
 pub const LOG_REGION_OFFSET_BYTES: u64 = 1 << 20;
 /// Alignment of the regions.
@@ -235,10 +237,10 @@ mod tests {
             Err(DeviceError::BadMagic { .. })
         ));
         let mut bytes = sample().encode().to_vec();
-        bytes[8] = 2;
+        bytes[8] = 1;
         assert!(matches!(
             Superblock::decode(&bytes),
-            Err(DeviceError::UnsupportedFormatVersion { found: 2 })
+            Err(DeviceError::UnsupportedFormatVersion { found: 1 })
         ));
     }
 
