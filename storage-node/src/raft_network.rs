@@ -170,7 +170,7 @@ impl PeerConnection {
         let mut message = tonic::Request::new(proto::RaftMessage {
             container_id: self.container_id,
             payload: payload.into(),
-            snapshot_data: snapshot_data.into(),
+            snapshot_data,
         });
         let deadline = option.hard_ttl();
         message.set_timeout(deadline);
