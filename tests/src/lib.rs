@@ -19,6 +19,7 @@ use anyhow::{bail, Context, Result};
 pub mod cluster;
 pub mod mariadb;
 pub mod netns;
+pub mod podman;
 
 /// Where `cargo build` put the binaries: the directory above this test executable's `deps/`.
 pub fn binary_directory() -> PathBuf {

@@ -25,119 +25,31 @@ use std::fs::{self, File};
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use ballast_csi_plugin::csi::v1::volume_capability::access_mode::Mode;
-use ballast_tests::{binary, binary_directory, test_root, wait_until, LocalNode};
+use ballast_tests::podman::{build_image, podman_run_arguments, preconditions_met, run, run_ok};
+use ballast_tests::{test_root, wait_until, LocalNode};
 use csi_support::*;
 
 const DEVICE_SIZE_BYTES: u64 = 2 << 30;
 const MIB: i64 = 1 << 20;
 
-fn repository_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
 /// Whether containers can be built and run here; in CI a missing precondition is a failure.
 fn container_tools_available() -> bool {
-    let mut missing = Vec::new();
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        missing.push("root".to_owned());
-    }
-    if !Path::new("/dev/fuse").exists() {
-        missing.push("/dev/fuse".to_owned());
-    }
-    for tool in ["podman", "runc", "mmdebstrap", "python3"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map(|output| output.status.success())
-            .unwrap_or(false);
-        if !found {
-            missing.push(format!(
-                "{tool} (scripts/install-prerequisites.sh installs it)"
-            ));
-        }
-    }
-    for name in [
-        "ballast-node",
-        "ballast-fuse",
-        "ballast",
-        "ballast-csi",
-        "ballast-csi-mounter",
-    ] {
-        if !binary(name).exists() {
-            missing.push(format!("binary {}", binary(name).display()));
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!(
-            "container test preconditions missing in CI: {}",
-            missing.join(", ")
-        );
-    }
-    eprintln!(
-        "SKIPPED: container test preconditions missing: {}",
-        missing.join(", ")
-    );
-    false
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "status {}\n--- stdout\n{}\n--- stderr\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+    preconditions_met(
+        "container test",
+        &["podman", "runc", "mmdebstrap", "python3"],
+        &["/dev/fuse"],
+        &[
+            "ballast-node",
+            "ballast-fuse",
+            "ballast",
+            "ballast-csi",
+            "ballast-csi-mounter",
+        ],
     )
-}
-
-fn run(command: &mut Command) -> Output {
-    command
-        .output()
-        .unwrap_or_else(|error| panic!("running {command:?}: {error}"))
-}
-
-fn run_ok(command: &mut Command) -> String {
-    let output = run(command);
-    assert!(output.status.success(), "{command:?}: {}", text(&output));
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn build_image() -> String {
-    let output = run(Command::new("bash")
-        .arg(repository_root().join("scripts/build-image.sh"))
-        .env("BALLAST_BIN_DIR", binary_directory()));
-    assert!(
-        output.status.success(),
-        "build-image.sh failed: {}",
-        text(&output)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let image = stdout.lines().last().unwrap_or_default().trim().to_owned();
-    assert!(image.starts_with("localhost/ballast:"), "{}", text(&output));
-    image
-}
-
-/// A limit for podman's --ulimit, capped by this process's hard limit.
-fn capped_limit(resource: libc::__rlimit_resource_t, wanted: u64) -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit struct we own.
-    if unsafe { libc::getrlimit(resource, &mut limit) } != 0 {
-        return 1024;
-    }
-    wanted.min(limit.rlim_max)
 }
 
 /// A detached, privileged container from the image, removed (forcibly) when dropped.
@@ -147,20 +59,10 @@ struct Container {
 
 impl Container {
     fn start(name: String, image: &str, volumes: &[(&Path, &str)], command: &[String]) -> Self {
-        let nofile = capped_limit(libc::RLIMIT_NOFILE, 65_536);
-        let nproc = capped_limit(libc::RLIMIT_NPROC, 8_192);
         let mut podman = Command::new("podman");
         podman
-            .args(["run", "--detach", "--name", &name, "--runtime", "runc"])
-            .args(["--ulimit", &format!("nofile={nofile}:{nofile}")])
-            .args(["--ulimit", &format!("nproc={nproc}:{nproc}")])
-            .args([
-                "--network",
-                "host",
-                "--privileged",
-                "--log-driver",
-                "k8s-file",
-            ])
+            .args(podman_run_arguments())
+            .args(["--detach", "--name", &name, "--privileged"])
             .args(["--env", "RUST_LOG=info"]);
         for (host_path, options) in volumes {
             let path = host_path.display();

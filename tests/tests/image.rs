@@ -14,109 +14,25 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use ballast_tests::podman::{build_image, podman_run_arguments, preconditions_met, run, text};
 use ballast_tests::{binary, binary_directory, free_port, test_root, wait_until};
-
-fn repository_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI")
-        .map(|value| value == "true")
-        .unwrap_or(false)
-}
 
 /// Whether the image can be built and run here; in CI a missing precondition is a failure.
 fn image_tools_available() -> bool {
-    let mut missing = Vec::new();
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        missing.push("root".to_owned());
-    }
-    for tool in ["podman", "runc", "mmdebstrap"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map(|output| output.status.success())
-            .unwrap_or(false);
-        if !found {
-            missing.push(format!(
-                "{tool} (scripts/install-prerequisites.sh installs it)"
-            ));
-        }
-    }
-    for name in ["ballast-node", "ballast-fuse", "ballast"] {
-        if !binary(name).exists() {
-            missing.push(format!("binary {}", binary(name).display()));
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    if in_ci() {
-        panic!(
-            "image test preconditions missing in CI: {}",
-            missing.join(", ")
-        );
-    }
-    eprintln!(
-        "SKIPPED: image test preconditions missing: {}",
-        missing.join(", ")
-    );
-    false
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "status {}\n--- stdout\n{}\n--- stderr\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+    preconditions_met(
+        "image test",
+        &["podman", "runc", "mmdebstrap"],
+        &[],
+        &["ballast-node", "ballast-fuse", "ballast"],
     )
 }
 
-fn run(command: &mut Command) -> Output {
-    command
-        .output()
-        .unwrap_or_else(|error| panic!("running {command:?}: {error}"))
-}
-
-/// A limit for podman's --ulimit: the wanted value, capped by this process's hard limit (a
-/// container cannot raise it; asking for more fails with EPERM).
-fn capped_limit(resource: libc::__rlimit_resource_t, wanted: u64) -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit struct we own.
-    if unsafe { libc::getrlimit(resource, &mut limit) } != 0 {
-        return 1024;
-    }
-    wanted.min(limit.rlim_max)
-}
-
-/// podman arguments shared by every container of this test.
-fn podman_run_arguments() -> Vec<String> {
-    let nofile = capped_limit(libc::RLIMIT_NOFILE, 65_536);
-    let nproc = capped_limit(libc::RLIMIT_NPROC, 8_192);
-    vec![
-        "run".into(),
-        "--runtime".into(),
-        "runc".into(),
-        "--ulimit".into(),
-        format!("nofile={nofile}:{nofile}"),
-        "--ulimit".into(),
-        format!("nproc={nproc}:{nproc}"),
-        "--network".into(),
-        "host".into(),
-        "--security-opt".into(),
-        "seccomp=unconfined".into(),
-        "--log-driver".into(),
-        "k8s-file".into(),
-    ]
+/// podman arguments shared by every container of this test: seccomp is unconfined because the
+/// default profile refuses io_uring (ENOSYS), as the chart's storage node does.
+fn storage_run_arguments() -> Vec<String> {
+    let mut arguments = podman_run_arguments();
+    arguments.extend(["--security-opt".into(), "seccomp=unconfined".into()]);
+    arguments
 }
 
 /// A named container, removed (forcibly) when dropped.
@@ -191,7 +107,7 @@ impl NodeFixture {
     fn prepare(&self, extra_environment: &[&str]) -> Output {
         let mut command = Command::new("podman");
         command
-            .args(podman_run_arguments())
+            .args(storage_run_arguments())
             .arg("--rm")
             .args(self.volume_arguments())
             .args(["--env", "BALLAST_NODE_NAME=image-test-node"])
@@ -216,7 +132,7 @@ impl NodeFixture {
             self.port
         );
         let output = run(Command::new("podman")
-            .args(podman_run_arguments())
+            .args(storage_run_arguments())
             .args(["--detach", "--name", &container.name])
             .args(self.volume_arguments())
             .arg(&self.image)
@@ -259,26 +175,6 @@ impl NodeFixture {
     }
 }
 
-fn build_image() -> String {
-    let output = run(Command::new("bash")
-        .arg(repository_root().join("scripts/build-image.sh"))
-        .env("BALLAST_BIN_DIR", binary_directory()));
-    assert!(
-        output.status.success(),
-        "build-image.sh failed: {}",
-        text(&output)
-    );
-    eprintln!("{}", String::from_utf8_lossy(&output.stderr));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let image = stdout.lines().last().unwrap_or_default().trim().to_owned();
-    assert!(
-        image.starts_with("localhost/ballast:"),
-        "build-image.sh printed no image reference: {}",
-        text(&output)
-    );
-    image
-}
-
 #[test]
 fn image_builds_and_serves_a_storage_node() {
     if !image_tools_available() {
@@ -304,7 +200,7 @@ fn image_builds_and_serves_a_storage_node() {
         ["ballast-node", "ballast-fuse", "ballast"].join(" ")
     );
     let output = run(Command::new("podman")
-        .args(podman_run_arguments())
+        .args(storage_run_arguments())
         .arg("--rm")
         .arg(&image)
         .args(["sh", "-c", &script]));
@@ -370,7 +266,7 @@ fn image_builds_and_serves_a_storage_node() {
             fixture.port
         );
         let output = run(Command::new("podman")
-            .args(podman_run_arguments())
+            .args(storage_run_arguments())
             .args(["--rm", "--device", "/dev/fuse", "--cap-add", "SYS_ADMIN"])
             .arg(&fixture.image)
             .args(["bash", "-c", &script]));
