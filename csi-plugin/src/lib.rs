@@ -60,6 +60,7 @@ pub mod operations;
 pub mod paging;
 pub mod parameters;
 pub mod server;
+pub mod signals;
 pub mod state;
 
 pub use error::CsiError;

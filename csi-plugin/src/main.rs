@@ -64,34 +64,17 @@ async fn main() -> std::process::ExitCode {
         fuse_binary: arguments.fuse_binary,
         mounter_socket: arguments.mounter_socket,
     };
-    match server::serve(config, termination()).await {
+    match server::serve(
+        config,
+        ballast_csi_plugin::signals::termination("stopping the CSI server (mounts stay)"),
+    )
+    .await
+    {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "ballast-csi failed");
             eprintln!("ballast-csi: {error}");
             std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-/// Completes on SIGTERM or SIGINT. If the handlers cannot be installed the plugin still serves
-/// (it is then stopped by SIGKILL, which it is built to survive).
-async fn termination() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut terminate), Ok(mut interrupt)) => {
-            tokio::select! {
-                _ = terminate.recv() => {}
-                _ = interrupt.recv() => {}
-            }
-            tracing::info!("termination requested; stopping the CSI server (mounts stay)");
-        }
-        _ => {
-            tracing::error!("cannot listen for signals; serving until killed");
-            std::future::pending::<()>().await;
         }
     }
 }

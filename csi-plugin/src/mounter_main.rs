@@ -84,7 +84,11 @@ async fn main() -> std::process::ExitCode {
                 fuse_binary,
                 ballast_endpoint,
             };
-            service::serve(config, termination()).await
+            service::serve(
+                config,
+                ballast_csi_plugin::signals::termination("stopping the mounter (daemons stay)"),
+            )
+            .await
         }
         Command::List { socket } => MounterClient::new(socket)
             .list()
@@ -109,28 +113,5 @@ fn print_json(value: &impl serde::Serialize) {
     match serde_json::to_string_pretty(value) {
         Ok(text) => println!("{text}"),
         Err(error) => eprintln!("ballast-csi-mounter: encoding the answer: {error}"),
-    }
-}
-
-/// Completes on SIGTERM or SIGINT. Without handlers the mounter still serves (as PID 1 of a
-/// container it would then ignore SIGTERM and be killed after the grace period, which ends its
-/// daemons either way).
-async fn termination() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut terminate), Ok(mut interrupt)) => {
-            tokio::select! {
-                _ = terminate.recv() => {}
-                _ = interrupt.recv() => {}
-            }
-            tracing::info!("termination requested; stopping the mounter (daemons stay)");
-        }
-        _ => {
-            tracing::error!("cannot listen for signals; serving until killed");
-            std::future::pending::<()>().await;
-        }
     }
 }
