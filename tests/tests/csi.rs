@@ -6,9 +6,8 @@
 mod csi_support;
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use ballast_csi_plugin::csi::v1::volume_capability::access_mode::Mode;
@@ -1081,37 +1080,13 @@ fn plugin_restart_does_not_break_a_writing_pod() {
     let daemons = fuse_daemons_under(&fixture.plugin.root);
     assert_eq!(daemons.len(), 1);
 
-    let log = target.join("writer.log");
-    let stop = fixture.plugin.path("stop-writer");
-    let mut writer = Command::new("python3")
-        .args(["-c", WRITER_SCRIPT])
-        .arg(&log)
-        .arg(&stop)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 (scripts/install-prerequisites.sh installs it)");
-    // Kill the writer on any failure below.
-    struct KillOnDrop(i32);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            // SAFETY: kill(2) on the writer's pid; at worst ESRCH after it exited.
-            unsafe { libc::kill(self.0, libc::SIGKILL) };
-        }
-    }
-    let _writer_guard = KillOnDrop(writer.id() as i32);
-    let wait_for_lines = |what: &str, at_least: usize| {
-        wait_until(what, Duration::from_secs(60), || {
-            line_count(&log) >= at_least
-        })
-        .unwrap()
-    };
-    wait_for_lines("the writer to start", 50);
+    let mut writer = Writer::start(&target, fixture.plugin.path("stop-writer"));
+    writer.wait_for_more("the writer to start", 50);
 
     // kill -9 of the plugin: the pod's writes continue while no plugin runs at all.
     fixture.plugin.kill();
-    let lines_at_kill = line_count(&log);
-    wait_for_lines("writes without a plugin", lines_at_kill + 100);
+    let lines_at_kill = writer.lines();
+    writer.wait_for_more("writes without a plugin", 100);
     assert!(
         process_alive(daemons[0]),
         "the FUSE daemon outlived the plugin"
@@ -1141,44 +1116,11 @@ fn plugin_restart_does_not_break_a_writing_pod() {
         Code::AlreadyExists,
         "the recovered record still knows the publish was read-write",
     );
-    let lines_after_restart = line_count(&log);
-    wait_for_lines("writes after the restart", lines_after_restart + 100);
+    let lines_after_restart = writer.lines();
+    writer.wait_for_more("writes after the restart", 100);
 
     // The writer stops cleanly: it never saw an error, and every line is there in order.
-    File::create(&stop).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = writer.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "writer did not stop within 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    writer
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
-    writer
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    assert!(status.success(), "writer failed: {status}\n{stderr}");
-    let written: usize = stdout.trim().parse().unwrap();
-    let text = fs::read_to_string(&log).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), written, "every fsync'd line is in the file");
-    for (index, line) in lines.iter().enumerate() {
-        assert_eq!(*line, format!("{index:09}"), "line {index}");
-    }
+    let written = writer.finish();
     eprintln!(
         "writer: {written} fsync'd appends, {lines_at_kill} before the plugin was killed, \
          {lines_after_restart} by the time it was back"
@@ -1230,39 +1172,12 @@ fn mounter_kill_re_adopts_running_daemons() {
     };
     assert_eq!(mounter_pid(&plugin), (daemons[0], true, true));
 
-    let log = target.join("writer.log");
-    let stop = plugin.path("stop-writer");
-    let writer = Command::new("python3")
-        .args(["-c", WRITER_SCRIPT])
-        .arg(&log)
-        .arg(&stop)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    // Kill the writer on any failure below.
-    struct KillOnDrop(i32);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            // SAFETY: kill(2) on the writer's pid; at worst ESRCH after it exited.
-            unsafe { libc::kill(self.0, libc::SIGKILL) };
-        }
-    }
-    let _writer_guard = KillOnDrop(writer.id() as i32);
-    let wait_for_lines = |what: &str, at_least: usize| {
-        wait_until(what, Duration::from_secs(60), || {
-            line_count(&log) >= at_least
-        })
-        .unwrap()
-    };
-    wait_for_lines("the writer to start", 50);
+    let mut writer = Writer::start(&target, plugin.path("stop-writer"));
+    writer.wait_for_more("the writer to start", 50);
 
     plugin.kill();
     plugin.mounter.as_mut().unwrap().kill();
-    wait_for_lines(
-        "writes with neither plugin nor mounter",
-        line_count(&log) + 100,
-    );
+    writer.wait_for_more("writes with neither plugin nor mounter", 100);
     assert!(process_alive(daemons[0]), "the daemon outlived its mounter");
 
     plugin.mounter.as_mut().unwrap().restart().unwrap();
@@ -1281,28 +1196,9 @@ fn mounter_kill_re_adopts_running_daemons() {
         daemons,
         "nothing was remounted"
     );
-    wait_for_lines("writes after the restarts", line_count(&log) + 100);
+    writer.wait_for_more("writes after the restarts", 100);
 
-    File::create(&stop).unwrap();
-    let output = writer.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "writer failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let written: usize = String::from_utf8_lossy(&output.stdout)
-        .trim()
-        .parse()
-        .unwrap();
-    let text = fs::read_to_string(&log).unwrap();
-    assert_eq!(
-        text.lines().count(),
-        written,
-        "every fsync'd line is in the file"
-    );
-    for (index, line) in text.lines().enumerate() {
-        assert_eq!(line, format!("{index:09}"), "line {index}");
-    }
+    writer.finish();
 
     csi.unpublish(name, &target).unwrap();
     csi.unstage(name, &staging).unwrap();

@@ -594,6 +594,101 @@ os.close(fd)
 print(count)
 "#;
 
+/// A process appending and fsyncing numbered lines through a target path.
+pub struct Writer {
+    child: Child,
+    log: PathBuf,
+    stop: PathBuf,
+}
+
+impl Writer {
+    pub fn start(target: &Path, stop: PathBuf) -> Self {
+        let log = target.join("writer.log");
+        let child = Command::new("python3")
+            .args(["-c", WRITER_SCRIPT])
+            .arg(&log)
+            .arg(&stop)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        Self { child, log, stop }
+    }
+
+    pub fn lines(&self) -> usize {
+        line_count(&self.log)
+    }
+
+    /// Waits until at least `count` more lines than now are written; fails if the writer exits.
+    pub fn wait_for_more(&mut self, what: &str, count: usize) {
+        let goal = self.lines() + count;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while self.lines() < goal {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let mut stderr = String::new();
+                let _ = self
+                    .child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut stderr);
+                panic!("{what}: the writer exited ({status}):\n{stderr}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: no progress in 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the writer; checks it never failed and every fsync'd line is in the file, in order.
+    pub fn finish(mut self) -> usize {
+        File::create(&self.stop).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(std::time::Instant::now() < deadline, "writer did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stdout = String::new();
+        let mut stderr = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut stdout)
+            .unwrap();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        assert!(status.success(), "writer failed: {status}\n{stderr}");
+        let written: usize = stdout.trim().parse().unwrap();
+        let text = std::fs::read_to_string(&self.log).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), written, "every fsync'd line is in the file");
+        for (index, line) in lines.iter().enumerate() {
+            assert_eq!(*line, format!("{index:09}"), "line {index}");
+        }
+        written
+    }
+}
+
+impl Drop for Writer {
+    /// Kills a writer still running when a test fails half-way (after `finish` it has exited).
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Lines in the file at `path` (0 when it cannot be read).
 pub fn line_count(path: &Path) -> usize {
     let mut text = String::new();
