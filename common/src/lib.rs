@@ -3,8 +3,10 @@
 //!
 //! Owns: small value types used by both the server side and the client side.
 //! Must not depend on: any other Ballast crate, any async runtime, any I/O.
-//! Invariants: everything here is pure and deterministic given its inputs.
+//! Invariants: everything here is pure and deterministic given its inputs, except `allocator`:
+//! one process-setup call (glibc `mallopt`) that the data-path binaries make at start.
 
+pub mod allocator;
 pub mod checksum;
 pub mod clock;
 pub mod errno;

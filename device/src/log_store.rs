@@ -177,18 +177,22 @@ fn batch_length_bytes(records_length_bytes: usize) -> usize {
 }
 
 /// Encodes a batch into `buffer` (exactly the batch length, zeroed); returns each record's
-/// payload offset relative to the batch start. `unflushed_predecessor_count`: how many of the
+/// payload offset relative to the batch start and its payload CRC. Each payload is hashed once:
+/// the batch CRC is combined from the parts' CRCs rather than recomputed over the payloads, which
+/// halves the hashing of large entries. `unflushed_predecessor_count`: how many of the
 /// batches just before `sequence` may not be durable yet (see the module doc, "Power loss").
 fn encode_batch<'a>(
     buffer: &mut [u8],
     sequence: u64,
     unflushed_predecessor_count: u32,
     records: impl Iterator<Item = &'a LogRecord>,
-) -> Vec<usize> {
+) -> Vec<(usize, u32)> {
     assert!(buffer.len() % BLOCK_SIZE_BYTES == 0 && buffer.len() <= u32::MAX as usize);
     assert!(u64::from(unflushed_predecessor_count) < sequence.max(1));
     let mut position = BATCH_HEADER_BYTES;
     let mut payload_offsets = Vec::new();
+    // CRC of bytes BATCH_HEADER_BYTES..position, built record by record.
+    let mut records_hasher = crc32fast::Hasher::new();
     for record in records {
         let (kind, group, index, term, payload): (u8, u64, u64, u64, &[u8]) = match record {
             LogRecord::Entry {
@@ -212,20 +216,31 @@ fn encode_batch<'a>(
         header[8..16].copy_from_slice(&group.to_le_bytes());
         header[16..24].copy_from_slice(&index.to_le_bytes());
         header[24..32].copy_from_slice(&term.to_le_bytes());
-        header[32..36].copy_from_slice(&ballast_common::checksum(payload).to_le_bytes());
+        let mut payload_hasher = crc32fast::Hasher::new();
+        payload_hasher.update(payload);
+        let payload_checksum = payload_hasher.clone().finalize();
+        header[32..36].copy_from_slice(&payload_checksum.to_le_bytes());
+        records_hasher.update(header);
+        records_hasher.combine(&payload_hasher);
         position += RECORD_HEADER_BYTES;
-        payload_offsets.push(position);
+        payload_offsets.push((position, payload_checksum));
         buffer[position..position + payload.len()].copy_from_slice(payload);
         position += payload.len();
     }
     assert!(position <= buffer.len(), "batch buffer too small");
+    // The padding is zero (the buffer came zeroed) and is covered by the CRC.
+    records_hasher.update(&buffer[position..]);
     buffer[0..8].copy_from_slice(&BATCH_MAGIC);
     let length_bytes = buffer.len() as u32;
     buffer[12..16].copy_from_slice(&length_bytes.to_le_bytes());
     buffer[16..24].copy_from_slice(&sequence.to_le_bytes());
     buffer[24..28].copy_from_slice(&(payload_offsets.len() as u32).to_le_bytes());
     buffer[28..32].copy_from_slice(&unflushed_predecessor_count.to_le_bytes());
-    let crc = ballast_common::checksum(&buffer[12..]);
+    let mut batch_hasher = crc32fast::Hasher::new();
+    batch_hasher.update(&buffer[12..BATCH_HEADER_BYTES]);
+    batch_hasher.combine(&records_hasher);
+    let crc = batch_hasher.finalize();
+    debug_assert_eq!(crc, ballast_common::checksum(&buffer[12..]));
     buffer[8..12].copy_from_slice(&crc.to_le_bytes());
     payload_offsets
 }
@@ -1449,7 +1464,7 @@ impl Writer {
         );
         let mut unflushed_predecessor_count = sequence - 1 - flushed_through;
 
-        let (batch_offset_bytes, new_segment) = if fits_current {
+        let (batch_offset_bytes, new_segment, payloads) = if fits_current {
             let offset_bytes = self
                 .geometry
                 .segment_offset_bytes(self.tail.current_segment_sequence)
@@ -1462,15 +1477,14 @@ impl Writer {
                 unflushed_predecessor_count = 0;
             }
             let mut buffer = AlignedBuffer::new_zeroed(batch_bytes);
-            let payload_offsets = encode_batch(
+            let payloads = encode_batch(
                 &mut buffer,
                 sequence,
                 Self::count_u32(unflushed_predecessor_count),
                 records(),
             );
-            debug_assert_eq!(payload_offsets.len(), records().count());
             block_on(self.device.write(offset_bytes, buffer, durable))?;
-            (offset_bytes, None)
+            (offset_bytes, None, payloads)
         } else {
             self.reclaim();
             let new_sequence = self.tail.current_segment_sequence + 1;
@@ -1523,7 +1537,7 @@ impl Writer {
             );
             let mut buffer = AlignedBuffer::new_zeroed(total_bytes);
             header.encode_into(&mut buffer[..header.header_length_bytes]);
-            encode_batch(
+            let payloads = encode_batch(
                 &mut buffer[header.header_length_bytes..],
                 sequence,
                 0,
@@ -1534,8 +1548,10 @@ impl Writer {
             (
                 offset_bytes + header.header_length_bytes as u64,
                 Some(header),
+                payloads,
             )
         };
+        assert_eq!(payloads.len(), records().count());
 
         // Written (and durable if asked): update the progress, the tail and the index exactly as
         // recovery would.
@@ -1562,9 +1578,7 @@ impl Writer {
         self.tail.next_batch_sequence += 1;
         {
             let mut index = self.index.lock().expect("log index lock");
-            let mut payload_offset = BATCH_HEADER_BYTES;
-            for record in records() {
-                payload_offset += RECORD_HEADER_BYTES;
+            for (record, &(payload_offset, payload_checksum)) in records().zip(&payloads) {
                 let header = match record {
                     LogRecord::Entry {
                         group,
@@ -1577,7 +1591,7 @@ impl Writer {
                         index: *index,
                         term: *term,
                         payload_length_bytes: payload.len() as u32,
-                        payload_checksum: ballast_common::checksum(payload),
+                        payload_checksum,
                         payload_offset,
                     },
                     LogRecord::Truncate { group, index_from } => RecordHeader {
@@ -1603,7 +1617,6 @@ impl Writer {
                         payload_offset,
                     },
                 };
-                payload_offset += header.payload_length_bytes as usize;
                 index.apply(&header, batch_offset_bytes);
             }
         }

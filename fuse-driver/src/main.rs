@@ -64,6 +64,8 @@ struct Arguments {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before any thread starts: large data-path buffers are reused instead of re-faulted.
+    let allocator_tuned = ballast_common::allocator::keep_large_buffers_in_heap();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -71,6 +73,9 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    if !allocator_tuned {
+        tracing::debug!("allocator thresholds not set (not glibc)");
+    }
     let arguments = Arguments::parse();
     if arguments.max_write_bytes < 4096 || arguments.max_write_bytes > MAX_WRITE_BYTES_LIMIT {
         bail!("--max-write-bytes must be between 4096 and {MAX_WRITE_BYTES_LIMIT}");

@@ -93,6 +93,8 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before any thread starts: large data-path buffers are reused instead of re-faulted.
+    let allocator_tuned = ballast_common::allocator::keep_large_buffers_in_heap();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -102,6 +104,9 @@ fn main() -> anyhow::Result<()> {
         // Colour codes only on a terminal: logs in files stay greppable.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if !allocator_tuned {
+        tracing::debug!("allocator thresholds not set (not glibc)");
+    }
     let arguments = Arguments::parse();
     match arguments.command {
         NodeCommand::Format { device, node_id } => {
