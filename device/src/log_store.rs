@@ -707,7 +707,8 @@ impl LogIndex {
 // The store
 
 struct AppendRequest {
-    records: Vec<LogRecord>,
+    /// Shared, so a caller can resend the same records (after `LogFull`) without copying them.
+    records: Arc<Vec<LogRecord>>,
     records_length_bytes: usize,
     /// Whether the caller needs the records durable on return (else: written, flushed later).
     durable: bool,
@@ -931,7 +932,7 @@ impl LogStore {
 
     /// Appends `records` durably; concurrent calls share one device write.
     pub async fn append(&self, records: Vec<LogRecord>) -> Result<(), DeviceError> {
-        self.append_with(records, true).await
+        self.append_shared(Arc::new(records), true).await
     }
 
     /// Appends `records` and returns once they are written to the device but not necessarily
@@ -939,7 +940,7 @@ impl LogStore {
     /// append that returned before it durable. This is how a filesystem defers durability to
     /// `fsync` while still group-committing the barrier.
     pub async fn append_buffered(&self, records: Vec<LogRecord>) -> Result<(), DeviceError> {
-        self.append_with(records, false).await
+        self.append_shared(Arc::new(records), false).await
     }
 
     /// Makes every append that has returned durable (one device flush).
@@ -955,7 +956,13 @@ impl LogStore {
         Ok(())
     }
 
-    async fn append_with(&self, records: Vec<LogRecord>, durable: bool) -> Result<(), DeviceError> {
+    /// [`LogStore::append`] (`durable`) or [`LogStore::append_buffered`] of shared records: a
+    /// retry after `LogFull` resends them without copying the payloads.
+    pub async fn append_shared(
+        &self,
+        records: Arc<Vec<LogRecord>>,
+        durable: bool,
+    ) -> Result<(), DeviceError> {
         if records.is_empty() {
             return Ok(());
         }

@@ -262,12 +262,10 @@ async fn append_with_retry(
     checkpoint_wanted: &Notify,
 ) -> Result<(), DeviceError> {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(LOG_FULL_WAIT_MS_MAX);
+    // Shared, so a retry does not copy the payloads (up to megabytes per entry).
+    let records = std::sync::Arc::new(records);
     loop {
-        let attempt = if durable {
-            log_store.append(records.clone()).await
-        } else {
-            log_store.append_buffered(records.clone()).await
-        };
+        let attempt = log_store.append_shared(records.clone(), durable).await;
         match attempt {
             Err(DeviceError::LogFull { .. }) if tokio::time::Instant::now() < deadline => {
                 checkpoint_wanted.notify_one();

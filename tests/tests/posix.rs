@@ -753,3 +753,60 @@ fn error_codes_of_bad_calls() {
     assert_eq!(errno_of(&error), libc::EXDEV, "rename across volumes");
     assert_eq!(error.kind(), ErrorKind::CrossesDevices);
 }
+
+/// Extended attributes are unsupported and the mount says so once: the driver answers getxattr
+/// with ENOSYS, after which the kernel answers EOPNOTSUPP itself. (With ENODATA the kernel asked
+/// the driver for `security.capability` before every write.) Everyday tools stay quiet.
+#[test]
+fn extended_attributes_are_unsupported_without_warnings() {
+    let Some((_node, mount)) = setup("1GiB") else {
+        return;
+    };
+    let path = mount.join("plain");
+    fs::write(&path, b"no attributes here").unwrap();
+    let file = c_path(&path);
+    for name in ["security.capability", "user.comment"] {
+        let name = CString::new(name).unwrap();
+        // Twice: the second answer comes from the kernel's memory of the first.
+        for attempt in 0..2 {
+            // SAFETY: both strings are NUL-terminated and live across the call; a null buffer
+            // with size 0 asks only for the length.
+            let result =
+                unsafe { libc::getxattr(file.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+            let error = std::io::Error::last_os_error();
+            assert_eq!(result, -1, "getxattr {name:?} attempt {attempt} succeeded");
+            assert_eq!(
+                errno_of(&error),
+                libc::EOPNOTSUPP,
+                "getxattr {name:?} attempt {attempt}: {error}"
+            );
+        }
+    }
+    // SAFETY: as above; a null list with size 0 asks only for the length.
+    let listed = unsafe { libc::listxattr(file.as_ptr(), std::ptr::null_mut(), 0) };
+    assert_eq!(listed, 0, "listxattr: {}", std::io::Error::last_os_error());
+    // Writes keep working after the kernel stopped asking.
+    let mut appended = OpenOptions::new().append(true).open(&path).unwrap();
+    appended.write_all(b", still").unwrap();
+    appended.sync_all().unwrap();
+    assert_eq!(fs::read(&path).unwrap(), b"no attributes here, still");
+
+    let listing = Command::new("ls").arg("-l").arg(&mount).output().unwrap();
+    assert!(listing.status.success(), "ls -l failed: {listing:?}");
+    assert!(listing.stderr.is_empty(), "ls -l warned: {listing:?}");
+    let copy_directory = tempfile::tempdir().unwrap();
+    for (source, target) in [
+        (path.clone(), copy_directory.path().join("out")),
+        (path.clone(), mount.join("copied")),
+    ] {
+        let copy = Command::new("cp")
+            .arg("-a")
+            .arg(&source)
+            .arg(&target)
+            .output()
+            .unwrap();
+        assert!(copy.status.success(), "cp -a failed: {copy:?}");
+        assert!(copy.stderr.is_empty(), "cp -a warned: {copy:?}");
+        assert_eq!(fs::read(&target).unwrap(), b"no attributes here, still");
+    }
+}
