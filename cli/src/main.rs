@@ -482,6 +482,7 @@ async fn status(client: &BallastClient) -> anyhow::Result<()> {
                 container.last_applied_index.to_string(),
                 container.last_log_index.to_string(),
                 container.member_count.to_string(),
+                if container.quiesced { "yes" } else { "no" }.to_owned(),
             ]
         })
         .collect();
@@ -493,6 +494,7 @@ async fn status(client: &BallastClient) -> anyhow::Result<()> {
             "APPLIED",
             "LAST LOG",
             "MEMBERS",
+            "QUIESCED",
         ],
         &rows,
     );

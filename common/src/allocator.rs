@@ -22,11 +22,10 @@ pub fn keep_large_buffers_in_heap() -> bool {
     {
         // SAFETY: mallopt only changes allocator parameters; it is called before the binary
         // starts its threads, and both values are within glibc's accepted ranges.
-        let accepted = unsafe {
+        unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, HEAP_ALLOCATION_BYTES_MAX) == 1
                 && libc::mallopt(libc::M_TRIM_THRESHOLD, HEAP_TRIM_BYTES_MIN) == 1
-        };
-        accepted
+        }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {

@@ -25,6 +25,7 @@ pub mod metadata;
 pub mod mover;
 pub mod node;
 pub mod placement;
+pub mod quiescence;
 pub mod raft_network;
 pub mod records;
 pub mod scrub;

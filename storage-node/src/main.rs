@@ -77,6 +77,10 @@ enum NodeCommand {
         /// (`ballast scrub` and repairs of bad blocks met by reads still work).
         #[arg(long, default_value_t = scrub::SCRUB_INTERVAL_MS_DEFAULT)]
         scrub_interval_ms: u64,
+        /// Idle time after which a replicated volume's group stops its own Raft heartbeats and
+        /// relies on the node-level heartbeat (milliseconds); 0 keeps every group heartbeating.
+        #[arg(long, default_value_t = ballast_storage_node::quiescence::QUIESCE_IDLE_MS_DEFAULT)]
+        quiesce_idle_ms: u64,
     },
 }
 
@@ -135,6 +139,7 @@ fn main() -> anyhow::Result<()> {
             down_grace_ms,
             scrub_rate_bytes_per_second,
             scrub_interval_ms,
+            quiesce_idle_ms,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -153,6 +158,9 @@ fn main() -> anyhow::Result<()> {
                 scrub: scrub::ScrubConfig {
                     rate_bytes_per_second: scrub_rate_bytes_per_second,
                     interval_ms: scrub_interval_ms,
+                },
+                quiescence: ballast_storage_node::quiescence::QuiescenceConfig {
+                    idle_ms: quiesce_idle_ms,
                 },
             }))
         }

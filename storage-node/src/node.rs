@@ -73,6 +73,8 @@ pub struct NodeConfig {
     pub down_grace_ms: u64,
     /// Background scrub pace and interval.
     pub scrub: crate::scrub::ScrubConfig,
+    /// When idle groups stop their own heartbeats (`quiescence.rs`).
+    pub quiescence: crate::quiescence::QuiescenceConfig,
 }
 
 pub(crate) struct Container {
@@ -96,6 +98,8 @@ pub struct StorageNode {
     metadata_leading_since: std::sync::Mutex<Option<Instant>>,
     /// Verifies and repairs data blocks (`scrub.rs`).
     scrubber: crate::scrub::Scrubber,
+    /// Which idle groups rely on the node heartbeat instead of their own (`quiescence.rs`).
+    quiescence: crate::quiescence::Quiescence,
 }
 
 impl std::fmt::Debug for StorageNode {
@@ -170,6 +174,7 @@ impl StorageNode {
         })?;
         let state = StateStore::open(&config.state_directory.join("rocksdb"))?;
         let config_scrub = config.scrub;
+        let config_quiescence = config.quiescence;
         let storage = Arc::new(NodeStorage::open(
             state,
             device.block_store(),
@@ -189,6 +194,7 @@ impl StorageNode {
             started: Instant::now(),
             metadata_leading_since: std::sync::Mutex::new(None),
             scrubber: crate::scrub::Scrubber::new(config_scrub),
+            quiescence: crate::quiescence::Quiescence::new(superblock.node_id, config_quiescence),
         });
         node.start_metadata_container().await?;
         let local_authority = node.metadata_is_local_only().await;
@@ -214,6 +220,7 @@ impl StorageNode {
         tokio::spawn(crate::cluster::reconcile_loop(Arc::clone(&node)));
         tokio::spawn(crate::mover::mover_loop(Arc::clone(&node)));
         tokio::spawn(crate::scrub::scrub_loop(Arc::clone(&node)));
+        tokio::spawn(crate::quiescence::quiescence_loop(Arc::clone(&node)));
         if !local_authority {
             tokio::spawn(crate::cluster::join_loop(Arc::clone(&node)));
         }
@@ -240,6 +247,10 @@ impl StorageNode {
 
     pub fn log_store(&self) -> &LogStore {
         &self.log_store
+    }
+
+    pub fn quiescence(&self) -> &crate::quiescence::Quiescence {
+        &self.quiescence
     }
 
     pub fn config(&self) -> &NodeConfig {

@@ -28,6 +28,8 @@ pub struct ContainerProgress {
     pub leader_node_id: u64,
     pub applied_index: u64,
     pub last_log_index: u64,
+    /// Quiesced on that node (idle, its own heartbeats or elections paused).
+    pub quiesced: bool,
 }
 
 impl TestCluster {
@@ -260,6 +262,7 @@ impl TestCluster {
                 leader_node_id: fields[2].parse()?,
                 applied_index: fields[3].parse()?,
                 last_log_index: fields[4].parse()?,
+                quiesced: fields.get(6) == Some(&"yes"),
             });
         }
         Ok(rows)

@@ -318,6 +318,7 @@ impl Admin for AdminService {
                 last_applied_index: metrics.last_applied.map(|log_id| log_id.index).unwrap_or(0),
                 last_log_index: metrics.last_log_index.unwrap_or(0),
                 member_count: metrics.membership_config.membership().voter_ids().count() as u32,
+                quiesced: node.quiescence().is_quiesced(container_id),
             });
         }
         Ok(Response::new(proto::StatusResponse {

@@ -23,6 +23,7 @@ use crate::command::Command;
 use crate::error::NodeError;
 use crate::metadata;
 use crate::node::StorageNode;
+use crate::quiescence;
 use crate::types::{NodeId, Raft, TypeConfig};
 
 #[derive(Debug, Clone)]
@@ -84,6 +85,14 @@ impl RaftTransport for RaftTransportService {
         let append: AppendEntriesRequest<TypeConfig> = decode(&message, "append entries")?;
         let raft = self.raft(message.container_id).await?;
         let result = raft.append_entries(append).await;
+        // Handled (so the replica's leader lease is fresh): a paused election timer may resume.
+        if let Some(change) = self
+            .node
+            .quiescence()
+            .on_append_entries(message.container_id)
+        {
+            quiescence::apply_changes(&self.node, vec![change]).await;
+        }
         encode(message.container_id, &result)
     }
 
@@ -117,7 +126,43 @@ impl RaftTransport for RaftTransportService {
         let result = raft.install_snapshot(chunk).await;
         encode(message.container_id, &result)
     }
+
+    async fn node_heartbeat(
+        &self,
+        request: Request<proto::NodeHeartbeatRequest>,
+    ) -> Result<Response<proto::NodeHeartbeatResponse>, Status> {
+        let request = request.into_inner();
+        if request.groups.len() > NODE_HEARTBEAT_GROUP_COUNT_MAX {
+            return Err(Status::invalid_argument(format!(
+                "node heartbeat lists {} groups, more than {NODE_HEARTBEAT_GROUP_COUNT_MAX}",
+                request.groups.len()
+            )));
+        }
+        let mut views = std::collections::HashMap::new();
+        for group in &request.groups {
+            if let Some(raft) = self.node.raft(group.container_id).await {
+                views.insert(
+                    group.container_id,
+                    quiescence::GroupView::of(group.container_id, &raft),
+                );
+            }
+        }
+        let (acknowledged, changes) = self.node.quiescence().on_node_heartbeat(
+            request.from_node_id,
+            &request.groups,
+            &views,
+            std::time::Instant::now(),
+        );
+        quiescence::apply_changes(&self.node, changes).await;
+        Ok(Response::new(proto::NodeHeartbeatResponse {
+            acknowledged_container_ids: acknowledged,
+        }))
+    }
 }
+
+/// Most groups one node heartbeat may list: far above any node's container count, low enough
+/// that a malformed request cannot make the receiver do unbounded work.
+const NODE_HEARTBEAT_GROUP_COUNT_MAX: usize = 100_000;
 
 #[derive(Debug, Clone)]
 pub struct ClusterService {
