@@ -1,15 +1,21 @@
 //! The io_uring I/O engine: every byte the device layer moves goes through here.
 //!
 //! Design: one dedicated OS thread owns the ring and the file descriptor (opened
-//! `O_RDWR | O_DIRECT | O_CLOEXEC`). Callers enqueue requests on a bounded tokio channel (async
+//! `O_RDWR | O_DIRECT | O_CLOEXEC`, registered with the ring as fixed file 0 when the kernel
+//! allows, so SQEs skip the file-table lookup). The thread creates the ring itself, with
+//! `SINGLE_ISSUER | DEFER_TASKRUN` (completions are processed in one batch when the thread asks
+//! for them, never by interrupting it), falling back to `COOP_TASKRUN`, then to no flags, when
+//! the kernel refuses them (`EINVAL`). Callers enqueue requests on a bounded tokio channel (async
 //! backpressure, never blocking a runtime thread) and wait on a oneshot for the answer. The thread
-//! loops: drain every queued request into SQEs (up to `in_flight_max` in flight), one
-//! `submit_and_wait(1)`, reap all completions, answer callers. So that the thread never sleeps in
-//! the kernel while new requests wait behind slow I/O, a read on an eventfd is always in flight;
-//! a caller writes the eventfd after enqueueing, which completes that read and wakes the thread.
-//! An atomic "wake-up pending" flag makes most callers skip that syscall when one is already on
-//! its way. We chose the eventfd over SQPOLL (burns a core, needs privileges on older kernels)
-//! and over polling with timeouts (adds latency or CPU).
+//! loops: move every queued request into an SQE (up to `in_flight_max` in flight), submitting each
+//! at once as fio does, one `submit_and_wait(1)`, reap all completions, answer callers. So that the
+//! thread never sleeps in the kernel while new requests wait behind slow I/O, a read on an eventfd
+//! is always in flight; before sleeping the thread sets an "armed" flag and looks at the channel
+//! once more, and a caller that finds the flag set after enqueueing writes the eventfd, which
+//! completes that read and wakes the thread. While the thread is awake callers make no syscall.
+//! We chose the eventfd over SQPOLL (burns a core, needs privileges on older kernels) and over
+//! polling with timeouts or spinning (adds latency or CPU; a bounded spin before sleeping was
+//! measured and did not help).
 //!
 //! Short transfers and `EINTR`/`EAGAIN` completions are resubmitted for the remainder (bounded
 //! number of retries). Transfers over 1 GiB are issued in 1 GiB pieces the same way.
@@ -27,7 +33,7 @@ use std::future::Future;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -94,6 +100,7 @@ impl std::fmt::Debug for Engine {
             .debug_struct("Engine")
             .field("path", &self.shared.path)
             .field("size_bytes", &self.shared.size_bytes)
+            .field("ring_setup", &self.shared.ring_setup)
             .finish()
     }
 }
@@ -105,6 +112,8 @@ struct EngineShared {
     statistics: Arc<StatisticsCounters>,
     size_bytes: u64,
     path: PathBuf,
+    /// The ring flags the kernel accepted.
+    ring_setup: RingSetup,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -122,16 +131,21 @@ impl Drop for EngineShared {
     }
 }
 
-/// The eventfd callers poke after enqueueing.
+/// The eventfd callers poke after enqueueing, when the engine thread is about to sleep.
 struct Wakeup {
     eventfd: OwnedFd,
-    /// True while a wake-up has been signalled that the thread has not consumed yet.
-    pending: AtomicBool,
+    /// True while the engine thread is (about to be) asleep in the kernel and needs the eventfd
+    /// to notice new requests. A caller that swaps it from true to false owns the one write.
+    armed: AtomicBool,
 }
 
 impl Wakeup {
+    /// Called after a request was put in the channel.
     fn notify(&self) {
-        if !self.pending.swap(true, Ordering::SeqCst) {
+        // Pairs with the fence in `Worker::sleep_until_completion`: either the engine sees our
+        // request in its last check of the channel, or we see `armed` and write the eventfd.
+        fence(Ordering::SeqCst);
+        if self.armed.load(Ordering::Relaxed) && self.armed.swap(false, Ordering::SeqCst) {
             self.notify_always();
         }
     }
@@ -183,6 +197,15 @@ struct Operation {
 impl Engine {
     /// Opens `path` (regular file or block device) for direct I/O and starts the engine thread.
     pub fn open(path: &Path, options: EngineOptions) -> Result<Engine, DeviceError> {
+        Engine::open_with_setups(path, options, &RING_SETUPS)
+    }
+
+    /// `open`, creating the ring with the first of `setups` the kernel accepts.
+    fn open_with_setups(
+        path: &Path,
+        options: EngineOptions,
+        setups: &'static [RingSetup],
+    ) -> Result<Engine, DeviceError> {
         if options.in_flight_max == 0
             || options.in_flight_max >= options.ring_entries as usize
             || !options.ring_entries.is_power_of_two()
@@ -213,32 +236,70 @@ impl Engine {
         }
         // SAFETY: `raw_eventfd` is a fresh descriptor that nothing else owns.
         let eventfd = unsafe { OwnedFd::from_raw_fd(raw_eventfd) };
-        let ring = IoUring::new(options.ring_entries).map_err(open_error)?;
-
         let wakeup = Arc::new(Wakeup {
             eventfd,
-            pending: AtomicBool::new(false),
+            armed: AtomicBool::new(false),
         });
         let statistics = Arc::new(StatisticsCounters::default());
         // The channel holds at most one ring's worth of waiting requests beyond those in flight.
         let (sender, receiver) = mpsc::channel(options.ring_entries as usize);
-        let worker = Worker {
-            ring,
-            file,
-            path: path.to_owned(),
-            wakeup: wakeup.clone(),
-            statistics: statistics.clone(),
-            receiver,
-            slots: (0..options.in_flight_max).map(|_| None).collect(),
-            free_slots: (0..options.in_flight_max).rev().collect(),
-            wakeup_buffer: Box::new([0u8; 8]),
-            wakeup_read_pending: false,
+        // The ring is created on the engine thread: with IORING_SETUP_SINGLE_ISSUER the creating
+        // task is the only one allowed to submit. The thread reports the outcome before serving.
+        let (started_sender, started_receiver) = std::sync::mpsc::sync_channel(1);
+        let thread = {
+            let path = path.to_owned();
+            let wakeup = wakeup.clone();
+            let statistics = statistics.clone();
+            std::thread::Builder::new()
+                .name("ballast-io".to_owned())
+                .spawn(move || {
+                    let (ring, setup) = match open_ring(options.ring_entries, setups, build_ring) {
+                        Ok(opened) => opened,
+                        Err(error) => {
+                            let _ = started_sender.send(Err(error));
+                            return;
+                        }
+                    };
+                    let target = register_file(&ring, &file);
+                    let _ = started_sender.send(Ok((setup, matches!(target, Target::Fixed))));
+                    Worker {
+                        ring,
+                        file,
+                        target,
+                        path,
+                        wakeup,
+                        statistics,
+                        receiver,
+                        slots: (0..options.in_flight_max).map(|_| None).collect(),
+                        free_slots: (0..options.in_flight_max).rev().collect(),
+                        wakeup_buffer: Box::new([0u8; 8]),
+                        wakeup_read_pending: false,
+                        completions: Vec::with_capacity(options.ring_entries as usize),
+                    }
+                    .run()
+                })
+                .map_err(open_error)?
         };
-        let thread = std::thread::Builder::new()
-            .name("ballast-io".to_owned())
-            .spawn(move || worker.run())
-            .map_err(open_error)?;
-        tracing::debug!(?path, size_bytes, "I/O engine started");
+        let (ring_setup, file_registered) = match started_receiver.recv() {
+            Ok(Ok(started)) => started,
+            Ok(Err(error)) => {
+                let _ = thread.join();
+                return Err(open_error(error));
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(open_error(std::io::Error::other(
+                    "the I/O engine thread exited while starting",
+                )));
+            }
+        };
+        tracing::debug!(
+            ?path,
+            size_bytes,
+            ?ring_setup,
+            file_registered,
+            "I/O engine started"
+        );
         Ok(Engine {
             shared: Arc::new(EngineShared {
                 sender: Some(sender),
@@ -246,6 +307,7 @@ impl Engine {
                 statistics,
                 size_bytes,
                 path: path.to_owned(),
+                ring_setup,
                 thread: Some(thread),
             }),
         })
@@ -393,10 +455,86 @@ fn device_size_bytes(file: &File) -> std::io::Result<u64> {
     }
 }
 
+/// Ring setups to try, best first; the first one the kernel accepts is used.
+const RING_SETUPS: [RingSetup; 3] = [
+    RingSetup::DeferTaskrun,
+    RingSetup::CoopTaskrun,
+    RingSetup::Plain,
+];
+
+/// Which `io_uring_setup` flags the ring was created with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RingSetup {
+    /// `SINGLE_ISSUER | DEFER_TASKRUN` (Linux 6.1): completions are processed only when the
+    /// engine thread asks for them, in one batch, never by interrupting it.
+    DeferTaskrun,
+    /// `COOP_TASKRUN` (Linux 5.19): no inter-processor interrupt per completion.
+    CoopTaskrun,
+    /// No flags: any kernel with io_uring.
+    Plain,
+}
+
+fn build_ring(entries: u32, setup: RingSetup) -> std::io::Result<IoUring> {
+    let mut builder = IoUring::builder();
+    match setup {
+        RingSetup::DeferTaskrun => {
+            builder.setup_single_issuer().setup_defer_taskrun();
+        }
+        RingSetup::CoopTaskrun => {
+            builder.setup_coop_taskrun();
+        }
+        RingSetup::Plain => {}
+    }
+    builder.build(entries)
+}
+
+/// Creates the ring with the first of `setups` that `build` accepts, falling back to the next
+/// when the kernel refuses the flags (`EINVAL`); any other error is returned as it is.
+fn open_ring(
+    entries: u32,
+    setups: &[RingSetup],
+    mut build: impl FnMut(u32, RingSetup) -> std::io::Result<IoUring>,
+) -> std::io::Result<(IoUring, RingSetup)> {
+    let mut last_error =
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no ring setup to try");
+    for &setup in setups {
+        match build(entries, setup) {
+            Ok(ring) => return Ok((ring, setup)),
+            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::debug!(?setup, %error, "io_uring setup refused; trying the next");
+                last_error = error;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Err(last_error)
+}
+
+/// How SQEs name the device file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// Registered as fixed file 0: the kernel skips the file table lookup and reference count.
+    Fixed,
+    /// The plain descriptor (registration refused).
+    Raw,
+}
+
+fn register_file(ring: &IoUring, file: &File) -> Target {
+    match ring.submitter().register_files(&[file.as_raw_fd()]) {
+        Ok(()) => Target::Fixed,
+        Err(error) => {
+            tracing::debug!(%error, "cannot register the device file; using its descriptor");
+            Target::Raw
+        }
+    }
+}
+
 /// State owned by the engine thread.
 struct Worker {
     ring: IoUring,
+    /// Kept open for as long as the ring may use it (also when registered).
     file: File,
+    target: Target,
     path: PathBuf,
     wakeup: Arc<Wakeup>,
     statistics: Arc<StatisticsCounters>,
@@ -407,30 +545,20 @@ struct Worker {
     /// Target of the eventfd read; boxed so its address is stable while the read is in flight.
     wakeup_buffer: Box<[u8; 8]>,
     wakeup_read_pending: bool,
+    /// Reused buffer of reaped `(user_data, result)` pairs.
+    completions: Vec<(u64, i32)>,
 }
 
 impl Worker {
     fn run(mut self) {
         let mut receiver_open = true;
+        // Each pass sleeps in the kernel until a completion (an operation or the eventfd read)
+        // unless it made progress; it ends once the channel is closed and nothing is in flight.
         loop {
             if receiver_open && !self.wakeup_read_pending {
                 self.push_wakeup_read();
             }
-            while receiver_open && !self.free_slots.is_empty() {
-                match self.receiver.try_recv() {
-                    Ok(request) => {
-                        let slot = self.free_slots.pop().expect("checked non-empty");
-                        self.slots[slot] = Some(Operation {
-                            request,
-                            done_bytes: 0,
-                            retry_count: 0,
-                        });
-                        self.push_operation(slot);
-                    }
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => receiver_open = false,
-                }
-            }
+            self.accept_requests(&mut receiver_open);
             let in_flight = self.slots.len() - self.free_slots.len();
             if !receiver_open && in_flight == 0 {
                 if !self.wakeup_read_pending {
@@ -440,13 +568,50 @@ impl Worker {
                 // still holds a pointer to it.
                 self.wakeup.notify_always();
             }
-            self.submit_and_wait();
+            self.sleep_until_completion(&mut receiver_open);
             self.reap();
         }
         tracing::debug!(path = ?self.path, "I/O engine stopped");
     }
 
+    /// Moves queued requests into SQEs, submitted one by one, while slots are free.
+    fn accept_requests(&mut self, receiver_open: &mut bool) {
+        while *receiver_open && !self.free_slots.is_empty() {
+            match self.receiver.try_recv() {
+                Ok(request) => {
+                    let slot = self.free_slots.pop().expect("checked non-empty");
+                    self.slots[slot] = Some(Operation {
+                        request,
+                        done_bytes: 0,
+                        retry_count: 0,
+                    });
+                    self.push_operation(slot);
+                    // Each request goes to the kernel at once (as fio does by default) rather
+                    // than after the whole drain: the device starts on it while we take the next.
+                    self.submit();
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => *receiver_open = false,
+            }
+        }
+    }
+
+    /// Submits the queued SQEs and sleeps until at least one completion. Callers enqueueing
+    /// while the thread sleeps write the eventfd (see `Wakeup`).
+    fn sleep_until_completion(&mut self, receiver_open: &mut bool) {
+        if *receiver_open {
+            self.wakeup.armed.store(true, Ordering::Relaxed);
+            // Pairs with the fence in `Wakeup::notify`: a request sent before a caller saw
+            // `armed` false is found by this last look at the channel.
+            fence(Ordering::SeqCst);
+            self.accept_requests(receiver_open);
+        }
+        self.submit_and_wait();
+        self.wakeup.armed.store(false, Ordering::Relaxed);
+    }
+
     fn submit_and_wait(&mut self) {
+        // Bounded by the kernel: it returns once a completion is available; EINTR only repeats.
         loop {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => return,
@@ -470,11 +635,25 @@ impl Worker {
         }
     }
 
+    /// Hands the queued SQEs to the kernel without waiting. A failure leaves them queued for
+    /// the next `submit_and_wait`, which handles it.
+    fn submit(&mut self) {
+        if let Err(error) = self.ring.submit() {
+            if !matches!(
+                error.raw_os_error(),
+                Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
+            ) {
+                tracing::warn!(path = ?self.path, %error, "io_uring submit failed");
+            }
+        }
+    }
+
     fn push(&mut self, entry: io_uring::squeue::Entry) {
         loop {
             // SAFETY: every pointer in `entry` refers to memory owned by this worker (an
             // operation's buffer held in `slots`, or `wakeup_buffer`) that stays alive and
-            // unmoved until the matching completion is reaped.
+            // unmoved until the matching completion is reaped; fixed file 0 is the device file,
+            // registered for the ring's lifetime and kept open by `self.file`.
             let pushed = unsafe { self.ring.submission().push(&entry) };
             if pushed.is_ok() {
                 return;
@@ -499,57 +678,69 @@ impl Worker {
     }
 
     fn push_operation(&mut self, slot: usize) {
-        let fd = types::Fd(self.file.as_raw_fd());
+        let target = self.target;
+        let raw_fd = self.file.as_raw_fd();
         let operation = self.slots[slot].as_mut().expect("slot holds an operation");
         let offset_bytes = operation.request.offset_bytes + operation.done_bytes as u64;
-        let entry = match operation.request.kind {
-            OperationKind::Flush => opcode::Fsync::new(fd)
-                .flags(types::FsyncFlags::DATASYNC)
-                .build(),
-            kind => {
-                let buffer = operation
-                    .request
-                    .buffer
-                    .as_mut()
-                    .expect("transfers carry a buffer");
-                let remaining_bytes = buffer.len() - operation.done_bytes;
-                debug_assert!(remaining_bytes > 0);
-                let piece_bytes = remaining_bytes.min(TRANSFER_PIECE_BYTES_MAX) as u32;
-                // SAFETY: `done_bytes < buffer.len()`, so the pointer stays inside the buffer.
-                let pointer = unsafe { buffer.as_mut_pointer().add(operation.done_bytes) };
-                match kind {
-                    OperationKind::Read => opcode::Read::new(fd, pointer, piece_bytes)
-                        .offset(offset_bytes)
+        // The opcode builders are generic over the (sealed) file kind: one body for both.
+        macro_rules! entry_for {
+            ($fd:expr) => {
+                match operation.request.kind {
+                    OperationKind::Flush => opcode::Fsync::new($fd)
+                        .flags(types::FsyncFlags::DATASYNC)
                         .build(),
-                    OperationKind::Write => opcode::Write::new(fd, pointer, piece_bytes)
-                        .offset(offset_bytes)
-                        .build(),
-                    _ => opcode::Write::new(fd, pointer, piece_bytes)
-                        .offset(offset_bytes)
-                        .rw_flags(libc::RWF_DSYNC)
-                        .build(),
+                    kind => {
+                        let buffer = operation
+                            .request
+                            .buffer
+                            .as_mut()
+                            .expect("transfers carry a buffer");
+                        let remaining_bytes = buffer.len() - operation.done_bytes;
+                        debug_assert!(remaining_bytes > 0);
+                        let piece_bytes = remaining_bytes.min(TRANSFER_PIECE_BYTES_MAX) as u32;
+                        // SAFETY: `done_bytes < buffer.len()`, so the pointer stays inside the
+                        // buffer.
+                        let pointer = unsafe { buffer.as_mut_pointer().add(operation.done_bytes) };
+                        match kind {
+                            OperationKind::Read => opcode::Read::new($fd, pointer, piece_bytes)
+                                .offset(offset_bytes)
+                                .build(),
+                            OperationKind::Write => opcode::Write::new($fd, pointer, piece_bytes)
+                                .offset(offset_bytes)
+                                .build(),
+                            _ => opcode::Write::new($fd, pointer, piece_bytes)
+                                .offset(offset_bytes)
+                                .rw_flags(libc::RWF_DSYNC)
+                                .build(),
+                        }
+                    }
                 }
-            }
+            };
+        }
+        let entry = match target {
+            Target::Fixed => entry_for!(types::Fixed(0)),
+            Target::Raw => entry_for!(types::Fd(raw_fd)),
         };
         self.push(entry.user_data(slot as u64));
     }
 
+    /// Answers every available completion.
     fn reap(&mut self) {
-        let completions: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|entry| (entry.user_data(), entry.result()))
-            .collect();
-        for (user_data, result) in completions {
+        let mut completions = std::mem::take(&mut self.completions);
+        completions.clear();
+        completions.extend(
+            self.ring
+                .completion()
+                .map(|entry| (entry.user_data(), entry.result())),
+        );
+        for &(user_data, result) in &completions {
             if user_data == WAKEUP_USER_DATA {
                 self.wakeup_read_pending = false;
-                // Cleared before the next drain of the channel, so a request enqueued after
-                // the drain always finds the flag clear and signals again.
-                self.wakeup.pending.store(false, Ordering::SeqCst);
                 continue;
             }
             self.complete(user_data as usize, result);
         }
+        self.completions = completions;
     }
 
     fn complete(&mut self, slot: usize, result: i32) {
@@ -763,5 +954,111 @@ mod tests {
             Engine::open(file.path(), options),
             Err(DeviceError::InvalidOptions { .. })
         ));
+    }
+
+    #[test]
+    fn ring_setup_falls_back_when_flags_are_refused() {
+        let mut tried = Vec::new();
+        let (ring, setup) = open_ring(8, &RING_SETUPS, |entries, setup| {
+            tried.push(setup);
+            if setup == RingSetup::Plain {
+                IoUring::new(entries)
+            } else {
+                Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+            }
+        })
+        .unwrap();
+        assert_eq!(setup, RingSetup::Plain);
+        assert_eq!(tried, RING_SETUPS);
+        assert!(ring.params().sq_entries() >= 8);
+
+        // Other errors are not a reason to try weaker flags.
+        let mut tried_count = 0;
+        let error = open_ring(8, &RING_SETUPS, |_, _| {
+            tried_count += 1;
+            Err(std::io::Error::from_raw_os_error(libc::ENOMEM))
+        })
+        .map(drop)
+        .unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(libc::ENOMEM));
+        assert_eq!(tried_count, 1);
+
+        // Refused everywhere: the last refusal is reported.
+        let error = open_ring(8, &RING_SETUPS, |_, _| {
+            Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+        })
+        .map(drop)
+        .unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(libc::EINVAL));
+    }
+
+    /// Every ring setup this kernel accepts moves the right bytes, with many requests in
+    /// flight from many tasks at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_ring_setup_answers_many_concurrent_requests_correctly() {
+        const BLOCK_COUNT: u64 = 1024;
+        for (index, setup) in RING_SETUPS.iter().enumerate() {
+            let file = scratch_file(BLOCK_COUNT * 4096);
+            let engine = match Engine::open_with_setups(
+                file.path(),
+                EngineOptions::default(),
+                &RING_SETUPS[index..=index],
+            ) {
+                Ok(engine) => engine,
+                Err(DeviceError::Open { source, .. })
+                    if source.raw_os_error() == Some(libc::EINVAL) =>
+                {
+                    eprintln!("kernel refuses {setup:?}; skipped");
+                    continue;
+                }
+                Err(error) => panic!("{setup:?}: {error}"),
+            };
+            assert!(format!("{engine:?}").contains(&format!("{setup:?}")));
+            let pattern = |block: u64, byte: usize| (block as usize * 31 + byte) as u8;
+            let mut tasks = Vec::new();
+            for block in 0..BLOCK_COUNT {
+                let engine = engine.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut buffer = AlignedBuffer::new_zeroed(4096);
+                    for (byte, value) in buffer.iter_mut().enumerate() {
+                        *value = pattern(block, byte);
+                    }
+                    engine.write(block * 4096, buffer).await.unwrap();
+                }));
+            }
+            for task in tasks.drain(..) {
+                task.await.unwrap();
+            }
+            for block in 0..BLOCK_COUNT {
+                let engine = engine.clone();
+                tasks.push(tokio::spawn(async move {
+                    // Two blocks per read: each block is checked against its own pattern.
+                    let first = block.min(BLOCK_COUNT - 2);
+                    let read = engine.read(first * 4096, 8192).await.unwrap();
+                    for (byte, value) in read.iter().enumerate() {
+                        let expected = pattern(first + byte as u64 / 4096, byte % 4096);
+                        assert_eq!(*value, expected, "{setup:?} block {first} byte {byte}");
+                    }
+                }));
+            }
+            for task in tasks {
+                task.await.unwrap();
+            }
+            let statistics = engine.statistics();
+            assert_eq!(statistics.writes, BLOCK_COUNT);
+            assert_eq!(statistics.reads, BLOCK_COUNT);
+            assert_eq!(statistics.bytes_read, BLOCK_COUNT * 8192);
+        }
+    }
+
+    /// A read that fails hands back no buffer at all, so no stale memory can pass for data.
+    #[tokio::test]
+    async fn failed_read_returns_an_error_not_a_buffer() {
+        let file = scratch_file(8192);
+        let engine = Engine::open(file.path(), EngineOptions::default()).unwrap();
+        // The file shrinks behind the engine's back: the read reaches end of file.
+        file.as_file().set_len(0).unwrap();
+        let error = engine.read(4096, 4096).await.unwrap_err();
+        assert!(matches!(error, DeviceError::Io { .. }), "{error}");
     }
 }
