@@ -15,7 +15,8 @@
 #            writes and sysbench, and failover time (kill -9 of the leader until the next
 #            acknowledged write) as a distribution
 #   idle     a local 3-node cluster: CPU the node processes use while idle with IDLE_CONTAINERS
-#            rf=3 containers vs with one (the cost of per-group heartbeats)
+#            rf=3 containers, with quiescence (idle groups stop their own heartbeats) vs without
+#            (BALLAST_QUIESCE_IDLE_MS=0: every group heartbeats every 150 ms)
 #   moves    a local 4-node cluster: the copy rate of moving a replica (drain of a node holding
 #            a volume with MOVE_SIZE written; re-replication takes the same path) vs fio
 #            sequential write of the same size on the same filesystem
@@ -26,6 +27,7 @@
 #   FUSE_SEQUENTIAL_SIZE=1G  FUSE_FSYNC_SIZE=64M  FUSE_FSYNC_SECONDS=15
 #   SYSBENCH_TIME=60  SYSBENCH_TABLES=4  SYSBENCH_TABLE_SIZE=100000  SYSBENCH_THREADS=4
 #   STARTUP_SIZES_GIB="1 10"  FAILOVER_ROUNDS=10  MOVE_SIZE=2G  IDLE_CONTAINERS=200  IDLE_SECONDS=20
+#   QUIESCE_IDLE_MS=3000  (idle section, the quiescence-on side)
 #   BENCH_SKIP_BUILD=1    use the release binaries already built
 #   BALLAST_BENCH_BIN_DIR use the binaries in this directory (implies nothing about the build)
 #
@@ -640,30 +642,44 @@ idle_cpu_percent() { # directory: average CPU % per node process over $idle_seco
     for index in 0 1 2; do total=$((total + $(cpu_ticks "${pids[index]}") - before[index])); done
     awk -v t="$total" -v hz="$(getconf CLK_TCK)" -v s="$idle_seconds" 'BEGIN { printf "%.1f", t / hz / s / 3 * 100 }'
 }
-section_idle() {
-    echo "== idle: CPU per node with $idle_containers rf=3 containers vs 1, idle for $idle_seconds s"
-    local directory="$work_directory/idle" port endpoints
+idle_one="" idle_many="" idle_quiesced=""
+# One local 3-node cluster: CPU per node with one container, then with IDLE_CONTAINERS, and how
+# many containers node 1 shows quiesced. BALLAST_QUIESCE_IDLE_MS is passed to the nodes.
+idle_measure() { # quiesce_idle_ms
+    local directory="$work_directory/idle" port endpoints index
     port=$(free_port)
     endpoints="http://127.0.0.1:$port,http://127.0.0.1:$((port + 1)),http://127.0.0.1:$((port + 2))"
-    log_command "$binary_directory/ballast" local up --dir "$directory" --nodes 3 --volume idle0 \
-        --quota 1GiB --device-size 8GiB --listen "127.0.0.1:$port" >/dev/null
+    BALLAST_QUIESCE_IDLE_MS=$1 log_command "$binary_directory/ballast" local up --dir "$directory" \
+        --nodes 3 --volume idle0 --quota 1GiB --device-size 8GiB --listen "127.0.0.1:$port" >/dev/null
     mountpoints+=("$directory/mnt/idle0")
     sleep 5
-    local one many index
-    one=$(idle_cpu_percent "$directory")
+    idle_one=$(idle_cpu_percent "$directory")
     for index in $(seq 1 $((idle_containers - 1))); do
         "$binary_directory/ballast" --node "$endpoints" volume create "idle$index" --quota 64MiB \
             --replication-factor 3 >/dev/null
     done
     record_command "$binary_directory/ballast" --node "$endpoints" volume create "idle<i>" --quota 64MiB --replication-factor 3
     sleep 5
-    many=$(idle_cpu_percent "$directory")
-    note "idle: $idle_containers containers, CPU per node $many % of one core (1 container: $one %); $(round "$(awk -v m="$many" -v o="$one" -v n="$idle_containers" 'BEGIN { print (m - o) / (n - 1) }')" 3) % per extra container"
+    idle_many=$(idle_cpu_percent "$directory")
+    idle_quiesced=$("$binary_directory/ballast" --node "http://127.0.0.1:$port" status |
+        awk '$1 ~ /^[0-9]+$/ && $7 == "yes"' | wc -l)
     "$binary_directory/ballast" local down --dir "$directory" >/dev/null
     rm -rf "$directory"
+}
+
+section_idle() {
+    echo "== idle: CPU per node with $idle_containers rf=3 containers vs 1, idle for $idle_seconds s," \
+        "with quiescence (default) and without (BALLAST_QUIESCE_IDLE_MS=0)"
+    local on_one on_many on_quiesced off_one off_many
+    idle_measure "${QUIESCE_IDLE_MS:-3000}"
+    on_one=$idle_one on_many=$idle_many on_quiesced=$idle_quiesced
+    idle_measure 0
+    off_one=$idle_one off_many=$idle_many
+    note "idle with quiescence: $idle_containers containers, CPU per node $on_many % of one core (1 container: $on_one %), $on_quiesced containers quiesced on node 1 at the end; $(round "$(awk -v m="$on_many" -v o="$on_one" -v n="$idle_containers" 'BEGIN { print (m - o) / (n - 1) }')" 3) % per extra container"
+    note "idle without quiescence: CPU per node $off_many % (1 container: $off_one %); $(round "$(awk -v m="$off_many" -v o="$off_one" -v n="$idle_containers" 'BEGIN { print (m - o) / (n - 1) }')" 3) % per extra container"
     table_begin
-    table_row "idle CPU per node, $idle_containers rf=3 containers (% of a core)" "$many" "$one" "—"
-    table_end "idle cost: $idle_containers containers (ballast column) vs 1 container (yardstick column), per-group heartbeats every 150 ms"
+    table_row "idle CPU per node, $idle_containers rf=3 containers (% of a core)" "$on_many" "$off_many" "—"
+    table_end "idle cost: $idle_containers containers with quiescence (ballast column) vs without (yardstick column, every group heartbeating every 150 ms)"
 }
 
 # ---------------------------------------------------------------------------------------------

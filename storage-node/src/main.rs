@@ -79,7 +79,8 @@ enum NodeCommand {
         scrub_interval_ms: u64,
         /// Idle time after which a replicated volume's group stops its own Raft heartbeats and
         /// relies on the node-level heartbeat (milliseconds); 0 keeps every group heartbeating.
-        #[arg(long, default_value_t = ballast_storage_node::quiescence::QUIESCE_IDLE_MS_DEFAULT)]
+        #[arg(long, env = "BALLAST_QUIESCE_IDLE_MS",
+              default_value_t = ballast_storage_node::quiescence::QUIESCE_IDLE_MS_DEFAULT)]
         quiesce_idle_ms: u64,
     },
 }

@@ -25,6 +25,16 @@
 //! resumed after a short grace so its own heartbeats arrive first), or at once after any
 //! AppendEntries of the group (the leader is active again).
 //!
+//! Leader balancing rides on the same heartbeat: it carries the sender's count of groups it leads.
+//! A follower that leads at least [`LEADER_IMBALANCE_MIN`] fewer takes over one group quiesced
+//! under the sender for over [`TAKEOVER_QUIET_MS`], at most one per [`TAKEOVER_INTERVAL_MS`]: it
+//! calls an election (`trigger().elect()`, which a paused timer does not block). In a quiet group
+//! every lease has lapsed, so the voters, and the old leader itself, grant the higher term, and
+//! with equal logs (the follower acknowledged exactly the leader's log) the follower wins in one
+//! round. Each takeover lowers the sum of squared leader counts, so leaders spread out after
+//! failovers and node restarts without a coordinator. openraft 0.9 has no leadership transfer;
+//! this needs none. A draining node never takes over.
+//!
 //! Safety: quiescence only switches openraft's timers. It never touches votes, logs or commits,
 //! so Raft's safety does not depend on it; a wrong decision costs at most an election, or a
 //! failover delayed by [`LEADER_NODE_SILENCE_MS`]. The metadata group never quiesces: its
@@ -61,6 +71,14 @@ const UNLISTED_GRACE_MS: u64 = 500;
 const NODE_HEARTBEAT_TIMEOUT_MS: u64 = 500;
 /// Default idle time before a group quiesces.
 pub const QUIESCE_IDLE_MS_DEFAULT: u64 = 3_000;
+/// A follower takes over leadership only when it leads at least this many fewer groups than the
+/// leader's node (2: a move from a to b keeps the counts' difference from flipping sign).
+pub const LEADER_IMBALANCE_MIN: u64 = 2;
+/// A group is taken over only after it has been quiet this long here: longer than the leader
+/// lease (the election timeout's upper bound, 1.5 s), so every voter grants the new term.
+pub const TAKEOVER_QUIET_MS: u64 = 2_500;
+/// At most one takeover per node in this time, so counts seen in heartbeats catch up.
+pub const TAKEOVER_INTERVAL_MS: u64 = 3_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuiescenceConfig {
@@ -138,6 +156,8 @@ struct Leading {
 struct Following {
     leader: NodeId,
     term: u64,
+    /// Since when this replica's election timer is paused.
+    paused_at: Instant,
     /// When the leader's node heartbeat first left this group out.
     unlisted_since: Option<Instant>,
 }
@@ -148,6 +168,7 @@ struct QuiescenceState {
     /// Present: this replica's election timer is paused.
     following: HashMap<u64, Following>,
     node_heard_at: HashMap<NodeId, Instant>,
+    last_takeover_at: Option<Instant>,
 }
 
 /// The quiescence decisions of one node (see the module doc).
@@ -169,6 +190,11 @@ impl Quiescence {
 
     fn state(&self) -> std::sync::MutexGuard<'_, QuiescenceState> {
         self.state.lock().expect("quiescence lock")
+    }
+
+    /// Filesystem groups this node led at the last tick (what node heartbeats announce).
+    pub fn leader_count(&self) -> u64 {
+        self.state().leading.len() as u64
     }
 
     /// Whether the group is quiesced on this node (as leader or as follower).
@@ -371,15 +397,21 @@ impl Quiescence {
                 });
             if agrees {
                 acknowledged.push(container_id);
-                let paused = state.following.insert(
+                let previous = state.following.get(&container_id).cloned();
+                let paused_at = previous
+                    .as_ref()
+                    .filter(|previous| previous.leader == from && previous.term == group.term)
+                    .map_or(now, |previous| previous.paused_at);
+                state.following.insert(
                     container_id,
                     Following {
                         leader: from,
                         term: group.term,
+                        paused_at,
                         unlisted_since: None,
                     },
                 );
-                if paused.is_none() {
+                if previous.is_none() {
                     changes.push(TimerChange::Elect {
                         container_id,
                         enabled: false,
@@ -398,6 +430,44 @@ impl Quiescence {
             }
         }
         (acknowledged, changes)
+    }
+
+    /// Leader balancing (module doc): the group to take over from `from`, which leads
+    /// `sender_leader_count` groups, if this node (not draining) should take one now. A chosen
+    /// group counts as taken: no other is chosen within [`TAKEOVER_INTERVAL_MS`].
+    pub fn choose_takeover(
+        &self,
+        from: NodeId,
+        sender_leader_count: u64,
+        draining: bool,
+        now: Instant,
+    ) -> Option<u64> {
+        if draining || self.config.idle_ms == 0 {
+            return None;
+        }
+        let mut state = self.state();
+        let own_leader_count = state.leading.len() as u64;
+        if sender_leader_count < own_leader_count + LEADER_IMBALANCE_MIN {
+            return None;
+        }
+        if state.last_takeover_at.is_some_and(|at| {
+            now.saturating_duration_since(at) < Duration::from_millis(TAKEOVER_INTERVAL_MS)
+        }) {
+            return None;
+        }
+        let chosen = state
+            .following
+            .iter()
+            .filter(|(_, following)| {
+                following.leader == from
+                    && following.unlisted_since.is_none()
+                    && now.saturating_duration_since(following.paused_at)
+                        >= Duration::from_millis(TAKEOVER_QUIET_MS)
+            })
+            .map(|(container_id, _)| *container_id)
+            .min()?;
+        state.last_takeover_at = Some(now);
+        Some(chosen)
     }
 
     /// An AppendEntries of the group was handled here: its leader is active, so a paused
@@ -515,6 +585,7 @@ async fn send_node_heartbeat(
     let request = proto::NodeHeartbeatRequest {
         from_node_id: node.node_id(),
         groups,
+        leader_count: node.quiescence().leader_count(),
     };
     let sent = tokio::time::timeout(
         Duration::from_millis(NODE_HEARTBEAT_TIMEOUT_MS),
@@ -785,6 +856,74 @@ mod tests {
                 enabled: true
             }]
         );
+    }
+
+    fn quiesced_group(container_id: u64) -> proto::QuiescedGroup {
+        proto::QuiescedGroup {
+            container_id,
+            term: 4,
+            last_log_index: 10,
+        }
+    }
+
+    #[test]
+    fn a_follower_leading_fewer_takes_over_one_long_quiet_group_at_a_time() {
+        let start = Instant::now();
+        let views: HashMap<u64, GroupView> = (5..9)
+            .map(|container_id| (container_id, follower_view(container_id, 10)))
+            .collect();
+        let groups: Vec<proto::QuiescedGroup> = (5..9).map(quiesced_group).collect();
+        let follower = quiescence(2);
+        follower.on_node_heartbeat(LEADER, &groups, &views, start);
+        // Quiet, but not yet long enough for every lease to have lapsed.
+        follower.on_node_heartbeat(LEADER, &groups, &views, at(start, 2_000));
+        assert_eq!(
+            follower.choose_takeover(LEADER, 4, false, at(start, 2_000)),
+            None
+        );
+        follower.on_node_heartbeat(LEADER, &groups, &views, at(start, 2_500));
+        // Balanced enough, or draining: nothing.
+        assert_eq!(
+            follower.choose_takeover(LEADER, 1, false, at(start, 2_500)),
+            None
+        );
+        assert_eq!(
+            follower.choose_takeover(LEADER, 4, true, at(start, 2_500)),
+            None
+        );
+        assert_eq!(
+            follower.choose_takeover(LEADER, 4, false, at(start, 2_500)),
+            Some(5)
+        );
+        // One at a time.
+        assert_eq!(
+            follower.choose_takeover(LEADER, 4, false, at(start, 3_000)),
+            None
+        );
+        assert_eq!(
+            follower.choose_takeover(LEADER, 3, false, at(start, 5_500)),
+            Some(5)
+        );
+        // Another sender's groups are not taken on this sender's account.
+        assert_eq!(
+            follower.choose_takeover(3, 9, false, at(start, 9_000)),
+            None
+        );
+    }
+
+    #[test]
+    fn a_node_leading_its_share_takes_nothing() {
+        let start = Instant::now();
+        let follower = quiescence(2);
+        // This node leads two groups itself.
+        follower.tick(&[leader_view(1, 10), leader_view(2, 10)], in_contact, start);
+        assert_eq!(follower.leader_count(), 2);
+        let views: HashMap<u64, GroupView> = [(5, follower_view(5, 10))].into();
+        follower.on_node_heartbeat(LEADER, &[quiesced_group(5)], &views, start);
+        let later = at(start, 5_000);
+        follower.on_node_heartbeat(LEADER, &[quiesced_group(5)], &views, later);
+        assert_eq!(follower.choose_takeover(LEADER, 3, false, later), None);
+        assert_eq!(follower.choose_takeover(LEADER, 4, false, later), Some(5));
     }
 
     #[test]

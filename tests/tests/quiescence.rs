@@ -3,6 +3,8 @@
 //! still count as in contact for minimum replication) and wakes it, and `kill -9` of a quiesced
 //! group's leader still fails over: the followers notice the leader's node went silent and elect.
 //! Without the follower side resuming elections, the last write could never be acknowledged.
+//! Leader balancing rides on the node heartbeat: after a node restart, quiet groups move their
+//! leadership to it until no node leads two more than another.
 
 use std::fs::File;
 use std::io::Write;
@@ -130,4 +132,94 @@ fn idle_groups_quiesce_accept_writes_and_fail_over() {
         let actual = read_uncached(path).unwrap_or_else(|error| panic!("read {path:?}: {error}"));
         assert_eq!(actual, data.as_bytes(), "{path:?} differs");
     }
+}
+
+/// How many of `volumes` each running node leads, once the running nodes agree on every leader.
+fn leader_counts(
+    cluster: &TestCluster,
+    volumes: &[String],
+) -> std::collections::BTreeMap<u64, usize> {
+    let mut counts: std::collections::BTreeMap<u64, usize> = cluster
+        .nodes
+        .iter()
+        .filter(|node| node.is_running())
+        .map(|node| (node.node_id, 0))
+        .collect();
+    for volume in volumes {
+        let leader = cluster.leader_of(volume).expect("leader");
+        *counts.entry(leader).or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn leaders_spread_back_onto_a_restarted_node() {
+    if !end_to_end_available() {
+        return;
+    }
+    let mut cluster = TestCluster::start(
+        3,
+        DEVICE_SIZE_BYTES,
+        &["--quiesce-idle-ms", "1000", "--down-grace-ms", "600000"],
+    )
+    .expect("cluster");
+    let volumes: Vec<String> = (0..6).map(|number| format!("lead{number}")).collect();
+    for volume in &volumes {
+        cluster
+            .cli(&[
+                "volume",
+                "create",
+                volume,
+                "--quota",
+                "256MiB",
+                "--replication-factor",
+                "3",
+            ])
+            .expect("create volume");
+    }
+    let endpoints = cluster.endpoints();
+    let mount = cluster
+        .node_mut(1)
+        .mount_via(&volumes[0], &endpoints)
+        .expect("mount");
+    let before = mount.join("before");
+    write_fsync(&before, b"written before the restart\n");
+    eprintln!("leaders at start: {:?}", leader_counts(&cluster, &volumes));
+
+    // Node 3 dies: its groups fail over to nodes 1 and 2. Back, it leads nothing at first.
+    cluster.node_mut(3).kill_node();
+    let during = leader_counts(&cluster, &volumes);
+    eprintln!("leaders with node 3 down: {during:?}");
+    assert!(!during.contains_key(&3));
+    cluster.node_mut(3).restart_node().expect("restart node 3");
+
+    // Quiet groups move to node 3 until no node leads 2 more than another.
+    let mut last = std::collections::BTreeMap::new();
+    let balanced = wait_until(
+        "leaders balanced over 3 nodes",
+        Duration::from_secs(90),
+        || {
+            last = leader_counts(&cluster, &volumes);
+            let counts: Vec<usize> = last.values().copied().collect();
+            counts.len() == 3 && counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1
+        },
+    );
+    if let Err(error) = balanced {
+        let logs: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|node| format!("node {} log tail:\n{}", node.node_id, node.log_tail()))
+            .collect();
+        panic!("{error}; last counts {last:?}\n{}", logs.join("\n"));
+    }
+    eprintln!("leaders after balancing: {last:?}");
+
+    // Everything still works: the old file reads back and a new write is accepted.
+    assert_eq!(
+        read_uncached(&before).unwrap(),
+        b"written before the restart\n"
+    );
+    let after = mount.join("after");
+    write_fsync(&after, b"written after balancing\n");
+    assert_eq!(read_uncached(&after).unwrap(), b"written after balancing\n");
 }

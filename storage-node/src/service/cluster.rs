@@ -154,6 +154,34 @@ impl RaftTransport for RaftTransportService {
             std::time::Instant::now(),
         );
         quiescence::apply_changes(&self.node, changes).await;
+        let draining = crate::metadata::get_node(self.node.storage(), self.node.node_id())
+            .ok()
+            .flatten()
+            .is_none_or(|record| record.draining);
+        if let Some(container_id) = self.node.quiescence().choose_takeover(
+            request.from_node_id,
+            request.leader_count,
+            draining,
+            std::time::Instant::now(),
+        ) {
+            let node = Arc::clone(&self.node);
+            let (own, theirs) = (node.quiescence().leader_count(), request.leader_count);
+            tokio::spawn(async move {
+                let Some(raft) = node.raft(container_id).await else {
+                    return;
+                };
+                tracing::info!(
+                    container = container_id,
+                    from_node = request.from_node_id,
+                    leaders_here = own,
+                    leaders_there = theirs,
+                    "taking over leadership of a quiet group to balance leaders"
+                );
+                if let Err(error) = raft.trigger().elect().await {
+                    tracing::debug!(container = container_id, %error, "election trigger");
+                }
+            });
+        }
         Ok(Response::new(proto::NodeHeartbeatResponse {
             acknowledged_container_ids: acknowledged,
         }))
