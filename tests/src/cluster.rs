@@ -238,6 +238,34 @@ impl TestCluster {
         &mut self.nodes[node_id as usize - 1]
     }
 
+    /// Creates a volume with `quota` and replication factor `replication_factor`.
+    pub fn create_replicated_volume(
+        &self,
+        volume: &str,
+        quota: &str,
+        replication_factor: u32,
+    ) -> Result<()> {
+        self.cli(&[
+            "volume",
+            "create",
+            volume,
+            "--quota",
+            quota,
+            "--replication-factor",
+            &replication_factor.to_string(),
+        ])
+        .map(|_| ())
+    }
+
+    /// The log tail of every node, for a failure message.
+    pub fn log_tails(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|node| format!("node {} log tail:\n{}", node.node_id, node.log_tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// The container rows of one node's `ballast status`.
     pub fn progress(&self, node_id: u64) -> Result<Vec<ContainerProgress>> {
         let node = &self.nodes[node_id as usize - 1];

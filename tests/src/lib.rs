@@ -489,6 +489,16 @@ impl Drop for LocalNode {
     }
 }
 
+/// Creates (or truncates) `path`, writes `data` and fsyncs it; panics with the path on failure.
+pub fn write_fsync(path: &Path, data: &[u8]) {
+    use std::io::Write;
+    let mut file = File::create(path).unwrap_or_else(|error| panic!("create {path:?}: {error}"));
+    file.write_all(data)
+        .unwrap_or_else(|error| panic!("write {path:?}: {error}"));
+    file.sync_all()
+        .unwrap_or_else(|error| panic!("fsync {path:?}: {error}"));
+}
+
 /// Reads a whole file after dropping its cached pages, so the bytes come from the storage
 /// (through the FUSE driver), not from this machine's page cache.
 pub fn read_uncached(path: &Path) -> std::io::Result<Vec<u8>> {

@@ -8,26 +8,18 @@
 //! failure can be replayed.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ballast_tests::cluster::TestCluster;
-use ballast_tests::{end_to_end_available, read_uncached, seed, wait_until, Generator};
+use ballast_tests::{
+    end_to_end_available, read_uncached, seed, wait_until, write_fsync, Generator,
+};
 
 const DEVICE_SIZE_BYTES: u64 = 2 << 30;
 /// A short grace period, so a lost node is replaced within the test's time.
 const DOWN_GRACE_MS: &str = "3000";
 const VOLUMES: [&str; 3] = ["alpha", "beta", "gamma"];
-
-fn write_fsync(path: &Path, data: &[u8]) {
-    let mut file = File::create(path).unwrap_or_else(|error| panic!("create {path:?}: {error}"));
-    file.write_all(data)
-        .unwrap_or_else(|error| panic!("write {path:?}: {error}"));
-    file.sync_all()
-        .unwrap_or_else(|error| panic!("fsync {path:?}: {error}"));
-}
 
 /// Files written so far: path → bytes.
 #[derive(Default)]
@@ -74,15 +66,7 @@ fn create_and_mount(cluster: &mut TestCluster, mount_node: u64) -> Vec<PathBuf> 
         .iter()
         .map(|volume| {
             cluster
-                .cli(&[
-                    "volume",
-                    "create",
-                    volume,
-                    "--quota",
-                    "1GiB",
-                    "--replication-factor",
-                    "3",
-                ])
+                .create_replicated_volume(volume, "1GiB", 3)
                 .expect("create volume");
             cluster
                 .node_mut(mount_node)

@@ -6,23 +6,23 @@
 //! Leader balancing rides on the node heartbeat: after a node restart, quiet groups move their
 //! leadership to it until no node leads two more than another.
 
-use std::fs::File;
-use std::io::Write;
-use std::path::Path;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ballast_tests::cluster::TestCluster;
-use ballast_tests::{end_to_end_available, read_uncached, wait_until};
+use ballast_tests::{end_to_end_available, read_uncached, wait_until, write_fsync};
 
 const DEVICE_SIZE_BYTES: u64 = 2 << 30;
 const VOLUMES: [&str; 2] = ["quiet", "still"];
 
-fn write_fsync(path: &Path, data: &[u8]) {
-    let mut file = File::create(path).unwrap_or_else(|error| panic!("create {path:?}: {error}"));
-    file.write_all(data)
-        .unwrap_or_else(|error| panic!("write {path:?}: {error}"));
-    file.sync_all()
-        .unwrap_or_else(|error| panic!("fsync {path:?}: {error}"));
+/// Three nodes that quiesce after 1 s idle and never move replicas during a test.
+fn start_cluster() -> TestCluster {
+    TestCluster::start(
+        3,
+        DEVICE_SIZE_BYTES,
+        &["--quiesce-idle-ms", "1000", "--down-grace-ms", "600000"],
+    )
+    .expect("cluster")
 }
 
 /// Every running node's replica of `volume` is quiesced.
@@ -61,26 +61,12 @@ fn idle_groups_quiesce_accept_writes_and_fail_over() {
     if !end_to_end_available() {
         return;
     }
-    let mut cluster = TestCluster::start(
-        3,
-        DEVICE_SIZE_BYTES,
-        // Quiesce quickly; never move replicas during the test.
-        &["--quiesce-idle-ms", "1000", "--down-grace-ms", "600000"],
-    )
-    .expect("cluster");
+    let mut cluster = start_cluster();
     let endpoints = cluster.endpoints();
     let mut mounts = Vec::new();
     for volume in VOLUMES {
         cluster
-            .cli(&[
-                "volume",
-                "create",
-                volume,
-                "--quota",
-                "1GiB",
-                "--replication-factor",
-                "3",
-            ])
+            .create_replicated_volume(volume, "1GiB", 3)
             .expect("create volume");
         mounts.push(
             cluster
@@ -135,11 +121,8 @@ fn idle_groups_quiesce_accept_writes_and_fail_over() {
 }
 
 /// How many of `volumes` each running node leads, once the running nodes agree on every leader.
-fn leader_counts(
-    cluster: &TestCluster,
-    volumes: &[String],
-) -> std::collections::BTreeMap<u64, usize> {
-    let mut counts: std::collections::BTreeMap<u64, usize> = cluster
+fn leader_counts(cluster: &TestCluster, volumes: &[String]) -> BTreeMap<u64, usize> {
+    let mut counts: BTreeMap<u64, usize> = cluster
         .nodes
         .iter()
         .filter(|node| node.is_running())
@@ -157,24 +140,11 @@ fn leaders_spread_back_onto_a_restarted_node() {
     if !end_to_end_available() {
         return;
     }
-    let mut cluster = TestCluster::start(
-        3,
-        DEVICE_SIZE_BYTES,
-        &["--quiesce-idle-ms", "1000", "--down-grace-ms", "600000"],
-    )
-    .expect("cluster");
+    let mut cluster = start_cluster();
     let volumes: Vec<String> = (0..6).map(|number| format!("lead{number}")).collect();
     for volume in &volumes {
         cluster
-            .cli(&[
-                "volume",
-                "create",
-                volume,
-                "--quota",
-                "256MiB",
-                "--replication-factor",
-                "3",
-            ])
+            .create_replicated_volume(volume, "256MiB", 3)
             .expect("create volume");
     }
     let endpoints = cluster.endpoints();
@@ -194,7 +164,7 @@ fn leaders_spread_back_onto_a_restarted_node() {
     cluster.node_mut(3).restart_node().expect("restart node 3");
 
     // Quiet groups move to node 3 until no node leads 2 more than another.
-    let mut last = std::collections::BTreeMap::new();
+    let mut last = BTreeMap::new();
     let balanced = wait_until(
         "leaders balanced over 3 nodes",
         Duration::from_secs(90),
@@ -205,12 +175,7 @@ fn leaders_spread_back_onto_a_restarted_node() {
         },
     );
     if let Err(error) = balanced {
-        let logs: Vec<String> = cluster
-            .nodes
-            .iter()
-            .map(|node| format!("node {} log tail:\n{}", node.node_id, node.log_tail()))
-            .collect();
-        panic!("{error}; last counts {last:?}\n{}", logs.join("\n"));
+        panic!("{error}; last counts {last:?}\n{}", cluster.log_tails());
     }
     eprintln!("leaders after balancing: {last:?}");
 

@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use ballast_tests::cluster::TestCluster;
 use ballast_tests::{
-    binary, end_to_end_available, read_uncached, seed, wait_until, Generator, LocalNode,
+    binary, end_to_end_available, read_uncached, seed, wait_until, write_fsync, Generator,
+    LocalNode,
 };
 
 const BLOCK_SIZE_BYTES: usize = 4096;
@@ -123,12 +124,6 @@ fn pattern(generator: &mut Generator, label: &str) -> Vec<u8> {
     block
 }
 
-fn write_fsync(path: &Path, data: &[u8]) {
-    let mut file = File::create(path).unwrap();
-    file.write_all(data).unwrap();
-    file.sync_all().unwrap();
-}
-
 /// Where `block` lies in `node_id`'s device (exactly one copy in its data region).
 fn locate(cluster: &TestCluster, node_id: u64, block: &[u8]) -> u64 {
     let device = &cluster.nodes[node_id as usize - 1].device_path;
@@ -151,15 +146,7 @@ fn a_corrupt_replica_is_repaired_from_a_healthy_one() {
     let mut cluster =
         TestCluster::start(3, 512 << 20, &["--scrub-interval-ms", "0"]).expect("cluster");
     cluster
-        .cli(&[
-            "volume",
-            "create",
-            "scrubbed",
-            "--quota",
-            "256MiB",
-            "--replication-factor",
-            "3",
-        ])
+        .create_replicated_volume("scrubbed", "256MiB", 3)
         .expect("create volume");
     let endpoints = cluster.endpoints();
     let mountpoint = cluster
