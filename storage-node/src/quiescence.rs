@@ -104,7 +104,9 @@ pub struct GroupView {
 
 impl GroupView {
     pub fn of(container_id: u64, raft: &Raft) -> GroupView {
-        let metrics = raft.metrics().borrow().clone();
+        // Borrowed, not cloned: this runs for every group every 250 ms.
+        let receiver = raft.metrics();
+        let metrics = receiver.borrow();
         let membership = metrics.membership_config.membership();
         let voters: Vec<NodeId> = membership.voter_ids().collect();
         let changing_membership =
@@ -558,7 +560,8 @@ async fn peer_addresses(node: &StorageNode) -> HashMap<NodeId, String> {
     let containers = node.containers.read().await;
     let mut addresses = HashMap::new();
     for container in containers.values() {
-        let metrics = container.raft.metrics().borrow().clone();
+        let receiver = container.raft.metrics();
+        let metrics = receiver.borrow();
         for (peer, peer_node) in metrics.membership_config.membership().nodes() {
             addresses
                 .entry(*peer)
