@@ -608,13 +608,29 @@ section_moves() {
     replicas=$(awk '$1 == "moved" { print $7 }' <<<"$listing")
     used=$(awk '$1 == "moved" { print $4 }' <<<"$listing")
     holder=${replicas%%,*}
+    # Peak memory during the move: reset every node's high-water mark (clear_refs 5), read it after.
+    local node_id rss_before=() rss_peak=() rss_line="" rss_peak_max=0
+    for node_id in 1 2 3 4; do
+        local pid
+        pid=$(cat "$directory/node$node_id/node.pid")
+        rss_before[node_id]=$(awk '/^VmRSS:/ { print int($2 / 1024) }' "/proc/$pid/status")
+        echo 5 >"/proc/$pid/clear_refs"
+    done
     started=$(now_seconds)
     log_command "$binary_directory/ballast" --node "$endpoints" node drain "$holder" \
         --timeout-seconds 3600 >/dev/null
     seconds=$(elapsed_since "$started")
+    for node_id in 1 2 3 4; do
+        local pid
+        pid=$(cat "$directory/node$node_id/node.pid")
+        rss_peak[node_id]=$(awk '/^VmHWM:/ { print int($2 / 1024) }' "/proc/$pid/status")
+        rss_line+="node $node_id ${rss_before[node_id]} -> ${rss_peak[node_id]} MiB; "
+        ((rss_peak[node_id] > rss_peak_max)) && rss_peak_max=${rss_peak[node_id]}
+    done
     rate=$(awk -v b="$used" -v s="$seconds" 'BEGIN { printf "%.1f", b / s / 1e6 }')
     listing=$("$binary_directory/ballast" --node "$endpoints" volume list --bytes)
     note "moves: drained node $holder (replicas were $replicas, now $(awk '$1 == "moved" { print $7 }' <<<"$listing")): $used bytes in $(round "$seconds" 2) s"
+    note "moves: resident memory before the drain -> peak during it: $rss_line"
     "$binary_directory/ballast" local down --dir "$directory" >/dev/null
     fio_json --name=yardstick --directory="$work_directory" --filename=moves-yardstick.bin --rw=write \
         --bs=1M --size="$move_size" --ioengine=psync --end_fsync=1
@@ -625,6 +641,8 @@ section_moves() {
     table_begin
     table_row "replica move copy rate, $move_size volume (MB/s, drain wall time)" "$rate" \
         "$(round "$yardstick")" "—"
+    table_row "peak node resident memory during the move (MiB; vs the data moved)" "$rss_peak_max" \
+        "$(awk -v b="$used" 'BEGIN { printf "%d", b / 1048576 }')" "≪ 1×"
     table_end "moving a replica (drain; re-replication uses the same copy) vs fio 1 MiB sequential write + fsync"
 }
 

@@ -31,6 +31,7 @@ pub mod records;
 pub mod scrub;
 pub mod service;
 pub mod snapshot;
+pub mod snapshot_spool;
 pub mod state_machine;
 pub mod state_store;
 pub mod storage;

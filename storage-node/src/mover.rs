@@ -2,8 +2,9 @@
 //! spreads replicas onto new nodes. It runs on every node and acts only on the metadata leader.
 //!
 //! Owns: deciding when a node is down (no answer to the metadata group's heartbeats for the grace
-//! period), running one replica move at a time to completion, resuming moves a crash or a lost
-//! leadership interrupted, and keeping the metadata group at its voter count.
+//! period), running replica moves to completion (up to `MOVES_IN_FLIGHT_MAX` at once, of distinct
+//! containers), resuming moves a crash or a lost leadership interrupted, and keeping the metadata
+//! group at its voter count.
 //! Must not depend on: the gRPC services. What to move is `placement::plan_move`'s decision;
 //! this module only carries it out.
 //!
@@ -26,6 +27,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use openraft::{BasicNode, ChangeMembers, RaftMetrics, ServerState};
 
 use crate::cluster::METADATA_VOTER_COUNT_MAX;
@@ -38,8 +40,11 @@ use crate::{metadata, placement};
 
 /// How often the mover looks at the cluster map.
 const MOVER_INTERVAL_MS: u64 = 1_000;
-/// Moves planned per pass, one after another (a pass ends early when leadership is lost).
+/// Moves planned per pass (a pass ends early when leadership is lost).
 const MOVE_COUNT_PER_PASS_MAX: usize = 64;
+/// Moves of distinct containers copied at the same time. Each copy is a learner catch-up, by log
+/// or by snapshot; a node runs at most `storage::EXPORTS_IN_FLIGHT_MAX` snapshot exports at once.
+pub const MOVES_IN_FLIGHT_MAX: usize = 4;
 /// Limit on a new replica catching up, and on the membership change after it. A container
 /// larger than this allows at the copy rate stays in flight and is resumed on the next pass.
 pub const CATCH_UP_TIMEOUT_MS: u64 = 300_000;
@@ -94,64 +99,87 @@ async fn mover_pass(node: &Arc<StorageNode>) -> NodeResult<()> {
     if let Err(error) = maintain_metadata_voters(node, &nodes, &down).await {
         tracing::warn!(%error, "metadata voters not changed");
     }
-    // Finish the moves a previous pass (or leader) started.
-    for record in metadata::list_containers(&node.storage)? {
-        if record.retiring.is_empty() {
-            continue;
-        }
-        if let Err(error) = complete_move(node, &record).await {
-            tracing::warn!(container = record.container_id, %error, "move not finished yet");
-        }
-    }
-    for _ in 0..MOVE_COUNT_PER_PASS_MAX {
+    // Finish the moves a previous pass (or leader) started, several at once.
+    let unfinished: Vec<ContainerRecord> = metadata::list_containers(&node.storage)?
+        .into_iter()
+        .filter(|record| !record.retiring.is_empty())
+        .collect();
+    futures::stream::iter(unfinished)
+        .for_each_concurrent(MOVES_IN_FLIGHT_MAX, |record| async move {
+            if let Err(error) = complete_move(node, &record).await {
+                tracing::warn!(container = record.container_id, %error, "move not finished yet");
+            }
+        })
+        .await;
+    for _ in 0..MOVE_COUNT_PER_PASS_MAX.div_ceil(MOVES_IN_FLIGHT_MAX) {
         if node.metadata_leading_for().is_none() {
             break;
         }
-        let nodes = metadata::list_nodes(&node.storage)?;
-        let containers = metadata::list_containers(&node.storage)?;
-        let down = down_nodes(node, &nodes);
-        let Some(planned) = placement::plan_move(&nodes, &containers, &down) else {
-            break;
-        };
-        if containers.iter().any(|record| {
-            record.container_id == planned.container_id && !record.retiring.is_empty()
-        }) {
-            // Repairing a container whose earlier move is unfinished: record it, then let the
-            // next pass finish both together.
+        // Plan and record up to `MOVES_IN_FLIGHT_MAX` moves of distinct containers. Each plan
+        // sees the map with the moves recorded before it, so no replica is planned twice.
+        let mut started = Vec::new();
+        while started.len() < MOVES_IN_FLIGHT_MAX {
+            let nodes = metadata::list_nodes(&node.storage)?;
+            let containers = metadata::list_containers(&node.storage)?;
+            let down = down_nodes(node, &nodes);
+            let Some(planned) = placement::plan_move(&nodes, &containers, &down) else {
+                break;
+            };
+            if started
+                .iter()
+                .any(|(container_id, _)| *container_id == planned.container_id)
+            {
+                // A second replica of a container moving now: the next round takes it.
+                break;
+            }
+            if containers.iter().any(|record| {
+                record.container_id == planned.container_id && !record.retiring.is_empty()
+            }) {
+                // Repairing a container whose earlier move is unfinished: record it, then
+                // finish both together.
+                tracing::info!(
+                    ?planned,
+                    "moving a replica of a container with a move in flight"
+                );
+            }
             tracing::info!(
-                ?planned,
-                "moving a replica of a container with a move in flight"
+                container = planned.container_id,
+                from = planned.from_node_id,
+                to = planned.to_node_id,
+                reason = ?planned.reason,
+                "moving a replica"
             );
+            node.propose(
+                METADATA_CONTAINER_ID,
+                Command::Metadata(MetadataCommand::MoveReplica {
+                    container_id: planned.container_id,
+                    from_node_id: planned.from_node_id,
+                    to_node_id: planned.to_node_id,
+                }),
+            )
+            .await?;
+            started.push((planned.container_id, Instant::now()));
         }
-        tracing::info!(
-            container = planned.container_id,
-            from = planned.from_node_id,
-            to = planned.to_node_id,
-            reason = ?planned.reason,
-            "moving a replica"
-        );
-        let started = Instant::now();
-        node.propose(
-            METADATA_CONTAINER_ID,
-            Command::Metadata(MetadataCommand::MoveReplica {
-                container_id: planned.container_id,
-                from_node_id: planned.from_node_id,
-                to_node_id: planned.to_node_id,
-            }),
-        )
-        .await?;
-        let record = metadata::get_container(&node.storage, planned.container_id)?.ok_or(
-            NodeError::UnknownContainer {
-                container_id: planned.container_id,
+        if started.is_empty() {
+            break;
+        }
+        let results = futures::future::join_all(started.iter().map(
+            |&(container_id, started_at)| async move {
+                let record = metadata::get_container(&node.storage, container_id)?
+                    .ok_or(NodeError::UnknownContainer { container_id })?;
+                complete_move(node, &record).await?;
+                tracing::info!(
+                    container = container_id,
+                    move_ms = started_at.elapsed().as_millis() as u64,
+                    "replica moved"
+                );
+                NodeResult::Ok(())
             },
-        )?;
-        complete_move(node, &record).await?;
-        tracing::info!(
-            container = planned.container_id,
-            to = planned.to_node_id,
-            move_ms = started.elapsed().as_millis() as u64,
-            "replica moved"
-        );
+        ))
+        .await;
+        // Every move ran to its end (finished or failed); the first failure ends the pass and
+        // the next pass resumes what is unfinished.
+        results.into_iter().collect::<NodeResult<Vec<()>>>()?;
     }
     Ok(())
 }

@@ -125,11 +125,11 @@ fn raft_config(container_id: u64) -> NodeResult<Arc<Config>> {
         purge_batch_size: 1,
         // 16 entries of at most 1 MiB keep a replication message well under the transport limit.
         max_payload_entries: 16,
-        // The last snapshot chunk's answer waits for the whole import on the receiver (about a
-        // second per GiB); openraft's 200 ms default made every large snapshot time out and
-        // start over. Chunks of 16 MiB (well under the 128 MiB message limit) cut the round
-        // trips of a large copy by five.
-        install_snapshot_timeout: 120_000,
+        // The last snapshot chunk's answer waits for the whole import on the receiver (a few
+        // seconds per GiB); openraft's 200 ms default made every large snapshot time out and
+        // start over. 600 s covers containers of well over 100 GiB. Chunks of 16 MiB (well under
+        // the 128 MiB message limit) cut the round trips of a large copy by five.
+        install_snapshot_timeout: 600_000,
         snapshot_max_chunk_size: 16 << 20,
         ..Default::default()
     };
@@ -175,10 +175,13 @@ impl StorageNode {
         let state = StateStore::open(&config.state_directory.join("rocksdb"))?;
         let config_scrub = config.scrub;
         let config_quiescence = config.quiescence;
+        let spool =
+            crate::snapshot_spool::SpoolDirectory::open(&config.state_directory.join("spool"))?;
         let storage = Arc::new(NodeStorage::open(
             state,
             device.block_store(),
             superblock.data_block_count,
+            spool,
         )?);
         let node = Arc::new(Self {
             node_id: superblock.node_id,

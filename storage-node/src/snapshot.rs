@@ -1,53 +1,86 @@
 //! Container snapshots for transfer between nodes: a logical, checksummed export of one
-//! container's state, and its import on another node.
+//! container's state, streamed through a spool file, and its import on another node.
 //!
-//! Owns: the snapshot stream format (see `docs/on-disk-format.md`, "Snapshot stream") and the
-//! rules of what a container's state is.
+//! Owns: the snapshot stream format (see `docs/on-disk-format.md`, "Snapshot stream"), the rules
+//! of what a container's state is, and the export and import pipelines.
 //! Must not depend on: Raft beyond log ids and membership, the network.
 //!
-//! Format: the magic `BLSNAP01`, then frames of `[length u32 LE][crc32 u32 LE][postcard item]`.
-//! Items are rows (key, value) and file blocks (key, CRC-32, 4 KiB of data), ended by an `End`
-//! item that counts them. Block references are *logical* (inode, file block): device block
-//! numbers are private to a node, so the importer allocates its own blocks and writes new
-//! references.
+//! Format: the magic `BLSNAP02`, then frames of `[length u32 LE][crc32 u32 LE][item]`. An item is
+//! a kind byte and its fields, little-endian:
+//! - `1` row: `[key length u32][key][value]` (the value runs to the end of the frame);
+//! - `2` block: `[key length u32][key][block CRC-32 u32][4096 bytes of data]`;
+//! - `3` end: `[row count u64][block count u64]`, the last frame.
+//!
+//! Block references are *logical* (inode, file block): device block numbers are private to a
+//! node, so the importer allocates its own blocks and writes new references. The items are
+//! coded by hand rather than with postcard, which codes a byte vector one byte at a time.
+//!
+//! Memory stays bounded on both sides, whatever the container's size: the export reads rows and
+//! blocks page by page (`EXPORT_PAGE_ROWS_MAX`, `EXPORT_PAGE_BLOCKS_MAX`) into a buffer of at
+//! most `OUTPUT_BUFFER_BYTES` before it goes to the spool file, and the import reads frames in
+//! groups of at most `EXPORT_PAGE_BLOCKS_MAX` blocks. The one thing that grows with the
+//! container is the import's RocksDB batch: the container's rows and block references (about
+//! 45 bytes per 4 KiB block, 1.1 % of the data), which must land in one atomic write.
 //!
 //! Invariants:
-//! - Export runs under the apply lock, so rows and blocks are one consistent state; copy-on-write
-//!   keeps every referenced block intact while it runs (frees wait for a checkpoint, which
-//!   needs the same lock).
-//! - Import checks everything before it changes anything: magic, every frame's CRC, every key
-//!   lies inside this container's ranges, every block's data matches its CRC, and the counts.
-//!   A damaged or foreign snapshot is refused and the old state stays.
+//! - Export reads an [`ExportView`]: a RocksDB snapshot taken between two applies, whose blocks
+//!   keep their bytes until the view is dropped (rule 4 of `storage.rs`). So rows and blocks are
+//!   one consistent state while applies go on.
+//! - Every block is verified against its CRC when the export reads it: a corrupt local block is
+//!   never shipped to another replica.
+//! - Import checks everything before the state changes: magic, every frame's CRC, every key lies
+//!   inside this container's ranges, every block's data matches its CRC, the counts, and nothing
+//!   after the end. New blocks are written as frames arrive but stay unreferenced until the one
+//!   batch that replaces the state; any failure gives them back and leaves the old state.
+
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use ballast_device::{AlignedBuffer, BLOCK_SIZE_BYTES};
 use rocksdb::WriteBatch;
-use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 
 use crate::error::{NodeError, NodeResult};
 use crate::keys;
 use crate::records::{decode, encode, BlockRef, ContainerState};
+use crate::snapshot_spool::SpooledSnapshot;
+use crate::state_store::StateView;
 use crate::storage::{NodeStorage, BLOCKS_PER_REQUEST_MAX};
 use crate::types::METADATA_CONTAINER_ID;
 
-pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BLSNAP01";
-/// Largest snapshot held in memory. Streaming snapshots that lift this limit are future work.
-pub const SNAPSHOT_BYTES_MAX: usize = 4 << 30;
-/// Largest frame (a block item plus its key).
+pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BLSNAP02";
+/// Largest frame payload: a block item with a generous key, or a row. Rows of this store are far
+/// smaller; the limit keeps a damaged length from asking for gigabytes.
 const FRAME_BYTES_MAX: usize = 1 << 20;
+const FRAME_HEADER_BYTES: usize = 8;
+const KIND_ROW: u8 = 1;
+const KIND_BLOCK: u8 = 2;
+const KIND_END: u8 = 3;
 /// Device requests (of up to `BLOCKS_PER_REQUEST_MAX` blocks each) an export or import keeps in
 /// flight; well under the engine's 128, so other containers' I/O still gets through.
 const DEVICE_REQUESTS_IN_FLIGHT_MAX: usize = 8;
+/// Blocks read (export) or written (import) per page: 8 MiB of data.
+const EXPORT_PAGE_BLOCKS_MAX: usize =
+    BLOCKS_PER_REQUEST_MAX as usize * DEVICE_REQUESTS_IN_FLIGHT_MAX;
+/// Rows read per page of the export.
+const EXPORT_PAGE_ROWS_MAX: usize = 4096;
+/// The export's output buffer is written out once it holds this much.
+const OUTPUT_BUFFER_BYTES: usize = 8 << 20;
+/// The import's read buffer on the spool file.
+const INPUT_BUFFER_BYTES: usize = 4 << 20;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SnapshotItem {
+/// One decoded item, borrowing the frame it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotItem<'frame> {
     Row {
-        key: Vec<u8>,
-        value: Vec<u8>,
+        key: &'frame [u8],
+        value: &'frame [u8],
     },
     Block {
-        key: Vec<u8>,
+        key: &'frame [u8],
         checksum: u32,
-        data: Vec<u8>,
+        data: &'frame [u8],
     },
     End {
         row_count: u64,
@@ -82,234 +115,719 @@ fn in_ranges(key: &[u8], ranges: &[(Vec<u8>, Vec<u8>)]) -> bool {
         .any(|(start, end)| key >= start.as_slice() && key < end.as_slice())
 }
 
-fn push_frame(output: &mut Vec<u8>, item: &SnapshotItem) -> NodeResult<()> {
-    let payload = encode(item);
-    output.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    output.extend_from_slice(&ballast_common::checksum(&payload).to_le_bytes());
-    output.extend_from_slice(&payload);
-    if output.len() > SNAPSHOT_BYTES_MAX {
+/// Appends one frame holding `item` to `output`. The payload is written in place and checksummed
+/// there: no intermediate copy. An item over `FRAME_BYTES_MAX` is refused (and not appended):
+/// no importer would accept it.
+pub fn push_frame(output: &mut Vec<u8>, item: &SnapshotItem<'_>) -> NodeResult<()> {
+    let header_at = output.len();
+    output.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
+    match *item {
+        SnapshotItem::Row { key, value } => {
+            output.push(KIND_ROW);
+            output.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            output.extend_from_slice(key);
+            output.extend_from_slice(value);
+        }
+        SnapshotItem::Block {
+            key,
+            checksum,
+            data,
+        } => {
+            output.push(KIND_BLOCK);
+            output.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            output.extend_from_slice(key);
+            output.extend_from_slice(&checksum.to_le_bytes());
+            output.extend_from_slice(data);
+        }
+        SnapshotItem::End {
+            row_count,
+            block_count,
+        } => {
+            output.push(KIND_END);
+            output.extend_from_slice(&row_count.to_le_bytes());
+            output.extend_from_slice(&block_count.to_le_bytes());
+        }
+    }
+    let payload = &output[header_at + FRAME_HEADER_BYTES..];
+    if payload.len() > FRAME_BYTES_MAX {
+        let length = payload.len();
+        output.truncate(header_at);
         return Err(NodeError::InvalidState(format!(
-            "snapshot exceeds {SNAPSHOT_BYTES_MAX} bytes; streaming snapshots are not built yet"
+            "a snapshot item of {length} bytes exceeds the frame limit of {FRAME_BYTES_MAX}"
         )));
     }
+    let length = payload.len() as u32;
+    let checksum = ballast_common::checksum(payload);
+    output[header_at..header_at + 4].copy_from_slice(&length.to_le_bytes());
+    output[header_at + 4..header_at + 8].copy_from_slice(&checksum.to_le_bytes());
     Ok(())
 }
 
-/// Exports a container's whole state. Returns the stream and the state row it contains.
-pub async fn export(
-    storage: &NodeStorage,
-    container_id: u64,
-) -> NodeResult<(Vec<u8>, ContainerState)> {
-    let _applies_paused = storage.pause_applies().await;
-    let mut output = SNAPSHOT_MAGIC.to_vec();
+/// Decodes one item's payload; any shape error is `None`.
+fn decode_item(payload: &[u8]) -> Option<SnapshotItem<'_>> {
+    let (&kind, rest) = payload.split_first()?;
+    fn split_key(rest: &[u8]) -> Option<(&[u8], &[u8])> {
+        let length = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let rest = &rest[4..];
+        (length <= rest.len()).then(|| rest.split_at(length))
+    }
+    match kind {
+        KIND_ROW => {
+            let (key, value) = split_key(rest)?;
+            Some(SnapshotItem::Row { key, value })
+        }
+        KIND_BLOCK => {
+            let (key, rest) = split_key(rest)?;
+            let checksum = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
+            Some(SnapshotItem::Block {
+                key,
+                checksum,
+                data: &rest[4..],
+            })
+        }
+        KIND_END if rest.len() == 16 => Some(SnapshotItem::End {
+            row_count: u64::from_le_bytes(rest[..8].try_into().ok()?),
+            block_count: u64::from_le_bytes(rest[8..].try_into().ok()?),
+        }),
+        _ => None,
+    }
+}
+
+/// Where an export's frames go.
+enum OutputTarget {
+    /// Positional writes into a spool file.
+    Spool(Arc<std::fs::File>),
+    /// Only a CRC-32 of the stream, for comparing replicas.
+    Digest(crc32fast::Hasher),
+}
+
+/// The export's output: frames gather in a bounded buffer, written out when it fills.
+struct FrameOutput {
+    buffer: Vec<u8>,
+    target: OutputTarget,
+    written_bytes: u64,
+}
+
+impl FrameOutput {
+    fn new(target: OutputTarget) -> Self {
+        let mut buffer = Vec::with_capacity(OUTPUT_BUFFER_BYTES + FRAME_BYTES_MAX);
+        buffer.extend_from_slice(SNAPSHOT_MAGIC);
+        Self {
+            buffer,
+            target,
+            written_bytes: 0,
+        }
+    }
+
+    async fn push(&mut self, item: &SnapshotItem<'_>) -> NodeResult<()> {
+        push_frame(&mut self.buffer, item)?;
+        if self.buffer.len() >= OUTPUT_BUFFER_BYTES {
+            self.write_out().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_out(&mut self) -> NodeResult<()> {
+        match &mut self.target {
+            OutputTarget::Digest(hasher) => hasher.update(&self.buffer),
+            OutputTarget::Spool(file) => {
+                let file = Arc::clone(file);
+                let buffer = std::mem::take(&mut self.buffer);
+                let offset = self.written_bytes;
+                let (buffer, result) = tokio::task::spawn_blocking(move || {
+                    let result = file.write_all_at(&buffer, offset);
+                    (buffer, result)
+                })
+                .await
+                .map_err(|error| NodeError::InvalidState(format!("spool write task: {error}")))?;
+                result.map_err(|source| NodeError::Io {
+                    context: format!("write snapshot spool at byte {offset}"),
+                    source,
+                })?;
+                self.buffer = buffer;
+            }
+        }
+        self.written_bytes += self.buffer.len() as u64;
+        self.buffer.clear();
+        Ok(())
+    }
+
+    /// Writes what is left; returns the stream's size and, for a digest, its CRC.
+    async fn finish(mut self) -> NodeResult<(u64, u32)> {
+        self.write_out().await?;
+        let digest = match self.target {
+            OutputTarget::Digest(hasher) => hasher.finalize(),
+            OutputTarget::Spool(_) => 0,
+        };
+        Ok((self.written_bytes, digest))
+    }
+}
+
+/// The container's state row as the view holds it.
+fn read_state(view: &StateView<'_>, container_id: u64) -> NodeResult<(Vec<u8>, ContainerState)> {
     let state_key = keys::container_singleton(keys::TAG_CONTAINER_STATE, container_id);
-    let state_bytes = storage
-        .state
+    let state_bytes = view
         .get_raw(&state_key)?
         .unwrap_or_else(|| encode(&ContainerState::default()));
-    let state: ContainerState = decode(&state_bytes, "container state")?;
-    let mut row_count = 0u64;
-    push_frame(
-        &mut output,
-        &SnapshotItem::Row {
-            key: state_key,
+    let state = decode(&state_bytes, "container state")?;
+    Ok((state_bytes, state))
+}
+
+/// Collects up to `limit` rows of `[start, end)` from the view.
+fn scan_page(
+    view: &StateView<'_>,
+    start: &[u8],
+    end: &[u8],
+    limit: usize,
+) -> NodeResult<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut rows = Vec::new();
+    view.scan(start, end, limit, |key, value| {
+        rows.push((key.to_vec(), value.to_vec()));
+        Ok(true)
+    })?;
+    Ok(rows)
+}
+
+/// The smallest key after `key`.
+fn key_after(key: &[u8]) -> Vec<u8> {
+    let mut next = key.to_vec();
+    next.push(0);
+    next
+}
+
+/// Writes the whole stream of `container_id` as `view` sees it. `keep_going` is asked between
+/// pages; when it says no, the export stops with an error.
+async fn write_stream(
+    storage: &NodeStorage,
+    view: &StateView<'_>,
+    container_id: u64,
+    state_bytes: &[u8],
+    output: &mut FrameOutput,
+    keep_going: impl Fn() -> bool,
+) -> NodeResult<()> {
+    let stopped = || NodeError::InvalidState("snapshot export abandoned by its reader".into());
+    let state_key = keys::container_singleton(keys::TAG_CONTAINER_STATE, container_id);
+    output
+        .push(&SnapshotItem::Row {
+            key: &state_key,
             value: state_bytes,
-        },
-    )?;
-    row_count += 1;
+        })
+        .await?;
+    let mut row_count = 1u64;
     for (start, end) in row_ranges(container_id) {
-        let mut rows = Vec::new();
-        storage.state.scan(&start, &end, usize::MAX, |key, value| {
-            rows.push((key.to_vec(), value.to_vec()));
-            Ok(true)
-        })?;
-        for (key, value) in rows {
-            push_frame(&mut output, &SnapshotItem::Row { key, value })?;
-            row_count += 1;
+        let mut from = start;
+        loop {
+            let rows = scan_page(view, &from, &end, EXPORT_PAGE_ROWS_MAX)?;
+            for (key, value) in &rows {
+                output.push(&SnapshotItem::Row { key, value }).await?;
+                row_count += 1;
+            }
+            match rows.last() {
+                Some((key, _)) if rows.len() == EXPORT_PAGE_ROWS_MAX => from = key_after(key),
+                _ => break,
+            }
+            if !keep_going() {
+                return Err(stopped());
+            }
         }
     }
     let mut block_count = 0u64;
     if container_id != METADATA_CONTAINER_ID {
-        let (start, end) = keys::container_range(keys::TAG_BLOCK, container_id);
-        let mut references = Vec::new();
-        storage.state.scan(&start, &end, usize::MAX, |key, value| {
-            references.push((key.to_vec(), decode::<BlockRef>(value, "block reference")?));
-            Ok(true)
-        })?;
-        // Several device reads in flight: one at a time left the disk idle between them.
-        for group in
-            references.chunks(BLOCKS_PER_REQUEST_MAX as usize * DEVICE_REQUESTS_IN_FLIGHT_MAX)
-        {
-            let reads = group.chunks(BLOCKS_PER_REQUEST_MAX as usize).map(|chunk| {
-                let refs: Vec<BlockRef> = chunk.iter().map(|(_, reference)| *reference).collect();
-                // Verified: a corrupt local block is never shipped to another replica.
-                async move { storage.read_verified(&refs, "snapshot export").await }
-            });
-            let read = futures::future::try_join_all(reads).await?;
-            for (chunk, data) in group.chunks(BLOCKS_PER_REQUEST_MAX as usize).zip(read) {
-                for (index, (key, reference)) in chunk.iter().enumerate() {
-                    let block = &data[index * BLOCK_SIZE_BYTES..(index + 1) * BLOCK_SIZE_BYTES];
-                    push_frame(
-                        &mut output,
-                        &SnapshotItem::Block {
-                            key: key.clone(),
-                            checksum: reference.checksum,
-                            data: block.to_vec(),
-                        },
-                    )?;
-                    block_count += 1;
-                }
+        let (mut from, end) = keys::container_range(keys::TAG_BLOCK, container_id);
+        loop {
+            let page = scan_page(view, &from, &end, EXPORT_PAGE_BLOCKS_MAX)?;
+            let references = page
+                .iter()
+                .map(|(_, value)| decode::<BlockRef>(value, "block reference"))
+                .collect::<NodeResult<Vec<_>>>()?;
+            // Several device reads in flight: one at a time left the disk idle between them.
+            let reads = references
+                .chunks(BLOCKS_PER_REQUEST_MAX as usize)
+                .map(|chunk| storage.read_verified(chunk, "snapshot export"));
+            let data = futures::future::try_join_all(reads).await?;
+            let blocks = data.iter().flat_map(|piece| piece.chunks(BLOCK_SIZE_BYTES));
+            for (((key, _), reference), block) in page.iter().zip(&references).zip(blocks) {
+                output
+                    .push(&SnapshotItem::Block {
+                        key,
+                        checksum: reference.checksum,
+                        data: block,
+                    })
+                    .await?;
+                block_count += 1;
+            }
+            match page.last() {
+                Some((key, _)) if page.len() == EXPORT_PAGE_BLOCKS_MAX => from = key_after(key),
+                _ => break,
+            }
+            if !keep_going() {
+                return Err(stopped());
             }
         }
     }
-    push_frame(
-        &mut output,
-        &SnapshotItem::End {
+    output
+        .push(&SnapshotItem::End {
             row_count,
             block_count,
-        },
-    )?;
-    Ok((output, state))
+        })
+        .await
 }
 
-/// A parsed and fully checked snapshot.
-#[derive(Debug)]
-pub struct ParsedSnapshot {
-    pub state: ContainerState,
+/// Starts exporting a container's current state into a spool file. Returns as soon as the
+/// consistent view is taken, with the state row it holds (whose applied log id names the
+/// snapshot) and the snapshot data, whose reads wait until the export has finished. The export
+/// stops early if the snapshot data is dropped.
+pub async fn start_export(
+    storage: &Arc<NodeStorage>,
+    container_id: u64,
+) -> NodeResult<(ContainerState, SpooledSnapshot)> {
+    let file = storage.spool.create_file("export")?;
+    let writer = Arc::new(file.try_clone().map_err(|source| NodeError::Io {
+        context: "duplicate a spool file".into(),
+        source,
+    })?);
+    let (state_sender, state_receiver) = oneshot::channel();
+    let (done_sender, done_receiver) = oneshot::channel();
+    let storage = Arc::clone(storage);
+    tokio::spawn(async move {
+        let view = storage.export_view().await;
+        let state_bytes = match read_state(&view.state, container_id) {
+            Ok((state_bytes, state)) => {
+                let _ = state_sender.send(Ok(state));
+                state_bytes
+            }
+            Err(error) => {
+                let _ = state_sender.send(Err(error));
+                return;
+            }
+        };
+        let _slot = storage.export_slot().await;
+        let started = std::time::Instant::now();
+        let mut output = FrameOutput::new(OutputTarget::Spool(writer));
+        let written = write_stream(
+            &storage,
+            &view.state,
+            container_id,
+            &state_bytes,
+            &mut output,
+            || !done_sender.is_closed(),
+        )
+        .await;
+        drop(view);
+        let outcome = match written {
+            Ok(()) => output.finish().await.map(|(size_bytes, _)| size_bytes),
+            Err(error) => Err(error),
+        };
+        match &outcome {
+            Ok(size_bytes) => tracing::info!(
+                container = container_id,
+                size_bytes,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "snapshot exported to the spool"
+            ),
+            Err(error) => {
+                tracing::warn!(container = container_id, %error, "snapshot export failed")
+            }
+        }
+        let _ = done_sender.send(outcome.map_err(|error| error.to_string()));
+    });
+    let state = state_receiver
+        .await
+        .map_err(|_| NodeError::InvalidState("the export task ended early".into()))??;
+    Ok((state, SpooledSnapshot::exporting(file, done_receiver)))
+}
+
+/// A replica's content digest: the CRC-32 of its snapshot stream, its size, and the state it
+/// was taken at. Streams through the same code as an export, without a spool file.
+pub async fn digest(
+    storage: &NodeStorage,
+    container_id: u64,
+) -> NodeResult<(u32, u64, ContainerState)> {
+    let view = storage.export_view().await;
+    let (state_bytes, state) = read_state(&view.state, container_id)?;
+    let mut output = FrameOutput::new(OutputTarget::Digest(crc32fast::Hasher::new()));
+    write_stream(
+        storage,
+        &view.state,
+        container_id,
+        &state_bytes,
+        &mut output,
+        || true,
+    )
+    .await?;
+    drop(view);
+    let (size_bytes, digest) = output.finish().await?;
+    Ok((digest, size_bytes, state))
+}
+
+/// Reads and checks a snapshot stream frame by frame (see the module invariants).
+pub struct SnapshotReader<R> {
+    input: R,
+    container_id: u64,
+    offset: u64,
+    payload: Vec<u8>,
+    state_key: Vec<u8>,
+    ranges: Vec<(Vec<u8>, Vec<u8>)>,
+    block_range: [(Vec<u8>, Vec<u8>); 1],
+    state: Option<ContainerState>,
+    row_count: u64,
+    block_count: u64,
+    ended: bool,
+}
+
+/// One group of checked items, owned, for the import to apply.
+#[derive(Debug, Default)]
+pub struct ItemGroup {
     pub rows: Vec<(Vec<u8>, Vec<u8>)>,
-    pub blocks: Vec<(Vec<u8>, u32, Vec<u8>)>,
+    /// Key and CRC of each block, in order.
+    pub blocks: Vec<(Vec<u8>, u32)>,
+    /// The blocks' data, in device requests of at most `BLOCKS_PER_REQUEST_MAX` blocks.
+    pub data: Vec<AlignedBuffer>,
 }
 
-/// Parses and checks a snapshot of `container_id` (see the module invariants).
-pub fn parse(container_id: u64, bytes: &[u8]) -> NodeResult<ParsedSnapshot> {
-    let corrupt = |message: String| {
-        NodeError::InvalidState(format!("snapshot of container {container_id}: {message}"))
-    };
-    if bytes.len() < SNAPSHOT_MAGIC.len() || &bytes[..SNAPSHOT_MAGIC.len()] != SNAPSHOT_MAGIC {
-        return Err(corrupt("bad magic".into()));
+/// What a fully read stream held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSummary {
+    pub state: ContainerState,
+    pub row_count: u64,
+    pub block_count: u64,
+    pub size_bytes: u64,
+}
+
+impl<R: Read> SnapshotReader<R> {
+    /// Checks the magic and gets ready to read frames.
+    pub fn new(mut input: R, container_id: u64) -> NodeResult<Self> {
+        let mut magic = [0u8; SNAPSHOT_MAGIC.len()];
+        let corrupt = |message: &str| {
+            NodeError::InvalidState(format!("snapshot of container {container_id}: {message}"))
+        };
+        read_fully(&mut input, &mut magic).map_err(|_| corrupt("bad magic"))?;
+        if &magic != SNAPSHOT_MAGIC {
+            return Err(corrupt("bad magic"));
+        }
+        Ok(Self {
+            input,
+            container_id,
+            offset: SNAPSHOT_MAGIC.len() as u64,
+            payload: Vec::new(),
+            state_key: keys::container_singleton(keys::TAG_CONTAINER_STATE, container_id),
+            ranges: row_ranges(container_id),
+            block_range: [keys::container_range(keys::TAG_BLOCK, container_id)],
+            state: None,
+            row_count: 0,
+            block_count: 0,
+            ended: false,
+        })
     }
-    let state_key = keys::container_singleton(keys::TAG_CONTAINER_STATE, container_id);
-    let ranges = row_ranges(container_id);
-    let block_range = [keys::container_range(keys::TAG_BLOCK, container_id)];
-    let mut offset = SNAPSHOT_MAGIC.len();
-    let mut state = None;
-    let mut rows = Vec::new();
-    let mut blocks = Vec::new();
-    loop {
-        if bytes.len() - offset < 8 {
-            return Err(corrupt(format!("truncated at byte {offset}")));
+
+    fn corrupt(&self, message: String) -> NodeError {
+        NodeError::InvalidState(format!(
+            "snapshot of container {}: {message}",
+            self.container_id
+        ))
+    }
+
+    /// Reads checked items into a group until it holds `blocks_max` blocks (or as many rows'
+    /// worth of bytes), or the stream ends. Returns `None` after the end.
+    pub fn read_group(&mut self, blocks_max: usize) -> NodeResult<Option<ItemGroup>> {
+        if self.ended {
+            return Ok(None);
         }
-        let length =
-            u32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes")) as usize;
-        let checksum =
-            u32::from_le_bytes(bytes[offset + 4..offset + 8].try_into().expect("4 bytes"));
-        offset += 8;
-        if length > FRAME_BYTES_MAX || length > bytes.len() - offset {
-            return Err(corrupt(format!(
-                "frame of {length} bytes at byte {offset} does not fit"
-            )));
-        }
-        let payload = &bytes[offset..offset + length];
-        offset += length;
-        if ballast_common::checksum(payload) != checksum {
-            return Err(corrupt(format!(
-                "frame ending at byte {offset} fails its checksum"
-            )));
-        }
-        match decode::<SnapshotItem>(payload, "snapshot item")? {
-            SnapshotItem::Row { key, value } => {
-                if key == state_key {
-                    state = Some(decode::<ContainerState>(&value, "container state")?);
-                } else if in_ranges(&key, &ranges) {
-                    rows.push((key, value));
-                } else {
-                    return Err(corrupt(format!("row key {key:?} is outside the container")));
+        let mut group = ItemGroup::default();
+        let mut group_bytes = 0usize;
+        let mut request: Option<AlignedBuffer> = None;
+        let mut request_blocks = 0usize;
+        let bytes_max = blocks_max * BLOCK_SIZE_BYTES;
+        while group.blocks.len() < blocks_max && group_bytes < bytes_max && !self.ended {
+            let Some(item) = self.next_item()? else {
+                break;
+            };
+            match item {
+                CheckedItem::Row { key, value } => {
+                    group_bytes += key.len() + value.len();
+                    group.rows.push((key, value));
                 }
+                CheckedItem::Block {
+                    key,
+                    checksum,
+                    data,
+                } => {
+                    let buffer = request.get_or_insert_with(|| {
+                        AlignedBuffer::new_zeroed(
+                            BLOCKS_PER_REQUEST_MAX as usize * BLOCK_SIZE_BYTES,
+                        )
+                    });
+                    buffer[request_blocks * BLOCK_SIZE_BYTES
+                        ..(request_blocks + 1) * BLOCK_SIZE_BYTES]
+                        .copy_from_slice(&data);
+                    request_blocks += 1;
+                    if request_blocks == BLOCKS_PER_REQUEST_MAX as usize {
+                        group.data.extend(request.take());
+                        request_blocks = 0;
+                    }
+                    group_bytes += BLOCK_SIZE_BYTES;
+                    group.blocks.push((key, checksum));
+                }
+                CheckedItem::State | CheckedItem::End => {}
+            }
+        }
+        if let Some(buffer) = request {
+            group.data.push(AlignedBuffer::from_slice_padded(
+                &buffer[..request_blocks * BLOCK_SIZE_BYTES],
+            ));
+        }
+        Ok(Some(group))
+    }
+
+    /// Reads the next frame and checks its item; `None` once the end has been read.
+    fn next_item(&mut self) -> NodeResult<Option<CheckedItem>> {
+        if self.ended {
+            return Ok(None);
+        }
+        let mut header = [0u8; FRAME_HEADER_BYTES];
+        read_fully(&mut self.input, &mut header)
+            .map_err(|message| self.corrupt(format!("{message} at byte {}", self.offset)))?;
+        let length = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+        let checksum = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+        if length > FRAME_BYTES_MAX {
+            return Err(self.corrupt(format!(
+                "frame of {length} bytes at byte {} is too large",
+                self.offset
+            )));
+        }
+        self.offset += FRAME_HEADER_BYTES as u64;
+        let mut payload = std::mem::take(&mut self.payload);
+        payload.resize(length, 0);
+        read_fully(&mut self.input, &mut payload).map_err(|message| {
+            self.corrupt(format!("{message} in the frame at byte {}", self.offset))
+        })?;
+        self.offset += length as u64;
+        let checked = self.check(&payload, checksum);
+        self.payload = payload;
+        checked.map(Some)
+    }
+
+    fn check(&mut self, payload: &[u8], checksum: u32) -> NodeResult<CheckedItem> {
+        if ballast_common::checksum(payload) != checksum {
+            return Err(self.corrupt(format!(
+                "frame ending at byte {} fails its checksum",
+                self.offset
+            )));
+        }
+        let Some(item) = decode_item(payload) else {
+            return Err(self.corrupt(format!(
+                "frame ending at byte {} holds no valid item",
+                self.offset
+            )));
+        };
+        match item {
+            SnapshotItem::Row { key, value } => {
+                self.row_count += 1;
+                if key == self.state_key.as_slice() {
+                    if self.state.is_some() {
+                        return Err(self.corrupt("two state rows".into()));
+                    }
+                    self.state = Some(decode::<ContainerState>(value, "container state")?);
+                    // Not a row to copy: the importer stores its own, from the snapshot's meta.
+                    return Ok(CheckedItem::State);
+                }
+                if !in_ranges(key, &self.ranges) {
+                    return Err(self.corrupt(format!("row key {key:?} is outside the container")));
+                }
+                Ok(CheckedItem::Row {
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                })
             }
             SnapshotItem::Block {
                 key,
                 checksum,
                 data,
             } => {
-                if !in_ranges(&key, &block_range) || key.len() != 25 {
-                    return Err(corrupt(format!(
-                        "block key {key:?} is outside the container"
-                    )));
+                if !in_ranges(key, &self.block_range) || key.len() != 25 {
+                    return Err(self.corrupt(format!("block key {key:?} is outside the container")));
                 }
-                if data.len() != BLOCK_SIZE_BYTES || ballast_common::checksum(&data) != checksum {
-                    return Err(corrupt(format!("block {key:?} fails its checksum")));
+                if data.len() != BLOCK_SIZE_BYTES || ballast_common::checksum(data) != checksum {
+                    return Err(self.corrupt(format!("block {key:?} fails its checksum")));
                 }
-                blocks.push((key, checksum, data));
+                self.block_count += 1;
+                Ok(CheckedItem::Block {
+                    key: key.to_vec(),
+                    checksum,
+                    data: data.to_vec(),
+                })
             }
             SnapshotItem::End {
                 row_count,
                 block_count,
             } => {
-                let rows_seen = rows.len() as u64 + u64::from(state.is_some());
-                if row_count != rows_seen || block_count != blocks.len() as u64 {
-                    return Err(corrupt(format!(
-                        "end says {row_count} rows and {block_count} blocks, found {rows_seen} and {}",
-                        blocks.len()
+                if row_count != self.row_count || block_count != self.block_count {
+                    return Err(self.corrupt(format!(
+                        "end says {row_count} rows and {block_count} blocks, found {} and {}",
+                        self.row_count, self.block_count
                     )));
                 }
-                if offset != bytes.len() {
-                    return Err(corrupt("bytes after the end".into()));
+                if self.state.is_none() {
+                    return Err(self.corrupt("no state row".into()));
                 }
-                let state = state.ok_or_else(|| corrupt("no state row".into()))?;
-                return Ok(ParsedSnapshot {
-                    state,
-                    rows,
-                    blocks,
-                });
+                let mut extra = [0u8; 1];
+                loop {
+                    match self.input.read(&mut extra) {
+                        Ok(0) => break,
+                        Ok(_) => return Err(self.corrupt("bytes after the end".into())),
+                        Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(error) => {
+                            return Err(self.corrupt(format!("read after the end: {error}")))
+                        }
+                    }
+                }
+                self.ended = true;
+                Ok(CheckedItem::End)
             }
+        }
+    }
+
+    /// The checked totals, once the whole stream has been read.
+    pub fn summary(&self) -> NodeResult<StreamSummary> {
+        match (&self.state, self.ended) {
+            (Some(state), true) => Ok(StreamSummary {
+                state: state.clone(),
+                row_count: self.row_count,
+                block_count: self.block_count,
+                size_bytes: self.offset,
+            }),
+            _ => Err(self.corrupt("the stream has not been read to its end".into())),
         }
     }
 }
 
-/// Replaces a container's state with a checked snapshot. `state` is the state row to store
-/// (the caller sets the applied log id and membership from the snapshot's metadata).
-pub async fn install(
+/// An item that passed every check, owned.
+enum CheckedItem {
+    State,
+    Row {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Block {
+        key: Vec<u8>,
+        checksum: u32,
+        data: Vec<u8>,
+    },
+    End,
+}
+
+/// `read_exact`, with a message instead of an error kind: "truncated" or the I/O error.
+fn read_fully(input: &mut impl Read, buffer: &mut [u8]) -> Result<(), String> {
+    input
+        .read_exact(buffer)
+        .map_err(|error| match error.kind() {
+            std::io::ErrorKind::UnexpectedEof => "truncated".to_owned(),
+            _ => format!("read failed: {error}"),
+        })
+}
+
+/// Reads and checks a whole stream held in memory, without applying it (tests and fuzzing).
+pub fn check_stream(container_id: u64, bytes: &[u8]) -> NodeResult<StreamSummary> {
+    let mut reader = SnapshotReader::new(bytes, container_id)?;
+    while reader.read_group(EXPORT_PAGE_BLOCKS_MAX)?.is_some() {}
+    reader.summary()
+}
+
+/// Replaces a container's state with the snapshot in `file`. `finish_state` turns the stream's
+/// state row into the one to store (the caller sets the applied log id and membership from the
+/// snapshot's metadata). On any error the old state stays and new blocks are given back.
+pub async fn import(
     storage: &NodeStorage,
     container_id: u64,
-    snapshot: ParsedSnapshot,
-    state: ContainerState,
-) -> NodeResult<()> {
-    // New blocks first (rule 2 of `storage`): nothing references them until the batch lands.
+    file: std::fs::File,
+    finish_state: impl FnOnce(ContainerState) -> ContainerState,
+) -> NodeResult<StreamSummary> {
+    let mut written = Vec::new();
+    let outcome = import_into(storage, container_id, file, finish_state, &mut written).await;
+    if outcome.is_err() {
+        storage.discard_new_blocks(&written);
+    }
+    outcome
+}
+
+async fn import_into(
+    storage: &NodeStorage,
+    container_id: u64,
+    mut file: std::fs::File,
+    finish_state: impl FnOnce(ContainerState) -> ContainerState,
+    written: &mut Vec<u64>,
+) -> NodeResult<StreamSummary> {
+    use std::io::Seek;
+    file.seek(std::io::SeekFrom::Start(0))
+        .map_err(|source| NodeError::Io {
+            context: "rewind a received snapshot".into(),
+            source,
+        })?;
+    let input = std::io::BufReader::with_capacity(INPUT_BUFFER_BYTES, file);
+    let reader = tokio::task::spawn_blocking(move || SnapshotReader::new(input, container_id))
+        .await
+        .map_err(|error| NodeError::InvalidState(format!("snapshot read task: {error}")))??;
+    // The old state goes first in the batch, so the snapshot's rows written after it win.
     let mut batch = WriteBatch::default();
-    let mut written = Vec::with_capacity(snapshot.blocks.len());
-    for group in snapshot
-        .blocks
-        .chunks(BLOCKS_PER_REQUEST_MAX as usize * DEVICE_REQUESTS_IN_FLIGHT_MAX)
-    {
-        // Several device writes in flight: one at a time left the disk idle between them.
-        let writes = group.chunks(BLOCKS_PER_REQUEST_MAX as usize).map(|chunk| {
-            let mut data = AlignedBuffer::new_zeroed(chunk.len() * BLOCK_SIZE_BYTES);
-            for (index, (_, _, block)) in chunk.iter().enumerate() {
-                data[index * BLOCK_SIZE_BYTES..(index + 1) * BLOCK_SIZE_BYTES]
-                    .copy_from_slice(block);
-            }
-            storage.write_new_blocks(data)
-        });
-        // Every write runs to its end (no cancellation half-way through a device write).
-        let device_blocks = futures::future::join_all(writes)
-            .await
-            .into_iter()
-            .collect::<NodeResult<Vec<_>>>()?;
-        for (chunk, device_blocks) in group
-            .chunks(BLOCKS_PER_REQUEST_MAX as usize)
-            .zip(device_blocks)
-        {
-            for ((key, checksum, _), device_block) in chunk.iter().zip(device_blocks) {
-                written.push((
-                    key.clone(),
-                    BlockRef {
-                        device_block,
-                        checksum: *checksum,
-                    },
-                ));
+    if container_id != METADATA_CONTAINER_ID {
+        let (start, end) = keys::container_range(keys::TAG_BLOCK, container_id);
+        batch.delete_range(start, end);
+    }
+    for (start, end) in row_ranges(container_id) {
+        batch.delete_range(start, end);
+    }
+    let read_next = |mut reader: SnapshotReader<_>| async move {
+        tokio::task::spawn_blocking(move || {
+            let group = reader.read_group(EXPORT_PAGE_BLOCKS_MAX);
+            (reader, group)
+        })
+        .await
+        .map_err(|error| NodeError::InvalidState(format!("snapshot read task: {error}")))
+    };
+    let (mut reader, mut group) = read_next(reader).await?;
+    while let Some(current) = group? {
+        for (key, value) in &current.rows {
+            batch.put(key, value);
+        }
+        // The next group is read while this one's blocks are written.
+        let writes = futures::future::join_all(
+            current
+                .data
+                .into_iter()
+                .map(|data| storage.write_new_blocks(data)),
+        );
+        let (next, device_blocks) = tokio::join!(read_next(reader), writes);
+        let mut device_blocks_in_order = Vec::with_capacity(current.blocks.len());
+        let mut failure = None;
+        // Every write ran to its end (no cancellation half-way through a device write); keep
+        // each one's blocks, even after a failure, so they can be given back.
+        for result in device_blocks {
+            match result {
+                Ok(blocks) => {
+                    written.extend_from_slice(&blocks);
+                    device_blocks_in_order.extend(blocks);
+                }
+                Err(error) => failure = Some(error),
             }
         }
+        if let Some(error) = failure {
+            return Err(error);
+        }
+        let (next_reader, next_group) = next?;
+        assert_eq!(device_blocks_in_order.len(), current.blocks.len());
+        for ((key, checksum), device_block) in current.blocks.iter().zip(device_blocks_in_order) {
+            batch.put(
+                key,
+                encode(&BlockRef {
+                    device_block,
+                    checksum: *checksum,
+                }),
+            );
+        }
+        reader = next_reader;
+        group = next_group;
     }
+    let summary = reader.summary()?;
     let mut freed = Vec::new();
     if container_id != METADATA_CONTAINER_ID {
         let (start, end) = keys::container_range(keys::TAG_BLOCK, container_id);
@@ -317,99 +835,369 @@ pub async fn install(
             freed.push(decode::<BlockRef>(value, "block reference")?.device_block);
             Ok(true)
         })?;
-        batch.delete_range(start, end);
-    }
-    for (start, end) in row_ranges(container_id) {
-        batch.delete_range(start, end);
-    }
-    for (key, value) in snapshot.rows {
-        batch.put(key, value);
-    }
-    for (key, reference) in written {
-        batch.put(key, encode(&reference));
     }
     batch.put(
         keys::container_singleton(keys::TAG_CONTAINER_STATE, container_id),
-        encode(&state),
+        encode(&finish_state(summary.state.clone())),
     );
-    storage.commit_batch(batch, &freed).await
+    storage.commit_batch(batch, &freed).await?;
+    Ok(summary)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use bytes::Bytes;
     use proptest::prelude::*;
+    use tokio::io::AsyncReadExt;
 
-    fn frame(item: &SnapshotItem) -> Vec<u8> {
-        let mut output = Vec::new();
-        push_frame(&mut output, item).unwrap();
-        output
+    use super::*;
+    use crate::command::{CommandResponse, FilesystemCommand};
+    use crate::filesystem;
+    use crate::records::{EntryKind, ROOT_INODE};
+    use crate::test_support::TestStorage;
+
+    const CONTAINER: u64 = 5;
+
+    fn framed(output: &mut Vec<u8>, item: &SnapshotItem<'_>) {
+        push_frame(output, item).unwrap();
     }
 
     fn valid_stream(container_id: u64) -> Vec<u8> {
         let mut stream = SNAPSHOT_MAGIC.to_vec();
-        stream.extend(frame(&SnapshotItem::Row {
-            key: keys::container_singleton(keys::TAG_CONTAINER_STATE, container_id),
-            value: encode(&ContainerState::default()),
-        }));
-        stream.extend(frame(&SnapshotItem::Row {
-            key: keys::inode(container_id, 1),
-            value: vec![1, 2, 3],
-        }));
+        let state_key = keys::container_singleton(keys::TAG_CONTAINER_STATE, container_id);
+        let state = encode(&ContainerState::default());
+        framed(
+            &mut stream,
+            &SnapshotItem::Row {
+                key: &state_key,
+                value: &state,
+            },
+        );
+        framed(
+            &mut stream,
+            &SnapshotItem::Row {
+                key: &keys::inode(container_id, 1),
+                value: &[1, 2, 3],
+            },
+        );
         let data = vec![7u8; BLOCK_SIZE_BYTES];
-        stream.extend(frame(&SnapshotItem::Block {
-            key: keys::block(container_id, 1, 0),
-            checksum: ballast_common::checksum(&data),
-            data,
-        }));
-        stream.extend(frame(&SnapshotItem::End {
-            row_count: 2,
-            block_count: 1,
-        }));
+        framed(
+            &mut stream,
+            &SnapshotItem::Block {
+                key: &keys::block(container_id, 1, 0),
+                checksum: ballast_common::checksum(&data),
+                data: &data,
+            },
+        );
+        framed(
+            &mut stream,
+            &SnapshotItem::End {
+                row_count: 2,
+                block_count: 1,
+            },
+        );
         stream
     }
 
     #[test]
-    fn a_valid_stream_parses() {
-        let parsed = parse(5, &valid_stream(5)).unwrap();
-        assert_eq!(parsed.rows.len(), 1);
-        assert_eq!(parsed.blocks.len(), 1);
+    fn a_valid_stream_checks() {
+        let summary = check_stream(CONTAINER, &valid_stream(CONTAINER)).unwrap();
+        assert_eq!((summary.row_count, summary.block_count), (2, 1));
+        assert_eq!(summary.size_bytes, valid_stream(CONTAINER).len() as u64);
     }
 
     #[test]
     fn a_foreign_container_is_refused() {
-        let error = parse(6, &valid_stream(5)).unwrap_err().to_string();
-        assert!(
-            error.contains("outside the container") || error.contains("no state row"),
-            "{error}"
-        );
+        let error = check_stream(6, &valid_stream(CONTAINER))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("outside the container"), "{error}");
     }
 
     #[test]
     fn a_bad_block_checksum_is_refused() {
         let mut stream = SNAPSHOT_MAGIC.to_vec();
-        stream.extend(frame(&SnapshotItem::Block {
-            key: keys::block(5, 1, 0),
-            checksum: 1,
-            data: vec![7u8; BLOCK_SIZE_BYTES],
-        }));
-        assert!(parse(5, &stream)
-            .unwrap_err()
-            .to_string()
-            .contains("checksum"));
+        framed(
+            &mut stream,
+            &SnapshotItem::Block {
+                key: &keys::block(CONTAINER, 1, 0),
+                checksum: 1,
+                data: &[7u8; BLOCK_SIZE_BYTES],
+            },
+        );
+        let error = check_stream(CONTAINER, &stream).unwrap_err().to_string();
+        assert!(error.contains("checksum"), "{error}");
+    }
+
+    #[test]
+    fn items_decode_as_they_were_framed() {
+        let items = [
+            SnapshotItem::Row {
+                key: b"k",
+                value: b"",
+            },
+            SnapshotItem::Block {
+                key: b"key",
+                checksum: 9,
+                data: &[1, 2, 3],
+            },
+            SnapshotItem::End {
+                row_count: u64::MAX,
+                block_count: 3,
+            },
+        ];
+        for item in items {
+            let mut frame = Vec::new();
+            framed(&mut frame, &item);
+            assert_eq!(decode_item(&frame[FRAME_HEADER_BYTES..]), Some(item));
+        }
+        assert_eq!(decode_item(&[KIND_END, 1, 2]), None);
+        assert_eq!(decode_item(&[KIND_ROW, 200, 0, 0, 0, 1]), None);
+        assert_eq!(decode_item(&[9]), None);
+        let mut output = b"before".to_vec();
+        let huge = vec![0u8; FRAME_BYTES_MAX];
+        assert!(push_frame(
+            &mut output,
+            &SnapshotItem::Row {
+                key: b"k",
+                value: &huge
+            }
+        )
+        .is_err());
+        assert_eq!(output, b"before", "a refused item leaves nothing behind");
     }
 
     proptest! {
         #[test]
         fn any_damage_is_detected(position in 0usize..5000, flip in 1u8..=255, cut in any::<bool>()) {
-            let mut stream = valid_stream(5);
+            let mut stream = valid_stream(CONTAINER);
             let position = position % stream.len();
             if cut {
                 stream.truncate(position);
             } else {
                 stream[position] ^= flip;
             }
-            prop_assert!(parse(5, &stream).is_err());
+            prop_assert!(check_stream(CONTAINER, &stream).is_err());
         }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut stream = SNAPSHOT_MAGIC.to_vec();
+            stream.extend(bytes);
+            let _ = check_stream(CONTAINER, &stream);
+        }
+    }
+
+    async fn initialized() -> TestStorage {
+        let mut storage = TestStorage::new(256 << 20);
+        storage
+            .apply(
+                CONTAINER,
+                FilesystemCommand::Initialize {
+                    volume_id: 1,
+                    quota_bytes: 0,
+                    now_ns: 1,
+                },
+            )
+            .await
+            .unwrap();
+        storage
+    }
+
+    async fn create_file(storage: &mut TestStorage, name: &str) -> u64 {
+        let command = FilesystemCommand::Create {
+            parent: ROOT_INODE,
+            name: name.into(),
+            kind: EntryKind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            symlink_target: None,
+            exclusive: true,
+            now_ns: 2,
+        };
+        match storage.apply(CONTAINER, command).await.unwrap() {
+            CommandResponse::Attributes { inode, .. } => inode,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// Writes `data` in pieces of 1 MiB, as the FUSE driver would.
+    async fn write(storage: &mut TestStorage, inode: u64, offset_bytes: u64, data: Vec<u8>) {
+        for (index, piece) in data.chunks(1 << 20).enumerate() {
+            storage
+                .apply(
+                    CONTAINER,
+                    FilesystemCommand::Write {
+                        inode,
+                        offset_bytes: offset_bytes + (index << 20) as u64,
+                        data: Bytes::copy_from_slice(piece),
+                        now_ns: 3,
+                    },
+                )
+                .await
+                .unwrap();
+        }
+    }
+
+    /// A pattern that differs in every block and every round.
+    fn pattern(length_bytes: usize, round: u8) -> Vec<u8> {
+        (0..length_bytes)
+            .map(|index| (index / 4096) as u8 ^ (index as u8).wrapping_mul(31) ^ round)
+            .collect()
+    }
+
+    async fn read_all(storage: &TestStorage, inode: u64, length_bytes: u32) -> Vec<u8> {
+        filesystem::read(&storage.storage, CONTAINER, inode, 0, length_bytes)
+            .await
+            .unwrap()
+    }
+
+    /// Exports `CONTAINER` into a spool and returns the stream's bytes.
+    async fn export_bytes(storage: &TestStorage) -> (ContainerState, Vec<u8>) {
+        let (state, mut data) = start_export(&storage.storage, CONTAINER).await.unwrap();
+        let mut bytes = Vec::new();
+        data.read_to_end(&mut bytes).await.unwrap();
+        (state, bytes)
+    }
+
+    fn spool_file(storage: &TestStorage, bytes: &[u8]) -> std::fs::File {
+        let file = storage.storage.spool.create_file("test").unwrap();
+        file.write_all_at(bytes, 0).unwrap();
+        file
+    }
+
+    // Larger than one export page (2048 blocks) and one output buffer, so paging is exercised.
+    const FILE_BYTES: usize = 9 << 20;
+
+    #[tokio::test]
+    async fn an_export_imports_to_the_same_content_on_another_node() {
+        let mut source = initialized().await;
+        let inode = create_file(&mut source, "big").await;
+        write(&mut source, inode, 0, pattern(FILE_BYTES, 1)).await;
+        let (_, bytes) = export_bytes(&source).await;
+        let summary = check_stream(CONTAINER, &bytes).unwrap();
+        assert_eq!(summary.block_count, (FILE_BYTES / BLOCK_SIZE_BYTES) as u64);
+
+        // The target holds other data for the container already: the import replaces it.
+        let mut target = initialized().await;
+        let other = create_file(&mut target, "stale").await;
+        write(&mut target, other, 0, pattern(3 << 20, 9)).await;
+        let imported = import(
+            &target.storage,
+            CONTAINER,
+            spool_file(&target, &bytes),
+            |state| state,
+        )
+        .await
+        .unwrap();
+        assert_eq!(imported, summary);
+        assert_eq!(
+            digest(&target.storage, CONTAINER).await.unwrap().0,
+            digest(&source.storage, CONTAINER).await.unwrap().0
+        );
+        assert_eq!(
+            read_all(&target, inode, FILE_BYTES as u32).await,
+            pattern(FILE_BYTES, 1)
+        );
+        assert!(filesystem::lookup(&target.storage, CONTAINER, ROOT_INODE, "stale").is_err());
+        assert!(filesystem::lookup(&target.storage, CONTAINER, ROOT_INODE, "big").is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_damaged_spool_changes_nothing_and_gives_its_blocks_back() {
+        let mut source = initialized().await;
+        let inode = create_file(&mut source, "big").await;
+        write(&mut source, inode, 0, pattern(FILE_BYTES, 1)).await;
+        let (_, mut bytes) = export_bytes(&source).await;
+        // Damage the last block frame: every block before it has been written by then.
+        let at = bytes.len() - 100;
+        bytes[at] ^= 0x40;
+
+        let mut target = initialized().await;
+        let kept = create_file(&mut target, "kept").await;
+        write(&mut target, kept, 0, pattern(1 << 20, 7)).await;
+        let digest_before = digest(&target.storage, CONTAINER).await.unwrap();
+        target.storage.checkpoint(|_| Ok(())).await.unwrap();
+        let free_before = target.storage.free_block_count();
+        let error = import(
+            &target.storage,
+            CONTAINER,
+            spool_file(&target, &bytes),
+            |state| state,
+        )
+        .await
+        .unwrap_err();
+        assert!(error.to_string().contains("checksum"), "{error}");
+        assert_eq!(
+            digest(&target.storage, CONTAINER).await.unwrap(),
+            digest_before
+        );
+        target.storage.checkpoint(|_| Ok(())).await.unwrap();
+        assert_eq!(
+            target.storage.free_block_count(),
+            free_before,
+            "the blocks the failed import wrote are free again"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_export_sees_one_state_while_writes_go_on() {
+        let mut source = initialized().await;
+        let inode = create_file(&mut source, "big").await;
+        write(&mut source, inode, 0, pattern(FILE_BYTES, 1)).await;
+        let (state, mut data) = start_export(&source.storage, CONTAINER).await.unwrap();
+        // Overwrites and checkpoints while the export runs: applies are not held up, and the
+        // blocks the view references keep their bytes although the overwrites freed them.
+        for round in 2..5u8 {
+            write(&mut source, inode, 0, pattern(FILE_BYTES, round)).await;
+            source.storage.checkpoint(|_| Ok(())).await.unwrap();
+        }
+        let mut bytes = Vec::new();
+        data.read_to_end(&mut bytes).await.unwrap();
+        let summary = check_stream(CONTAINER, &bytes).unwrap();
+        assert_eq!(summary.state, state);
+
+        let target = initialized().await;
+        import(
+            &target.storage,
+            CONTAINER,
+            spool_file(&target, &bytes),
+            |state| state,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            read_all(&target, inode, FILE_BYTES as u32).await,
+            pattern(FILE_BYTES, 1),
+            "the export holds the state it started at"
+        );
+        assert_eq!(
+            read_all(&source, inode, FILE_BYTES as u32).await,
+            pattern(FILE_BYTES, 4)
+        );
+    }
+
+    #[tokio::test]
+    async fn frees_stay_deferred_while_an_export_view_lives() {
+        let mut source = initialized().await;
+        let inode = create_file(&mut source, "file").await;
+        write(&mut source, inode, 0, pattern(1 << 20, 1)).await;
+        source.storage.checkpoint(|_| Ok(())).await.unwrap();
+        let free_before = source.storage.free_block_count();
+        let overwritten_blocks = (1 << 20) / BLOCK_SIZE_BYTES as u64;
+        {
+            let storage = std::sync::Arc::clone(&source.storage);
+            let _view = storage.export_view().await;
+            write(&mut source, inode, 0, pattern(1 << 20, 2)).await;
+            source.storage.checkpoint(|_| Ok(())).await.unwrap();
+            assert_eq!(
+                source.storage.free_block_count(),
+                free_before - overwritten_blocks,
+                "the old blocks are not reusable while a view may read them"
+            );
+        }
+        source.storage.checkpoint(|_| Ok(())).await.unwrap();
+        assert_eq!(source.storage.free_block_count(), free_before);
     }
 }

@@ -12,8 +12,12 @@
 //! checkpoint, and its applied log id becomes the snapshot's id. The one exception is the call
 //! openraft makes while starting the group, which only wants the metadata; answering it with the
 //! stored checkpoint metadata keeps start-up independent of the data size.
+//!
+//! The export runs in the background into a spool file: `get_current_snapshot` returns once a
+//! consistent view is taken, so this group's applies (which openraft runs on the same worker)
+//! are not held up for the length of a copy. openraft's sender then waits on the data's first
+//! seek until the export has finished.
 
-use std::io::Cursor;
 use std::sync::Arc;
 
 use openraft::storage::RaftStateMachine;
@@ -24,6 +28,7 @@ use openraft::{
 use crate::command::{Command, CommandResponse};
 use crate::error::{NodeError, NodeResult};
 use crate::records::{encode, ContainerState};
+use crate::snapshot_spool::SpooledSnapshot;
 use crate::storage::NodeStorage;
 use crate::transaction::Transaction;
 use crate::types::{Entry, NodeId, RaftNode, StorageError, TypeConfig, METADATA_CONTAINER_ID};
@@ -198,14 +203,18 @@ impl RaftStateMachine<TypeConfig> for ContainerStateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SpooledSnapshot>, StorageError> {
+        let file =
+            self.storage.spool.create_file("receive").map_err(|error| {
+                StorageError::from(StorageIOError::write_snapshot(None, &error))
+            })?;
+        Ok(Box::new(SpooledSnapshot::ready(file)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, RaftNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SpooledSnapshot>,
     ) -> Result<(), StorageError> {
         let container_id = self.container_id;
         let snapshot_error = |error: NodeError| {
@@ -215,20 +224,30 @@ impl RaftStateMachine<TypeConfig> for ContainerStateMachine {
                 &error,
             ))
         };
-        let bytes = snapshot.into_inner();
-        let parsed = crate::snapshot::parse(container_id, &bytes).map_err(snapshot_error)?;
-        let mut state = parsed.state.clone();
-        state.last_applied = meta.last_log_id;
-        state.membership = meta.last_membership.clone();
-        let block_count = parsed.blocks.len();
-        crate::snapshot::install(&self.storage, container_id, parsed, state)
+        let file = snapshot
+            .into_file()
             .await
-            .map_err(snapshot_error)?;
+            .map_err(snapshot_error)?
+            .ok_or_else(|| {
+                snapshot_error(NodeError::InvalidState(
+                    "a snapshot to install holds no data".into(),
+                ))
+            })?;
+        let started = std::time::Instant::now();
+        let summary = crate::snapshot::import(&self.storage, container_id, file, |mut state| {
+            state.last_applied = meta.last_log_id;
+            state.membership = meta.last_membership.clone();
+            state
+        })
+        .await
+        .map_err(snapshot_error)?;
         let installed = meta.clone();
         self.checkpoint(|_| installed)
             .await
             .map_err(snapshot_error)?;
-        tracing::info!(container = container_id, snapshot = %meta.snapshot_id, bytes = bytes.len(), block_count,
+        tracing::info!(container = container_id, snapshot = %meta.snapshot_id,
+            size_bytes = summary.size_bytes, row_count = summary.row_count,
+            block_count = summary.block_count, elapsed_ms = started.elapsed().as_millis() as u64,
             "installed a snapshot from the leader");
         Ok(())
     }
@@ -241,10 +260,10 @@ impl RaftStateMachine<TypeConfig> for ContainerStateMachine {
             let meta = self.stored_snapshot_meta().map_err(read_error)?;
             return Ok(meta.map(|meta| Snapshot {
                 meta,
-                snapshot: Box::new(Cursor::new(Vec::new())),
+                snapshot: Box::new(SpooledSnapshot::empty()),
             }));
         }
-        let (bytes, state) = crate::snapshot::export(&self.storage, self.container_id)
+        let (state, data) = crate::snapshot::start_export(&self.storage, self.container_id)
             .await
             .map_err(read_error)?;
         let Some(last_log_id) = state.last_applied else {
@@ -258,11 +277,11 @@ impl RaftStateMachine<TypeConfig> for ContainerStateMachine {
                 self.container_id, last_log_id.leader_id.term, last_log_id.index
             ),
         };
-        tracing::info!(container = self.container_id, snapshot = %meta.snapshot_id, bytes = bytes.len(),
-            "exported a snapshot for a lagging replica");
+        tracing::info!(container = self.container_id, snapshot = %meta.snapshot_id,
+            "exporting a snapshot for a lagging replica");
         Ok(Some(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(bytes)),
+            snapshot: Box::new(data),
         }))
     }
 }
@@ -289,7 +308,7 @@ impl RaftSnapshotBuilder<TypeConfig> for ContainerStateMachine {
         tracing::debug!(container = container_id, snapshot = %meta.snapshot_id, "checkpoint taken");
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(Vec::new())),
+            snapshot: Box::new(SpooledSnapshot::empty()),
         })
     }
 }

@@ -95,24 +95,20 @@ impl StateStore {
         start: &[u8],
         end: &[u8],
         limit: usize,
-        mut visit: impl FnMut(&[u8], &[u8]) -> NodeResult<bool>,
+        visit: impl FnMut(&[u8], &[u8]) -> NodeResult<bool>,
     ) -> NodeResult<()> {
         let iterator = self
             .database
             .iterator(IteratorMode::From(start, Direction::Forward));
-        for (visited, item) in iterator.enumerate() {
-            if visited >= limit {
-                break;
-            }
-            let (key, value) = item.map_err(|source| NodeError::rocksdb("scan", source))?;
-            if key.as_ref() >= end {
-                break;
-            }
-            if !visit(&key, &value)? {
-                break;
-            }
+        visit_range(iterator, end, limit, visit)
+    }
+
+    /// A consistent, read-only view of the whole store as it is now; writes made after this call
+    /// are invisible to it. Holding a view pins RocksDB's old versions, so keep it short-lived.
+    pub fn view(&self) -> StateView<'_> {
+        StateView {
+            snapshot: self.database.snapshot(),
         }
-        Ok(())
     }
 
     /// Collects (key, value) with `start <= key < end`, at most `limit` rows.
@@ -129,4 +125,58 @@ impl StateStore {
         })?;
         Ok(rows)
     }
+}
+
+/// A point-in-time view of the state store (a RocksDB snapshot).
+pub struct StateView<'store> {
+    snapshot: rocksdb::Snapshot<'store>,
+}
+
+impl std::fmt::Debug for StateView<'_> {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("StateView").finish_non_exhaustive()
+    }
+}
+
+impl StateView<'_> {
+    pub fn get_raw(&self, key: &[u8]) -> NodeResult<Option<Vec<u8>>> {
+        self.snapshot
+            .get(key)
+            .map_err(|source| NodeError::rocksdb("get from a view", source))
+    }
+
+    /// As [`StateStore::scan`], over the view.
+    pub fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        visit: impl FnMut(&[u8], &[u8]) -> NodeResult<bool>,
+    ) -> NodeResult<()> {
+        let iterator = self
+            .snapshot
+            .iterator(IteratorMode::From(start, Direction::Forward));
+        visit_range(iterator, end, limit, visit)
+    }
+}
+
+fn visit_range<Key: AsRef<[u8]>, Value: AsRef<[u8]>>(
+    iterator: impl Iterator<Item = Result<(Key, Value), rocksdb::Error>>,
+    end: &[u8],
+    limit: usize,
+    mut visit: impl FnMut(&[u8], &[u8]) -> NodeResult<bool>,
+) -> NodeResult<()> {
+    for (visited, item) in iterator.enumerate() {
+        if visited >= limit {
+            break;
+        }
+        let (key, value) = item.map_err(|source| NodeError::rocksdb("scan", source))?;
+        if key.as_ref() >= end {
+            break;
+        }
+        if !visit(key.as_ref(), value.as_ref())? {
+            break;
+        }
+    }
+    Ok(())
 }

@@ -12,10 +12,13 @@
 //!    RocksDB batch that references them.
 //! 3. A checkpoint, under the apply lock, flushes the device first and RocksDB second, then
 //!    releases deferred frees. After it, the state is durable without the log.
+//! 4. While an [`ExportView`] exists, checkpoints keep deferred frees deferred: the view's state
+//!    references blocks that later applies may free, and they must keep their bytes until the
+//!    export that reads them has ended.
 //!
 //! Must not depend on: Raft types beyond log ids, the gRPC layer.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ballast_device::{
@@ -26,10 +29,13 @@ use rocksdb::WriteBatch;
 use crate::error::{FsError, NodeError, NodeResult};
 use crate::keys;
 use crate::records::BlockRef;
-use crate::state_store::StateStore;
+use crate::snapshot_spool::SpoolDirectory;
+use crate::state_store::{StateStore, StateView};
 
 /// The most blocks read or written by one device request (1 MiB).
 pub const BLOCKS_PER_REQUEST_MAX: u64 = 256;
+/// Snapshot exports a node runs at once; each reads a whole container and fills a spool file.
+pub const EXPORTS_IN_FLIGHT_MAX: usize = 2;
 
 pub struct NodeStorage {
     pub state: StateStore,
@@ -39,6 +45,30 @@ pub struct NodeStorage {
     apply_lock: tokio::sync::Mutex<()>,
     checksum_error_count: AtomicU64,
     checkpoint_count: AtomicU64,
+    /// Live [`ExportView`]s (rule 4).
+    export_view_count: AtomicUsize,
+    /// Bounds concurrent exports (`EXPORTS_IN_FLIGHT_MAX`).
+    export_slots: Arc<tokio::sync::Semaphore>,
+    /// Where snapshots are spooled while they are exported or received.
+    pub spool: SpoolDirectory,
+}
+
+/// A consistent view of the state for a snapshot export, taken between two applies. While it
+/// lives, every block its state references keeps its bytes (rule 4), so the export may read
+/// them without holding up applies.
+pub struct ExportView<'storage> {
+    storage: &'storage NodeStorage,
+    pub state: StateView<'storage>,
+}
+
+impl Drop for ExportView<'_> {
+    fn drop(&mut self) {
+        let previous = self
+            .storage
+            .export_view_count
+            .fetch_sub(1, Ordering::AcqRel);
+        assert!(previous > 0, "export view count underflow");
+    }
 }
 
 impl std::fmt::Debug for NodeStorage {
@@ -52,7 +82,12 @@ impl std::fmt::Debug for NodeStorage {
 impl NodeStorage {
     /// Opens the storage, restoring the allocator from the bitmap groups persisted in RocksDB.
     /// Cost: one read per 32768-block group, independent of how much data is stored.
-    pub fn open(state: StateStore, block_store: BlockStore, block_count: u64) -> NodeResult<Self> {
+    pub fn open(
+        state: StateStore,
+        block_store: BlockStore,
+        block_count: u64,
+        spool: SpoolDirectory,
+    ) -> NodeResult<Self> {
         let mut allocator = BlockAllocator::new_empty(block_count);
         let start = vec![keys::TAG_ALLOCATOR_GROUP];
         let end = keys::prefix_end(&start);
@@ -71,6 +106,9 @@ impl NodeStorage {
             apply_lock: tokio::sync::Mutex::new(()),
             checksum_error_count: AtomicU64::new(0),
             checkpoint_count: AtomicU64::new(0),
+            export_view_count: AtomicUsize::new(0),
+            export_slots: Arc::new(tokio::sync::Semaphore::new(EXPORTS_IN_FLIGHT_MAX)),
+            spool,
         })
     }
 
@@ -244,10 +282,42 @@ impl NodeStorage {
         self.state.write_unlogged(batch)
     }
 
-    /// Holds back every apply (and checkpoint) until the guard is dropped: a consistent view of
-    /// the state and of the blocks it references, for snapshot export.
+    /// Holds back every apply (and checkpoint) until the guard is dropped.
     pub async fn pause_applies(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.apply_lock.lock().await
+    }
+
+    /// A consistent view of the state and of the blocks it references (rule 4), taken between
+    /// two applies; applies go on while it lives.
+    pub async fn export_view(&self) -> ExportView<'_> {
+        let _guard = self.apply_lock.lock().await;
+        self.export_view_count.fetch_add(1, Ordering::AcqRel);
+        ExportView {
+            storage: self,
+            state: self.state.view(),
+        }
+    }
+
+    /// Waits for one of the node's export slots.
+    pub async fn export_slot(&self) -> tokio::sync::OwnedSemaphorePermit {
+        Arc::clone(&self.export_slots)
+            .acquire_owned()
+            .await
+            .expect("the export semaphore is never closed")
+    }
+
+    /// Gives back blocks from `write_new_blocks` that no state references, after an import
+    /// failed half-way. Deferred, like every free: harmless and simple.
+    pub fn discard_new_blocks(&self, device_blocks: &[u64]) {
+        let mut allocator = self.allocator.lock().expect("allocator lock");
+        for &device_block in device_blocks {
+            if let Err(error) = allocator.free_deferred(Extent {
+                first_block: device_block,
+                block_count: 1,
+            }) {
+                tracing::error!(%error, device_block, "returning a block of a failed import");
+            }
+        }
     }
 
     /// Makes everything applied so far durable without the log: device flush, then RocksDB
@@ -278,10 +348,14 @@ impl NodeStorage {
         tokio::task::spawn_blocking(move || storage.state.flush())
             .await
             .map_err(|error| NodeError::InvalidState(format!("checkpoint task: {error}")))??;
-        self.allocator
-            .lock()
-            .expect("allocator lock")
-            .release_deferred();
+        // Rule 4: an export still reads blocks that later applies freed. They are released by
+        // the first checkpoint after the last view has gone.
+        if self.export_view_count.load(Ordering::Acquire) == 0 {
+            self.allocator
+                .lock()
+                .expect("allocator lock")
+                .release_deferred();
+        }
         self.checkpoint_count.fetch_add(1, Ordering::Relaxed);
         Ok(value)
     }

@@ -9,6 +9,7 @@ use ballast_device::{Device, EngineOptions, FormatOptions};
 use crate::command::{CommandResponse, FilesystemCommand};
 use crate::error::NodeResult;
 use crate::filesystem;
+use crate::snapshot_spool::SpoolDirectory;
 use crate::state_store::StateStore;
 use crate::storage::NodeStorage;
 use crate::transaction::Transaction;
@@ -71,6 +72,8 @@ pub fn open(directory: &Path) -> (Device, Arc<NodeStorage>) {
     let device = Device::open(&directory.join("device.img"), EngineOptions::default()).unwrap();
     let state = StateStore::open(&directory.join("rocksdb")).unwrap();
     let block_count = device.superblock().data_block_count;
-    let storage = Arc::new(NodeStorage::open(state, device.block_store(), block_count).unwrap());
+    let spool = SpoolDirectory::open(&directory.join("spool")).unwrap();
+    let storage =
+        Arc::new(NodeStorage::open(state, device.block_store(), block_count, spool).unwrap());
     (device, storage)
 }

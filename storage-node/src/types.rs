@@ -4,9 +4,8 @@
 //! state machine applies it. Keeping a single config means one log store, one network and one
 //! set of metrics code for metadata, file, and later stream and table containers.
 
-use std::io::Cursor;
-
 use crate::command::{Command, CommandResponse};
+use crate::snapshot_spool::SpooledSnapshot;
 
 pub type NodeId = u64;
 pub type RaftNode = openraft::BasicNode;
@@ -19,7 +18,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = RaftNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = SpooledSnapshot,
 );
 
 pub type Raft = openraft::Raft<TypeConfig>;

@@ -158,14 +158,15 @@ impl Admin for AdminService {
                 container_id: volume.container_id,
             }));
         }
-        let (content, state) = crate::snapshot::export(self.node.storage(), volume.container_id)
-            .await
-            .map_err(node_status)?;
+        let (digest, content_bytes, state) =
+            crate::snapshot::digest(self.node.storage(), volume.container_id)
+                .await
+                .map_err(node_status)?;
         Ok(Response::new(proto::VolumeDigestResponse {
             container_id: volume.container_id,
             applied_index: state.last_applied.map(|log_id| log_id.index).unwrap_or(0),
-            digest: ballast_common::checksum(&content),
-            content_bytes: content.len() as u64,
+            digest,
+            content_bytes,
         }))
     }
 
