@@ -322,7 +322,7 @@ impl Filesystem for BallastFilesystem {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
-        _file_handle: Option<FileHandle>,
+        file_handle: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
@@ -349,11 +349,28 @@ impl Filesystem for BallastFilesystem {
             && size.is_none()
             && set_attr.atime_ns.is_none()
             && set_attr.mtime_ns.is_none();
+        // The writeback cache flushing its times (before every fsync and fdatasync): mtime and
+        // ctime on an open file, nothing else. Every write the kernel sends already set the
+        // node's mtime to the node's clock when it was applied, which is no earlier than the
+        // write() the kernel stamped; then the change would only move mtime back a little, and
+        // costs a Raft proposal per fsync. It is skipped in that case only.
+        let flushes_write_times = file_handle.is_some()
+            && matches!(mtime, Some(TimeOrNow::SpecificTime(_)))
+            && set_attr.mode.is_none()
+            && uid.is_none()
+            && gid.is_none()
+            && size.is_none()
+            && set_attr.atime_ns.is_none();
         self.spawn(move |shared| async move {
             // Only ctime (or a BSD-only field) was set: the node updates ctime itself on every
             // change, so answer with the current attributes instead of sending an empty change.
             let result = if changes_nothing {
                 shared.client.get_attr(&shared.volume, inode.0).await
+            } else if flushes_write_times {
+                match shared.client.get_attr(&shared.volume, inode.0).await {
+                    Ok(attr) if Some(attr.mtime_ns) >= set_attr.mtime_ns => Ok(attr),
+                    _ => shared.client.set_attr(set_attr).await,
+                }
             } else {
                 shared.client.set_attr(set_attr).await
             };
