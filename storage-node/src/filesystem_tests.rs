@@ -15,19 +15,7 @@ use crate::test_support::TestStorage;
 const CONTAINER: u64 = 7;
 
 async fn initialized(quota_bytes: u64) -> TestStorage {
-    let mut storage = TestStorage::new(256 << 20);
-    storage
-        .apply(
-            CONTAINER,
-            FilesystemCommand::Initialize {
-                volume_id: 1,
-                quota_bytes,
-                now_ns: 1,
-            },
-        )
-        .await
-        .unwrap();
-    storage
+    TestStorage::initialized(CONTAINER, quota_bytes).await
 }
 
 async fn create(storage: &mut TestStorage, parent: u64, name: &str, kind: EntryKind) -> u64 {

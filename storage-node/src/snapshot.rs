@@ -851,9 +851,9 @@ mod tests {
     use tokio::io::AsyncReadExt;
 
     use super::*;
-    use crate::command::{CommandResponse, FilesystemCommand};
+    use crate::command::FilesystemCommand;
     use crate::filesystem;
-    use crate::records::{EntryKind, ROOT_INODE};
+    use crate::records::ROOT_INODE;
     use crate::test_support::TestStorage;
 
     const CONTAINER: u64 = 5;
@@ -989,37 +989,11 @@ mod tests {
     }
 
     async fn initialized() -> TestStorage {
-        let mut storage = TestStorage::new(256 << 20);
-        storage
-            .apply(
-                CONTAINER,
-                FilesystemCommand::Initialize {
-                    volume_id: 1,
-                    quota_bytes: 0,
-                    now_ns: 1,
-                },
-            )
-            .await
-            .unwrap();
-        storage
+        TestStorage::initialized(CONTAINER, 0).await
     }
 
     async fn create_file(storage: &mut TestStorage, name: &str) -> u64 {
-        let command = FilesystemCommand::Create {
-            parent: ROOT_INODE,
-            name: name.into(),
-            kind: EntryKind::File,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            symlink_target: None,
-            exclusive: true,
-            now_ns: 2,
-        };
-        match storage.apply(CONTAINER, command).await.unwrap() {
-            CommandResponse::Attributes { inode, .. } => inode,
-            other => panic!("unexpected {other:?}"),
-        }
+        storage.create_file(CONTAINER, name).await
     }
 
     /// Writes `data` in pieces of 1 MiB, as the FUSE driver would.

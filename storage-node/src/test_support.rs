@@ -46,6 +46,42 @@ impl TestStorage {
         }
     }
 
+    /// A storage of 256 MiB with `container_id` initialised as a file container.
+    pub async fn initialized(container_id: u64, quota_bytes: u64) -> Self {
+        let mut storage = Self::new(256 << 20);
+        storage
+            .apply(
+                container_id,
+                FilesystemCommand::Initialize {
+                    volume_id: 1,
+                    quota_bytes,
+                    now_ns: 1,
+                },
+            )
+            .await
+            .expect("initialize the container");
+        storage
+    }
+
+    /// Creates an empty regular file `name` in the root directory; returns its inode.
+    pub async fn create_file(&mut self, container_id: u64, name: &str) -> u64 {
+        let command = FilesystemCommand::Create {
+            parent: crate::records::ROOT_INODE,
+            name: name.into(),
+            kind: crate::records::EntryKind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            symlink_target: None,
+            exclusive: true,
+            now_ns: 2,
+        };
+        match self.apply(container_id, command).await {
+            Ok(CommandResponse::Attributes { inode, .. }) => inode,
+            other => panic!("create {name}: unexpected {other:?}"),
+        }
+    }
+
     /// Applies one command the way the state machine does, with a fresh log id.
     pub async fn apply(
         &mut self,
