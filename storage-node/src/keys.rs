@@ -36,12 +36,19 @@ pub const TAG_COMMITTED: u8 = b'Q';
 pub const TAG_PURGED: u8 = b'U';
 /// Last snapshot (checkpoint) metadata of a container.
 pub const TAG_SNAPSHOT: u8 = b'P';
+/// Node-wide singleton: where an interrupted background scrub pass goes on (`scrub.rs`).
+pub const TAG_SCRUB_CURSOR: u8 = b'Z';
 
 fn with_container(tag: u8, container_id: u64, extra_capacity: usize) -> Vec<u8> {
     let mut key = Vec::with_capacity(9 + extra_capacity);
     key.push(tag);
     key.extend_from_slice(&container_id.to_be_bytes());
     key
+}
+
+/// Key of the node's scrub cursor.
+pub fn scrub_cursor() -> Vec<u8> {
+    vec![TAG_SCRUB_CURSOR]
 }
 
 /// Key of a container-scoped singleton (state, vote, committed, purged, snapshot).

@@ -23,6 +23,11 @@
 //!   call under a deadline.
 //! - A bad block of a single-replica container cannot be repaired: it is counted unrepairable
 //!   and reads of it keep failing with EIO.
+//! - A background pass survives restarts: after each verified page it records a [`ScrubCursor`]
+//!   (the container and the first block key not yet verified), and the next background pass
+//!   goes on from there. The cursor is written without the WAL, so after a crash a pass may
+//!   verify a few pages again; it never skips one, because the cursor only moves past pages
+//!   already verified. On-demand passes always cover everything and leave the cursor alone.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -93,6 +98,8 @@ pub struct PassReport {
     pub unrepairable_block_count: u64,
     /// Blocks changed or freed while the pass looked at them.
     pub skipped_block_count: u64,
+    /// The pass went on from a cursor left by an earlier, interrupted pass.
+    pub resumed: bool,
     pub started_ns: i64,
     pub finished_ns: i64,
 }
@@ -115,6 +122,75 @@ impl PassReport {
             }
         }
     }
+}
+
+/// Where an interrupted background pass goes on (see the module doc).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ScrubCursor {
+    /// The container being scrubbed.
+    pub container_id: u64,
+    /// The first block row key of that container not yet verified.
+    pub next_key: Vec<u8>,
+    /// When the pass began, before any restart.
+    pub started_ns: i64,
+}
+
+/// The stored cursor, if any. A cursor that does not decode, or whose key lies outside its
+/// container's block rows, is dropped with a warning: the pass then starts over, which costs
+/// time but never skips a block.
+pub fn load_cursor(storage: &NodeStorage) -> Option<ScrubCursor> {
+    let cursor = match storage
+        .state
+        .get::<ScrubCursor>(&keys::scrub_cursor(), "scrub cursor")
+    {
+        Ok(cursor) => cursor?,
+        Err(error) => {
+            tracing::warn!(%error, "ignoring an unreadable scrub cursor; the pass starts over");
+            return None;
+        }
+    };
+    let (start, end) = keys::container_range(keys::TAG_BLOCK, cursor.container_id);
+    if cursor.next_key < start || cursor.next_key >= end {
+        tracing::warn!(
+            ?cursor,
+            "ignoring a scrub cursor outside its container; the pass starts over"
+        );
+        return None;
+    }
+    Some(cursor)
+}
+
+fn save_cursor(storage: &NodeStorage, cursor: &ScrubCursor) -> NodeResult<()> {
+    let mut batch = rocksdb::WriteBatch::default();
+    batch.put(keys::scrub_cursor(), crate::records::encode(cursor));
+    storage.state.write_unlogged(batch)
+}
+
+fn clear_cursor(storage: &NodeStorage) -> NodeResult<()> {
+    let mut batch = rocksdb::WriteBatch::default();
+    batch.delete(keys::scrub_cursor());
+    storage.state.write_unlogged(batch)
+}
+
+/// The containers a pass visits, in id order, each with the key it starts at (`None`: the
+/// container's first block row). With a cursor, containers before the cursor's are skipped (a
+/// container created since then waits for the next pass); if the cursor's container is gone, the
+/// pass goes on with the next one.
+pub fn pass_plan(
+    container_ids: &[u64],
+    cursor: Option<&ScrubCursor>,
+) -> Vec<(u64, Option<Vec<u8>>)> {
+    let mut sorted = container_ids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    sorted
+        .into_iter()
+        .filter(|&id| cursor.is_none_or(|cursor| id >= cursor.container_id))
+        .map(|id| match cursor {
+            Some(cursor) if cursor.container_id == id => (id, Some(cursor.next_key.clone())),
+            _ => (id, None),
+        })
+        .collect()
 }
 
 /// Counters since the node started.
@@ -613,14 +689,19 @@ async fn verify_page(
 }
 
 /// Scrubs one container: every block row, page by page.
+/// `start_key`: where to begin (a resumed pass), `None` for the first row. `cursor`: the pass's
+/// start time, when this pass records its progress (background passes).
 async fn scrub_container(
     node: &StorageNode,
     container_id: u64,
+    start_key: Option<Vec<u8>>,
+    cursor: Option<i64>,
     pacer: &mut Pacer,
     report: &mut PassReport,
 ) -> NodeResult<()> {
     let storage = &node.storage;
-    let (mut start, end) = keys::container_range(keys::TAG_BLOCK, container_id);
+    let (first, end) = keys::container_range(keys::TAG_BLOCK, container_id);
+    let mut start = start_key.unwrap_or(first);
     loop {
         let mut page = Vec::with_capacity(SCAN_PAGE_ROW_COUNT);
         storage
@@ -641,6 +722,16 @@ async fn scrub_container(
         let suspects = verify_page(storage, &page, pacer, report).await;
         for block in &suspects {
             report.add_outcome(handle_suspect(node, container_id, block).await);
+        }
+        if let Some(started_ns) = cursor {
+            save_cursor(
+                storage,
+                &ScrubCursor {
+                    container_id,
+                    next_key: start.clone(),
+                    started_ns,
+                },
+            )?;
         }
         if page.len() < SCAN_PAGE_ROW_COUNT {
             return Ok(());
@@ -665,9 +756,22 @@ impl Drop for RunningFlag<'_> {
     }
 }
 
-/// Runs one whole pass over every container this node holds, after any pass in progress.
+/// How a pass treats the stored [`ScrubCursor`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PassKind {
+    /// Background: go on from the cursor, record progress, clear the cursor at the end.
+    Background,
+    /// On demand: cover everything, leave the cursor alone.
+    OnDemand,
+}
+
+/// Runs one pass over every container this node holds, after any pass in progress.
 /// `rate_bytes_per_second` 0 uses the node's configured pace.
-pub async fn run_pass(node: &StorageNode, rate_bytes_per_second: u64) -> NodeResult<PassReport> {
+pub async fn run_pass(
+    node: &StorageNode,
+    rate_bytes_per_second: u64,
+    kind: PassKind,
+) -> NodeResult<PassReport> {
     let scrubber = node.scrubber();
     let _one_pass = scrubber.pass_lock.lock().await;
     let _running = RunningFlag::raise(&scrubber.running);
@@ -676,20 +780,52 @@ pub async fn run_pass(node: &StorageNode, rate_bytes_per_second: u64) -> NodeRes
         rate => rate,
     };
     let mut pacer = Pacer::new(rate, PACE_BURST_BYTES, Instant::now());
+    let cursor = match kind {
+        PassKind::Background => load_cursor(&node.storage),
+        PassKind::OnDemand => None,
+    };
+    if let Some(cursor) = &cursor {
+        tracing::info!(
+            container = cursor.container_id,
+            "scrub pass goes on where the previous one stopped"
+        );
+    }
+    let started_ns = cursor
+        .as_ref()
+        .map_or_else(|| node.now_ns(), |cursor| cursor.started_ns);
     let mut report = PassReport {
-        started_ns: node.now_ns(),
+        started_ns,
+        resumed: cursor.is_some(),
         ..PassReport::default()
     };
+    let recorded = (kind == PassKind::Background).then_some(started_ns);
+    let container_ids: Vec<u64> = node
+        .container_rafts()
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        // The cluster map has rows only; RocksDB checksums those.
+        .filter(|&id| id != METADATA_CONTAINER_ID)
+        .collect();
     let mut result = Ok(());
-    for (container_id, _) in node.container_rafts().await {
-        if container_id == METADATA_CONTAINER_ID {
-            continue; // The cluster map has rows only; RocksDB checksums those.
-        }
+    for (container_id, start_key) in pass_plan(&container_ids, cursor.as_ref()) {
         report.container_count += 1;
-        if let Err(error) = scrub_container(node, container_id, &mut pacer, &mut report).await {
+        if let Err(error) = scrub_container(
+            node,
+            container_id,
+            start_key,
+            recorded,
+            &mut pacer,
+            &mut report,
+        )
+        .await
+        {
             tracing::warn!(container = container_id, %error, "scrub of a container stopped");
             result = Err(error);
         }
+    }
+    if result.is_ok() && kind == PassKind::Background {
+        result = clear_cursor(&node.storage);
     }
     report.finished_ns = node.now_ns();
     scrubber.record(&report, result.is_ok());
@@ -708,8 +844,8 @@ pub async fn scrub_loop(node: Arc<StorageNode>) {
     ))
     .await;
     loop {
-        if let Err(error) = run_pass(&node, 0).await {
-            tracing::warn!(%error, "scrub pass incomplete; the next pass starts over");
+        if let Err(error) = run_pass(&node, 0, PassKind::Background).await {
+            tracing::warn!(%error, "scrub pass incomplete; the next pass goes on from its cursor");
         }
         tokio::time::sleep(Duration::from_millis(interval_ms)).await;
     }
@@ -1164,5 +1300,72 @@ mod tests {
                 .unwrap(),
             vec![0x77; BLOCK_SIZE_BYTES]
         );
+    }
+
+    fn cursor(container_id: u64, file_block: u64) -> ScrubCursor {
+        ScrubCursor {
+            container_id,
+            next_key: keys::block(container_id, 9, file_block),
+            started_ns: 5,
+        }
+    }
+
+    #[test]
+    fn a_pass_goes_on_from_its_cursor_and_never_skips_a_later_container() {
+        let all = |plan: Vec<(u64, Option<Vec<u8>>)>| plan;
+        // No cursor: every container from its first row, in id order.
+        assert_eq!(
+            all(pass_plan(&[7, 3, 5], None)),
+            vec![(3, None), (5, None), (7, None)]
+        );
+        // A cursor in container 5: 3 was done, 5 goes on at the key, 7 from the start.
+        let at_five = cursor(5, 40);
+        assert_eq!(
+            pass_plan(&[3, 5, 7], Some(&at_five)),
+            vec![(5, Some(at_five.next_key.clone())), (7, None)]
+        );
+        // The cursor's container was removed meanwhile: the next one from its start.
+        assert_eq!(pass_plan(&[3, 7], Some(&at_five)), vec![(7, None)]);
+        // The cursor's container was the last one and is gone: nothing left of this pass.
+        assert!(pass_plan(&[1, 3], Some(&at_five)).is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_cursor_survives_reopening_and_a_bad_one_is_ignored() {
+        let test_storage = crate::test_support::TestStorage::new(64 << 20);
+        let stored = cursor(4, 1234);
+        assert_eq!(load_cursor(&test_storage.storage), None);
+        save_cursor(&test_storage.storage, &stored).unwrap();
+        assert_eq!(load_cursor(&test_storage.storage), Some(stored.clone()));
+        test_storage.storage.checkpoint(|_| Ok(())).await.unwrap();
+        let crate::test_support::TestStorage {
+            directory,
+            device,
+            storage,
+            ..
+        } = test_storage;
+        drop((device, storage));
+        {
+            let (_device, storage) = crate::test_support::open(directory.path());
+            assert_eq!(load_cursor(&storage), Some(stored.clone()));
+            // A key outside the cursor's container (here: container 5's rows) is refused.
+            save_cursor(
+                &storage,
+                &ScrubCursor {
+                    container_id: 4,
+                    next_key: keys::block(5, 1, 0),
+                    started_ns: 5,
+                },
+            )
+            .unwrap();
+            assert_eq!(load_cursor(&storage), None);
+            // Bytes that do not decode are ignored too.
+            let mut batch = rocksdb::WriteBatch::default();
+            batch.put(keys::scrub_cursor(), vec![0xff; 3]);
+            storage.state.write_unlogged(batch).unwrap();
+            assert_eq!(load_cursor(&storage), None);
+            clear_cursor(&storage).unwrap();
+            assert_eq!(load_cursor(&storage), None);
+        }
     }
 }

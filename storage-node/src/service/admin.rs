@@ -347,11 +347,17 @@ impl Admin for AdminService {
         let rate_bytes_per_second = request.into_inner().rate_bytes_per_second;
         // In its own task: a caller that gives up waiting does not cut the pass short.
         let node = Arc::clone(&self.node);
-        let report =
-            tokio::spawn(async move { crate::scrub::run_pass(&node, rate_bytes_per_second).await })
-                .await
-                .map_err(|error| Status::internal(format!("scrub task: {error}")))?
-                .map_err(node_status)?;
+        let report = tokio::spawn(async move {
+            crate::scrub::run_pass(
+                &node,
+                rate_bytes_per_second,
+                crate::scrub::PassKind::OnDemand,
+            )
+            .await
+        })
+        .await
+        .map_err(|error| Status::internal(format!("scrub task: {error}")))?
+        .map_err(node_status)?;
         Ok(Response::new(proto::ScrubResponse {
             pass: Some(report.into()),
         }))
