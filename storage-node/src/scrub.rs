@@ -1155,40 +1155,9 @@ mod tests {
     /// block as the scan sees it, and the bytes.
     async fn one_block_file(fill: u8) -> (crate::test_support::TestStorage, ScannedBlock, Vec<u8>) {
         use crate::command::FilesystemCommand;
-        use crate::records::{EntryKind, ROOT_INODE};
-        let mut storage = crate::test_support::TestStorage::new(256 << 20);
         let container_id = 3;
-        storage
-            .apply(
-                container_id,
-                FilesystemCommand::Initialize {
-                    volume_id: 1,
-                    quota_bytes: 0,
-                    now_ns: 1,
-                },
-            )
-            .await
-            .unwrap();
-        let created = storage
-            .apply(
-                container_id,
-                FilesystemCommand::Create {
-                    parent: ROOT_INODE,
-                    name: "f".into(),
-                    kind: EntryKind::File,
-                    mode: 0o644,
-                    uid: 0,
-                    gid: 0,
-                    symlink_target: None,
-                    exclusive: true,
-                    now_ns: 2,
-                },
-            )
-            .await
-            .unwrap();
-        let crate::command::CommandResponse::Attributes { inode, .. } = created else {
-            panic!("unexpected {created:?}");
-        };
+        let mut storage = crate::test_support::TestStorage::initialized(container_id, 0).await;
+        let inode = storage.create_file(container_id, "f").await;
         let data = vec![fill; BLOCK_SIZE_BYTES];
         storage
             .apply(
