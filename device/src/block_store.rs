@@ -15,10 +15,21 @@
 //! Allocation is next-fit from a cursor, first looking (within a bounded window) for one run that
 //! satisfies the whole request, else gathering runs in address order.
 //!
+//! Detached writes (the storage node writes large file data once, to blocks named by a log
+//! record, before the record is applied) add two states on the same bitmaps:
+//! - *held*: reserved for a log record not applied yet: deferred and pinned but not on the
+//!   deferred list, so the persisted view shows it free and a crash leaks nothing. `claim` turns
+//!   a held block into an allocated one when the record is applied.
+//! - *pinned*: a live log record names the block's bytes (a lagging follower or a replay may
+//!   still read them), so a deferred pinned block stays deferred at `release_deferred`. `unpin`
+//!   ends it once the record is purged or truncated; a block still held goes on the deferred
+//!   list then.
+//!
 //! Owns: data region addressing and the free-space bitmap.
 //! Must not depend on: the log store or any index of what the blocks contain.
 //! Invariants: no block is handed out twice; `free_block_count` equals the number of blocks that
-//! are neither allocated nor deferred; a deferred block is never allocated before release.
+//! are neither allocated nor deferred; a deferred block is never allocated before release; a
+//! pinned block is never released.
 
 use std::collections::BTreeSet;
 
@@ -111,6 +122,8 @@ pub struct BlockAllocator {
     /// 1 = freed but not yet released; never allocatable while set.
     deferred: Vec<u64>,
     deferred_extents: Vec<Extent>,
+    /// 1 = a live log record names the block's bytes (see the module doc).
+    pinned: Vec<u64>,
     free_block_count: u64,
     /// Next-fit position (block number).
     cursor: u64,
@@ -127,6 +140,7 @@ impl BlockAllocator {
             allocated: vec![0; word_count],
             deferred: vec![0; word_count],
             deferred_extents: Vec::new(),
+            pinned: vec![0; word_count],
             free_block_count: block_count,
             cursor: 0,
             dirty_groups: BTreeSet::new(),
@@ -156,6 +170,12 @@ impl BlockAllocator {
     pub fn is_deferred(&self, block: u64) -> bool {
         assert!(block < self.block_count, "block {block} out of range");
         bit(&self.deferred, block)
+    }
+
+    /// Whether a live log record names `block` (see the module doc).
+    pub fn is_pinned(&self, block: u64) -> bool {
+        assert!(block < self.block_count, "block {block} out of range");
+        bit(&self.pinned, block)
     }
 
     fn is_unavailable(&self, block: u64) -> bool {
@@ -209,6 +229,139 @@ impl BlockAllocator {
 
     /// Allocates `block_count` blocks, all or nothing, as few extents as next-fit finds.
     pub fn allocate(&mut self, block_count: u64) -> Result<Vec<Extent>, DeviceError> {
+        let extents = self.take_free(block_count)?;
+        for extent in &extents {
+            for block in extent.first_block..extent.first_block + extent.block_count {
+                set_bit(&mut self.allocated, block, true);
+            }
+            self.mark_dirty(*extent);
+        }
+        Ok(extents)
+    }
+
+    /// Reserves `block_count` blocks for a log record that is not applied yet: *held* and
+    /// pinned (module doc). All or nothing. The persisted view does not change.
+    pub fn hold(&mut self, block_count: u64) -> Result<Vec<Extent>, DeviceError> {
+        let extents = self.take_free(block_count)?;
+        for extent in &extents {
+            for block in extent.first_block..extent.first_block + extent.block_count {
+                set_bit(&mut self.deferred, block, true);
+                set_bit(&mut self.pinned, block, true);
+            }
+        }
+        Ok(extents)
+    }
+
+    /// Turns held blocks into allocated ones (they stay pinned). All or nothing: a block that is
+    /// not held is a caller bug, reported as `AllocatorInvariant` without changing anything.
+    pub fn claim(&mut self, extent: Extent) -> Result<(), DeviceError> {
+        self.check_inside(extent)?;
+        let end_block = extent.first_block + extent.block_count;
+        if let Some(block) = (extent.first_block..end_block).find(|&block| !self.is_held(block)) {
+            return Err(DeviceError::AllocatorInvariant {
+                block,
+                reason: "claiming a block that is not held",
+            });
+        }
+        for block in extent.first_block..end_block {
+            set_bit(&mut self.deferred, block, false);
+            set_bit(&mut self.allocated, block, true);
+        }
+        self.mark_dirty(extent);
+        Ok(())
+    }
+
+    /// Ends the pin of `extent` (its log record is gone). `still_held`: the record was never
+    /// applied, so its blocks are still held; they go on the deferred list and become free at
+    /// the next release. Otherwise they are allocated or already on the deferred list.
+    pub fn unpin(&mut self, extent: Extent, still_held: bool) -> Result<(), DeviceError> {
+        self.check_inside(extent)?;
+        let end_block = extent.first_block + extent.block_count;
+        let wrong = (extent.first_block..end_block)
+            .find(|&block| !bit(&self.pinned, block) || (still_held && !self.is_held(block)));
+        if let Some(block) = wrong {
+            return Err(DeviceError::AllocatorInvariant {
+                block,
+                reason: "unpinning a block that is not pinned (or not held)",
+            });
+        }
+        for block in extent.first_block..end_block {
+            set_bit(&mut self.pinned, block, false);
+        }
+        if still_held && extent.block_count > 0 {
+            self.deferred_extents.push(extent);
+        }
+        Ok(())
+    }
+
+    /// Pins `extent` again at start-up, for a live log record found in the recovered log.
+    /// `applied`: the record is applied in the durable state, so its blocks are allocated
+    /// (claimed and still referenced) or free (freed since, or never claimed); free ones become
+    /// deferred, so they keep their bytes until the record goes. Otherwise every block must be
+    /// free, and becomes held, to be claimed by the replay. A block already pinned, or (when not
+    /// applied) not free, is an `AllocatorInvariant` error and changes nothing.
+    pub fn pin_recovered(&mut self, extent: Extent, applied: bool) -> Result<(), DeviceError> {
+        self.check_inside(extent)?;
+        let end_block = extent.first_block + extent.block_count;
+        let wrong = (extent.first_block..end_block)
+            .find(|&block| bit(&self.pinned, block) || (!applied && self.is_unavailable(block)));
+        if let Some(block) = wrong {
+            return Err(DeviceError::AllocatorInvariant {
+                block,
+                reason: "a recovered log record names a block that is pinned or in use",
+            });
+        }
+        for block in extent.first_block..end_block {
+            set_bit(&mut self.pinned, block, true);
+            if self.is_unavailable(block) {
+                continue;
+            }
+            set_bit(&mut self.deferred, block, true);
+            self.free_block_count -= 1;
+            if applied {
+                self.push_deferred_block(block);
+            }
+        }
+        Ok(())
+    }
+
+    /// Deferred and pinned but not allocated: reserved for a record (or freed while pinned; the
+    /// caller knows which, by whether the record was applied).
+    fn is_held(&self, block: u64) -> bool {
+        bit(&self.deferred, block) && bit(&self.pinned, block) && !bit(&self.allocated, block)
+    }
+
+    /// Adds one block to the deferred list, extending the last extent when it is adjacent.
+    fn push_deferred_block(&mut self, block: u64) {
+        if let Some(last) = self.deferred_extents.last_mut() {
+            if last.first_block + last.block_count == block {
+                last.block_count += 1;
+                return;
+            }
+        }
+        self.deferred_extents.push(Extent {
+            first_block: block,
+            block_count: 1,
+        });
+    }
+
+    fn check_inside(&self, extent: Extent) -> Result<(), DeviceError> {
+        let inside = extent
+            .first_block
+            .checked_add(extent.block_count)
+            .is_some_and(|end_block| end_block <= self.block_count);
+        if inside {
+            Ok(())
+        } else {
+            Err(DeviceError::AllocatorInvariant {
+                block: extent.first_block,
+                reason: "extent is outside the data region",
+            })
+        }
+    }
+
+    /// Finds and counts out `block_count` free blocks (all or nothing); the caller marks them.
+    fn take_free(&mut self, block_count: u64) -> Result<Vec<Extent>, DeviceError> {
         if block_count == 0 {
             return Ok(Vec::new());
         }
@@ -235,9 +388,7 @@ impl BlockAllocator {
                     !self.is_unavailable(block),
                     "block {block} handed out twice"
                 );
-                set_bit(&mut self.allocated, block, true);
             }
-            self.mark_dirty(*extent);
         }
         self.free_block_count -= block_count;
         let last = extents.last().expect("non-empty");
@@ -285,14 +436,19 @@ impl BlockAllocator {
         Ok(())
     }
 
-    /// Makes every deferred free allocatable (call once the state that freed them is durable).
+    /// Makes every deferred free allocatable (call once the state that freed them is durable),
+    /// except pinned blocks, which stay deferred until they are unpinned.
     pub fn release_deferred(&mut self) {
         for extent in std::mem::take(&mut self.deferred_extents) {
             for block in extent.first_block..extent.first_block + extent.block_count {
                 debug_assert!(bit(&self.deferred, block));
+                if bit(&self.pinned, block) {
+                    self.push_deferred_block(block);
+                    continue;
+                }
                 set_bit(&mut self.deferred, block, false);
+                self.free_block_count += 1;
             }
-            self.free_block_count += extent.block_count;
         }
     }
 
@@ -495,6 +651,79 @@ mod tests {
         );
         assert_eq!(extents.len(), 3);
         assert_eq!(allocator.free_block_count(), 1);
+    }
+
+    fn extent(first_block: u64, block_count: u64) -> Extent {
+        Extent {
+            first_block,
+            block_count,
+        }
+    }
+
+    #[test]
+    fn held_blocks_are_claimed_or_freed_and_pins_outlive_releases() {
+        let mut allocator = BlockAllocator::new_empty(256);
+        let held = allocator.hold(8).unwrap();
+        assert_eq!(held, [extent(0, 8)]);
+        assert_eq!(allocator.free_block_count(), 248);
+        // Held blocks show free in the persisted view and are never allocated or released.
+        assert!(allocator.take_dirty_groups().is_empty());
+        assert!(!allocator.is_allocated(0) && allocator.is_deferred(0) && allocator.is_pinned(0));
+        allocator.release_deferred();
+        assert_eq!(allocator.allocate(248).unwrap(), [extent(8, 248)]);
+        assert_eq!(allocator.free_block_count(), 0);
+        for block in 8..256 {
+            allocator.free_deferred(extent(block, 1)).unwrap();
+        }
+        allocator.release_deferred();
+        assert_eq!(allocator.free_block_count(), 248);
+
+        // Claimed: allocated and dirty, still pinned. Freed while pinned: stays deferred.
+        allocator.claim(extent(0, 4)).unwrap();
+        assert!(allocator.is_allocated(3) && !allocator.is_deferred(3) && allocator.is_pinned(3));
+        assert_eq!(allocator.take_dirty_groups().len(), 1);
+        assert!(allocator.claim(extent(0, 4)).is_err(), "claimed twice");
+        allocator.free_deferred(extent(0, 4)).unwrap();
+        allocator.release_deferred();
+        assert!(allocator.is_deferred(0), "a pinned block was released");
+        assert_eq!(allocator.free_block_count(), 248);
+        allocator.unpin(extent(0, 4), false).unwrap();
+        allocator.release_deferred();
+        assert!(!allocator.is_deferred(0) && !allocator.is_pinned(0));
+        assert_eq!(allocator.free_block_count(), 252);
+
+        // Never claimed: unpinning puts the held blocks on the deferred list.
+        assert!(allocator.unpin(extent(0, 8), true).is_err(), "half not held");
+        allocator.unpin(extent(4, 4), true).unwrap();
+        assert!(allocator.is_deferred(4));
+        assert!(allocator.unpin(extent(4, 4), true).is_err(), "unpinned twice");
+        allocator.release_deferred();
+        assert_eq!(allocator.free_block_count(), 256);
+        assert!((0..256).all(|block| !allocator.is_unavailable(block)));
+    }
+
+    #[test]
+    fn recovered_pins_keep_or_hold_blocks() {
+        let mut allocator = BlockAllocator::new_empty(128);
+        assert_eq!(allocator.allocate(4).unwrap(), [extent(0, 4)]);
+        // Applied: allocated blocks stay allocated, free ones become deferred, all pinned.
+        allocator.pin_recovered(extent(2, 4), true).unwrap();
+        assert!(allocator.is_allocated(2) && !allocator.is_deferred(2));
+        assert!(allocator.is_deferred(4) && allocator.is_deferred(5));
+        assert_eq!(allocator.free_block_count(), 122);
+        assert!(allocator.pin_recovered(extent(5, 1), true).is_err(), "pinned twice");
+        // Not applied: the blocks must be free, and become held for the replay to claim.
+        assert!(allocator.pin_recovered(extent(0, 1), false).is_err(), "in use");
+        allocator.pin_recovered(extent(10, 2), false).unwrap();
+        assert_eq!(allocator.free_block_count(), 120);
+        allocator.release_deferred();
+        assert_eq!(allocator.free_block_count(), 120, "pinned blocks released");
+        allocator.claim(extent(10, 2)).unwrap();
+        allocator.unpin(extent(2, 4), false).unwrap();
+        allocator.release_deferred();
+        // Blocks 4 and 5 are free again; 0..4 and 10..12 are allocated.
+        assert_eq!(allocator.free_block_count(), 122);
+        assert!(allocator.is_allocated(10) && allocator.is_pinned(10));
     }
 
     #[test]

@@ -112,11 +112,22 @@ const READ_BYTES_MAX: u64 = 4 << 20;
 const KIND_ENTRY: u8 = 1;
 const KIND_TRUNCATE: u8 = 2;
 const KIND_PURGE: u8 = 3;
+const KIND_RETAINED_ENTRY: u8 = 4;
 
 /// One record of the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogRecord {
     Entry {
+        group: u64,
+        index: u64,
+        term: u64,
+        payload: Vec<u8>,
+    },
+    /// An entry whose payload the log index also keeps in memory for as long as the entry is
+    /// live, so the owner gets every live one back at start-up without reading the device
+    /// ([`LogStore::retained_entries`]). For small payloads that describe data kept elsewhere
+    /// (the storage node's detached writes); otherwise exactly like `Entry`.
+    RetainedEntry {
         group: u64,
         index: u64,
         term: u64,
@@ -136,9 +147,19 @@ impl LogRecord {
     fn encoded_length_bytes(&self) -> usize {
         RECORD_HEADER_BYTES
             + match self {
-                LogRecord::Entry { payload, .. } => payload.len(),
+                LogRecord::Entry { payload, .. } | LogRecord::RetainedEntry { payload, .. } => {
+                    payload.len()
+                }
                 _ => 0,
             }
+    }
+
+    /// Whether the record is an entry (of either kind).
+    pub fn is_entry(&self) -> bool {
+        matches!(
+            self,
+            LogRecord::Entry { .. } | LogRecord::RetainedEntry { .. }
+        )
     }
 }
 
@@ -147,6 +168,8 @@ pub struct LogEntry {
     pub index: u64,
     pub term: u64,
     pub payload: Vec<u8>,
+    /// Appended as [`LogRecord::RetainedEntry`].
+    pub retained: bool,
 }
 
 /// What the log knows about one group; ids are `(term, index)`.
@@ -201,6 +224,12 @@ fn encode_batch<'a>(
                 term,
                 payload,
             } => (KIND_ENTRY, *group, *index, *term, payload),
+            LogRecord::RetainedEntry {
+                group,
+                index,
+                term,
+                payload,
+            } => (KIND_RETAINED_ENTRY, *group, *index, *term, payload),
             LogRecord::Truncate { group, index_from } => {
                 (KIND_TRUNCATE, *group, *index_from, 0, &[])
             }
@@ -319,7 +348,7 @@ fn decode_batch(bytes: &[u8]) -> Result<DecodedBatch, BatchDefect> {
             .filter(|&end| end <= batch.len())
             .ok_or_else(|| malformed("payload past the batch end"))?;
         match kind {
-            KIND_ENTRY => {}
+            KIND_ENTRY | KIND_RETAINED_ENTRY => {}
             KIND_TRUNCATE | KIND_PURGE if payload_length_bytes == 0 => {}
             KIND_TRUNCATE | KIND_PURGE => return Err(malformed("control record with a payload")),
             _ => return Err(malformed("unknown record kind")),
@@ -351,6 +380,14 @@ impl RecordHeader {
     fn to_record(self, batch: &[u8]) -> LogRecord {
         match self.kind {
             KIND_ENTRY => LogRecord::Entry {
+                group: self.group,
+                index: self.index,
+                term: self.term,
+                payload: batch
+                    [self.payload_offset..self.payload_offset + self.payload_length_bytes as usize]
+                    .to_vec(),
+            },
+            KIND_RETAINED_ENTRY => LogRecord::RetainedEntry {
                 group: self.group,
                 index: self.index,
                 term: self.term,
@@ -560,11 +597,15 @@ struct EntryLocation {
     length_bytes: u32,
     term: u64,
     checksum: u32,
+    /// A [`LogRecord::RetainedEntry`]: its payload is also in `GroupIndex::retained`.
+    retained: bool,
 }
 
 #[derive(Debug, Default)]
 struct GroupIndex {
     entries: BTreeMap<u64, EntryLocation>,
+    /// Payloads of the live retained entries; always a subset of `entries`' keys.
+    retained: BTreeMap<u64, Vec<u8>>,
     last_purged: Option<(u64, u64)>,
 }
 
@@ -634,12 +675,22 @@ impl LogIndex {
             return;
         };
         let removed = state.entries.split_off(&index_from);
+        state.retained.split_off(&index_from);
         for location in removed.into_values() {
             self.forget(location);
         }
     }
 
-    fn apply_entry(&mut self, group: u64, index: u64, location: EntryLocation) {
+    /// Records a live entry (replacing it and every later one); `retained_payload` is kept in
+    /// memory for a retained entry.
+    fn apply_entry(
+        &mut self,
+        group: u64,
+        index: u64,
+        location: EntryLocation,
+        retained_payload: Option<&[u8]>,
+    ) {
+        assert_eq!(location.retained, retained_payload.is_some());
         let state = self.groups.entry(group).or_default();
         if state
             .last_purged
@@ -650,11 +701,11 @@ impl LogIndex {
         self.remove_from(group, index);
         let slot = self.geometry.slot_of_offset(location.offset_bytes);
         self.segment_live_entries[slot] += 1;
-        self.groups
-            .entry(group)
-            .or_default()
-            .entries
-            .insert(index, location);
+        let state = self.groups.entry(group).or_default();
+        state.entries.insert(index, location);
+        if let Some(payload) = retained_payload {
+            state.retained.insert(index, payload.to_vec());
+        }
     }
 
     fn apply_purge(&mut self, group: u64, index_upto: u64, term: u64) {
@@ -670,24 +721,35 @@ impl LogIndex {
             None => BTreeMap::new(),
         };
         let removed = std::mem::replace(&mut state.entries, kept);
+        state.retained = match index_upto.checked_add(1) {
+            Some(first_kept) => state.retained.split_off(&first_kept),
+            None => BTreeMap::new(),
+        };
         for location in removed.into_values() {
             self.forget(location);
         }
     }
 
-    /// Applies one decoded record whose batch starts at `batch_offset_bytes` on the device.
-    fn apply(&mut self, record: &RecordHeader, batch_offset_bytes: u64) {
+    /// Applies one decoded record whose batch starts at `batch_offset_bytes` on the device;
+    /// `payload` is the record's payload (needed only for a retained entry).
+    fn apply(&mut self, record: &RecordHeader, batch_offset_bytes: u64, payload: &[u8]) {
+        assert_eq!(payload.len(), record.payload_length_bytes as usize);
         match record.kind {
-            KIND_ENTRY => self.apply_entry(
-                record.group,
-                record.index,
-                EntryLocation {
-                    offset_bytes: batch_offset_bytes + record.payload_offset as u64,
-                    length_bytes: record.payload_length_bytes,
-                    term: record.term,
-                    checksum: record.payload_checksum,
-                },
-            ),
+            KIND_ENTRY | KIND_RETAINED_ENTRY => {
+                let retained = record.kind == KIND_RETAINED_ENTRY;
+                self.apply_entry(
+                    record.group,
+                    record.index,
+                    EntryLocation {
+                        offset_bytes: batch_offset_bytes + record.payload_offset as u64,
+                        length_bytes: record.payload_length_bytes,
+                        term: record.term,
+                        checksum: record.payload_checksum,
+                        retained,
+                    },
+                    retained.then_some(payload),
+                )
+            }
             KIND_TRUNCATE => self.remove_from(record.group, record.index),
             _ => self.apply_purge(record.group, record.index, record.term),
         }
@@ -719,7 +781,7 @@ impl AppendRequest {
     fn has_entries(&self) -> bool {
         self.records
             .iter()
-            .any(|record| matches!(record, LogRecord::Entry { .. }))
+            .any(LogRecord::is_entry)
     }
 }
 
@@ -1067,11 +1129,34 @@ impl LogStore {
                     index: *entry_index,
                     term: location.term,
                     payload: payload.to_vec(),
+                    retained: location.retained,
                 });
             }
             cursor = last;
         }
         Ok(entries)
+    }
+
+    /// Every live retained entry of `group`, in index order, from memory (no device read).
+    pub fn retained_entries(&self, group: u64) -> Vec<LogEntry> {
+        let index = self.shared.index.lock().expect("log index lock");
+        let Some(state) = index.groups.get(&group) else {
+            return Vec::new();
+        };
+        state
+            .retained
+            .iter()
+            .map(|(entry_index, payload)| {
+                let location = state.entries[entry_index];
+                debug_assert!(location.retained);
+                LogEntry {
+                    index: *entry_index,
+                    term: location.term,
+                    payload: payload.clone(),
+                    retained: true,
+                }
+            })
+            .collect()
     }
 
     pub fn group_state(&self, group: u64) -> GroupLogState {
@@ -1235,7 +1320,10 @@ async fn recover(
                 Ok(batch) if batch.sequence == expected_batch_sequence => {
                     let batch_offset_bytes = segment_offset_bytes + position as u64;
                     for record in &batch.records {
-                        index.apply(record, batch_offset_bytes);
+                        let payload_start = position + record.payload_offset;
+                        let payload = &segment[payload_start
+                            ..payload_start + record.payload_length_bytes as usize];
+                        index.apply(record, batch_offset_bytes, payload);
                     }
                     expected_batch_sequence += 1;
                     position += batch.length_bytes;
@@ -1586,45 +1674,64 @@ impl Writer {
         {
             let mut index = self.index.lock().expect("log index lock");
             for (record, &(payload_offset, payload_checksum)) in records().zip(&payloads) {
-                let header = match record {
+                let (header, payload): (RecordHeader, &[u8]) = match record {
                     LogRecord::Entry {
                         group,
                         index,
                         term,
                         payload,
-                    } => RecordHeader {
-                        kind: KIND_ENTRY,
-                        group: *group,
-                        index: *index,
-                        term: *term,
-                        payload_length_bytes: payload.len() as u32,
-                        payload_checksum,
-                        payload_offset,
-                    },
-                    LogRecord::Truncate { group, index_from } => RecordHeader {
-                        kind: KIND_TRUNCATE,
-                        group: *group,
-                        index: *index_from,
-                        term: 0,
-                        payload_length_bytes: 0,
-                        payload_checksum: 0,
-                        payload_offset,
-                    },
+                    }
+                    | LogRecord::RetainedEntry {
+                        group,
+                        index,
+                        term,
+                        payload,
+                    } => (
+                        RecordHeader {
+                            kind: if matches!(record, LogRecord::Entry { .. }) {
+                                KIND_ENTRY
+                            } else {
+                                KIND_RETAINED_ENTRY
+                            },
+                            group: *group,
+                            index: *index,
+                            term: *term,
+                            payload_length_bytes: payload.len() as u32,
+                            payload_checksum,
+                            payload_offset,
+                        },
+                        payload,
+                    ),
+                    LogRecord::Truncate { group, index_from } => (
+                        RecordHeader {
+                            kind: KIND_TRUNCATE,
+                            group: *group,
+                            index: *index_from,
+                            term: 0,
+                            payload_length_bytes: 0,
+                            payload_checksum: 0,
+                            payload_offset,
+                        },
+                        &[],
+                    ),
                     LogRecord::Purge {
                         group,
                         index_upto,
                         term,
-                    } => RecordHeader {
-                        kind: KIND_PURGE,
-                        group: *group,
-                        index: *index_upto,
-                        term: *term,
-                        payload_length_bytes: 0,
-                        payload_checksum: 0,
-                        payload_offset,
-                    },
+                    } => (
+                        RecordHeader {
+                            kind: KIND_PURGE,
+                            group: *group,
+                            index: *index_upto,
+                            term: *term,
+                            payload_length_bytes: 0,
+                            payload_checksum: 0,
+                            payload_offset,
+                        },
+                        &[],
+                    ),
                 };
-                index.apply(&header, batch_offset_bytes);
+                index.apply(&header, batch_offset_bytes, payload);
             }
         }
         self.reclaim();
@@ -1824,6 +1931,76 @@ mod tests {
         for task in 0..tasks_count {
             assert_entries(&log, task + 1, 1..appends_per_task + 1, 200).await;
         }
+    }
+
+    fn retained(group: u64, index: u64, term: u64) -> LogRecord {
+        LogRecord::RetainedEntry {
+            group,
+            index,
+            term,
+            payload: payload(group, index, 40),
+        }
+    }
+
+    fn retained_indexes(log: &LogStore, group: u64) -> Vec<(u64, u64)> {
+        log.retained_entries(group)
+            .into_iter()
+            .map(|entry| {
+                assert!(entry.retained);
+                assert_eq!(entry.payload, payload(group, entry.index, 40));
+                (entry.index, entry.term)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn retained_entries_follow_overwrites_truncates_purges_and_restarts() {
+        let file = formatted(SMALL_SEGMENT_BYTES, 16);
+        {
+            let log = open_log(file.path()).unwrap();
+            for index in 1..=10 {
+                let record = if index % 2 == 0 {
+                    retained(1, index, 1)
+                } else {
+                    entry(1, index, 1, 40)
+                };
+                log.append(vec![record, retained(2, index, 1)])
+                    .await
+                    .unwrap();
+            }
+            assert_eq!(
+                retained_indexes(&log, 1),
+                [(2, 1), (4, 1), (6, 1), (8, 1), (10, 1)]
+            );
+            // An ordinary entry over a retained one drops it, and every later one.
+            log.append(vec![entry(1, 8, 2, 40)]).await.unwrap();
+            log.append(vec![LogRecord::Truncate {
+                group: 2,
+                index_from: 7,
+            }])
+            .await
+            .unwrap();
+            log.append(vec![retained(2, 7, 3)]).await.unwrap();
+            log.append(vec![LogRecord::Purge {
+                group: 2,
+                index_upto: 3,
+                term: 1,
+            }])
+            .await
+            .unwrap();
+            let read = log.read_entries(1, 4, 6).await.unwrap();
+            assert_eq!(
+                read.iter().map(|entry| entry.retained).collect::<Vec<_>>(),
+                [true, false]
+            );
+        }
+        let log = open_log(file.path()).unwrap();
+        assert_eq!(retained_indexes(&log, 1), [(2, 1), (4, 1), (6, 1)]);
+        assert_eq!(
+            retained_indexes(&log, 2),
+            [(4, 1), (5, 1), (6, 1), (7, 3)]
+        );
+        assert!(log.retained_entries(3).is_empty());
     }
 
     #[tokio::test]
@@ -2366,6 +2543,18 @@ mod tests {
                 proptest::collection::vec(any::<u8>(), 0..300)
             )
                 .prop_map(|(group, index, term, payload)| LogRecord::Entry {
+                    group,
+                    index,
+                    term,
+                    payload
+                }),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                proptest::collection::vec(any::<u8>(), 0..300)
+            )
+                .prop_map(|(group, index, term, payload)| LogRecord::RetainedEntry {
                     group,
                     index,
                     term,
