@@ -693,10 +693,16 @@ mod tests {
         assert_eq!(allocator.free_block_count(), 252);
 
         // Never claimed: unpinning puts the held blocks on the deferred list.
-        assert!(allocator.unpin(extent(0, 8), true).is_err(), "half not held");
+        assert!(
+            allocator.unpin(extent(0, 8), true).is_err(),
+            "half not held"
+        );
         allocator.unpin(extent(4, 4), true).unwrap();
         assert!(allocator.is_deferred(4));
-        assert!(allocator.unpin(extent(4, 4), true).is_err(), "unpinned twice");
+        assert!(
+            allocator.unpin(extent(4, 4), true).is_err(),
+            "unpinned twice"
+        );
         allocator.release_deferred();
         assert_eq!(allocator.free_block_count(), 256);
         assert!((0..256).all(|block| !allocator.is_unavailable(block)));
@@ -711,9 +717,15 @@ mod tests {
         assert!(allocator.is_allocated(2) && !allocator.is_deferred(2));
         assert!(allocator.is_deferred(4) && allocator.is_deferred(5));
         assert_eq!(allocator.free_block_count(), 122);
-        assert!(allocator.pin_recovered(extent(5, 1), true).is_err(), "pinned twice");
+        assert!(
+            allocator.pin_recovered(extent(5, 1), true).is_err(),
+            "pinned twice"
+        );
         // Not applied: the blocks must be free, and become held for the replay to claim.
-        assert!(allocator.pin_recovered(extent(0, 1), false).is_err(), "in use");
+        assert!(
+            allocator.pin_recovered(extent(0, 1), false).is_err(),
+            "in use"
+        );
         allocator.pin_recovered(extent(10, 2), false).unwrap();
         assert_eq!(allocator.free_block_count(), 120);
         allocator.release_deferred();

@@ -779,9 +779,7 @@ struct AppendRequest {
 
 impl AppendRequest {
     fn has_entries(&self) -> bool {
-        self.records
-            .iter()
-            .any(LogRecord::is_entry)
+        self.records.iter().any(LogRecord::is_entry)
     }
 }
 
@@ -1321,8 +1319,8 @@ async fn recover(
                     let batch_offset_bytes = segment_offset_bytes + position as u64;
                     for record in &batch.records {
                         let payload_start = position + record.payload_offset;
-                        let payload = &segment[payload_start
-                            ..payload_start + record.payload_length_bytes as usize];
+                        let payload = &segment
+                            [payload_start..payload_start + record.payload_length_bytes as usize];
                         index.apply(record, batch_offset_bytes, payload);
                     }
                     expected_batch_sequence += 1;
@@ -1996,10 +1994,7 @@ mod tests {
         }
         let log = open_log(file.path()).unwrap();
         assert_eq!(retained_indexes(&log, 1), [(2, 1), (4, 1), (6, 1)]);
-        assert_eq!(
-            retained_indexes(&log, 2),
-            [(4, 1), (5, 1), (6, 1), (7, 3)]
-        );
+        assert_eq!(retained_indexes(&log, 2), [(4, 1), (5, 1), (6, 1), (7, 3)]);
         assert!(log.retained_entries(3).is_empty());
     }
 

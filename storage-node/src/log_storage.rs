@@ -238,7 +238,9 @@ fn split_records(records: Vec<LogRecord>, chunk_bytes_max: u64) -> Vec<Vec<LogRe
     let mut chunk_bytes = 0u64;
     for record in records {
         let record_bytes = match &record {
-            LogRecord::Entry { payload, .. } => payload.len() as u64,
+            LogRecord::Entry { payload, .. } | LogRecord::RetainedEntry { payload, .. } => {
+                payload.len() as u64
+            }
             _ => 0,
         } + RECORD_OVERHEAD_BYTES;
         if !chunk.is_empty() && chunk_bytes + record_bytes > chunk_bytes_max {
