@@ -2532,28 +2532,26 @@ mod tests {
     fn record() -> impl Strategy<Value = LogRecord> {
         prop_oneof![
             (
+                any::<bool>(),
                 any::<u64>(),
                 any::<u64>(),
                 any::<u64>(),
                 proptest::collection::vec(any::<u8>(), 0..300)
             )
-                .prop_map(|(group, index, term, payload)| LogRecord::Entry {
-                    group,
-                    index,
-                    term,
-                    payload
-                }),
-            (
-                any::<u64>(),
-                any::<u64>(),
-                any::<u64>(),
-                proptest::collection::vec(any::<u8>(), 0..300)
-            )
-                .prop_map(|(group, index, term, payload)| LogRecord::RetainedEntry {
-                    group,
-                    index,
-                    term,
-                    payload
+                .prop_map(|(retained, group, index, term, payload)| if retained {
+                    LogRecord::RetainedEntry {
+                        group,
+                        index,
+                        term,
+                        payload,
+                    }
+                } else {
+                    LogRecord::Entry {
+                        group,
+                        index,
+                        term,
+                        payload,
+                    }
                 }),
             (any::<u64>(), any::<u64>())
                 .prop_map(|(group, index_from)| LogRecord::Truncate { group, index_from }),
