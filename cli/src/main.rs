@@ -438,6 +438,10 @@ async fn status(client: &BallastClient) -> anyhow::Result<()> {
     println!("volumes          {}", status.volume_count);
     println!("uptime           {} s", status.uptime_ms / 1000);
     println!("checksum errors  {}", status.checksum_error_count);
+    println!(
+        "detached writes  {} records in the log pin {} blocks",
+        status.detached_record_count, status.detached_pinned_block_count
+    );
     if let Some(scrub) = &status.scrub {
         println!(
             "scrub            {} passes, {} blocks verified, {} errors, {} repaired, {} unrepairable{}",

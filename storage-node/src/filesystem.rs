@@ -675,6 +675,7 @@ async fn read_block_into(
 }
 
 /// What a ranged rewrite puts into the file.
+#[derive(Clone, Copy)]
 enum Fill<'data> {
     Data(&'data [u8]),
     Zeros(u64),
@@ -723,6 +724,23 @@ async fn rewrite_range(
         ))
         .into());
     }
+    if let Fill::Data(data) = fill {
+        // A detached write: its log writer already put the data in blocks; install them.
+        let aligned = !head_partial_or_tail(offset_bytes, end);
+        if aligned {
+            let checksums = crate::detached::block_checksums(data);
+            if let Some(device_blocks) = transaction.use_detached(&checksums) {
+                assert_eq!(device_blocks.len() as u64, block_count);
+                install_blocks(transaction, inode_number, first, &device_blocks, &checksums);
+                for (_, reference) in &existing {
+                    transaction.free_device_block(reference.device_block);
+                }
+                inode.block_count += new_blocks;
+                transaction.state.used_block_count += new_blocks;
+                return Ok(());
+            }
+        }
+    }
     let mut buffer = AlignedBuffer::new_zeroed((block_count * BLOCK_SIZE) as usize);
     let head_partial = offset_bytes % BLOCK_SIZE != 0;
     let tail_partial = end % BLOCK_SIZE != 0;
@@ -753,7 +771,31 @@ async fn rewrite_range(
         .collect();
     let device_blocks = transaction.storage.write_new_blocks(buffer).await?;
     transaction.record_allocated(&device_blocks);
-    for (position, (&device_block, &checksum)) in device_blocks.iter().zip(&checksums).enumerate() {
+    install_blocks(transaction, inode_number, first, &device_blocks, &checksums);
+    for (_, reference) in &existing {
+        transaction.free_device_block(reference.device_block);
+    }
+    inode.block_count += new_blocks;
+    transaction.state.used_block_count += new_blocks;
+    Ok(())
+}
+
+/// Whether a range starting at `offset_bytes` and ending at `end` has a partial first or last
+/// block.
+fn head_partial_or_tail(offset_bytes: u64, end: u64) -> bool {
+    offset_bytes % BLOCK_SIZE != 0 || end % BLOCK_SIZE != 0
+}
+
+/// Stages the block rows of file blocks `first..` pointing at `device_blocks`.
+fn install_blocks(
+    transaction: &mut Transaction<'_>,
+    inode_number: u64,
+    first: u64,
+    device_blocks: &[u64],
+    checksums: &[u32],
+) {
+    assert_eq!(device_blocks.len(), checksums.len());
+    for (position, (&device_block, &checksum)) in device_blocks.iter().zip(checksums).enumerate() {
         let key = keys::block(
             transaction.container_id,
             inode_number,
@@ -765,12 +807,6 @@ async fn rewrite_range(
         });
         transaction.batch().put(key, value);
     }
-    for (_, reference) in &existing {
-        transaction.free_device_block(reference.device_block);
-    }
-    inode.block_count += new_blocks;
-    transaction.state.used_block_count += new_blocks;
-    Ok(())
 }
 
 /// Drops the block references of file blocks `first..=last` (which must be whole blocks).

@@ -17,6 +17,7 @@
 pub mod cluster;
 pub mod command;
 pub mod deduplication;
+pub mod detached;
 pub mod error;
 pub mod filesystem;
 pub mod keys;
@@ -41,6 +42,8 @@ pub mod types;
 pub use error::{FsError, NodeError, NodeResult};
 pub use node::{NodeConfig, StorageNode};
 
+#[cfg(test)]
+mod detached_tests;
 #[cfg(test)]
 mod filesystem_tests;
 #[cfg(test)]

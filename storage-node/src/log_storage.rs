@@ -23,6 +23,13 @@
 //!   membership with more than one node; it never goes back.
 //! - Recently appended entries stay in memory (bounded by bytes) so that applying them right
 //!   after commit does not read them back from the device.
+//! - Large aligned writes are *detached* (`detached.rs`): the writer reserves blocks, writes the
+//!   data there (all of an append's data in flight together, `RWF_DSYNC` when the group is
+//!   replicated), and only then appends a small retained record naming the blocks and their
+//!   checksums; the apply installs those blocks instead of writing the data a second time.
+//!   Reading such an entry back rebuilds it from the blocks, verifying every checksum. The
+//!   record's pin is registered before openraft hears of the append, and ends after a truncate
+//!   or purge is durable in the log, so no block a live record names is ever reused.
 //!
 //! Invariant: the cache never holds an entry that the device log does not (eventually) hold in
 //! the same order: cache updates happen in the same order as writer operations.
@@ -40,9 +47,11 @@ use openraft::{RaftLogReader, StorageIOError};
 use rocksdb::WriteBatch;
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use crate::detached::{block_checksums, detachable_data, DetachedRecord, Pin};
 use crate::keys;
-use crate::records::encode;
+use crate::records::{encode, BlockRef};
 use crate::state_store::StateStore;
+use crate::storage::NodeStorage;
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 /// Bytes of recent entries kept in memory per container.
@@ -53,9 +62,17 @@ const WRITER_QUEUE_DEPTH: usize = 256;
 const LOG_FULL_WAIT_MS_MAX: u64 = 120_000;
 const LOG_FULL_RETRY_INTERVAL_MS: u64 = 10;
 
+/// An entry on its way to the device log.
+enum PendingRecord {
+    /// Encoded; appended as it is.
+    Ready(LogRecord),
+    /// A detachable write: the writer puts its data in blocks and appends a retained record.
+    Detachable(Entry),
+}
+
 enum LogOperation {
     Append {
-        records: Vec<LogRecord>,
+        records: Vec<PendingRecord>,
         durable: bool,
         callback: LogFlushed<TypeConfig>,
     },
@@ -113,6 +130,8 @@ struct Shared {
     writer: mpsc::Sender<LogOperation>,
     /// Appends are durable before they are acknowledged (see the module doc).
     durable: AtomicBool,
+    /// Writes at least this long (and aligned) are detached; 0: never.
+    detached_write_bytes_min: u64,
 }
 
 /// Log storage of one container; cheap to clone (the reader is a clone).
@@ -130,13 +149,17 @@ impl ContainerLog {
         state: Arc<crate::storage::NodeStorage>,
         checkpoint_wanted: Arc<Notify>,
         replicated: bool,
+        detached_write_bytes_min: u64,
     ) -> Self {
         let (writer, queue) = mpsc::channel(WRITER_QUEUE_DEPTH);
         tokio::spawn(run_writer(
-            container_id,
-            log_store.clone(),
+            Writer {
+                container_id,
+                log_store: log_store.clone(),
+                storage: Arc::clone(&state),
+                checkpoint_wanted,
+            },
             queue,
-            checkpoint_wanted,
         ));
         Self {
             shared: Arc::new(Shared {
@@ -146,6 +169,7 @@ impl ContainerLog {
                 cache: Mutex::new(EntryCache::default()),
                 writer,
                 durable: AtomicBool::new(replicated),
+                detached_write_bytes_min,
             }),
         }
     }
@@ -172,12 +196,172 @@ impl ContainerLog {
     }
 }
 
-async fn run_writer(
+/// What a container's log writer works with.
+struct Writer {
     container_id: u64,
     log_store: LogStore,
-    mut queue: mpsc::Receiver<LogOperation>,
+    storage: Arc<NodeStorage>,
     checkpoint_wanted: Arc<Notify>,
-) {
+}
+
+/// A record ready for the device, with the pin to register once it is there.
+struct Prepared {
+    record: LogRecord,
+    pin: Option<(u64, Pin)>,
+}
+
+impl Writer {
+    /// Appends `records` in order: detachable writes first get their data written to reserved
+    /// blocks. Each chunk's pins are registered once the chunk is in the log; after a failure,
+    /// the reservations of everything not appended are given back.
+    async fn append(&self, records: Vec<PendingRecord>, durable: bool) -> std::io::Result<()> {
+        let prepared = self
+            .detach(records, durable)
+            .await
+            .map_err(std::io::Error::other)?;
+        // One device request holds at most a segment; a follower may receive a batch of large
+        // entries in one go, so split it (order is kept: chunks go one by one).
+        let mut chunks =
+            split_records(prepared, self.log_store.request_length_bytes_max() / 2).into_iter();
+        while let Some(chunk) = chunks.next() {
+            let (records, pins): (Vec<LogRecord>, Vec<Option<(u64, Pin)>>) = chunk
+                .into_iter()
+                .map(|prepared| (prepared.record, prepared.pin))
+                .unzip();
+            let result =
+                append_with_retry(&self.log_store, records, durable, &self.checkpoint_wanted).await;
+            match result {
+                Ok(()) => {
+                    for (index, pin) in pins.into_iter().flatten() {
+                        self.storage
+                            .register_detached(self.container_id, index, pin);
+                    }
+                }
+                Err(error) => {
+                    let unappended = pins
+                        .into_iter()
+                        .flatten()
+                        .chain(chunks.flatten().filter_map(|prepared| prepared.pin));
+                    for (_, pin) in unappended {
+                        self.storage.release_reservation(&pin.extents);
+                    }
+                    return Err(std::io::Error::other(error));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Encodes every record; detachable writes get blocks reserved and their data written (all
+    /// in flight together). A write that finds no room is logged inline instead.
+    async fn detach(
+        &self,
+        records: Vec<PendingRecord>,
+        durable: bool,
+    ) -> Result<Vec<Prepared>, crate::error::NodeError> {
+        enum Slot {
+            Ready(LogRecord),
+            Reserved {
+                entry: Entry,
+                extents: Vec<ballast_device::Extent>,
+            },
+        }
+        let mut slots = Vec::with_capacity(records.len());
+        let mut reserved_failure = None;
+        for record in records {
+            let entry = match record {
+                PendingRecord::Ready(record) => {
+                    slots.push(Slot::Ready(record));
+                    continue;
+                }
+                PendingRecord::Detachable(entry) => entry,
+            };
+            let data_length = detachable_data(&entry, 1)
+                .expect("only detachable writes are pending as such")
+                .len();
+            let reservation = self
+                .storage
+                .reserve_detached((data_length / ballast_device::BLOCK_SIZE_BYTES) as u64);
+            let slot = match reservation {
+                Ok(Some(extents)) => Ok(Slot::Reserved { entry, extents }),
+                Ok(None) => inline_record(self.container_id, &entry).map(Slot::Ready),
+                Err(error) => Err(error),
+            };
+            match slot {
+                Ok(slot) => slots.push(slot),
+                // Stop here; what was reserved so far is given back below.
+                Err(error) => {
+                    reserved_failure = Some(error);
+                    break;
+                }
+            }
+        }
+        let reserved = || {
+            slots.iter().filter_map(|slot| match slot {
+                Slot::Reserved { entry, extents } => Some((entry, extents)),
+                Slot::Ready(_) => None,
+            })
+        };
+        let writes = reserved().map(|(entry, extents)| {
+            let data = detachable_data(entry, 1).expect("checked above");
+            self.storage.write_detached(extents, data, durable)
+        });
+        let written = futures::future::join_all(writes).await;
+        let failure = reserved_failure.or(written.into_iter().find_map(Result::err));
+        if let Some(error) = failure {
+            for (_, extents) in reserved() {
+                self.storage.release_reservation(extents);
+            }
+            return Err(error);
+        }
+        Ok(slots
+            .into_iter()
+            .map(|slot| match slot {
+                Slot::Ready(record) => Prepared { record, pin: None },
+                Slot::Reserved { entry, extents } => {
+                    let data = detachable_data(&entry, 1).expect("checked above");
+                    let checksums = block_checksums(data);
+                    let index = entry.log_id.index;
+                    let term = entry.log_id.leader_id.term;
+                    let payload = DetachedRecord::new(&entry, &extents, checksums.clone()).encode();
+                    Prepared {
+                        record: LogRecord::RetainedEntry {
+                            group: self.container_id,
+                            index,
+                            term,
+                            payload,
+                        },
+                        pin: Some((
+                            index,
+                            Pin {
+                                term,
+                                extents,
+                                checksums,
+                                claimed: false,
+                            },
+                        )),
+                    }
+                }
+            })
+            .collect())
+    }
+}
+
+/// The ordinary log record of `entry`: the whole entry, encoded.
+fn inline_record(container_id: u64, entry: &Entry) -> Result<LogRecord, crate::error::NodeError> {
+    let payload = postcard::to_allocvec(entry)
+        .map_err(|source| crate::error::NodeError::codec("encode a log entry", source))?;
+    Ok(LogRecord::Entry {
+        group: container_id,
+        index: entry.log_id.index,
+        term: entry.log_id.leader_id.term,
+        payload,
+    })
+}
+
+async fn run_writer(writer: Writer, mut queue: mpsc::Receiver<LogOperation>) {
+    let container_id = writer.container_id;
+    let log_store = writer.log_store.clone();
     while let Some(operation) = queue.recv().await {
         match operation {
             LogOperation::Append {
@@ -185,20 +369,11 @@ async fn run_writer(
                 durable,
                 callback,
             } => {
-                let mut result = Ok(());
-                // One device request holds at most a segment; a follower may receive a batch of
-                // large entries in one go, so split it (order is kept: chunks go one by one).
-                for chunk in split_records(records, log_store.request_length_bytes_max() / 2) {
-                    result =
-                        append_with_retry(&log_store, chunk, durable, &checkpoint_wanted).await;
-                    if result.is_err() {
-                        break;
-                    }
-                }
+                let result = writer.append(records, durable).await;
                 if let Err(error) = &result {
                     tracing::error!(container = container_id, %error, "log append failed");
                 }
-                callback.log_io_completed(result.map_err(std::io::Error::other));
+                callback.log_io_completed(result);
             }
             LogOperation::Truncate { index_from, done } => {
                 let result = log_store
@@ -232,12 +407,12 @@ const RECORD_OVERHEAD_BYTES: u64 = 64;
 
 /// Splits records into runs whose estimated encoded size stays under `chunk_bytes_max` (a single
 /// larger record travels alone; the log store then refuses it with a clear error).
-fn split_records(records: Vec<LogRecord>, chunk_bytes_max: u64) -> Vec<Vec<LogRecord>> {
+fn split_records(records: Vec<Prepared>, chunk_bytes_max: u64) -> Vec<Vec<Prepared>> {
     let mut chunks = Vec::new();
     let mut chunk = Vec::new();
     let mut chunk_bytes = 0u64;
     for record in records {
-        let record_bytes = match &record {
+        let record_bytes = match &record.record {
             LogRecord::Entry { payload, .. } | LogRecord::RetainedEntry { payload, .. } => {
                 payload.len() as u64
             }
@@ -323,13 +498,17 @@ impl RaftLogReader<TypeConfig> for ContainerLog {
                 .await
                 .map_err(|error| StorageError::from(StorageIOError::read_logs(&error)))?;
             for stored_entry in stored {
-                let entry: Entry =
+                let entry: Entry = if stored_entry.retained {
+                    self.rebuild_detached(&stored_entry.payload, stored_entry.index)
+                        .await?
+                } else {
                     postcard::from_bytes(&stored_entry.payload).map_err(|error| {
                         StorageError::from(StorageIOError::read_log_at_index(
                             stored_entry.index,
                             &error,
                         ))
-                    })?;
+                    })?
+                };
                 if entry.log_id.index != stored_entry.index {
                     // The record's checksum held but its content names another index: a bug or
                     // a misdirected write. Refuse it rather than feed Raft the wrong entry.
@@ -357,6 +536,79 @@ impl RaftLogReader<TypeConfig> for ContainerLog {
         }
         entries.extend(cached);
         Ok(entries)
+    }
+}
+
+impl ContainerLog {
+    /// Puts `entries` in the cache and turns them into records for the writer.
+    #[allow(clippy::result_large_err)]
+    fn stage(
+        &self,
+        entries: impl IntoIterator<Item = Entry>,
+    ) -> Result<Vec<PendingRecord>, StorageError> {
+        let mut records = Vec::new();
+        {
+            let mut cache = self.shared.cache.lock().expect("cache lock");
+            for entry in entries {
+                if let openraft::EntryPayload::Membership(membership) = &entry.payload {
+                    if membership.nodes().count() > 1 {
+                        self.shared.durable.store(true, Ordering::Release);
+                    }
+                }
+                if let Some(data) = detachable_data(&entry, self.shared.detached_write_bytes_min) {
+                    // Cloning shares the data (`Bytes`) with the cache.
+                    let size = data.len();
+                    records.push(PendingRecord::Detachable(entry.clone()));
+                    cache.insert(entry, size);
+                    continue;
+                }
+                let record = inline_record(self.shared.container_id, &entry).map_err(|error| {
+                    StorageError::from(StorageIOError::write_log_entry(entry.log_id, &error))
+                })?;
+                let size = match &record {
+                    LogRecord::Entry { payload, .. } => payload.len(),
+                    _ => 0,
+                };
+                records.push(PendingRecord::Ready(record));
+                cache.insert(entry, size);
+            }
+        }
+        Ok(records)
+    }
+
+    /// The entry of a retained (detached) record: its data read back from the blocks it names,
+    /// every block verified against the record's checksum. A mismatch is an error, never data.
+    // openraft's StorageError is large by design; it is the trait's error type.
+    #[allow(clippy::result_large_err)]
+    async fn rebuild_detached(&self, payload: &[u8], index: u64) -> Result<Entry, StorageError> {
+        let fail = |message: String| {
+            tracing::error!(container = self.shared.container_id, index, "{message}");
+            StorageError::from(StorageIOError::read_log_at_index(
+                index,
+                &std::io::Error::other(message),
+            ))
+        };
+        let record = DetachedRecord::decode(payload, index).map_err(fail)?;
+        let references: Vec<BlockRef> = record
+            .device_blocks()
+            .into_iter()
+            .zip(&record.checksums)
+            .map(|(device_block, &checksum)| BlockRef {
+                device_block,
+                checksum,
+            })
+            .collect();
+        let context = format!(
+            "detached data of container {} log index {index}",
+            self.shared.container_id
+        );
+        let data = self
+            .shared
+            .state
+            .read_verified(&references, &context)
+            .await
+            .map_err(|error| fail(error.to_string()))?;
+        Ok(record.into_entry(bytes::Bytes::from(data)))
     }
 }
 
@@ -491,28 +743,7 @@ impl RaftLogStorage<TypeConfig> for ContainerLog {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let mut records = Vec::new();
-        {
-            let mut cache = self.shared.cache.lock().expect("cache lock");
-            for entry in entries {
-                if let openraft::EntryPayload::Membership(membership) = &entry.payload {
-                    if membership.nodes().count() > 1 {
-                        self.shared.durable.store(true, Ordering::Release);
-                    }
-                }
-                let payload = postcard::to_allocvec(&entry).map_err(|error| {
-                    StorageError::from(StorageIOError::write_log_entry(entry.log_id, &error))
-                })?;
-                let size = payload.len();
-                records.push(LogRecord::Entry {
-                    group: self.shared.container_id,
-                    index: entry.log_id.index,
-                    term: entry.log_id.leader_id.term,
-                    payload,
-                });
-                cache.insert(entry, size);
-            }
-        }
+        let records = self.stage(entries)?;
         if records.is_empty() {
             callback.log_io_completed(Ok(()));
             return Ok(());
@@ -544,7 +775,13 @@ impl RaftLogStorage<TypeConfig> for ContainerLog {
                     "log writer stopped",
                 )))
             })?
-            .map_err(|error| StorageIOError::write_logs(&error).into())
+            .map_err(|error| StorageError::from(StorageIOError::write_logs(&error)))?;
+        // The truncate is durable: the records it removed can never come back, so their blocks
+        // may be reused.
+        self.shared
+            .state
+            .unpin_detached_from(self.shared.container_id, log_id.index);
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -582,7 +819,35 @@ impl RaftLogStorage<TypeConfig> for ContainerLog {
                     "log writer stopped",
                 )))
             })?
-            .map_err(|error| StorageIOError::write_logs(&error).into())
+            .map_err(|error| StorageError::from(StorageIOError::write_logs(&error)))?;
+        // The purge is durable (see the truncate above).
+        self.shared
+            .state
+            .unpin_detached_upto(self.shared.container_id, log_id.index);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl ContainerLog {
+    /// Appends `entries` as the writer does, without openraft's flush callback (which only
+    /// openraft can make); for tests.
+    pub(crate) async fn append_now(&self, entries: Vec<Entry>) -> std::io::Result<()> {
+        let records = self.stage(entries).map_err(std::io::Error::other)?;
+        let writer = Writer {
+            container_id: self.shared.container_id,
+            log_store: self.shared.log_store.clone(),
+            storage: Arc::clone(&self.shared.state),
+            checkpoint_wanted: Arc::new(Notify::new()),
+        };
+        writer
+            .append(records, self.shared.durable.load(Ordering::Acquire))
+            .await
+    }
+
+    /// Forgets the cached entries, so reads come from the device; for tests.
+    pub(crate) fn forget_cached_entries(&self) {
+        self.shared.cache.lock().expect("cache lock").remove_from(0);
     }
 }
 
@@ -590,24 +855,27 @@ impl RaftLogStorage<TypeConfig> for ContainerLog {
 mod tests {
     use super::*;
 
-    fn entry(index: u64, payload_bytes: usize) -> LogRecord {
-        LogRecord::Entry {
-            group: 1,
-            index,
-            term: 1,
-            payload: vec![0; payload_bytes],
+    fn entry(index: u64, payload_bytes: usize) -> Prepared {
+        Prepared {
+            record: LogRecord::Entry {
+                group: 1,
+                index,
+                term: 1,
+                payload: vec![0; payload_bytes],
+            },
+            pin: None,
         }
     }
 
     #[test]
     fn chunks_keep_order_and_stay_under_the_limit() {
-        let records: Vec<LogRecord> = (1..=10).map(|index| entry(index, 1000)).collect();
+        let records: Vec<Prepared> = (1..=10).map(|index| entry(index, 1000)).collect();
         let chunks = split_records(records, 3_000);
         let indexes: Vec<u64> = chunks
             .iter()
             .flatten()
-            .map(|record| match record {
-                LogRecord::Entry { index, .. } => *index,
+            .map(|prepared| match prepared.record {
+                LogRecord::Entry { index, .. } => index,
                 _ => 0,
             })
             .collect();

@@ -82,6 +82,11 @@ enum NodeCommand {
         #[arg(long, env = "BALLAST_QUIESCE_IDLE_MS",
               default_value_t = ballast_storage_node::quiescence::QUIESCE_IDLE_MS_DEFAULT)]
         quiesce_idle_ms: u64,
+        /// Writes at least this long (and 4 KiB-aligned) have their data written once, to data
+        /// blocks named by the log, instead of into the log and again at apply; 0 turns this off.
+        #[arg(long, env = "BALLAST_DETACHED_WRITE_BYTES_MIN",
+              default_value_t = ballast_storage_node::detached::DETACHED_WRITE_BYTES_MIN_DEFAULT)]
+        detached_write_bytes_min: u64,
     },
 }
 
@@ -141,6 +146,7 @@ fn main() -> anyhow::Result<()> {
             scrub_rate_bytes_per_second,
             scrub_interval_ms,
             quiesce_idle_ms,
+            detached_write_bytes_min,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -163,6 +169,7 @@ fn main() -> anyhow::Result<()> {
                 quiescence: ballast_storage_node::quiescence::QuiescenceConfig {
                     idle_ms: quiesce_idle_ms,
                 },
+                detached_write_bytes_min,
             }))
         }
     }

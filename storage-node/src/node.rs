@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ballast_common::{Clock, SystemClock};
-use ballast_device::{Device, EngineOptions, LogStore};
+use ballast_device::{Device, EngineOptions, LogStore, BLOCK_SIZE_BYTES};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, Config, SnapshotPolicy};
 use tokio::sync::{Mutex, Notify, RwLock};
@@ -75,6 +75,9 @@ pub struct NodeConfig {
     pub scrub: crate::scrub::ScrubConfig,
     /// When idle groups stop their own heartbeats (`quiescence.rs`).
     pub quiescence: crate::quiescence::QuiescenceConfig,
+    /// Writes at least this long (and block-aligned) have their data written once, to blocks
+    /// named by the log (`detached.rs`); 0 logs every write's data inline.
+    pub detached_write_bytes_min: u64,
 }
 
 pub(crate) struct Container {
@@ -183,6 +186,7 @@ impl StorageNode {
             superblock.data_block_count,
             spool,
         )?);
+        repin_detached_records(&log_store, &storage)?;
         let node = Arc::new(Self {
             node_id: superblock.node_id,
             config,
@@ -362,6 +366,7 @@ impl StorageNode {
             Arc::clone(&self.storage),
             Arc::clone(&self.checkpoint_wanted),
             replicated,
+            self.config.detached_write_bytes_min,
         );
         let state_machine = ContainerStateMachine::new(container_id, Arc::clone(&self.storage));
         Raft::new(
@@ -952,7 +957,7 @@ impl StorageNode {
             let (start, end) = keys::container_range(tag, container_id);
             batch.delete_range(start, end);
         }
-        self.storage.commit_batch(batch, &freed).await?;
+        self.storage.commit_batch(batch, &freed, None).await?;
         // Make the drop durable now, so a restart never resurrects half of it.
         self.storage.checkpoint(|_| Ok(())).await?;
         if let Some((_, last_index)) = self.log_store.group_state(container_id).last {
@@ -965,6 +970,8 @@ impl StorageNode {
                 .await
                 .map_err(|source| NodeError::device("purge dropped container log", source))?;
         }
+        // The purge is durable: the container's detached records can never come back.
+        self.storage.unpin_detached_upto(container_id, u64::MAX);
         Ok(())
     }
 
@@ -1062,7 +1069,11 @@ async fn checkpoint_loop(node: Arc<StorageNode>) {
         let over_threshold = used * 100 / region >= CHECKPOINT_LOG_USED_PERCENT;
         let interval_due =
             last_checkpoint.elapsed() >= Duration::from_millis(node.config.checkpoint_interval_ms);
-        if notified || over_threshold || interval_due {
+        // Overwritten detached data stays pinned until a checkpoint lets its records be purged.
+        let detached_limit_bytes = crate::detached::DETACHED_BYTES_PER_CHECKPOINT_MAX
+            .min(node.device.superblock().data_block_count * BLOCK_SIZE_BYTES as u64 / 8);
+        let detached_due = node.storage.detached_bytes_since_checkpoint() >= detached_limit_bytes;
+        if notified || over_threshold || interval_due || detached_due {
             tracing::debug!(used, region, notified, "checkpointing");
             node.checkpoint_all().await;
             last_checkpoint = Instant::now();
@@ -1070,6 +1081,47 @@ async fn checkpoint_loop(node: Arc<StorageNode>) {
             tokio::time::sleep(Duration::from_millis(CHECKPOINT_POLL_INTERVAL_MS)).await;
         }
     }
+}
+
+/// Pins again the blocks of every detached record still live in the device log, before any
+/// group starts (`detached.rs`; `NodeStorage::repin_recovered`). Costs no device read: the log
+/// index keeps retained records in memory.
+pub(crate) fn repin_detached_records(
+    log_store: &LogStore,
+    storage: &NodeStorage,
+) -> NodeResult<()> {
+    let mut record_count = 0usize;
+    for group in log_store.groups() {
+        let retained = log_store.retained_entries(group);
+        if retained.is_empty() {
+            continue;
+        }
+        let applied_index = crate::filesystem::container_state(storage, group)?
+            .last_applied
+            .map(|log_id| log_id.index);
+        let mut records = Vec::with_capacity(retained.len());
+        for entry in retained {
+            match crate::detached::DetachedRecord::decode(&entry.payload, entry.index) {
+                Ok(record) => records.push((entry.index, entry.term, record)),
+                // Its blocks cannot be known; reading the entry will fail the same way, loudly.
+                Err(error) => {
+                    tracing::error!(container = group, %error, "undecodable detached record")
+                }
+            }
+        }
+        record_count += records.len();
+        storage.repin_recovered(group, records, applied_index);
+    }
+    if record_count > 0 {
+        let (pins, blocks) = storage.pinned_counts();
+        tracing::info!(
+            records = record_count,
+            pins,
+            blocks,
+            "re-pinned detached write data"
+        );
+    }
+    Ok(())
 }
 
 /// Formats a device for a new node (see `ballast_device::Device::format`).

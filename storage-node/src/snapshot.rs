@@ -840,7 +840,7 @@ async fn import_into(
         keys::container_singleton(keys::TAG_CONTAINER_STATE, container_id),
         encode(&finish_state(summary.state.clone())),
     );
-    storage.commit_batch(batch, &freed).await?;
+    storage.commit_batch(batch, &freed, None).await?;
     Ok(summary)
 }
 

@@ -87,6 +87,12 @@ impl ContainerStateMachine {
     async fn apply_entry(&self, entry: Entry) -> NodeResult<CommandResponse> {
         let log_id = entry.log_id;
         let mut transaction = Transaction::begin(&self.storage, self.container_id)?;
+        // A write whose data the log writer already put in blocks (`detached.rs`).
+        transaction.offer_detached(self.storage.detached_blocks(
+            self.container_id,
+            log_id.index,
+            log_id.leader_id.term,
+        ));
         let (command, request) = match entry.payload {
             EntryPayload::Blank => (None, None),
             EntryPayload::Membership(membership) => {

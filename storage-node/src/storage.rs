@@ -15,6 +15,11 @@
 //! 4. While an [`ExportView`] exists, checkpoints keep deferred frees deferred: the view's state
 //!    references blocks that later applies may free, and they must keep their bytes until the
 //!    export that reads them has ended.
+//! 5. Detached write data (`detached.rs`): blocks reserved for a log record are *held* and
+//!    pinned; the record's apply *claims* them in `commit_batch`, in the same RocksDB batch as the
+//!    rows that reference them; the pin ends when the record is purged or truncated. Pins and
+//!    the allocator share one mutex, so no checkpoint can release a block between its
+//!    reservation and its pin.
 //!
 //! Must not depend on: Raft types beyond log ids, the gRPC layer.
 
@@ -26,6 +31,7 @@ use ballast_device::{
 };
 use rocksdb::WriteBatch;
 
+use crate::detached::{DetachedBlocks, DetachedRecord, Pin, PinRegistry};
 use crate::error::{FsError, NodeError, NodeResult};
 use crate::keys;
 use crate::records::BlockRef;
@@ -40,7 +46,8 @@ pub const EXPORTS_IN_FLIGHT_MAX: usize = 2;
 pub struct NodeStorage {
     pub state: StateStore,
     pub block_store: BlockStore,
-    allocator: Mutex<BlockAllocator>,
+    /// The allocator and the pins of detached records, under one lock (rule 5).
+    blocks: Mutex<Blocks>,
     /// Serialises state batch writes with checkpoints (see rule 3).
     apply_lock: tokio::sync::Mutex<()>,
     checksum_error_count: AtomicU64,
@@ -51,6 +58,35 @@ pub struct NodeStorage {
     export_slots: Arc<tokio::sync::Semaphore>,
     /// Where snapshots are spooled while they are exported or received.
     pub spool: SpoolDirectory,
+    /// Bytes of detached write data reserved since the last checkpoint (a checkpoint trigger).
+    detached_bytes_since_checkpoint: AtomicU64,
+}
+
+struct Blocks {
+    allocator: BlockAllocator,
+    pins: PinRegistry,
+}
+
+impl Blocks {
+    /// Ends pins whose records left the log: held blocks (never claimed) go on the deferred
+    /// list, claimed ones are allocated or deferred already.
+    fn unpin(&mut self, pins: Vec<Pin>, context: &str) {
+        for pin in pins {
+            for extent in pin.extents {
+                if let Err(error) = self.allocator.unpin(extent, !pin.claimed) {
+                    tracing::error!(%error, ?extent, claimed = pin.claimed, "unpinning detached blocks ({context})");
+                }
+            }
+        }
+    }
+}
+
+/// An apply's claim on the blocks of its detached record (rule 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DetachedClaim {
+    pub container_id: u64,
+    pub index: u64,
+    pub term: u64,
 }
 
 /// A consistent view of the state for a snapshot export, taken between two applies. While it
@@ -102,21 +138,204 @@ impl NodeStorage {
         Ok(Self {
             state,
             block_store,
-            allocator: Mutex::new(allocator),
+            blocks: Mutex::new(Blocks {
+                allocator,
+                pins: PinRegistry::default(),
+            }),
             apply_lock: tokio::sync::Mutex::new(()),
             checksum_error_count: AtomicU64::new(0),
             checkpoint_count: AtomicU64::new(0),
             export_view_count: AtomicUsize::new(0),
             export_slots: Arc::new(tokio::sync::Semaphore::new(EXPORTS_IN_FLIGHT_MAX)),
             spool,
+            detached_bytes_since_checkpoint: AtomicU64::new(0),
         })
     }
 
+    fn lock_blocks(&self) -> std::sync::MutexGuard<'_, Blocks> {
+        self.blocks.lock().expect("allocator lock")
+    }
+
     pub fn free_block_count(&self) -> u64 {
-        self.allocator
-            .lock()
-            .expect("allocator lock")
-            .free_block_count()
+        self.lock_blocks().allocator.free_block_count()
+    }
+
+    /// Live detached records and the blocks they pin.
+    pub fn pinned_counts(&self) -> (usize, u64) {
+        let blocks = self.lock_blocks();
+        (blocks.pins.count(), blocks.pins.block_count())
+    }
+
+    pub fn detached_bytes_since_checkpoint(&self) -> u64 {
+        self.detached_bytes_since_checkpoint.load(Ordering::Relaxed)
+    }
+
+    /// Reserves `block_count` blocks for the data of a detached record: held and pinned (rule
+    /// 5). `None` when the device has no room; the caller then logs the entry inline.
+    pub fn reserve_detached(&self, block_count: u64) -> NodeResult<Option<Vec<Extent>>> {
+        match self.lock_blocks().allocator.hold(block_count) {
+            Ok(extents) => {
+                self.detached_bytes_since_checkpoint
+                    .fetch_add(block_count * BLOCK_SIZE_BYTES as u64, Ordering::Relaxed);
+                Ok(Some(extents))
+            }
+            Err(DeviceError::NoSpace { .. }) => Ok(None),
+            Err(source) => Err(NodeError::device("reserve detached blocks", source)),
+        }
+    }
+
+    /// Gives back a reservation whose record was never appended.
+    pub fn release_reservation(&self, extents: &[Extent]) {
+        let mut blocks = self.lock_blocks();
+        for &extent in extents {
+            if let Err(error) = blocks.allocator.unpin(extent, true) {
+                tracing::error!(%error, ?extent, "releasing a detached reservation");
+            }
+        }
+    }
+
+    /// Writes `data` (whole blocks) to reserved `extents`, all pieces in flight together;
+    /// `durable` writes with `RWF_DSYNC`.
+    pub async fn write_detached(
+        &self,
+        extents: &[Extent],
+        data: &[u8],
+        durable: bool,
+    ) -> NodeResult<()> {
+        let block_total: u64 = extents.iter().map(|extent| extent.block_count).sum();
+        assert_eq!(block_total as usize * BLOCK_SIZE_BYTES, data.len());
+        let mut writes = Vec::new();
+        let mut consumed_bytes = 0usize;
+        for extent in extents {
+            let mut written = 0;
+            while written < extent.block_count {
+                let piece = (extent.block_count - written).min(BLOCKS_PER_REQUEST_MAX);
+                let end = consumed_bytes + piece as usize * BLOCK_SIZE_BYTES;
+                let buffer = AlignedBuffer::from_slice_padded(&data[consumed_bytes..end]);
+                let first_block = extent.first_block + written;
+                writes.push(async move {
+                    if durable {
+                        self.block_store
+                            .write_blocks_durable(first_block, buffer)
+                            .await
+                    } else {
+                        self.block_store.write_blocks(first_block, buffer).await
+                    }
+                });
+                written += piece;
+                consumed_bytes = end;
+            }
+        }
+        for result in futures::future::join_all(writes).await {
+            result.map_err(|source| NodeError::device("write detached data", source))?;
+        }
+        Ok(())
+    }
+
+    /// Records the pin of a detached record once it is in the device log (before its append is
+    /// reported, so before any apply can look for it).
+    pub fn register_detached(&self, container_id: u64, index: u64, pin: Pin) {
+        let mut blocks = self.lock_blocks();
+        let displaced = blocks.pins.insert(container_id, index, pin);
+        if !displaced.is_empty() {
+            // openraft truncates before it overwrites, so this is not expected; handled anyway.
+            tracing::warn!(
+                container = container_id,
+                index,
+                count = displaced.len(),
+                "an append replaced detached records that were not truncated"
+            );
+            blocks.unpin(displaced, "replaced by an append");
+        }
+    }
+
+    /// The blocks of the unclaimed detached record at `(index, term)`, for its apply.
+    pub fn detached_blocks(
+        &self,
+        container_id: u64,
+        index: u64,
+        term: u64,
+    ) -> Option<DetachedBlocks> {
+        let blocks = self.lock_blocks();
+        let pin = blocks.pins.unclaimed(container_id, index, term)?;
+        Some(DetachedBlocks {
+            container_id,
+            index,
+            term,
+            device_blocks: pin.device_blocks(),
+            checksums: pin.checksums.clone(),
+        })
+    }
+
+    /// Ends the pins of records at `index_from` and later, after a truncate is in the log.
+    pub fn unpin_detached_from(&self, container_id: u64, index_from: u64) {
+        let mut blocks = self.lock_blocks();
+        let pins = blocks.pins.remove_from(container_id, index_from);
+        blocks.unpin(pins, "truncate");
+    }
+
+    /// Ends the pins of records at `index_upto` and earlier, after a purge is in the log.
+    pub fn unpin_detached_upto(&self, container_id: u64, index_upto: u64) {
+        let mut blocks = self.lock_blocks();
+        let pins = blocks.pins.remove_upto(container_id, index_upto);
+        blocks.unpin(pins, "purge");
+    }
+
+    /// Pins again, at start-up, the blocks of every detached record still live in the log of
+    /// `container_id` (rule 5). Records at or below the durable `applied_index` count as claimed
+    /// (their blocks are allocated, or free since and then kept deferred); later ones become
+    /// held again, for the replay to claim. A record whose blocks break that (a bug) is logged
+    /// and pinned as applied, so the replay writes new blocks for it.
+    pub fn repin_recovered(
+        &self,
+        container_id: u64,
+        records: Vec<(u64, u64, DetachedRecord)>,
+        applied_index: Option<u64>,
+    ) {
+        let mut blocks = self.lock_blocks();
+        for (index, term, record) in records {
+            let extents = record.extents();
+            let mut applied = Some(index) <= applied_index;
+            let mut pinned = Vec::new();
+            for &extent in &extents {
+                let mut result = blocks.allocator.pin_recovered(extent, applied);
+                if result.is_err() && !applied {
+                    tracing::error!(
+                        container = container_id,
+                        index,
+                        ?extent,
+                        "a detached record's blocks are in use; its replay writes new blocks"
+                    );
+                    // Undo the held pins of this record and pin it as applied instead.
+                    for &done in &pinned {
+                        if let Err(error) = blocks.allocator.unpin(done, true) {
+                            tracing::error!(%error, "undoing a recovered pin");
+                        }
+                    }
+                    pinned.clear();
+                    applied = true;
+                    result = blocks.allocator.pin_recovered(extent, true);
+                }
+                match result {
+                    Ok(()) => pinned.push(extent),
+                    Err(error) => {
+                        tracing::error!(container = container_id, index, ?extent, %error,
+                            "a recovered detached record names blocks pinned by another");
+                    }
+                }
+            }
+            let pin = Pin {
+                term,
+                extents: pinned,
+                checksums: record.checksums,
+                claimed: applied,
+            };
+            let displaced = blocks.pins.insert(container_id, index, pin);
+            assert!(
+                displaced.is_empty(),
+                "recovered records come in index order"
+            );
+        }
     }
 
     pub fn checksum_error_count(&self) -> u64 {
@@ -134,8 +353,8 @@ impl NodeStorage {
         let block_count = (data.len() / BLOCK_SIZE_BYTES) as u64;
         assert!(block_count > 0);
         let extents = {
-            let mut allocator = self.allocator.lock().expect("allocator lock");
-            match allocator.allocate(block_count) {
+            let mut blocks = self.lock_blocks();
+            match blocks.allocator.allocate(block_count) {
                 Ok(extents) => extents,
                 Err(DeviceError::NoSpace {
                     requested_blocks,
@@ -183,9 +402,9 @@ impl NodeStorage {
         }
         if let Err(error) = result {
             // The blocks were never referenced; give them back (deferred: harmless and simple).
-            let mut allocator = self.allocator.lock().expect("allocator lock");
+            let mut blocks = self.lock_blocks();
             for extent in extents {
-                if let Err(free_error) = allocator.free_deferred(extent) {
+                if let Err(free_error) = blocks.allocator.free_deferred(extent) {
                     tracing::error!(%free_error, "returning blocks of a failed write");
                 }
             }
@@ -259,23 +478,48 @@ impl NodeStorage {
     /// Known weakness: a group changed by another container's in-flight allocation may be
     /// persisted before that container's references; a crash in that window leaks those blocks
     /// (allocated, unreferenced). It never corrupts. A free-space audit is future work.
+    ///
+    /// `claim`: the apply uses the blocks of its detached record (rule 5); they become allocated
+    /// in this batch.
     pub async fn commit_batch(
         &self,
         mut batch: WriteBatch,
         freed_device_blocks: &[u64],
+        claim: Option<DetachedClaim>,
     ) -> NodeResult<()> {
         let _guard = self.apply_lock.lock().await;
         {
-            let mut allocator = self.allocator.lock().expect("allocator lock");
+            let mut guard = self.lock_blocks();
+            let blocks = &mut *guard;
+            if let Some(claim) = claim {
+                let Some(pin) = blocks.pins.get_mut(claim.container_id, claim.index) else {
+                    return Err(NodeError::InvalidState(format!(
+                        "claiming the detached blocks of {claim:?}, which are not pinned"
+                    )));
+                };
+                if pin.claimed || pin.term != claim.term {
+                    return Err(NodeError::InvalidState(format!(
+                        "claiming the detached blocks of {claim:?} twice or for another term"
+                    )));
+                }
+                for &extent in &pin.extents {
+                    blocks
+                        .allocator
+                        .claim(extent)
+                        .map_err(|source| NodeError::device("claim detached blocks", source))?;
+                }
+                pin.claimed = true;
+            }
             for &device_block in freed_device_blocks {
-                allocator
+                blocks
+                    .allocator
                     .free_deferred(Extent {
                         first_block: device_block,
                         block_count: 1,
                     })
                     .map_err(|source| NodeError::device("free block", source))?;
             }
-            for (group_index, bitmap) in allocator.take_dirty_groups() {
+            for (group_index, bitmap) in blocks.allocator.take_dirty_groups() {
                 batch.put(keys::allocator_group(group_index), bitmap);
             }
         }
@@ -309,9 +553,9 @@ impl NodeStorage {
     /// Gives back blocks from `write_new_blocks` that no state references, after an import
     /// failed half-way. Deferred, like every free: harmless and simple.
     pub fn discard_new_blocks(&self, device_blocks: &[u64]) {
-        let mut allocator = self.allocator.lock().expect("allocator lock");
+        let mut blocks = self.lock_blocks();
         for &device_block in device_blocks {
-            if let Err(error) = allocator.free_deferred(Extent {
+            if let Err(error) = blocks.allocator.free_deferred(Extent {
                 first_block: device_block,
                 block_count: 1,
             }) {
@@ -330,8 +574,7 @@ impl NodeStorage {
         let _guard = self.apply_lock.lock().await;
         let value = before_flush(&self.state)?;
         {
-            let mut allocator = self.allocator.lock().expect("allocator lock");
-            let dirty = allocator.take_dirty_groups();
+            let dirty = self.lock_blocks().allocator.take_dirty_groups();
             if !dirty.is_empty() {
                 let mut batch = WriteBatch::default();
                 for (group_index, bitmap) in dirty {
@@ -351,11 +594,10 @@ impl NodeStorage {
         // Rule 4: an export still reads blocks that later applies freed. They are released by
         // the first checkpoint after the last view has gone.
         if self.export_view_count.load(Ordering::Acquire) == 0 {
-            self.allocator
-                .lock()
-                .expect("allocator lock")
-                .release_deferred();
+            self.lock_blocks().allocator.release_deferred();
         }
+        self.detached_bytes_since_checkpoint
+            .store(0, Ordering::Relaxed);
         self.checkpoint_count.fetch_add(1, Ordering::Relaxed);
         Ok(value)
     }

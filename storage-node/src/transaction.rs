@@ -11,10 +11,11 @@ use std::collections::BTreeMap;
 
 use rocksdb::WriteBatch;
 
+use crate::detached::DetachedBlocks;
 use crate::error::{FsError, NodeResult};
 use crate::keys;
 use crate::records::{encode, ContainerState, DirentValue, Inode};
-use crate::storage::NodeStorage;
+use crate::storage::{DetachedClaim, NodeStorage};
 use crate::types::LogId;
 
 /// A row of the readdir index: what readdir returns without a second lookup.
@@ -66,6 +67,10 @@ pub struct Transaction<'storage> {
     freed_device_blocks: Vec<u64>,
     /// Blocks this command wrote; given back if the command fails.
     allocated_device_blocks: Vec<u64>,
+    /// Blocks the entry's log writer already wrote this command's data to (`detached.rs`).
+    detached: Option<DetachedBlocks>,
+    /// Set when the command uses `detached`: claimed only if the command commits.
+    claim: Option<DetachedClaim>,
 }
 
 impl<'storage> Transaction<'storage> {
@@ -86,7 +91,35 @@ impl<'storage> Transaction<'storage> {
             batch: StagedRows::default(),
             freed_device_blocks: Vec::new(),
             allocated_device_blocks: Vec::new(),
+            detached: None,
+            claim: None,
         })
+    }
+
+    /// Offers the blocks holding this entry's write data (its detached record's).
+    pub fn offer_detached(&mut self, detached: Option<DetachedBlocks>) {
+        self.detached = detached;
+    }
+
+    /// The offered detached blocks, if they hold exactly `checksums` (the data being applied);
+    /// using them claims them at commit. A mismatch is logged and refused: the caller then
+    /// writes new blocks, as for a write that was not detached.
+    pub fn use_detached(&mut self, checksums: &[u32]) -> Option<Vec<u64>> {
+        let detached = self.detached.take()?;
+        if detached.checksums != checksums {
+            tracing::error!(
+                container = detached.container_id,
+                index = detached.index,
+                "the data applied differs from its detached record's; writing new blocks"
+            );
+            return None;
+        }
+        self.claim = Some(DetachedClaim {
+            container_id: detached.container_id,
+            index: detached.index,
+            term: detached.term,
+        });
+        Some(detached.device_blocks)
     }
 
     pub fn inode(&mut self, inode: u64) -> NodeResult<Option<Inode>> {
@@ -189,7 +222,7 @@ impl<'storage> Transaction<'storage> {
         );
         let batch = std::mem::take(&mut self.batch).into_batch(WriteBatch::default());
         self.storage
-            .commit_batch(batch, &self.freed_device_blocks)
+            .commit_batch(batch, &self.freed_device_blocks, self.claim)
             .await
     }
 
@@ -221,7 +254,7 @@ impl<'storage> Transaction<'storage> {
             encode(&state),
         );
         self.storage
-            .commit_batch(batch, &self.allocated_device_blocks)
+            .commit_batch(batch, &self.allocated_device_blocks, None)
             .await
     }
 }

@@ -31,6 +31,20 @@ pub fn binary_directory() -> PathBuf {
     deps.parent().expect("profile directory").to_path_buf()
 }
 
+/// The checkout these tests run in. Read when the test runs (cargo sets `CARGO_MANIFEST_DIR` for
+/// every test process), not baked in when it is compiled: a target directory shared between
+/// checkouts (CI's clone and a developer's tree) may serve a test binary built from another
+/// checkout, whose compile-time path no longer exists.
+pub fn repository_root() -> PathBuf {
+    let manifest_directory = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_directory
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
 pub fn binary(name: &str) -> PathBuf {
     binary_directory().join(name)
 }

@@ -8,17 +8,12 @@
 //! failure); podman always runs with `--runtime runc` (crun fails on this VM's hybrid cgroups)
 //! and ulimits capped by this process's hard limits.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use crate::{binary, binary_directory};
 
-pub fn repository_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
+use crate::repository_root;
 
 /// Whether root, `tools`, `paths` and the Ballast `binaries` are all here. When something is
 /// missing, the test skips (returns false) outside CI and fails in CI.

@@ -11,12 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn repository_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
+use ballast_tests::repository_root;
 
 /// The checker's interpreter, or None (skip) when it is not installed outside CI.
 fn python() -> Option<PathBuf> {

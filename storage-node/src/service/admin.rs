@@ -322,6 +322,7 @@ impl Admin for AdminService {
                 quiesced: node.quiescence().is_quiesced(container_id),
             });
         }
+        let (detached_record_count, detached_pinned_block_count) = node.storage().pinned_counts();
         Ok(Response::new(proto::StatusResponse {
             node_id: node.node_id(),
             device_path: node.config().device_path.display().to_string(),
@@ -337,6 +338,8 @@ impl Admin for AdminService {
             checksum_error_count: node.storage().checksum_error_count(),
             containers,
             scrub: Some(crate::scrub::status_message(node.scrubber())),
+            detached_record_count: detached_record_count as u64,
+            detached_pinned_block_count,
         }))
     }
 

@@ -1,0 +1,343 @@
+//! Detached write data through the real parts: the container's log writer, the device log store,
+//! the state machine, RocksDB and the allocator, on a device file (`detached.rs`).
+//!
+//! What these tests pin down: the data of a detached write reaches the device once; the apply
+//! installs the blocks the log writer wrote; a record's blocks keep their bytes while the record
+//! is live, even after the file was overwritten and a checkpoint released other frees; a purge
+//! gives them back; a restart re-pins every live record and the replay claims the unapplied ones;
+//! a flipped bit in detached data is an error when the entry is read back, never data; and a
+//! failed apply claims nothing.
+
+use std::sync::Arc;
+
+use ballast_device::{LogStore, BLOCK_SIZE_BYTES};
+use bytes::Bytes;
+use openraft::storage::{RaftLogStorage, RaftStateMachine};
+use openraft::{CommittedLeaderId, EntryPayload, LogId, RaftLogReader, RaftSnapshotBuilder};
+use tokio::sync::Notify;
+
+use crate::command::{Command, CommandResponse, FilesystemCommand};
+use crate::detached::DETACHED_WRITE_BYTES_MIN_DEFAULT;
+use crate::filesystem;
+use crate::log_storage::ContainerLog;
+use crate::state_machine::ContainerStateMachine;
+use crate::storage::NodeStorage;
+use crate::test_support::TestStorage;
+use crate::types::Entry;
+
+const CONTAINER: u64 = 4;
+/// 64 KiB: 16 blocks.
+const WRITE_BYTES: usize = 16 * BLOCK_SIZE_BYTES;
+const WRITE_BLOCKS: u64 = 16;
+
+/// A container with one empty file, its log on the same device, and its state machine. Indexes
+/// 1 and 2 (initialise, create) are applied; entries start at 3.
+struct Setup {
+    test: TestStorage,
+    log_store: LogStore,
+    log: ContainerLog,
+    machine: ContainerStateMachine,
+    inode: u64,
+}
+
+async fn setup() -> Setup {
+    let mut test = TestStorage::initialized(CONTAINER, 0).await;
+    let inode = test.create_file(CONTAINER, "file").await;
+    let log_store = LogStore::open(test.device.engine(), test.device.superblock()).unwrap();
+    let (log, machine) = container(&log_store, &test.storage);
+    Setup {
+        test,
+        log_store,
+        log,
+        machine,
+        inode,
+    }
+}
+
+fn container(
+    log_store: &LogStore,
+    storage: &Arc<NodeStorage>,
+) -> (ContainerLog, ContainerStateMachine) {
+    let log = ContainerLog::new(
+        CONTAINER,
+        log_store.clone(),
+        Arc::clone(storage),
+        Arc::new(Notify::new()),
+        false,
+        DETACHED_WRITE_BYTES_MIN_DEFAULT,
+    );
+    (
+        log,
+        ContainerStateMachine::new(CONTAINER, Arc::clone(storage)),
+    )
+}
+
+fn log_id(index: u64) -> LogId<u64> {
+    LogId::new(CommittedLeaderId::new(1, 1), index)
+}
+
+fn write(index: u64, inode: u64, offset_bytes: u64, fill: u8) -> Entry {
+    Entry {
+        log_id: log_id(index),
+        payload: EntryPayload::Normal(Command::Filesystem(FilesystemCommand::Write {
+            inode,
+            offset_bytes,
+            data: Bytes::from(pattern(fill)),
+            now_ns: 10 + index as i64,
+        })),
+    }
+}
+
+/// Every block different, so a block in the wrong place is seen.
+fn pattern(fill: u8) -> Vec<u8> {
+    (0..WRITE_BYTES)
+        .map(|position| fill ^ (position / BLOCK_SIZE_BYTES) as u8)
+        .collect()
+}
+
+async fn read_back(log: &ContainerLog, index: u64) -> Result<Entry, crate::types::StorageError> {
+    log.forget_cached_entries();
+    let mut reader = log.clone();
+    let mut entries = reader.try_get_log_entries(index..=index).await?;
+    assert_eq!(entries.len(), 1, "entry {index} is in the log");
+    Ok(entries.remove(0))
+}
+
+async fn file_bytes(storage: &NodeStorage, inode: u64, offset_bytes: u64) -> Vec<u8> {
+    filesystem::read(storage, CONTAINER, inode, offset_bytes, WRITE_BYTES as u32)
+        .await
+        .unwrap()
+}
+
+async fn checkpoint(machine: &mut ContainerStateMachine) {
+    let mut builder = machine.get_snapshot_builder().await;
+    builder.build_snapshot().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_detached_write_reaches_the_device_once_and_its_apply_installs_those_blocks() {
+    let Setup {
+        test,
+        log_store,
+        log,
+        mut machine,
+        inode,
+    } = setup().await;
+    let storage = &test.storage;
+    let free_before = storage.free_block_count();
+    let written_before = test.device.engine().statistics().bytes_written;
+    let entry = write(3, inode, 8 * BLOCK_SIZE_BYTES as u64, 0x5a);
+    log.append_now(vec![entry.clone()]).await.unwrap();
+    let retained = log_store.retained_entries(CONTAINER);
+    assert_eq!(retained.len(), 1, "the write went into a retained record");
+    assert!(
+        retained[0].payload.len() < 512,
+        "the record is small: {} bytes",
+        retained[0].payload.len()
+    );
+    assert_eq!(storage.pinned_counts(), (1, WRITE_BLOCKS));
+    assert_eq!(
+        storage.free_block_count(),
+        free_before - WRITE_BLOCKS,
+        "held"
+    );
+    assert_eq!(
+        read_back(&log, 3).await.unwrap(),
+        entry,
+        "rebuilt from the blocks"
+    );
+
+    let responses = machine.apply(vec![entry]).await.unwrap();
+    assert!(
+        matches!(responses[0], CommandResponse::Written { .. }),
+        "{responses:?}"
+    );
+    assert_eq!(
+        storage.free_block_count(),
+        free_before - WRITE_BLOCKS,
+        "the apply claimed the held blocks instead of allocating new ones"
+    );
+    assert!(
+        storage.detached_blocks(CONTAINER, 3, 1).is_none(),
+        "claimed"
+    );
+    assert_eq!(
+        file_bytes(storage, inode, 8 * BLOCK_SIZE_BYTES as u64).await,
+        pattern(0x5a)
+    );
+    let written = test.device.engine().statistics().bytes_written - written_before;
+    // Data once (64 KiB) plus one small log batch; written twice it would be over 128 KiB.
+    assert!(
+        written < (WRITE_BYTES + WRITE_BYTES / 2) as u64,
+        "{written} bytes written to the device for a {WRITE_BYTES}-byte write"
+    );
+}
+
+#[tokio::test]
+async fn an_overwritten_record_keeps_its_bytes_until_purged() {
+    let Setup {
+        test,
+        log,
+        mut machine,
+        inode,
+        ..
+    } = setup().await;
+    let storage = &test.storage;
+    let free_before = storage.free_block_count();
+    let first = write(3, inode, 0, 0x11);
+    let second = write(4, inode, 0, 0x22);
+    log.append_now(vec![first.clone()]).await.unwrap();
+    machine.apply(vec![first.clone()]).await.unwrap();
+    log.append_now(vec![second.clone()]).await.unwrap();
+    machine.apply(vec![second]).await.unwrap();
+    // The first write's blocks are free in the state now; the checkpoint releases frees, but
+    // not blocks a live record names: a lagging follower may still need entry 3.
+    checkpoint(&mut machine).await;
+    assert_eq!(storage.free_block_count(), free_before - 2 * WRITE_BLOCKS);
+    // Take every free block of the device and overwrite it: if entry 3's blocks were
+    // allocatable, they would be among them.
+    let free = storage.free_block_count() as usize;
+    let filler =
+        ballast_device::AlignedBuffer::from_slice_padded(&vec![0xee; free * BLOCK_SIZE_BYTES]);
+    storage.write_new_blocks(filler).await.unwrap();
+    assert_eq!(storage.free_block_count(), 0);
+    assert_eq!(
+        read_back(&log, 3).await.unwrap(),
+        first,
+        "still rebuilt after the overwrite"
+    );
+    assert_eq!(file_bytes(storage, inode, 0).await, pattern(0x22));
+
+    // Purged: the pins go, and the next checkpoint gives entry 3's blocks back.
+    let mut log_storage = log.clone();
+    log_storage.purge(log_id(4)).await.unwrap();
+    assert_eq!(storage.pinned_counts(), (0, 0));
+    checkpoint(&mut machine).await;
+    assert_eq!(storage.free_block_count(), WRITE_BLOCKS);
+}
+
+#[tokio::test]
+async fn a_restart_repins_live_records_and_the_replay_claims_the_unapplied_one() {
+    let Setup {
+        test,
+        log_store,
+        log,
+        mut machine,
+        inode,
+    } = setup().await;
+    let first = write(3, inode, 0, 0x31);
+    let second = write(4, inode, 64 * BLOCK_SIZE_BYTES as u64, 0x42);
+    log.append_now(vec![first.clone(), second.clone()])
+        .await
+        .unwrap();
+    machine.apply(vec![first]).await.unwrap();
+    checkpoint(&mut machine).await;
+    let free_before_crash = test.storage.free_block_count();
+    // The process dies with entry 4 appended but not applied.
+    let TestStorage {
+        directory,
+        device,
+        storage,
+        ..
+    } = test;
+    drop((log, machine, log_store, storage, device));
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+
+    let (device, storage) = crate::test_support::open(directory.path());
+    let log_store = LogStore::open(device.engine(), device.superblock()).unwrap();
+    crate::node::repin_detached_records(&log_store, &storage).unwrap();
+    assert_eq!(storage.pinned_counts(), (2, 2 * WRITE_BLOCKS));
+    assert_eq!(
+        storage.free_block_count(),
+        free_before_crash,
+        "entry 3's blocks are in use, entry 4's held again"
+    );
+    assert!(
+        storage.detached_blocks(CONTAINER, 3, 1).is_none(),
+        "applied before the crash"
+    );
+    assert!(
+        storage.detached_blocks(CONTAINER, 4, 1).is_some(),
+        "waiting for its replay"
+    );
+    let (log, mut machine) = container(&log_store, &storage);
+    let replayed = read_back(&log, 4).await.unwrap();
+    assert_eq!(replayed, second);
+    machine.apply(vec![replayed]).await.unwrap();
+    assert!(
+        storage.detached_blocks(CONTAINER, 4, 1).is_none(),
+        "claimed by the replay"
+    );
+    assert_eq!(
+        storage.free_block_count(),
+        free_before_crash,
+        "no new blocks"
+    );
+    assert_eq!(file_bytes(&storage, inode, 0).await, pattern(0x31));
+    assert_eq!(
+        file_bytes(&storage, inode, 64 * BLOCK_SIZE_BYTES as u64).await,
+        pattern(0x42)
+    );
+}
+
+#[tokio::test]
+async fn a_flipped_bit_in_detached_data_is_an_error_never_data() {
+    let Setup {
+        test, log, inode, ..
+    } = setup().await;
+    let entry = write(3, inode, 0, 0x77);
+    log.append_now(vec![entry]).await.unwrap();
+    let pinned = test
+        .storage
+        .detached_blocks(CONTAINER, 3, 1)
+        .expect("pinned");
+    let device_block = pinned.device_blocks[5];
+    let mut block = test
+        .storage
+        .block_store
+        .read_blocks(device_block, 1)
+        .await
+        .unwrap();
+    block[99] ^= 0x08;
+    test.storage
+        .block_store
+        .write_blocks(device_block, block)
+        .await
+        .unwrap();
+    let errors_before = test.storage.checksum_error_count();
+    let error = read_back(&log, 3)
+        .await
+        .expect_err("a corrupt entry is refused");
+    assert!(error.to_string().contains("checksum"), "{error}");
+    assert_eq!(test.storage.checksum_error_count(), errors_before + 1);
+}
+
+#[tokio::test]
+async fn a_failed_apply_claims_nothing_and_the_purge_gives_the_blocks_back() {
+    let Setup {
+        test,
+        log,
+        mut machine,
+        ..
+    } = setup().await;
+    let storage = &test.storage;
+    let free_before = storage.free_block_count();
+    // No such inode: the apply fails (ENOENT) after the data was written.
+    let entry = write(3, 999, 0, 0x01);
+    log.append_now(vec![entry.clone()]).await.unwrap();
+    let responses = machine.apply(vec![entry]).await.unwrap();
+    assert!(
+        matches!(&responses[0], CommandResponse::Failed(_)),
+        "{responses:?}"
+    );
+    assert!(
+        storage.detached_blocks(CONTAINER, 3, 1).is_some(),
+        "not claimed"
+    );
+    checkpoint(&mut machine).await;
+    let mut log_storage = log.clone();
+    log_storage.purge(log_id(3)).await.unwrap();
+    checkpoint(&mut machine).await;
+    assert_eq!(storage.pinned_counts(), (0, 0));
+    assert_eq!(storage.free_block_count(), free_before, "nothing leaked");
+}
