@@ -28,6 +28,8 @@
 #   SYSBENCH_TIME=60  SYSBENCH_TABLES=4  SYSBENCH_TABLE_SIZE=100000  SYSBENCH_THREADS=4
 #   STARTUP_SIZES_GIB="1 10"  FAILOVER_ROUNDS=10  MOVE_SIZE=2G  IDLE_CONTAINERS=200  IDLE_SECONDS=20
 #   QUIESCE_IDLE_MS=3000  (idle section, the quiescence-on side)
+#   BALLAST_DETACHED_WRITE_BYTES_MIN  passed to every storage node (0 turns detached write data
+#                         off, for an A/B of the write path); recorded in the results
 #   BENCH_SKIP_BUILD=1    use the release binaries already built
 #   BALLAST_BENCH_BIN_DIR use the binaries in this directory (implies nothing about the build)
 #
@@ -321,9 +323,29 @@ section_fuse() {
     for side in ballast native; do
         if [ "$side" = ballast ]; then directory=$ballast_directory; else directory=$native_directory; fi
         drop_caches
+        if [ "$side" = ballast ]; then
+            # What one byte written through the mount costs: device bytes (O_DIRECT writes count
+            # in write_bytes) and CPU of the node and of the FUSE driver.
+            values[device_bytes_before]=$(awk '$1 == "write_bytes:" { print $2 }' "/proc/$node_pid/io")
+            values[node_ticks_before]=$(cpu_ticks "$node_pid")
+            values[fuse_ticks_before]=$(cpu_ticks "$fuse_pid")
+        fi
         fio_json --name=seqwrite --directory="$directory" --filename=sequential.bin --rw=write --bs=1M \
             --size="$fuse_sequential_size" --ioengine=psync --end_fsync=1 --runtime=900
         values[$side.write]=$(fio_field '.jobs[0].write.bw_bytes / 1e6')
+        if [ "$side" = ballast ]; then
+            local written_bytes device_bytes node_ticks fuse_ticks ticks_per_second
+            written_bytes=$(fio_field '.jobs[0].write.io_bytes')
+            device_bytes=$(( $(awk '$1 == "write_bytes:" { print $2 }' "/proc/$node_pid/io") - ${values[device_bytes_before]} ))
+            node_ticks=$(( $(cpu_ticks "$node_pid") - ${values[node_ticks_before]} ))
+            fuse_ticks=$(( $(cpu_ticks "$fuse_pid") - ${values[fuse_ticks_before]} ))
+            ticks_per_second=$(getconf CLK_TCK)
+            note "FUSE sequential write: the node wrote $(awk -v d="$device_bytes" -v w="$written_bytes" 'BEGIN { printf "%.2f", d / w }') device bytes" \
+                "per byte written through the mount (about 2 when every byte goes through the log and again into blocks," \
+                "about 1 with detached write data); CPU per GiB written:" \
+                "node $(awk -v t="$node_ticks" -v h="$ticks_per_second" -v w="$written_bytes" 'BEGIN { printf "%.2f", t / h / (w / 1073741824) }') s," \
+                "FUSE driver $(awk -v t="$fuse_ticks" -v h="$ticks_per_second" -v w="$written_bytes" 'BEGIN { printf "%.2f", t / h / (w / 1073741824) }') s"
+        fi
         drop_caches
         fio_json --name=seqread --directory="$directory" --filename=sequential.bin --rw=read --bs=1M \
             --size="$fuse_sequential_size" --ioengine=psync --runtime=900
@@ -748,6 +770,8 @@ results_file="$results_directory/$(date -u -d "$run_date" '+%Y-%m-%dT%H%M%SZ').m
         "SYSBENCH_TIME=$sysbench_time SYSBENCH_TABLES=$sysbench_tables SYSBENCH_TABLE_SIZE=$sysbench_table_size" \
         "SYSBENCH_THREADS=$sysbench_threads STARTUP_SIZES_GIB=\"$startup_sizes_gib\" FAILOVER_ROUNDS=$failover_rounds" \
         "MOVE_SIZE=$move_size IDLE_CONTAINERS=$idle_containers IDLE_SECONDS=$idle_seconds"
+    echo "- storage nodes: BALLAST_DETACHED_WRITE_BYTES_MIN=${BALLAST_DETACHED_WRITE_BYTES_MIN:-default (16384)}" \
+        "(0: every write's data goes through the log and again into blocks at apply)"
     echo "- ratio = ballast / yardstick; goals are targets, not pass/fail thresholds"
     echo
     printf '%s' "$report_tables"

@@ -88,17 +88,6 @@ impl BlockStore {
         self.engine.write(offset_bytes, buffer).await
     }
 
-    /// Like [`BlockStore::write_blocks`] with `RWF_DSYNC`: durable when this returns.
-    pub async fn write_blocks_durable(
-        &self,
-        first_block: u64,
-        buffer: AlignedBuffer,
-    ) -> Result<AlignedBuffer, DeviceError> {
-        let block_count = (buffer.len() / BLOCK_SIZE_BYTES) as u64;
-        let offset_bytes = self.offset_bytes(first_block, block_count)?;
-        self.engine.write_durable(offset_bytes, buffer).await
-    }
-
     /// Reads `block_count` contiguous blocks starting at `first_block`.
     pub async fn read_blocks(
         &self,

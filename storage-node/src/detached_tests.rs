@@ -341,3 +341,33 @@ async fn a_failed_apply_claims_nothing_and_the_purge_gives_the_blocks_back() {
     assert_eq!(storage.pinned_counts(), (0, 0));
     assert_eq!(storage.free_block_count(), free_before, "nothing leaked");
 }
+
+#[tokio::test]
+async fn a_replicated_append_of_detached_writes_is_made_durable_by_one_flush() {
+    let mut test = TestStorage::initialized(CONTAINER, 0).await;
+    let inode = test.create_file(CONTAINER, "file").await;
+    let log_store = LogStore::open(test.device.engine(), test.device.superblock()).unwrap();
+    let replicated = true;
+    let log = ContainerLog::new(
+        CONTAINER,
+        log_store.clone(),
+        Arc::clone(&test.storage),
+        Arc::new(Notify::new()),
+        replicated,
+        DETACHED_WRITE_BYTES_MIN_DEFAULT,
+    );
+    let engine = test.device.engine();
+    let before = engine.statistics();
+    let entries = vec![
+        write(3, inode, 0, 0x3c),
+        write(4, inode, WRITE_BYTES as u64, 0x4d),
+    ];
+    log.append_now(entries.clone()).await.unwrap();
+    let after = engine.statistics();
+    // Both entries' data and their records are written, then one flush covers them all (not a
+    // synchronous write per piece of data and another for the records).
+    assert_eq!(after.flushes - before.flushes, 1);
+    assert_eq!(log_store.retained_entries(CONTAINER).len(), 2);
+    assert_eq!(read_back(&log, 3).await.unwrap(), entries[0]);
+    assert_eq!(read_back(&log, 4).await.unwrap(), entries[1]);
+}

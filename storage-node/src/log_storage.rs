@@ -24,9 +24,12 @@
 //! - Recently appended entries stay in memory (bounded by bytes) so that applying them right
 //!   after commit does not read them back from the device.
 //! - Large aligned writes are *detached* (`detached.rs`): the writer reserves blocks, writes the
-//!   data there (all of an append's data in flight together, `RWF_DSYNC` when the group is
-//!   replicated), and only then appends a small retained record naming the blocks and their
-//!   checksums; the apply installs those blocks instead of writing the data a second time.
+//!   data there (all of an append's data in flight together), and only then appends a small
+//!   retained record naming the blocks and their checksums; the apply installs those blocks
+//!   instead of writing the data a second time. When the group is replicated, such an append
+//!   is made durable by one device flush after the data and the record are written, not by
+//!   writing each with `RWF_DSYNC` (two synchronous writes in series; and on a block device an
+//!   `RWF_DSYNC` write is a FUA write, durable for its own range only).
 //!   Reading such an entry back rebuilds it from the blocks, verifying every checksum. The
 //!   record's pin is registered before openraft hears of the append, and ends after a truncate
 //!   or purge is durable in the log, so no block a live record names is ever reused.
@@ -215,10 +218,14 @@ impl Writer {
     /// blocks. Each chunk's pins are registered once the chunk is in the log; after a failure,
     /// the reservations of everything not appended are given back.
     async fn append(&self, records: Vec<PendingRecord>, durable: bool) -> std::io::Result<()> {
-        let prepared = self
-            .detach(records, durable)
-            .await
-            .map_err(std::io::Error::other)?;
+        // Detached data and its records are written plainly; a durable append then flushes the
+        // device once (module doc), which covers both.
+        let flush_at_end = durable
+            && records
+                .iter()
+                .any(|record| matches!(record, PendingRecord::Detachable(_)));
+        let durable = durable && !flush_at_end;
+        let prepared = self.detach(records).await.map_err(std::io::Error::other)?;
         // One device request holds at most a segment; a follower may receive a batch of large
         // entries in one go, so split it (order is kept: chunks go one by one).
         let mut chunks =
@@ -249,6 +256,14 @@ impl Writer {
                 }
             }
         }
+        if flush_at_end {
+            // A failure here leaves records in the log that were never acknowledged: like an
+            // append that failed half-way, the group's Raft core stops on the error.
+            self.log_store
+                .flush()
+                .await
+                .map_err(std::io::Error::other)?;
+        }
         Ok(())
     }
 
@@ -257,7 +272,6 @@ impl Writer {
     async fn detach(
         &self,
         records: Vec<PendingRecord>,
-        durable: bool,
     ) -> Result<Vec<Prepared>, crate::error::NodeError> {
         enum Slot {
             Ready(LogRecord),
@@ -304,7 +318,7 @@ impl Writer {
         };
         let writes = reserved().map(|(entry, extents)| {
             let data = detachable_data(entry, 1).expect("checked above");
-            self.storage.write_detached(extents, data, durable)
+            self.storage.write_detached(extents, data)
         });
         let written = futures::future::join_all(writes).await;
         let failure = reserved_failure.or(written.into_iter().find_map(Result::err));

@@ -194,14 +194,9 @@ impl NodeStorage {
         }
     }
 
-    /// Writes `data` (whole blocks) to reserved `extents`, all pieces in flight together;
-    /// `durable` writes with `RWF_DSYNC`.
-    pub async fn write_detached(
-        &self,
-        extents: &[Extent],
-        data: &[u8],
-        durable: bool,
-    ) -> NodeResult<()> {
+    /// Writes `data` (whole blocks) to reserved `extents`, all pieces in flight together. Not
+    /// durable on return: the caller flushes when it needs that.
+    pub async fn write_detached(&self, extents: &[Extent], data: &[u8]) -> NodeResult<()> {
         let block_total: u64 = extents.iter().map(|extent| extent.block_count).sum();
         assert_eq!(block_total as usize * BLOCK_SIZE_BYTES, data.len());
         let mut writes = Vec::new();
@@ -213,15 +208,7 @@ impl NodeStorage {
                 let end = consumed_bytes + piece as usize * BLOCK_SIZE_BYTES;
                 let buffer = AlignedBuffer::from_slice_padded(&data[consumed_bytes..end]);
                 let first_block = extent.first_block + written;
-                writes.push(async move {
-                    if durable {
-                        self.block_store
-                            .write_blocks_durable(first_block, buffer)
-                            .await
-                    } else {
-                        self.block_store.write_blocks(first_block, buffer).await
-                    }
-                });
+                writes.push(self.block_store.write_blocks(first_block, buffer));
                 written += piece;
                 consumed_bytes = end;
             }
