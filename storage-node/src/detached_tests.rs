@@ -44,7 +44,7 @@ async fn setup() -> Setup {
     let mut test = TestStorage::initialized(CONTAINER, 0).await;
     let inode = test.create_file(CONTAINER, "file").await;
     let log_store = LogStore::open(test.device.engine(), test.device.superblock()).unwrap();
-    let (log, machine) = container(&log_store, &test.storage);
+    let (log, machine) = container(&log_store, &test.storage, false);
     Setup {
         test,
         log_store,
@@ -54,16 +54,18 @@ async fn setup() -> Setup {
     }
 }
 
+/// The container's log (`replicated`: appends are durable) and state machine.
 fn container(
     log_store: &LogStore,
     storage: &Arc<NodeStorage>,
+    replicated: bool,
 ) -> (ContainerLog, ContainerStateMachine) {
     let log = ContainerLog::new(
         CONTAINER,
         log_store.clone(),
         Arc::clone(storage),
         Arc::new(Notify::new()),
-        false,
+        replicated,
         DETACHED_WRITE_BYTES_MIN_DEFAULT,
     );
     (
@@ -260,7 +262,7 @@ async fn a_restart_repins_live_records_and_the_replay_claims_the_unapplied_one()
         storage.detached_blocks(CONTAINER, 4, 1).is_some(),
         "waiting for its replay"
     );
-    let (log, mut machine) = container(&log_store, &storage);
+    let (log, mut machine) = container(&log_store, &storage, false);
     let replayed = read_back(&log, 4).await.unwrap();
     assert_eq!(replayed, second);
     machine.apply(vec![replayed]).await.unwrap();
@@ -347,15 +349,7 @@ async fn a_replicated_append_of_detached_writes_is_made_durable_by_one_flush() {
     let mut test = TestStorage::initialized(CONTAINER, 0).await;
     let inode = test.create_file(CONTAINER, "file").await;
     let log_store = LogStore::open(test.device.engine(), test.device.superblock()).unwrap();
-    let replicated = true;
-    let log = ContainerLog::new(
-        CONTAINER,
-        log_store.clone(),
-        Arc::clone(&test.storage),
-        Arc::new(Notify::new()),
-        replicated,
-        DETACHED_WRITE_BYTES_MIN_DEFAULT,
-    );
+    let (log, _) = container(&log_store, &test.storage, true);
     let engine = test.device.engine();
     let before = engine.statistics();
     let entries = vec![
