@@ -36,6 +36,11 @@ dd if=/dev/urandom of="$directory/sample.bin" bs=1M count=64 status=none
 dd if="$directory/sample.bin" of="$mount/sample.bin" bs=1M conv=fsync status=none
 sha256sum "$directory/sample.bin" "$mount/sample.bin" | awk '{print "   " $1 "  " $2}'
 cmp "$directory/sample.bin" "$mount/sample.bin" && echo "   identical"
+echo "-- each replica wrote those 1 MiB writes to its device once: the log holds only records"
+echo "   naming the blocks (pinned until a checkpoint lets the log be purged)"
+for port in 7400 7401 7402; do
+    "$ballast" --node "http://127.0.0.1:$port" status | awk -v port="$port" '/^detached writes/ { sub(/^detached writes +/, ""); print "   node at :" port ": " $0 }'
+done
 echo "-- directories, a symlink, a hard link, an atomic rename"
 mkdir -p "$mount/apps/shop/models"
 echo "v1" > "$mount/apps/shop/models/current.tmp" && mv "$mount/apps/shop/models/current.tmp" "$mount/apps/shop/models/current"
