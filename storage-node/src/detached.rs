@@ -209,12 +209,18 @@ impl Pin {
     }
 }
 
-/// What an apply may use instead of writing new blocks.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DetachedBlocks {
+/// Names the record whose blocks an apply claims (`NodeStorage::commit_batch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DetachedClaim {
     pub container_id: u64,
     pub index: u64,
     pub term: u64,
+}
+
+/// What an apply may use instead of writing new blocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DetachedBlocks {
+    pub claim: DetachedClaim,
     pub device_blocks: Vec<u64>,
     pub checksums: Vec<u32>,
 }

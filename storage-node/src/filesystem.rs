@@ -724,10 +724,11 @@ async fn rewrite_range(
         ))
         .into());
     }
+    let head_partial = offset_bytes % BLOCK_SIZE != 0;
+    let tail_partial = end % BLOCK_SIZE != 0;
     if let Fill::Data(data) = fill {
         // A detached write: its log writer already put the data in blocks; install them.
-        let aligned = !head_partial_or_tail(offset_bytes, end);
-        if aligned {
+        if !head_partial && !tail_partial {
             let checksums = crate::detached::block_checksums(data);
             if let Some(device_blocks) = transaction.use_detached(&checksums) {
                 assert_eq!(device_blocks.len() as u64, block_count);
@@ -742,8 +743,6 @@ async fn rewrite_range(
         }
     }
     let mut buffer = AlignedBuffer::new_zeroed((block_count * BLOCK_SIZE) as usize);
-    let head_partial = offset_bytes % BLOCK_SIZE != 0;
-    let tail_partial = end % BLOCK_SIZE != 0;
     for &(file_block, reference) in &existing {
         let needs_merge =
             (file_block == first && head_partial) || (file_block == last && tail_partial);
@@ -778,12 +777,6 @@ async fn rewrite_range(
     inode.block_count += new_blocks;
     transaction.state.used_block_count += new_blocks;
     Ok(())
-}
-
-/// Whether a range starting at `offset_bytes` and ending at `end` has a partial first or last
-/// block.
-fn head_partial_or_tail(offset_bytes: u64, end: u64) -> bool {
-    offset_bytes % BLOCK_SIZE != 0 || end % BLOCK_SIZE != 0
 }
 
 /// Stages the block rows of file blocks `first..` pointing at `device_blocks`.

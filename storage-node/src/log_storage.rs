@@ -318,7 +318,7 @@ impl Writer {
         };
         let writes = reserved().map(|(entry, extents)| {
             let data = detachable_data(entry, 1).expect("checked above");
-            self.storage.write_detached(extents, data)
+            self.storage.write_extents(extents, data)
         });
         let written = futures::future::join_all(writes).await;
         let failure = reserved_failure.or(written.into_iter().find_map(Result::err));

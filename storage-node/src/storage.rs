@@ -31,7 +31,7 @@ use ballast_device::{
 };
 use rocksdb::WriteBatch;
 
-use crate::detached::{DetachedBlocks, DetachedRecord, Pin, PinRegistry};
+use crate::detached::{DetachedBlocks, DetachedClaim, DetachedRecord, Pin, PinRegistry};
 use crate::error::{FsError, NodeError, NodeResult};
 use crate::keys;
 use crate::records::BlockRef;
@@ -79,14 +79,6 @@ impl Blocks {
             }
         }
     }
-}
-
-/// An apply's claim on the blocks of its detached record (rule 5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DetachedClaim {
-    pub container_id: u64,
-    pub index: u64,
-    pub term: u64,
 }
 
 /// A consistent view of the state for a snapshot export, taken between two applies. While it
@@ -194,9 +186,10 @@ impl NodeStorage {
         }
     }
 
-    /// Writes `data` (whole blocks) to reserved `extents`, all pieces in flight together. Not
-    /// durable on return: the caller flushes when it needs that.
-    pub async fn write_detached(&self, extents: &[Extent], data: &[u8]) -> NodeResult<()> {
+    /// Writes `data` (whole blocks) to `extents`, in order, in pieces of at most
+    /// `BLOCKS_PER_REQUEST_MAX` blocks, all in flight together. Not durable on return: the
+    /// caller flushes when it needs that.
+    pub async fn write_extents(&self, extents: &[Extent], data: &[u8]) -> NodeResult<()> {
         let block_total: u64 = extents.iter().map(|extent| extent.block_count).sum();
         assert_eq!(block_total as usize * BLOCK_SIZE_BYTES, data.len());
         let mut writes = Vec::new();
@@ -214,7 +207,7 @@ impl NodeStorage {
             }
         }
         for result in futures::future::join_all(writes).await {
-            result.map_err(|source| NodeError::device("write detached data", source))?;
+            result.map_err(|source| NodeError::device("write blocks", source))?;
         }
         Ok(())
     }
@@ -246,9 +239,11 @@ impl NodeStorage {
         let blocks = self.lock_blocks();
         let pin = blocks.pins.unclaimed(container_id, index, term)?;
         Some(DetachedBlocks {
-            container_id,
-            index,
-            term,
+            claim: DetachedClaim {
+                container_id,
+                index,
+                term,
+            },
             device_blocks: pin.device_blocks(),
             checksums: pin.checksums.clone(),
         })
@@ -356,37 +351,16 @@ impl NodeStorage {
             }
         };
         let mut device_blocks = Vec::with_capacity(block_count as usize);
-        let mut result = Ok(());
-        if extents.len() == 1 && extents[0].block_count <= BLOCKS_PER_REQUEST_MAX {
-            let extent = extents[0];
-            result = self
-                .block_store
-                .write_blocks(extent.first_block, data)
+        // One extent of one request: written from `data` itself, without a copy.
+        let result = if extents.len() == 1 && extents[0].block_count <= BLOCKS_PER_REQUEST_MAX {
+            self.block_store
+                .write_blocks(extents[0].first_block, data)
                 .await
                 .map(|_| ())
-                .map_err(|source| NodeError::device("write blocks", source));
+                .map_err(|source| NodeError::device("write blocks", source))
         } else {
-            let mut consumed_blocks = 0usize;
-            'extents: for extent in &extents {
-                let mut written = 0;
-                while written < extent.block_count {
-                    let piece = (extent.block_count - written).min(BLOCKS_PER_REQUEST_MAX);
-                    let start = consumed_blocks * BLOCK_SIZE_BYTES;
-                    let end = start + piece as usize * BLOCK_SIZE_BYTES;
-                    let buffer = AlignedBuffer::from_slice_padded(&data[start..end]);
-                    if let Err(source) = self
-                        .block_store
-                        .write_blocks(extent.first_block + written, buffer)
-                        .await
-                    {
-                        result = Err(NodeError::device("write blocks", source));
-                        break 'extents;
-                    }
-                    written += piece;
-                    consumed_blocks += piece as usize;
-                }
-            }
-        }
+            self.write_extents(&extents, &data).await
+        };
         if let Err(error) = result {
             // The blocks were never referenced; give them back (deferred: harmless and simple).
             let mut blocks = self.lock_blocks();

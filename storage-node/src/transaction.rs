@@ -11,11 +11,11 @@ use std::collections::BTreeMap;
 
 use rocksdb::WriteBatch;
 
-use crate::detached::DetachedBlocks;
+use crate::detached::{DetachedBlocks, DetachedClaim};
 use crate::error::{FsError, NodeResult};
 use crate::keys;
 use crate::records::{encode, ContainerState, DirentValue, Inode};
-use crate::storage::{DetachedClaim, NodeStorage};
+use crate::storage::NodeStorage;
 use crate::types::LogId;
 
 /// A row of the readdir index: what readdir returns without a second lookup.
@@ -108,17 +108,13 @@ impl<'storage> Transaction<'storage> {
         let detached = self.detached.take()?;
         if detached.checksums != checksums {
             tracing::error!(
-                container = detached.container_id,
-                index = detached.index,
+                container = detached.claim.container_id,
+                index = detached.claim.index,
                 "the data applied differs from its detached record's; writing new blocks"
             );
             return None;
         }
-        self.claim = Some(DetachedClaim {
-            container_id: detached.container_id,
-            index: detached.index,
-            term: detached.term,
-        });
+        self.claim = Some(detached.claim);
         Some(detached.device_blocks)
     }
 
