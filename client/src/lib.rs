@@ -49,6 +49,9 @@ pub const MESSAGE_SIZE_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// Inode number of the root directory of every volume.
 pub const ROOT_INODE: u64 = 1;
+/// Largest range one Fallocate request allocates (the node accepts up to 4 GiB); larger ranges
+/// are sent in pieces.
+pub const FALLOCATE_BYTES_PER_REQUEST_MAX: u64 = 1 << 30;
 
 /// Tunables of a client. All durations are bounded so no call can hang forever.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1028,8 +1031,39 @@ impl BallastClient {
     }
 
     /// Allocates (or with PUNCH_HOLE = 2, deallocates) a range; `mode` carries Linux
-    /// FALLOC_FL_* bits (KEEP_SIZE = 1).
+    /// FALLOC_FL_* bits (KEEP_SIZE = 1). An allocation is sent in pieces of at most
+    /// [`FALLOCATE_BYTES_PER_REQUEST_MAX`], in order: each piece is one state-machine command
+    /// whose batch grows with its length. A failure part-way leaves the earlier pieces
+    /// allocated, as Linux allows for fallocate.
     pub async fn fallocate(
+        &self,
+        volume: &str,
+        inode: u64,
+        offset_bytes: u64,
+        length_bytes: u64,
+        mode: u32,
+    ) -> Result<proto::Attr, ClientError> {
+        const PUNCH_HOLE: u32 = 2;
+        let end = offset_bytes.saturating_add(length_bytes);
+        if mode & PUNCH_HOLE != 0 || length_bytes <= FALLOCATE_BYTES_PER_REQUEST_MAX {
+            return self
+                .fallocate_once(volume, inode, offset_bytes, length_bytes, mode)
+                .await;
+        }
+        let mut piece_offset = offset_bytes;
+        loop {
+            let piece_end = end.min(piece_offset.saturating_add(FALLOCATE_BYTES_PER_REQUEST_MAX));
+            let attr = self
+                .fallocate_once(volume, inode, piece_offset, piece_end - piece_offset, mode)
+                .await?;
+            if piece_end == end {
+                return Ok(attr);
+            }
+            piece_offset = piece_end;
+        }
+    }
+
+    async fn fallocate_once(
         &self,
         volume: &str,
         inode: u64,

@@ -34,6 +34,10 @@ pub const SYMLINK_TARGET_BYTES_MAX: usize = 4095;
 pub const DIRECTORY_COOKIE_FIRST: u64 = 3;
 /// Most orphans freed by one PurgeOrphans command (bounds the batch).
 const ORPHANS_PER_PURGE_MAX: usize = 1024;
+/// Most blocks one fallocate may span: 4 GiB. Each hole becomes a block row in the command's one
+/// batch (about 45 bytes), so this bounds that batch to about 50 MB; the FUSE driver splits
+/// larger requests.
+pub const FALLOCATE_BLOCK_COUNT_MAX: u64 = 1 << 20;
 
 /// Applies one filesystem command. `Err(NodeError::Fs(..))` is a deterministic command failure.
 pub async fn apply(
@@ -715,15 +719,7 @@ async fn rewrite_range(
     assert!(!only_existing || first == last);
     let block_count = last - first + 1;
     let new_blocks = block_count - existing.len() as u64;
-    let quota = transaction.state.quota_bytes;
-    if quota > 0 && (transaction.state.used_block_count + new_blocks) * BLOCK_SIZE > quota {
-        return Err(FsError::no_space(format!(
-            "volume quota of {quota} bytes reached ({} bytes used, {} more needed)",
-            transaction.state.used_block_count * BLOCK_SIZE,
-            new_blocks * BLOCK_SIZE
-        ))
-        .into());
-    }
+    check_quota(transaction, new_blocks)?;
     let head_partial = offset_bytes % BLOCK_SIZE != 0;
     let tail_partial = end % BLOCK_SIZE != 0;
     if let Fill::Data(data) = fill {
@@ -734,7 +730,7 @@ async fn rewrite_range(
                 assert_eq!(device_blocks.len() as u64, block_count);
                 install_blocks(transaction, inode_number, first, &device_blocks, &checksums);
                 for (_, reference) in &existing {
-                    transaction.free_device_block(reference.device_block);
+                    transaction.free_reference(reference);
                 }
                 inode.block_count += new_blocks;
                 transaction.state.used_block_count += new_blocks;
@@ -772,10 +768,24 @@ async fn rewrite_range(
     transaction.record_allocated(&device_blocks);
     install_blocks(transaction, inode_number, first, &device_blocks, &checksums);
     for (_, reference) in &existing {
-        transaction.free_device_block(reference.device_block);
+        transaction.free_reference(reference);
     }
     inode.block_count += new_blocks;
     transaction.state.used_block_count += new_blocks;
+    Ok(())
+}
+
+/// Refuses `new_blocks` more blocks (written or unwritten) past the volume's quota.
+fn check_quota(transaction: &Transaction<'_>, new_blocks: u64) -> NodeResult<()> {
+    let quota = transaction.state.quota_bytes;
+    if quota > 0 && (transaction.state.used_block_count + new_blocks) * BLOCK_SIZE > quota {
+        return Err(FsError::no_space(format!(
+            "volume quota of {quota} bytes reached ({} bytes used, {} more needed)",
+            transaction.state.used_block_count * BLOCK_SIZE,
+            new_blocks * BLOCK_SIZE
+        ))
+        .into());
+    }
     Ok(())
 }
 
@@ -817,7 +827,7 @@ fn drop_blocks(
     for (file_block, reference) in &existing {
         let key = keys::block(transaction.container_id, inode_number, *file_block);
         transaction.batch().delete(key);
-        transaction.free_device_block(reference.device_block);
+        transaction.free_reference(reference);
     }
     let count = existing.len() as u64;
     assert!(inode.block_count >= count && transaction.state.used_block_count >= count);
@@ -1006,39 +1016,32 @@ async fn fallocate(
             }
         }
     } else {
-        // Allocate every hole block in the range with zeros, in runs of at most 1 MiB.
+        // Every hole block in the range gets an unwritten reference: it reads as zeros and
+        // counts against the quota, and nothing is written to the device (writing zeros doubled
+        // the device bytes of every file laid out with fallocate, as fio and InnoDB do).
         let first = offset_bytes / BLOCK_SIZE;
         let last = (end - 1) / BLOCK_SIZE;
+        if last - first + 1 > FALLOCATE_BLOCK_COUNT_MAX {
+            return Err(FsError::not_supported(format!(
+                "fallocate of {length_bytes} bytes: at most {} bytes at once",
+                FALLOCATE_BLOCK_COUNT_MAX * BLOCK_SIZE
+            ))
+            .into());
+        }
         let existing: std::collections::BTreeSet<u64> =
             block_references(transaction, inode_number, first, last)?
                 .into_iter()
                 .map(|(file_block, _)| file_block)
                 .collect();
-        let mut file_block = first;
-        while file_block <= last {
-            if existing.contains(&file_block) {
-                file_block += 1;
-                continue;
-            }
-            let mut run_end = file_block;
-            while run_end < last
-                && run_end + 1 - file_block < crate::storage::BLOCKS_PER_REQUEST_MAX
-                && !existing.contains(&(run_end + 1))
-            {
-                run_end += 1;
-            }
-            let run_length = (run_end - file_block + 1) * BLOCK_SIZE;
-            rewrite_range(
-                transaction,
-                inode_number,
-                &mut inode,
-                file_block * BLOCK_SIZE,
-                Fill::Zeros(run_length),
-                false,
-            )
-            .await?;
-            file_block = run_end + 1;
+        let new_blocks = (last - first + 1) - existing.len() as u64;
+        check_quota(transaction, new_blocks)?;
+        let unwritten = crate::records::encode(&BlockRef::unwritten());
+        for file_block in (first..=last).filter(|block| !existing.contains(block)) {
+            let key = keys::block(transaction.container_id, inode_number, file_block);
+            transaction.batch().put(key, unwritten.clone());
         }
+        inode.block_count += new_blocks;
+        transaction.state.used_block_count += new_blocks;
         if !keep_size && end > inode.size_bytes {
             inode.size_bytes = end;
         }

@@ -9,7 +9,7 @@ use crate::command::{
 };
 use crate::error::NodeError;
 use crate::filesystem::{self, FILE_SIZE_BYTES_MAX};
-use crate::records::{EntryKind, ROOT_INODE};
+use crate::records::{BlockRef, EntryKind, ROOT_INODE};
 use crate::test_support::TestStorage;
 
 const CONTAINER: u64 = 7;
@@ -189,6 +189,143 @@ async fn fallocate_and_punch_hole() {
     assert_eq!(
         errno(storage.apply(CONTAINER, bad_mode).await),
         Errno::EOPNOTSUPP
+    );
+}
+
+async fn fallocate(
+    storage: &mut TestStorage,
+    inode: u64,
+    offset_bytes: u64,
+    length_bytes: u64,
+    mode: u32,
+) -> Result<CommandResponse, NodeError> {
+    let command = FilesystemCommand::Fallocate {
+        inode,
+        offset_bytes,
+        length_bytes,
+        mode,
+        now_ns: 6,
+    };
+    storage.apply(CONTAINER, command).await
+}
+
+fn block_reference(storage: &TestStorage, inode: u64, file_block: u64) -> Option<BlockRef> {
+    storage
+        .storage
+        .state
+        .get(&crate::keys::block(CONTAINER, inode, file_block), "block")
+        .unwrap()
+}
+
+/// fallocate gives holes unwritten references: quota and st_blocks count them, they read as
+/// zeros, and no device block is taken until a write lands on them.
+#[tokio::test]
+async fn fallocate_takes_quota_but_no_device_blocks() {
+    const BLOCK: u64 = 4096;
+    let mut storage = initialized(16 * BLOCK).await;
+    let file = create(&mut storage, ROOT_INODE, "f", EntryKind::File).await;
+    write(&mut storage, file, 0, &[5u8; 4096]).await.unwrap();
+    let free_start = storage.storage.free_block_count();
+
+    fallocate(&mut storage, file, 0, 10 * BLOCK, 0)
+        .await
+        .unwrap();
+    assert_eq!(used_blocks(&storage), 10);
+    let inode = filesystem::get_inode(&storage.storage, CONTAINER, file).unwrap();
+    assert_eq!((inode.size_bytes, inode.block_count), (10 * BLOCK, 10));
+    assert_eq!(
+        storage.storage.free_block_count(),
+        free_start,
+        "no device block taken"
+    );
+    assert_eq!(block_reference(&storage, file, 0).unwrap().checksum, {
+        ballast_common::checksum(&[5u8; 4096])
+    });
+    assert!(block_reference(&storage, file, 1).unwrap().is_unwritten());
+    let mut expected = vec![0u8; 10 * BLOCK as usize];
+    expected[..4096].fill(5);
+    assert_eq!(read(&storage, file, 0, 10 * BLOCK as u32).await, expected);
+
+    // Past the quota: refused, nothing changes.
+    assert_eq!(
+        errno(fallocate(&mut storage, file, 0, 20 * BLOCK, 0).await),
+        Errno::ENOSPC
+    );
+    assert_eq!(used_blocks(&storage), 10);
+    assert_eq!(
+        filesystem::get_inode(&storage.storage, CONTAINER, file)
+            .unwrap()
+            .size_bytes,
+        10 * BLOCK
+    );
+
+    // A partial write over two unwritten blocks merges with zeros and takes two device blocks,
+    // but no more quota; a whole-block write takes one.
+    write(&mut storage, file, 2 * BLOCK - 50, &[7u8; 100])
+        .await
+        .unwrap();
+    write(&mut storage, file, 4 * BLOCK, &[8u8; 4096])
+        .await
+        .unwrap();
+    assert_eq!(used_blocks(&storage), 10);
+    assert_eq!(storage.storage.free_block_count(), free_start - 3);
+    expected[2 * BLOCK as usize - 50..2 * BLOCK as usize + 50].fill(7);
+    expected[4 * BLOCK as usize..5 * BLOCK as usize].fill(8);
+    assert_eq!(read(&storage, file, 0, 10 * BLOCK as u32).await, expected);
+    assert!(!block_reference(&storage, file, 2).unwrap().is_unwritten());
+
+    // Punching unwritten blocks gives back quota; dropping the file gives back every device
+    // block it took, and none it did not.
+    fallocate(
+        &mut storage,
+        file,
+        6 * BLOCK,
+        3 * BLOCK,
+        FALLOCATE_PUNCH_HOLE | FALLOCATE_KEEP_SIZE,
+    )
+    .await
+    .unwrap();
+    assert_eq!(used_blocks(&storage), 7);
+    assert_eq!(read(&storage, file, 0, 10 * BLOCK as u32).await, expected);
+    let truncate = FilesystemCommand::SetAttributes {
+        inode: file,
+        changes: AttributeChanges {
+            size_bytes: Some(0),
+            ..Default::default()
+        },
+        now_ns: 9,
+    };
+    storage.apply(CONTAINER, truncate).await.unwrap();
+    assert_eq!(used_blocks(&storage), 0);
+    storage.storage.checkpoint(|_| Ok(())).await.unwrap();
+    assert_eq!(storage.storage.free_block_count(), free_start + 1);
+}
+
+#[tokio::test]
+async fn fallocate_is_bounded_per_command_and_refuses_a_damaged_unwritten_reference() {
+    let mut storage = initialized(0).await;
+    let file = create(&mut storage, ROOT_INODE, "f", EntryKind::File).await;
+    let too_long = (filesystem::FALLOCATE_BLOCK_COUNT_MAX + 1) * 4096;
+    assert_eq!(
+        errno(fallocate(&mut storage, file, 0, too_long, 0).await),
+        Errno::EOPNOTSUPP
+    );
+    assert_eq!(used_blocks(&storage), 0);
+    fallocate(&mut storage, file, 0, 4096, 0).await.unwrap();
+    // The sentinel with any other CRC is a damaged row: an error, never zeros.
+    let mut batch = rocksdb::WriteBatch::default();
+    batch.put(
+        crate::keys::block(CONTAINER, file, 0),
+        crate::records::encode(&BlockRef {
+            device_block: BlockRef::UNWRITTEN_DEVICE_BLOCK,
+            checksum: 1,
+        }),
+    );
+    storage.storage.state.write_unlogged(batch).unwrap();
+    let result = filesystem::read(&storage.storage, CONTAINER, file, 0, 4096).await;
+    assert!(
+        matches!(result, Err(NodeError::ChecksumMismatch(_))),
+        "got {result:?}"
     );
 }
 

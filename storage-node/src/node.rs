@@ -929,17 +929,7 @@ impl StorageNode {
                 tracing::warn!(container = container_id, %error, "raft shutdown");
             }
         }
-        let (block_start, block_end) = keys::container_range(keys::TAG_BLOCK, container_id);
-        let mut freed = Vec::new();
-        self.storage
-            .state
-            .scan(&block_start, &block_end, usize::MAX, |_, value| {
-                freed.push(
-                    crate::records::decode::<crate::records::BlockRef>(value, "block reference")?
-                        .device_block,
-                );
-                Ok(true)
-            })?;
+        let freed = self.storage.container_device_blocks(container_id)?;
         let mut batch = rocksdb::WriteBatch::default();
         for tag in [
             keys::TAG_CONTAINER_STATE,

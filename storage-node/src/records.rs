@@ -60,10 +60,45 @@ pub struct DirentValue {
 }
 
 /// Where one 4 KiB file block lives on the device, and its CRC-32.
+///
+/// An *unwritten* reference (from `fallocate`) has no device block: `device_block` is
+/// [`BlockRef::UNWRITTEN_DEVICE_BLOCK`] and `checksum` is the CRC-32 of a zero block. It reads
+/// as zeros, counts against the quota like any block, and is never read from, freed on, or
+/// written to the device. Device block numbers are far below `u64::MAX`, so the sentinel cannot
+/// name a real block, and the encoding stays that of every other reference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockRef {
     pub device_block: u64,
     pub checksum: u32,
+}
+
+impl BlockRef {
+    /// The `device_block` of an unwritten reference.
+    pub const UNWRITTEN_DEVICE_BLOCK: u64 = u64::MAX;
+
+    /// A reference to a block of zeros that holds no device block.
+    pub fn unwritten() -> BlockRef {
+        BlockRef {
+            device_block: Self::UNWRITTEN_DEVICE_BLOCK,
+            checksum: zero_block_checksum(),
+        }
+    }
+
+    /// Whether this reference holds no device block (reads as zeros).
+    pub fn is_unwritten(&self) -> bool {
+        self.device_block == Self::UNWRITTEN_DEVICE_BLOCK
+    }
+
+    /// The device block this reference holds, if any.
+    pub fn written_device_block(&self) -> Option<u64> {
+        (!self.is_unwritten()).then_some(self.device_block)
+    }
+}
+
+/// CRC-32 of a 4096-byte block of zeros (computed once).
+pub fn zero_block_checksum() -> u32 {
+    static CHECKSUM: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *CHECKSUM.get_or_init(|| ballast_common::checksum(&[0u8; 4096]))
 }
 
 /// The state-machine header of one container, written atomically with every apply.

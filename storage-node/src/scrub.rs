@@ -357,6 +357,16 @@ struct ScannedBlock {
 }
 
 impl ScannedBlock {
+    /// The block row as a block to verify; `None` for an unwritten reference, which has no
+    /// device block to verify or repair.
+    fn from_row(key: &[u8], value: &[u8]) -> NodeResult<Option<ScannedBlock>> {
+        let reference: BlockRef = decode(value, "block reference")?;
+        Ok((!reference.is_unwritten()).then(|| ScannedBlock {
+            key: key.to_vec(),
+            reference,
+        }))
+    }
+
     fn inode(&self) -> u64 {
         u64::from_be_bytes(self.key[9..17].try_into().expect("block key is 25 bytes"))
     }
@@ -703,22 +713,10 @@ async fn scrub_container(
     let (first, end) = keys::container_range(keys::TAG_BLOCK, container_id);
     let mut start = start_key.unwrap_or(first);
     loop {
-        let mut page = Vec::with_capacity(SCAN_PAGE_ROW_COUNT);
-        storage
-            .state
-            .scan(&start, &end, SCAN_PAGE_ROW_COUNT, |key, value| {
-                page.push(ScannedBlock {
-                    key: key.to_vec(),
-                    reference: decode(value, "block reference")?,
-                });
-                Ok(true)
-            })?;
-        let Some(last) = page.last() else {
+        let Some(BlockPage { blocks: page, next }) = scan_block_page(storage, &start, &end)? else {
             return Ok(());
         };
-        // The next page starts just after the last key seen.
-        start = last.key.clone();
-        start.push(0);
+        start = next.clone().unwrap_or_else(|| end.clone());
         let suspects = verify_page(storage, &page, pacer, report).await;
         for block in &suspects {
             report.add_outcome(handle_suspect(node, container_id, block).await);
@@ -733,10 +731,48 @@ async fn scrub_container(
                 },
             )?;
         }
-        if page.len() < SCAN_PAGE_ROW_COUNT {
+        if next.is_none() {
             return Ok(());
         }
     }
+}
+
+/// One page of a container's block rows.
+struct BlockPage {
+    /// The written blocks among them (unwritten ones have nothing to verify).
+    blocks: Vec<ScannedBlock>,
+    /// Where the next page starts; `None` when this page reached the end of the range.
+    next: Option<Vec<u8>>,
+}
+
+/// Reads up to [`SCAN_PAGE_ROW_COUNT`] block rows from `start`; `None` when there are none.
+/// The page is full by rows, not by written blocks, so a long run of unwritten rows neither
+/// ends the scan early nor grows a page.
+fn scan_block_page(
+    storage: &NodeStorage,
+    start: &[u8],
+    end: &[u8],
+) -> NodeResult<Option<BlockPage>> {
+    let mut blocks = Vec::new();
+    let mut row_count = 0;
+    let mut key_last = None;
+    storage
+        .state
+        .scan(start, end, SCAN_PAGE_ROW_COUNT, |key, value| {
+            row_count += 1;
+            key_last = Some(key.to_vec());
+            blocks.extend(ScannedBlock::from_row(key, value)?);
+            Ok(true)
+        })?;
+    let Some(mut next) = key_last else {
+        return Ok(None);
+    };
+    // The next page starts just after the last key seen.
+    next.push(0);
+    Ok(Some(BlockPage {
+        blocks,
+        next: (row_count == SCAN_PAGE_ROW_COUNT).then_some(next),
+    }))
 }
 
 /// Holds `running` up while a pass runs, and lowers it however the pass ends (even when its
@@ -882,10 +918,7 @@ pub async fn repair_read_range(
         &end,
         READ_REPAIR_BLOCK_COUNT_MAX as usize,
         |key, value| {
-            page.push(ScannedBlock {
-                key: key.to_vec(),
-                reference: decode(value, "block reference")?,
-            });
+            page.extend(ScannedBlock::from_row(key, value)?);
             Ok(true)
         },
     )?;
@@ -946,6 +979,15 @@ pub async fn serve_block(
             applied_index,
         });
     };
+    if reference.is_unwritten() {
+        // Zeros with the zero block's CRC: what this replica's file holds there.
+        return Ok(cluster_proto::ReadBlockResponse {
+            present: true,
+            checksum: reference.checksum,
+            data: vec![0u8; BLOCK_SIZE_BYTES],
+            applied_index,
+        });
+    }
     let read = node
         .storage
         .block_store
@@ -963,22 +1005,22 @@ pub async fn serve_block(
                 .get::<BlockRef>(&block.key, "block reference")?
             {
                 Some(current) => {
-                    let bytes = storage
-                        .block_store
-                        .read_blocks(current.device_block, 1)
-                        .await
-                        .map_err(|source| NodeError::device("ReadBlock", source))?;
-                    if ballast_common::checksum(&bytes) != current.checksum {
-                        return Err(NodeError::ChecksumMismatch(format!(
-                            "container {container_id} inode {} block {}: this replica's copy \
-                             is bad too",
-                            request.inode, request.block_index
-                        )));
-                    }
+                    // The verified read (an unwritten reference reads as zeros).
+                    let bytes = match storage.read_verified(&[current], "ReadBlock").await {
+                        Ok(bytes) => bytes,
+                        Err(NodeError::ChecksumMismatch(message)) => {
+                            return Err(NodeError::ChecksumMismatch(format!(
+                                "container {container_id} inode {} block {}: this replica's \
+                                 copy is bad too ({message})",
+                                request.inode, request.block_index
+                            )))
+                        }
+                        Err(other) => return Err(other),
+                    };
                     return Ok(cluster_proto::ReadBlockResponse {
                         present: true,
                         checksum: current.checksum,
-                        data: bytes.to_vec(),
+                        data: bytes,
                         applied_index,
                     });
                 }
@@ -1174,6 +1216,49 @@ mod tests {
         let key = keys::block(container_id, inode, 0);
         let reference: BlockRef = storage.storage.state.get(&key, "block").unwrap().unwrap();
         (storage, ScannedBlock { key, reference }, data)
+    }
+
+    /// Unwritten rows are skipped, yet count toward a full page: the scan goes past a long run
+    /// of them to the written blocks behind it.
+    #[tokio::test]
+    async fn the_scan_skips_unwritten_rows_and_goes_on_past_them() {
+        use crate::command::FilesystemCommand;
+        let container_id = 3;
+        let mut storage = crate::test_support::TestStorage::initialized(container_id, 0).await;
+        let inode = storage.create_file(container_id, "f").await;
+        let unwritten_count = 3 * SCAN_PAGE_ROW_COUNT as u64 + 7;
+        let commands = [
+            FilesystemCommand::Fallocate {
+                inode,
+                offset_bytes: 0,
+                length_bytes: unwritten_count * BLOCK_SIZE_BYTES as u64,
+                mode: 0,
+                now_ns: 2,
+            },
+            FilesystemCommand::Write {
+                inode,
+                offset_bytes: unwritten_count * BLOCK_SIZE_BYTES as u64,
+                data: bytes::Bytes::from(vec![6u8; 2 * BLOCK_SIZE_BYTES]),
+                now_ns: 3,
+            },
+        ];
+        for command in commands {
+            storage.apply(container_id, command).await.unwrap();
+        }
+        let (mut start, end) = keys::container_range(keys::TAG_BLOCK, container_id);
+        let mut found = Vec::new();
+        let mut page_count = 0;
+        while let Some(page) = scan_block_page(&storage.storage, &start, &end).unwrap() {
+            page_count += 1;
+            assert!(page_count <= 5, "the scan must end");
+            found.extend(page.blocks.iter().map(ScannedBlock::file_block));
+            match page.next {
+                Some(next) => start = next,
+                None => break,
+            }
+        }
+        assert_eq!(found, vec![unwritten_count, unwritten_count + 1]);
+        assert_eq!(page_count, 4);
     }
 
     async fn corrupt(storage: &NodeStorage, device_block: u64) {

@@ -9,7 +9,12 @@
 //! a kind byte and its fields, little-endian:
 //! - `1` row: `[key length u32][key][value]` (the value runs to the end of the frame);
 //! - `2` block: `[key length u32][key][block CRC-32 u32][4096 bytes of data]`;
-//! - `3` end: `[row count u64][block count u64]`, the last frame.
+//! - `3` end: `[row count u64][block count u64]`, the last frame;
+//! - `4` unwritten block: `[key length u32][key]`, a block reference with no data (from
+//!   `fallocate`), which reads as zeros. It counts in the end's block count.
+//!
+//! Block items (kinds 2 and 4) come in strictly increasing key order, as the export scans them;
+//! the importer refuses anything else, so no key is imported twice.
 //!
 //! Block references are *logical* (inode, file block): device block numbers are private to a
 //! node, so the importer allocates its own blocks and writes new references. The items are
@@ -57,6 +62,7 @@ const FRAME_HEADER_BYTES: usize = 8;
 const KIND_ROW: u8 = 1;
 const KIND_BLOCK: u8 = 2;
 const KIND_END: u8 = 3;
+const KIND_UNWRITTEN: u8 = 4;
 /// Device requests (of up to `BLOCKS_PER_REQUEST_MAX` blocks each) an export or import keeps in
 /// flight; well under the engine's 128, so other containers' I/O still gets through.
 const DEVICE_REQUESTS_IN_FLIGHT_MAX: usize = 8;
@@ -85,6 +91,9 @@ pub enum SnapshotItem<'frame> {
     End {
         row_count: u64,
         block_count: u64,
+    },
+    Unwritten {
+        key: &'frame [u8],
     },
 }
 
@@ -147,6 +156,11 @@ pub fn push_frame(output: &mut Vec<u8>, item: &SnapshotItem<'_>) -> NodeResult<(
             output.extend_from_slice(&row_count.to_le_bytes());
             output.extend_from_slice(&block_count.to_le_bytes());
         }
+        SnapshotItem::Unwritten { key } => {
+            output.push(KIND_UNWRITTEN);
+            output.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            output.extend_from_slice(key);
+        }
     }
     let payload = &output[header_at + FRAME_HEADER_BYTES..];
     if payload.len() > FRAME_BYTES_MAX {
@@ -189,6 +203,10 @@ fn decode_item(payload: &[u8]) -> Option<SnapshotItem<'_>> {
             row_count: u64::from_le_bytes(rest[..8].try_into().ok()?),
             block_count: u64::from_le_bytes(rest[8..].try_into().ok()?),
         }),
+        KIND_UNWRITTEN => match split_key(rest)? {
+            (key, []) => Some(SnapshotItem::Unwritten { key }),
+            _ => None,
+        },
         _ => None,
     }
 }
@@ -347,13 +365,16 @@ async fn write_stream(
             let data = futures::future::try_join_all(reads).await?;
             let blocks = data.iter().flat_map(|piece| piece.chunks(BLOCK_SIZE_BYTES));
             for (((key, _), reference), block) in page.iter().zip(&references).zip(blocks) {
-                output
-                    .push(&SnapshotItem::Block {
+                let item = if reference.is_unwritten() {
+                    SnapshotItem::Unwritten { key }
+                } else {
+                    SnapshotItem::Block {
                         key,
                         checksum: reference.checksum,
                         data: block,
-                    })
-                    .await?;
+                    }
+                };
+                output.push(&item).await?;
                 block_count += 1;
             }
             match page.last() {
@@ -472,6 +493,8 @@ pub struct SnapshotReader<R> {
     state: Option<ContainerState>,
     row_count: u64,
     block_count: u64,
+    /// The last block item's key: block keys must increase strictly.
+    block_key_last: Vec<u8>,
     ended: bool,
 }
 
@@ -516,6 +539,7 @@ impl<R: Read> SnapshotReader<R> {
             state: None,
             row_count: 0,
             block_count: 0,
+            block_key_last: Vec::new(),
             ended: false,
         })
     }
@@ -567,6 +591,11 @@ impl<R: Read> SnapshotReader<R> {
                     }
                     group_bytes += BLOCK_SIZE_BYTES;
                     group.blocks.push((key, checksum));
+                }
+                CheckedItem::Unwritten { key } => {
+                    // No data to write: the reference itself is the row.
+                    group_bytes += key.len();
+                    group.rows.push((key, encode(&BlockRef::unwritten())));
                 }
                 CheckedItem::State | CheckedItem::End => {}
             }
@@ -644,9 +673,7 @@ impl<R: Read> SnapshotReader<R> {
                 checksum,
                 data,
             } => {
-                if !in_ranges(key, &self.block_range) || key.len() != 25 {
-                    return Err(self.corrupt(format!("block key {key:?} is outside the container")));
-                }
+                self.check_block_key(key)?;
                 if data.len() != BLOCK_SIZE_BYTES || ballast_common::checksum(data) != checksum {
                     return Err(self.corrupt(format!("block {key:?} fails its checksum")));
                 }
@@ -684,7 +711,27 @@ impl<R: Read> SnapshotReader<R> {
                 self.ended = true;
                 Ok(CheckedItem::End)
             }
+            SnapshotItem::Unwritten { key } => {
+                self.check_block_key(key)?;
+                self.block_count += 1;
+                Ok(CheckedItem::Unwritten { key: key.to_vec() })
+            }
         }
+    }
+
+    /// A block item's key lies in this container's block range and after the previous one.
+    fn check_block_key(&mut self, key: &[u8]) -> NodeResult<()> {
+        if !in_ranges(key, &self.block_range) || key.len() != 25 {
+            return Err(self.corrupt(format!("block key {key:?} is outside the container")));
+        }
+        if key <= self.block_key_last.as_slice() {
+            return Err(self.corrupt(format!(
+                "block key {key:?} does not follow the previous block's"
+            )));
+        }
+        self.block_key_last.clear();
+        self.block_key_last.extend_from_slice(key);
+        Ok(())
     }
 
     /// The checked totals, once the whole stream has been read.
@@ -712,6 +759,9 @@ enum CheckedItem {
         key: Vec<u8>,
         checksum: u32,
         data: Vec<u8>,
+    },
+    Unwritten {
+        key: Vec<u8>,
     },
     End,
 }
@@ -828,14 +878,11 @@ async fn import_into(
         group = next_group;
     }
     let summary = reader.summary()?;
-    let mut freed = Vec::new();
-    if container_id != METADATA_CONTAINER_ID {
-        let (start, end) = keys::container_range(keys::TAG_BLOCK, container_id);
-        storage.state.scan(&start, &end, usize::MAX, |_, value| {
-            freed.push(decode::<BlockRef>(value, "block reference")?.device_block);
-            Ok(true)
-        })?;
-    }
+    let freed = if container_id != METADATA_CONTAINER_ID {
+        storage.container_device_blocks(container_id)?
+    } else {
+        Vec::new()
+    };
     batch.put(
         keys::container_singleton(keys::TAG_CONTAINER_STATE, container_id),
         encode(&finish_state(summary.state.clone())),
@@ -930,6 +977,27 @@ mod tests {
     }
 
     #[test]
+    fn block_keys_out_of_order_or_repeated_are_refused() {
+        let later = keys::block(CONTAINER, 1, 5);
+        let earlier = keys::block(CONTAINER, 1, 4);
+        for (first, second) in [(&later, &earlier), (&later, &later)] {
+            let mut stream = SNAPSHOT_MAGIC.to_vec();
+            framed(&mut stream, &SnapshotItem::Unwritten { key: first });
+            let data = [3u8; BLOCK_SIZE_BYTES];
+            framed(
+                &mut stream,
+                &SnapshotItem::Block {
+                    key: second,
+                    checksum: ballast_common::checksum(&data),
+                    data: &data,
+                },
+            );
+            let error = check_stream(CONTAINER, &stream).unwrap_err().to_string();
+            assert!(error.contains("does not follow"), "{error}");
+        }
+    }
+
+    #[test]
     fn items_decode_as_they_were_framed() {
         let items = [
             SnapshotItem::Row {
@@ -945,6 +1013,7 @@ mod tests {
                 row_count: u64::MAX,
                 block_count: 3,
             },
+            SnapshotItem::Unwritten { key: b"key" },
         ];
         for item in items {
             let mut frame = Vec::new();
@@ -954,6 +1023,8 @@ mod tests {
         assert_eq!(decode_item(&[KIND_END, 1, 2]), None);
         assert_eq!(decode_item(&[KIND_ROW, 200, 0, 0, 0, 1]), None);
         assert_eq!(decode_item(&[9]), None);
+        // An unwritten block carries its key and nothing after it.
+        assert_eq!(decode_item(&[KIND_UNWRITTEN, 1, 0, 0, 0, b'k', 0]), None);
         let mut output = b"before".to_vec();
         let huge = vec![0u8; FRAME_BYTES_MAX];
         assert!(push_frame(
@@ -1076,6 +1147,62 @@ mod tests {
         );
         assert!(filesystem::lookup(&target.storage, CONTAINER, ROOT_INODE, "stale").is_err());
         assert!(filesystem::lookup(&target.storage, CONTAINER, ROOT_INODE, "big").is_ok());
+    }
+
+    /// Unwritten (fallocated) blocks travel as keys only and arrive unwritten: the target takes
+    /// device blocks for the written ones alone.
+    #[tokio::test]
+    async fn unwritten_blocks_travel_without_data_and_stay_unwritten() {
+        let mut source = initialized().await;
+        let inode = create_file(&mut source, "laid-out").await;
+        let allocate = FilesystemCommand::Fallocate {
+            inode,
+            offset_bytes: 0,
+            length_bytes: FILE_BYTES as u64,
+            mode: 0,
+            now_ns: 2,
+        };
+        source.apply(CONTAINER, allocate).await.unwrap();
+        let written = pattern(1 << 20, 4);
+        write(&mut source, inode, 3 << 20, written.clone()).await;
+        let (_, bytes) = export_bytes(&source).await;
+        let summary = check_stream(CONTAINER, &bytes).unwrap();
+        let block_total = (FILE_BYTES / BLOCK_SIZE_BYTES) as u64;
+        assert_eq!(summary.block_count, block_total);
+        assert!(
+            (bytes.len() as u64) < 2 * (1 << 20),
+            "only the written MiB carries data: {} bytes",
+            bytes.len()
+        );
+
+        let target = initialized().await;
+        let free_before = target.storage.free_block_count();
+        import(
+            &target.storage,
+            CONTAINER,
+            spool_file(&target, &bytes),
+            |state| state,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            free_before - target.storage.free_block_count(),
+            (1 << 20) / BLOCK_SIZE_BYTES as u64
+        );
+        let mut expected = vec![0u8; FILE_BYTES];
+        expected[3 << 20..4 << 20].copy_from_slice(&written);
+        assert_eq!(read_all(&target, inode, FILE_BYTES as u32).await, expected);
+        assert_eq!(
+            digest(&target.storage, CONTAINER).await.unwrap().0,
+            digest(&source.storage, CONTAINER).await.unwrap().0
+        );
+        let reference: BlockRef = target
+            .storage
+            .state
+            .get(&keys::block(CONTAINER, inode, 0), "block")
+            .unwrap()
+            .unwrap();
+        assert!(reference.is_unwritten());
     }
 
     #[tokio::test]

@@ -378,9 +378,22 @@ impl NodeStorage {
         Ok(device_blocks)
     }
 
+    /// Every device block the block rows of `container_id` hold (unwritten references hold
+    /// none): what dropping or replacing the container's state frees.
+    pub fn container_device_blocks(&self, container_id: u64) -> NodeResult<Vec<u64>> {
+        let (start, end) = keys::container_range(keys::TAG_BLOCK, container_id);
+        let mut device_blocks = Vec::new();
+        self.state.scan(&start, &end, usize::MAX, |_, value| {
+            let reference = crate::records::decode::<BlockRef>(value, "block reference")?;
+            device_blocks.extend(reference.written_device_block());
+            Ok(true)
+        })?;
+        Ok(device_blocks)
+    }
+
     /// Reads the given blocks, verifying each against its checksum. Contiguous device blocks are
-    /// read with one request. A mismatch is an error, logged loudly; wrong bytes are never
-    /// returned.
+    /// read with one request; unwritten references read as zeros without I/O. A mismatch is an
+    /// error, logged loudly; wrong bytes are never returned.
     pub async fn read_verified(
         &self,
         references: &[BlockRef],
@@ -389,6 +402,19 @@ impl NodeStorage {
         let mut output = vec![0u8; references.len() * BLOCK_SIZE_BYTES];
         let mut index = 0;
         while index < references.len() {
+            if references[index].is_unwritten() {
+                // The output is already zeros; a damaged row (sentinel with another CRC) is
+                // refused rather than read as zeros.
+                if references[index].checksum != crate::records::zero_block_checksum() {
+                    return Err(NodeError::ChecksumMismatch(format!(
+                        "{context}: unwritten block reference with crc {:#010x} instead of \
+                         the zero block's",
+                        references[index].checksum
+                    )));
+                }
+                index += 1;
+                continue;
+            }
             let first = references[index].device_block;
             let mut run = 1;
             while index + run < references.len()

@@ -14,7 +14,7 @@ use rocksdb::WriteBatch;
 use crate::detached::{DetachedBlocks, DetachedClaim};
 use crate::error::{FsError, NodeResult};
 use crate::keys;
-use crate::records::{encode, ContainerState, DirentValue, Inode};
+use crate::records::{encode, BlockRef, ContainerState, DirentValue, Inode};
 use crate::storage::NodeStorage;
 use crate::types::LogId;
 
@@ -186,8 +186,12 @@ impl<'storage> Transaction<'storage> {
         &mut self.batch
     }
 
-    pub fn free_device_block(&mut self, device_block: u64) {
-        self.freed_device_blocks.push(device_block);
+    /// Frees (deferred, at commit) the device block a dropped or replaced reference held; an
+    /// unwritten reference holds none.
+    pub fn free_reference(&mut self, reference: &BlockRef) {
+        if let Some(device_block) = reference.written_device_block() {
+            self.freed_device_blocks.push(device_block);
+        }
     }
 
     pub fn record_allocated(&mut self, device_blocks: &[u64]) {
