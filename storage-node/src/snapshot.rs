@@ -1112,6 +1112,18 @@ mod tests {
         file
     }
 
+    /// Imports a whole stream into `CONTAINER` of `target`, keeping the stream's state row.
+    async fn import_all(target: &TestStorage, bytes: &[u8]) -> StreamSummary {
+        import(
+            &target.storage,
+            CONTAINER,
+            spool_file(target, bytes),
+            |state| state,
+        )
+        .await
+        .unwrap()
+    }
+
     // Larger than one export page (2048 blocks) and one output buffer, so paging is exercised.
     const FILE_BYTES: usize = 9 << 20;
 
@@ -1128,14 +1140,7 @@ mod tests {
         let mut target = initialized().await;
         let other = create_file(&mut target, "stale").await;
         write(&mut target, other, 0, pattern(3 << 20, 9)).await;
-        let imported = import(
-            &target.storage,
-            CONTAINER,
-            spool_file(&target, &bytes),
-            |state| state,
-        )
-        .await
-        .unwrap();
+        let imported = import_all(&target, &bytes).await;
         assert_eq!(imported, summary);
         assert_eq!(
             digest(&target.storage, CONTAINER).await.unwrap().0,
@@ -1177,14 +1182,7 @@ mod tests {
 
         let target = initialized().await;
         let free_before = target.storage.free_block_count();
-        import(
-            &target.storage,
-            CONTAINER,
-            spool_file(&target, &bytes),
-            |state| state,
-        )
-        .await
-        .unwrap();
+        import_all(&target, &bytes).await;
         assert_eq!(
             free_before - target.storage.free_block_count(),
             (1 << 20) / BLOCK_SIZE_BYTES as u64
@@ -1260,14 +1258,7 @@ mod tests {
         assert_eq!(summary.state, state);
 
         let target = initialized().await;
-        import(
-            &target.storage,
-            CONTAINER,
-            spool_file(&target, &bytes),
-            |state| state,
-        )
-        .await
-        .unwrap();
+        import_all(&target, &bytes).await;
         assert_eq!(
             read_all(&target, inode, FILE_BYTES as u32).await,
             pattern(FILE_BYTES, 1),
