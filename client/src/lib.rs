@@ -1033,8 +1033,10 @@ impl BallastClient {
     /// Allocates (or with PUNCH_HOLE = 2, deallocates) a range; `mode` carries Linux
     /// FALLOC_FL_* bits (KEEP_SIZE = 1). An allocation is sent in pieces of at most
     /// [`FALLOCATE_BYTES_PER_REQUEST_MAX`], in order: each piece is one state-machine command
-    /// whose batch grows with its length. A failure part-way leaves the earlier pieces
-    /// allocated, as Linux allows for fallocate.
+    /// whose batch grows with its length. Every piece but the last keeps the size, so the file
+    /// grows only when the whole range is allocated: the kernel, which keeps the size of a
+    /// failed fallocate, and the node agree. A failure part-way leaves the earlier pieces
+    /// allocated past the end of the file, as Linux allows for fallocate.
     pub async fn fallocate(
         &self,
         volume: &str,
@@ -1043,6 +1045,7 @@ impl BallastClient {
         length_bytes: u64,
         mode: u32,
     ) -> Result<proto::Attr, ClientError> {
+        const KEEP_SIZE: u32 = 1;
         const PUNCH_HOLE: u32 = 2;
         let end = offset_bytes.saturating_add(length_bytes);
         if mode & PUNCH_HOLE != 0 || length_bytes <= FALLOCATE_BYTES_PER_REQUEST_MAX {
@@ -1053,8 +1056,19 @@ impl BallastClient {
         let mut piece_offset = offset_bytes;
         loop {
             let piece_end = end.min(piece_offset.saturating_add(FALLOCATE_BYTES_PER_REQUEST_MAX));
+            let piece_mode = if piece_end == end {
+                mode
+            } else {
+                mode | KEEP_SIZE
+            };
             let attr = self
-                .fallocate_once(volume, inode, piece_offset, piece_end - piece_offset, mode)
+                .fallocate_once(
+                    volume,
+                    inode,
+                    piece_offset,
+                    piece_end - piece_offset,
+                    piece_mode,
+                )
                 .await?;
             if piece_end == end {
                 return Ok(attr);

@@ -196,6 +196,78 @@ fn fallocate_modes() {
     expect_errno(fallocate(&file, 0, 0, 0), libc::EINVAL, "zero length");
 }
 
+/// Free data blocks of the node's device, from `ballast status` ("data blocks N free of M").
+fn device_free_blocks(node: &LocalNode) -> u64 {
+    let status = node.cli(&["status"]).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("data blocks"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|free| free.parse().ok())
+        .unwrap_or_else(|| panic!("no data blocks line in {status}"))
+}
+
+#[test]
+fn fallocate_reserves_quota_not_device_space() {
+    // 3 GiB on a 2 GiB device: fallocate writes nothing, so only the quota limits it; the
+    // client sends it as three 1 GiB requests.
+    let Some((mut node, mount)) = setup("4GiB") else {
+        return;
+    };
+    let free_before = device_free_blocks(&node);
+    let path = mount.join("laid-out");
+    let file = create_read_write(&path);
+    const LENGTH: i64 = 3 << 30;
+    fallocate(&file, 0, 0, LENGTH).unwrap();
+    file.sync_all().unwrap();
+    let metadata = file.metadata().unwrap();
+    assert_eq!(metadata.len(), LENGTH as u64);
+    assert_eq!(
+        metadata.blocks(),
+        LENGTH as u64 / 512,
+        "st_blocks counts the range"
+    );
+    assert_eq!(
+        volume_used_bytes(&node),
+        LENGTH as u64,
+        "the quota counts the range"
+    );
+    assert_eq!(
+        device_free_blocks(&node),
+        free_before,
+        "no device block taken"
+    );
+    let mut middle = vec![1u8; 1 << 20];
+    file.read_exact_at(&mut middle, 2 << 30).unwrap();
+    assert!(middle.iter().all(|&byte| byte == 0), "reads as zeros");
+
+    // Writing into the range takes device blocks for what is written, and no more quota.
+    file.write_all_at(&pattern(1 << 20, 5), 1 << 30).unwrap();
+    file.sync_all().unwrap();
+    assert_eq!(free_before - device_free_blocks(&node), (1 << 20) / 4096);
+    assert_eq!(volume_used_bytes(&node), LENGTH as u64);
+    let mut written = vec![0u8; 1 << 20];
+    file.read_exact_at(&mut written, 1 << 30).unwrap();
+    assert_eq!(written, pattern(1 << 20, 5));
+
+    // Past the quota: ENOSPC, and the size stays. The first 1 GiB piece fitted the quota
+    // exactly and stays allocated past the end, as Linux allows of a failed fallocate; nothing
+    // past the quota was taken.
+    expect_errno(
+        fallocate(&file, 0, LENGTH, 2 << 30),
+        libc::ENOSPC,
+        "fallocate past the quota",
+    );
+    assert_eq!(file.metadata().unwrap().len(), LENGTH as u64);
+    assert_eq!(volume_used_bytes(&node), 4 << 30);
+    // The node agrees (a fresh mount has no size cached from before).
+    drop(file);
+    node.remount_all().unwrap();
+    assert_eq!(fs::metadata(&path).unwrap().len(), LENGTH as u64);
+    fs::remove_file(&path).unwrap();
+    assert_eq!(volume_used_bytes(&node), 0, "unlink gives the quota back");
+}
+
 #[test]
 fn truncate_and_ftruncate() {
     let Some((_node, mount)) = setup("1GiB") else {
