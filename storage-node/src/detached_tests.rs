@@ -109,6 +109,7 @@ async fn file_bytes(storage: &NodeStorage, inode: u64, offset_bytes: u64) -> Vec
     filesystem::read(storage, CONTAINER, inode, offset_bytes, WRITE_BYTES as u32)
         .await
         .unwrap()
+        .to_vec()
 }
 
 async fn checkpoint(machine: &mut ContainerStateMachine) {

@@ -1187,26 +1187,29 @@ pub fn read_link(storage: &NodeStorage, container_id: u64, inode: u64) -> NodeRe
 }
 
 /// Reads file bytes; holes read as zeros; short only at end of file. Every block is verified.
+/// The bytes are a slice of one buffer that the device data is copied into once (no further
+/// copy to trim the unaligned head).
 pub async fn read(
     storage: &NodeStorage,
     container_id: u64,
     inode_number: u64,
     offset_bytes: u64,
     length_bytes: u32,
-) -> NodeResult<Vec<u8>> {
+) -> NodeResult<bytes::Bytes> {
     let inode = get_inode(storage, container_id, inode_number)?;
     require_file(inode_number, &inode)?;
     let end = offset_bytes
         .saturating_add(length_bytes as u64)
         .min(inode.size_bytes);
     if offset_bytes >= end {
-        return Ok(Vec::new());
+        return Ok(bytes::Bytes::new());
     }
     let first = offset_bytes / BLOCK_SIZE;
     let last = (end - 1) / BLOCK_SIZE;
     let references = block_references_in(storage, container_id, inode_number, first, last)?;
+    // Zeroed: holes stay zero.
     let mut buffer = vec![0u8; ((last - first + 1) * BLOCK_SIZE) as usize];
-    // Read runs of consecutive file blocks together (holes stay zero).
+    // Read runs of consecutive file blocks together.
     let mut index = 0;
     while index < references.len() {
         let mut run = 1;
@@ -1223,16 +1226,19 @@ pub async fn read(
             "container {container_id} inode {inode_number} block {}",
             references[index].0
         );
-        let bytes = storage.read_verified(&run_references, &context).await?;
         let position = ((references[index].0 - first) * BLOCK_SIZE) as usize;
-        buffer[position..position + bytes.len()].copy_from_slice(&bytes);
+        storage
+            .read_verified_into(
+                &run_references,
+                &mut buffer[position..position + run * BLOCK_SIZE_BYTES],
+                &context,
+            )
+            .await?;
         index += run;
     }
     let start_in_buffer = (offset_bytes - first * BLOCK_SIZE) as usize;
     let length = (end - offset_bytes) as usize;
-    buffer.truncate(start_in_buffer + length);
-    buffer.drain(..start_in_buffer);
-    Ok(buffer)
+    Ok(bytes::Bytes::from(buffer).slice(start_in_buffer..start_in_buffer + length))
 }
 
 /// The container's state header (quota, usage, inode counts).

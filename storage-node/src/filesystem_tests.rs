@@ -72,6 +72,7 @@ async fn read(storage: &TestStorage, inode: u64, offset_bytes: u64, length_bytes
     )
     .await
     .unwrap()
+    .to_vec()
 }
 
 fn used_blocks(storage: &TestStorage) -> u64 {
@@ -272,6 +273,11 @@ async fn fallocate_takes_quota_but_no_device_blocks() {
     expected[2 * BLOCK as usize - 50..2 * BLOCK as usize + 50].fill(7);
     expected[4 * BLOCK as usize..5 * BLOCK as usize].fill(8);
     assert_eq!(read(&storage, file, 0, 10 * BLOCK as u32).await, expected);
+    // Unaligned, across written, unwritten and partly written blocks.
+    assert_eq!(
+        read(&storage, file, 4000, 20_000).await,
+        &expected[4000..24_000]
+    );
     assert!(!block_reference(&storage, file, 2).unwrap().is_unwritten());
 
     // Punching unwritten blocks gives back quota; dropping the file gives back every device
@@ -553,7 +559,7 @@ async fn state_survives_reopen_after_checkpoint() {
         filesystem::read(&reopened, CONTAINER, file, 0, 100)
             .await
             .unwrap(),
-        b"durable"
+        &b"durable"[..]
     );
     assert_eq!(
         reopened.free_block_count(),

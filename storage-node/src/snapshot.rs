@@ -1096,6 +1096,7 @@ mod tests {
         filesystem::read(&storage.storage, CONTAINER, inode, 0, length_bytes)
             .await
             .unwrap()
+            .to_vec()
     }
 
     /// Exports `CONTAINER` into a spool and returns the stream's bytes.

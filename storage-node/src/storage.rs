@@ -400,11 +400,25 @@ impl NodeStorage {
         context: &str,
     ) -> NodeResult<Vec<u8>> {
         let mut output = vec![0u8; references.len() * BLOCK_SIZE_BYTES];
+        self.read_verified_into(references, &mut output, context)
+            .await?;
+        Ok(output)
+    }
+
+    /// As [`Self::read_verified`], into `destination`, which holds exactly one block per
+    /// reference: the read path's one copy from the device buffer to the reply. After an error
+    /// the destination's content is unspecified (callers drop it).
+    pub async fn read_verified_into(
+        &self,
+        references: &[BlockRef],
+        destination: &mut [u8],
+        context: &str,
+    ) -> NodeResult<()> {
+        assert_eq!(destination.len(), references.len() * BLOCK_SIZE_BYTES);
         let mut index = 0;
         while index < references.len() {
             if references[index].is_unwritten() {
-                // The output is already zeros; a damaged row (sentinel with another CRC) is
-                // refused rather than read as zeros.
+                // A damaged row (sentinel with another CRC) is refused rather than read as zeros.
                 if references[index].checksum != crate::records::zero_block_checksum() {
                     return Err(NodeError::ChecksumMismatch(format!(
                         "{context}: unwritten block reference with crc {:#010x} instead of \
@@ -412,6 +426,7 @@ impl NodeStorage {
                         references[index].checksum
                     )));
                 }
+                destination[index * BLOCK_SIZE_BYTES..(index + 1) * BLOCK_SIZE_BYTES].fill(0);
                 index += 1;
                 continue;
             }
@@ -430,8 +445,8 @@ impl NodeStorage {
                 .map_err(|source| {
                     NodeError::device(format!("read blocks for {context}"), source)
                 })?;
-            for offset in 0..run {
-                let block = &buffer[offset * BLOCK_SIZE_BYTES..(offset + 1) * BLOCK_SIZE_BYTES];
+            // Every block is verified before any byte of the run is copied out.
+            for (offset, block) in buffer.chunks(BLOCK_SIZE_BYTES).take(run).enumerate() {
                 let reference = references[index + offset];
                 let actual = ballast_common::checksum(block);
                 if actual != reference.checksum {
@@ -448,13 +463,13 @@ impl NodeStorage {
                         reference.device_block, reference.checksum, actual
                     )));
                 }
-                output
-                    [(index + offset) * BLOCK_SIZE_BYTES..(index + offset + 1) * BLOCK_SIZE_BYTES]
-                    .copy_from_slice(block);
             }
+            let run_bytes = run * BLOCK_SIZE_BYTES;
+            destination[index * BLOCK_SIZE_BYTES..index * BLOCK_SIZE_BYTES + run_bytes]
+                .copy_from_slice(&buffer[..run_bytes]);
             index += run;
         }
-        Ok(output)
+        Ok(())
     }
 
     /// Writes a state batch under the apply lock, together with the blocks it stops
