@@ -347,7 +347,7 @@ impl Filesystem for FilesystemService {
             other => other,
         }
         .map_err(node_status)?;
-        Ok(Response::new(proto::ReadResponse { data: data.into() }))
+        Ok(Response::new(proto::ReadResponse { data }))
     }
 
     async fn write(
