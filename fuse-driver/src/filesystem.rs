@@ -42,6 +42,7 @@ use crate::convert::{
     PERMISSION_BITS,
 };
 use crate::open_files::{OpenFileTable, OrphanAction};
+use crate::recent_attributes::{RecentAttributes, RECENT_ATTRIBUTES_CAPACITY};
 
 /// Requests being served at once. The kernel sends many concurrent writes with the writeback
 /// cache; 256 keeps the node busy without unbounded memory (each may hold a 1 MiB write).
@@ -78,6 +79,9 @@ struct Shared {
     volume: String,
     attribute_ttl: Duration,
     open_files: Mutex<OpenFileTable>,
+    /// The node's attributes from recent answers, to skip the GetAttr of a writeback-cache time
+    /// flush (`recent_attributes`).
+    recent_attributes: Mutex<RecentAttributes>,
 }
 
 impl Shared {
@@ -87,6 +91,13 @@ impl Shared {
             &file_attr(attr),
             Generation(attr.generation),
         );
+    }
+
+    fn recent_attributes(&self) -> std::sync::MutexGuard<'_, RecentAttributes> {
+        // Each operation is one map step: a poisoned lock is still consistent.
+        self.recent_attributes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn open_files(&self) -> std::sync::MutexGuard<'_, OpenFileTable> {
@@ -153,6 +164,10 @@ impl BallastFilesystem {
                 volume: settings.volume,
                 attribute_ttl: settings.attribute_ttl,
                 open_files: Mutex::new(OpenFileTable::default()),
+                recent_attributes: Mutex::new(RecentAttributes::new(
+                    RECENT_ATTRIBUTES_CAPACITY,
+                    settings.attribute_ttl,
+                )),
             }),
             runtime,
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT_REQUEST_COUNT_MAX)),
@@ -367,13 +382,34 @@ impl Filesystem for BallastFilesystem {
             let result = if changes_nothing {
                 shared.client.get_attr(&shared.volume, inode.0).await
             } else if flushes_write_times {
-                match shared.client.get_attr(&shared.volume, inode.0).await {
-                    Ok(attr) if Some(attr.mtime_ns) >= set_attr.mtime_ns => Ok(attr),
-                    _ => shared.client.set_attr(set_attr).await,
+                let requested_ns = set_attr.mtime_ns.unwrap_or(i64::MAX);
+                let known = shared.recent_attributes().covering(
+                    inode.0,
+                    requested_ns,
+                    std::time::Instant::now(),
+                );
+                match known {
+                    // A recent Write's answer already shows the node's mtime as new.
+                    Some(attr) => {
+                        tracing::trace!(
+                            inode = inode.0,
+                            "time flush answered from a write's attributes"
+                        );
+                        Ok(attr)
+                    }
+                    None => match shared.client.get_attr(&shared.volume, inode.0).await {
+                        Ok(attr) if attr.mtime_ns >= requested_ns => Ok(attr),
+                        _ => shared.client.set_attr(set_attr).await,
+                    },
                 }
             } else {
                 shared.client.set_attr(set_attr).await
             };
+            if let Ok(attr) = &result {
+                shared
+                    .recent_attributes()
+                    .record_current(attr, std::time::Instant::now());
+            }
             match result {
                 Ok(mut attr) => {
                     if kills_privileges {
@@ -607,6 +643,11 @@ impl Filesystem for BallastFilesystem {
                 .await
             {
                 Ok(response) => {
+                    if let Some(attr) = response.attr.as_ref() {
+                        shared
+                            .recent_attributes()
+                            .record_write(attr, std::time::Instant::now());
+                    }
                     if let (false, Some(attr)) = (privileged_writer, response.attr.as_ref()) {
                         shared.drop_privileges(attr).await;
                     }

@@ -13,6 +13,7 @@
 mod convert;
 mod filesystem;
 mod open_files;
+mod recent_attributes;
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
