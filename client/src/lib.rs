@@ -1048,10 +1048,15 @@ impl BallastClient {
         const KEEP_SIZE: u32 = 1;
         const PUNCH_HOLE: u32 = 2;
         let end = offset_bytes.saturating_add(length_bytes);
+        let piece = |piece_offset: u64, piece_end: u64, piece_mode: u32| proto::FallocateRequest {
+            volume: volume.to_owned(),
+            inode,
+            offset_bytes: piece_offset,
+            length_bytes: piece_end - piece_offset,
+            mode: piece_mode,
+        };
         if mode & PUNCH_HOLE != 0 || length_bytes <= FALLOCATE_BYTES_PER_REQUEST_MAX {
-            return self
-                .fallocate_once(volume, inode, offset_bytes, length_bytes, mode)
-                .await;
+            return self.fallocate_once(piece(offset_bytes, end, mode)).await;
         }
         let mut piece_offset = offset_bytes;
         loop {
@@ -1062,13 +1067,7 @@ impl BallastClient {
                 mode | KEEP_SIZE
             };
             let attr = self
-                .fallocate_once(
-                    volume,
-                    inode,
-                    piece_offset,
-                    piece_end - piece_offset,
-                    piece_mode,
-                )
+                .fallocate_once(piece(piece_offset, piece_end, piece_mode))
                 .await?;
             if piece_end == end {
                 return Ok(attr);
@@ -1079,19 +1078,8 @@ impl BallastClient {
 
     async fn fallocate_once(
         &self,
-        volume: &str,
-        inode: u64,
-        offset_bytes: u64,
-        length_bytes: u64,
-        mode: u32,
+        request: proto::FallocateRequest,
     ) -> Result<proto::Attr, ClientError> {
-        let request = proto::FallocateRequest {
-            volume: volume.to_owned(),
-            inode,
-            offset_bytes,
-            length_bytes,
-            mode,
-        };
         let response = self
             .call(
                 "Fallocate",

@@ -35,8 +35,8 @@ pub const DIRECTORY_COOKIE_FIRST: u64 = 3;
 /// Most orphans freed by one PurgeOrphans command (bounds the batch).
 const ORPHANS_PER_PURGE_MAX: usize = 1024;
 /// Most blocks one fallocate may span: 4 GiB. Each hole becomes a block row in the command's one
-/// batch (about 45 bytes), so this bounds that batch to about 50 MB; the FUSE driver splits
-/// larger requests.
+/// batch (about 45 bytes), so this bounds that batch to about 50 MB; the client crate sends
+/// larger ranges in pieces (`FALLOCATE_BYTES_PER_REQUEST_MAX`).
 pub const FALLOCATE_BLOCK_COUNT_MAX: u64 = 1 << 20;
 
 /// Applies one filesystem command. `Err(NodeError::Fs(..))` is a deterministic command failure.
