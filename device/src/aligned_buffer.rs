@@ -85,6 +85,11 @@ impl AlignedBuffer {
     pub(crate) fn as_mut_pointer(&mut self) -> *mut u8 {
         self.pointer.as_ptr()
     }
+
+    /// For transfers that only read the buffer (writes to the device).
+    pub(crate) fn as_pointer(&self) -> *const u8 {
+        self.pointer.as_ptr()
+    }
 }
 
 impl Deref for AlignedBuffer {

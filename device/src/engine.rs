@@ -40,6 +40,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use io_uring::{opcode, types, IoUring};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::direct_ring::DirectRing;
 use crate::{AlignedBuffer, DeviceError, BLOCK_SIZE_BYTES};
 
 /// `_IOR(0x12, 114, size_t)`: size of a block device in bytes.
@@ -80,12 +81,12 @@ pub struct EngineStatistics {
 }
 
 #[derive(Default)]
-struct StatisticsCounters {
-    reads: AtomicU64,
-    writes: AtomicU64,
-    flushes: AtomicU64,
-    bytes_read: AtomicU64,
-    bytes_written: AtomicU64,
+pub(crate) struct StatisticsCounters {
+    pub(crate) reads: AtomicU64,
+    pub(crate) writes: AtomicU64,
+    pub(crate) flushes: AtomicU64,
+    pub(crate) bytes_read: AtomicU64,
+    pub(crate) bytes_written: AtomicU64,
 }
 
 /// Handle to the engine; cheap to clone, all clones share one thread and ring.
@@ -322,6 +323,16 @@ impl Engine {
         &self.shared.path
     }
 
+    /// A [`DirectRing`] on this engine's device, for the calling thread only, counting in this
+    /// engine's statistics.
+    pub fn open_direct_ring(&self) -> Result<DirectRing, DeviceError> {
+        DirectRing::open(
+            &self.shared.path,
+            self.shared.size_bytes,
+            self.shared.statistics.clone(),
+        )
+    }
+
     pub fn statistics(&self) -> EngineStatistics {
         let counters = &self.shared.statistics;
         EngineStatistics {
@@ -456,7 +467,7 @@ fn device_size_bytes(file: &File) -> std::io::Result<u64> {
 }
 
 /// Ring setups to try, best first; the first one the kernel accepts is used.
-const RING_SETUPS: [RingSetup; 3] = [
+pub(crate) const RING_SETUPS: [RingSetup; 3] = [
     RingSetup::DeferTaskrun,
     RingSetup::CoopTaskrun,
     RingSetup::Plain,
@@ -464,7 +475,7 @@ const RING_SETUPS: [RingSetup; 3] = [
 
 /// Which `io_uring_setup` flags the ring was created with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RingSetup {
+pub(crate) enum RingSetup {
     /// `SINGLE_ISSUER | DEFER_TASKRUN` (Linux 6.1): completions are processed only when the
     /// engine thread asks for them, in one batch, never by interrupting it.
     DeferTaskrun,
@@ -474,7 +485,7 @@ enum RingSetup {
     Plain,
 }
 
-fn build_ring(entries: u32, setup: RingSetup) -> std::io::Result<IoUring> {
+pub(crate) fn build_ring(entries: u32, setup: RingSetup) -> std::io::Result<IoUring> {
     let mut builder = IoUring::builder();
     match setup {
         RingSetup::DeferTaskrun => {
@@ -490,7 +501,7 @@ fn build_ring(entries: u32, setup: RingSetup) -> std::io::Result<IoUring> {
 
 /// Creates the ring with the first of `setups` that `build` accepts, falling back to the next
 /// when the kernel refuses the flags (`EINVAL`); any other error is returned as it is.
-fn open_ring(
+pub(crate) fn open_ring(
     entries: u32,
     setups: &[RingSetup],
     mut build: impl FnMut(u32, RingSetup) -> std::io::Result<IoUring>,
@@ -512,14 +523,14 @@ fn open_ring(
 
 /// How SQEs name the device file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Target {
+pub(crate) enum Target {
     /// Registered as fixed file 0: the kernel skips the file table lookup and reference count.
     Fixed,
     /// The plain descriptor (registration refused).
     Raw,
 }
 
-fn register_file(ring: &IoUring, file: &File) -> Target {
+pub(crate) fn register_file(ring: &IoUring, file: &File) -> Target {
     match ring.submitter().register_files(&[file.as_raw_fd()]) {
         Ok(()) => Target::Fixed,
         Err(error) => {

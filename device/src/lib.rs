@@ -2,7 +2,8 @@
 //!
 //! Layout of a device: two superblock copies (blocks 0 and 1, reserved up to 1 MiB), the log
 //! region (a circular multi-group Raft log in segments, from 1 MiB), then the data region of
-//! 4096-byte blocks. All I/O goes through one io_uring engine with `O_DIRECT`.
+//! 4096-byte blocks. All I/O goes through io_uring with `O_DIRECT`: the shared engine thread,
+//! and the log writer's own ring (`DirectRing`).
 //!
 //! Owns: the superblock, the log store, the block store and block allocator, the I/O engine.
 //! Must not depend on: Raft, RocksDB or any service crate; callers bring their own meaning.
@@ -13,6 +14,7 @@
 pub mod aligned_buffer;
 pub mod block_store;
 pub mod device;
+pub mod direct_ring;
 pub mod engine;
 pub mod error;
 pub mod log_store;
@@ -24,6 +26,7 @@ pub const BLOCK_SIZE_BYTES: usize = 4096;
 pub use aligned_buffer::AlignedBuffer;
 pub use block_store::{BlockAllocator, BlockStore, Extent, BLOCKS_PER_GROUP};
 pub use device::{Device, FormatOptions};
+pub use direct_ring::DirectRing;
 pub use engine::{Engine, EngineOptions, EngineStatistics};
 pub use error::DeviceError;
 pub use log_store::{GroupLogState, LogEntry, LogRecord, LogStore};

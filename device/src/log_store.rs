@@ -4,10 +4,15 @@
 //! Design: the log region is a ring of equal segments; segment sequence `s` (starting at 1) lives
 //! in slot `(s - 1) % segment_count`. Appends go to a single writer thread through a bounded
 //! channel; the writer takes every queued request (up to a 4 MiB batch; one larger request gets
-//! its own batch), encodes them into ONE batch, writes it with `RWF_DSYNC` at the tail and then
-//! answers every caller, so concurrent appenders share one durable write (group commit). Records
-//! of one `append` are never split. A dedicated thread (not a tokio task) keeps the log
-//! independent of which runtime, if any, the caller runs on.
+//! its own batch), encodes them into ONE batch, writes it at the tail (with `RWF_DSYNC` when a
+//! caller asked for durability) and then answers every caller, so concurrent appenders share one
+//! write (group commit). Records of one `append` are never split. Flushes go through the same
+//! channel: the flushes the writer finds queued share one device flush, linked behind the
+//! batch's write when there is one, and none is issued when every written batch is already
+//! durable. The writer does its I/O on its own ring (`DirectRing`) and sleeps in the kernel until
+//! it completes, rather than handing each write to the engine thread and waiting for it to hand
+//! the answer back. A dedicated thread (not a tokio task) keeps the log independent of which
+//! runtime, if any, the caller runs on.
 //!
 //! A segment is free when no live index entry points into it (entries are removed by purge,
 //! truncate, or overwrite of the same index); we keep a live-entry count per segment, updated
@@ -92,7 +97,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::block_on;
-use crate::{AlignedBuffer, DeviceError, Engine, Superblock, BLOCK_SIZE_BYTES};
+use crate::{AlignedBuffer, DeviceError, DirectRing, Engine, Superblock, BLOCK_SIZE_BYTES};
 
 pub const SEGMENT_MAGIC: [u8; 8] = *b"BLLOGSEG";
 pub const BATCH_MAGIC: [u8; 8] = *b"BLLOGBAT";
@@ -783,6 +788,13 @@ impl AppendRequest {
     }
 }
 
+/// What callers ask of the writer thread.
+enum WriterRequest {
+    Append(AppendRequest),
+    /// Make every append that has returned durable.
+    Flush(oneshot::Sender<Result<(), DeviceError>>),
+}
+
 /// Handle on the log; cheap to clone, all clones share one writer.
 #[derive(Clone)]
 pub struct LogStore {
@@ -799,13 +811,14 @@ impl std::fmt::Debug for LogStore {
     }
 }
 
-/// How far the log is known written and known durable; shared by the writer and `flush`.
+/// How far the log is known written and known durable; the writer thread's alone (flushes go
+/// through it too).
 #[derive(Debug, Default)]
 struct FlushProgress {
     /// Highest batch sequence whose device write has completed.
-    written_through: AtomicU64,
+    written_through: u64,
     /// Highest batch sequence known durable: it and every batch before it survive power loss.
-    flushed_through: AtomicU64,
+    flushed_through: u64,
 }
 
 /// The log's device operations in one place, so the order of writes and flushes that the
@@ -834,30 +847,71 @@ impl LogDevice {
         buffer: AlignedBuffer,
         durable: bool,
     ) -> Result<(), DeviceError> {
-        #[cfg(test)]
-        let recorded = self.journal.as_ref().map(|_| buffer.to_vec());
-        if durable {
-            self.engine.write_durable(offset_bytes, buffer).await?;
+        let buffer = if durable {
+            self.engine.write_durable(offset_bytes, buffer).await?
         } else {
-            self.engine.write(offset_bytes, buffer).await?;
-        }
-        #[cfg(test)]
-        if let (Some(journal), Some(bytes)) = (&self.journal, recorded) {
-            journal
-                .lock()
-                .expect("journal lock")
-                .push(tests::JournalEvent::Write {
-                    offset_bytes,
-                    bytes,
-                    durable,
-                });
-        }
+            self.engine.write(offset_bytes, buffer).await?
+        };
+        self.record_write(offset_bytes, &buffer, durable);
         Ok(())
     }
 
     /// Makes every write that completed before this call durable.
     async fn flush(&self) -> Result<(), DeviceError> {
         self.engine.flush().await?;
+        self.record_flush();
+        Ok(())
+    }
+
+    /// [`LogDevice::write`] on the writer thread's own ring.
+    fn write_direct(
+        &self,
+        ring: &mut DirectRing,
+        offset_bytes: u64,
+        buffer: &AlignedBuffer,
+        durable: bool,
+    ) -> Result<(), DeviceError> {
+        ring.write(offset_bytes, buffer, durable)?;
+        self.record_write(offset_bytes, buffer, durable);
+        Ok(())
+    }
+
+    /// A buffered write and then a flush, linked on the writer thread's own ring.
+    fn write_then_flush_direct(
+        &self,
+        ring: &mut DirectRing,
+        offset_bytes: u64,
+        buffer: &AlignedBuffer,
+    ) -> Result<(), DeviceError> {
+        ring.write_then_flush(offset_bytes, buffer)?;
+        self.record_write(offset_bytes, buffer, false);
+        self.record_flush();
+        Ok(())
+    }
+
+    /// [`LogDevice::flush`] on the writer thread's own ring.
+    fn flush_direct(&self, ring: &mut DirectRing) -> Result<(), DeviceError> {
+        ring.flush()?;
+        self.record_flush();
+        Ok(())
+    }
+
+    #[cfg_attr(not(test), allow(unused_variables))]
+    fn record_write(&self, offset_bytes: u64, buffer: &AlignedBuffer, durable: bool) {
+        #[cfg(test)]
+        if let Some(journal) = &self.journal {
+            journal
+                .lock()
+                .expect("journal lock")
+                .push(tests::JournalEvent::Write {
+                    offset_bytes,
+                    bytes: buffer.to_vec(),
+                    durable,
+                });
+        }
+    }
+
+    fn record_flush(&self) {
         #[cfg(test)]
         if let Some(journal) = &self.journal {
             journal
@@ -865,18 +919,16 @@ impl LogDevice {
                 .expect("journal lock")
                 .push(tests::JournalEvent::Flush);
         }
-        Ok(())
     }
 }
 
 struct LogShared {
     device: LogDevice,
-    progress: Arc<FlushProgress>,
     geometry: Geometry,
     index: Arc<Mutex<LogIndex>>,
     used_bytes: Arc<AtomicU64>,
     /// `None` only during drop, to close the channel before joining the writer.
-    sender: Option<mpsc::Sender<AppendRequest>>,
+    sender: Option<mpsc::Sender<WriterRequest>>,
     writer: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -935,10 +987,10 @@ impl LogStore {
         // predecessors and recovery's power-loss rule starts from a clean slate.
         block_on(device.flush())?;
         let recovered_through = tail.next_batch_sequence - 1;
-        let progress = Arc::new(FlushProgress {
-            written_through: AtomicU64::new(recovered_through),
-            flushed_through: AtomicU64::new(recovered_through),
-        });
+        let progress = FlushProgress {
+            written_through: recovered_through,
+            flushed_through: recovered_through,
+        };
         let used_bytes = Arc::new(AtomicU64::new(tail.used_bytes(&geometry)));
         tracing::info!(
             recovery_ms = started.elapsed().as_millis() as u64,
@@ -950,27 +1002,55 @@ impl LogStore {
         );
         let index = Arc::new(Mutex::new(index));
         let (sender, receiver) = mpsc::channel(REQUEST_QUEUE_CAPACITY);
-        let writer = Writer {
-            device: device.clone(),
-            progress: progress.clone(),
-            geometry,
-            index: index.clone(),
-            used_bytes: used_bytes.clone(),
-            receiver,
-            tail,
-            held_back: None,
+        // The writer's ring is created on its thread (a single-issuer ring stays there); the
+        // thread reports whether that worked before it serves anything.
+        let (started_sender, started_receiver) = std::sync::mpsc::sync_channel(1);
+        let writer = {
+            let (device, index, used_bytes) = (device.clone(), index.clone(), used_bytes.clone());
+            let writer_engine = engine.clone();
+            std::thread::Builder::new()
+                .name("ballast-log".to_owned())
+                .spawn(move || {
+                    let ring = match writer_engine.open_direct_ring() {
+                        Ok(ring) => ring,
+                        Err(error) => {
+                            let _ = started_sender.send(Err(error));
+                            return;
+                        }
+                    };
+                    let _ = started_sender.send(Ok(()));
+                    Writer {
+                        device,
+                        ring,
+                        progress,
+                        geometry,
+                        index,
+                        used_bytes,
+                        receiver,
+                        tail,
+                        held_back: None,
+                    }
+                    .run()
+                })
+                .map_err(|source| DeviceError::Open {
+                    path: engine.path().to_owned(),
+                    source: Arc::new(source),
+                })?
         };
-        let writer = std::thread::Builder::new()
-            .name("ballast-log".to_owned())
-            .spawn(move || writer.run())
-            .map_err(|source| DeviceError::Open {
-                path: engine.path().to_owned(),
-                source: Arc::new(source),
-            })?;
+        match started_receiver.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                let _ = writer.join();
+                return Err(error);
+            }
+            Err(_) => {
+                let _ = writer.join();
+                return Err(DeviceError::LogStopped);
+            }
+        }
         Ok(LogStore {
             shared: Arc::new(LogShared {
                 device,
-                progress,
                 geometry,
                 index,
                 used_bytes,
@@ -1003,17 +1083,16 @@ impl LogStore {
         self.append_shared(Arc::new(records), false).await
     }
 
-    /// Makes every append that has returned durable (one device flush).
+    /// Makes every append that has returned durable: one device flush, issued by the writer
+    /// thread and shared by every flush and append that reach it together.
     pub async fn flush(&self) -> Result<(), DeviceError> {
-        // Every batch through `written` completed before the flush is issued, so the flush
-        // covers it; batches the writer completes meanwhile are counted as unflushed.
-        let written = self.shared.progress.written_through.load(Ordering::Acquire);
-        self.shared.device.flush().await?;
-        self.shared
-            .progress
-            .flushed_through
-            .fetch_max(written, Ordering::AcqRel);
-        Ok(())
+        let (reply, answer) = oneshot::channel();
+        let sender = self.shared.sender.as_ref().ok_or(DeviceError::LogStopped)?;
+        sender
+            .send(WriterRequest::Flush(reply))
+            .await
+            .map_err(|_| DeviceError::LogStopped)?;
+        answer.await.map_err(|_| DeviceError::LogStopped)?
     }
 
     /// [`LogStore::append`] (`durable`) or [`LogStore::append_buffered`] of shared records: a
@@ -1040,12 +1119,12 @@ impl LogStore {
         let (reply, answer) = oneshot::channel();
         let sender = self.shared.sender.as_ref().ok_or(DeviceError::LogStopped)?;
         sender
-            .send(AppendRequest {
+            .send(WriterRequest::Append(AppendRequest {
                 records,
                 records_length_bytes,
                 durable,
                 reply,
-            })
+            }))
             .await
             .map_err(|_| DeviceError::LogStopped)?;
         answer.await.map_err(|_| DeviceError::LogStopped)?
@@ -1442,11 +1521,13 @@ fn check_tail(
 /// The group-commit writer; runs on its own thread.
 struct Writer {
     device: LogDevice,
-    progress: Arc<FlushProgress>,
+    /// The writer's own ring: it waits for its writes itself (see `direct_ring.rs`).
+    ring: DirectRing,
+    progress: FlushProgress,
     geometry: Geometry,
     index: Arc<Mutex<LogIndex>>,
     used_bytes: Arc<AtomicU64>,
-    receiver: mpsc::Receiver<AppendRequest>,
+    receiver: mpsc::Receiver<WriterRequest>,
     tail: Tail,
     /// A request that did not fit the previous batch; it opens the next one.
     held_back: Option<AppendRequest>,
@@ -1456,26 +1537,73 @@ impl Writer {
     fn run(mut self) {
         self.reclaim();
         loop {
+            let mut requests: Vec<AppendRequest> = Vec::new();
+            let mut flush_waiters = Vec::new();
             let first = match self.held_back.take() {
-                Some(request) => request,
+                Some(request) => WriterRequest::Append(request),
                 None => match self.receiver.blocking_recv() {
                     Some(request) => request,
                     None => break,
                 },
             };
-            let mut records_length_bytes = first.records_length_bytes;
-            let mut requests = vec![first];
-            while let Ok(request) = self.receiver.try_recv() {
-                if BATCH_HEADER_BYTES + records_length_bytes + request.records_length_bytes
-                    > BATCH_BYTES_MAX
-                {
-                    self.held_back = Some(request);
+            let mut records_length_bytes = 0;
+            let mut next = Some(first);
+            // Bounded: every caller waits for its answer, and one round takes at most a queue's
+            // worth of requests.
+            for _ in 0..REQUEST_QUEUE_CAPACITY {
+                let Some(request) = next.take().or_else(|| self.receiver.try_recv().ok()) else {
                     break;
+                };
+                match request {
+                    WriterRequest::Flush(reply) => flush_waiters.push(reply),
+                    WriterRequest::Append(request) => {
+                        if !requests.is_empty()
+                            && BATCH_HEADER_BYTES
+                                + records_length_bytes
+                                + request.records_length_bytes
+                                > BATCH_BYTES_MAX
+                        {
+                            self.held_back = Some(request);
+                            break;
+                        }
+                        records_length_bytes += request.records_length_bytes;
+                        requests.push(request);
+                    }
                 }
-                records_length_bytes += request.records_length_bytes;
-                requests.push(request);
             }
-            let outcome = self.write_batch(&requests, records_length_bytes);
+            let mut flushed = false;
+            if !requests.is_empty() {
+                flushed =
+                    self.write_requests(requests, records_length_bytes, !flush_waiters.is_empty());
+            }
+            if !flush_waiters.is_empty() {
+                // Always a device flush (the batch's, or one of its own), even when every log
+                // batch is durable already: callers use it as the barrier for their other writes
+                // to the device too (detached data, block writes before a checkpoint).
+                let outcome = if flushed {
+                    Ok(())
+                } else {
+                    self.flush_device(self.progress.written_through)
+                };
+                for reply in flush_waiters {
+                    // A dropped receiver means the caller stopped waiting; the outcome stands.
+                    let _ = reply.send(outcome.clone());
+                }
+            }
+        }
+        tracing::debug!("log writer stopped");
+    }
+
+    /// Writes one batch of `requests` (followed by a device flush when `flush_after`) and answers
+    /// them. Returns whether that flush was done, after everything written so far.
+    fn write_requests(
+        &mut self,
+        requests: Vec<AppendRequest>,
+        records_length_bytes: usize,
+        flush_after: bool,
+    ) -> bool {
+        {
+            let outcome = self.write_batch(&requests, records_length_bytes, flush_after);
             let mixed = requests.iter().any(AppendRequest::has_entries)
                 && requests.iter().any(|request| !request.has_entries());
             if matches!(outcome, Err(DeviceError::LogFull { .. })) && mixed {
@@ -1487,22 +1615,21 @@ impl Writer {
                     .iter()
                     .map(|request| request.records_length_bytes)
                     .sum();
-                let control_outcome = self.write_batch(&control, control_length_bytes);
+                let control_outcome = self.write_batch(&control, control_length_bytes, flush_after);
                 Self::answer(control, &control_outcome);
                 Self::answer(entries, &outcome);
+                matches!(control_outcome, Ok(true))
             } else {
                 Self::answer(requests, &outcome);
+                matches!(outcome, Ok(true))
             }
         }
-        tracing::debug!("log writer stopped");
     }
 
     /// Flushes the device; every batch through `written_through` has completed, so it is durable.
-    fn flush_device(&self, written_through: u64) -> Result<(), DeviceError> {
-        block_on(self.device.flush())?;
-        self.progress
-            .flushed_through
-            .fetch_max(written_through, Ordering::AcqRel);
+    fn flush_device(&mut self, written_through: u64) -> Result<(), DeviceError> {
+        self.device.flush_direct(&mut self.ring)?;
+        self.progress.flushed_through = self.progress.flushed_through.max(written_through);
         Ok(())
     }
 
@@ -1512,10 +1639,10 @@ impl Writer {
         u32::try_from(unflushed_predecessor_count).expect("unflushed batches fit one segment")
     }
 
-    fn answer(requests: Vec<AppendRequest>, outcome: &Result<(), DeviceError>) {
+    fn answer(requests: Vec<AppendRequest>, outcome: &Result<bool, DeviceError>) {
         for request in requests {
             // A dropped receiver means the caller stopped waiting; the outcome stands.
-            let _ = request.reply.send(outcome.clone());
+            let _ = request.reply.send(outcome.clone().map(|_| ()));
         }
     }
 
@@ -1534,11 +1661,15 @@ impl Writer {
             .store(tail.used_bytes(&self.geometry), Ordering::Relaxed);
     }
 
+    /// Writes `requests` as one batch. With `flush_after`, the batch's write is followed by a
+    /// device flush (linked to it) when it goes into the current segment; returns whether that
+    /// flush was done.
     fn write_batch(
         &mut self,
         requests: &[AppendRequest],
         records_length_bytes: usize,
-    ) -> Result<(), DeviceError> {
+        flush_after: bool,
+    ) -> Result<bool, DeviceError> {
         let batch_bytes = batch_length_bytes(records_length_bytes);
         let limit_bytes = if requests.iter().any(AppendRequest::has_entries) {
             self.geometry.usable_bytes() - self.geometry.control_reserve_bytes()
@@ -1550,12 +1681,13 @@ impl Writer {
         let records = || requests.iter().flat_map(|request| request.records.iter());
         let sequence = self.tail.next_batch_sequence;
         let durable = requests.iter().any(|request| request.durable);
-        let flushed_through = self.progress.flushed_through.load(Ordering::Acquire);
+        let flushed_through = self.progress.flushed_through;
         assert!(
             flushed_through < sequence,
             "batch {sequence} is already flushed"
         );
         let mut unflushed_predecessor_count = sequence - 1 - flushed_through;
+        let mut flushed_with_batch = false;
 
         let (batch_offset_bytes, new_segment, payloads) = if fits_current {
             let offset_bytes = self
@@ -1576,7 +1708,16 @@ impl Writer {
                 Self::count_u32(unflushed_predecessor_count),
                 records(),
             );
-            block_on(self.device.write(offset_bytes, buffer, durable))?;
+            if flush_after {
+                // Durable together with every predecessor (and every other completed write to
+                // the device) once the linked flush returns.
+                self.device
+                    .write_then_flush_direct(&mut self.ring, offset_bytes, &buffer)?;
+                flushed_with_batch = true;
+            } else {
+                self.device
+                    .write_direct(&mut self.ring, offset_bytes, &buffer, durable)?;
+            }
             (offset_bytes, None, payloads)
         } else {
             self.reclaim();
@@ -1617,11 +1758,21 @@ impl Writer {
                     // One flush makes the trailer and the old segment's buffered tail durable:
                     // only the newest segment may ever hold unflushed batches, which is the
                     // only segment recovery cuts a power-loss tail from.
-                    block_on(self.device.write(trailer_offset_bytes, trailer, false))?;
+                    self.device.write_direct(
+                        &mut self.ring,
+                        trailer_offset_bytes,
+                        &trailer,
+                        false,
+                    )?;
                     self.flush_device(sequence - 1)?;
                     unflushed_predecessor_count = 0;
                 } else {
-                    block_on(self.device.write(trailer_offset_bytes, trailer, true))?;
+                    self.device.write_direct(
+                        &mut self.ring,
+                        trailer_offset_bytes,
+                        &trailer,
+                        true,
+                    )?;
                 }
             }
             assert_eq!(
@@ -1637,7 +1788,8 @@ impl Writer {
                 records(),
             );
             let offset_bytes = self.geometry.segment_offset_bytes(new_sequence);
-            block_on(self.device.write(offset_bytes, buffer, true))?;
+            self.device
+                .write_direct(&mut self.ring, offset_bytes, &buffer, true)?;
             (
                 offset_bytes + header.header_length_bytes as u64,
                 Some(header),
@@ -1648,14 +1800,10 @@ impl Writer {
 
         // Written (and durable if asked): update the progress, the tail and the index exactly as
         // recovery would.
-        self.progress
-            .written_through
-            .store(sequence, Ordering::Release);
-        if durable || new_segment.is_some() {
+        self.progress.written_through = sequence;
+        if durable || new_segment.is_some() || flushed_with_batch {
             // Durable itself, and (flushed above) every predecessor too.
-            self.progress
-                .flushed_through
-                .fetch_max(sequence, Ordering::AcqRel);
+            self.progress.flushed_through = self.progress.flushed_through.max(sequence);
         }
         if let Some(header) = &new_segment {
             self.tail.current_segment_sequence = header.segment_sequence;
@@ -1733,7 +1881,7 @@ impl Writer {
             }
         }
         self.reclaim();
-        Ok(())
+        Ok(flushed_with_batch)
     }
 }
 
@@ -1928,6 +2076,64 @@ mod tests {
         let log = open_log(file.path()).unwrap();
         for task in 0..tasks_count {
             assert_entries(&log, task + 1, 1..appends_per_task + 1, 200).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_flush_reaches_the_device_and_concurrent_flushes_share_one() {
+        let file = formatted(1 << 20, 8);
+        let device = Device::open(file.path(), EngineOptions::default()).unwrap();
+        let engine = device.engine();
+        let log = LogStore::open(engine.clone(), device.superblock()).unwrap();
+        let flushes = || engine.statistics().flushes;
+        let start = flushes();
+        // Even with nothing of the log unflushed, a flush is a device flush: callers rely on it
+        // for their own writes to the device (detached data).
+        log.flush().await.unwrap();
+        assert_eq!(flushes(), start + 1);
+        log.append_buffered(vec![entry(1, 1, 1, 300)])
+            .await
+            .unwrap();
+        log.append_buffered(vec![entry(1, 2, 1, 300)])
+            .await
+            .unwrap();
+        log.flush().await.unwrap();
+        assert_eq!(flushes(), start + 2);
+        // A durable append with no unflushed predecessor is one RWF_DSYNC write, no flush.
+        log.append(vec![entry(1, 3, 1, 300)]).await.unwrap();
+        assert_eq!(flushes(), start + 2);
+        // Many concurrent buffered appends and flushes: every flush returns after its own
+        // append is durable, and they share device flushes.
+        let tasks_count = 16u64;
+        let rounds = 20u64;
+        let mut tasks = Vec::new();
+        for task in 0..tasks_count {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                for round in 0..rounds {
+                    log.append_buffered(vec![entry(10 + task, round + 1, 1, 300)])
+                        .await
+                        .unwrap();
+                    log.flush().await.unwrap();
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let used = flushes() - start - 2;
+        assert!(
+            used < tasks_count * rounds,
+            "{used} device flushes for {} flush calls",
+            tasks_count * rounds
+        );
+        drop(log);
+        drop(device);
+        drop(engine);
+        let log = open_log(file.path()).unwrap();
+        assert_entries(&log, 1, 1..4, 300).await;
+        for task in 0..tasks_count {
+            assert_entries(&log, 10 + task, 1..rounds + 1, 300).await;
         }
     }
 

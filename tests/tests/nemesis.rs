@@ -105,14 +105,14 @@ fn acknowledged_writes_survive_faults_while_replicas_move() {
 }
 
 /// The cluster map, every node's status and log tail, and the FUSE driver's log tail.
-fn diagnostics(cluster: &TestCluster, mountpoint: &std::path::Path) -> String {
+fn diagnostics(test: &str, cluster: &TestCluster, mountpoint: &std::path::Path) -> String {
     let mut report = Vec::new();
     for arguments in [&["volume", "list"][..], &["node", "list"][..]] {
         report.push(format!("{arguments:?}:\n{:?}", cluster.cli(arguments)));
     }
     for node in &cluster.nodes {
         // The whole log, kept after the test's directories are gone.
-        let kept = ballast_tests::test_root().join(format!("nemesis-node{}.log", node.node_id));
+        let kept = ballast_tests::test_root().join(format!("{test}-node{}.log", node.node_id));
         let _ = std::fs::write(&kept, node.log_contents());
         report.push(format!("node {} log kept at {kept:?}", node.node_id));
         report.push(format!(
@@ -234,7 +234,7 @@ fn run_nemesis(
     assert!(
         acknowledged.len() >= resumed_from + 5,
         "writes did not resume after the faults stopped\n{}",
-        diagnostics(&cluster, &mountpoint)
+        diagnostics(test, &cluster, &mountpoint)
     );
     let (mut lost, mut wrong) = (0, 0);
     for (name, expected) in &acknowledged {
@@ -265,10 +265,20 @@ fn run_nemesis(
         }
         Err(_) => false,
     })
-    .unwrap_or_else(|error| panic!("{error}: last placement {placement:?}"));
+    .unwrap_or_else(|error| {
+        panic!(
+            "{error}: last placement {placement:?}\n{}",
+            diagnostics(test, &cluster, &mountpoint)
+        )
+    });
     let digest = cluster
         .wait_converged_on("data", &placement.0, Duration::from_secs(60))
-        .expect("replicas converge");
+        .unwrap_or_else(|error| {
+            panic!(
+                "replicas converge: {error}\n{}",
+                diagnostics(test, &cluster, &mountpoint)
+            )
+        });
     let replicas = cluster.cli(&["volume", "list", "--bytes"]).unwrap();
     eprintln!(
         "{test}: nodes {node_count}, rounds {rounds}, writes acknowledged {}, failed attempts {}, lost {lost}, wrong bytes {wrong}, replicas converged at digest {digest}",
