@@ -49,7 +49,7 @@ use tokio::sync::oneshot;
 use crate::error::{NodeError, NodeResult};
 use crate::keys;
 use crate::records::{decode, encode, BlockRef, ContainerState};
-use crate::snapshot_spool::SpooledSnapshot;
+use crate::snapshot_spool::{ExportProgress, SpooledSnapshot};
 use crate::state_store::StateView;
 use crate::storage::{NodeStorage, BLOCKS_PER_REQUEST_MAX};
 use crate::types::METADATA_CONTAINER_ID;
@@ -124,6 +124,22 @@ fn in_ranges(key: &[u8], ranges: &[(Vec<u8>, Vec<u8>)]) -> bool {
         .any(|(start, end)| key >= start.as_slice() && key < end.as_slice())
 }
 
+/// The bytes `push_frame` appends for `item`: the frame header and the item's payload.
+pub fn frame_length_bytes(item: &SnapshotItem<'_>) -> usize {
+    const KEY_LENGTH_BYTES: usize = 4;
+    const CHECKSUM_BYTES: usize = 4;
+    const COUNTS_BYTES: usize = 16;
+    let payload_bytes = 1 + match *item {
+        SnapshotItem::Row { key, value } => KEY_LENGTH_BYTES + key.len() + value.len(),
+        SnapshotItem::Block { key, data, .. } => {
+            KEY_LENGTH_BYTES + key.len() + CHECKSUM_BYTES + data.len()
+        }
+        SnapshotItem::End { .. } => COUNTS_BYTES,
+        SnapshotItem::Unwritten { key } => KEY_LENGTH_BYTES + key.len(),
+    };
+    FRAME_HEADER_BYTES + payload_bytes
+}
+
 /// Appends one frame holding `item` to `output`. The payload is written in place and checksummed
 /// there: no intermediate copy. An item over `FRAME_BYTES_MAX` is refused (and not appended):
 /// no importer would accept it.
@@ -162,6 +178,11 @@ pub fn push_frame(output: &mut Vec<u8>, item: &SnapshotItem<'_>) -> NodeResult<(
             output.extend_from_slice(key);
         }
     }
+    assert_eq!(
+        output.len() - header_at,
+        frame_length_bytes(item),
+        "a frame's length is what planning counts"
+    );
     let payload = &output[header_at + FRAME_HEADER_BYTES..];
     if payload.len() > FRAME_BYTES_MAX {
         let length = payload.len();
@@ -213,8 +234,8 @@ fn decode_item(payload: &[u8]) -> Option<SnapshotItem<'_>> {
 
 /// Where an export's frames go.
 enum OutputTarget {
-    /// Positional writes into a spool file.
-    Spool(Arc<std::fs::File>),
+    /// Positional writes into a spool file, each published to the reader behind the export.
+    Spool(Arc<std::fs::File>, Arc<ExportProgress>),
     /// Only a CRC-32 of the stream, for comparing replicas.
     Digest(crc32fast::Hasher),
 }
@@ -248,8 +269,9 @@ impl FrameOutput {
     async fn write_out(&mut self) -> NodeResult<()> {
         match &mut self.target {
             OutputTarget::Digest(hasher) => hasher.update(&self.buffer),
-            OutputTarget::Spool(file) => {
+            OutputTarget::Spool(file, progress) => {
                 let file = Arc::clone(file);
+                let progress = Arc::clone(progress);
                 let buffer = std::mem::take(&mut self.buffer);
                 let offset = self.written_bytes;
                 let (buffer, result) = tokio::task::spawn_blocking(move || {
@@ -262,6 +284,7 @@ impl FrameOutput {
                     context: format!("write snapshot spool at byte {offset}"),
                     source,
                 })?;
+                progress.advance(offset + buffer.len() as u64);
                 self.buffer = buffer;
             }
         }
@@ -275,7 +298,7 @@ impl FrameOutput {
         self.write_out().await?;
         let digest = match self.target {
             OutputTarget::Digest(hasher) => hasher.finalize(),
-            OutputTarget::Spool(_) => 0,
+            OutputTarget::Spool(..) => 0,
         };
         Ok((self.written_bytes, digest))
     }
@@ -311,6 +334,56 @@ fn key_after(key: &[u8]) -> Vec<u8> {
     let mut next = key.to_vec();
     next.push(0);
     next
+}
+
+/// The exact length of the stream [`write_stream`] writes for `container_id` from `view`, counted
+/// from the rows and block references alone (no block is read), so the reader behind the export
+/// knows the end before the export gets there. Both walk the same view, so they see the same
+/// rows; the export checks that it wrote exactly this much.
+fn planned_stream_length_bytes(
+    view: &StateView<'_>,
+    container_id: u64,
+    state_bytes: &[u8],
+) -> NodeResult<u64> {
+    let state_key = keys::container_singleton(keys::TAG_CONTAINER_STATE, container_id);
+    let mut length_bytes = (SNAPSHOT_MAGIC.len()
+        + frame_length_bytes(&SnapshotItem::Row {
+            key: &state_key,
+            value: state_bytes,
+        })) as u64;
+    let mut row_count = 1u64;
+    for (start, end) in row_ranges(container_id) {
+        view.scan(&start, &end, usize::MAX, |key, value| {
+            length_bytes += frame_length_bytes(&SnapshotItem::Row { key, value }) as u64;
+            row_count += 1;
+            Ok(true)
+        })?;
+    }
+    let mut block_count = 0u64;
+    if container_id != METADATA_CONTAINER_ID {
+        let (start, end) = keys::container_range(keys::TAG_BLOCK, container_id);
+        let data = [0u8; BLOCK_SIZE_BYTES];
+        view.scan(&start, &end, usize::MAX, |key, value| {
+            let reference = decode::<BlockRef>(value, "block reference")?;
+            let item = if reference.is_unwritten() {
+                SnapshotItem::Unwritten { key }
+            } else {
+                SnapshotItem::Block {
+                    key,
+                    checksum: reference.checksum,
+                    data: &data,
+                }
+            };
+            length_bytes += frame_length_bytes(&item) as u64;
+            block_count += 1;
+            Ok(true)
+        })?;
+    }
+    length_bytes += frame_length_bytes(&SnapshotItem::End {
+        row_count,
+        block_count,
+    }) as u64;
+    Ok(length_bytes)
 }
 
 /// Writes the whole stream of `container_id` as `view` sees it. `keep_going` is asked between
@@ -396,8 +469,8 @@ async fn write_stream(
 
 /// Starts exporting a container's current state into a spool file. Returns as soon as the
 /// consistent view is taken, with the state row it holds (whose applied log id names the
-/// snapshot) and the snapshot data, whose reads wait until the export has finished. The export
-/// stops early if the snapshot data is dropped.
+/// snapshot) and the snapshot data, which reads behind the export (the export first counts the
+/// stream's length, then writes it). The export stops early if the snapshot data is dropped.
 pub async fn start_export(
     storage: &Arc<NodeStorage>,
     container_id: u64,
@@ -408,7 +481,8 @@ pub async fn start_export(
         source,
     })?);
     let (state_sender, state_receiver) = oneshot::channel();
-    let (done_sender, done_receiver) = oneshot::channel();
+    let (snapshot, progress) = SpooledSnapshot::exporting(file);
+    let progress = Arc::new(progress);
     let storage = Arc::clone(storage);
     tokio::spawn(async move {
         let view = storage.export_view().await;
@@ -424,19 +498,27 @@ pub async fn start_export(
         };
         let _slot = storage.export_slot().await;
         let started = std::time::Instant::now();
-        let mut output = FrameOutput::new(OutputTarget::Spool(writer));
-        let written = write_stream(
-            &storage,
-            &view.state,
-            container_id,
-            &state_bytes,
-            &mut output,
-            || !done_sender.is_closed(),
-        )
-        .await;
+        let written = match planned_stream_length_bytes(&view.state, container_id, &state_bytes) {
+            Ok(planned_bytes) => {
+                progress.plan(planned_bytes);
+                let mut output =
+                    FrameOutput::new(OutputTarget::Spool(writer, Arc::clone(&progress)));
+                write_stream(
+                    &storage,
+                    &view.state,
+                    container_id,
+                    &state_bytes,
+                    &mut output,
+                    || !progress.abandoned(),
+                )
+                .await
+                .map(|()| output)
+            }
+            Err(error) => Err(error),
+        };
         drop(view);
         let outcome = match written {
-            Ok(()) => output.finish().await.map(|(size_bytes, _)| size_bytes),
+            Ok(output) => output.finish().await.map(|(size_bytes, _)| size_bytes),
             Err(error) => Err(error),
         };
         match &outcome {
@@ -450,12 +532,12 @@ pub async fn start_export(
                 tracing::warn!(container = container_id, %error, "snapshot export failed")
             }
         }
-        let _ = done_sender.send(outcome.map_err(|error| error.to_string()));
+        progress.finish(outcome.map_err(|error| error.to_string()));
     });
     let state = state_receiver
         .await
         .map_err(|_| NodeError::InvalidState("the export task ended early".into()))??;
-    Ok((state, SpooledSnapshot::exporting(file, done_receiver)))
+    Ok((state, snapshot))
 }
 
 /// A replica's content digest: the CRC-32 of its snapshot stream, its size, and the state it
@@ -787,25 +869,10 @@ pub fn check_stream(container_id: u64, bytes: &[u8]) -> NodeResult<StreamSummary
 /// state row into the one to store (the caller sets the applied log id and membership from the
 /// snapshot's metadata). On any error the old state stays and new blocks are given back.
 pub async fn import(
-    storage: &NodeStorage,
-    container_id: u64,
-    file: std::fs::File,
-    finish_state: impl FnOnce(ContainerState) -> ContainerState,
-) -> NodeResult<StreamSummary> {
-    let mut written = Vec::new();
-    let outcome = import_into(storage, container_id, file, finish_state, &mut written).await;
-    if outcome.is_err() {
-        storage.discard_new_blocks(&written);
-    }
-    outcome
-}
-
-async fn import_into(
-    storage: &NodeStorage,
+    storage: &Arc<NodeStorage>,
     container_id: u64,
     mut file: std::fs::File,
     finish_state: impl FnOnce(ContainerState) -> ContainerState,
-    written: &mut Vec<u64>,
 ) -> NodeResult<StreamSummary> {
     use std::io::Seek;
     file.seek(std::io::SeekFrom::Start(0))
@@ -813,18 +880,99 @@ async fn import_into(
             context: "rewind a received snapshot".into(),
             source,
         })?;
-    let input = std::io::BufReader::with_capacity(INPUT_BUFFER_BYTES, file);
+    stage_import(Arc::clone(storage), container_id, file)
+        .await?
+        .commit(finish_state)
+        .await
+}
+
+/// A snapshot stream read to its end and checked, its blocks written to newly allocated device
+/// blocks and its rows gathered in one batch: everything of an import except the write that
+/// replaces the container's state. Dropped without [`StagedImport::commit`], it gives its blocks
+/// back, so an abandoned transfer leaks nothing.
+pub struct StagedImport {
+    storage: Arc<NodeStorage>,
+    container_id: u64,
+    batch: WriteBatch,
+    summary: Option<StreamSummary>,
+    /// Device blocks written so far and referenced by nothing yet.
+    written: Vec<u64>,
+}
+
+impl std::fmt::Debug for StagedImport {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("StagedImport")
+            .field("container_id", &self.container_id)
+            .field("summary", &self.summary)
+            .field("written_blocks", &self.written.len())
+            .finish()
+    }
+}
+
+impl StagedImport {
+    /// Replaces the container's state with the staged one in one batch (the blocks of the old
+    /// state are freed with it). `finish_state` turns the stream's state row into the one to
+    /// store.
+    pub async fn commit(
+        mut self,
+        finish_state: impl FnOnce(ContainerState) -> ContainerState,
+    ) -> NodeResult<StreamSummary> {
+        let summary = self
+            .summary
+            .take()
+            .expect("a staged import holds its summary until committed");
+        let freed = if self.container_id != METADATA_CONTAINER_ID {
+            self.storage.container_device_blocks(self.container_id)?
+        } else {
+            Vec::new()
+        };
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.put(
+            keys::container_singleton(keys::TAG_CONTAINER_STATE, self.container_id),
+            encode(&finish_state(summary.state.clone())),
+        );
+        self.storage.commit_batch(batch, &freed, None).await?;
+        // Referenced by the state now: no longer ours to give back.
+        self.written.clear();
+        Ok(summary)
+    }
+}
+
+impl Drop for StagedImport {
+    fn drop(&mut self) {
+        if !self.written.is_empty() {
+            self.storage.discard_new_blocks(&self.written);
+        }
+    }
+}
+
+/// Reads a whole snapshot stream from `input` (blocking reads, on blocking threads), checking
+/// every frame, and writes its blocks to new device blocks while it reads the next group. The
+/// input may still be arriving: the reader behind a received transfer waits for its bytes.
+pub async fn stage_import(
+    storage: Arc<NodeStorage>,
+    container_id: u64,
+    input: impl Read + Send + 'static,
+) -> NodeResult<StagedImport> {
+    let mut staged = StagedImport {
+        storage: Arc::clone(&storage),
+        container_id,
+        batch: WriteBatch::default(),
+        summary: None,
+        written: Vec::new(),
+    };
+    let input = std::io::BufReader::with_capacity(INPUT_BUFFER_BYTES, input);
     let reader = tokio::task::spawn_blocking(move || SnapshotReader::new(input, container_id))
         .await
         .map_err(|error| NodeError::InvalidState(format!("snapshot read task: {error}")))??;
     // The old state goes first in the batch, so the snapshot's rows written after it win.
-    let mut batch = WriteBatch::default();
     if container_id != METADATA_CONTAINER_ID {
         let (start, end) = keys::container_range(keys::TAG_BLOCK, container_id);
-        batch.delete_range(start, end);
+        staged.batch.delete_range(start, end);
     }
     for (start, end) in row_ranges(container_id) {
-        batch.delete_range(start, end);
+        staged.batch.delete_range(start, end);
     }
     let read_next = |mut reader: SnapshotReader<_>| async move {
         tokio::task::spawn_blocking(move || {
@@ -837,7 +985,7 @@ async fn import_into(
     let (mut reader, mut group) = read_next(reader).await?;
     while let Some(current) = group? {
         for (key, value) in &current.rows {
-            batch.put(key, value);
+            staged.batch.put(key, value);
         }
         // The next group is read while this one's blocks are written.
         let writes = futures::future::join_all(
@@ -854,7 +1002,7 @@ async fn import_into(
         for result in device_blocks {
             match result {
                 Ok(blocks) => {
-                    written.extend_from_slice(&blocks);
+                    staged.written.extend_from_slice(&blocks);
                     device_blocks_in_order.extend(blocks);
                 }
                 Err(error) => failure = Some(error),
@@ -866,7 +1014,7 @@ async fn import_into(
         let (next_reader, next_group) = next?;
         assert_eq!(device_blocks_in_order.len(), current.blocks.len());
         for ((key, checksum), device_block) in current.blocks.iter().zip(device_blocks_in_order) {
-            batch.put(
+            staged.batch.put(
                 key,
                 encode(&BlockRef {
                     device_block,
@@ -877,18 +1025,8 @@ async fn import_into(
         reader = next_reader;
         group = next_group;
     }
-    let summary = reader.summary()?;
-    let freed = if container_id != METADATA_CONTAINER_ID {
-        storage.container_device_blocks(container_id)?
-    } else {
-        Vec::new()
-    };
-    batch.put(
-        keys::container_singleton(keys::TAG_CONTAINER_STATE, container_id),
-        encode(&finish_state(summary.state.clone())),
-    );
-    storage.commit_batch(batch, &freed, None).await?;
-    Ok(summary)
+    staged.summary = Some(reader.summary()?);
+    Ok(staged)
 }
 
 #[cfg(test)]
@@ -1239,6 +1377,93 @@ mod tests {
             free_before,
             "the blocks the failed import wrote are free again"
         );
+    }
+
+    /// Sends `bytes` into a snapshot being received, in chunks, as openraft's receiver does.
+    async fn send_chunks(snapshot: &mut SpooledSnapshot, bytes: &[u8], chunk_bytes: usize) {
+        use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+        for (index, chunk) in bytes.chunks(chunk_bytes).enumerate() {
+            snapshot
+                .seek(std::io::SeekFrom::Start((index * chunk_bytes) as u64))
+                .await
+                .unwrap();
+            snapshot.write_all(chunk).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_import_reads_behind_a_transfer_and_commits_at_install() {
+        let mut source = initialized().await;
+        let inode = create_file(&mut source, "big").await;
+        let data = pattern(FILE_BYTES, 5);
+        write(&mut source, inode, 0, data.clone()).await;
+        let (_, bytes) = export_bytes(&source).await;
+
+        let target = initialized().await;
+        let (mut snapshot, tail) =
+            SpooledSnapshot::receiving(target.storage.spool.create_file("receive").unwrap())
+                .unwrap();
+        let staging = tokio::spawn(stage_import(Arc::clone(&target.storage), CONTAINER, tail));
+        send_chunks(&mut snapshot, &bytes, 1 << 20).await;
+        assert!(
+            !staging.is_finished(),
+            "the import waits for the end of the transfer"
+        );
+        snapshot.finish_receiving().await.unwrap();
+        let staged = staging.await.unwrap().unwrap();
+        let summary = staged.commit(|state| state).await.unwrap();
+        assert_eq!(summary.size_bytes, bytes.len() as u64);
+        assert_eq!(
+            digest(&target.storage, CONTAINER).await.unwrap(),
+            digest(&source.storage, CONTAINER).await.unwrap()
+        );
+        assert_eq!(read_all(&target, inode, FILE_BYTES as u32).await, data);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_abandoned_transfer_changes_nothing_and_gives_its_blocks_back() {
+        let mut source = initialized().await;
+        let inode = create_file(&mut source, "big").await;
+        write(&mut source, inode, 0, pattern(FILE_BYTES, 6)).await;
+        let (_, bytes) = export_bytes(&source).await;
+
+        let target = initialized().await;
+        let digest_before = digest(&target.storage, CONTAINER).await.unwrap();
+        target.storage.checkpoint(|_| Ok(())).await.unwrap();
+        let free_before = target.storage.free_block_count();
+        let (mut snapshot, tail) =
+            SpooledSnapshot::receiving(target.storage.spool.create_file("receive").unwrap())
+                .unwrap();
+        let staging = tokio::spawn(stage_import(Arc::clone(&target.storage), CONTAINER, tail));
+        // Most of the stream arrives (so blocks are written), then the transfer is dropped.
+        send_chunks(&mut snapshot, &bytes[..bytes.len() * 3 / 4], 1 << 20).await;
+        drop(snapshot);
+        let error = staging.await.unwrap().unwrap_err();
+        assert!(error.to_string().contains("abandoned"), "{error}");
+        assert_eq!(
+            digest(&target.storage, CONTAINER).await.unwrap(),
+            digest_before
+        );
+        target.storage.checkpoint(|_| Ok(())).await.unwrap();
+        assert_eq!(
+            target.storage.free_block_count(),
+            free_before,
+            "the blocks the abandoned import wrote are free again"
+        );
+
+        // Staged to the end but never installed: dropping it gives the blocks back too.
+        let (mut snapshot, tail) =
+            SpooledSnapshot::receiving(target.storage.spool.create_file("receive").unwrap())
+                .unwrap();
+        let staging = tokio::spawn(stage_import(Arc::clone(&target.storage), CONTAINER, tail));
+        send_chunks(&mut snapshot, &bytes, 1 << 20).await;
+        snapshot.finish_receiving().await.unwrap();
+        let staged = staging.await.unwrap().unwrap();
+        assert!(target.storage.free_block_count() < free_before);
+        drop(staged);
+        target.storage.checkpoint(|_| Ok(())).await.unwrap();
+        assert_eq!(target.storage.free_block_count(), free_before);
     }
 
     #[tokio::test]

@@ -28,11 +28,16 @@ use openraft::{
 use crate::command::{Command, CommandResponse};
 use crate::error::{NodeError, NodeResult};
 use crate::records::{encode, ContainerState};
+use crate::snapshot::StagedImport;
 use crate::snapshot_spool::SpooledSnapshot;
 use crate::storage::NodeStorage;
 use crate::transaction::Transaction;
 use crate::types::{Entry, NodeId, RaftNode, StorageError, TypeConfig, METADATA_CONTAINER_ID};
 use crate::{deduplication, filesystem, keys, metadata};
+
+/// The import that follows a snapshot being received: the snapshot's receive id and the task
+/// staging it.
+type ReceivingImport = (u64, tokio::task::JoinHandle<NodeResult<StagedImport>>);
 
 #[derive(Debug, Clone)]
 pub struct ContainerStateMachine {
@@ -41,6 +46,9 @@ pub struct ContainerStateMachine {
     /// Whether openraft's start-up call of `get_current_snapshot` has happened (see the module
     /// doc).
     started: bool,
+    /// The import reading behind the snapshot being received, if any. Replacing it abandons the
+    /// old one (its snapshot data is dropped too, so its tail fails and its blocks go back).
+    receiving: Arc<std::sync::Mutex<Option<ReceivingImport>>>,
 }
 
 impl ContainerStateMachine {
@@ -49,6 +57,7 @@ impl ContainerStateMachine {
             container_id,
             storage,
             started: false,
+            receiving: Arc::default(),
         }
     }
 
@@ -210,11 +219,26 @@ impl RaftStateMachine<TypeConfig> for ContainerStateMachine {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<SpooledSnapshot>, StorageError> {
-        let file =
-            self.storage.spool.create_file("receive").map_err(|error| {
-                StorageError::from(StorageIOError::write_snapshot(None, &error))
-            })?;
-        Ok(Box::new(SpooledSnapshot::ready(file)))
+        let write_error =
+            |error: NodeError| StorageError::from(StorageIOError::write_snapshot(None, &error));
+        let file = self
+            .storage
+            .spool
+            .create_file("receive")
+            .map_err(write_error)?;
+        // The import reads behind the transfer: blocks reach the device while later chunks are
+        // still on the way, and only the final batch waits for `install_snapshot`.
+        let (snapshot, tail) = SpooledSnapshot::receiving(file).map_err(write_error)?;
+        let receive_id = snapshot
+            .receive_id()
+            .expect("a receiving snapshot has an id");
+        let task = tokio::spawn(crate::snapshot::stage_import(
+            Arc::clone(&self.storage),
+            self.container_id,
+            tail,
+        ));
+        *self.receiving.lock().expect("receiving import lock") = Some((receive_id, task));
+        Ok(Box::new(snapshot))
     }
 
     async fn install_snapshot(
@@ -230,23 +254,42 @@ impl RaftStateMachine<TypeConfig> for ContainerStateMachine {
                 &error,
             ))
         };
-        let file = snapshot
-            .into_file()
-            .await
-            .map_err(snapshot_error)?
-            .ok_or_else(|| {
-                snapshot_error(NodeError::InvalidState(
-                    "a snapshot to install holds no data".into(),
-                ))
-            })?;
         let started = std::time::Instant::now();
-        let summary = crate::snapshot::import(&self.storage, container_id, file, |mut state| {
+        let finish_state = |mut state: ContainerState| {
             state.last_applied = meta.last_log_id;
             state.membership = meta.last_membership.clone();
             state
-        })
-        .await
-        .map_err(snapshot_error)?;
+        };
+        let receiving = self.receiving.lock().expect("receiving import lock").take();
+        let summary = match (snapshot.receive_id(), receiving) {
+            (Some(receive_id), Some((task_receive_id, task))) if receive_id == task_receive_id => {
+                snapshot.finish_receiving().await.map_err(snapshot_error)?;
+                let staged = task
+                    .await
+                    .map_err(|error| {
+                        snapshot_error(NodeError::InvalidState(format!(
+                            "snapshot import task: {error}"
+                        )))
+                    })?
+                    .map_err(snapshot_error)?;
+                staged.commit(finish_state).await.map_err(snapshot_error)?
+            }
+            _ => {
+                // Not followed by an import (none started, or another snapshot's): read it whole.
+                let file = snapshot
+                    .into_file()
+                    .await
+                    .map_err(snapshot_error)?
+                    .ok_or_else(|| {
+                        snapshot_error(NodeError::InvalidState(
+                            "a snapshot to install holds no data".into(),
+                        ))
+                    })?;
+                crate::snapshot::import(&self.storage, container_id, file, finish_state)
+                    .await
+                    .map_err(snapshot_error)?
+            }
+        };
         let installed = meta.clone();
         self.checkpoint(|_| installed)
             .await
