@@ -18,10 +18,9 @@
 //! refused); a call returns only after the kernel has answered every SQE it queued, so a
 //! borrowed buffer is never touched after the call; retries of `EINTR`/`EAGAIN` are bounded.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::marker::PhantomData;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -29,9 +28,10 @@ use std::sync::Arc;
 use io_uring::{opcode, squeue, types, IoUring};
 
 use crate::engine::{
-    build_ring, open_ring, register_file, StatisticsCounters, Target, RING_SETUPS,
+    build_ring, check_transfer_range, open_device_file, open_ring, register_file,
+    StatisticsCounters, Target, RING_SETUPS,
 };
-use crate::{AlignedBuffer, DeviceError, BLOCK_SIZE_BYTES};
+use crate::{AlignedBuffer, DeviceError};
 
 /// Submission queue entries: a write and a flush are the most queued at once.
 const RING_ENTRIES: u32 = 8;
@@ -81,12 +81,7 @@ impl DirectRing {
             path: path.to_owned(),
             source: Arc::new(source),
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(open_error)?;
+        let file = open_device_file(path).map_err(open_error)?;
         let (ring, setup) =
             open_ring(RING_ENTRIES, &RING_SETUPS, build_ring).map_err(open_error)?;
         let target = register_file(&ring, &file);
@@ -132,26 +127,7 @@ impl DirectRing {
     }
 
     fn check_range(&self, offset_bytes: u64, length_bytes: usize) -> Result<(), DeviceError> {
-        assert!(
-            offset_bytes % BLOCK_SIZE_BYTES as u64 == 0,
-            "offset {offset_bytes} is not a multiple of {BLOCK_SIZE_BYTES}"
-        );
-        assert!(
-            length_bytes > 0 && length_bytes % BLOCK_SIZE_BYTES == 0,
-            "length {length_bytes} is not a positive multiple of {BLOCK_SIZE_BYTES}"
-        );
-        let fits = offset_bytes
-            .checked_add(length_bytes as u64)
-            .is_some_and(|end_bytes| end_bytes <= self.size_bytes);
-        if fits {
-            Ok(())
-        } else {
-            Err(DeviceError::OutOfBounds {
-                offset_bytes,
-                length_bytes: length_bytes as u64,
-                device_size_bytes: self.size_bytes,
-            })
-        }
+        check_transfer_range(offset_bytes, length_bytes, self.size_bytes)
     }
 
     /// Runs an optional write (continuing short transfers) and an optional flush after it, until
@@ -329,6 +305,9 @@ impl DirectRing {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::OpenOptions;
+    use std::os::unix::fs::OpenOptionsExt;
+
     use super::*;
     use crate::{Engine, EngineOptions};
 

@@ -222,12 +222,7 @@ impl Engine {
             path: path.to_owned(),
             source: Arc::new(source),
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(open_error)?;
+        let file = open_device_file(path).map_err(open_error)?;
         let size_bytes = device_size_bytes(&file).map_err(open_error)?;
 
         // SAFETY: plain syscall with constant flags; the result is checked before use.
@@ -415,26 +410,7 @@ impl Engine {
     }
 
     fn check_range(&self, offset_bytes: u64, length_bytes: usize) -> Result<(), DeviceError> {
-        assert!(
-            offset_bytes % BLOCK_SIZE_BYTES as u64 == 0,
-            "offset {offset_bytes} is not a multiple of {BLOCK_SIZE_BYTES}"
-        );
-        assert!(
-            length_bytes > 0 && length_bytes % BLOCK_SIZE_BYTES == 0,
-            "length {length_bytes} is not a positive multiple of {BLOCK_SIZE_BYTES}"
-        );
-        let fits = offset_bytes
-            .checked_add(length_bytes as u64)
-            .is_some_and(|end_bytes| end_bytes <= self.shared.size_bytes);
-        if fits {
-            Ok(())
-        } else {
-            Err(DeviceError::OutOfBounds {
-                offset_bytes,
-                length_bytes: length_bytes as u64,
-                device_size_bytes: self.shared.size_bytes,
-            })
-        }
+        check_transfer_range(offset_bytes, length_bytes, self.shared.size_bytes)
     }
 
     async fn enqueue(&self, request: Request) -> Result<(), DeviceError> {
@@ -449,6 +425,44 @@ impl Engine {
             path: self.shared.path.clone(),
         }
     }
+}
+
+/// Asserts a transfer's alignment (a caller bug otherwise) and refuses one that leaves the
+/// device.
+pub(crate) fn check_transfer_range(
+    offset_bytes: u64,
+    length_bytes: usize,
+    device_size_bytes: u64,
+) -> Result<(), DeviceError> {
+    assert!(
+        offset_bytes % BLOCK_SIZE_BYTES as u64 == 0,
+        "offset {offset_bytes} is not a multiple of {BLOCK_SIZE_BYTES}"
+    );
+    assert!(
+        length_bytes > 0 && length_bytes % BLOCK_SIZE_BYTES == 0,
+        "length {length_bytes} is not a positive multiple of {BLOCK_SIZE_BYTES}"
+    );
+    let fits = offset_bytes
+        .checked_add(length_bytes as u64)
+        .is_some_and(|end_bytes| end_bytes <= device_size_bytes);
+    if fits {
+        Ok(())
+    } else {
+        Err(DeviceError::OutOfBounds {
+            offset_bytes,
+            length_bytes: length_bytes as u64,
+            device_size_bytes,
+        })
+    }
+}
+
+/// Opens the device file for direct I/O (`O_RDWR | O_DIRECT | O_CLOEXEC`).
+pub(crate) fn open_device_file(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+        .open(path)
 }
 
 fn device_size_bytes(file: &File) -> std::io::Result<u64> {

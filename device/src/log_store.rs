@@ -2040,12 +2040,18 @@ mod tests {
         assert!(log.used_bytes() > 0 && log.used_bytes() < log.region_size_bytes());
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_appends_are_group_committed_and_recovered() {
+    /// A formatted 8-segment log, opened, with its device and engine (for their statistics).
+    fn fresh_log() -> (tempfile::NamedTempFile, Device, Engine, LogStore) {
         let file = formatted(1 << 20, 8);
         let device = Device::open(file.path(), EngineOptions::default()).unwrap();
         let engine = device.engine();
         let log = LogStore::open(engine.clone(), device.superblock()).unwrap();
+        (file, device, engine, log)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_are_group_committed_and_recovered() {
+        let (file, device, engine, log) = fresh_log();
         let writes_before = engine.statistics().writes;
         let tasks_count = 16u64;
         let appends_per_task = 40u64;
@@ -2081,10 +2087,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_flush_reaches_the_device_and_concurrent_flushes_share_one() {
-        let file = formatted(1 << 20, 8);
-        let device = Device::open(file.path(), EngineOptions::default()).unwrap();
-        let engine = device.engine();
-        let log = LogStore::open(engine.clone(), device.superblock()).unwrap();
+        let (file, device, engine, log) = fresh_log();
         let flushes = || engine.statistics().flushes;
         let start = flushes();
         // Even with nothing of the log unflushed, a flush is a device flush: callers rely on it

@@ -336,6 +336,23 @@ fn key_after(key: &[u8]) -> Vec<u8> {
     next
 }
 
+/// The item of one block reference: an unwritten one travels as its key only.
+fn block_item<'item>(
+    key: &'item [u8],
+    reference: &BlockRef,
+    data: &'item [u8],
+) -> SnapshotItem<'item> {
+    if reference.is_unwritten() {
+        SnapshotItem::Unwritten { key }
+    } else {
+        SnapshotItem::Block {
+            key,
+            checksum: reference.checksum,
+            data,
+        }
+    }
+}
+
 /// The exact length of the stream [`write_stream`] writes for `container_id` from `view`, counted
 /// from the rows and block references alone (no block is read), so the reader behind the export
 /// knows the end before the export gets there. Both walk the same view, so they see the same
@@ -365,16 +382,7 @@ fn planned_stream_length_bytes(
         let data = [0u8; BLOCK_SIZE_BYTES];
         view.scan(&start, &end, usize::MAX, |key, value| {
             let reference = decode::<BlockRef>(value, "block reference")?;
-            let item = if reference.is_unwritten() {
-                SnapshotItem::Unwritten { key }
-            } else {
-                SnapshotItem::Block {
-                    key,
-                    checksum: reference.checksum,
-                    data: &data,
-                }
-            };
-            length_bytes += frame_length_bytes(&item) as u64;
+            length_bytes += frame_length_bytes(&block_item(key, &reference, &data)) as u64;
             block_count += 1;
             Ok(true)
         })?;
@@ -438,16 +446,7 @@ async fn write_stream(
             let data = futures::future::try_join_all(reads).await?;
             let blocks = data.iter().flat_map(|piece| piece.chunks(BLOCK_SIZE_BYTES));
             for (((key, _), reference), block) in page.iter().zip(&references).zip(blocks) {
-                let item = if reference.is_unwritten() {
-                    SnapshotItem::Unwritten { key }
-                } else {
-                    SnapshotItem::Block {
-                        key,
-                        checksum: reference.checksum,
-                        data: block,
-                    }
-                };
-                output.push(&item).await?;
+                output.push(&block_item(key, reference, block)).await?;
                 block_count += 1;
             }
             match page.last() {
@@ -1367,6 +1366,28 @@ mod tests {
         .await
         .unwrap_err();
         assert!(error.to_string().contains("checksum"), "{error}");
+        assert_unchanged_and_blocks_free(&target, digest_before, free_before).await;
+    }
+
+    /// A snapshot being received into `target`, and its import reading behind it.
+    fn receive_with_import(
+        target: &TestStorage,
+    ) -> (
+        SpooledSnapshot,
+        tokio::task::JoinHandle<NodeResult<StagedImport>>,
+    ) {
+        let file = target.storage.spool.create_file("receive").unwrap();
+        let (snapshot, tail) = SpooledSnapshot::receiving(file).unwrap();
+        let staging = tokio::spawn(stage_import(Arc::clone(&target.storage), CONTAINER, tail));
+        (snapshot, staging)
+    }
+
+    /// After a failed import: the state is as it was and every block it wrote is free again.
+    async fn assert_unchanged_and_blocks_free(
+        target: &TestStorage,
+        digest_before: (u32, u64, ContainerState),
+        free_before: u64,
+    ) {
         assert_eq!(
             digest(&target.storage, CONTAINER).await.unwrap(),
             digest_before
@@ -1401,10 +1422,7 @@ mod tests {
         let (_, bytes) = export_bytes(&source).await;
 
         let target = initialized().await;
-        let (mut snapshot, tail) =
-            SpooledSnapshot::receiving(target.storage.spool.create_file("receive").unwrap())
-                .unwrap();
-        let staging = tokio::spawn(stage_import(Arc::clone(&target.storage), CONTAINER, tail));
+        let (mut snapshot, staging) = receive_with_import(&target);
         send_chunks(&mut snapshot, &bytes, 1 << 20).await;
         assert!(
             !staging.is_finished(),
@@ -1432,31 +1450,16 @@ mod tests {
         let digest_before = digest(&target.storage, CONTAINER).await.unwrap();
         target.storage.checkpoint(|_| Ok(())).await.unwrap();
         let free_before = target.storage.free_block_count();
-        let (mut snapshot, tail) =
-            SpooledSnapshot::receiving(target.storage.spool.create_file("receive").unwrap())
-                .unwrap();
-        let staging = tokio::spawn(stage_import(Arc::clone(&target.storage), CONTAINER, tail));
+        let (mut snapshot, staging) = receive_with_import(&target);
         // Most of the stream arrives (so blocks are written), then the transfer is dropped.
         send_chunks(&mut snapshot, &bytes[..bytes.len() * 3 / 4], 1 << 20).await;
         drop(snapshot);
         let error = staging.await.unwrap().unwrap_err();
         assert!(error.to_string().contains("abandoned"), "{error}");
-        assert_eq!(
-            digest(&target.storage, CONTAINER).await.unwrap(),
-            digest_before
-        );
-        target.storage.checkpoint(|_| Ok(())).await.unwrap();
-        assert_eq!(
-            target.storage.free_block_count(),
-            free_before,
-            "the blocks the abandoned import wrote are free again"
-        );
+        assert_unchanged_and_blocks_free(&target, digest_before, free_before).await;
 
         // Staged to the end but never installed: dropping it gives the blocks back too.
-        let (mut snapshot, tail) =
-            SpooledSnapshot::receiving(target.storage.spool.create_file("receive").unwrap())
-                .unwrap();
-        let staging = tokio::spawn(stage_import(Arc::clone(&target.storage), CONTAINER, tail));
+        let (mut snapshot, staging) = receive_with_import(&target);
         send_chunks(&mut snapshot, &bytes, 1 << 20).await;
         snapshot.finish_receiving().await.unwrap();
         let staged = staging.await.unwrap().unwrap();
