@@ -583,9 +583,11 @@ pub struct SnapshotReader<R> {
 #[derive(Debug, Default)]
 pub struct ItemGroup {
     pub rows: Vec<(Vec<u8>, Vec<u8>)>,
-    /// Key and CRC of each block, in order.
-    pub blocks: Vec<(Vec<u8>, u32)>,
-    /// The blocks' data, in device requests of at most `BLOCKS_PER_REQUEST_MAX` blocks.
+    /// Key and CRC of each block, in order, and the device block this node already holds with
+    /// that content (reused, not written again), if any.
+    pub blocks: Vec<(Vec<u8>, u32, Option<u64>)>,
+    /// The data of the blocks not reused, in order, in device requests of at most
+    /// `BLOCKS_PER_REQUEST_MAX` blocks.
     pub data: Vec<AlignedBuffer>,
 }
 
@@ -634,7 +636,13 @@ impl<R: Read> SnapshotReader<R> {
 
     /// Reads checked items into a group until it holds `blocks_max` blocks (or as many rows'
     /// worth of bytes), or the stream ends. Returns `None` after the end.
-    pub fn read_group(&mut self, blocks_max: usize) -> NodeResult<Option<ItemGroup>> {
+    /// `reusable` names the device block this node already holds for a block's key with the
+    /// same CRC, if any: that block is not copied into the group's data.
+    pub fn read_group(
+        &mut self,
+        blocks_max: usize,
+        reusable: &dyn Fn(&[u8], u32) -> Option<u64>,
+    ) -> NodeResult<Option<ItemGroup>> {
         if self.ended {
             return Ok(None);
         }
@@ -657,6 +665,11 @@ impl<R: Read> SnapshotReader<R> {
                     checksum,
                     data,
                 } => {
+                    group_bytes += BLOCK_SIZE_BYTES;
+                    if let Some(device_block) = reusable(&key, checksum) {
+                        group.blocks.push((key, checksum, Some(device_block)));
+                        continue;
+                    }
                     let buffer = request.get_or_insert_with(|| {
                         AlignedBuffer::new_zeroed(
                             BLOCKS_PER_REQUEST_MAX as usize * BLOCK_SIZE_BYTES,
@@ -670,8 +683,7 @@ impl<R: Read> SnapshotReader<R> {
                         group.data.extend(request.take());
                         request_blocks = 0;
                     }
-                    group_bytes += BLOCK_SIZE_BYTES;
-                    group.blocks.push((key, checksum));
+                    group.blocks.push((key, checksum, None));
                 }
                 CheckedItem::Unwritten { key } => {
                     // No data to write: the reference itself is the row.
@@ -860,7 +872,10 @@ fn read_fully(input: &mut impl Read, buffer: &mut [u8]) -> Result<(), String> {
 /// Reads and checks a whole stream held in memory, without applying it (tests and fuzzing).
 pub fn check_stream(container_id: u64, bytes: &[u8]) -> NodeResult<StreamSummary> {
     let mut reader = SnapshotReader::new(bytes, container_id)?;
-    while reader.read_group(EXPORT_PAGE_BLOCKS_MAX)?.is_some() {}
+    while reader
+        .read_group(EXPORT_PAGE_BLOCKS_MAX, &|_, _| None)?
+        .is_some()
+    {}
     reader.summary()
 }
 
@@ -896,6 +911,9 @@ pub struct StagedImport {
     summary: Option<StreamSummary>,
     /// Device blocks written so far and referenced by nothing yet.
     written: Vec<u64>,
+    /// Blocks of the current state taken over as they are (same key, same CRC): their key and
+    /// device block. They are neither written again nor freed by the commit.
+    reused: Vec<(Vec<u8>, u64)>,
 }
 
 impl std::fmt::Debug for StagedImport {
@@ -905,6 +923,7 @@ impl std::fmt::Debug for StagedImport {
             .field("container_id", &self.container_id)
             .field("summary", &self.summary)
             .field("written_blocks", &self.written.len())
+            .field("reused_blocks", &self.reused.len())
             .finish()
     }
 }
@@ -921,17 +940,45 @@ impl StagedImport {
             .summary
             .take()
             .expect("a staged import holds its summary until committed");
-        let freed = if self.container_id != METADATA_CONTAINER_ID {
-            self.storage.container_device_blocks(self.container_id)?
-        } else {
-            Vec::new()
-        };
         let mut batch = std::mem::take(&mut self.batch);
         batch.put(
             keys::container_singleton(keys::TAG_CONTAINER_STATE, self.container_id),
             encode(&finish_state(summary.state.clone())),
         );
-        self.storage.commit_batch(batch, &freed, None).await?;
+        let (storage, container_id, reused) = (&self.storage, self.container_id, &self.reused);
+        // Under the apply lock, so no repair or apply can move a reused block between the check
+        // and the batch.
+        storage
+            .commit_prepared(|| {
+                for (key, device_block) in reused {
+                    let current = storage
+                        .state
+                        .get_raw(key)?
+                        .map(|value| decode::<BlockRef>(&value, "block reference"))
+                        .transpose()?
+                        .and_then(|reference| reference.written_device_block());
+                    if current != Some(*device_block) {
+                        return Err(NodeError::InvalidState(format!(
+                            "container {container_id}: block {key:?} changed while a snapshot \
+                             reusing it was received"
+                        )));
+                    }
+                }
+                let freed = if container_id != METADATA_CONTAINER_ID {
+                    let kept: std::collections::HashSet<u64> = reused
+                        .iter()
+                        .map(|(_, device_block)| *device_block)
+                        .collect();
+                    let mut freed = storage.container_device_blocks(container_id)?;
+                    freed.retain(|device_block| !kept.contains(device_block));
+                    freed
+                } else {
+                    Vec::new()
+                };
+                Ok((batch, freed))
+            })
+            .await?;
+        self.reused.clear();
         // Referenced by the state now: no longer ours to give back.
         self.written.clear();
         Ok(summary)
@@ -960,6 +1007,7 @@ pub async fn stage_import(
         batch: WriteBatch::default(),
         summary: None,
         written: Vec::new(),
+        reused: Vec::new(),
     };
     let input = std::io::BufReader::with_capacity(INPUT_BUFFER_BYTES, input);
     let reader = tokio::task::spawn_blocking(move || SnapshotReader::new(input, container_id))
@@ -973,13 +1021,27 @@ pub async fn stage_import(
     for (start, end) in row_ranges(container_id) {
         staged.batch.delete_range(start, end);
     }
-    let read_next = |mut reader: SnapshotReader<_>| async move {
-        tokio::task::spawn_blocking(move || {
-            let group = reader.read_group(EXPORT_PAGE_BLOCKS_MAX);
-            (reader, group)
-        })
-        .await
-        .map_err(|error| NodeError::InvalidState(format!("snapshot read task: {error}")))
+    // A block this node already holds under the same key with the same CRC (a returning
+    // replica holds most of them) is taken over instead of written again: less I/O, and an
+    // install needs room only for what changed. The commit checks each one is still in place.
+    let lookup_storage = Arc::clone(&storage);
+    let reusable = Arc::new(move |key: &[u8], checksum: u32| -> Option<u64> {
+        let value = lookup_storage.state.get_raw(key).ok()??;
+        let reference = decode::<BlockRef>(&value, "block reference").ok()?;
+        (reference.checksum == checksum)
+            .then(|| reference.written_device_block())
+            .flatten()
+    });
+    let read_next = |mut reader: SnapshotReader<_>| {
+        let reusable = Arc::clone(&reusable);
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let group = reader.read_group(EXPORT_PAGE_BLOCKS_MAX, &*reusable);
+                (reader, group)
+            })
+            .await
+            .map_err(|error| NodeError::InvalidState(format!("snapshot read task: {error}")))
+        }
     };
     let (mut reader, mut group) = read_next(reader).await?;
     while let Some(current) = group? {
@@ -1011,13 +1073,28 @@ pub async fn stage_import(
             return Err(error);
         }
         let (next_reader, next_group) = next?;
-        assert_eq!(device_blocks_in_order.len(), current.blocks.len());
-        for ((key, checksum), device_block) in current.blocks.iter().zip(device_blocks_in_order) {
+        let written_count = current
+            .blocks
+            .iter()
+            .filter(|(_, _, reused)| reused.is_none())
+            .count();
+        assert_eq!(device_blocks_in_order.len(), written_count);
+        let mut written_blocks = device_blocks_in_order.into_iter();
+        for (key, checksum, reused) in current.blocks {
+            let device_block = match reused {
+                Some(device_block) => {
+                    staged.reused.push((key.clone(), device_block));
+                    device_block
+                }
+                None => written_blocks
+                    .next()
+                    .expect("one written block per block not reused"),
+            };
             staged.batch.put(
-                key,
+                &key,
                 encode(&BlockRef {
                     device_block,
-                    checksum: *checksum,
+                    checksum,
                 }),
             );
         }
@@ -1467,6 +1544,70 @@ mod tests {
         drop(staged);
         target.storage.checkpoint(|_| Ok(())).await.unwrap();
         assert_eq!(target.storage.free_block_count(), free_before);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_that_holds_most_blocks_reuses_them_and_writes_only_the_rest() {
+        let mut source = initialized().await;
+        let inode = create_file(&mut source, "big").await;
+        write(&mut source, inode, 0, pattern(FILE_BYTES, 8)).await;
+        let (_, bytes) = export_bytes(&source).await;
+        let target = initialized().await;
+        import_all(&target, &bytes).await;
+        target.storage.checkpoint(|_| Ok(())).await.unwrap();
+        let free_before = target.storage.free_block_count();
+
+        // The source moves on: 1 MiB (256 blocks) of the file is overwritten.
+        let changed = pattern(1 << 20, 9);
+        write(&mut source, inode, 2 << 20, changed.clone()).await;
+        let (_, bytes) = export_bytes(&source).await;
+        let (mut snapshot, staging) = receive_with_import(&target);
+        send_chunks(&mut snapshot, &bytes, 1 << 20).await;
+        snapshot.finish_receiving().await.unwrap();
+        let staged = staging.await.unwrap().unwrap();
+        let file_blocks = FILE_BYTES / BLOCK_SIZE_BYTES;
+        assert_eq!(staged.reused.len(), file_blocks - 256);
+        assert_eq!(staged.written.len(), 256);
+        staged.commit(|state| state).await.unwrap();
+        target.storage.checkpoint(|_| Ok(())).await.unwrap();
+        assert_eq!(
+            target.storage.free_block_count(),
+            free_before,
+            "the 256 replaced blocks were freed, the reused ones kept"
+        );
+        assert_eq!(
+            digest(&target.storage, CONTAINER).await.unwrap(),
+            digest(&source.storage, CONTAINER).await.unwrap()
+        );
+        let mut expected = pattern(FILE_BYTES, 8);
+        expected[2 << 20..3 << 20].copy_from_slice(&changed);
+        assert_eq!(read_all(&target, inode, FILE_BYTES as u32).await, expected);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reused_block_that_moved_before_the_commit_refuses_the_install() {
+        let mut source = initialized().await;
+        let inode = create_file(&mut source, "big").await;
+        write(&mut source, inode, 0, pattern(FILE_BYTES, 10)).await;
+        let (_, bytes) = export_bytes(&source).await;
+        let mut target = initialized().await;
+        import_all(&target, &bytes).await;
+
+        let (mut snapshot, staging) = receive_with_import(&target);
+        send_chunks(&mut snapshot, &bytes, 1 << 20).await;
+        snapshot.finish_receiving().await.unwrap();
+        let staged = staging.await.unwrap().unwrap();
+        assert_eq!(staged.reused.len(), FILE_BYTES / BLOCK_SIZE_BYTES);
+        // The same bytes written again land in new device blocks (copy-on-write): the blocks
+        // the staged import took over are no longer the ones referenced.
+        write(&mut target, inode, 0, pattern(1 << 20, 10)).await;
+        let digest_before = digest(&target.storage, CONTAINER).await.unwrap();
+        let error = staged.commit(|state| state).await.unwrap_err();
+        assert!(error.to_string().contains("changed while"), "{error}");
+        assert_eq!(
+            digest(&target.storage, CONTAINER).await.unwrap(),
+            digest_before
+        );
     }
 
     #[tokio::test]

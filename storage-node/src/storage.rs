@@ -485,11 +485,32 @@ impl NodeStorage {
     /// in this batch.
     pub async fn commit_batch(
         &self,
-        mut batch: WriteBatch,
+        batch: WriteBatch,
         freed_device_blocks: &[u64],
         claim: Option<DetachedClaim>,
     ) -> NodeResult<()> {
         let _guard = self.apply_lock.lock().await;
+        self.commit_batch_locked(batch, freed_device_blocks, claim)
+    }
+
+    /// [`Self::commit_batch`] of a batch that `prepare` builds, with the blocks it frees, from
+    /// the state as it is under the apply lock (nothing changes it between the two).
+    pub async fn commit_prepared(
+        &self,
+        prepare: impl FnOnce() -> NodeResult<(WriteBatch, Vec<u64>)>,
+    ) -> NodeResult<()> {
+        let _guard = self.apply_lock.lock().await;
+        let (batch, freed_device_blocks) = prepare()?;
+        self.commit_batch_locked(batch, &freed_device_blocks, None)
+    }
+
+    /// The body of [`Self::commit_batch`]; the caller holds the apply lock.
+    fn commit_batch_locked(
+        &self,
+        mut batch: WriteBatch,
+        freed_device_blocks: &[u64],
+        claim: Option<DetachedClaim>,
+    ) -> NodeResult<()> {
         {
             let mut guard = self.lock_blocks();
             let blocks = &mut *guard;
