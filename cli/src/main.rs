@@ -439,6 +439,10 @@ async fn status(client: &BallastClient) -> anyhow::Result<()> {
     println!("uptime           {} s", status.uptime_ms / 1000);
     println!("checksum errors  {}", status.checksum_error_count);
     println!(
+        "durability       {} fsync requests, {} durable writes, {} device flushes",
+        status.fsync_request_count, status.durable_write_count, status.device_flush_count
+    );
+    println!(
         "detached writes  {} records in the log pin {} blocks",
         status.detached_record_count, status.detached_pinned_block_count
     );

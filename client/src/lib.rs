@@ -999,12 +999,16 @@ impl BallastClient {
 
     /// Writes `data` at `offset_bytes` of `inode`. Not retried once sent: a concurrent write to
     /// the same range could land between the two attempts and be overwritten by the repeat.
+    /// Writes `data` at `offset_bytes`. With `durable`, the node answers only once the write is
+    /// durable (its answer's `durable` says whether it was: a node that predates the field
+    /// answers `false`).
     pub async fn write(
         &self,
         volume: &str,
         inode: u64,
         offset_bytes: u64,
         data: Bytes,
+        durable: bool,
     ) -> Result<proto::WriteResponse, ClientError> {
         if data.len() > MESSAGE_SIZE_BYTES_MAX - 4096 {
             return Err(ClientError::InvalidArgument(format!(
@@ -1017,6 +1021,7 @@ impl BallastClient {
             inode,
             offset_bytes,
             data,
+            durable,
         };
         self.call(
             "Write",
@@ -1235,7 +1240,7 @@ mod tests {
         };
         let client = BallastClient::connect_lazy("http://127.0.0.1:1", options).unwrap();
         let error = client
-            .write("demo", 2, 0, Bytes::from_static(b"x"))
+            .write("demo", 2, 0, Bytes::from_static(b"x"), false)
             .await
             .unwrap_err();
         assert_eq!(error.code(), Some(tonic::Code::Unavailable), "{error}");

@@ -43,6 +43,7 @@ use crate::convert::{
 };
 use crate::open_files::{OpenFileTable, OrphanAction};
 use crate::recent_attributes::{RecentAttributes, RECENT_ATTRIBUTES_CAPACITY};
+use crate::write_through::{FsyncPlan, WriteMode, WriteThrough, WRITE_THROUGH_CAPACITY};
 
 /// Requests being served at once. The kernel sends many concurrent writes with the writeback
 /// cache; 256 keeps the node busy without unbounded memory (each may hold a 1 MiB write).
@@ -82,6 +83,9 @@ struct Shared {
     /// The node's attributes from recent answers, to skip the GetAttr of a writeback-cache time
     /// flush (`recent_attributes`).
     recent_attributes: Mutex<RecentAttributes>,
+    /// Which files' changes are all durable, so their fsync needs no round trip
+    /// (`write_through`).
+    write_through: Mutex<WriteThrough>,
 }
 
 impl Shared {
@@ -98,6 +102,22 @@ impl Shared {
         self.recent_attributes
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write_through(&self) -> std::sync::MutexGuard<'_, WriteThrough> {
+        // Each operation is one map step: a poisoned lock is still consistent.
+        self.write_through
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Sends a SetAttr, counted as a change of the inode that its next fsync must cover.
+    async fn set_attr(&self, request: proto::SetAttrRequest) -> Result<proto::Attr, ClientError> {
+        let inode = request.inode;
+        self.write_through().change_started(inode);
+        let result = self.client.set_attr(request).await;
+        self.write_through().change_finished(inode);
+        result
     }
 
     fn open_files(&self) -> std::sync::MutexGuard<'_, OpenFileTable> {
@@ -141,7 +161,7 @@ impl Shared {
             mode: Some(mode),
             ..Default::default()
         };
-        if let Err(error) = self.client.set_attr(request).await {
+        if let Err(error) = self.set_attr(request).await {
             tracing::warn!(inode = attr.inode, %error, "clearing setuid/setgid failed");
         }
     }
@@ -168,6 +188,7 @@ impl BallastFilesystem {
                     RECENT_ATTRIBUTES_CAPACITY,
                     settings.attribute_ttl,
                 )),
+                write_through: Mutex::new(WriteThrough::new(WRITE_THROUGH_CAPACITY)),
             }),
             runtime,
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT_REQUEST_COUNT_MAX)),
@@ -399,11 +420,11 @@ impl Filesystem for BallastFilesystem {
                     }
                     None => match shared.client.get_attr(&shared.volume, inode.0).await {
                         Ok(attr) if attr.mtime_ns >= requested_ns => Ok(attr),
-                        _ => shared.client.set_attr(set_attr).await,
+                        _ => shared.set_attr(set_attr).await,
                     },
                 }
             } else {
-                shared.client.set_attr(set_attr).await
+                shared.set_attr(set_attr).await
             };
             if let Ok(attr) = &result {
                 shared
@@ -558,6 +579,11 @@ impl Filesystem for BallastFilesystem {
                 .await;
             match result {
                 Ok(response) => {
+                    if response.replaced_inode != 0 {
+                        shared
+                            .write_through()
+                            .change_finished(response.replaced_inode);
+                    }
                     if response.replaced_orphaned {
                         shared.settle_orphan(response.replaced_inode).await;
                     }
@@ -578,11 +604,13 @@ impl Filesystem for BallastFilesystem {
     ) {
         let new_name = name_or_reply!(new_name, reply);
         self.spawn(move |shared| async move {
-            match shared
+            shared.write_through().change_started(inode.0);
+            let result = shared
                 .client
                 .link(&shared.volume, inode.0, new_parent.0, &new_name)
-                .await
-            {
+                .await;
+            shared.write_through().change_finished(inode.0);
+            match result {
                 Ok(attr) => shared.reply_entry(reply, &attr),
                 Err(error) => reply.error(kernel_errno(&error)),
             }
@@ -637,11 +665,24 @@ impl Filesystem for BallastFilesystem {
         let privileged_writer =
             request.uid() == 0 && !write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
         self.spawn(move |shared| async move {
-            match shared
+            let mode = shared
+                .write_through()
+                .write_started(inode.0, data.len() as u64);
+            let result = shared
                 .client
-                .write(&shared.volume, inode.0, offset_bytes, data)
-                .await
-            {
+                .write(
+                    &shared.volume,
+                    inode.0,
+                    offset_bytes,
+                    data,
+                    mode == WriteMode::Durable,
+                )
+                .await;
+            let answered_durable = matches!(&result, Ok(response) if response.durable);
+            shared
+                .write_through()
+                .write_finished(inode.0, mode, answered_durable);
+            match result {
                 Ok(response) => {
                     if let Some(attr) = response.attr.as_ref() {
                         shared
@@ -698,7 +739,27 @@ impl Filesystem for BallastFilesystem {
         data_only: bool,
         reply: ReplyEmpty,
     ) {
-        self.fsync_inode(inode, data_only, reply);
+        let plan = self.shared.write_through().fsync_started(inode.0);
+        match plan {
+            // Every change this driver made to the file since its last fsync was answered
+            // durable by the node (`write_through`): there is nothing to flush.
+            FsyncPlan::AlreadyDurable => reply.ok(),
+            FsyncPlan::Forward(coverage) => {
+                self.spawn(move |shared| async move {
+                    match shared
+                        .client
+                        .fsync(&shared.volume, inode.0, data_only)
+                        .await
+                    {
+                        Ok(()) => {
+                            shared.write_through().fsync_succeeded(inode.0, coverage);
+                            reply.ok();
+                        }
+                        Err(error) => reply.error(kernel_errno(&error)),
+                    }
+                });
+            }
+        }
     }
 
     fn opendir(&self, _request: &Request, _inode: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -782,8 +843,18 @@ impl Filesystem for BallastFilesystem {
         reply: ReplyEmpty,
     ) {
         // Databases fsync a directory after creating or renaming files in it; the node decides
-        // what a directory fsync means.
-        self.fsync_inode(inode, data_only, reply);
+        // what a directory fsync means. Always forwarded: changes of a directory's entries are
+        // not tracked by `write_through`.
+        self.spawn(move |shared| async move {
+            match shared
+                .client
+                .fsync(&shared.volume, inode.0, data_only)
+                .await
+            {
+                Ok(()) => reply.ok(),
+                Err(error) => reply.error(kernel_errno(&error)),
+            }
+        });
     }
 
     fn statfs(&self, _request: &Request, _inode: INodeNo, reply: ReplyStatfs) {
@@ -907,10 +978,12 @@ impl Filesystem for BallastFilesystem {
             return reply.error(Errno::EOPNOTSUPP);
         }
         self.spawn(move |shared| async move {
+            shared.write_through().change_started(inode.0);
             let result = shared
                 .client
                 .fallocate(&shared.volume, inode.0, offset_bytes, length_bytes, mode)
                 .await;
+            shared.write_through().change_finished(inode.0);
             match result {
                 Ok(_attr) => reply.ok(),
                 Err(error) => reply.error(kernel_errno(&error)),
@@ -930,24 +1003,13 @@ impl BallastFilesystem {
                 .await
             {
                 Ok(response) => {
+                    // Its link count changed: a later fsync of it must reach the node.
+                    shared.write_through().change_finished(response.inode);
                     if response.orphaned {
                         shared.settle_orphan(response.inode).await;
                     }
                     reply.ok();
                 }
-                Err(error) => reply.error(kernel_errno(&error)),
-            }
-        });
-    }
-
-    fn fsync_inode(&self, inode: INodeNo, data_only: bool, reply: ReplyEmpty) {
-        self.spawn(move |shared| async move {
-            match shared
-                .client
-                .fsync(&shared.volume, inode.0, data_only)
-                .await
-            {
-                Ok(()) => reply.ok(),
                 Err(error) => reply.error(kernel_errno(&error)),
             }
         });

@@ -14,6 +14,7 @@ mod convert;
 mod filesystem;
 mod open_files;
 mod recent_attributes;
+mod write_through;
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;

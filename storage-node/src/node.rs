@@ -103,6 +103,17 @@ pub struct StorageNode {
     scrubber: crate::scrub::Scrubber,
     /// Which idle groups rely on the node heartbeat instead of their own (`quiescence.rs`).
     quiescence: crate::quiescence::Quiescence,
+    /// What the filesystem service did to make data durable (shown by `ballast status`).
+    sync_counters: SyncCounters,
+}
+
+/// Counts of the requests that make file data durable, since the node started.
+#[derive(Debug, Default)]
+pub struct SyncCounters {
+    /// `Filesystem.Fsync` requests served.
+    pub fsync_request_count: std::sync::atomic::AtomicU64,
+    /// Writes that asked to be durable and were, before their answer.
+    pub durable_write_count: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for StorageNode {
@@ -202,6 +213,7 @@ impl StorageNode {
             metadata_leading_since: std::sync::Mutex::new(None),
             scrubber: crate::scrub::Scrubber::new(config_scrub),
             quiescence: crate::quiescence::Quiescence::new(superblock.node_id, config_quiescence),
+            sync_counters: SyncCounters::default(),
         });
         node.start_metadata_container().await?;
         let local_authority = node.metadata_is_local_only().await;
@@ -258,6 +270,10 @@ impl StorageNode {
 
     pub fn quiescence(&self) -> &crate::quiescence::Quiescence {
         &self.quiescence
+    }
+
+    pub fn sync_counters(&self) -> &SyncCounters {
+        &self.sync_counters
     }
 
     pub fn config(&self) -> &NodeConfig {

@@ -897,6 +897,79 @@ fn applied_index(node: &LocalNode) -> u64 {
         .unwrap_or_else(|| panic!("no container row for posix in {status}"))
 }
 
+/// `ballast status`'s durability line: (fsync requests, durable writes, device flushes).
+fn durability_counts(node: &LocalNode) -> (u64, u64, u64) {
+    let status = node.cli(&["status"]).unwrap();
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("durability"))
+        .unwrap_or_else(|| panic!("no durability line in {status}"));
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    assert_eq!(numbers.len(), 3, "durability line: {line}");
+    (numbers[0], numbers[1], numbers[2])
+}
+
+#[test]
+fn fsyncs_of_a_journal_are_answered_by_the_driver_after_durable_writes() {
+    // A file fsync'd after every small write is a journal: once the driver has seen that, it
+    // asks the node to answer each write only when it is durable (one device flush each), and
+    // answers the fsyncs itself. A bulk write between fsyncs turns that off again.
+    let Some((node, mount)) = setup("1GiB") else {
+        return;
+    };
+    let path = mount.join("redo");
+    let file = create_read_write(&path);
+    file.write_all_at(b"first", 0).unwrap();
+    file.sync_data().unwrap();
+    let (fsyncs_before, durable_before, flushes_before) = durability_counts(&node);
+    const ROUNDS: u64 = 20;
+    for round in 0..ROUNDS {
+        file.write_all_at(&pattern(4096, round as u8), round * 4096)
+            .unwrap();
+        if round % 2 == 0 {
+            file.sync_data().unwrap();
+        } else {
+            file.sync_all().unwrap();
+        }
+    }
+    let (fsyncs, durable, flushes) = durability_counts(&node);
+    assert_eq!(
+        fsyncs - fsyncs_before,
+        0,
+        "every fsync of the journal reached the node"
+    );
+    assert!(
+        durable - durable_before >= ROUNDS,
+        "{} durable writes for {ROUNDS} rounds",
+        durable - durable_before
+    );
+    assert!(
+        flushes - flushes_before >= ROUNDS,
+        "{} device flushes for {ROUNDS} durable writes",
+        flushes - flushes_before
+    );
+    // A bulk write (1 MiB, past the 256 KiB write-through limit) is sent plain, so the fsync
+    // after it must reach the node.
+    let bulk = pattern(1 << 20, 77);
+    file.write_all_at(&bulk, ROUNDS * 4096).unwrap();
+    file.sync_all().unwrap();
+    let (fsyncs_after_bulk, _, _) = durability_counts(&node);
+    assert_eq!(
+        fsyncs_after_bulk - fsyncs,
+        1,
+        "the fsync after a bulk write"
+    );
+    drop(file);
+    let mut expected: Vec<u8> = (0..ROUNDS)
+        .flat_map(|round| pattern(4096, round as u8))
+        .collect();
+    expected.extend_from_slice(&bulk);
+    assert_eq!(fs::read(&path).unwrap(), expected);
+}
+
 #[test]
 fn fdatasync_after_a_write_costs_one_log_entry_not_two() {
     // With the writeback cache, every fsync and fdatasync first sends a SETATTR with the

@@ -1,5 +1,6 @@
 //! The `Admin` service: volumes and node status.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use ballast_proto::v1 as proto;
@@ -340,6 +341,15 @@ impl Admin for AdminService {
             scrub: Some(crate::scrub::status_message(node.scrubber())),
             detached_record_count: detached_record_count as u64,
             detached_pinned_block_count,
+            fsync_request_count: node
+                .sync_counters()
+                .fsync_request_count
+                .load(Ordering::Relaxed),
+            durable_write_count: node
+                .sync_counters()
+                .durable_write_count
+                .load(Ordering::Relaxed),
+            device_flush_count: node.device().engine().statistics().flushes,
         }))
     }
 

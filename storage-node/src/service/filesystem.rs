@@ -4,6 +4,7 @@
 //! successful write is durable in the Raft log). Reads are served from the applied state of the
 //! local leader; with single-member containers that is linearizable.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use ballast_proto::v1 as proto;
@@ -367,17 +368,31 @@ impl Filesystem for FilesystemService {
             data: request.data,
             now_ns: self.node.now_ns(),
         };
-        match self.propose(&request.volume, command, None).await? {
-            CommandResponse::Written {
-                written_bytes,
-                inode,
-                attributes,
-            } => Ok(Response::new(proto::WriteResponse {
-                written_bytes,
-                attr: Some(attr(inode, &attributes)),
-            })),
-            other => Err(unexpected(other)),
+        let (written_bytes, inode, attributes) =
+            match self.propose(&request.volume, command, None).await? {
+                CommandResponse::Written {
+                    written_bytes,
+                    inode,
+                    attributes,
+                } => (written_bytes, inode, attributes),
+                other => return Err(unexpected(other)),
+            };
+        // The write is applied, so its entry is in this node's log: one log flush (the same one
+        // an fsync does) makes it, and everything applied before it, durable. The caller then
+        // owes no fsync for it. A replicated container's append is already flushed on a
+        // majority; the flush costs little there and keeps one rule for every group.
+        if request.durable {
+            self.node.flush_log().await.map_err(node_status)?;
+            self.node
+                .sync_counters()
+                .durable_write_count
+                .fetch_add(1, Ordering::Relaxed);
         }
+        Ok(Response::new(proto::WriteResponse {
+            written_bytes,
+            attr: Some(attr(inode, &attributes)),
+            durable: request.durable,
+        }))
     }
 
     async fn fallocate(
@@ -409,6 +424,10 @@ impl Filesystem for FilesystemService {
         let container_id = self.read_container(&request.volume).await?;
         fs::get_inode(self.node.storage(), container_id, request.inode).map_err(node_status)?;
         self.node.flush_log().await.map_err(node_status)?;
+        self.node
+            .sync_counters()
+            .fsync_request_count
+            .fetch_add(1, Ordering::Relaxed);
         Ok(Response::new(proto::FsyncResponse {}))
     }
 
