@@ -520,7 +520,9 @@ async fn corrupted_block_is_an_error() {
         .get(&crate::keys::block(CONTAINER, file, 0), "block")
         .unwrap()
         .unwrap();
-    // Flip one bit of the block on the device through the block store.
+    // Flip one bit of the block on the device through the block store, after the apply's own
+    // write of it (which may still be in flight) has landed.
+    storage.storage.pending_writes.wait_for_all().await;
     let mut block = storage
         .storage
         .block_store
@@ -542,6 +544,55 @@ async fn corrupted_block_is_an_error() {
     assert_eq!(storage.storage.checksum_error_count(), 1);
     // A partial overwrite must not build on the corrupt block either.
     assert_eq!(errno(write(&mut storage, file, 10, b"x").await), Errno::EIO);
+}
+
+#[tokio::test]
+async fn reads_and_checkpoints_wait_for_a_pending_block_write() {
+    // An apply does not wait for its block write (`pending_writes.rs`). Holding one block's
+    // write pending by hand: a read of that block and a checkpoint must both wait for it, and
+    // a read of another file must not.
+    let mut storage = initialized(0).await;
+    let file = create(&mut storage, ROOT_INODE, "f", EntryKind::File).await;
+    let other = create(&mut storage, ROOT_INODE, "g", EntryKind::File).await;
+    write(&mut storage, file, 0, &vec![0x5Au8; 4096])
+        .await
+        .unwrap();
+    write(&mut storage, other, 0, b"other").await.unwrap();
+    storage.storage.pending_writes.wait_for_all().await;
+    let reference: crate::records::BlockRef = storage
+        .storage
+        .state
+        .get(&crate::keys::block(CONTAINER, file, 0), "block")
+        .unwrap()
+        .unwrap();
+    let extent = [(reference.device_block, 1)];
+    storage.storage.pending_writes.insert(&extent);
+    let unrelated = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        filesystem::read(&storage.storage, CONTAINER, other, 0, 5),
+    )
+    .await
+    .expect("a read of other blocks does not wait")
+    .unwrap();
+    assert_eq!(&unrelated[..], b"other");
+    let shared = std::sync::Arc::clone(&storage.storage);
+    let read =
+        tokio::spawn(async move { filesystem::read(&shared, CONTAINER, file, 0, 4096).await });
+    let shared = std::sync::Arc::clone(&storage.storage);
+    let checkpoint = tokio::spawn(async move { shared.checkpoint(|_| Ok(())).await });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(
+        !read.is_finished(),
+        "the read did not wait for the pending write"
+    );
+    assert!(
+        !checkpoint.is_finished(),
+        "the checkpoint did not wait for the pending write"
+    );
+    storage.storage.pending_writes.complete(&extent);
+    let data = read.await.unwrap().unwrap();
+    assert_eq!(&data[..], &vec![0x5Au8; 4096][..]);
+    checkpoint.await.unwrap().unwrap();
 }
 
 #[tokio::test]

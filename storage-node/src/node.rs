@@ -105,6 +105,8 @@ pub struct StorageNode {
     quiescence: crate::quiescence::Quiescence,
     /// What the filesystem service did to make data durable (shown by `ballast status`).
     sync_counters: SyncCounters,
+    /// Replicas restarted after a fatal error that may not campaign yet (`election_hold.rs`).
+    election_holds: std::sync::Mutex<crate::election_hold::ElectionHolds>,
 }
 
 /// Counts of the requests that make file data durable, since the node started.
@@ -214,6 +216,7 @@ impl StorageNode {
             scrubber: crate::scrub::Scrubber::new(config_scrub),
             quiescence: crate::quiescence::Quiescence::new(superblock.node_id, config_quiescence),
             sync_counters: SyncCounters::default(),
+            election_holds: std::sync::Mutex::new(Default::default()),
         });
         node.start_metadata_container().await?;
         let local_authority = node.metadata_is_local_only().await;
@@ -274,6 +277,19 @@ impl StorageNode {
 
     pub fn sync_counters(&self) -> &SyncCounters {
         &self.sync_counters
+    }
+
+    fn election_holds(&self) -> std::sync::MutexGuard<'_, crate::election_hold::ElectionHolds> {
+        // Each operation is one map step: a poisoned lock is still consistent.
+        self.election_holds
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether this replica of the container may not start elections now (restarted after a
+    /// fatal error, `election_hold.rs`). Quiescence and leader balancing respect it.
+    pub fn election_held(&self, container_id: u64) -> bool {
+        self.election_holds().is_held(container_id)
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -945,6 +961,7 @@ impl StorageNode {
                 tracing::warn!(container = container_id, %error, "raft shutdown");
             }
         }
+        self.election_holds().forget(container_id);
         let freed = self.storage.container_device_blocks(container_id)?;
         let mut batch = rocksdb::WriteBatch::default();
         for tag in [
@@ -999,6 +1016,17 @@ impl StorageNode {
     /// everything it acknowledged is in the log store and RocksDB. Without this the container
     /// would stay dead on this node until the process restarts.
     pub(crate) async fn restart_failed_containers(&self) {
+        let released = self.election_holds().release_due(Instant::now());
+        for container_id in released {
+            // A replica quiescence keeps paused stays paused; quiescence resumes it.
+            if self.quiescence.is_quiesced(container_id) {
+                continue;
+            }
+            if let Some(raft) = self.raft(container_id).await {
+                tracing::info!(container = container_id, "election hold over");
+                raft.runtime_config().elect(true);
+            }
+        }
         for (container_id, raft) in self.container_rafts().await {
             let Err(fatal) = raft.is_initialized().await else {
                 continue;
@@ -1018,6 +1046,21 @@ impl StorageNode {
             };
             if let Err(error) = restarted {
                 tracing::error!(container = container_id, %error, "restarting the container failed; the reconcile loop retries");
+                continue;
+            }
+            // Back as a follower that has not heard its leader: without a hold it would
+            // campaign within the election timeout and unseat a healthy leader, again after
+            // every failure (openraft 0.9 has no pre-vote).
+            let hold = self
+                .election_holds()
+                .on_restart_after_failure(container_id, Instant::now());
+            if let Some(raft) = self.raft(container_id).await {
+                raft.runtime_config().elect(false);
+                tracing::warn!(
+                    container = container_id,
+                    hold_s = hold.as_secs(),
+                    "restarted replica may not start elections for a while"
+                );
             }
         }
     }

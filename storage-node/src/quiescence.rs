@@ -510,6 +510,9 @@ pub async fn apply_changes(node: &StorageNode, changes: Vec<TimerChange>) {
                     tracing::debug!(container = container_id, %error, "heartbeat trigger");
                 }
             }
+        } else if enabled && node.election_held(container_id) {
+            // Restarted after a fatal error: the hold switches elections back on when it ends.
+            continue;
         } else {
             raft.runtime_config().elect(enabled);
         }

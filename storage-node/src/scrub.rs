@@ -395,6 +395,11 @@ async fn confirm_bad(storage: &NodeStorage, block: &ScannedBlock) -> NodeResult<
     if current != Some(block.reference) {
         return Ok(Confirmation::Stale);
     }
+    // A block an apply has just written may still be in flight (`pending_writes.rs`).
+    storage
+        .pending_writes
+        .wait_for(block.reference.device_block, 1)
+        .await;
     match storage
         .block_store
         .read_blocks(block.reference.device_block, 1)
@@ -665,6 +670,10 @@ async fn verify_page(
             let block_store = storage.block_store.clone();
             let first_block = page[run.start].reference.device_block;
             let block_count = run.len() as u32;
+            storage
+                .pending_writes
+                .wait_for(first_block, u64::from(block_count))
+                .await;
             reads.spawn(
                 async move { (run, block_store.read_blocks(first_block, block_count).await) },
             );
@@ -924,6 +933,10 @@ pub async fn repair_read_range(
     )?;
     let mut report = PassReport::default();
     for block in &page {
+        node.storage
+            .pending_writes
+            .wait_for(block.reference.device_block, 1)
+            .await;
         let intact = match node
             .storage
             .block_store
@@ -988,6 +1001,10 @@ pub async fn serve_block(
             applied_index,
         });
     }
+    node.storage
+        .pending_writes
+        .wait_for(reference.device_block, 1)
+        .await;
     let read = node
         .storage
         .block_store
@@ -1262,6 +1279,8 @@ mod tests {
     }
 
     async fn corrupt(storage: &NodeStorage, device_block: u64) {
+        // The apply's own write of the block must not land after (and undo) the corruption.
+        storage.pending_writes.wait_for_all().await;
         let mut bytes = storage
             .block_store
             .read_blocks(device_block, 1)

@@ -8,10 +8,14 @@
 //!    *deferred*. A freed block cannot be reused before the next checkpoint, so every block
 //!    referenced by the last durable RocksDB state keeps its bytes until a newer state is
 //!    durable. This is what makes replaying the Raft log after a crash safe.
-//! 2. An apply writes its blocks to the device (awaiting completion) before it writes the
-//!    RocksDB batch that references them.
-//! 3. A checkpoint, under the apply lock, flushes the device first and RocksDB second, then
-//!    releases deferred frees. After it, the state is durable without the log.
+//! 2. An apply submits the write of its new blocks and registers them as pending
+//!    (`pending_writes.rs`) before it writes the RocksDB batch that references them; it does not
+//!    wait for the write. Every read of referenced blocks waits for their pending writes, and a
+//!    failed block write aborts the process (the log still holds the data; replay rewrites it).
+//! 3. A checkpoint, under the apply lock, waits for every pending block write, flushes the
+//!    device, then RocksDB, then releases deferred frees. After it, the state is durable without
+//!    the log. (A pending block can only be freed by a batch, under the apply lock, so it was
+//!    registered before the checkpoint's wait and is written before its release.)
 //! 4. While an [`ExportView`] exists, checkpoints keep deferred frees deferred: the view's state
 //!    references blocks that later applies may free, and they must keep their bytes until the
 //!    export that reads them has ended.
@@ -34,6 +38,7 @@ use rocksdb::WriteBatch;
 use crate::detached::{DetachedBlocks, DetachedClaim, DetachedRecord, Pin, PinRegistry};
 use crate::error::{FsError, NodeError, NodeResult};
 use crate::keys;
+use crate::pending_writes::PendingWrites;
 use crate::records::BlockRef;
 use crate::snapshot_spool::SpoolDirectory;
 use crate::state_store::{StateStore, StateView};
@@ -60,6 +65,8 @@ pub struct NodeStorage {
     pub spool: SpoolDirectory,
     /// Bytes of detached write data reserved since the last checkpoint (a checkpoint trigger).
     detached_bytes_since_checkpoint: AtomicU64,
+    /// Blocks referenced by applies whose device write is still in flight (rules 2 and 3).
+    pub(crate) pending_writes: Arc<PendingWrites>,
 }
 
 struct Blocks {
@@ -141,6 +148,7 @@ impl NodeStorage {
             export_slots: Arc::new(tokio::sync::Semaphore::new(EXPORTS_IN_FLIGHT_MAX)),
             spool,
             detached_bytes_since_checkpoint: AtomicU64::new(0),
+            pending_writes: Arc::new(PendingWrites::default()),
         })
     }
 
@@ -190,26 +198,7 @@ impl NodeStorage {
     /// `BLOCKS_PER_REQUEST_MAX` blocks, all in flight together. Not durable on return: the
     /// caller flushes when it needs that.
     pub async fn write_extents(&self, extents: &[Extent], data: &[u8]) -> NodeResult<()> {
-        let block_total: u64 = extents.iter().map(|extent| extent.block_count).sum();
-        assert_eq!(block_total as usize * BLOCK_SIZE_BYTES, data.len());
-        let mut writes = Vec::new();
-        let mut consumed_bytes = 0usize;
-        for extent in extents {
-            let mut written = 0;
-            while written < extent.block_count {
-                let piece = (extent.block_count - written).min(BLOCKS_PER_REQUEST_MAX);
-                let end = consumed_bytes + piece as usize * BLOCK_SIZE_BYTES;
-                let buffer = AlignedBuffer::from_slice_padded(&data[consumed_bytes..end]);
-                let first_block = extent.first_block + written;
-                writes.push(self.block_store.write_blocks(first_block, buffer));
-                written += piece;
-                consumed_bytes = end;
-            }
-        }
-        for result in futures::future::join_all(writes).await {
-            result.map_err(|source| NodeError::device("write blocks", source))?;
-        }
-        Ok(())
+        write_extents_to(&self.block_store, extents, data).await
     }
 
     /// Records the pin of a detached record once it is in the device log (before its append is
@@ -328,12 +317,15 @@ impl NodeStorage {
         self.checkpoint_count.load(Ordering::Relaxed)
     }
 
-    /// Allocates `block_count` new blocks and writes `data` (exactly `block_count` blocks) to
-    /// them. Returns the device block of each file block, in order.
+    /// Allocates `block_count` new blocks and starts writing `data` (exactly `block_count`
+    /// blocks) to them. Returns the device block of each file block, in order, once the blocks
+    /// are registered as pending and their write is handed to a task (rule 2), not when the
+    /// write completed.
     pub async fn write_new_blocks(&self, data: AlignedBuffer) -> NodeResult<Vec<u64>> {
         assert_eq!(data.len() % BLOCK_SIZE_BYTES, 0);
         let block_count = (data.len() / BLOCK_SIZE_BYTES) as u64;
         assert!(block_count > 0);
+        let permit = self.pending_writes.reserve(block_count).await;
         let extents = {
             let mut blocks = self.lock_blocks();
             match blocks.allocator.allocate(block_count) {
@@ -351,26 +343,37 @@ impl NodeStorage {
             }
         };
         let mut device_blocks = Vec::with_capacity(block_count as usize);
-        // One extent of one request: written from `data` itself, without a copy.
-        let result = if extents.len() == 1 && extents[0].block_count <= BLOCKS_PER_REQUEST_MAX {
-            self.block_store
-                .write_blocks(extents[0].first_block, data)
-                .await
-                .map(|_| ())
-                .map_err(|source| NodeError::device("write blocks", source))
-        } else {
-            self.write_extents(&extents, &data).await
-        };
-        if let Err(error) = result {
-            // The blocks were never referenced; give them back (deferred: harmless and simple).
-            let mut blocks = self.lock_blocks();
-            for extent in extents {
-                if let Err(free_error) = blocks.allocator.free_deferred(extent) {
-                    tracing::error!(%free_error, "returning blocks of a failed write");
-                }
+        let pending: Vec<(u64, u64)> = extents
+            .iter()
+            .map(|extent| (extent.first_block, extent.block_count))
+            .collect();
+        self.pending_writes.insert(&pending);
+        let block_store = self.block_store.clone();
+        let pending_writes = Arc::clone(&self.pending_writes);
+        let written_extents = extents.clone();
+        tokio::spawn(async move {
+            // One extent of one request: written from `data` itself, without a copy.
+            let result = if written_extents.len() == 1
+                && written_extents[0].block_count <= BLOCKS_PER_REQUEST_MAX
+            {
+                block_store
+                    .write_blocks(written_extents[0].first_block, data)
+                    .await
+                    .map(|_| ())
+                    .map_err(|source| NodeError::device("write blocks", source))
+            } else {
+                write_extents_to(&block_store, &written_extents, &data).await
+            };
+            if let Err(error) = result {
+                // A state batch may already reference these blocks, and no checkpoint may
+                // persist it: stop here. The data is in the Raft log; the restart replays it into
+                // new blocks (the RocksDB state in memory, never flushed, is dropped).
+                tracing::error!(%error, ?written_extents, "writing applied blocks failed; aborting so the log is replayed");
+                std::process::abort();
             }
-            return Err(error);
-        }
+            pending_writes.complete(&pending);
+            drop(permit);
+        });
         for extent in &extents {
             device_blocks.extend(extent.first_block..extent.first_block + extent.block_count);
         }
@@ -438,6 +441,7 @@ impl NodeStorage {
             {
                 run += 1;
             }
+            self.pending_writes.wait_for(first, run as u64).await;
             let buffer = self
                 .block_store
                 .read_blocks(first, run as u32)
@@ -595,6 +599,8 @@ impl NodeStorage {
         before_flush: impl FnOnce(&StateStore) -> NodeResult<T>,
     ) -> NodeResult<T> {
         let _guard = self.apply_lock.lock().await;
+        // Rule 3: no state that references an unwritten block becomes durable.
+        self.pending_writes.wait_for_all().await;
         let value = before_flush(&self.state)?;
         {
             let dirty = self.lock_blocks().allocator.take_dirty_groups();
@@ -624,4 +630,33 @@ impl NodeStorage {
         self.checkpoint_count.fetch_add(1, Ordering::Relaxed);
         Ok(value)
     }
+}
+
+/// Writes `data` (whole blocks) to `extents`, in order, in pieces of at most
+/// `BLOCKS_PER_REQUEST_MAX` blocks, all in flight together. Not durable on return.
+async fn write_extents_to(
+    block_store: &BlockStore,
+    extents: &[Extent],
+    data: &[u8],
+) -> NodeResult<()> {
+    let block_total: u64 = extents.iter().map(|extent| extent.block_count).sum();
+    assert_eq!(block_total as usize * BLOCK_SIZE_BYTES, data.len());
+    let mut writes = Vec::new();
+    let mut consumed_bytes = 0usize;
+    for extent in extents {
+        let mut written = 0;
+        while written < extent.block_count {
+            let piece = (extent.block_count - written).min(BLOCKS_PER_REQUEST_MAX);
+            let end = consumed_bytes + piece as usize * BLOCK_SIZE_BYTES;
+            let buffer = AlignedBuffer::from_slice_padded(&data[consumed_bytes..end]);
+            let first_block = extent.first_block + written;
+            writes.push(block_store.write_blocks(first_block, buffer));
+            written += piece;
+            consumed_bytes = end;
+        }
+    }
+    for result in futures::future::join_all(writes).await {
+        result.map_err(|source| NodeError::device("write blocks", source))?;
+    }
+    Ok(())
 }

@@ -158,12 +158,18 @@ impl RaftTransport for RaftTransportService {
             .ok()
             .flatten()
             .is_none_or(|record| record.draining);
-        if let Some(container_id) = self.node.quiescence().choose_takeover(
-            request.from_node_id,
-            request.leader_count,
-            draining,
-            std::time::Instant::now(),
-        ) {
+        let takeover = self
+            .node
+            .quiescence()
+            .choose_takeover(
+                request.from_node_id,
+                request.leader_count,
+                draining,
+                std::time::Instant::now(),
+            )
+            // A replica restarted after a fatal error does not campaign, not even to balance.
+            .filter(|container_id| !self.node.election_held(*container_id));
+        if let Some(container_id) = takeover {
             let node = Arc::clone(&self.node);
             let (own, theirs) = (node.quiescence().leader_count(), request.leader_count);
             tokio::spawn(async move {
