@@ -439,8 +439,8 @@ async fn status(client: &BallastClient) -> anyhow::Result<()> {
     println!("uptime           {} s", status.uptime_ms / 1000);
     println!("checksum errors  {}", status.checksum_error_count);
     println!(
-        "durability       {} fsync requests, {} durable writes, {} device flushes",
-        status.fsync_request_count, status.durable_write_count, status.device_flush_count
+        "durability       {} fsync requests, {} durable writes, {} device syncs",
+        status.fsync_request_count, status.durable_write_count, status.device_sync_count
     );
     println!(
         "detached writes  {} records in the log pin {} blocks",

@@ -218,6 +218,11 @@ impl DirectRing {
                     );
                     if done_bytes == length_bytes {
                         self.statistics.writes.fetch_add(1, Ordering::Relaxed);
+                        if write.is_some_and(|(_, _, flags)| flags & libc::RWF_DSYNC != 0) {
+                            self.statistics
+                                .durable_writes
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
                         self.statistics
                             .bytes_written
                             .fetch_add(length_bytes as u64, Ordering::Relaxed);

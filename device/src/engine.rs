@@ -76,6 +76,8 @@ pub struct EngineStatistics {
     pub reads: u64,
     pub writes: u64,
     pub flushes: u64,
+    /// Writes made durable by themselves (`RWF_DSYNC`), also counted in `writes`.
+    pub durable_writes: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
 }
@@ -85,6 +87,7 @@ pub(crate) struct StatisticsCounters {
     pub(crate) reads: AtomicU64,
     pub(crate) writes: AtomicU64,
     pub(crate) flushes: AtomicU64,
+    pub(crate) durable_writes: AtomicU64,
     pub(crate) bytes_read: AtomicU64,
     pub(crate) bytes_written: AtomicU64,
 }
@@ -334,6 +337,7 @@ impl Engine {
             reads: counters.reads.load(Ordering::Relaxed),
             writes: counters.writes.load(Ordering::Relaxed),
             flushes: counters.flushes.load(Ordering::Relaxed),
+            durable_writes: counters.durable_writes.load(Ordering::Relaxed),
             bytes_read: counters.bytes_read.load(Ordering::Relaxed),
             bytes_written: counters.bytes_written.load(Ordering::Relaxed),
         }
@@ -830,6 +834,9 @@ impl Worker {
                 }
                 OperationKind::Write | OperationKind::WriteDurable => {
                     counters.writes.fetch_add(1, Ordering::Relaxed);
+                    if kind == OperationKind::WriteDurable {
+                        counters.durable_writes.fetch_add(1, Ordering::Relaxed);
+                    }
                     counters
                         .bytes_written
                         .fetch_add(operation.done_bytes as u64, Ordering::Relaxed);

@@ -366,3 +366,47 @@ async fn a_replicated_append_of_detached_writes_is_made_durable_by_one_flush() {
     assert_eq!(read_back(&log, 3).await.unwrap(), entries[0]);
     assert_eq!(read_back(&log, 4).await.unwrap(), entries[1]);
 }
+
+#[tokio::test]
+async fn a_single_voter_append_is_durable_only_while_a_guard_lives() {
+    // A durable write request takes a guard around its proposal (`request_durable_appends`),
+    // so its own append is flushed; other appends of a single-voter group stay buffered.
+    let mut test = TestStorage::initialized(CONTAINER, 0).await;
+    let inode = test.create_file(CONTAINER, "journal").await;
+    let log_store = LogStore::open(test.device.engine(), test.device.superblock()).unwrap();
+    let (log, _) = container(&log_store, &test.storage, false);
+    let engine = test.device.engine();
+    let syncs = || {
+        let statistics = engine.statistics();
+        statistics.flushes + statistics.durable_writes
+    };
+    // Small, so it is logged inline (not detached).
+    let small_write = |index: u64| Entry {
+        log_id: log_id(index),
+        payload: EntryPayload::Normal(Command::Filesystem(FilesystemCommand::Write {
+            inode,
+            offset_bytes: index * 4096,
+            data: Bytes::from(vec![index as u8; 4096]),
+            now_ns: 10 + index as i64,
+        })),
+    };
+    // The first batch of a segment flushes its predecessors; start measuring after it.
+    log.append_now(vec![small_write(2)]).await.unwrap();
+    let before = syncs();
+    log.append_now(vec![small_write(3)]).await.unwrap();
+    assert_eq!(syncs(), before, "a single-voter append is buffered");
+    let guard = log.request_durable_appends();
+    assert!(log.guarded_by(&guard));
+    log.append_now(vec![small_write(4)]).await.unwrap();
+    let with_guard = syncs();
+    assert!(
+        with_guard > before,
+        "the guarded append was not made durable"
+    );
+    drop(guard);
+    log.append_now(vec![small_write(5)]).await.unwrap();
+    assert_eq!(syncs(), with_guard, "buffered again after the guard");
+    // A guard of another log (a replaced group) is not this log's.
+    let (other, _) = container(&log_store, &test.storage, false);
+    assert!(!log.guarded_by(&other.request_durable_appends()));
+}

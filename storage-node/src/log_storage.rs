@@ -40,7 +40,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -133,8 +133,25 @@ struct Shared {
     writer: mpsc::Sender<LogOperation>,
     /// Appends are durable before they are acknowledged (see the module doc).
     durable: AtomicBool,
+    /// Live [`DurableAppendGuard`]s: while any exists, every append is durable too.
+    durable_append_requests: AtomicU64,
     /// Writes at least this long (and aligned) are detached; 0: never.
     detached_write_bytes_min: u64,
+}
+
+/// See [`ContainerLog::request_durable_appends`].
+pub struct DurableAppendGuard {
+    shared: Arc<Shared>,
+}
+
+impl Drop for DurableAppendGuard {
+    fn drop(&mut self) {
+        let previous = self
+            .shared
+            .durable_append_requests
+            .fetch_sub(1, Ordering::SeqCst);
+        assert!(previous > 0, "durable append requests underflow");
+    }
 }
 
 /// Log storage of one container; cheap to clone (the reader is a clone).
@@ -172,6 +189,7 @@ impl ContainerLog {
                 cache: Mutex::new(EntryCache::default()),
                 writer,
                 durable: AtomicBool::new(replicated),
+                durable_append_requests: AtomicU64::new(0),
                 detached_write_bytes_min,
             }),
         }
@@ -179,6 +197,32 @@ impl ContainerLog {
 
     fn state_store(&self) -> &StateStore {
         &self.shared.state.state
+    }
+
+    /// Makes every append of this log durable (flushed before it is reported) while the guard
+    /// lives. A caller that needs one proposal durable takes a guard before proposing and keeps
+    /// it until the proposal is answered: the proposal's entry is appended in between, so it is
+    /// flushed by its own append instead of by a separate flush afterwards (one device request
+    /// and two thread hand-offs fewer).
+    pub fn request_durable_appends(&self) -> DurableAppendGuard {
+        self.shared
+            .durable_append_requests
+            .fetch_add(1, Ordering::SeqCst);
+        DurableAppendGuard {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Whether an append now must be durable before it is reported: always on a replicated
+    /// group, and while a [`DurableAppendGuard`] lives.
+    fn appends_durable(&self) -> bool {
+        self.shared.durable.load(Ordering::Acquire)
+            || self.shared.durable_append_requests.load(Ordering::SeqCst) > 0
+    }
+
+    /// Whether `guard` was taken on this log (and not on one it replaced).
+    pub fn guarded_by(&self, guard: &DurableAppendGuard) -> bool {
+        Arc::ptr_eq(&self.shared, &guard.shared)
     }
 
     // openraft's StorageError is large by design; it is the trait's error type.
@@ -762,7 +806,7 @@ impl RaftLogStorage<TypeConfig> for ContainerLog {
             callback.log_io_completed(Ok(()));
             return Ok(());
         }
-        let durable = self.shared.durable.load(Ordering::Acquire);
+        let durable = self.appends_durable();
         self.send(LogOperation::Append {
             records,
             durable,
@@ -854,9 +898,7 @@ impl ContainerLog {
             storage: Arc::clone(&self.shared.state),
             checkpoint_wanted: Arc::new(Notify::new()),
         };
-        writer
-            .append(records, self.shared.durable.load(Ordering::Acquire))
-            .await
+        writer.append(records, self.appends_durable()).await
     }
 
     /// Forgets the cached entries, so reads come from the device; for tests.

@@ -24,7 +24,7 @@ use tokio::sync::{Mutex, Notify, RwLock};
 
 use crate::command::{Command, CommandResponse, FilesystemCommand, MetadataCommand};
 use crate::error::{FsError, NodeError, NodeResult};
-use crate::log_storage::ContainerLog;
+use crate::log_storage::{ContainerLog, DurableAppendGuard};
 use crate::raft_network::{ClusterNetwork, PeerChannels};
 use crate::records::{ContainerRecord, VolumeRecord, ROOT_INODE};
 use crate::state_machine::ContainerStateMachine;
@@ -82,6 +82,8 @@ pub struct NodeConfig {
 
 pub(crate) struct Container {
     pub(crate) raft: Raft,
+    /// The same log storage the Raft instance appends to (for durable-append requests).
+    log: ContainerLog,
 }
 
 pub struct StorageNode {
@@ -335,7 +337,7 @@ impl StorageNode {
     /// another one.
     async fn start_metadata_container(&self) -> NodeResult<()> {
         let _starting = self.starting.lock().await;
-        let raft = self.new_raft(METADATA_CONTAINER_ID, true).await?;
+        let (raft, log) = self.new_raft(METADATA_CONTAINER_ID, true).await?;
         if !self.is_initialized(&raft, METADATA_CONTAINER_ID).await?
             && self.config.join_address.is_none()
         {
@@ -353,7 +355,7 @@ impl StorageNode {
         self.containers
             .write()
             .await
-            .insert(METADATA_CONTAINER_ID, Container { raft });
+            .insert(METADATA_CONTAINER_ID, Container { raft, log });
         Ok(())
     }
 
@@ -391,7 +393,11 @@ impl StorageNode {
         }
     }
 
-    async fn new_raft(&self, container_id: u64, replicated: bool) -> NodeResult<Raft> {
+    async fn new_raft(
+        &self,
+        container_id: u64,
+        replicated: bool,
+    ) -> NodeResult<(Raft, ContainerLog)> {
         let log = ContainerLog::new(
             container_id,
             self.log_store.clone(),
@@ -401,15 +407,37 @@ impl StorageNode {
             self.config.detached_write_bytes_min,
         );
         let state_machine = ContainerStateMachine::new(container_id, Arc::clone(&self.storage));
-        Raft::new(
+        let raft = Raft::new(
             self.node_id,
             raft_config(container_id)?,
             ClusterNetwork::new(container_id, Arc::clone(&self.peers)),
-            log,
+            log.clone(),
             state_machine,
         )
         .await
-        .map_err(|error| NodeError::Raft(format!("start container {container_id}: {error}")))
+        .map_err(|error| NodeError::Raft(format!("start container {container_id}: {error}")))?;
+        Ok((raft, log))
+    }
+
+    /// Makes the container's appends durable while the guard lives
+    /// ([`ContainerLog::request_durable_appends`]); `None` when the container is not here.
+    pub async fn request_durable_appends(&self, container_id: u64) -> Option<DurableAppendGuard> {
+        let containers = self.containers.read().await;
+        let container = containers.get(&container_id)?;
+        Some(container.log.request_durable_appends())
+    }
+
+    /// Whether `guard` was taken on the log the container has now (not on one a restart
+    /// replaced meanwhile).
+    pub async fn durable_appends_still_current(
+        &self,
+        container_id: u64,
+        guard: &DurableAppendGuard,
+    ) -> bool {
+        let containers = self.containers.read().await;
+        containers
+            .get(&container_id)
+            .is_some_and(|container| container.log.guarded_by(guard))
     }
 
     async fn is_initialized(&self, raft: &Raft, container_id: u64) -> NodeResult<bool> {
@@ -493,7 +521,7 @@ impl StorageNode {
         }
         let container_id = record.container_id;
         let replicated = record.replicas.len() > 1;
-        let raft = self.new_raft(container_id, replicated).await?;
+        let (raft, log) = self.new_raft(container_id, replicated).await?;
         if !self.is_initialized(&raft, container_id).await?
             && record.bootstrap_node_id == self.node_id
         {
@@ -515,10 +543,13 @@ impl StorageNode {
         if record.replicas == [self.node_id] {
             self.wait_until_served(&raft, container_id).await?;
         }
-        self.containers
-            .write()
-            .await
-            .insert(container_id, Container { raft: raft.clone() });
+        self.containers.write().await.insert(
+            container_id,
+            Container {
+                raft: raft.clone(),
+                log,
+            },
+        );
         Ok(raft)
     }
 

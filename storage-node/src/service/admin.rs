@@ -349,7 +349,10 @@ impl Admin for AdminService {
                 .sync_counters()
                 .durable_write_count
                 .load(Ordering::Relaxed),
-            device_flush_count: node.device().engine().statistics().flushes,
+            device_sync_count: {
+                let statistics = node.device().engine().statistics();
+                statistics.flushes + statistics.durable_writes
+            },
         }))
     }
 

@@ -362,6 +362,18 @@ impl Filesystem for FilesystemService {
                 request.data.len()
             ))));
         }
+        // A durable write makes its container's appends durable while it is proposed, so its
+        // own append is flushed (with the group commit of the log) instead of a separate flush
+        // after the apply.
+        let durable_appends = if request.durable {
+            let container_id = self.container(&request.volume).await?;
+            self.node
+                .request_durable_appends(container_id)
+                .await
+                .map(|guard| (container_id, guard))
+        } else {
+            None
+        };
         let command = FilesystemCommand::Write {
             inode: request.inode,
             offset_bytes: request.offset_bytes,
@@ -377,12 +389,24 @@ impl Filesystem for FilesystemService {
                 } => (written_bytes, inode, attributes),
                 other => return Err(unexpected(other)),
             };
-        // The write is applied, so its entry is in this node's log: one log flush (the same one
-        // an fsync does) makes it, and everything applied before it, durable. The caller then
-        // owes no fsync for it. A replicated container's append is already flushed on a
-        // majority; the flush costs little there and keeps one rule for every group.
+        // The write is applied, so its entry is in this node's log. It is durable if it was
+        // appended under the guard, on the log the container still has (a restart of the group
+        // in between would have replaced it). Otherwise one log flush (the same one an fsync
+        // does) makes it, and everything applied before it, durable. The caller then owes no
+        // fsync for it.
         if request.durable {
-            self.node.flush_log().await.map_err(node_status)?;
+            let appended_durably = match &durable_appends {
+                Some((container_id, guard)) => {
+                    self.node
+                        .durable_appends_still_current(*container_id, guard)
+                        .await
+                }
+                None => false,
+            };
+            drop(durable_appends);
+            if !appended_durably {
+                self.node.flush_log().await.map_err(node_status)?;
+            }
             self.node
                 .sync_counters()
                 .durable_write_count
