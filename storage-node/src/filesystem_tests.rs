@@ -514,12 +514,7 @@ async fn corrupted_block_is_an_error() {
     write(&mut storage, file, 0, &vec![0xA5u8; 4096])
         .await
         .unwrap();
-    let reference: crate::records::BlockRef = storage
-        .storage
-        .state
-        .get(&crate::keys::block(CONTAINER, file, 0), "block")
-        .unwrap()
-        .unwrap();
+    let reference = block_reference(&storage, file, 0).expect("block row");
     // Flip one bit of the block on the device through the block store, after the apply's own
     // write of it (which may still be in flight) has landed.
     storage.storage.pending_writes.wait_for_all().await;
@@ -559,12 +554,7 @@ async fn reads_and_checkpoints_wait_for_a_pending_block_write() {
         .unwrap();
     write(&mut storage, other, 0, b"other").await.unwrap();
     storage.storage.pending_writes.wait_for_all().await;
-    let reference: crate::records::BlockRef = storage
-        .storage
-        .state
-        .get(&crate::keys::block(CONTAINER, file, 0), "block")
-        .unwrap()
-        .unwrap();
+    let reference = block_reference(&storage, file, 0).expect("block row");
     let extent = [(reference.device_block, 1)];
     storage.storage.pending_writes.insert(&extent);
     let unrelated = tokio::time::timeout(
