@@ -491,6 +491,7 @@ async fn status(client: &BallastClient) -> anyhow::Result<()> {
                 container.last_log_index.to_string(),
                 container.member_count.to_string(),
                 if container.quiesced { "yes" } else { "no" }.to_owned(),
+                container.term.to_string(),
             ]
         })
         .collect();
@@ -503,6 +504,7 @@ async fn status(client: &BallastClient) -> anyhow::Result<()> {
             "LAST LOG",
             "MEMBERS",
             "QUIESCED",
+            "TERM",
         ],
         &rows,
     );

@@ -35,6 +35,10 @@ use crate::transaction::Transaction;
 use crate::types::{Entry, NodeId, RaftNode, StorageError, TypeConfig, METADATA_CONTAINER_ID};
 use crate::{deduplication, filesystem, keys, metadata};
 
+/// Set in a node's environment (any value), every snapshot install on that node fails: a
+/// failpoint for tests only (`tests/tests/cluster.rs`, election holds).
+pub const SNAPSHOT_INSTALL_FAILPOINT: &str = "BALLAST_FAILPOINT_SNAPSHOT_INSTALL";
+
 /// The import that follows a snapshot being received: the snapshot's receive id and the task
 /// staging it.
 type ReceivingImport = (u64, tokio::task::JoinHandle<NodeResult<StagedImport>>);
@@ -261,6 +265,15 @@ impl RaftStateMachine<TypeConfig> for ContainerStateMachine {
             state
         };
         let receiving = self.receiving.lock().expect("receiving import lock").take();
+        // Failpoint for the end-to-end test of election holds: a replica that can never
+        // install a snapshot (as on a full device), whose Raft core therefore stops again and
+        // again. Read per install (rare), so a test sets it on one node's process only.
+        if std::env::var_os(SNAPSHOT_INSTALL_FAILPOINT).is_some() {
+            drop(receiving);
+            return Err(snapshot_error(NodeError::InvalidState(format!(
+                "snapshot install refused by the failpoint {SNAPSHOT_INSTALL_FAILPOINT}"
+            ))));
+        }
         let summary = match (snapshot.receive_id(), receiving) {
             (Some(receive_id), Some((task_receive_id, task))) if receive_id == task_receive_id => {
                 snapshot.finish_receiving().await.map_err(snapshot_error)?;

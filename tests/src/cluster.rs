@@ -30,6 +30,8 @@ pub struct ContainerProgress {
     pub last_log_index: u64,
     /// Quiesced on that node (idle, its own heartbeats or elections paused).
     pub quiesced: bool,
+    /// The Raft term of that node's replica.
+    pub term: u64,
 }
 
 impl TestCluster {
@@ -291,6 +293,10 @@ impl TestCluster {
                 applied_index: fields[3].parse()?,
                 last_log_index: fields[4].parse()?,
                 quiesced: fields.get(6) == Some(&"yes"),
+                term: fields
+                    .get(7)
+                    .and_then(|term| term.parse().ok())
+                    .unwrap_or(0),
             });
         }
         Ok(rows)

@@ -137,6 +137,8 @@ pub struct LocalNode {
     pub run_arguments: Vec<String>,
     /// The network namespace (`/var/run/netns/<name>`) the node runs in, if not the test's own.
     pub net_namespace: Option<String>,
+    /// Extra environment of the node process (failpoints), applied at the next (re)start.
+    pub environment: Vec<(String, String)>,
     node: Option<Child>,
     mounts: Vec<Mount>,
 }
@@ -253,6 +255,7 @@ impl LocalNode {
             node_id,
             run_arguments,
             net_namespace,
+            environment: Vec::new(),
             node: None,
             mounts: Vec::new(),
         };
@@ -277,6 +280,7 @@ impl LocalNode {
             .arg(&self.state_directory)
             .args(["--listen", &self.address])
             .args(&self.run_arguments)
+            .envs(self.environment.iter().map(|(name, value)| (name, value)))
             .env(
                 "RUST_LOG",
                 std::env::var("BALLAST_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),

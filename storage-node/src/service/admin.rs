@@ -321,6 +321,7 @@ impl Admin for AdminService {
                 last_log_index: metrics.last_log_index.unwrap_or(0),
                 member_count: metrics.membership_config.membership().voter_ids().count() as u32,
                 quiesced: node.quiescence().is_quiesced(container_id),
+                term: metrics.current_term,
             });
         }
         let (detached_record_count, detached_pinned_block_count) = node.storage().pinned_counts();
