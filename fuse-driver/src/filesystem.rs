@@ -43,7 +43,9 @@ use crate::convert::{
 };
 use crate::open_files::{OpenFileTable, OrphanAction};
 use crate::recent_attributes::{RecentAttributes, RECENT_ATTRIBUTES_CAPACITY};
-use crate::write_through::{FsyncPlan, WriteMode, WriteThrough, WRITE_THROUGH_CAPACITY};
+use crate::write_through::{
+    FsyncCoverage, FsyncPlan, WriteMode, WriteThrough, WRITE_THROUGH_CAPACITY,
+};
 
 /// Requests being served at once. The kernel sends many concurrent writes with the writeback
 /// cache; 256 keeps the node busy without unbounded memory (each may hold a 1 MiB write).
@@ -745,19 +747,7 @@ impl Filesystem for BallastFilesystem {
             // durable by the node (`write_through`): there is nothing to flush.
             FsyncPlan::AlreadyDurable => reply.ok(),
             FsyncPlan::Forward(coverage) => {
-                self.spawn(move |shared| async move {
-                    match shared
-                        .client
-                        .fsync(&shared.volume, inode.0, data_only)
-                        .await
-                    {
-                        Ok(()) => {
-                            shared.write_through().fsync_succeeded(inode.0, coverage);
-                            reply.ok();
-                        }
-                        Err(error) => reply.error(kernel_errno(&error)),
-                    }
-                });
+                self.forward_fsync(inode, data_only, Some(coverage), reply)
             }
         }
     }
@@ -845,16 +835,7 @@ impl Filesystem for BallastFilesystem {
         // Databases fsync a directory after creating or renaming files in it; the node decides
         // what a directory fsync means. Always forwarded: changes of a directory's entries are
         // not tracked by `write_through`.
-        self.spawn(move |shared| async move {
-            match shared
-                .client
-                .fsync(&shared.volume, inode.0, data_only)
-                .await
-            {
-                Ok(()) => reply.ok(),
-                Err(error) => reply.error(kernel_errno(&error)),
-            }
-        });
+        self.forward_fsync(inode, data_only, None, reply);
     }
 
     fn statfs(&self, _request: &Request, _inode: INodeNo, reply: ReplyStatfs) {
@@ -993,6 +974,31 @@ impl Filesystem for BallastFilesystem {
 }
 
 impl BallastFilesystem {
+    /// Sends an fsync to the node; on success a file's `coverage` is recorded as durable.
+    fn forward_fsync(
+        &self,
+        inode: INodeNo,
+        data_only: bool,
+        coverage: Option<FsyncCoverage>,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(move |shared| async move {
+            match shared
+                .client
+                .fsync(&shared.volume, inode.0, data_only)
+                .await
+            {
+                Ok(()) => {
+                    if let Some(coverage) = coverage {
+                        shared.write_through().fsync_succeeded(inode.0, coverage);
+                    }
+                    reply.ok();
+                }
+                Err(error) => reply.error(kernel_errno(&error)),
+            }
+        });
+    }
+
     /// Shared body of unlink and rmdir.
     fn remove(&self, parent: INodeNo, name: &OsStr, directory: bool, reply: ReplyEmpty) {
         let name = name_or_reply!(name, reply);

@@ -364,6 +364,20 @@ impl NodeStorage {
             } else {
                 write_extents_to(&block_store, &written_extents, &data).await
             };
+            if let Err(NodeError::Device {
+                source: DeviceError::EngineStopped { .. },
+                ..
+            }) = &result
+            {
+                // The node is shutting down (or a test dropped its device): no checkpoint can
+                // follow, and the log replays the data at the next start. Readers waiting for
+                // these blocks stay waiting until the runtime ends.
+                tracing::warn!(
+                    ?written_extents,
+                    "device engine stopped before applied blocks were written"
+                );
+                return;
+            }
             if let Err(error) = result {
                 // A state batch may already reference these blocks, and no checkpoint may
                 // persist it: stop here. The data is in the Raft log; the restart replays it into

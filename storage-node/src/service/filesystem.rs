@@ -64,8 +64,18 @@ impl FilesystemService {
         request: Option<RequestId>,
     ) -> Result<CommandResponse, Status> {
         let record = self.volume_record(volume).await?;
+        self.propose_to(&record, command, request).await
+    }
+
+    /// [`Self::propose`] to a volume already looked up.
+    async fn propose_to(
+        &self,
+        record: &VolumeRecord,
+        command: FilesystemCommand,
+        request: Option<RequestId>,
+    ) -> Result<CommandResponse, Status> {
         self.node
-            .check_minimum_replication(&record)
+            .check_minimum_replication(record)
             .await
             .map_err(node_status)?;
         let container_id = record.container_id;
@@ -365,12 +375,9 @@ impl Filesystem for FilesystemService {
         // A durable write makes its container's appends durable while it is proposed, so its
         // own append is flushed (with the group commit of the log) instead of a separate flush
         // after the apply.
+        let record = self.volume_record(&request.volume).await?;
         let durable_appends = if request.durable {
-            let container_id = self.container(&request.volume).await?;
-            self.node
-                .request_durable_appends(container_id)
-                .await
-                .map(|guard| (container_id, guard))
+            self.node.request_durable_appends(record.container_id).await
         } else {
             None
         };
@@ -381,7 +388,7 @@ impl Filesystem for FilesystemService {
             now_ns: self.node.now_ns(),
         };
         let (written_bytes, inode, attributes) =
-            match self.propose(&request.volume, command, None).await? {
+            match self.propose_to(&record, command, None).await? {
                 CommandResponse::Written {
                     written_bytes,
                     inode,
@@ -396,9 +403,9 @@ impl Filesystem for FilesystemService {
         // fsync for it.
         if request.durable {
             let appended_durably = match &durable_appends {
-                Some((container_id, guard)) => {
+                Some(guard) => {
                     self.node
-                        .durable_appends_still_current(*container_id, guard)
+                        .durable_appends_still_current(record.container_id, guard)
                         .await
                 }
                 None => false,
