@@ -63,6 +63,10 @@ struct Arguments {
     /// Attempts of a request before the application gets EIO (failover needs several).
     #[arg(long, default_value_t = ClientOptions::default().retry.attempt_count_max)]
     attempt_count_max: u32,
+    /// Share (percent) of the kernel's dirty page limit the mount may hold before writers are
+    /// paused (the kernel's default for FUSE is 1).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=100))]
+    dirty_ratio_percent: u8,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -137,10 +141,18 @@ fn main() -> anyhow::Result<()> {
     });
 
     // The kernel caps FUSE readahead at its default (128 KiB) regardless of what init asks; a
-    // larger window halves the round trips of sequential reads. Raised through the mount's
-    // backing device info once the session answers (the stat below goes through FUSE).
-    let readahead_mountpoint = mountpoint.clone();
-    std::thread::spawn(move || raise_readahead(&readahead_mountpoint, READAHEAD_KIB));
+    // larger window halves the round trips of sequential reads. And it lets a FUSE mount hold
+    // only 1 % of the dirty page limit (strictly enforced): a sequential writer then spends a
+    // quarter of its time paused in balance_dirty_pages while the node has room for more
+    // (measured: 1 GiB written 507 MB/s at 1 %, 567-590 MB/s at 10 %). The strict limit stays, so
+    // the mount's dirty pages remain bounded. Both are set through the mount's backing device
+    // info once the session answers (the stat below goes through FUSE).
+    let tuning_mountpoint = mountpoint.clone();
+    let tuning = BackingDeviceTuning {
+        readahead_kib: READAHEAD_KIB,
+        dirty_ratio_percent: arguments.dirty_ratio_percent,
+    };
+    std::thread::spawn(move || tune_backing_device(&tuning_mountpoint, tuning));
 
     // Serves kernel requests until the filesystem is unmounted (by us or by fusermount3 -u).
     let result = session.run();
@@ -229,9 +241,16 @@ fn lazy_unmount(mountpoint: &Path) -> std::io::Result<()> {
 /// Readahead window for the mount: 4 MiB, so sequential reads arrive as large requests.
 const READAHEAD_KIB: u32 = 4096;
 
-/// Sets `read_ahead_kb` of the mount's backing device info (`/sys/class/bdi/MAJOR:MINOR`).
-/// Best effort: without it reads are correct, only slower.
-fn raise_readahead(mountpoint: &std::path::Path, readahead_kib: u32) {
+/// What the driver sets on the mount's backing device info (`/sys/class/bdi/MAJOR:MINOR`).
+struct BackingDeviceTuning {
+    readahead_kib: u32,
+    /// `max_ratio`: the share (percent) of the kernel's dirty page limit this mount may hold.
+    dirty_ratio_percent: u8,
+}
+
+/// Sets `read_ahead_kb` and `max_ratio` of the mount's backing device info. Best effort:
+/// without them the mount is correct, only slower.
+fn tune_backing_device(mountpoint: &std::path::Path, tuning: BackingDeviceTuning) {
     use std::os::unix::fs::MetadataExt;
     // Bounded wait for the session to start answering (stat goes through FUSE).
     for _ in 0..100 {
@@ -247,14 +266,22 @@ fn raise_readahead(mountpoint: &std::path::Path, readahead_kib: u32) {
             continue; // Still the directory underneath: the mount is not live yet.
         }
         let device = metadata.dev();
-        let path = format!(
-            "/sys/class/bdi/{}:{}/read_ahead_kb",
+        let directory = format!(
+            "/sys/class/bdi/{}:{}",
             libc::major(device),
             libc::minor(device)
         );
-        match std::fs::write(&path, readahead_kib.to_string()) {
-            Ok(()) => tracing::info!(%path, readahead_kib, "readahead raised"),
-            Err(error) => tracing::info!(%path, %error, "could not raise readahead"),
+        for (file, value) in [
+            ("read_ahead_kb", tuning.readahead_kib.to_string()),
+            ("max_ratio", tuning.dirty_ratio_percent.to_string()),
+        ] {
+            let path = format!("{directory}/{file}");
+            match std::fs::write(&path, &value) {
+                Ok(()) => tracing::info!(%path, %value, "backing device tuned"),
+                Err(error) => {
+                    tracing::info!(%path, %value, %error, "could not tune the backing device")
+                }
+            }
         }
         return;
     }

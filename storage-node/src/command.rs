@@ -118,6 +118,10 @@ pub enum FilesystemCommand {
         offset_bytes: u64,
         data: Bytes,
         now_ns: i64,
+        /// Node-local: blocks the proposer already wrote `data` to (`prewritten.rs`). Never
+        /// serialized, so the log, replication and snapshots never see it.
+        #[serde(skip)]
+        prewritten: crate::prewritten::Prewritten,
     },
     Fallocate {
         inode: u64,

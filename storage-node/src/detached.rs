@@ -55,13 +55,32 @@ pub fn detachable_data(entry: &Entry, length_bytes_min: u64) -> Option<&Bytes> {
     else {
         return None;
     };
+    detachable_range(*offset_bytes, data.len() as u64, length_bytes_min).then_some(data)
+}
+
+/// Whether a write of `length_bytes` at `offset_bytes` is detachable: see [`detachable_data`].
+pub fn detachable_range(offset_bytes: u64, length_bytes: u64, length_bytes_min: u64) -> bool {
     let block = BLOCK_SIZE_BYTES as u64;
-    let length = data.len() as u64;
-    let detachable = length >= length_bytes_min
-        && length % block == 0
+    length_bytes_min > 0
+        && length_bytes >= length_bytes_min
+        && length_bytes % block == 0
         && offset_bytes % block == 0
-        && length / block <= DETACHED_BLOCKS_MAX as u64;
-    detachable.then_some(data)
+        && length_bytes / block <= DETACHED_BLOCKS_MAX as u64
+}
+
+/// The node-local prewritten blocks of a write entry (`prewritten.rs`), if any.
+pub fn prewritten_of(entry: &Entry) -> Option<&crate::prewritten::Prewritten> {
+    let openraft::EntryPayload::Normal(command) = &entry.payload else {
+        return None;
+    };
+    let command = match command {
+        Command::Once { command, .. } => command.as_ref(),
+        other => other,
+    };
+    match command {
+        Command::Filesystem(FilesystemCommand::Write { prewritten, .. }) => Some(prewritten),
+        _ => None,
+    }
 }
 
 /// The write data inside `entry` (bare or with a request id), for stripping and restoring.
@@ -304,6 +323,7 @@ mod tests {
             offset_bytes,
             data: Bytes::from(vec![7u8; length_bytes]),
             now_ns: 3,
+            prewritten: Default::default(),
         });
         let command = if once {
             Command::Once {

@@ -86,6 +86,7 @@ fn write(index: u64, inode: u64, offset_bytes: u64, fill: u8) -> Entry {
             offset_bytes,
             data: Bytes::from(pattern(fill)),
             now_ns: 10 + index as i64,
+            prewritten: Default::default(),
         })),
     }
 }
@@ -173,6 +174,117 @@ async fn a_detached_write_reaches_the_device_once_and_its_apply_installs_those_b
     assert!(
         written < (WRITE_BYTES + WRITE_BYTES / 2) as u64,
         "{written} bytes written to the device for a {WRITE_BYTES}-byte write"
+    );
+}
+
+#[tokio::test]
+async fn a_prewritten_write_reaches_the_device_once_and_its_append_only_names_the_blocks() {
+    let Setup {
+        test,
+        log_store,
+        log,
+        mut machine,
+        inode,
+    } = setup().await;
+    let storage = &test.storage;
+    let free_before = storage.free_block_count();
+    let written_before = test.device.engine().statistics().bytes_written;
+    let offset_bytes = 4 * BLOCK_SIZE_BYTES as u64;
+    let data = Bytes::from(pattern(0x3c));
+    let prewritten = storage
+        .prewrite(offset_bytes, &data, DETACHED_WRITE_BYTES_MIN_DEFAULT)
+        .await
+        .unwrap();
+    let prewritten_bytes = test.device.engine().statistics().bytes_written - written_before;
+    assert_eq!(
+        prewritten_bytes, WRITE_BYTES as u64,
+        "the proposer wrote the data"
+    );
+    assert_eq!(storage.free_block_count(), free_before - WRITE_BLOCKS);
+    let entry = Entry {
+        log_id: log_id(3),
+        payload: EntryPayload::Normal(Command::Filesystem(FilesystemCommand::Write {
+            inode,
+            offset_bytes,
+            data,
+            now_ns: 13,
+            prewritten,
+        })),
+    };
+    log.append_now(vec![entry.clone()]).await.unwrap();
+    let retained = log_store.retained_entries(CONTAINER);
+    assert_eq!(retained.len(), 1, "the write went into a retained record");
+    assert_eq!(storage.pinned_counts(), (1, WRITE_BLOCKS));
+    assert_eq!(
+        storage.free_block_count(),
+        free_before - WRITE_BLOCKS,
+        "the log writer used the prewritten blocks, it reserved no others"
+    );
+    let appended_bytes =
+        test.device.engine().statistics().bytes_written - written_before - prewritten_bytes;
+    assert!(
+        appended_bytes < (WRITE_BYTES / 2) as u64,
+        "the append wrote {appended_bytes} bytes: it must only write the small record"
+    );
+    assert_eq!(
+        read_back(&log, 3).await.unwrap(),
+        entry,
+        "rebuilt from the prewritten blocks"
+    );
+    let responses = machine.apply(vec![entry]).await.unwrap();
+    assert!(
+        matches!(responses[0], CommandResponse::Written { .. }),
+        "{responses:?}"
+    );
+    assert_eq!(storage.free_block_count(), free_before - WRITE_BLOCKS);
+    assert_eq!(
+        file_bytes(storage, inode, offset_bytes).await,
+        pattern(0x3c)
+    );
+}
+
+#[tokio::test]
+async fn a_prewrite_that_is_never_appended_gives_its_blocks_back() {
+    let Setup {
+        test, mut machine, ..
+    } = setup().await;
+    let storage = &test.storage;
+    let free_before = storage.free_block_count();
+    let data = Bytes::from(pattern(0x11));
+    let prewritten = storage
+        .prewrite(0, &data, DETACHED_WRITE_BYTES_MIN_DEFAULT)
+        .await
+        .unwrap();
+    let clone = prewritten.clone();
+    assert_eq!(storage.free_block_count(), free_before - WRITE_BLOCKS);
+    // A proposal refused (not the leader, below minimum replication) drops its command.
+    drop(prewritten);
+    assert_eq!(
+        storage.free_block_count(),
+        free_before - WRITE_BLOCKS,
+        "a clone lives"
+    );
+    drop(clone);
+    assert_eq!(storage.pinned_counts(), (0, 0));
+    // Given back as deferred frees, as any reservation whose record was never appended: usable
+    // again after the next checkpoint.
+    checkpoint(&mut machine).await;
+    assert_eq!(storage.free_block_count(), free_before);
+
+    // Not detachable (unaligned, or shorter than the minimum): nothing is reserved or written.
+    let written_before = test.device.engine().statistics().bytes_written;
+    for (offset_bytes, length_bytes) in [(0, BLOCK_SIZE_BYTES), (512, WRITE_BYTES)] {
+        let data = Bytes::from(vec![1u8; length_bytes]);
+        let prewritten = storage
+            .prewrite(offset_bytes, &data, DETACHED_WRITE_BYTES_MIN_DEFAULT)
+            .await
+            .unwrap();
+        assert_eq!(prewritten.take(), None);
+    }
+    assert_eq!(storage.free_block_count(), free_before);
+    assert_eq!(
+        test.device.engine().statistics().bytes_written,
+        written_before
     );
 }
 
@@ -388,6 +500,7 @@ async fn a_single_voter_append_is_durable_only_while_a_guard_lives() {
             offset_bytes: index * 4096,
             data: Bytes::from(vec![index as u8; 4096]),
             now_ns: 10 + index as i64,
+            prewritten: Default::default(),
         })),
     };
     // The first batch of a segment flushes its predecessors; start measuring after it.

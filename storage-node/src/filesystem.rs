@@ -110,6 +110,7 @@ pub async fn apply(
             offset_bytes,
             data,
             now_ns,
+            prewritten: _,
         } => write(transaction, inode, offset_bytes, &data, now_ns).await,
         FilesystemCommand::Fallocate {
             inode,

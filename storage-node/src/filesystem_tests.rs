@@ -57,6 +57,7 @@ async fn write(
                 offset_bytes,
                 data: Bytes::copy_from_slice(data),
                 now_ns: 3,
+                prewritten: Default::default(),
             },
         )
         .await

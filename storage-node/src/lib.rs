@@ -28,6 +28,7 @@ pub mod mover;
 pub mod node;
 pub mod pending_writes;
 pub mod placement;
+pub mod prewritten;
 pub mod quiescence;
 pub mod raft_network;
 pub mod records;

@@ -50,8 +50,9 @@ use openraft::{RaftLogReader, StorageIOError};
 use rocksdb::WriteBatch;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::detached::{block_checksums, detachable_data, DetachedRecord, Pin};
+use crate::detached::{block_checksums, detachable_data, prewritten_of, DetachedRecord, Pin};
 use crate::keys;
+use crate::prewritten::Prewritten;
 use crate::records::{encode, BlockRef};
 use crate::state_store::StateStore;
 use crate::storage::NodeStorage;
@@ -322,6 +323,8 @@ impl Writer {
             Reserved {
                 entry: Entry,
                 extents: Vec<ballast_device::Extent>,
+                /// The checksums of what the proposer already wrote there (`prewritten.rs`).
+                prewritten_checksums: Option<Vec<u32>>,
             },
         }
         let mut slots = Vec::with_capacity(records.len());
@@ -334,14 +337,34 @@ impl Writer {
                 }
                 PendingRecord::Detachable(entry) => entry,
             };
-            let data_length = detachable_data(&entry, 1)
-                .expect("only detachable writes are pending as such")
-                .len();
+            let data =
+                detachable_data(&entry, 1).expect("only detachable writes are pending as such");
+            let data_length = data.len();
+            if let Some(taken) = prewritten_of(&entry).and_then(Prewritten::take) {
+                // Written before the proposal; the data must still be what was written (checked
+                // again below, where the record's checksums are computed from the entry).
+                let block_count: u64 = taken.extents.iter().map(|extent| extent.block_count).sum();
+                assert_eq!(
+                    block_count * ballast_device::BLOCK_SIZE_BYTES as u64,
+                    data_length as u64,
+                    "prewritten blocks cover the write's data"
+                );
+                slots.push(Slot::Reserved {
+                    entry,
+                    extents: taken.extents,
+                    prewritten_checksums: Some(taken.checksums),
+                });
+                continue;
+            }
             let reservation = self
                 .storage
                 .reserve_detached((data_length / ballast_device::BLOCK_SIZE_BYTES) as u64);
             let slot = match reservation {
-                Ok(Some(extents)) => Ok(Slot::Reserved { entry, extents }),
+                Ok(Some(extents)) => Ok(Slot::Reserved {
+                    entry,
+                    extents,
+                    prewritten_checksums: None,
+                }),
                 Ok(None) => inline_record(self.container_id, &entry).map(Slot::Ready),
                 Err(error) => Err(error),
             };
@@ -356,18 +379,24 @@ impl Writer {
         }
         let reserved = || {
             slots.iter().filter_map(|slot| match slot {
-                Slot::Reserved { entry, extents } => Some((entry, extents)),
+                Slot::Reserved {
+                    entry,
+                    extents,
+                    prewritten_checksums,
+                } => Some((entry, extents, prewritten_checksums.is_some())),
                 Slot::Ready(_) => None,
             })
         };
-        let writes = reserved().map(|(entry, extents)| {
-            let data = detachable_data(entry, 1).expect("checked above");
-            self.storage.write_extents(extents, data)
-        });
+        let writes = reserved()
+            .filter(|(_, _, written)| !written)
+            .map(|(entry, extents, _)| {
+                let data = detachable_data(entry, 1).expect("checked above");
+                self.storage.write_extents(extents, data)
+            });
         let written = futures::future::join_all(writes).await;
         let failure = reserved_failure.or(written.into_iter().find_map(Result::err));
         if let Some(error) = failure {
-            for (_, extents) in reserved() {
+            for (_, extents, _) in reserved() {
                 self.storage.release_reservation(extents);
             }
             return Err(error);
@@ -376,9 +405,20 @@ impl Writer {
             .into_iter()
             .map(|slot| match slot {
                 Slot::Ready(record) => Prepared { record, pin: None },
-                Slot::Reserved { entry, extents } => {
+                Slot::Reserved {
+                    entry,
+                    extents,
+                    prewritten_checksums,
+                } => {
                     let data = detachable_data(&entry, 1).expect("checked above");
                     let checksums = block_checksums(data);
+                    if let Some(prewritten_checksums) = prewritten_checksums {
+                        assert_eq!(
+                            checksums, prewritten_checksums,
+                            "the data of index {} is not what was prewritten",
+                            entry.log_id.index
+                        );
+                    }
                     let index = entry.log_id.index;
                     let term = entry.log_id.leader_id.term;
                     let payload = DetachedRecord::new(&entry, &extents, checksums.clone()).encode();

@@ -677,6 +677,26 @@ impl StorageNode {
     /// Proposes a command to a container this node leads and waits until it is applied. A
     /// command that failed deterministically comes back as `Err(NodeError::Fs(..))`; a
     /// container led elsewhere as `NotLeader` (nothing was applied).
+    /// Writes a detachable write's data to blocks before it is proposed (`prewritten.rs`), when
+    /// this node leads the container; otherwise (or when not detachable) the log writer of each
+    /// replica writes it as before.
+    pub async fn prewrite(
+        &self,
+        container_id: u64,
+        offset_bytes: u64,
+        data: &bytes::Bytes,
+    ) -> NodeResult<crate::prewritten::Prewritten> {
+        let Some(raft) = self.raft(container_id).await else {
+            return Ok(crate::prewritten::Prewritten::none());
+        };
+        if raft.metrics().borrow().current_leader != Some(self.node_id) {
+            return Ok(crate::prewritten::Prewritten::none());
+        }
+        self.storage
+            .prewrite(offset_bytes, data, self.config.detached_write_bytes_min)
+            .await
+    }
+
     pub async fn propose(
         &self,
         container_id: u64,

@@ -1226,6 +1226,7 @@ mod tests {
                     offset_bytes: 0,
                     data: bytes::Bytes::copy_from_slice(&data),
                     now_ns: 3,
+                    prewritten: Default::default(),
                 },
             )
             .await
@@ -1257,6 +1258,7 @@ mod tests {
                 offset_bytes: unwritten_count * BLOCK_SIZE_BYTES as u64,
                 data: bytes::Bytes::from(vec![6u8; 2 * BLOCK_SIZE_BYTES]),
                 now_ns: 3,
+                prewritten: Default::default(),
             },
         ];
         for command in commands {
@@ -1338,6 +1340,7 @@ mod tests {
                 offset_bytes: 0,
                 data: bytes::Bytes::from(vec![0x77; BLOCK_SIZE_BYTES]),
                 now_ns: 4,
+                prewritten: Default::default(),
             },
         )
         .await

@@ -1292,6 +1292,7 @@ mod tests {
                         offset_bytes: offset_bytes + (index << 20) as u64,
                         data: Bytes::copy_from_slice(piece),
                         now_ns: 3,
+                        prewritten: Default::default(),
                     },
                 )
                 .await

@@ -39,6 +39,7 @@ use crate::detached::{DetachedBlocks, DetachedClaim, DetachedRecord, Pin, PinReg
 use crate::error::{FsError, NodeError, NodeResult};
 use crate::keys;
 use crate::pending_writes::PendingWrites;
+use crate::prewritten::{Prewritten, ReleaseReservation};
 use crate::records::BlockRef;
 use crate::snapshot_spool::SpoolDirectory;
 use crate::state_store::{StateStore, StateView};
@@ -114,6 +115,12 @@ impl std::fmt::Debug for NodeStorage {
     }
 }
 
+impl ReleaseReservation for NodeStorage {
+    fn release_reservation(&self, extents: &[Extent]) {
+        NodeStorage::release_reservation(self, extents);
+    }
+}
+
 impl NodeStorage {
     /// Opens the storage, restoring the allocator from the bitmap groups persisted in RocksDB.
     /// Cost: one read per 32768-block group, independent of how much data is stored.
@@ -182,6 +189,48 @@ impl NodeStorage {
             Err(DeviceError::NoSpace { .. }) => Ok(None),
             Err(source) => Err(NodeError::device("reserve detached blocks", source)),
         }
+    }
+
+    /// Writes the data of a detachable write (`offset_bytes`, `data`; see
+    /// [`crate::detached::detachable_range`]) to newly reserved blocks before it is proposed, so
+    /// the container's log writer only appends the record (`prewritten.rs`). `Prewritten::none()`
+    /// when the write is not detachable or the device has no room: the log writer then handles
+    /// it as before.
+    ///
+    /// The write runs in its own task: a caller that goes away (a cancelled request) cannot
+    /// leave a device write in flight to blocks already given back.
+    pub async fn prewrite(
+        self: &Arc<Self>,
+        offset_bytes: u64,
+        data: &bytes::Bytes,
+        detached_write_bytes_min: u64,
+    ) -> NodeResult<Prewritten> {
+        if !crate::detached::detachable_range(
+            offset_bytes,
+            data.len() as u64,
+            detached_write_bytes_min,
+        ) {
+            return Ok(Prewritten::none());
+        }
+        let block_count = (data.len() / BLOCK_SIZE_BYTES) as u64;
+        let Some(extents) = self.reserve_detached(block_count)? else {
+            return Ok(Prewritten::none());
+        };
+        let storage = Arc::clone(self);
+        let data = data.clone();
+        let task = tokio::spawn(async move {
+            let written = storage.write_extents(&extents, &data).await;
+            let checksums = crate::detached::block_checksums(&data);
+            match written {
+                Ok(()) => Ok(Prewritten::new(extents, checksums, storage)),
+                Err(error) => {
+                    storage.release_reservation(&extents);
+                    Err(error)
+                }
+            }
+        });
+        task.await
+            .map_err(|error| NodeError::InvalidState(format!("prewrite task: {error}")))?
     }
 
     /// Gives back a reservation whose record was never appended.

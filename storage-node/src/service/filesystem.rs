@@ -381,11 +381,17 @@ impl Filesystem for FilesystemService {
         } else {
             None
         };
+        let prewritten = self
+            .node
+            .prewrite(record.container_id, request.offset_bytes, &request.data)
+            .await
+            .map_err(node_status)?;
         let command = FilesystemCommand::Write {
             inode: request.inode,
             offset_bytes: request.offset_bytes,
             data: request.data,
             now_ns: self.node.now_ns(),
+            prewritten,
         };
         let (written_bytes, inode, attributes) =
             match self.propose_to(&record, command, None).await? {
