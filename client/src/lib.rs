@@ -371,6 +371,7 @@ impl BallastClient {
             .tcp_nodelay(true)
             .initial_stream_window_size(ballast_proto::HTTP2_STREAM_WINDOW_BYTES)
             .initial_connection_window_size(ballast_proto::HTTP2_CONNECTION_WINDOW_BYTES)
+            .max_frame_size(ballast_proto::HTTP2_FRAME_BYTES_MAX)
             // Detect a dead node on an idle connection instead of waiting for a request timeout.
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20)))

@@ -25,6 +25,10 @@ pub const HTTP2_STREAM_WINDOW_BYTES: u32 = 8 << 20;
 /// HTTP/2 flow-control window per connection (all streams together): the bound on buffered bytes
 /// per peer connection.
 pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
+/// Largest HTTP/2 frame a Ballast client or server accepts. The 16 KiB default cut every 1 MiB
+/// write or read into 64 frames; per-frame work was a visible share of the node's CPU per GiB
+/// (measured: 1.65-2.02 s → 1.24-1.68 s per GiB written through the mount).
+pub const HTTP2_FRAME_BYTES_MAX: u32 = 1 << 20;
 
 /// gRPC metadata key of a request id (`session:sequence:floor`, hex) on side-effecting calls:
 /// the node applies a tagged request at most once and answers repeats with the first response.

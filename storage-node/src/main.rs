@@ -214,7 +214,7 @@ async fn run(config: NodeConfig) -> anyhow::Result<()> {
         // 100 MB/s. A window a few messages deep lets them stream.
         .initial_stream_window_size(ballast_proto::HTTP2_STREAM_WINDOW_BYTES)
         .initial_connection_window_size(ballast_proto::HTTP2_CONNECTION_WINDOW_BYTES)
-        .max_frame_size(Some(1 << 20))
+        .max_frame_size(ballast_proto::HTTP2_FRAME_BYTES_MAX)
         .add_service(admin)
         .add_service(filesystem)
         .add_service(raft_transport)

@@ -76,6 +76,7 @@ impl PeerChannels {
             .tcp_nodelay(true)
             .initial_stream_window_size(ballast_proto::HTTP2_STREAM_WINDOW_BYTES)
             .initial_connection_window_size(ballast_proto::HTTP2_CONNECTION_WINDOW_BYTES)
+            .max_frame_size(ballast_proto::HTTP2_FRAME_BYTES_MAX)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .connect_lazy();
