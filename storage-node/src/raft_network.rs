@@ -44,6 +44,24 @@ const CONNECT_TIMEOUT_MS: u64 = 1_000;
 pub struct PeerChannels {
     channels: Mutex<HashMap<String, Channel>>,
     last_contact: Mutex<HashMap<(u64, NodeId), std::time::Instant>>,
+    /// `(container, target)` whose last snapshot chunk failed; only kept while the
+    /// [`SNAPSHOT_RESEND_DELAY_FAILPOINT`] is set.
+    failed_snapshot_targets: Mutex<std::collections::HashSet<(u64, NodeId)>>,
+}
+
+/// Set in a node's environment to a number of milliseconds: after a snapshot chunk sent from
+/// this node to a peer failed, the next snapshot stream to that peer waits that long before
+/// its first chunk. A failpoint for tests only (`tests/tests/cluster.rs`, election holds): it
+/// stands for a leader whose replication to a failing peer backs off, as openraft does after
+/// `Unreachable` errors, so that the restarted peer hears nothing from the leader for longer
+/// than an election timeout. Read per snapshot chunk (rare).
+pub const SNAPSHOT_RESEND_DELAY_FAILPOINT: &str = "BALLAST_FAILPOINT_SNAPSHOT_RESEND_DELAY_MS";
+
+fn snapshot_resend_delay() -> Option<Duration> {
+    let value = std::env::var(SNAPSHOT_RESEND_DELAY_FAILPOINT).ok()?;
+    // A test's own setting: bounded, so a typo cannot stall replication for long.
+    let delay_ms: u64 = value.parse().ok()?;
+    Some(Duration::from_millis(delay_ms.min(60_000)))
 }
 
 impl PeerChannels {
@@ -250,10 +268,39 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         RPCError<NodeId, RaftNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
         let mut request = request;
+        let resend_delay = snapshot_resend_delay();
+        let key = (self.container_id, self.target);
+        if let Some(delay) = resend_delay {
+            let failed_before = request.offset == 0
+                && self
+                    .peers
+                    .failed_snapshot_targets
+                    .lock()
+                    .expect("failpoint lock")
+                    .remove(&key);
+            if failed_before {
+                tracing::warn!(
+                    container = self.container_id,
+                    target = self.target,
+                    delay_ms = delay.as_millis() as u64,
+                    "failpoint {SNAPSHOT_RESEND_DELAY_FAILPOINT}: delaying a snapshot resend"
+                );
+                tokio::time::sleep(delay).await;
+            }
+        }
         // The chunk travels as raw bytes beside the payload (see `RaftMessage.snapshot_data`).
         let snapshot_data = std::mem::take(&mut request.data);
-        self.send(RaftRpc::InstallSnapshot, &request, snapshot_data, &option)
-            .await
+        let result = self
+            .send(RaftRpc::InstallSnapshot, &request, snapshot_data, &option)
+            .await;
+        if resend_delay.is_some() && result.is_err() {
+            self.peers
+                .failed_snapshot_targets
+                .lock()
+                .expect("failpoint lock")
+                .insert(key);
+        }
+        result
     }
 
     async fn vote(

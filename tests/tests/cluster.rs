@@ -170,11 +170,15 @@ fn a_replica_that_cannot_install_snapshots_does_not_unseat_its_leader() {
     // time. What must hold: nothing acknowledged is lost, and the leader keeps its leadership
     // and its term while the follower keeps failing.
     //
-    // This does not test the election hold itself: with the hold switched off it passed too
-    // (checked by hand on 2026-12-04, with the failure at install and at the first chunk). Here
-    // the leader keeps contact with each restarted replica, so the replica never campaigns.
-    // The nemesis failure that led to the hold came from a large snapshot on a full device;
-    // the hold's rules are unit-tested (`election_hold.rs`).
+    // What makes the election hold matter: after a failed stream the leader's next snapshot to
+    // the follower comes late (the second failpoint on every node delays it 8 s; in the nemesis
+    // run that led to the hold, the leader's replication backed off). A restarted follower that
+    // hears nothing for that long campaigns with a higher term (openraft 0.9: after its
+    // election timeout plus the leader lease of a committed vote, about 2.3-3 s here; a 3 s
+    // delay was not enough), and the leader steps down when its late snapshot meets that term.
+    // Checked on 2026-12-04 night with the hold switched off (the restarted replica left
+    // electable): the term went from 1 to 4, another node took over, and this test failed at
+    // "the leader changed"; with the hold on it passed (twice).
     if !end_to_end_available() {
         return;
     }
@@ -187,6 +191,18 @@ fn a_replica_that_cannot_install_snapshots_does_not_unseat_its_leader() {
     cluster
         .cli(&["volume", "create", "data", "--quota", "1GiB"])
         .expect("create volume");
+    // Every node gets the resend delay (whichever leads the volume after this rolling restart).
+    for node in 1..=3u64 {
+        cluster.node_mut(node).environment.push((
+            "BALLAST_FAILPOINT_SNAPSHOT_RESEND_DELAY_MS".to_owned(),
+            "8000".to_owned(),
+        ));
+        cluster.node_mut(node).kill_node();
+        cluster.node_mut(node).restart_node().expect("restart");
+        cluster
+            .leader_of("data")
+            .unwrap_or_else(|error| panic!("no leader after restarting node {node}: {error}"));
+    }
     let leader = cluster.leader_of("data").expect("leader");
     let follower = if leader == 3 { 2 } else { 3 };
     let endpoints = cluster.endpoints();
