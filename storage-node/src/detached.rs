@@ -42,6 +42,17 @@ pub fn detachable_data(entry: &Entry, length_bytes_min: u64) -> Option<&Bytes> {
     if length_bytes_min == 0 {
         return None;
     }
+    let FilesystemCommand::Write {
+        offset_bytes, data, ..
+    } = write_command(entry)?
+    else {
+        return None;
+    };
+    detachable_range(*offset_bytes, data.len() as u64, length_bytes_min).then_some(data)
+}
+
+/// The `Write` command inside `entry` (bare or with a request id), if it is one.
+fn write_command(entry: &Entry) -> Option<&FilesystemCommand> {
     let openraft::EntryPayload::Normal(command) = &entry.payload else {
         return None;
     };
@@ -49,13 +60,10 @@ pub fn detachable_data(entry: &Entry, length_bytes_min: u64) -> Option<&Bytes> {
         Command::Once { command, .. } => command.as_ref(),
         other => other,
     };
-    let Command::Filesystem(FilesystemCommand::Write {
-        offset_bytes, data, ..
-    }) = command
-    else {
-        return None;
-    };
-    detachable_range(*offset_bytes, data.len() as u64, length_bytes_min).then_some(data)
+    match command {
+        Command::Filesystem(write @ FilesystemCommand::Write { .. }) => Some(write),
+        _ => None,
+    }
 }
 
 /// Whether a write of `length_bytes` at `offset_bytes` is detachable: see [`detachable_data`].
@@ -70,15 +78,8 @@ pub fn detachable_range(offset_bytes: u64, length_bytes: u64, length_bytes_min: 
 
 /// The node-local prewritten blocks of a write entry (`prewritten.rs`), if any.
 pub fn prewritten_of(entry: &Entry) -> Option<&crate::prewritten::Prewritten> {
-    let openraft::EntryPayload::Normal(command) = &entry.payload else {
-        return None;
-    };
-    let command = match command {
-        Command::Once { command, .. } => command.as_ref(),
-        other => other,
-    };
-    match command {
-        Command::Filesystem(FilesystemCommand::Write { prewritten, .. }) => Some(prewritten),
+    match write_command(entry)? {
+        FilesystemCommand::Write { prewritten, .. } => Some(prewritten),
         _ => None,
     }
 }

@@ -113,6 +113,15 @@ async fn file_bytes(storage: &NodeStorage, inode: u64, offset_bytes: u64) -> Vec
         .to_vec()
 }
 
+/// Applies one write entry, which must succeed.
+async fn apply_write(machine: &mut ContainerStateMachine, entry: Entry) {
+    let responses = machine.apply(vec![entry]).await.unwrap();
+    assert!(
+        matches!(responses[0], CommandResponse::Written { .. }),
+        "{responses:?}"
+    );
+}
+
 async fn checkpoint(machine: &mut ContainerStateMachine) {
     let mut builder = machine.get_snapshot_builder().await;
     builder.build_snapshot().await.unwrap();
@@ -151,11 +160,7 @@ async fn a_detached_write_reaches_the_device_once_and_its_apply_installs_those_b
         "rebuilt from the blocks"
     );
 
-    let responses = machine.apply(vec![entry]).await.unwrap();
-    assert!(
-        matches!(responses[0], CommandResponse::Written { .. }),
-        "{responses:?}"
-    );
+    apply_write(&mut machine, entry).await;
     assert_eq!(
         storage.free_block_count(),
         free_before - WRITE_BLOCKS,
@@ -231,11 +236,7 @@ async fn a_prewritten_write_reaches_the_device_once_and_its_append_only_names_th
         entry,
         "rebuilt from the prewritten blocks"
     );
-    let responses = machine.apply(vec![entry]).await.unwrap();
-    assert!(
-        matches!(responses[0], CommandResponse::Written { .. }),
-        "{responses:?}"
-    );
+    apply_write(&mut machine, entry).await;
     assert_eq!(storage.free_block_count(), free_before - WRITE_BLOCKS);
     assert_eq!(
         file_bytes(storage, inode, offset_bytes).await,
