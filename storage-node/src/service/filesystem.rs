@@ -381,6 +381,11 @@ impl Filesystem for FilesystemService {
         } else {
             None
         };
+        // A write refused for too few replicas should not cost a device write first.
+        self.node
+            .check_minimum_replication(&record)
+            .await
+            .map_err(node_status)?;
         let prewritten = self
             .node
             .prewrite(record.container_id, request.offset_bytes, &request.data)
