@@ -674,9 +674,6 @@ impl StorageNode {
         Ok(leader)
     }
 
-    /// Proposes a command to a container this node leads and waits until it is applied. A
-    /// command that failed deterministically comes back as `Err(NodeError::Fs(..))`; a
-    /// container led elsewhere as `NotLeader` (nothing was applied).
     /// Writes a detachable write's data to blocks before it is proposed (`prewritten.rs`), when
     /// this node leads the container; otherwise (or when not detachable) the log writer of each
     /// replica writes it as before.
@@ -697,6 +694,9 @@ impl StorageNode {
             .await
     }
 
+    /// Proposes a command to a container this node leads and waits until it is applied. A
+    /// command that failed deterministically comes back as `Err(NodeError::Fs(..))`; a
+    /// container led elsewhere as `NotLeader` (nothing was applied).
     pub async fn propose(
         &self,
         container_id: u64,

@@ -44,17 +44,18 @@ const CONNECT_TIMEOUT_MS: u64 = 1_000;
 pub struct PeerChannels {
     channels: Mutex<HashMap<String, Channel>>,
     last_contact: Mutex<HashMap<(u64, NodeId), std::time::Instant>>,
-    /// `(container, target)` whose last snapshot chunk failed; only kept while the
+    /// `(container, target)` whose last snapshot chunk failed, and when; only kept while the
     /// [`SNAPSHOT_RESEND_DELAY_FAILPOINT`] is set.
-    failed_snapshot_targets: Mutex<std::collections::HashSet<(u64, NodeId)>>,
+    failed_snapshot_targets: Mutex<HashMap<(u64, NodeId), std::time::Instant>>,
 }
 
 /// Set in a node's environment to a number of milliseconds: after a snapshot chunk sent from
-/// this node to a peer failed, the next snapshot stream to that peer waits that long before
-/// its first chunk. A failpoint for tests only (`tests/tests/cluster.rs`, election holds): it
-/// stands for a leader whose replication to a failing peer backs off, as openraft does after
-/// `Unreachable` errors, so that the restarted peer hears nothing from the leader for longer
-/// than an election timeout. Read per snapshot chunk (rare).
+/// this node to a peer failed, every Raft RPC of that container to that peer fails at once as
+/// `Unreachable` for that long (the leader is silent toward it: no snapshot, no heartbeat). A
+/// failpoint for tests only (`tests/tests/cluster.rs`, election holds): it stands for a
+/// leader whose replication to a failing peer backs off, as openraft does after `Unreachable`
+/// errors, so that the restarted peer hears nothing from the leader for longer than an
+/// election timeout. A delayed snapshot alone is not enough: heartbeats keep reaching the peer.
 pub const SNAPSHOT_RESEND_DELAY_FAILPOINT: &str = "BALLAST_FAILPOINT_SNAPSHOT_RESEND_DELAY_MS";
 
 fn snapshot_resend_delay() -> Option<Duration> {
@@ -161,6 +162,19 @@ enum RaftRpc {
 }
 
 impl PeerConnection {
+    /// Whether the [`SNAPSHOT_RESEND_DELAY_FAILPOINT`] keeps this connection silent now.
+    fn silenced_by_failpoint(&self) -> bool {
+        let Some(silence) = snapshot_resend_delay() else {
+            return false;
+        };
+        self.peers
+            .failed_snapshot_targets
+            .lock()
+            .expect("failpoint lock")
+            .get(&(self.container_id, self.target))
+            .is_some_and(|failed_at| failed_at.elapsed() < silence)
+    }
+
     async fn send<Request, Response, Error>(
         &mut self,
         rpc: RaftRpc,
@@ -173,6 +187,13 @@ impl PeerConnection {
         Response: DeserializeOwned,
         Error: std::error::Error + DeserializeOwned,
     {
+        if self.silenced_by_failpoint() {
+            return Err(RPCError::Unreachable(Unreachable::new(
+                &std::io::Error::other(format!(
+                    "failpoint {SNAPSHOT_RESEND_DELAY_FAILPOINT}: silent toward this peer"
+                )),
+            )));
+        }
         let mut client = match &self.client {
             Ok(client) => client.clone(),
             Err(message) => {
@@ -268,37 +289,20 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         RPCError<NodeId, RaftNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
         let mut request = request;
-        let resend_delay = snapshot_resend_delay();
-        let key = (self.container_id, self.target);
-        if let Some(delay) = resend_delay {
-            let failed_before = request.offset == 0
-                && self
-                    .peers
-                    .failed_snapshot_targets
-                    .lock()
-                    .expect("failpoint lock")
-                    .remove(&key);
-            if failed_before {
-                tracing::warn!(
-                    container = self.container_id,
-                    target = self.target,
-                    delay_ms = delay.as_millis() as u64,
-                    "failpoint {SNAPSHOT_RESEND_DELAY_FAILPOINT}: delaying a snapshot resend"
-                );
-                tokio::time::sleep(delay).await;
-            }
-        }
+        let silenced = self.silenced_by_failpoint();
         // The chunk travels as raw bytes beside the payload (see `RaftMessage.snapshot_data`).
         let snapshot_data = std::mem::take(&mut request.data);
         let result = self
             .send(RaftRpc::InstallSnapshot, &request, snapshot_data, &option)
             .await;
-        if resend_delay.is_some() && result.is_err() {
+        // Only a chunk that really went out and failed starts a silence (not the silence's own
+        // refusals, which would prolong it for ever).
+        if result.is_err() && snapshot_resend_delay().is_some() && !silenced {
             self.peers
                 .failed_snapshot_targets
                 .lock()
                 .expect("failpoint lock")
-                .insert(key);
+                .insert((self.container_id, self.target), std::time::Instant::now());
         }
         result
     }

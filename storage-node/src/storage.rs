@@ -219,10 +219,11 @@ impl NodeStorage {
         let storage = Arc::clone(self);
         let data = data.clone();
         let task = tokio::spawn(async move {
-            let written = storage.write_extents(&extents, &data).await;
-            let checksums = crate::detached::block_checksums(&data);
-            match written {
-                Ok(()) => Ok(Prewritten::new(extents, checksums, storage)),
+            match storage.write_extents(&extents, &data).await {
+                Ok(()) => {
+                    let checksums = crate::detached::block_checksums(&data);
+                    Ok(Prewritten::new(extents, checksums, storage))
+                }
                 Err(error) => {
                     storage.release_reservation(&extents);
                     Err(error)

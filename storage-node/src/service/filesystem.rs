@@ -398,15 +398,20 @@ impl Filesystem for FilesystemService {
             now_ns: self.node.now_ns(),
             prewritten,
         };
-        let (written_bytes, inode, attributes) =
-            match self.propose_to(&record, command, None).await? {
-                CommandResponse::Written {
-                    written_bytes,
-                    inode,
-                    attributes,
-                } => (written_bytes, inode, attributes),
-                other => return Err(unexpected(other)),
-            };
+        // Minimum replication was checked above (before the prewrite); propose directly.
+        let proposed = self
+            .node
+            .propose(record.container_id, Command::Filesystem(command))
+            .await
+            .map_err(node_status)?;
+        let (written_bytes, inode, attributes) = match proposed {
+            CommandResponse::Written {
+                written_bytes,
+                inode,
+                attributes,
+            } => (written_bytes, inode, attributes),
+            other => return Err(unexpected(other)),
+        };
         // The write is applied, so its entry is in this node's log. It is durable if it was
         // appended under the guard, on the log the container still has (a restart of the group
         // in between would have replaced it). Otherwise one log flush (the same one an fsync
