@@ -126,6 +126,89 @@ pub async fn forward_change_replicas(
     Ok(())
 }
 
+/// Limit on one failing-replica report (it is sent from the reconcile loop, which must go on).
+const REPORT_TIMEOUT_MS: u64 = 5_000;
+/// Longest failure reason a report carries (the rest is cut).
+pub const REPORT_REASON_BYTES_MAX: usize = 1_024;
+
+/// Tells the metadata leader that this node's replica of `container_id` failed
+/// `failures_in_a_row` times in a row, so its mover replaces it (`failing_replicas.rs`). Best
+/// effort: a report that does not arrive is made again on the next failure.
+pub async fn report_failing_replica(
+    node: &StorageNode,
+    container_id: u64,
+    failures_in_a_row: u32,
+    reason: &str,
+) {
+    let Some(raft) = node.raft(METADATA_CONTAINER_ID).await else {
+        return;
+    };
+    let metrics = raft.metrics().borrow().clone();
+    let Some(leader) = metrics.current_leader else {
+        tracing::warn!(
+            container = container_id,
+            "replica keeps failing; no metadata leader known to report it to"
+        );
+        return;
+    };
+    tracing::warn!(
+        container = container_id,
+        failures_in_a_row,
+        metadata_leader = leader,
+        "replica keeps failing; reporting it for replacement"
+    );
+    if leader == node.node_id {
+        node.record_failing_replica(container_id, node.node_id);
+        return;
+    }
+    let Some(address) = metrics
+        .membership_config
+        .membership()
+        .get_node(&leader)
+        .map(|leader_node| leader_node.addr.clone())
+    else {
+        return;
+    };
+    let mut reason = reason.to_owned();
+    if reason.len() > REPORT_REASON_BYTES_MAX {
+        let mut end = REPORT_REASON_BYTES_MAX;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    let sent = async {
+        let mut client = cluster_client(node, &address)?;
+        let mut request = tonic::Request::new(proto::ReportFailingReplicaRequest {
+            container_id,
+            node_id: node.node_id,
+            failures_in_a_row,
+            reason,
+        });
+        request.set_timeout(Duration::from_millis(REPORT_TIMEOUT_MS));
+        client
+            .report_failing_replica(request)
+            .await
+            .map_err(|status| error_from_status(status, METADATA_CONTAINER_ID))
+    };
+    match tokio::time::timeout(Duration::from_millis(REPORT_TIMEOUT_MS), sent).await {
+        Ok(Ok(response)) if response.get_ref().leads_metadata => {}
+        Ok(Ok(_)) => tracing::info!(
+            container = container_id,
+            %address,
+            "failing replica reported to a node that no longer leads the metadata group"
+        ),
+        Ok(Err(error)) => {
+            tracing::warn!(container = container_id, %address, %error, "failing replica not reported")
+        }
+        Err(_) => tracing::warn!(
+            container = container_id,
+            %address,
+            "failing replica report timed out"
+        ),
+    }
+}
+
 /// Asks the bootstrap node of a new container to initialise it.
 pub async fn initialize_remote_container(
     node: &StorageNode,

@@ -36,14 +36,24 @@ struct Hold {
     held_until: Option<Instant>,
 }
 
+/// What a restart after a failure decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldDecision {
+    /// How long the restarted replica may not start elections.
+    pub hold: Duration,
+    /// Failures of this replica in a row, this one included (none forgotten in between).
+    pub failures_in_a_row: u32,
+}
+
 #[derive(Debug, Default)]
 pub struct ElectionHolds {
     holds: HashMap<u64, Hold>,
 }
 
 impl ElectionHolds {
-    /// The container was restarted after a fatal error at `now`: how long it is held.
-    pub fn on_restart_after_failure(&mut self, container_id: u64, now: Instant) -> Duration {
+    /// The container was restarted after a fatal error at `now`: how long it is held, and how
+    /// many failures in a row that makes.
+    pub fn on_restart_after_failure(&mut self, container_id: u64, now: Instant) -> HoldDecision {
         let memory = Duration::from_millis(FAILURE_MEMORY_MS);
         let failures_in_a_row = match self.holds.get(&container_id) {
             Some(hold) if now.saturating_duration_since(hold.last_failure_at) < memory => {
@@ -64,7 +74,10 @@ impl ElectionHolds {
                 held_until: Some(now + hold),
             },
         );
-        hold
+        HoldDecision {
+            hold,
+            failures_in_a_row,
+        }
     }
 
     pub fn is_held(&self, container_id: u64) -> bool {
@@ -111,8 +124,9 @@ mod tests {
         let mut holds = ElectionHolds::default();
         let start = Instant::now();
         assert!(!holds.is_held(5));
-        let hold = holds.on_restart_after_failure(5, start);
-        assert_eq!(hold, Duration::from_millis(HOLD_FIRST_MS));
+        let decision = holds.on_restart_after_failure(5, start);
+        assert_eq!(decision.hold, Duration::from_millis(HOLD_FIRST_MS));
+        assert_eq!(decision.failures_in_a_row, 1);
         assert!(holds.is_held(5));
         assert!(!holds.is_held(6));
         assert!(holds
@@ -133,8 +147,10 @@ mod tests {
         let start = Instant::now();
         let mut now = start;
         let mut expected = HOLD_FIRST_MS;
-        for _ in 0..10 {
-            let hold = holds.on_restart_after_failure(1, now);
+        for failures in 1..=10 {
+            let decision = holds.on_restart_after_failure(1, now);
+            assert_eq!(decision.failures_in_a_row, failures);
+            let hold = decision.hold;
             assert_eq!(hold, Duration::from_millis(expected.min(HOLD_MAX_MS)));
             expected *= 2;
             // The next failure comes soon after the hold ends.
@@ -142,7 +158,7 @@ mod tests {
             holds.release_due(now);
         }
         assert_eq!(
-            holds.on_restart_after_failure(1, now),
+            holds.on_restart_after_failure(1, now).hold,
             Duration::from_millis(HOLD_MAX_MS)
         );
         // Quiet for longer than the memory: the hold ends, the failures are forgotten, and
@@ -152,7 +168,10 @@ mod tests {
         assert!(holds.holds.is_empty());
         assert_eq!(
             holds.on_restart_after_failure(1, now),
-            Duration::from_millis(HOLD_FIRST_MS)
+            HoldDecision {
+                hold: Duration::from_millis(HOLD_FIRST_MS),
+                failures_in_a_row: 1,
+            }
         );
     }
 

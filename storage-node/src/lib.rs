@@ -20,6 +20,7 @@ pub mod deduplication;
 pub mod detached;
 pub mod election_hold;
 pub mod error;
+pub mod failing_replicas;
 pub mod filesystem;
 pub mod keys;
 pub mod log_storage;

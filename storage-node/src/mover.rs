@@ -2,7 +2,8 @@
 //! spreads replicas onto new nodes. It runs on every node and acts only on the metadata leader.
 //!
 //! Owns: deciding when a node is down (no answer to the metadata group's heartbeats for the grace
-//! period), running replica moves to completion (up to `MOVES_IN_FLIGHT_MAX` at once, of distinct
+//! period) and which replicas are lost with it or on their own (reported failing, see
+//! `failing_replicas`), running replica moves to completion (up to `MOVES_IN_FLIGHT_MAX` at once, of distinct
 //! containers), resuming moves a crash or a lost leadership interrupted, and keeping the metadata
 //! group at its voter count.
 //! Must not depend on: the gRPC services. What to move is `placement::plan_move`'s decision;
@@ -75,6 +76,18 @@ pub fn down_nodes(node: &StorageNode, nodes: &[NodeRecord]) -> BTreeSet<NodeId> 
         .collect()
 }
 
+/// What the mover routes around now: [`down_nodes`], and the replicas their nodes reported as
+/// failing (`failing_replicas`). Empty on any node but the metadata leader.
+pub fn faults(node: &StorageNode, nodes: &[NodeRecord]) -> placement::Faults {
+    if node.metadata_leading_for().is_none() {
+        return placement::Faults::default();
+    }
+    placement::Faults {
+        down_nodes: down_nodes(node, nodes),
+        failing_replicas: node.failing_replicas_now(),
+    }
+}
+
 /// Runs forever: one mover pass per interval while this node leads the metadata group.
 pub async fn mover_loop(node: Arc<StorageNode>) {
     loop {
@@ -121,8 +134,8 @@ async fn mover_pass(node: &Arc<StorageNode>) -> NodeResult<()> {
         while started.len() < MOVES_IN_FLIGHT_MAX {
             let nodes = metadata::list_nodes(&node.storage)?;
             let containers = metadata::list_containers(&node.storage)?;
-            let down = down_nodes(node, &nodes);
-            let Some(planned) = placement::plan_move(&nodes, &containers, &down) else {
+            let faults = faults(node, &nodes);
+            let Some(planned) = placement::plan_move(&nodes, &containers, &faults) else {
                 break;
             };
             if started

@@ -109,6 +109,9 @@ pub struct StorageNode {
     sync_counters: SyncCounters,
     /// Replicas restarted after a fatal error that may not campaign yet (`election_hold.rs`).
     election_holds: std::sync::Mutex<crate::election_hold::ElectionHolds>,
+    /// Replicas their nodes reported as failing again and again; the mover replaces them while
+    /// this node leads the metadata group (`failing_replicas.rs`).
+    failing_replicas: std::sync::Mutex<crate::failing_replicas::FailingReplicas>,
 }
 
 /// Counts of the requests that make file data durable, since the node started.
@@ -219,6 +222,7 @@ impl StorageNode {
             quiescence: crate::quiescence::Quiescence::new(superblock.node_id, config_quiescence),
             sync_counters: SyncCounters::default(),
             election_holds: std::sync::Mutex::new(Default::default()),
+            failing_replicas: std::sync::Mutex::new(Default::default()),
         });
         node.start_metadata_container().await?;
         let local_authority = node.metadata_is_local_only().await;
@@ -292,6 +296,26 @@ impl StorageNode {
     /// fatal error, `election_hold.rs`). Quiescence and leader balancing respect it.
     pub fn election_held(&self, container_id: u64) -> bool {
         self.election_holds().is_held(container_id)
+    }
+
+    fn failing_replicas(
+        &self,
+    ) -> std::sync::MutexGuard<'_, crate::failing_replicas::FailingReplicas> {
+        // Each operation is one map step: a poisoned lock is still consistent.
+        self.failing_replicas
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records a report that `node_id`'s replica of `container_id` keeps failing.
+    pub fn record_failing_replica(&self, container_id: u64, node_id: NodeId) {
+        self.failing_replicas()
+            .record(container_id, node_id, Instant::now());
+    }
+
+    /// The replicas reported failing and not yet forgotten, as `(container, node)`.
+    pub fn failing_replicas_now(&self) -> std::collections::BTreeSet<(u64, NodeId)> {
+        self.failing_replicas().current(Instant::now())
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -1102,16 +1126,32 @@ impl StorageNode {
             // Back as a follower that has not heard its leader: without a hold it would
             // campaign within the election timeout and unseat a healthy leader, again after
             // every failure (openraft 0.9 has no pre-vote).
-            let hold = self
+            let decision = self
                 .election_holds()
                 .on_restart_after_failure(container_id, Instant::now());
             if let Some(raft) = self.raft(container_id).await {
                 raft.runtime_config().elect(false);
                 tracing::warn!(
                     container = container_id,
-                    hold_s = hold.as_secs(),
+                    hold_s = decision.hold.as_secs(),
+                    failures_in_a_row = decision.failures_in_a_row,
                     "restarted replica may not start elections for a while"
                 );
+            }
+            // A replica that keeps failing is replaced elsewhere (the metadata group has its
+            // own voter upkeep). Reported again on every later failure, so a new metadata
+            // leader learns of it too.
+            if container_id != METADATA_CONTAINER_ID
+                && decision.failures_in_a_row
+                    >= crate::failing_replicas::FAILURES_IN_A_ROW_REPORTED_MIN
+            {
+                crate::cluster::report_failing_replica(
+                    self,
+                    container_id,
+                    decision.failures_in_a_row,
+                    &fatal.to_string(),
+                )
+                .await;
             }
         }
     }

@@ -17,7 +17,8 @@
 //! 5. Draining nodes get no new replicas.
 //!
 //! [`plan_move`] decides the replica mover's next step by the same rules: first replicas on down
-//! or draining nodes move to the best eligible node (repair and drain), then, once nothing is
+//! or draining nodes, and replicas their own node reported as failing, move to the best eligible
+//! node (repair and drain), then, once nothing is
 //! degraded, one replica at a time moves from the fullest node to a node holding at least two
 //! fewer, never losing failure-domain spread (rebalance). Every move strictly improves the
 //! cluster, so a sequence of plans always ends.
@@ -126,10 +127,38 @@ pub fn place(
     })
 }
 
+/// What the mover routes around: whole nodes down past the grace period, and single replicas
+/// that their own node reported as failing again and again (`failing_replicas`). A failing
+/// replica is treated like a down node for its container alone: it is repaired, it does not
+/// count towards the group's quorum, and its node gets no new copy of that container.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Faults {
+    pub down_nodes: BTreeSet<u64>,
+    /// `(container, node)` pairs.
+    pub failing_replicas: BTreeSet<(u64, u64)>,
+}
+
+impl Faults {
+    /// Only whole nodes down.
+    pub fn nodes_down(down_nodes: BTreeSet<u64>) -> Self {
+        Self {
+            down_nodes,
+            failing_replicas: BTreeSet::new(),
+        }
+    }
+
+    /// Whether `node_id`'s replica of `container_id` cannot serve: its node is down, or the
+    /// replica was reported failing.
+    pub fn replica_lost(&self, container_id: u64, node_id: u64) -> bool {
+        self.down_nodes.contains(&node_id)
+            || self.failing_replicas.contains(&(container_id, node_id))
+    }
+}
+
 /// Why a replica moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MoveReason {
-    /// Its node is down past the grace period.
+    /// Its node is down past the grace period, or the replica itself keeps failing.
     Repair,
     /// Its node is draining.
     Drain,
@@ -170,23 +199,20 @@ fn distinct_domains<'a>(nodes: &[NodeRecord], replicas: impl Iterator<Item = &'a
 }
 
 /// Whether `node` may receive a replica of `container`.
-fn eligible_target(node: &NodeRecord, container: &ContainerRecord, down: &BTreeSet<u64>) -> bool {
+fn eligible_target(node: &NodeRecord, container: &ContainerRecord, faults: &Faults) -> bool {
     !node.draining
-        && !down.contains(&node.node_id)
+        && !faults.replica_lost(container.container_id, node.node_id)
         && !container.replicas.contains(&node.node_id)
         && !container.retiring.contains(&node.node_id)
         && matches_selector(node, &container.node_selector)
 }
 
-/// Whether a container has a replica on a down or draining node, or a move in progress.
-pub fn is_degraded(
-    nodes: &[NodeRecord],
-    container: &ContainerRecord,
-    down: &BTreeSet<u64>,
-) -> bool {
+/// Whether a container has a lost replica (down node, failing replica), a replica on a draining
+/// node, or a move in progress.
+pub fn is_degraded(nodes: &[NodeRecord], container: &ContainerRecord, faults: &Faults) -> bool {
     !container.retiring.is_empty()
         || container.replicas.iter().any(|replica| {
-            down.contains(replica)
+            faults.replica_lost(container.container_id, *replica)
                 || nodes
                     .iter()
                     .any(|node| node.node_id == *replica && node.draining)
@@ -194,11 +220,11 @@ pub fn is_degraded(
 }
 
 /// The replica mover's next move, or `None` when the cluster is settled (or nothing that needs
-/// doing can be done now). `down` holds the nodes unreachable past the grace period.
+/// doing can be done now).
 pub fn plan_move(
     nodes: &[NodeRecord],
     containers: &[ContainerRecord],
-    down: &BTreeSet<u64>,
+    faults: &Faults,
 ) -> Option<ReplicaMove> {
     let hosted = hosted_counts(containers);
     let load = |node_id: u64| hosted.get(&node_id).copied().unwrap_or(0);
@@ -213,10 +239,10 @@ pub fn plan_move(
         let live_count = container
             .replicas
             .iter()
-            .filter(|replica| !down.contains(replica))
+            .filter(|replica| !faults.replica_lost(container.container_id, **replica))
             .count();
         for &replica in &container.replicas {
-            let reason = if down.contains(&replica) {
+            let reason = if faults.replica_lost(container.container_id, replica) {
                 any_down_replica = true;
                 MoveReason::Repair
             } else if draining(replica) {
@@ -241,7 +267,7 @@ pub fn plan_move(
                 .collect();
             let target = nodes
                 .iter()
-                .filter(|node| eligible_target(node, container, down))
+                .filter(|node| eligible_target(node, container, faults))
                 .min_by_key(|node| {
                     (
                         used_domains.contains(&failure_domain(node)),
@@ -270,7 +296,7 @@ pub fn plan_move(
     }
     let mut sources: Vec<&NodeRecord> = nodes
         .iter()
-        .filter(|node| !node.draining && !down.contains(&node.node_id))
+        .filter(|node| !node.draining && !faults.down_nodes.contains(&node.node_id))
         .collect();
     sources.sort_by_key(|node| (std::cmp::Reverse(load(node.node_id)), node.node_id));
     for source in sources {
@@ -281,7 +307,7 @@ pub fn plan_move(
             let domains_now = distinct_domains(nodes, container.replicas.iter());
             let target = nodes
                 .iter()
-                .filter(|node| eligible_target(node, container, down))
+                .filter(|node| eligible_target(node, container, faults))
                 .filter(|node| load(node.node_id) + 2 <= load(source.node_id))
                 .filter(|node| {
                     let moved = container
@@ -372,7 +398,12 @@ mod tests {
             node(5, &[("zone", "c")], 10),
         ];
         let containers = vec![container(7, &[1, 2, 3])];
-        let planned = plan_move(&nodes, &containers, &BTreeSet::from([3])).unwrap();
+        let planned = plan_move(
+            &nodes,
+            &containers,
+            &Faults::nodes_down(BTreeSet::from([3])),
+        )
+        .unwrap();
         assert_eq!(
             planned,
             ReplicaMove {
@@ -386,6 +417,55 @@ mod tests {
     }
 
     #[test]
+    fn a_failing_replica_is_replaced_for_its_container_alone() {
+        let nodes = vec![
+            node(1, &[], 10),
+            node(2, &[], 10),
+            node(3, &[], 10),
+            node(4, &[], 10),
+        ];
+        let containers = vec![container(7, &[1, 2, 3]), container(8, &[2, 3, 4])];
+        let faults = Faults {
+            down_nodes: BTreeSet::new(),
+            failing_replicas: BTreeSet::from([(7, 3)]),
+        };
+        assert!(is_degraded(&nodes, &containers[0], &faults));
+        assert!(!is_degraded(&nodes, &containers[1], &faults));
+        assert_eq!(
+            plan_move(&nodes, &containers, &faults),
+            Some(ReplicaMove {
+                container_id: 7,
+                from_node_id: 3,
+                to_node_id: 4,
+                reason: MoveReason::Repair
+            })
+        );
+        // Node 3's replica of 8 is fine: nothing else moves, and node 3 is never a target of 7.
+        let mut moved = containers.clone();
+        apply(
+            &mut moved,
+            &plan_move(&nodes, &containers, &faults).unwrap(),
+        );
+        assert_eq!(plan_move(&nodes, &moved, &faults), None);
+        let without_spare = vec![container(7, &[1, 2, 4]), container(8, &[2, 3, 4])];
+        let faults_on_4 = Faults {
+            down_nodes: BTreeSet::new(),
+            failing_replicas: BTreeSet::from([(7, 4), (7, 3)]),
+        };
+        assert_eq!(
+            plan_move(&nodes, &without_spare, &faults_on_4),
+            None,
+            "the only node without a replica of 7 reported failing it"
+        );
+        // A failing replica does not count towards the quorum a membership change needs.
+        let two_failing = Faults {
+            down_nodes: BTreeSet::new(),
+            failing_replicas: BTreeSet::from([(7, 2), (7, 3)]),
+        };
+        assert_eq!(plan_move(&nodes, &containers[..1], &two_failing), None);
+    }
+
+    #[test]
     fn no_move_without_a_quorum_or_a_target() {
         let nodes = vec![
             node(1, &[], 10),
@@ -395,11 +475,18 @@ mod tests {
         ];
         let containers = vec![container(7, &[1, 2, 3])];
         assert_eq!(
-            plan_move(&nodes, &containers, &BTreeSet::from([2, 3])),
+            plan_move(
+                &nodes,
+                &containers,
+                &Faults::nodes_down(BTreeSet::from([2, 3]))
+            ),
             None
         );
         let three = &nodes[..3];
-        assert_eq!(plan_move(three, &containers, &BTreeSet::from([3])), None);
+        assert_eq!(
+            plan_move(three, &containers, &Faults::nodes_down(BTreeSet::from([3]))),
+            None
+        );
     }
 
     #[test]
@@ -413,7 +500,7 @@ mod tests {
         nodes[1].draining = true;
         let mut containers = vec![container(1, &[1, 2, 3]), container(2, &[2, 3, 4])];
         let mut steps = 0;
-        while let Some(planned) = plan_move(&nodes, &containers, &BTreeSet::new()) {
+        while let Some(planned) = plan_move(&nodes, &containers, &Faults::default()) {
             assert_ne!(planned.to_node_id, 2);
             apply(&mut containers, &planned);
             steps += 1;
@@ -433,7 +520,7 @@ mod tests {
         let mut containers: Vec<ContainerRecord> =
             (1..=4).map(|id| container(id, &[1, 2, 3])).collect();
         let mut steps = 0;
-        while let Some(planned) = plan_move(&nodes, &containers, &BTreeSet::new()) {
+        while let Some(planned) = plan_move(&nodes, &containers, &Faults::default()) {
             assert_eq!(planned.reason, MoveReason::Rebalance);
             apply(&mut containers, &planned);
             steps += 1;
@@ -549,6 +636,7 @@ mod tests {
             placements in proptest::collection::vec(proptest::collection::btree_set(0usize..8, 1..4), 1..12),
             down_mask in proptest::collection::vec(any::<bool>(), 8),
             draining_mask in proptest::collection::vec(any::<bool>(), 8),
+            failing_mask in proptest::collection::vec(any::<bool>(), 12),
         ) {
             let mut nodes: Vec<NodeRecord> = zones.iter().enumerate().map(|(index, zone)| {
                 let zone = format!("z{zone}");
@@ -569,26 +657,34 @@ mod tests {
                     container(index as u64 + 1, &replicas)
                 })
                 .collect();
+            // Some containers have their first replica reported failing.
+            let failing_replicas: BTreeSet<(u64, u64)> = containers.iter().enumerate()
+                .filter(|(index, _)| failing_mask[*index])
+                .map(|(_, record)| (record.container_id, record.replicas[0]))
+                .collect();
+            let faults = Faults { down_nodes: down, failing_replicas };
             let step_max = containers.len() * 4 * nodes.len() + 1;
             let mut steps = 0;
-            while let Some(planned) = plan_move(&nodes, &containers, &down) {
+            while let Some(planned) = plan_move(&nodes, &containers, &faults) {
                 let record = containers.iter().find(|c| c.container_id == planned.container_id).unwrap();
                 prop_assert!(record.replicas.contains(&planned.from_node_id));
                 prop_assert!(!record.replicas.contains(&planned.to_node_id));
                 let target = nodes.iter().find(|n| n.node_id == planned.to_node_id).unwrap();
-                prop_assert!(!target.draining && !down.contains(&target.node_id));
+                prop_assert!(!target.draining
+                    && !faults.replica_lost(planned.container_id, target.node_id));
                 apply(&mut containers, &planned);
                 steps += 1;
                 prop_assert!(steps <= step_max, "the plans never end");
             }
-            // Settled: no replica sits on a down or draining node while a live, non-draining
+            // Settled: no replica is lost or sits on a draining node while a live, non-draining
             // node without a replica of that container exists and a quorum is alive.
             for record in &containers {
-                let live = record.replicas.iter().filter(|r| !down.contains(r)).count();
+                let lost = |r: &u64| faults.replica_lost(record.container_id, *r);
+                let live = record.replicas.iter().filter(|r| !lost(r)).count();
                 let bad = record.replicas.iter().any(|r| {
-                    down.contains(r) || nodes.iter().any(|n| n.node_id == *r && n.draining)
+                    lost(r) || nodes.iter().any(|n| n.node_id == *r && n.draining)
                 });
-                let spare = nodes.iter().any(|n| eligible_target(n, record, &down));
+                let spare = nodes.iter().any(|n| eligible_target(n, record, &faults));
                 prop_assert!(!(bad && spare && live > record.replicas.len() / 2),
                     "container {} left degraded: {:?}", record.container_id, record.replicas);
             }

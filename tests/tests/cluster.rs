@@ -273,6 +273,98 @@ fn a_replica_that_cannot_install_snapshots_does_not_unseat_its_leader() {
     assert_eq!((lost, wrong), (0, 0));
 }
 
+#[test]
+fn a_replica_that_keeps_failing_is_replaced_on_another_node() {
+    // A follower that can never install a snapshot (the failpoint; on a full device this is
+    // ENOSPC) is not down: its node answers every heartbeat, so the grace period (300 s by
+    // default) never starts. Its node reports the replica after 3 failures in a row, and the
+    // metadata leader's mover re-creates it on the fourth node. Without the report the
+    // placement never changes and this test times out.
+    if !end_to_end_available() {
+        return;
+    }
+    const TEST: &str = "a_replica_that_keeps_failing_is_replaced_on_another_node";
+    let mut generator = Generator(seed(TEST));
+    // Checkpoints every 300 ms purge the log, so the follower that was down needs a snapshot.
+    let mut cluster =
+        TestCluster::start(4, DEVICE_SIZE_BYTES, &["--checkpoint-interval-ms", "300"])
+            .expect("cluster");
+    cluster
+        .create_replicated_volume("data", "1GiB", 3)
+        .expect("create volume");
+    let (replicas, _) = cluster.placement("data").expect("placement");
+    let leader = cluster.leader_of("data").expect("leader");
+    let follower = *replicas
+        .iter()
+        .find(|&&replica| replica != leader)
+        .expect("a follower");
+    let spare = (1..=4u64)
+        .find(|node| !replicas.contains(node))
+        .expect("a node without a replica");
+    eprintln!("{TEST}: replicas {replicas:?}, leader {leader}, failing {follower}, spare {spare}");
+    let endpoints = cluster.endpoints();
+    let mountpoint = cluster
+        .node_mut(leader)
+        .mount_via("data", &endpoints)
+        .expect("mount");
+    let mut acknowledged = BTreeMap::new();
+    write_files(&mountpoint, &mut generator, &mut acknowledged, 2);
+    cluster.node_mut(follower).kill_node();
+    write_files(&mountpoint, &mut generator, &mut acknowledged, 6);
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.node_mut(follower).environment.push((
+        "BALLAST_FAILPOINT_SNAPSHOT_INSTALL".to_owned(),
+        "1".to_owned(),
+    ));
+    cluster.node_mut(follower).restart_node().expect("restart");
+    let expected: Vec<u64> = {
+        let mut expected: Vec<u64> = replicas
+            .iter()
+            .map(|&replica| if replica == follower { spare } else { replica })
+            .collect();
+        expected.sort_unstable();
+        expected
+    };
+    let mut last = (Vec::new(), Vec::new());
+    let replaced = ballast_tests::wait_until(
+        "the failing replica replaced on the spare node",
+        Duration::from_secs(180),
+        || {
+            // Writes go on meanwhile (one file per poll, at most 90 in all); the failing
+            // follower keeps being sent snapshots.
+            write_files(&mountpoint, &mut generator, &mut acknowledged, 1);
+            std::thread::sleep(Duration::from_secs(2));
+            let Ok((mut now, moving)) = cluster.placement("data") else {
+                return false;
+            };
+            now.sort_unstable();
+            last = (now, moving);
+            last.0 == expected && last.1.is_empty()
+        },
+    );
+    if let Err(error) = replaced {
+        panic!(
+            "{error}; last placement {last:?}, expected {expected:?}\n{}",
+            cluster.log_tails()
+        );
+    }
+    let follower_log = cluster.nodes[follower as usize - 1].log_contents();
+    assert!(
+        follower_log.contains("reporting it for replacement"),
+        "the follower never reported its replica"
+    );
+    cluster
+        .wait_converged_on("data", &expected, Duration::from_secs(60))
+        .expect("the new replica set converges");
+    write_files(&mountpoint, &mut generator, &mut acknowledged, 1);
+    let (lost, wrong) = verify(&mountpoint, &acknowledged);
+    eprintln!(
+        "{TEST}: {} files acknowledged, {lost} lost, {wrong} wrong",
+        acknowledged.len()
+    );
+    assert_eq!((lost, wrong), (0, 0));
+}
+
 fn write_fsync(directory: &Path, name: &str, data: &[u8]) -> std::io::Result<()> {
     let mut file = File::create(directory.join(name))?;
     file.write_all(data)?;

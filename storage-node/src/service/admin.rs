@@ -210,7 +210,8 @@ impl Admin for AdminService {
         let leads_metadata = metadata_metrics
             .as_ref()
             .is_some_and(|metrics| metrics.current_leader == Some(self.node.node_id()));
-        let down = crate::mover::down_nodes(&self.node, &nodes);
+        let faults = crate::mover::faults(&self.node, &nodes);
+        let down = &faults.down_nodes;
         let messages = nodes
             .iter()
             .map(|node| {
@@ -272,11 +273,11 @@ impl Admin for AdminService {
             .collect();
         let container_degraded_count = containers
             .iter()
-            .filter(|container| crate::placement::is_degraded(&nodes, container, &down))
+            .filter(|container| crate::placement::is_degraded(&nodes, container, &faults))
             .count() as u32;
         let settled = leads_metadata
             && container_degraded_count == 0
-            && crate::placement::plan_move(&nodes, &containers, &down).is_none();
+            && crate::placement::plan_move(&nodes, &containers, &faults).is_none();
         Ok(Response::new(proto::ListNodesResponse {
             nodes: messages,
             container_count: containers.len() as u32,

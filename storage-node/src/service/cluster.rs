@@ -270,6 +270,35 @@ impl Cluster for ClusterService {
         Ok(Response::new(proto::ChangeReplicasResponse {}))
     }
 
+    async fn report_failing_replica(
+        &self,
+        request: Request<proto::ReportFailingReplicaRequest>,
+    ) -> Result<Response<proto::ReportFailingReplicaResponse>, Status> {
+        let request = request.into_inner();
+        if request.reason.len() > crate::cluster::REPORT_REASON_BYTES_MAX {
+            return Err(Status::invalid_argument(format!(
+                "failure reason of {} bytes, more than {}",
+                request.reason.len(),
+                crate::cluster::REPORT_REASON_BYTES_MAX
+            )));
+        }
+        let leads_metadata = self.node.metadata_leading_for().is_some();
+        tracing::warn!(
+            container = request.container_id,
+            node = request.node_id,
+            failures_in_a_row = request.failures_in_a_row,
+            reason = %request.reason,
+            leads_metadata,
+            "a node reports its replica keeps failing"
+        );
+        // Kept even by a follower: it may lead next, and the mover only reads it when leading.
+        self.node
+            .record_failing_replica(request.container_id, request.node_id);
+        Ok(Response::new(proto::ReportFailingReplicaResponse {
+            leads_metadata,
+        }))
+    }
+
     async fn read_block(
         &self,
         request: Request<proto::ReadBlockRequest>,
