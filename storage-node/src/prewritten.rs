@@ -20,8 +20,10 @@
 //!   built, so a log record naming the blocks never names bytes that were not written.
 //! - The extents are taken at most once (by the log writer, which then owns them like its own
 //!   reservation); extents never taken are released when the last clone drops.
-//! - The checksums are those of the data at the time it was written; the log writer checks them
-//!   against the entry's data again before it names the blocks.
+//! - The checksums are those of the data at the time it was written; the log writer names the
+//!   blocks with them (checking them against the entry's data again only in builds with debug
+//!   assertions: the annotation travels inside the command whose immutable `Bytes` it describes),
+//!   and the apply compares them with the entry's data in every build.
 
 use std::sync::{Arc, Mutex};
 

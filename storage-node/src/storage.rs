@@ -35,6 +35,7 @@ use ballast_device::{
 };
 use rocksdb::WriteBatch;
 
+use crate::buffer_pool::BufferPool;
 use crate::detached::{DetachedBlocks, DetachedClaim, DetachedRecord, Pin, PinRegistry};
 use crate::error::{FsError, NodeError, NodeResult};
 use crate::keys;
@@ -68,6 +69,8 @@ pub struct NodeStorage {
     detached_bytes_since_checkpoint: AtomicU64,
     /// Blocks referenced by applies whose device write is still in flight (rules 2 and 3).
     pub(crate) pending_writes: Arc<PendingWrites>,
+    /// Aligned buffers reused for copies of write data (`buffer_pool.rs`).
+    buffer_pool: Arc<BufferPool>,
 }
 
 struct Blocks {
@@ -156,6 +159,7 @@ impl NodeStorage {
             spool,
             detached_bytes_since_checkpoint: AtomicU64::new(0),
             pending_writes: Arc::new(PendingWrites::default()),
+            buffer_pool: Arc::new(BufferPool::default()),
         })
     }
 
@@ -248,7 +252,7 @@ impl NodeStorage {
     /// `BLOCKS_PER_REQUEST_MAX` blocks, all in flight together. Not durable on return: the
     /// caller flushes when it needs that.
     pub async fn write_extents(&self, extents: &[Extent], data: &[u8]) -> NodeResult<()> {
-        write_extents_to(&self.block_store, extents, data).await
+        write_extents_to(&self.block_store, &self.buffer_pool, extents, data).await
     }
 
     /// Records the pin of a detached record once it is in the device log (before its append is
@@ -400,6 +404,7 @@ impl NodeStorage {
         self.pending_writes.insert(&pending);
         let block_store = self.block_store.clone();
         let pending_writes = Arc::clone(&self.pending_writes);
+        let buffer_pool = Arc::clone(&self.buffer_pool);
         let written_extents = extents.clone();
         tokio::spawn(async move {
             // One extent of one request: written from `data` itself, without a copy.
@@ -412,7 +417,7 @@ impl NodeStorage {
                     .map(|_| ())
                     .map_err(|source| NodeError::device("write blocks", source))
             } else {
-                write_extents_to(&block_store, &written_extents, &data).await
+                write_extents_to(&block_store, &buffer_pool, &written_extents, &data).await
             };
             if let Err(NodeError::Device {
                 source: DeviceError::EngineStopped { .. },
@@ -700,6 +705,7 @@ impl NodeStorage {
 /// `BLOCKS_PER_REQUEST_MAX` blocks, all in flight together. Not durable on return.
 async fn write_extents_to(
     block_store: &BlockStore,
+    buffer_pool: &BufferPool,
     extents: &[Extent],
     data: &[u8],
 ) -> NodeResult<()> {
@@ -712,7 +718,7 @@ async fn write_extents_to(
         while written < extent.block_count {
             let piece = (extent.block_count - written).min(BLOCKS_PER_REQUEST_MAX);
             let end = consumed_bytes + piece as usize * BLOCK_SIZE_BYTES;
-            let buffer = AlignedBuffer::from_slice_padded(&data[consumed_bytes..end]);
+            let buffer = buffer_pool.filled_from(&data[consumed_bytes..end]);
             let first_block = extent.first_block + written;
             writes.push(block_store.write_blocks(first_block, buffer));
             written += piece;
@@ -720,7 +726,8 @@ async fn write_extents_to(
         }
     }
     for result in futures::future::join_all(writes).await {
-        result.map_err(|source| NodeError::device("write blocks", source))?;
+        let written = result.map_err(|source| NodeError::device("write blocks", source))?;
+        buffer_pool.give_back(written);
     }
     Ok(())
 }
