@@ -163,6 +163,33 @@ fn term_on(cluster: &TestCluster, node_id: u64, volume: &str) -> u64 {
         .term
 }
 
+/// Mounts `volume` through `leader`, writes while `follower` is down (the 300 ms checkpoints
+/// purge the log, so it will need a snapshot), then restarts `follower` with every snapshot
+/// install failing there (`BALLAST_FAILPOINT_SNAPSHOT_INSTALL`). Returns the mountpoint.
+fn restart_with_failing_installs(
+    cluster: &mut TestCluster,
+    leader: u64,
+    follower: u64,
+    generator: &mut Generator,
+    acknowledged: &mut BTreeMap<String, Vec<u8>>,
+) -> std::path::PathBuf {
+    let endpoints = cluster.endpoints();
+    let mountpoint = cluster
+        .node_mut(leader)
+        .mount_via("data", &endpoints)
+        .expect("mount");
+    write_files(&mountpoint, generator, acknowledged, 2);
+    cluster.node_mut(follower).kill_node();
+    write_files(&mountpoint, generator, acknowledged, 6);
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.node_mut(follower).environment.push((
+        "BALLAST_FAILPOINT_SNAPSHOT_INSTALL".to_owned(),
+        "1".to_owned(),
+    ));
+    cluster.node_mut(follower).restart_node().expect("restart");
+    mountpoint
+}
+
 #[test]
 fn a_replica_that_cannot_install_snapshots_does_not_unseat_its_leader() {
     // A follower that can never install a snapshot (a failpoint; on a full device this is
@@ -204,21 +231,14 @@ fn a_replica_that_cannot_install_snapshots_does_not_unseat_its_leader() {
     }
     let leader = cluster.leader_of("data").expect("leader");
     let follower = if leader == 3 { 2 } else { 3 };
-    let endpoints = cluster.endpoints();
-    let mountpoint = cluster
-        .node_mut(leader)
-        .mount_via("data", &endpoints)
-        .expect("mount");
     let mut acknowledged = BTreeMap::new();
-    write_files(&mountpoint, &mut generator, &mut acknowledged, 2);
-    cluster.node_mut(follower).kill_node();
-    write_files(&mountpoint, &mut generator, &mut acknowledged, 6);
-    std::thread::sleep(Duration::from_secs(2));
-    cluster.node_mut(follower).environment.push((
-        "BALLAST_FAILPOINT_SNAPSHOT_INSTALL".to_owned(),
-        "1".to_owned(),
-    ));
-    cluster.node_mut(follower).restart_node().expect("restart");
+    let mountpoint = restart_with_failing_installs(
+        &mut cluster,
+        leader,
+        follower,
+        &mut generator,
+        &mut acknowledged,
+    );
     const HOLD_MESSAGE: &str = "restarted replica may not start elections";
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     while !cluster.nodes[follower as usize - 1]
@@ -302,21 +322,14 @@ fn a_replica_that_keeps_failing_is_replaced_on_another_node() {
         .find(|node| !replicas.contains(node))
         .expect("a node without a replica");
     eprintln!("{TEST}: replicas {replicas:?}, leader {leader}, failing {follower}, spare {spare}");
-    let endpoints = cluster.endpoints();
-    let mountpoint = cluster
-        .node_mut(leader)
-        .mount_via("data", &endpoints)
-        .expect("mount");
     let mut acknowledged = BTreeMap::new();
-    write_files(&mountpoint, &mut generator, &mut acknowledged, 2);
-    cluster.node_mut(follower).kill_node();
-    write_files(&mountpoint, &mut generator, &mut acknowledged, 6);
-    std::thread::sleep(Duration::from_secs(2));
-    cluster.node_mut(follower).environment.push((
-        "BALLAST_FAILPOINT_SNAPSHOT_INSTALL".to_owned(),
-        "1".to_owned(),
-    ));
-    cluster.node_mut(follower).restart_node().expect("restart");
+    let mountpoint = restart_with_failing_installs(
+        &mut cluster,
+        leader,
+        follower,
+        &mut generator,
+        &mut acknowledged,
+    );
     let expected: Vec<u64> = {
         let mut expected: Vec<u64> = replicas
             .iter()
