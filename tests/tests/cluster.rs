@@ -163,6 +163,17 @@ fn term_on(cluster: &TestCluster, node_id: u64, volume: &str) -> u64 {
         .term
 }
 
+/// A cluster whose checkpoints every 300 ms purge the log, so a follower that was down needs a
+/// snapshot to catch up.
+fn start_purging_often(node_count: usize) -> TestCluster {
+    TestCluster::start(
+        node_count,
+        DEVICE_SIZE_BYTES,
+        &["--checkpoint-interval-ms", "300"],
+    )
+    .expect("cluster")
+}
+
 /// Mounts `volume` through `leader`, writes while `follower` is down (the 300 ms checkpoints
 /// purge the log, so it will need a snapshot), then restarts `follower` with every snapshot
 /// install failing there (`BALLAST_FAILPOINT_SNAPSHOT_INSTALL`). Returns the mountpoint.
@@ -210,10 +221,7 @@ fn a_replica_that_cannot_install_snapshots_does_not_unseat_its_leader() {
     }
     const TEST: &str = "a_replica_that_cannot_install_snapshots_does_not_unseat_its_leader";
     let mut generator = Generator(seed(TEST));
-    // Checkpoints every 300 ms purge the log, so the follower that was down needs a snapshot.
-    let mut cluster =
-        TestCluster::start(3, DEVICE_SIZE_BYTES, &["--checkpoint-interval-ms", "300"])
-            .expect("cluster");
+    let mut cluster = start_purging_often(3);
     cluster
         .cli(&["volume", "create", "data", "--quota", "1GiB"])
         .expect("create volume");
@@ -305,10 +313,7 @@ fn a_replica_that_keeps_failing_is_replaced_on_another_node() {
     }
     const TEST: &str = "a_replica_that_keeps_failing_is_replaced_on_another_node";
     let mut generator = Generator(seed(TEST));
-    // Checkpoints every 300 ms purge the log, so the follower that was down needs a snapshot.
-    let mut cluster =
-        TestCluster::start(4, DEVICE_SIZE_BYTES, &["--checkpoint-interval-ms", "300"])
-            .expect("cluster");
+    let mut cluster = start_purging_often(4);
     cluster
         .create_replicated_volume("data", "1GiB", 3)
         .expect("create volume");
