@@ -763,6 +763,8 @@ results_file="$results_directory/$(date -u -d "$run_date" '+%Y-%m-%dT%H%M%SZ').m
     echo "- machine: $(nproc) CPUs, $memory memory, kernel $(uname -r)"
     echo "- backing directory: $bench_root on $filesystem_line, disk model: ${disk_model:-unknown}, rotational: ${disk_rotational:-unknown}"
     echo "- git commit: $commit"
+    # The binaries may be another build than the checkout (BALLAST_BENCH_BIN_DIR, for A/B runs).
+    echo "- binaries: $binary_directory (ballast-node modified $(date -u -r "$binary_directory/ballast-node" '+%Y-%m-%dT%H:%M:%SZ'))"
     echo "- tools: $(fio --version), $(sysbench --version), $(mariadbd --version | head -n 1)"
     echo "- parameters: DEVICE_SECONDS=$device_seconds DEVICE_FILE_SIZE=$device_file_size" \
         "DEVICE_RANDOM_QUEUE_DEPTH=$device_random_queue_depth DEVICE_SEQUENTIAL_QUEUE_DEPTH=$device_sequential_queue_depth" \
