@@ -3,9 +3,9 @@
 //!
 //! Owns: deciding when a node is down (no answer to the metadata group's heartbeats for the grace
 //! period) and which replicas are lost with it or on their own (reported failing, see
-//! `failing_replicas`), running replica moves to completion (up to `MOVES_IN_FLIGHT_MAX` at once, of distinct
-//! containers), resuming moves a crash or a lost leadership interrupted, and keeping the metadata
-//! group at its voter count.
+//! `failing_replicas`), running replica moves to completion (up to `MOVES_IN_FLIGHT_MAX` at once,
+//! of distinct containers), resuming moves a crash or a lost leadership interrupted, and keeping
+//! the metadata group at its voter count.
 //! Must not depend on: the gRPC services. What to move is `placement::plan_move`'s decision;
 //! this module only carries it out.
 //!
