@@ -160,6 +160,15 @@ impl BlockAllocator {
         self.free_block_count
     }
 
+    /// Blocks freed and waiting for `release_deferred` (pinned ones among them stay deferred
+    /// even then). Walks the deferred list: for reports and slow paths, not per request.
+    pub fn deferred_block_count(&self) -> u64 {
+        self.deferred_extents
+            .iter()
+            .map(|extent| extent.block_count)
+            .sum()
+    }
+
     /// Whether `block` is allocated in the persisted view (deferred frees are not).
     pub fn is_allocated(&self, block: u64) -> bool {
         assert!(block < self.block_count, "block {block} out of range");

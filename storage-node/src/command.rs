@@ -149,6 +149,45 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The most new device blocks applying this command may allocate on a replica: what a
+    /// leader admits it by (`space.rs`). Copy-on-write makes every written block new; a zeroed
+    /// partial edge (truncate, punched hole) is one new block each; a write whose data the
+    /// proposer already put in blocks (`prewritten.rs`) needs none more.
+    pub fn device_blocks_needed_max(&self) -> u64 {
+        const BLOCK_SIZE_BYTES: u64 = ballast_device::BLOCK_SIZE_BYTES as u64;
+        match self {
+            Command::Once { command, .. } => command.device_blocks_needed_max(),
+            Command::Metadata(_) => 0,
+            Command::Filesystem(command) => match command {
+                FilesystemCommand::Write {
+                    offset_bytes,
+                    data,
+                    prewritten,
+                    ..
+                } => {
+                    if data.is_empty() || prewritten.is_present() {
+                        return 0;
+                    }
+                    let end_bytes = offset_bytes.saturating_add(data.len() as u64);
+                    end_bytes.div_ceil(BLOCK_SIZE_BYTES) - offset_bytes / BLOCK_SIZE_BYTES
+                }
+                FilesystemCommand::SetAttributes { changes, .. } => {
+                    u64::from(changes.size_bytes.is_some())
+                }
+                FilesystemCommand::Fallocate { .. } => 2,
+                FilesystemCommand::Initialize { .. }
+                | FilesystemCommand::Create { .. }
+                | FilesystemCommand::Link { .. }
+                | FilesystemCommand::Unlink { .. }
+                | FilesystemCommand::Rename { .. }
+                | FilesystemCommand::PurgeOrphans { .. }
+                | FilesystemCommand::SetQuota { .. } => 0,
+            },
+        }
+    }
+}
+
 /// What applying a command produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum CommandResponse {
@@ -185,3 +224,55 @@ pub const RENAME_EXCHANGE: u32 = 2;
 /// Linux fallocate(2) mode bits.
 pub const FALLOCATE_KEEP_SIZE: u32 = 1;
 pub const FALLOCATE_PUNCH_HOLE: u32 = 2;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(offset_bytes: u64, length_bytes: usize) -> Command {
+        Command::Filesystem(FilesystemCommand::Write {
+            inode: 2,
+            offset_bytes,
+            data: Bytes::from(vec![0u8; length_bytes]),
+            now_ns: 1,
+            prewritten: crate::prewritten::Prewritten::none(),
+        })
+    }
+
+    #[test]
+    fn device_blocks_needed_cover_every_block_a_write_touches() {
+        assert_eq!(write(0, 0).device_blocks_needed_max(), 0);
+        assert_eq!(write(0, 1).device_blocks_needed_max(), 1);
+        assert_eq!(write(0, 4096).device_blocks_needed_max(), 1);
+        assert_eq!(write(4095, 2).device_blocks_needed_max(), 2);
+        assert_eq!(write(100, 8192).device_blocks_needed_max(), 3);
+        assert_eq!(write(u64::MAX - 1, 4096).device_blocks_needed_max(), 1);
+        let once = Command::Once {
+            request: crate::deduplication::RequestId {
+                session: 1,
+                sequence: 1,
+                floor: 0,
+            },
+            command: Box::new(write(0, 3 * 4096)),
+        };
+        assert_eq!(once.device_blocks_needed_max(), 3);
+        let truncate = Command::Filesystem(FilesystemCommand::SetAttributes {
+            inode: 2,
+            changes: AttributeChanges {
+                size_bytes: Some(10),
+                ..Default::default()
+            },
+            now_ns: 1,
+        });
+        assert_eq!(truncate.device_blocks_needed_max(), 1);
+        let chmod = Command::Filesystem(FilesystemCommand::SetAttributes {
+            inode: 2,
+            changes: AttributeChanges {
+                mode: Some(0o600),
+                ..Default::default()
+            },
+            now_ns: 1,
+        });
+        assert_eq!(chmod.device_blocks_needed_max(), 0);
+    }
+}

@@ -79,6 +79,13 @@ pub enum NodeError {
     },
     #[error("checksum mismatch: {0}")]
     ChecksumMismatch(String),
+    /// This node's device has no free block for an apply. A failure of the node, not a result
+    /// of the command: other replicas may have room (`space.rs`).
+    #[error("device full: {requested_blocks} blocks requested, {free_blocks} free")]
+    DeviceFull {
+        requested_blocks: u64,
+        free_blocks: u64,
+    },
     #[error("container {container_id} is not served by this node")]
     UnknownContainer { container_id: u64 },
     /// This node does not lead the container; nothing was applied. `leader_address` is where to

@@ -609,3 +609,61 @@ async fn state_survives_reopen_after_checkpoint() {
         "allocator restored from its bitmap groups"
     );
 }
+
+#[tokio::test]
+async fn a_full_device_fails_the_apply_as_a_node_failure_and_records_nothing() {
+    // Whether a device has room depends on the node, not on the replicated state: recording
+    // "ENOSPC" as the command's result would leave this replica without data its peers hold.
+    // The apply must fail as this node's failure instead: nothing recorded, not even the
+    // applied index (the entry is applied again later), and no block kept.
+    const BLOCK: u64 = 4096;
+    let mut storage = initialized(0).await;
+    let file = create(&mut storage, ROOT_INODE, "f", EntryKind::File).await;
+    write(&mut storage, file, 0, &vec![1u8; 3 * BLOCK as usize])
+        .await
+        .unwrap();
+    let state_before = filesystem::container_state(&storage.storage, CONTAINER).unwrap();
+    // Leave exactly one free block.
+    let filler_bytes = (storage.storage.free_block_count() - 1) * BLOCK;
+    let filler =
+        ballast_device::AlignedBuffer::from_slice_padded(&vec![0xee; filler_bytes as usize]);
+    let filler = storage.storage.write_new_blocks(filler).await.unwrap();
+    assert_eq!(storage.storage.free_block_count(), 1);
+
+    // A punched hole with two partial edges rewrites two blocks: the first gets the last free
+    // block, the second finds none.
+    let punch = FilesystemCommand::Fallocate {
+        inode: file,
+        offset_bytes: 100,
+        length_bytes: 2 * BLOCK,
+        mode: FALLOCATE_PUNCH_HOLE | FALLOCATE_KEEP_SIZE,
+        now_ns: 9,
+    };
+    let result = storage.apply(CONTAINER, punch.clone()).await;
+    assert!(
+        matches!(result, Err(NodeError::DeviceFull { .. })),
+        "a full device must fail the apply as a node failure, got {result:?}"
+    );
+    let state_after = filesystem::container_state(&storage.storage, CONTAINER).unwrap();
+    assert_eq!(
+        state_after.last_applied, state_before.last_applied,
+        "the entry must not be recorded as applied"
+    );
+    assert_eq!(state_after.used_block_count, 3);
+    assert_eq!(
+        read(&storage, file, 0, 3 * BLOCK as u32).await,
+        vec![1u8; 3 * BLOCK as usize]
+    );
+    // The block the first edge took comes back at the next checkpoint.
+    storage.storage.checkpoint(|_| Ok(())).await.unwrap();
+    assert_eq!(storage.storage.free_block_count(), 1, "no block leaked");
+
+    // With room again (the filler given back), the same command applies.
+    storage.storage.discard_new_blocks(&filler);
+    storage.storage.checkpoint(|_| Ok(())).await.unwrap();
+    storage.apply(CONTAINER, punch).await.unwrap();
+    let mut expected = vec![0u8; 3 * BLOCK as usize];
+    expected[..100].fill(1);
+    expected[(2 * BLOCK + 100) as usize..].fill(1);
+    assert_eq!(read(&storage, file, 0, 3 * BLOCK as u32).await, expected);
+}

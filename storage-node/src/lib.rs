@@ -38,6 +38,7 @@ pub mod scrub;
 pub mod service;
 pub mod snapshot;
 pub mod snapshot_spool;
+pub mod space;
 pub mod state_machine;
 pub mod state_store;
 pub mod storage;

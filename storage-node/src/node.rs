@@ -54,6 +54,10 @@ const PROPOSE_COMMIT_TIMEOUT_MS: u64 = 10_000;
 /// Attempts of a proposal while its container elects a leader.
 const PROPOSE_ATTEMPT_COUNT_MAX: u32 = 12;
 const PROPOSE_BACKOFF_MS: u64 = 50;
+/// How long a command short of device space waits for blocks freed since the last checkpoint
+/// to come back (`space.rs`) before it is refused with ENOSPC.
+const SPACE_WAIT_MS_MAX: u64 = 5_000;
+const SPACE_POLL_INTERVAL_MS: u64 = 200;
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -97,6 +101,8 @@ pub struct StorageNode {
     starting: Mutex<()>,
     pub(crate) peers: Arc<PeerChannels>,
     checkpoint_wanted: Arc<Notify>,
+    /// Taken by writers short of device space while they checkpoint (`admit_blocks`).
+    space_checkpoint: tokio::sync::Mutex<()>,
     clock: Arc<dyn Clock>,
     started: Instant,
     /// Since when this node leads the metadata group (kept by the replica mover).
@@ -215,6 +221,7 @@ impl StorageNode {
             starting: Mutex::new(()),
             peers: Arc::new(PeerChannels::default()),
             checkpoint_wanted: Arc::new(Notify::new()),
+            space_checkpoint: tokio::sync::Mutex::new(()),
             clock: Arc::new(SystemClock),
             started: Instant::now(),
             metadata_leading_since: std::sync::Mutex::new(None),
@@ -539,13 +546,45 @@ impl StorageNode {
     /// waits to hear from a leader. A container held by this node alone is waited for like the
     /// metadata of a one-node cluster.
     pub(crate) async fn start_replica(&self, record: &ContainerRecord) -> NodeResult<Raft> {
-        let _starting = self.starting.lock().await;
+        let starting = self.starting.lock().await;
         if let Some(raft) = self.raft(record.container_id).await {
             return Ok(raft);
         }
         let container_id = record.container_id;
+        if !self
+            .election_holds()
+            .may_start(container_id, Instant::now())
+        {
+            return Err(NodeError::Raft(format!(
+                "container {container_id} failed to start recently; waiting before the next try"
+            )));
+        }
         let replicated = record.replicas.len() > 1;
-        let (raft, log) = self.new_raft(container_id, replicated).await?;
+        let (raft, log) = match self.new_raft(container_id, replicated).await {
+            Ok(started) => started,
+            Err(error) => {
+                // openraft applies what it finds committed while it starts; an apply that fails
+                // there (a full device) fails the start (`election_hold.rs`).
+                let decision = self
+                    .election_holds()
+                    .on_start_failure(container_id, Instant::now());
+                tracing::error!(
+                    container = container_id,
+                    %error,
+                    failures_in_a_row = decision.failures_in_a_row,
+                    "starting the replica failed; the next start waits"
+                );
+                drop(starting);
+                self.report_if_failing(container_id, decision, &error.to_string())
+                    .await;
+                return Err(error);
+            }
+        };
+        self.election_holds().on_started(container_id);
+        if self.election_held(container_id) {
+            // Failed before: no elections until its hold ends (`election_hold.rs`).
+            raft.runtime_config().elect(false);
+        }
         if !self.is_initialized(&raft, container_id).await?
             && record.bootstrap_node_id == self.node_id
         {
@@ -729,6 +768,16 @@ impl StorageNode {
         let Some(raft) = self.raft(container_id).await else {
             return Err(self.not_leader_from_metadata(container_id));
         };
+        // Admitted by this node's device space before it is proposed, and the blocks promised
+        // until it was applied here (`space.rs`). Only a leader admits: elsewhere the proposal
+        // is refused as not led here anyway.
+        let leads = raft.metrics().borrow().current_leader == Some(self.node_id);
+        let _promise = if leads {
+            self.admit_blocks(command.device_blocks_needed_max())
+                .await?
+        } else {
+            None
+        };
         // Bounded: a leader cut off from its quorum cannot commit and does not know it yet.
         let write = tokio::time::timeout(
             Duration::from_millis(PROPOSE_COMMIT_TIMEOUT_MS),
@@ -757,6 +806,52 @@ impl StorageNode {
         match response.data {
             CommandResponse::Failed(error) => Err(NodeError::Fs(error)),
             other => Ok(other),
+        }
+    }
+
+    /// Promises `needed_blocks` of this node's device to a command about to be proposed
+    /// (`space.rs`). When they fall short but blocks freed since the last checkpoint would
+    /// cover them, checkpoints and waits (bounded) before refusing: space given back by deleted
+    /// files must be usable again at once, not after the next timed checkpoint.
+    async fn admit_blocks(
+        &self,
+        needed_blocks: u64,
+    ) -> NodeResult<Option<crate::space::BlockPromise>> {
+        if needed_blocks == 0 {
+            return Ok(None);
+        }
+        let deadline = Instant::now() + Duration::from_millis(SPACE_WAIT_MS_MAX);
+        let mut first_attempt = true;
+        loop {
+            let shortfall = match self.storage.promise_blocks(needed_blocks) {
+                Ok(promise) => return Ok(Some(promise)),
+                Err(shortfall) => shortfall,
+            };
+            let coming_back = crate::space::admits(
+                needed_blocks,
+                shortfall
+                    .free_blocks
+                    .saturating_add(self.storage.deferred_block_count()),
+                shortfall.promised_blocks,
+                shortfall.reserve_blocks,
+            );
+            if !coming_back || Instant::now() >= deadline {
+                return Err(shortfall.to_fs_error().into());
+            }
+            if std::mem::take(&mut first_attempt) {
+                // Blocks of detached writes stay pinned until their log records are purged,
+                // which the groups' own checkpoints do.
+                self.checkpoint_wanted.notify_one();
+            }
+            // One checkpoint releases the frees no log record pins; writers short of space at
+            // the same time share it instead of each flushing the device.
+            let seen = self.storage.checkpoint_count();
+            let turn = self.space_checkpoint.lock().await;
+            if self.storage.checkpoint_count() == seen {
+                self.storage.checkpoint(|_| Ok(())).await?;
+            }
+            drop(turn);
+            tokio::time::sleep(Duration::from_millis(SPACE_POLL_INTERVAL_MS)).await;
         }
     }
 
@@ -1138,21 +1233,30 @@ impl StorageNode {
                     "restarted replica may not start elections for a while"
                 );
             }
-            // A replica that keeps failing is replaced elsewhere (the metadata group has its
-            // own voter upkeep). Reported again on every later failure, so a new metadata
-            // leader learns of it too.
-            if container_id != METADATA_CONTAINER_ID
-                && decision.failures_in_a_row
-                    >= crate::failing_replicas::FAILURES_IN_A_ROW_REPORTED_MIN
-            {
-                crate::cluster::report_failing_replica(
-                    self,
-                    container_id,
-                    decision.failures_in_a_row,
-                    &fatal.to_string(),
-                )
+            self.report_if_failing(container_id, decision, &fatal.to_string())
                 .await;
-            }
+        }
+    }
+
+    /// A replica that keeps failing (restarts or starts) is replaced elsewhere (the metadata
+    /// group has its own voter upkeep). Reported again on every later failure, so a new
+    /// metadata leader learns of it too.
+    async fn report_if_failing(
+        &self,
+        container_id: u64,
+        decision: crate::election_hold::HoldDecision,
+        reason: &str,
+    ) {
+        if container_id != METADATA_CONTAINER_ID
+            && decision.failures_in_a_row >= crate::failing_replicas::FAILURES_IN_A_ROW_REPORTED_MIN
+        {
+            crate::cluster::report_failing_replica(
+                self,
+                container_id,
+                decision.failures_in_a_row,
+                reason,
+            )
+            .await;
         }
     }
 

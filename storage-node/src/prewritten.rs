@@ -80,6 +80,12 @@ impl Prewritten {
         })))
     }
 
+    /// Whether the proposer wrote the data to blocks (taken over or not): the apply then
+    /// allocates none for it.
+    pub fn is_present(&self) -> bool {
+        self.0.is_some()
+    }
+
     /// Takes the blocks over (at most once over all clones).
     pub fn take(&self) -> Option<TakenBlocks> {
         let blocks = self.0.as_ref()?;

@@ -435,16 +435,17 @@ impl Quiescence {
     }
 
     /// Leader balancing (module doc): the group to take over from `from`, which leads
-    /// `sender_leader_count` groups, if this node (not draining) should take one now. A chosen
-    /// group counts as taken: no other is chosen within [`TAKEOVER_INTERVAL_MS`].
+    /// `sender_leader_count` groups, if this node should take one now; never when `unwilling`
+    /// (draining, or short of device space). A chosen group counts as taken: no other is chosen
+    /// within [`TAKEOVER_INTERVAL_MS`].
     pub fn choose_takeover(
         &self,
         from: NodeId,
         sender_leader_count: u64,
-        draining: bool,
+        unwilling: bool,
         now: Instant,
     ) -> Option<u64> {
-        if draining || self.config.idle_ms == 0 {
+        if unwilling || self.config.idle_ms == 0 {
             return None;
         }
         let mut state = self.state();

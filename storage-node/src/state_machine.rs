@@ -97,7 +97,10 @@ impl ContainerStateMachine {
         filesystem::container_state(&self.storage, self.container_id)
     }
 
-    async fn apply_entry(&self, entry: Entry) -> NodeResult<CommandResponse> {
+    /// Applies one entry in one transaction. A command's own failure (`NodeError::Fs`) is its
+    /// deterministic result, committed with the applied id; any other error (this node's: a
+    /// full device, I/O) commits nothing, so the entry is applied again after the restart.
+    pub(crate) async fn apply_entry(&self, entry: Entry) -> NodeResult<CommandResponse> {
         let log_id = entry.log_id;
         let mut transaction = Transaction::begin(&self.storage, self.container_id)?;
         // A write whose data the log writer already put in blocks (`detached.rs`).
@@ -128,10 +131,18 @@ impl ContainerStateMachine {
             None => Ok(CommandResponse::Done),
             Some(command) => self.dispatch(&mut transaction, command).await,
         };
-        let response = match &outcome {
+        // The command's own result, success or deterministic failure; a node failure ends here.
+        let result = match outcome {
+            Ok(response) => Ok(response),
+            Err(NodeError::Fs(error)) => Err(error),
+            Err(node_failure) => {
+                transaction.abandon();
+                return Err(node_failure);
+            }
+        };
+        let response = match &result {
             Ok(response) => response.clone(),
-            Err(NodeError::Fs(error)) => CommandResponse::Failed(error.clone()),
-            Err(_) => CommandResponse::Done,
+            Err(error) => CommandResponse::Failed(error.clone()),
         };
         let stored = match &request {
             Some(request) => {
@@ -139,8 +150,8 @@ impl ContainerStateMachine {
             }
             None => Vec::new(),
         };
-        match outcome {
-            Ok(response) => {
+        match result {
+            Ok(_) => {
                 for (key, value) in stored {
                     match value {
                         Some(value) => transaction.batch().put(key, value),
@@ -148,16 +159,14 @@ impl ContainerStateMachine {
                     }
                 }
                 transaction.commit(Some(log_id)).await?;
-                Ok(response)
             }
-            Err(NodeError::Fs(error)) => {
+            Err(_) => {
                 transaction
                     .commit_failure_with(Some(log_id), stored)
                     .await?;
-                Ok(CommandResponse::Failed(error))
             }
-            Err(other) => Err(other),
         }
+        Ok(response)
     }
 
     async fn dispatch(

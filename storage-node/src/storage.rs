@@ -37,12 +37,13 @@ use rocksdb::WriteBatch;
 
 use crate::buffer_pool::BufferPool;
 use crate::detached::{DetachedBlocks, DetachedClaim, DetachedRecord, Pin, PinRegistry};
-use crate::error::{FsError, NodeError, NodeResult};
+use crate::error::{NodeError, NodeResult};
 use crate::keys;
 use crate::pending_writes::PendingWrites;
 use crate::prewritten::{Prewritten, ReleaseReservation};
 use crate::records::BlockRef;
 use crate::snapshot_spool::SpoolDirectory;
+use crate::space::{BlockPromise, Shortfall, SpaceLedger};
 use crate::state_store::{StateStore, StateView};
 
 /// The most blocks read or written by one device request (1 MiB).
@@ -71,6 +72,10 @@ pub struct NodeStorage {
     pub(crate) pending_writes: Arc<PendingWrites>,
     /// Aligned buffers reused for copies of write data (`buffer_pool.rs`).
     buffer_pool: Arc<BufferPool>,
+    /// Blocks promised to admitted commands (`space.rs`).
+    space: Arc<SpaceLedger>,
+    /// Blocks admission leaves free for the containers this node follows (`space.rs`).
+    reserve_blocks: u64,
 }
 
 struct Blocks {
@@ -160,6 +165,8 @@ impl NodeStorage {
             detached_bytes_since_checkpoint: AtomicU64::new(0),
             pending_writes: Arc::new(PendingWrites::default()),
             buffer_pool: Arc::new(BufferPool::default()),
+            space: Arc::new(SpaceLedger::default()),
+            reserve_blocks: crate::space::reserve_blocks(block_count),
         })
     }
 
@@ -169,6 +176,26 @@ impl NodeStorage {
 
     pub fn free_block_count(&self) -> u64 {
         self.lock_blocks().allocator.free_block_count()
+    }
+
+    /// Blocks freed since the last checkpoint: free again after the next one (unless a log
+    /// record or an export still needs them).
+    pub fn deferred_block_count(&self) -> u64 {
+        self.lock_blocks().allocator.deferred_block_count()
+    }
+
+    /// Whether fewer than twice the reserve's blocks are free (`space.rs`): such a node should
+    /// not take on leading more groups, whose writes it would soon refuse.
+    pub fn short_of_space(&self) -> bool {
+        self.free_block_count() < self.reserve_blocks.saturating_mul(2)
+    }
+
+    /// Admits a command that may allocate `needed_blocks` on this node's device (`space.rs`):
+    /// a promise held until the command was applied here, or the shortfall.
+    pub fn promise_blocks(&self, needed_blocks: u64) -> Result<BlockPromise, Shortfall> {
+        let free_blocks = self.free_block_count();
+        self.space
+            .promise(needed_blocks, free_blocks, self.reserve_blocks)
     }
 
     /// Live detached records and the blocks they pin.
@@ -182,9 +209,21 @@ impl NodeStorage {
     }
 
     /// Reserves `block_count` blocks for the data of a detached record: held and pinned (rule
-    /// 5). `None` when the device has no room; the caller then logs the entry inline.
+    /// 5). `None` when the device has no room outside the promised blocks and the reserve
+    /// (`space.rs`); the caller then logs the entry inline, and the apply allocates (or, when
+    /// there is truly no room, fails as a node failure).
     pub fn reserve_detached(&self, block_count: u64) -> NodeResult<Option<Vec<Extent>>> {
-        match self.lock_blocks().allocator.hold(block_count) {
+        let mut blocks = self.lock_blocks();
+        let fits = crate::space::admits(
+            block_count,
+            blocks.allocator.free_block_count(),
+            self.space.promised_blocks(),
+            self.reserve_blocks,
+        );
+        if !fits {
+            return Ok(None);
+        }
+        match blocks.allocator.hold(block_count) {
             Ok(extents) => {
                 self.detached_bytes_since_checkpoint
                     .fetch_add(block_count * BLOCK_SIZE_BYTES as u64, Ordering::Relaxed);
@@ -388,10 +427,11 @@ impl NodeStorage {
                     requested_blocks,
                     free_blocks,
                 }) => {
-                    return Err(FsError::no_space(format!(
-                        "device full: {requested_blocks} blocks requested, {free_blocks} free"
-                    ))
-                    .into())
+                    // This node's failure, never a command's result (`space.rs`).
+                    return Err(NodeError::DeviceFull {
+                        requested_blocks,
+                        free_blocks,
+                    });
                 }
                 Err(source) => return Err(NodeError::device("allocate blocks", source)),
             }

@@ -6,13 +6,13 @@ use std::sync::Arc;
 
 use ballast_device::{Device, EngineOptions, FormatOptions};
 
-use crate::command::{CommandResponse, FilesystemCommand};
-use crate::error::NodeResult;
-use crate::filesystem;
+use crate::command::{Command, CommandResponse, FilesystemCommand};
+use crate::error::{NodeError, NodeResult};
 use crate::snapshot_spool::SpoolDirectory;
+use crate::state_machine::ContainerStateMachine;
 use crate::state_store::StateStore;
 use crate::storage::NodeStorage;
-use crate::transaction::Transaction;
+use crate::types::Entry;
 
 pub struct TestStorage {
     pub directory: tempfile::TempDir,
@@ -82,24 +82,23 @@ impl TestStorage {
         }
     }
 
-    /// Applies one command the way the state machine does, with a fresh log id.
+    /// Applies one command through the container state machine's own apply, with a fresh log
+    /// id. A command's deterministic failure comes back as `Err(NodeError::Fs(..))`, like a
+    /// proposal's.
     pub async fn apply(
         &mut self,
         container_id: u64,
         command: FilesystemCommand,
     ) -> NodeResult<CommandResponse> {
         self.index += 1;
-        let log_id = openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), self.index);
-        let mut transaction = Transaction::begin(&self.storage, container_id)?;
-        match filesystem::apply(&mut transaction, command).await {
-            Ok(response) => {
-                transaction.commit(Some(log_id)).await?;
-                Ok(response)
-            }
-            Err(error) => {
-                transaction.commit_failure(Some(log_id)).await?;
-                Err(error)
-            }
+        let entry = Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), self.index),
+            payload: openraft::EntryPayload::Normal(Command::Filesystem(command)),
+        };
+        let state_machine = ContainerStateMachine::new(container_id, Arc::clone(&self.storage));
+        match state_machine.apply_entry(entry).await? {
+            CommandResponse::Failed(error) => Err(NodeError::Fs(error)),
+            response => Ok(response),
         }
     }
 }

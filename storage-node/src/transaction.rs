@@ -5,7 +5,8 @@
 //! of blocks allocated and freed, and the final atomic commit.
 //! Invariant: nothing reaches RocksDB before `commit`; a failed command commits only the new
 //! applied log id (and gives back any blocks it had allocated), so a failure is also a
-//! deterministic, replayable outcome.
+//! deterministic, replayable outcome. A failure of the node instead (`abandon`) commits
+//! nothing, not even the applied id: the entry is applied again.
 
 use std::collections::BTreeMap;
 
@@ -224,6 +225,16 @@ impl<'storage> Transaction<'storage> {
         self.storage
             .commit_batch(batch, &self.freed_device_blocks, self.claim)
             .await
+    }
+
+    /// Drops every staged change *without* recording the entry as applied: this node failed
+    /// to apply it (a full device, an I/O error), so it must be applied again later, here or
+    /// on a replacement replica. The blocks it wrote go back (deferred, like every free).
+    pub fn abandon(self) {
+        if !self.allocated_device_blocks.is_empty() {
+            self.storage
+                .discard_new_blocks(&self.allocated_device_blocks);
+        }
     }
 
     /// Discards every staged change of a failed command and commits only the applied log id,

@@ -383,6 +383,163 @@ fn a_replica_that_keeps_failing_is_replaced_on_another_node() {
     assert_eq!((lost, wrong), (0, 0));
 }
 
+#[test]
+fn a_follower_whose_device_fills_up_is_replaced_and_no_replica_differs() {
+    // Whether a device has room depends on the node, not on the replicated state. Four nodes
+    // with 512 MiB devices; an rf=3 volume "data" on three of them; a second volume, rf=1 and
+    // pinned by its selector to one follower of "data", fills that follower's device up to
+    // the reserve its admission keeps. Writes to "data" go on: its leader has room, so it
+    // admits them, and the full follower's applies find no free block.
+    // What must hold: no write to "data" fails; the full follower never records a write as
+    // failed (before 2026-12-05 it recorded ENOSPC as the write's result, and its replica
+    // silently lacked data its peers held); it fails the apply as a node failure, reports its
+    // replica, and the mover re-creates it on the fourth node; the new replica set converges
+    // (same index and digest); every acknowledged file reads back, on both volumes; and the
+    // full node gets its space back once the replica is gone.
+    if !end_to_end_available() {
+        return;
+    }
+    const TEST: &str = "a_follower_whose_device_fills_up_is_replaced_and_no_replica_differs";
+    const FILLER_FILE_BYTES: usize = 8 << 20;
+    let mut generator = Generator(seed(TEST));
+    let mut cluster = TestCluster::start(4, 512 << 20, &[]).expect("cluster");
+    cluster
+        .create_replicated_volume("data", "1GiB", 3)
+        .expect("create volume");
+    let (replicas, _) = cluster.placement("data").expect("placement");
+    let leader = cluster.leader_of("data").expect("leader");
+    let full = *replicas
+        .iter()
+        .find(|&&replica| replica != leader)
+        .expect("a follower");
+    let spare = (1..=4u64)
+        .find(|node| !replicas.contains(node))
+        .expect("a node without a replica");
+    eprintln!("{TEST}: replicas {replicas:?}, leader {leader}, filling {full}, spare {spare}");
+    let endpoints = cluster.endpoints();
+    let mountpoint = cluster
+        .node_mut(leader)
+        .mount_via("data", &endpoints)
+        .expect("mount data");
+    let mut acknowledged = BTreeMap::new();
+    write_files(&mountpoint, &mut generator, &mut acknowledged, 2);
+    // 16 MiB the full node gets back when its replica is gone (checked at the end).
+    let base = generator.bytes(16 << 20);
+    write_fsync(&mountpoint, "base", &base).expect("write base");
+    acknowledged.insert("base".to_owned(), base);
+
+    // One rf=1 volume on the full node and one on the spare keep the replica counts within one
+    // of each other, so no rebalance moves the replica before the device fills (one did, in the
+    // first run of this test).
+    for (volume, node) in [("ballast", spare), ("filler", full)] {
+        cluster
+            .cli(&[
+                "volume",
+                "create",
+                volume,
+                "--quota",
+                "1GiB",
+                "--replication-factor",
+                "1",
+                "--selector",
+                &format!("zone=z{node}"),
+            ])
+            .unwrap_or_else(|error| panic!("create volume {volume}: {error}"));
+        assert_eq!(cluster.placement(volume).expect("placement").0, vec![node]);
+    }
+    let filler_mount = cluster
+        .node_mut(full)
+        .mount_via("filler", &endpoints)
+        .expect("mount filler");
+    let mut filler_files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut refused = None;
+    for index in 0..64 {
+        let name = format!("filler-{index:02}");
+        let data = generator.bytes(FILLER_FILE_BYTES);
+        match write_fsync(&filler_mount, &name, &data) {
+            Ok(()) => {
+                filler_files.insert(name, data);
+            }
+            Err(error) => {
+                let _ = std::fs::remove_file(filler_mount.join(&name));
+                refused = Some(error);
+                break;
+            }
+        }
+    }
+    let error = refused.expect("512 MiB of filler must fill a 512 MiB device");
+    assert_eq!(
+        error.raw_os_error(),
+        Some(libc::ENOSPC),
+        "the full node's own volume must get ENOSPC: {error}"
+    );
+    eprintln!("{TEST}: {} filler files fitted", filler_files.len());
+
+    let expected: Vec<u64> = {
+        let mut expected: Vec<u64> = replicas
+            .iter()
+            .map(|&replica| if replica == full { spare } else { replica })
+            .collect();
+        expected.sort_unstable();
+        expected
+    };
+    let mut last = (Vec::new(), Vec::new());
+    let replaced = ballast_tests::wait_until(
+        "the full follower's replica replaced on the spare node",
+        Duration::from_secs(180),
+        || {
+            // Each file is up to 2 MiB: the follower's reserve (about 7 MiB) is gone after a
+            // few. At most 90 files in all.
+            write_files(&mountpoint, &mut generator, &mut acknowledged, 1);
+            std::thread::sleep(Duration::from_secs(2));
+            let Ok((mut now, moving)) = cluster.placement("data") else {
+                return false;
+            };
+            now.sort_unstable();
+            last = (now, moving);
+            last.0 == expected && last.1.is_empty()
+        },
+    );
+    if let Err(error) = replaced {
+        panic!(
+            "{error}; last placement {last:?}, expected {expected:?}\n{}",
+            cluster.log_tails()
+        );
+    }
+    let full_log = cluster.nodes[full as usize - 1].log_contents();
+    assert!(
+        full_log.contains("device full"),
+        "the follower never found its device full; the test saw too little"
+    );
+    assert!(
+        full_log.contains("reporting it for replacement"),
+        "the full follower never reported its replica"
+    );
+    cluster
+        .wait_converged_on("data", &expected, Duration::from_secs(60))
+        .expect("the new replica set converges");
+    write_files(&mountpoint, &mut generator, &mut acknowledged, 1);
+    let (lost, wrong) = verify(&mountpoint, &acknowledged);
+    let (filler_lost, filler_wrong) = verify(&filler_mount, &filler_files);
+    eprintln!(
+        "{TEST}: data: {} files acknowledged, {lost} lost, {wrong} wrong; filler: {} files, \
+         {filler_lost} lost, {filler_wrong} wrong",
+        acknowledged.len(),
+        filler_files.len()
+    );
+    assert_eq!((lost, wrong, filler_lost, filler_wrong), (0, 0, 0, 0));
+    // The replica's blocks go back to the full node once it drops the replica (its reconcile
+    // loop does, soon after the move): its own volume then takes a file again.
+    let data = generator.bytes(FILLER_FILE_BYTES);
+    ballast_tests::wait_until(
+        "the full node has room again once the replica moved away",
+        Duration::from_secs(60),
+        || write_fsync(&filler_mount, "after-replacement", &data).is_ok(),
+    )
+    .expect("room again");
+    assert!(read_uncached(&filler_mount.join("after-replacement")).unwrap() == data);
+}
+
 fn write_fsync(directory: &Path, name: &str, data: &[u8]) -> std::io::Result<()> {
     let mut file = File::create(directory.join(name))?;
     file.write_all(data)?;

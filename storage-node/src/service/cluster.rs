@@ -158,13 +158,15 @@ impl RaftTransport for RaftTransportService {
             .ok()
             .flatten()
             .is_none_or(|record| record.draining);
+        // A node short of device space would refuse the writes of a group it took over.
+        let unwilling = draining || self.node.storage().short_of_space();
         let takeover = self
             .node
             .quiescence()
             .choose_takeover(
                 request.from_node_id,
                 request.leader_count,
-                draining,
+                unwilling,
                 std::time::Instant::now(),
             )
             // A replica restarted after a fatal error does not campaign, not even to balance.

@@ -99,6 +99,9 @@ pub fn node_status(error: NodeError) -> Status {
             status
         }
         NodeError::Cluster(message) => with_errno(Code::PermissionDenied, Errno::EPERM, message),
+        error @ NodeError::DeviceFull { .. } => {
+            with_errno(Code::ResourceExhausted, Errno::ENOSPC, error.to_string())
+        }
         other => {
             tracing::error!(error = %other, "request failed inside the node");
             with_errno(Code::Internal, Errno::EIO, other.to_string())
