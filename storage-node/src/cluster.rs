@@ -35,6 +35,8 @@ use crate::{filesystem, metadata};
 pub const METADATA_VOTER_COUNT_MAX: usize = 3;
 /// How often the reconcile loop runs.
 const RECONCILE_INTERVAL_MS: u64 = 500;
+/// How often a node compares its free blocks with its cluster map record.
+const FREE_SPACE_REPORT_INTERVAL_MS: u64 = 2_000;
 /// How often, and how many times, a starting node tries to (re-)register with the cluster.
 const JOIN_RETRY_INTERVAL_MS: u64 = 1_000;
 const JOIN_ATTEMPT_COUNT_MAX: u32 = 3_600;
@@ -405,6 +407,39 @@ pub async fn join_loop(node: Arc<StorageNode>) {
         tokio::time::sleep(Duration::from_millis(JOIN_RETRY_INTERVAL_MS)).await;
     }
     tracing::error!("gave up joining the cluster after {JOIN_ATTEMPT_COUNT_MAX} attempts");
+}
+
+/// Keeps this node's free blocks in the cluster map current enough for placement and
+/// `ballast node list` (`space::worth_reporting`): a change of 1 % of the device, or across the
+/// short-of-space line, is proposed to the metadata group, checked every few seconds.
+pub async fn free_space_report_loop(node: Arc<StorageNode>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(FREE_SPACE_REPORT_INTERVAL_MS)).await;
+        let recorded = match metadata::get_node(&node.storage, node.node_id) {
+            Ok(Some(recorded)) => recorded,
+            Ok(None) => continue, // Not registered yet: the join reports the free space.
+            Err(error) => {
+                tracing::warn!(%error, "reading this node's record");
+                continue;
+            }
+        };
+        let free_blocks = node.storage.free_block_count();
+        if !crate::space::worth_reporting(
+            recorded.data_block_count,
+            recorded.data_block_free_count,
+            free_blocks,
+        ) {
+            continue;
+        }
+        let command = Command::Metadata(MetadataCommand::SetNodeFreeBlocks {
+            node_id: node.node_id,
+            data_block_free_count: free_blocks,
+        });
+        match node.propose_anywhere(METADATA_CONTAINER_ID, command).await {
+            Ok(_) => tracing::debug!(free_blocks, "free space reported"),
+            Err(error) => tracing::debug!(%error, "free space not reported; retrying"),
+        }
+    }
 }
 
 /// Makes the containers running here match the cluster map: starts replicas placed here, drops

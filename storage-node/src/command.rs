@@ -55,6 +55,12 @@ pub enum MetadataCommand {
         container_id: u64,
         node_id: u64,
     },
+    /// Records a node's free data blocks, as the node reported them (placement reads them:
+    /// `space::short_of_space`). Appended last: the log format keeps older variants' tags.
+    SetNodeFreeBlocks {
+        node_id: u64,
+        data_block_free_count: u64,
+    },
 }
 
 /// Attribute changes of a SetAttr command; `None` leaves a field alone.

@@ -156,6 +156,16 @@ pub fn apply(
                 .put(keys::node(node.node_id), encode(&node));
             Ok(CommandResponse::Done)
         }
+        MetadataCommand::SetNodeFreeBlocks {
+            node_id,
+            data_block_free_count,
+        } => {
+            let mut node = get_node(transaction.storage, node_id)?
+                .ok_or_else(|| FsError::not_found(format!("node {node_id} is not registered")))?;
+            node.data_block_free_count = data_block_free_count.min(node.data_block_count);
+            transaction.batch().put(keys::node(node_id), encode(&node));
+            Ok(CommandResponse::Done)
+        }
         MetadataCommand::SetNodeDraining { node_id, draining } => {
             let mut node = get_node(transaction.storage, node_id)?
                 .ok_or_else(|| FsError::not_found(format!("node {node_id} is not registered")))?;

@@ -253,6 +253,7 @@ impl StorageNode {
         }
         tokio::spawn(checkpoint_loop(Arc::clone(&node)));
         tokio::spawn(crate::cluster::reconcile_loop(Arc::clone(&node)));
+        tokio::spawn(crate::cluster::free_space_report_loop(Arc::clone(&node)));
         tokio::spawn(crate::mover::mover_loop(Arc::clone(&node)));
         tokio::spawn(crate::scrub::scrub_loop(Arc::clone(&node)));
         tokio::spawn(crate::quiescence::quiescence_loop(Arc::clone(&node)));

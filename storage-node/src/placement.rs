@@ -14,7 +14,8 @@
 //!    then lower node ids (a deterministic tie-break).
 //! 4. The bootstrap node is the replica that bootstraps the fewest containers, which spreads
 //!    leaders over the nodes.
-//! 5. Draining nodes get no new replicas.
+//! 5. Draining nodes, and nodes short of space by their last reported free blocks
+//!    (`space::short_of_space`), get no new replicas and are no target of a move.
 //!
 //! [`plan_move`] decides the replica mover's next step by the same rules: first replicas on down
 //! or draining nodes, and replicas their own node reported as failing, move to the best eligible
@@ -63,12 +64,12 @@ pub fn place(
     let replication_factor = replication_factor as usize;
     let mut candidates: Vec<&NodeRecord> = nodes
         .iter()
-        .filter(|node| !node.draining && matches_selector(node, selector))
+        .filter(|node| !node.draining && matches_selector(node, selector) && has_room(node))
         .collect();
     if candidates.len() < replication_factor {
         return Err(FsError::no_space(format!(
             "replication factor {replication_factor} needs {replication_factor} nodes matching \
-             selector {selector:?}; the cluster has {} ({} nodes in all)",
+             selector {selector:?} with free space; the cluster has {} ({} nodes in all)",
             candidates.len(),
             nodes.len()
         )));
@@ -199,8 +200,15 @@ fn distinct_domains<'a>(nodes: &[NodeRecord], replicas: impl Iterator<Item = &'a
 }
 
 /// Whether `node` may receive a replica of `container`.
+/// Whether `node` may take a new replica: not short of space by its last reported free blocks
+/// (`space::short_of_space`).
+fn has_room(node: &NodeRecord) -> bool {
+    !crate::space::short_of_space(node.data_block_count, node.data_block_free_count)
+}
+
 fn eligible_target(node: &NodeRecord, container: &ContainerRecord, faults: &Faults) -> bool {
     !node.draining
+        && has_room(node)
         && !faults.replica_lost(container.container_id, node.node_id)
         && !container.replicas.contains(&node.node_id)
         && !container.retiring.contains(&node.node_id)
@@ -357,7 +365,9 @@ mod tests {
                 .map(|(key, value)| (key.to_string(), value.to_string()))
                 .collect(),
             device_uuid: [node_id as u8; 16],
-            data_block_count: 1000,
+            // Small enough that no fixture counts as short of space; the test of that sets its
+            // own.
+            data_block_count: 10,
             data_block_free_count: free,
             registered_ns: 0,
             draining: false,
@@ -414,6 +424,39 @@ mod tests {
             },
             "zone c lost its replica; node 5 is the only other node in zone c"
         );
+    }
+
+    #[test]
+    fn a_node_short_of_space_gets_no_replica_and_is_no_target() {
+        // 10,000 blocks: short of space below 1,000 free.
+        let sized = |node_id: u64, free: u64| NodeRecord {
+            data_block_count: 10_000,
+            ..node(node_id, &[], free)
+        };
+        let nodes = vec![
+            sized(1, 5_000),
+            sized(2, 5_000),
+            sized(3, 5_000),
+            sized(4, 999),
+            sized(5, 1_000),
+        ];
+        // Node 4 holds nothing, so it would come first; it is short of space.
+        let placement = place(&nodes, &[container(9, &[1, 2, 3])], 1, &BTreeMap::new()).unwrap();
+        assert_eq!(placement.replicas, vec![5]);
+        let error = place(&nodes[..4], &[], 4, &BTreeMap::new()).unwrap_err();
+        assert!(error.message.contains("free space"), "{error}");
+        // Repair: node 3 is down; node 4 (emptiest, short of space) is passed over for node 5.
+        let containers = vec![container(7, &[1, 2, 3])];
+        let faults = Faults::nodes_down(BTreeSet::from([3]));
+        assert_eq!(
+            plan_move(&nodes, &containers, &faults).map(|planned| planned.to_node_id),
+            Some(5)
+        );
+        // With no other node, nothing moves (rather than onto a node that would soon fail).
+        assert_eq!(plan_move(&nodes[..4], &containers, &faults), None);
+        // Rebalance never fills a node short of space either.
+        let busy = vec![container(7, &[1, 2, 3]), container(8, &[1, 2, 3])];
+        assert_eq!(plan_move(&nodes[..4], &busy, &Faults::default()), None);
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //!   result: the container's Raft core stops, the node restarts it, and a replica that keeps
 //!   failing is replaced on another node (`failing_replicas.rs`).
 //!
-//! Owns: the size of the reserve, the admission arithmetic and the count of promised blocks.
+//! Owns: the size of the reserve, the admission arithmetic, the count of promised blocks, and
+//! when a node counts as short of space.
 //! Must not depend on: Raft or the allocator (the caller passes the free block count in).
 //! Invariants: `promised_blocks` is the sum of the live [`BlockPromise`]s; a promise is given
 //! only if, with it, `promised + reserve <= free`.
@@ -29,10 +30,34 @@ pub const RESERVE_FRACTION_DENOMINATOR: u64 = 64;
 /// writes for the containers this node follows, and more would only strand space.
 pub const RESERVE_BLOCKS_MAX: u64 = 16_384;
 
+/// Below this share of free blocks (or twice the reserve, if more) a node is *short of space*:
+/// it gets no new replicas, is no target of a replica move, and takes over no group to balance
+/// leaders (whose writes it would soon refuse). Ceph's `backfillfull_ratio` (90 %) is the same
+/// idea.
+pub const SHORT_OF_SPACE_FREE_PERCENT: u64 = 10;
+
 /// The blocks a node keeps free for the containers it follows, on a data region of
 /// `data_block_count` blocks.
 pub fn reserve_blocks(data_block_count: u64) -> u64 {
     (data_block_count / RESERVE_FRACTION_DENOMINATOR).min(RESERVE_BLOCKS_MAX)
+}
+
+/// Whether a node with `free_blocks` of `data_block_count` free is short of space (see
+/// [`SHORT_OF_SPACE_FREE_PERCENT`]).
+pub fn short_of_space(data_block_count: u64, free_blocks: u64) -> bool {
+    let floor = (data_block_count / 100 * SHORT_OF_SPACE_FREE_PERCENT)
+        .max(reserve_blocks(data_block_count).saturating_mul(2));
+    free_blocks < floor
+}
+
+/// Whether a node whose cluster map record says `recorded_free_blocks` should report that it
+/// now has `free_blocks`: a change of at least 1 % of the device, or across the short-of-space
+/// line. Bounds the reports to about a hundred per fill of the device.
+pub fn worth_reporting(data_block_count: u64, recorded_free_blocks: u64, free_blocks: u64) -> bool {
+    let step = (data_block_count / 100).max(1);
+    recorded_free_blocks.abs_diff(free_blocks) >= step
+        || short_of_space(data_block_count, recorded_free_blocks)
+            != short_of_space(data_block_count, free_blocks)
 }
 
 /// Why a command was not admitted: the numbers the decision was taken on.
@@ -137,6 +162,32 @@ mod tests {
         assert_eq!(reserve_blocks(0), 0);
         assert_eq!(reserve_blocks(64 * 1000), 1000);
         assert_eq!(reserve_blocks(u64::MAX), RESERVE_BLOCKS_MAX);
+    }
+
+    #[test]
+    fn short_of_space_is_under_a_tenth_free_or_twice_the_reserve() {
+        assert!(!short_of_space(0, 0), "an empty device is not short");
+        assert!(short_of_space(100_000, 9_999));
+        assert!(!short_of_space(100_000, 10_000));
+        // On a small device twice the reserve is more than a tenth? Never: 2/64 < 10/100. On a
+        // huge one the reserve is capped, so the tenth decides.
+        assert!(short_of_space(1 << 40, (1 << 40) / 10 - 1_000_000));
+    }
+
+    #[test]
+    fn free_space_is_reported_by_the_percent_and_across_the_line() {
+        assert!(!worth_reporting(100_000, 50_000, 49_001));
+        assert!(worth_reporting(100_000, 50_000, 49_000));
+        assert!(worth_reporting(100_000, 50_000, 51_000));
+        // 10,000 is the line: a small step across it is reported.
+        assert!(worth_reporting(100_000, 10_100, 9_900));
+        assert!(worth_reporting(100_000, 9_900, 10_100));
+        assert!(!worth_reporting(100_000, 9_900, 9_500));
+        assert!(
+            !worth_reporting(50, 7, 7),
+            "tiny devices report changes of one block"
+        );
+        assert!(worth_reporting(50, 7, 6));
     }
 
     #[test]

@@ -184,10 +184,11 @@ impl NodeStorage {
         self.lock_blocks().allocator.deferred_block_count()
     }
 
-    /// Whether fewer than twice the reserve's blocks are free (`space.rs`): such a node should
-    /// not take on leading more groups, whose writes it would soon refuse.
+    /// Whether this node is short of space (`space::short_of_space`): it should not take on
+    /// leading more groups, whose writes it would soon refuse.
     pub fn short_of_space(&self) -> bool {
-        self.free_block_count() < self.reserve_blocks.saturating_mul(2)
+        let allocator = &self.lock_blocks().allocator;
+        crate::space::short_of_space(allocator.block_count(), allocator.free_block_count())
     }
 
     /// Admits a command that may allocate `needed_blocks` on this node's device (`space.rs`):

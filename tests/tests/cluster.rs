@@ -474,6 +474,22 @@ fn a_follower_whose_device_fills_up_is_replaced_and_no_replica_differs() {
         "the full node's own volume must get ENOSPC: {error}"
     );
     eprintln!("{TEST}: {} filler files fitted", filler_files.len());
+    // The cluster map learns the full node's free space: `node list` answered by another node
+    // shows the recorded value (a node shows its own live). Placement passes the node over.
+    let mut listing = String::new();
+    let reported = ballast_tests::wait_until(
+        "the full node's free space in the cluster map",
+        Duration::from_secs(30),
+        || {
+            listing = cluster.nodes[leader as usize - 1]
+                .cli(&["node", "list"])
+                .unwrap_or_default();
+            listed_free_share(&listing, full).is_some_and(|share| share < 0.1)
+        },
+    );
+    if let Err(error) = reported {
+        panic!("{error}; last listing:\n{listing}");
+    }
 
     let expected: Vec<u64> = {
         let mut expected: Vec<u64> = replicas
@@ -538,6 +554,24 @@ fn a_follower_whose_device_fills_up_is_replaced_and_no_replica_differs() {
     )
     .expect("room again");
     assert!(read_uncached(&filler_mount.join("after-replacement")).unwrap() == data);
+}
+
+/// The share of its capacity node `node_id` has free, by a `ballast node list` table (sizes
+/// such as `7.5 MiB` are two fields).
+fn listed_free_share(listing: &str, node_id: u64) -> Option<f64> {
+    let row = listing
+        .lines()
+        .find(|line| line.split_whitespace().next() == Some(&node_id.to_string()))?;
+    let fields: Vec<&str> = row.split_whitespace().collect();
+    let size = |value: &str, unit: &str| -> Option<f64> {
+        let power = ["B", "KiB", "MiB", "GiB", "TiB"]
+            .iter()
+            .position(|known| *known == unit)?;
+        Some(value.parse::<f64>().ok()? * 1024f64.powi(power as i32))
+    };
+    let capacity = size(fields.get(4)?, fields.get(5)?)?;
+    let free = size(fields.get(6)?, fields.get(7)?)?;
+    Some(free / capacity)
 }
 
 fn write_fsync(directory: &Path, name: &str, data: &[u8]) -> std::io::Result<()> {
