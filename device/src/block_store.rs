@@ -100,6 +100,23 @@ impl BlockStore {
             .await
     }
 
+    /// Reads `block_count` blocks from `first_block` into `buffer`, from block
+    /// `buffer_first_block` of the buffer on (the rest of it untouched), and gives it back.
+    pub async fn read_blocks_into(
+        &self,
+        first_block: u64,
+        block_count: u32,
+        buffer: AlignedBuffer,
+        buffer_first_block: usize,
+    ) -> Result<AlignedBuffer, DeviceError> {
+        let offset_bytes = self.offset_bytes(first_block, block_count as u64)?;
+        let start = buffer_first_block * BLOCK_SIZE_BYTES;
+        let window = start..start + block_count as usize * BLOCK_SIZE_BYTES;
+        self.engine
+            .read_into_window(offset_bytes, buffer, window)
+            .await
+    }
+
     /// Makes every completed block write durable.
     pub async fn flush(&self) -> Result<(), DeviceError> {
         self.engine.flush().await

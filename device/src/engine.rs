@@ -188,6 +188,8 @@ struct Request {
     offset_bytes: u64,
     /// `None` for flushes.
     buffer: Option<AlignedBuffer>,
+    /// The part of `buffer` transferred (block-aligned; all of it but for a windowed read).
+    window: std::ops::Range<usize>,
     reply: Reply,
 }
 
@@ -350,12 +352,44 @@ impl Engine {
         length_bytes: usize,
     ) -> Result<AlignedBuffer, DeviceError> {
         self.check_range(offset_bytes, length_bytes)?;
+        self.read_into(offset_bytes, AlignedBuffer::new_zeroed(length_bytes))
+            .await
+    }
+
+    /// Reads `buffer.len()` bytes at `offset_bytes` into `buffer` (a reused one: every byte is
+    /// overwritten, or the read fails) and gives it back.
+    pub async fn read_into(
+        &self,
+        offset_bytes: u64,
+        buffer: AlignedBuffer,
+    ) -> Result<AlignedBuffer, DeviceError> {
+        let window = 0..buffer.len();
+        self.read_into_window(offset_bytes, buffer, window).await
+    }
+
+    /// Reads `window.len()` bytes at `offset_bytes` into `buffer[window]` (both ends multiples
+    /// of 4096; the rest of the buffer is untouched) and gives the buffer back: one answer
+    /// assembled from several device runs without a copy.
+    pub async fn read_into_window(
+        &self,
+        offset_bytes: u64,
+        buffer: AlignedBuffer,
+        window: std::ops::Range<usize>,
+    ) -> Result<AlignedBuffer, DeviceError> {
+        assert!(
+            window.start < window.end
+                && window.end <= buffer.len()
+                && window.start % BLOCK_SIZE_BYTES == 0,
+            "window {window:?} of a {}-byte buffer",
+            buffer.len()
+        );
+        self.check_range(offset_bytes, window.len())?;
         let (reply, answer) = oneshot::channel();
-        let buffer = AlignedBuffer::new_zeroed(length_bytes);
         self.enqueue(Request {
             kind: OperationKind::Read,
             offset_bytes,
             buffer: Some(buffer),
+            window,
             reply: Reply::Buffer(reply),
         })
         .await?;
@@ -389,6 +423,7 @@ impl Engine {
             kind: OperationKind::Flush,
             offset_bytes: 0,
             buffer: None,
+            window: 0..0,
             reply: Reply::Unit(reply),
         })
         .await?;
@@ -403,10 +438,12 @@ impl Engine {
     ) -> Result<AlignedBuffer, DeviceError> {
         self.check_range(offset_bytes, buffer.len())?;
         let (reply, answer) = oneshot::channel();
+        let window = 0..buffer.len();
         self.enqueue(Request {
             kind,
             offset_bytes,
             buffer: Some(buffer),
+            window,
             reply: Reply::Buffer(reply),
         })
         .await?;
@@ -719,17 +756,24 @@ impl Worker {
                         .flags(types::FsyncFlags::DATASYNC)
                         .build(),
                     kind => {
+                        let window = operation.request.window.clone();
                         let buffer = operation
                             .request
                             .buffer
                             .as_mut()
                             .expect("transfers carry a buffer");
-                        let remaining_bytes = buffer.len() - operation.done_bytes;
+                        assert!(window.end <= buffer.len());
+                        let remaining_bytes = window.len() - operation.done_bytes;
                         debug_assert!(remaining_bytes > 0);
                         let piece_bytes = remaining_bytes.min(TRANSFER_PIECE_BYTES_MAX) as u32;
-                        // SAFETY: `done_bytes < buffer.len()`, so the pointer stays inside the
-                        // buffer.
-                        let pointer = unsafe { buffer.as_mut_pointer().add(operation.done_bytes) };
+                        // SAFETY: `window.start + done_bytes < window.end <= buffer.len()`
+                        // (asserted above and by the progress check), so the pointer stays
+                        // inside the buffer.
+                        let pointer = unsafe {
+                            buffer
+                                .as_mut_pointer()
+                                .add(window.start + operation.done_bytes)
+                        };
                         match kind {
                             OperationKind::Read => opcode::Read::new($fd, pointer, piece_bytes)
                                 .offset(offset_bytes)
@@ -802,11 +846,7 @@ impl Worker {
             )))
         } else {
             operation.done_bytes += result as usize;
-            let total_bytes = operation
-                .request
-                .buffer
-                .as_ref()
-                .map_or(0, |buffer| buffer.len());
+            let total_bytes = operation.request.window.len();
             debug_assert!(operation.done_bytes <= total_bytes);
             if operation.done_bytes < total_bytes {
                 None
@@ -893,6 +933,30 @@ mod tests {
         let file = tempfile::NamedTempFile::new().expect("temporary file");
         file.as_file().set_len(size_bytes).expect("size the file");
         file
+    }
+
+    #[tokio::test]
+    async fn a_windowed_read_fills_its_window_and_nothing_else() {
+        let file = scratch_file(1 << 20);
+        let engine = Engine::open(file.path(), EngineOptions::default()).unwrap();
+        let data: Vec<u8> = (0..3 * BLOCK_SIZE_BYTES)
+            .map(|index| (index % 253) as u8)
+            .collect();
+        engine
+            .write(8192, AlignedBuffer::from_slice_padded(&data))
+            .await
+            .unwrap();
+        let mut buffer = AlignedBuffer::new_zeroed(5 * BLOCK_SIZE_BYTES);
+        buffer.fill(0xee);
+        let window = BLOCK_SIZE_BYTES..4 * BLOCK_SIZE_BYTES;
+        let buffer = engine
+            .read_into_window(8192, buffer, window.clone())
+            .await
+            .unwrap();
+        assert_eq!(&buffer[window.clone()], &data[..]);
+        assert!(buffer[..window.start].iter().all(|&byte| byte == 0xee));
+        assert!(buffer[window.end..].iter().all(|&byte| byte == 0xee));
+        assert_eq!(engine.statistics().bytes_read, 3 * BLOCK_SIZE_BYTES as u64);
     }
 
     #[tokio::test]

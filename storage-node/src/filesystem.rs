@@ -1208,38 +1208,13 @@ pub async fn read(
     let first = offset_bytes / BLOCK_SIZE;
     let last = (end - 1) / BLOCK_SIZE;
     let references = block_references_in(storage, container_id, inode_number, first, last)?;
-    // Zeroed: holes stay zero.
-    let mut buffer = vec![0u8; ((last - first + 1) * BLOCK_SIZE) as usize];
-    // Read runs of consecutive file blocks together.
-    let mut index = 0;
-    while index < references.len() {
-        let mut run = 1;
-        while index + run < references.len()
-            && references[index + run].0 == references[index].0 + run as u64
-        {
-            run += 1;
-        }
-        let run_references: Vec<BlockRef> = references[index..index + run]
-            .iter()
-            .map(|(_, r)| *r)
-            .collect();
-        let context = format!(
-            "container {container_id} inode {inode_number} block {}",
-            references[index].0
-        );
-        let position = ((references[index].0 - first) * BLOCK_SIZE) as usize;
-        storage
-            .read_verified_into(
-                &run_references,
-                &mut buffer[position..position + run * BLOCK_SIZE_BYTES],
-                &context,
-            )
-            .await?;
-        index += run;
-    }
+    let context = format!("container {container_id} inode {inode_number} blocks {first}..={last}");
+    let blocks = storage
+        .read_file_blocks(&references, first, last, &context)
+        .await?;
     let start_in_buffer = (offset_bytes - first * BLOCK_SIZE) as usize;
     let length = (end - offset_bytes) as usize;
-    Ok(bytes::Bytes::from(buffer).slice(start_in_buffer..start_in_buffer + length))
+    Ok(blocks.slice(start_in_buffer..start_in_buffer + length))
 }
 
 /// The container's state header (quota, usage, inode counts).

@@ -335,45 +335,14 @@ fn a_replica_that_keeps_failing_is_replaced_on_another_node() {
         &mut generator,
         &mut acknowledged,
     );
-    let expected: Vec<u64> = {
-        let mut expected: Vec<u64> = replicas
-            .iter()
-            .map(|&replica| if replica == follower { spare } else { replica })
-            .collect();
-        expected.sort_unstable();
-        expected
-    };
-    let mut last = (Vec::new(), Vec::new());
-    let replaced = ballast_tests::wait_until(
-        "the failing replica replaced on the spare node",
-        Duration::from_secs(180),
-        || {
-            // Writes go on meanwhile (one file per poll, at most 90 in all); the failing
-            // follower keeps being sent snapshots.
-            write_files(&mountpoint, &mut generator, &mut acknowledged, 1);
-            std::thread::sleep(Duration::from_secs(2));
-            let Ok((mut now, moving)) = cluster.placement("data") else {
-                return false;
-            };
-            now.sort_unstable();
-            last = (now, moving);
-            last.0 == expected && last.1.is_empty()
-        },
+    // The failing follower keeps being sent snapshots meanwhile.
+    wait_replaced_while_writing(
+        &cluster,
+        &mountpoint,
+        &mut generator,
+        &mut acknowledged,
+        (&replicas, follower, spare),
     );
-    if let Err(error) = replaced {
-        panic!(
-            "{error}; last placement {last:?}, expected {expected:?}\n{}",
-            cluster.log_tails()
-        );
-    }
-    let follower_log = cluster.nodes[follower as usize - 1].log_contents();
-    assert!(
-        follower_log.contains("reporting it for replacement"),
-        "the follower never reported its replica"
-    );
-    cluster
-        .wait_converged_on("data", &expected, Duration::from_secs(60))
-        .expect("the new replica set converges");
     write_files(&mountpoint, &mut generator, &mut acknowledged, 1);
     let (lost, wrong) = verify(&mountpoint, &acknowledged);
     eprintln!(
@@ -491,49 +460,20 @@ fn a_follower_whose_device_fills_up_is_replaced_and_no_replica_differs() {
         panic!("{error}; last listing:\n{listing}");
     }
 
-    let expected: Vec<u64> = {
-        let mut expected: Vec<u64> = replicas
-            .iter()
-            .map(|&replica| if replica == full { spare } else { replica })
-            .collect();
-        expected.sort_unstable();
-        expected
-    };
-    let mut last = (Vec::new(), Vec::new());
-    let replaced = ballast_tests::wait_until(
-        "the full follower's replica replaced on the spare node",
-        Duration::from_secs(180),
-        || {
-            // Each file is up to 2 MiB: the follower's reserve (about 7 MiB) is gone after a
-            // few. At most 90 files in all.
-            write_files(&mountpoint, &mut generator, &mut acknowledged, 1);
-            std::thread::sleep(Duration::from_secs(2));
-            let Ok((mut now, moving)) = cluster.placement("data") else {
-                return false;
-            };
-            now.sort_unstable();
-            last = (now, moving);
-            last.0 == expected && last.1.is_empty()
-        },
+    // Each file is up to 2 MiB: the follower's reserve (about 7 MiB) is gone after a few.
+    wait_replaced_while_writing(
+        &cluster,
+        &mountpoint,
+        &mut generator,
+        &mut acknowledged,
+        (&replicas, full, spare),
     );
-    if let Err(error) = replaced {
-        panic!(
-            "{error}; last placement {last:?}, expected {expected:?}\n{}",
-            cluster.log_tails()
-        );
-    }
-    let full_log = cluster.nodes[full as usize - 1].log_contents();
     assert!(
-        full_log.contains("device full"),
+        cluster.nodes[full as usize - 1]
+            .log_contents()
+            .contains("device full"),
         "the follower never found its device full; the test saw too little"
     );
-    assert!(
-        full_log.contains("reporting it for replacement"),
-        "the full follower never reported its replica"
-    );
-    cluster
-        .wait_converged_on("data", &expected, Duration::from_secs(60))
-        .expect("the new replica set converges");
     write_files(&mountpoint, &mut generator, &mut acknowledged, 1);
     let (lost, wrong) = verify(&mountpoint, &acknowledged);
     let (filler_lost, filler_wrong) = verify(&filler_mount, &filler_files);
@@ -554,6 +494,53 @@ fn a_follower_whose_device_fills_up_is_replaced_and_no_replica_differs() {
     )
     .expect("room again");
     assert!(read_uncached(&filler_mount.join("after-replacement")).unwrap() == data);
+}
+
+/// Keeps writing one file every 2 s (at most 90) until the placement of "data" is `replicas`
+/// with `replaced` swapped for `spare` and no move in flight; then checks that `replaced`'s
+/// node reported its replica and that the new replica set converges.
+fn wait_replaced_while_writing(
+    cluster: &TestCluster,
+    mountpoint: &Path,
+    generator: &mut Generator,
+    acknowledged: &mut BTreeMap<String, Vec<u8>>,
+    (replicas, replaced, spare): (&[u64], u64, u64),
+) {
+    let mut expected: Vec<u64> = replicas
+        .iter()
+        .map(|&replica| if replica == replaced { spare } else { replica })
+        .collect();
+    expected.sort_unstable();
+    let mut last = (Vec::new(), Vec::new());
+    let done = ballast_tests::wait_until(
+        "the failing replica replaced on the spare node",
+        Duration::from_secs(180),
+        || {
+            write_files(mountpoint, generator, acknowledged, 1);
+            std::thread::sleep(Duration::from_secs(2));
+            let Ok((mut now, moving)) = cluster.placement("data") else {
+                return false;
+            };
+            now.sort_unstable();
+            last = (now, moving);
+            last.0 == expected && last.1.is_empty()
+        },
+    );
+    if let Err(error) = done {
+        panic!(
+            "{error}; last placement {last:?}, expected {expected:?}\n{}",
+            cluster.log_tails()
+        );
+    }
+    assert!(
+        cluster.nodes[replaced as usize - 1]
+            .log_contents()
+            .contains("reporting it for replacement"),
+        "node {replaced} never reported its replica"
+    );
+    cluster
+        .wait_converged_on("data", &expected, Duration::from_secs(60))
+        .expect("the new replica set converges");
 }
 
 /// The share of its capacity node `node_id` has free, by a `ballast node list` table (sizes

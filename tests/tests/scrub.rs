@@ -255,7 +255,11 @@ fn a_corrupt_replica_is_repaired_from_a_healthy_one() {
             .wait_caught_up("scrubbed", Duration::from_secs(60))
             .expect("caught up");
     }
-    assert!(led, "node {follower} never became the leader in 24 rounds");
+    assert!(
+        led,
+        "node {follower} never became the leader in 24 rounds\n{}",
+        cluster.log_tails()
+    );
     assert!(read_uncached(&mountpoint.join("victim")).unwrap() == victim);
     assert!(read_uncached(&mountpoint.join("bystander")).unwrap() == bystander);
 }
