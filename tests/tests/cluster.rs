@@ -314,18 +314,7 @@ fn a_replica_that_keeps_failing_is_replaced_on_another_node() {
     const TEST: &str = "a_replica_that_keeps_failing_is_replaced_on_another_node";
     let mut generator = Generator(seed(TEST));
     let mut cluster = start_purging_often(4);
-    cluster
-        .create_replicated_volume("data", "1GiB", 3)
-        .expect("create volume");
-    let (replicas, _) = cluster.placement("data").expect("placement");
-    let leader = cluster.leader_of("data").expect("leader");
-    let follower = *replicas
-        .iter()
-        .find(|&&replica| replica != leader)
-        .expect("a follower");
-    let spare = (1..=4u64)
-        .find(|node| !replicas.contains(node))
-        .expect("a node without a replica");
+    let (replicas, leader, follower, spare) = create_data_on_three_of_four(&cluster);
     eprintln!("{TEST}: replicas {replicas:?}, leader {leader}, failing {follower}, spare {spare}");
     let mut acknowledged = BTreeMap::new();
     let mountpoint = restart_with_failing_installs(
@@ -372,18 +361,7 @@ fn a_follower_whose_device_fills_up_is_replaced_and_no_replica_differs() {
     const FILLER_FILE_BYTES: usize = 8 << 20;
     let mut generator = Generator(seed(TEST));
     let mut cluster = TestCluster::start(4, 512 << 20, &[]).expect("cluster");
-    cluster
-        .create_replicated_volume("data", "1GiB", 3)
-        .expect("create volume");
-    let (replicas, _) = cluster.placement("data").expect("placement");
-    let leader = cluster.leader_of("data").expect("leader");
-    let full = *replicas
-        .iter()
-        .find(|&&replica| replica != leader)
-        .expect("a follower");
-    let spare = (1..=4u64)
-        .find(|node| !replicas.contains(node))
-        .expect("a node without a replica");
+    let (replicas, leader, full, spare) = create_data_on_three_of_four(&cluster);
     eprintln!("{TEST}: replicas {replicas:?}, leader {leader}, filling {full}, spare {spare}");
     let endpoints = cluster.endpoints();
     let mountpoint = cluster
@@ -494,6 +472,24 @@ fn a_follower_whose_device_fills_up_is_replaced_and_no_replica_differs() {
     )
     .expect("room again");
     assert!(read_uncached(&filler_mount.join("after-replacement")).unwrap() == data);
+}
+
+/// Creates the rf=3 volume "data" on a 4-node cluster: its replicas, its leader, one follower
+/// and the node without a replica.
+fn create_data_on_three_of_four(cluster: &TestCluster) -> (Vec<u64>, u64, u64, u64) {
+    cluster
+        .create_replicated_volume("data", "1GiB", 3)
+        .expect("create volume");
+    let (replicas, _) = cluster.placement("data").expect("placement");
+    let leader = cluster.leader_of("data").expect("leader");
+    let follower = *replicas
+        .iter()
+        .find(|&&replica| replica != leader)
+        .expect("a follower");
+    let spare = (1..=4u64)
+        .find(|node| !replicas.contains(node))
+        .expect("a node without a replica");
+    (replicas, leader, follower, spare)
 }
 
 /// Keeps writing one file every 2 s (at most 90) until the placement of "data" is `replicas`
