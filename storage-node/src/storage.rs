@@ -512,54 +512,18 @@ impl NodeStorage {
         references: &[BlockRef],
         context: &str,
     ) -> NodeResult<Vec<u8>> {
-        let mut output = vec![0u8; references.len() * BLOCK_SIZE_BYTES];
-        self.read_verified_into(references, &mut output, context)
+        let Some(last) = references.len().checked_sub(1) else {
+            return Ok(Vec::new());
+        };
+        let numbered: Vec<(u64, BlockRef)> = references
+            .iter()
+            .enumerate()
+            .map(|(index, reference)| (index as u64, *reference))
+            .collect();
+        let blocks = self
+            .read_file_blocks(&numbered, 0, last as u64, context)
             .await?;
-        Ok(output)
-    }
-
-    /// As [`Self::read_verified`], into `destination`, which holds exactly one block per
-    /// reference: the read path's one copy from the device buffer to the reply. After an error
-    /// the destination's content is unspecified (callers drop it).
-    pub async fn read_verified_into(
-        &self,
-        references: &[BlockRef],
-        destination: &mut [u8],
-        context: &str,
-    ) -> NodeResult<()> {
-        assert_eq!(destination.len(), references.len() * BLOCK_SIZE_BYTES);
-        let mut index = 0;
-        while index < references.len() {
-            if references[index].is_unwritten() {
-                check_unwritten(&references[index], context)?;
-                destination[index * BLOCK_SIZE_BYTES..(index + 1) * BLOCK_SIZE_BYTES].fill(0);
-                index += 1;
-                continue;
-            }
-            let first = references[index].device_block;
-            let mut run = 1;
-            while index + run < references.len()
-                && (run as u64) < BLOCKS_PER_REQUEST_MAX
-                && references[index + run].device_block == first + run as u64
-            {
-                run += 1;
-            }
-            self.pending_writes.wait_for(first, run as u64).await;
-            let buffer = self
-                .block_store
-                .read_blocks(first, run as u32)
-                .await
-                .map_err(|source| {
-                    NodeError::device(format!("read blocks for {context}"), source)
-                })?;
-            // Every block is verified before any byte of the run is copied out.
-            self.verify_blocks(&references[index..index + run], &buffer, context)?;
-            let run_bytes = run * BLOCK_SIZE_BYTES;
-            destination[index * BLOCK_SIZE_BYTES..index * BLOCK_SIZE_BYTES + run_bytes]
-                .copy_from_slice(&buffer[..run_bytes]);
-            index += run;
-        }
-        Ok(())
+        Ok(blocks.to_vec())
     }
 
     /// The verified bytes of file blocks `first..=last`, whose block references are
