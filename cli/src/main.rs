@@ -120,6 +120,14 @@ enum VolumeCommand {
         #[arg(long, value_parser = parse_size_bytes)]
         quota: u64,
     },
+    /// Make the node (the first one of --node) lead the volume's replicated group: it takes
+    /// over once the group is idle. Leader balancing may move the leadership again later.
+    Lead {
+        name: String,
+        /// Give up when the group has not gone quiet within this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout_seconds: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -141,6 +149,10 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(arguments: Arguments) -> anyhow::Result<()> {
     match arguments.command {
+        Command::Volume(VolumeCommand::Lead {
+            name,
+            timeout_seconds,
+        }) => lead_volume(&arguments.node, &name, timeout_seconds).await,
         Command::Volume(command) => volume(&connect(&arguments.node).await?, command).await,
         Command::Status => status(&connect(&arguments.node).await?).await,
         Command::Node(command) => node(&connect(&arguments.node).await?, command).await,
@@ -174,6 +186,29 @@ async fn scrub(node: &str, rate_bytes_per_second: u64, timeout_seconds: u64) -> 
             pass.unrepairable_block_count
         );
     }
+    Ok(())
+}
+
+async fn lead_volume(node: &str, name: &str, timeout_seconds: u64) -> anyhow::Result<()> {
+    // Only the first address: the node asked is the node that must lead.
+    let endpoint = node.split(',').next().unwrap_or(node).trim();
+    let timeout_ms = timeout_seconds.saturating_mul(1000).max(1000);
+    let options = ClientOptions {
+        // The node's own wait ends first, so its refusal (not a client timeout) is reported.
+        request_timeout_ms: timeout_ms.saturating_add(10_000),
+        ..ClientOptions::default()
+    };
+    let client = BallastClient::connect_with_options(endpoint, options)
+        .await
+        .with_context(|| format!("connecting to the storage node at {endpoint}"))?;
+    let handover = client
+        .lead_volume(name, timeout_ms)
+        .await
+        .with_context(|| format!("making {endpoint} lead volume {name:?}"))?;
+    println!(
+        "{endpoint} leads volume {name} (waited {} ms, {} election(s))",
+        handover.waited_ms, handover.election_count
+    );
     Ok(())
 }
 
@@ -307,6 +342,7 @@ async fn volume(client: &BallastClient, command: VolumeCommand) -> anyhow::Resul
                 format_size(volume.quota_bytes)
             );
         }
+        VolumeCommand::Lead { .. } => unreachable!("handled in run: it needs one endpoint"),
     }
     Ok(())
 }

@@ -274,6 +274,7 @@ routed_cluster_wide!(
     ListNodesRequest,
     DrainNodeRequest,
     ScrubRequest,
+    LeadVolumeRequest,
 );
 
 impl BallastClient {
@@ -684,6 +685,29 @@ impl BallastClient {
         )
         .await
         .map(|_| ())
+    }
+
+    /// Makes the answering node (give one node's address) lead the volume's replicated group;
+    /// it takes over once the group is quiet, waiting at most `timeout_ms` (0: the node's
+    /// default). Idempotent: a node that leads already answers at once.
+    pub async fn lead_volume(
+        &self,
+        name: &str,
+        timeout_ms: u64,
+    ) -> Result<proto::LeadVolumeResponse, ClientError> {
+        self.call(
+            "LeadVolume",
+            Idempotency::Idempotent,
+            proto::LeadVolumeRequest {
+                name: name.to_owned(),
+                timeout_ms,
+            },
+            |channel, request| {
+                let mut client = admin_client(channel);
+                async move { client.lead_volume(request).await }
+            },
+        )
+        .await
     }
 
     /// Runs a scrub pass on the answering node (the first endpoint that answers: give one

@@ -14,6 +14,7 @@ impl Errno {
     pub const EIO: Errno = Errno(5);
     pub const EBADF: Errno = Errno(9);
     pub const EACCES: Errno = Errno(13);
+    pub const EBUSY: Errno = Errno(16);
     pub const EEXIST: Errno = Errno(17);
     pub const EXDEV: Errno = Errno(18);
     pub const ENOTDIR: Errno = Errno(20);
@@ -38,6 +39,7 @@ impl Errno {
             5 => "EIO",
             9 => "EBADF",
             13 => "EACCES",
+            16 => "EBUSY",
             17 => "EEXIST",
             18 => "EXDEV",
             20 => "ENOTDIR",

@@ -86,6 +86,9 @@ pub enum NodeError {
         requested_blocks: u64,
         free_blocks: u64,
     },
+    /// This node was asked to lead a group and cannot (`handover.rs`); nothing changed.
+    #[error("container {container_id}: this node cannot take over its leadership: {reason}")]
+    HandoverRefused { container_id: u64, reason: String },
     #[error("container {container_id} is not served by this node")]
     UnknownContainer { container_id: u64 },
     /// This node does not lead the container; nothing was applied. `leader_address` is where to

@@ -23,6 +23,7 @@ pub mod election_hold;
 pub mod error;
 pub mod failing_replicas;
 pub mod filesystem;
+pub mod handover;
 pub mod keys;
 pub mod log_storage;
 pub mod metadata;

@@ -33,7 +33,11 @@
 //! with equal logs (the follower acknowledged exactly the leader's log) the follower wins in one
 //! round. Each takeover lowers the sum of squared leader counts, so leaders spread out after
 //! failovers and node restarts without a coordinator. openraft 0.9 has no leadership transfer;
-//! this needs none. A draining node never takes over.
+//! this needs none. A draining node never takes over, and neither does a node short of device
+//! space. A sender short of space (it says so in its heartbeat) is taken over from whatever the
+//! counts: its admission refuses the writes of the groups it leads (`space.rs`) while its
+//! followers may have room. The same quiet-group takeover serves an operator's `ballast volume
+//! lead` ([`Quiescence::quiet_for`], `handover.rs`).
 //!
 //! Safety: quiescence only switches openraft's timers. It never touches votes, logs or commits,
 //! so Raft's safety does not depend on it; a wrong decision costs at most an election, or a
@@ -164,6 +168,17 @@ struct Following {
     unlisted_since: Option<Instant>,
 }
 
+impl Following {
+    /// How long the group has been quiet here; `None` once its leader stopped listing it (it
+    /// woke up).
+    fn quiet_for(&self, now: Instant) -> Option<Duration> {
+        match self.unlisted_since {
+            Some(_) => None,
+            None => Some(now.saturating_duration_since(self.paused_at)),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct QuiescenceState {
     leading: HashMap<u64, Leading>,
@@ -192,6 +207,11 @@ impl Quiescence {
 
     fn state(&self) -> std::sync::MutexGuard<'_, QuiescenceState> {
         self.state.lock().expect("quiescence lock")
+    }
+
+    /// Whether groups quiesce at all (`idle_ms` > 0).
+    pub fn is_enabled(&self) -> bool {
+        self.config.idle_ms > 0
     }
 
     /// Filesystem groups this node led at the last tick (what node heartbeats announce).
@@ -442,6 +462,7 @@ impl Quiescence {
         &self,
         from: NodeId,
         sender_leader_count: u64,
+        sender_short_of_space: bool,
         unwilling: bool,
         now: Instant,
     ) -> Option<u64> {
@@ -450,7 +471,8 @@ impl Quiescence {
         }
         let mut state = self.state();
         let own_leader_count = state.leading.len() as u64;
-        if sender_leader_count < own_leader_count + LEADER_IMBALANCE_MIN {
+        let imbalanced = sender_leader_count >= own_leader_count + LEADER_IMBALANCE_MIN;
+        if !imbalanced && !sender_short_of_space {
             return None;
         }
         if state.last_takeover_at.is_some_and(|at| {
@@ -463,14 +485,23 @@ impl Quiescence {
             .iter()
             .filter(|(_, following)| {
                 following.leader == from
-                    && following.unlisted_since.is_none()
-                    && now.saturating_duration_since(following.paused_at)
-                        >= Duration::from_millis(TAKEOVER_QUIET_MS)
+                    && following
+                        .quiet_for(now)
+                        .is_some_and(|quiet| quiet >= Duration::from_millis(TAKEOVER_QUIET_MS))
             })
             .map(|(container_id, _)| *container_id)
             .min()?;
         state.last_takeover_at = Some(now);
         Some(chosen)
+    }
+
+    /// The leader of a group this replica follows quietly, and for how long it has been quiet
+    /// here; `None` unless the replica is paused under a leader that still lists the group. A
+    /// group quiet for [`TAKEOVER_QUIET_MS`] is taken over in one election round (module doc).
+    pub fn quiet_for(&self, container_id: u64, now: Instant) -> Option<(NodeId, Duration)> {
+        let state = self.state();
+        let following = state.following.get(&container_id)?;
+        Some((following.leader, following.quiet_for(now)?))
     }
 
     /// An AppendEntries of the group was handled here: its leader is active, so a paused
@@ -593,6 +624,7 @@ async fn send_node_heartbeat(
         from_node_id: node.node_id(),
         groups,
         leader_count: node.quiescence().leader_count(),
+        short_of_space: node.storage().short_of_space(),
     };
     let sent = tokio::time::timeout(
         Duration::from_millis(NODE_HEARTBEAT_TIMEOUT_MS),
@@ -885,35 +917,35 @@ mod tests {
         // Quiet, but not yet long enough for every lease to have lapsed.
         follower.on_node_heartbeat(LEADER, &groups, &views, at(start, 2_000));
         assert_eq!(
-            follower.choose_takeover(LEADER, 4, false, at(start, 2_000)),
+            follower.choose_takeover(LEADER, 4, false, false, at(start, 2_000)),
             None
         );
         follower.on_node_heartbeat(LEADER, &groups, &views, at(start, 2_500));
         // Balanced enough, or draining: nothing.
         assert_eq!(
-            follower.choose_takeover(LEADER, 1, false, at(start, 2_500)),
+            follower.choose_takeover(LEADER, 1, false, false, at(start, 2_500)),
             None
         );
         assert_eq!(
-            follower.choose_takeover(LEADER, 4, true, at(start, 2_500)),
+            follower.choose_takeover(LEADER, 4, false, true, at(start, 2_500)),
             None
         );
         assert_eq!(
-            follower.choose_takeover(LEADER, 4, false, at(start, 2_500)),
+            follower.choose_takeover(LEADER, 4, false, false, at(start, 2_500)),
             Some(5)
         );
         // One at a time.
         assert_eq!(
-            follower.choose_takeover(LEADER, 4, false, at(start, 3_000)),
+            follower.choose_takeover(LEADER, 4, false, false, at(start, 3_000)),
             None
         );
         assert_eq!(
-            follower.choose_takeover(LEADER, 3, false, at(start, 5_500)),
+            follower.choose_takeover(LEADER, 3, false, false, at(start, 5_500)),
             Some(5)
         );
         // Another sender's groups are not taken on this sender's account.
         assert_eq!(
-            follower.choose_takeover(3, 9, false, at(start, 9_000)),
+            follower.choose_takeover(3, 9, false, false, at(start, 9_000)),
             None
         );
     }
@@ -929,8 +961,53 @@ mod tests {
         follower.on_node_heartbeat(LEADER, &[quiesced_group(5)], &views, start);
         let later = at(start, 5_000);
         follower.on_node_heartbeat(LEADER, &[quiesced_group(5)], &views, later);
-        assert_eq!(follower.choose_takeover(LEADER, 3, false, later), None);
-        assert_eq!(follower.choose_takeover(LEADER, 4, false, later), Some(5));
+        assert_eq!(
+            follower.choose_takeover(LEADER, 3, false, false, later),
+            None
+        );
+        assert_eq!(
+            follower.choose_takeover(LEADER, 4, false, false, later),
+            Some(5)
+        );
+    }
+
+    #[test]
+    fn a_leader_short_of_space_is_taken_over_from_whatever_the_counts() {
+        let start = Instant::now();
+        let follower = quiescence(2);
+        // This node leads three groups, the sender only one: no balancing takeover.
+        follower.tick(
+            &[leader_view(1, 10), leader_view(2, 10), leader_view(3, 10)],
+            in_contact,
+            start,
+        );
+        let views: HashMap<u64, GroupView> = [(5, follower_view(5, 10))].into();
+        follower.on_node_heartbeat(LEADER, &[quiesced_group(5)], &views, start);
+        assert_eq!(follower.quiet_for(5, start), Some((LEADER, Duration::ZERO)));
+        let later = at(start, 2_500);
+        follower.on_node_heartbeat(LEADER, &[quiesced_group(5)], &views, later);
+        assert_eq!(
+            follower.quiet_for(5, later),
+            Some((LEADER, Duration::from_millis(2_500)))
+        );
+        assert_eq!(
+            follower.choose_takeover(LEADER, 1, false, false, later),
+            None
+        );
+        // Not before the group has been quiet long enough, and never by an unwilling node.
+        assert_eq!(
+            follower.choose_takeover(LEADER, 1, true, false, at(start, 1_000)),
+            None
+        );
+        assert_eq!(follower.choose_takeover(LEADER, 1, true, true, later), None);
+        assert_eq!(
+            follower.choose_takeover(LEADER, 1, true, false, later),
+            Some(5)
+        );
+        // A group its leader stopped listing (it woke up) is not quiet.
+        follower.on_node_heartbeat(LEADER, &[], &views, at(start, 2_750));
+        assert_eq!(follower.quiet_for(5, at(start, 2_750)), None);
+        assert_eq!(follower.quiet_for(6, at(start, 2_750)), None);
     }
 
     #[test]

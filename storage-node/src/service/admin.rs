@@ -8,6 +8,7 @@ use ballast_proto::v1::admin_server::Admin;
 use tonic::{Request, Response, Status};
 
 use super::node_status;
+use crate::error::NodeError;
 use crate::filesystem::container_state;
 use crate::metadata;
 use crate::node::StorageNode;
@@ -15,6 +16,8 @@ use crate::records::VolumeRecord;
 
 /// Replicas of a volume that does not ask for a number.
 const DEFAULT_REPLICATION_FACTOR: u32 = 3;
+/// `LeadVolume` with no timeout waits this long for the group to go quiet.
+const LEAD_TIMEOUT_MS_DEFAULT: u64 = 60_000;
 
 #[derive(Debug, Clone)]
 pub struct AdminService {
@@ -378,6 +381,35 @@ impl Admin for AdminService {
         .map_err(node_status)?;
         Ok(Response::new(proto::ScrubResponse {
             pass: Some(report.into()),
+        }))
+    }
+
+    async fn lead_volume(
+        &self,
+        request: Request<proto::LeadVolumeRequest>,
+    ) -> Result<Response<proto::LeadVolumeResponse>, Status> {
+        let request = request.into_inner();
+        let volume = metadata::get_volume(self.node.storage(), &request.name)
+            .map_err(node_status)?
+            .ok_or_else(|| {
+                node_status(NodeError::UnknownVolume {
+                    name: request.name.clone(),
+                })
+            })?;
+        let timeout_ms = match request.timeout_ms {
+            0 => LEAD_TIMEOUT_MS_DEFAULT,
+            timeout_ms => timeout_ms,
+        };
+        let handover = crate::handover::take_leadership(
+            &self.node,
+            volume.container_id,
+            std::time::Duration::from_millis(timeout_ms),
+        )
+        .await
+        .map_err(node_status)?;
+        Ok(Response::new(proto::LeadVolumeResponse {
+            waited_ms: u64::try_from(handover.waited.as_millis()).unwrap_or(u64::MAX),
+            election_count: handover.election_count,
         }))
     }
 }

@@ -166,6 +166,7 @@ impl RaftTransport for RaftTransportService {
             .choose_takeover(
                 request.from_node_id,
                 request.leader_count,
+                request.short_of_space,
                 unwilling,
                 std::time::Instant::now(),
             )
@@ -183,6 +184,7 @@ impl RaftTransport for RaftTransportService {
                     from_node = request.from_node_id,
                     leaders_here = own,
                     leaders_there = theirs,
+                    leader_short_of_space = request.short_of_space,
                     "taking over leadership of a quiet group to balance leaders"
                 );
                 if let Err(error) = raft.trigger().elect().await {

@@ -99,6 +99,9 @@ pub fn node_status(error: NodeError) -> Status {
             status
         }
         NodeError::Cluster(message) => with_errno(Code::PermissionDenied, Errno::EPERM, message),
+        error @ NodeError::HandoverRefused { .. } => {
+            with_errno(Code::FailedPrecondition, Errno::EBUSY, error.to_string())
+        }
         error @ NodeError::DeviceFull { .. } => {
             with_errno(Code::ResourceExhausted, Errno::ENOSPC, error.to_string())
         }
