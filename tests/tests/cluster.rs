@@ -354,18 +354,58 @@ fn a_follower_whose_device_fills_up_is_replaced_and_no_replica_differs() {
     // replica, and the mover re-creates it on the fourth node; the new replica set converges
     // (same index and digest); every acknowledged file reads back, on both volumes; and the
     // full node gets its space back once the replica is gone.
+    a_device_fills_up(
+        "a_follower_whose_device_fills_up_is_replaced_and_no_replica_differs",
+        Filled::Follower,
+    );
+}
+
+#[test]
+fn a_leader_whose_device_fills_up_hands_over_and_no_write_is_lost() {
+    // As above, but the device that fills up is the leader's. A leader short of space would
+    // refuse the group's writes (its admission keeps a reserve) while its followers have room.
+    // What must hold besides: while the group is idle, a follower with room takes its
+    // leadership over (the full node's heartbeats say it is short of space, and a node with
+    // room takes over from it whatever the leader counts), so writes to "data" succeed again
+    // without an operator; the full node, now a follower, is replaced as above.
+    a_device_fills_up(
+        "a_leader_whose_device_fills_up_hands_over_and_no_write_is_lost",
+        Filled::Leader,
+    );
+}
+
+/// Which replica of "data" [`a_device_fills_up`] fills the device of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Filled {
+    Leader,
+    Follower,
+}
+
+fn a_device_fills_up(test: &str, filled: Filled) {
     if !end_to_end_available() {
         return;
     }
-    const TEST: &str = "a_follower_whose_device_fills_up_is_replaced_and_no_replica_differs";
     const FILLER_FILE_BYTES: usize = 8 << 20;
-    let mut generator = Generator(seed(TEST));
+    let mut generator = Generator(seed(test));
     let mut cluster = TestCluster::start(4, 512 << 20, &[]).expect("cluster");
-    let (replicas, leader, full, spare) = create_data_on_three_of_four(&cluster);
-    eprintln!("{TEST}: replicas {replicas:?}, leader {leader}, filling {full}, spare {spare}");
+    let (replicas, leader, follower, spare) = create_data_on_three_of_four(&cluster);
+    let full = match filled {
+        Filled::Leader => leader,
+        Filled::Follower => follower,
+    };
+    eprintln!("{test}: replicas {replicas:?}, leader {leader}, filling {full}, spare {spare}");
+    // A node without a replica cannot be made to lead it; it says why.
+    let refusal = cluster.nodes[spare as usize - 1]
+        .cli(&["volume", "lead", "data", "--timeout-seconds", "5"])
+        .expect_err("the spare holds no replica of data");
+    assert!(
+        format!("{refusal:#}").contains("not served by this node"),
+        "{refusal:#}"
+    );
     let endpoints = cluster.endpoints();
+    // Mounted through the spare: the FUSE driver's own node is never the one filled.
     let mountpoint = cluster
-        .node_mut(leader)
+        .node_mut(spare)
         .mount_via("data", &endpoints)
         .expect("mount data");
     let mut acknowledged = BTreeMap::new();
@@ -394,6 +434,27 @@ fn a_follower_whose_device_fills_up_is_replaced_and_no_replica_differs() {
             .unwrap_or_else(|error| panic!("create volume {volume}: {error}"));
         assert_eq!(cluster.placement(volume).expect("placement").0, vec![node]);
     }
+    if filled == Filled::Leader {
+        // And one on each follower of "data": the full node then leads only one group more
+        // than each of them, too few for leader balancing to take "data" over on its own
+        // account. Only the full node's shortage of space may hand it over.
+        for &node in replicas.iter().filter(|&&node| node != full) {
+            let volume = format!("own-{node}");
+            cluster
+                .cli(&[
+                    "volume",
+                    "create",
+                    &volume,
+                    "--quota",
+                    "64MiB",
+                    "--replication-factor",
+                    "1",
+                    "--selector",
+                    &format!("zone=z{node}"),
+                ])
+                .unwrap_or_else(|error| panic!("create volume {volume}: {error}"));
+        }
+    }
     let filler_mount = cluster
         .node_mut(full)
         .mount_via("filler", &endpoints)
@@ -420,7 +481,7 @@ fn a_follower_whose_device_fills_up_is_replaced_and_no_replica_differs() {
         Some(libc::ENOSPC),
         "the full node's own volume must get ENOSPC: {error}"
     );
-    eprintln!("{TEST}: {} filler files fitted", filler_files.len());
+    eprintln!("{test}: {} filler files fitted", filler_files.len());
     // The cluster map learns the full node's free space: `node list` answered by another node
     // shows the recorded value (a node shows its own live). Placement passes the node over.
     let mut listing = String::new();
@@ -428,7 +489,7 @@ fn a_follower_whose_device_fills_up_is_replaced_and_no_replica_differs() {
         "the full node's free space in the cluster map",
         Duration::from_secs(30),
         || {
-            listing = cluster.nodes[leader as usize - 1]
+            listing = cluster.nodes[spare as usize - 1]
                 .cli(&["node", "list"])
                 .unwrap_or_default();
             listed_free_share(&listing, full).is_some_and(|share| share < 0.1)
@@ -437,8 +498,31 @@ fn a_follower_whose_device_fills_up_is_replaced_and_no_replica_differs() {
     if let Err(error) = reported {
         panic!("{error}; last listing:\n{listing}");
     }
+    if filled == Filled::Leader {
+        // No write to "data" since it filled up: the group is quiet, and a follower with room
+        // takes it over (3 s to quiesce, 2.5 s quiet, then one election).
+        let mut led_by = leader;
+        let handed_over = ballast_tests::wait_until(
+            "a follower with room leads data",
+            Duration::from_secs(60),
+            || {
+                led_by = cluster.leader_of("data").unwrap_or(leader);
+                led_by != leader
+            },
+        );
+        if let Err(error) = handed_over {
+            panic!("{error}\n{}", cluster.log_tails());
+        }
+        assert!(
+            cluster.nodes[led_by as usize - 1]
+                .log_contents()
+                .contains("leader_short_of_space=true"),
+            "node {led_by} leads data, but not by taking over from the full leader"
+        );
+        eprintln!("{test}: node {led_by} took data over from the full node {leader}");
+    }
 
-    // Each file is up to 2 MiB: the follower's reserve (about 7 MiB) is gone after a few.
+    // Each file is up to 2 MiB: the full node's reserve (about 7 MiB) is gone after a few.
     wait_replaced_while_writing(
         &cluster,
         &mountpoint,
@@ -450,13 +534,13 @@ fn a_follower_whose_device_fills_up_is_replaced_and_no_replica_differs() {
         cluster.nodes[full as usize - 1]
             .log_contents()
             .contains("device full"),
-        "the follower never found its device full; the test saw too little"
+        "the full node never found its device full; the test saw too little"
     );
     write_files(&mountpoint, &mut generator, &mut acknowledged, 1);
     let (lost, wrong) = verify(&mountpoint, &acknowledged);
     let (filler_lost, filler_wrong) = verify(&filler_mount, &filler_files);
     eprintln!(
-        "{TEST}: data: {} files acknowledged, {lost} lost, {wrong} wrong; filler: {} files, \
+        "{test}: data: {} files acknowledged, {lost} lost, {wrong} wrong; filler: {} files, \
          {filler_lost} lost, {filler_wrong} wrong",
         acknowledged.len(),
         filler_files.len()
