@@ -87,6 +87,11 @@ enum NodeCommand {
         #[arg(long, env = "BALLAST_DETACHED_WRITE_BYTES_MIN",
               default_value_t = ballast_storage_node::detached::DETACHED_WRITE_BYTES_MIN_DEFAULT)]
         detached_write_bytes_min: u64,
+        /// Move replicas off nodes short of device space, to nodes with room, before their
+        /// devices fill up (when this node leads the metadata group). `false` only to test what
+        /// happens when a device fills up regardless.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        space_relief: bool,
     },
 }
 
@@ -147,6 +152,7 @@ fn main() -> anyhow::Result<()> {
             scrub_interval_ms,
             quiesce_idle_ms,
             detached_write_bytes_min,
+            space_relief,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -170,6 +176,9 @@ fn main() -> anyhow::Result<()> {
                     idle_ms: quiesce_idle_ms,
                 },
                 detached_write_bytes_min,
+                move_policy: ballast_storage_node::placement::MovePolicy {
+                    relieve_short_of_space: space_relief,
+                },
             }))
         }
     }

@@ -135,7 +135,9 @@ async fn mover_pass(node: &Arc<StorageNode>) -> NodeResult<()> {
             let nodes = metadata::list_nodes(&node.storage)?;
             let containers = metadata::list_containers(&node.storage)?;
             let faults = faults(node, &nodes);
-            let Some(planned) = placement::plan_move(&nodes, &containers, &faults) else {
+            let Some(planned) =
+                placement::plan_move(&nodes, &containers, &faults, &node.config.move_policy)
+            else {
                 break;
             };
             if started

@@ -82,6 +82,8 @@ pub struct NodeConfig {
     /// Writes at least this long (and block-aligned) have their data written once, to blocks
     /// named by the log (`detached.rs`); 0 logs every write's data inline.
     pub detached_write_bytes_min: u64,
+    /// What the replica mover may do besides repairs, drains and rebalancing (`placement.rs`).
+    pub move_policy: crate::placement::MovePolicy,
 }
 
 pub(crate) struct Container {

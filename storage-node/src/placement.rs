@@ -19,10 +19,15 @@
 //!
 //! [`plan_move`] decides the replica mover's next step by the same rules: first replicas on down
 //! or draining nodes, and replicas their own node reported as failing, move to the best eligible
-//! node (repair and drain), then, once nothing is
-//! degraded, one replica at a time moves from the fullest node to a node holding at least two
-//! fewer, never losing failure-domain spread (rebalance). Every move strictly improves the
-//! cluster, so a sequence of plans always ends.
+//! node (repair and drain), then, once nothing is degraded, one replica at a time:
+//! - moves off a node short of space to a node with room (relief, unless the policy turns it
+//!   off), never losing failure-domain spread: a node that fills up gives replicas away before
+//!   its device is full, rather than failing its applies and having them replaced;
+//! - else moves from the fullest node to a node holding at least two fewer, never losing
+//!   failure-domain spread (rebalance).
+//! Every move strictly improves the cluster, so a sequence of plans always ends: relief lowers
+//! the replica count of nodes short of space, which are never a target; rebalance lowers the
+//! sum of squared counts.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -165,6 +170,24 @@ pub enum MoveReason {
     Drain,
     /// Its node holds at least two more replicas than the target.
     Rebalance,
+    /// Its node is short of device space; the target has room.
+    Relieve,
+}
+
+/// What the replica mover may do besides repairs, drains and rebalancing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MovePolicy {
+    /// Move replicas off nodes short of space (relief). Off only in tests of what happens when a
+    /// device fills up regardless.
+    pub relieve_short_of_space: bool,
+}
+
+impl Default for MovePolicy {
+    fn default() -> Self {
+        MovePolicy {
+            relieve_short_of_space: true,
+        }
+    }
 }
 
 /// One replica move: the replica mover's unit of work.
@@ -233,6 +256,7 @@ pub fn plan_move(
     nodes: &[NodeRecord],
     containers: &[ContainerRecord],
     faults: &Faults,
+    policy: &MovePolicy,
 ) -> Option<ReplicaMove> {
     let hosted = hosted_counts(containers);
     let load = |node_id: u64| hosted.get(&node_id).copied().unwrap_or(0);
@@ -302,21 +326,63 @@ pub fn plan_move(
     {
         return None;
     }
-    let mut sources: Vec<&NodeRecord> = nodes
-        .iter()
-        .filter(|node| !node.draining && !faults.down_nodes.contains(&node.node_id))
-        .collect();
-    sources.sort_by_key(|node| (std::cmp::Reverse(load(node.node_id)), node.node_id));
-    for source in sources {
-        for container in containers
+    let live = |node: &&NodeRecord| !node.draining && !faults.down_nodes.contains(&node.node_id);
+    if policy.relieve_short_of_space {
+        // Relief: the node with the smallest share free first.
+        let mut short: Vec<&NodeRecord> = nodes
             .iter()
-            .filter(|container| container.replicas.contains(&source.node_id))
-        {
+            .filter(live)
+            .filter(|node| !has_room(node))
+            .collect();
+        short.sort_by_key(|node| {
+            (
+                free_share_per_million(node.data_block_free_count, node.data_block_count),
+                node.node_id,
+            )
+        });
+        for source in short {
+            if let Some(planned) = move_off(nodes, containers, faults, source, &load, |_| true) {
+                return Some(ReplicaMove {
+                    reason: MoveReason::Relieve,
+                    ..planned
+                });
+            }
+        }
+    }
+    let mut sources: Vec<&NodeRecord> = nodes.iter().filter(live).collect();
+    sources.sort_by_key(|node| (std::cmp::Reverse(load(node.node_id)), node.node_id));
+    sources.into_iter().find_map(|source| {
+        move_off(nodes, containers, faults, source, &load, |target| {
+            load(target.node_id) + 2 <= load(source.node_id)
+        })
+    })
+}
+
+/// Free blocks per million blocks of the device (0 for a device without data blocks).
+fn free_share_per_million(free_blocks: u64, data_blocks: u64) -> u64 {
+    free_blocks.saturating_mul(1_000_000) / data_blocks.max(1)
+}
+
+/// The first container with a replica on `source` that may move to an eligible node accepted
+/// by `accept` without losing failure-domain spread, and the best such node (fewest replicas,
+/// then most free blocks, then lowest id). The reason given is [`MoveReason::Rebalance`].
+fn move_off(
+    nodes: &[NodeRecord],
+    containers: &[ContainerRecord],
+    faults: &Faults,
+    source: &NodeRecord,
+    load: &impl Fn(u64) -> usize,
+    accept: impl Fn(&NodeRecord) -> bool,
+) -> Option<ReplicaMove> {
+    containers
+        .iter()
+        .filter(|container| container.replicas.contains(&source.node_id))
+        .find_map(|container| {
             let domains_now = distinct_domains(nodes, container.replicas.iter());
             let target = nodes
                 .iter()
                 .filter(|node| eligible_target(node, container, faults))
-                .filter(|node| load(node.node_id) + 2 <= load(source.node_id))
+                .filter(|node| accept(node))
                 .filter(|node| {
                     let moved = container
                         .replicas
@@ -337,24 +403,29 @@ pub fn plan_move(
                         std::cmp::Reverse(node.data_block_free_count),
                         node.node_id,
                     )
-                });
-            if let Some(target) = target {
-                return Some(ReplicaMove {
-                    container_id: container.container_id,
-                    from_node_id: source.node_id,
-                    to_node_id: target.node_id,
-                    reason: MoveReason::Rebalance,
-                });
-            }
-        }
-    }
-    None
+                })?;
+            Some(ReplicaMove {
+                container_id: container.container_id,
+                from_node_id: source.node_id,
+                to_node_id: target.node_id,
+                reason: MoveReason::Rebalance,
+            })
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// `plan_move` with the default policy (relief on).
+    fn plan(
+        nodes: &[NodeRecord],
+        containers: &[ContainerRecord],
+        faults: &Faults,
+    ) -> Option<ReplicaMove> {
+        plan_move(nodes, containers, faults, &MovePolicy::default())
+    }
 
     fn node(node_id: u64, labels: &[(&str, &str)], free: u64) -> NodeRecord {
         NodeRecord {
@@ -408,7 +479,7 @@ mod tests {
             node(5, &[("zone", "c")], 10),
         ];
         let containers = vec![container(7, &[1, 2, 3])];
-        let planned = plan_move(
+        let planned = plan(
             &nodes,
             &containers,
             &Faults::nodes_down(BTreeSet::from([3])),
@@ -449,14 +520,80 @@ mod tests {
         let containers = vec![container(7, &[1, 2, 3])];
         let faults = Faults::nodes_down(BTreeSet::from([3]));
         assert_eq!(
-            plan_move(&nodes, &containers, &faults).map(|planned| planned.to_node_id),
+            plan(&nodes, &containers, &faults).map(|planned| planned.to_node_id),
             Some(5)
         );
         // With no other node, nothing moves (rather than onto a node that would soon fail).
-        assert_eq!(plan_move(&nodes[..4], &containers, &faults), None);
+        assert_eq!(plan(&nodes[..4], &containers, &faults), None);
         // Rebalance never fills a node short of space either.
         let busy = vec![container(7, &[1, 2, 3]), container(8, &[1, 2, 3])];
-        assert_eq!(plan_move(&nodes[..4], &busy, &Faults::default()), None);
+        assert_eq!(plan(&nodes[..4], &busy, &Faults::default()), None);
+    }
+
+    #[test]
+    fn a_node_short_of_space_gives_replicas_away_to_nodes_with_room() {
+        // 10,000 blocks: short of space below 1,000 free. Node 2 is short.
+        let sized = |node_id: u64, free: u64| NodeRecord {
+            data_block_count: 10_000,
+            ..node(node_id, &[], free)
+        };
+        let nodes = vec![
+            sized(1, 5_000),
+            sized(2, 500),
+            sized(3, 5_000),
+            sized(4, 4_000),
+            sized(5, 6_000),
+        ];
+        let mut pinned = container(9, &[2]);
+        pinned.node_selector = BTreeMap::from([("zone".to_owned(), "z2".to_owned())]);
+        // Two replicas on every node: count-based rebalancing has nothing to do.
+        let mut containers = vec![
+            pinned,
+            container(7, &[1, 2, 3]),
+            container(8, &[3, 4, 5]),
+            container(10, &[1, 4, 5]),
+        ];
+        // The pinned container has nowhere else to go; 7 moves to the node with the most room
+        // among those holding the fewest replicas.
+        let first = plan(&nodes, &containers, &Faults::default()).expect("a relief move");
+        assert_eq!(
+            first,
+            ReplicaMove {
+                container_id: 7,
+                from_node_id: 2,
+                to_node_id: 5,
+                reason: MoveReason::Relieve
+            }
+        );
+        // Turned off: only count-based rebalancing, which leaves these counts alone.
+        let off = MovePolicy {
+            relieve_short_of_space: false,
+        };
+        assert_eq!(
+            plan_move(&nodes, &containers, &Faults::default(), &off),
+            None
+        );
+        // Not while anything is degraded: repairs come first.
+        let faults = Faults::nodes_down(BTreeSet::from([4]));
+        assert_eq!(
+            plan(&nodes, &containers, &faults).map(|planned| planned.reason),
+            Some(MoveReason::Repair)
+        );
+        // Followed to the end (free counts as last reported): node 2 keeps only the pinned
+        // container, is never a target, and the sequence ends.
+        let mut moves = 0;
+        while let Some(planned) = plan(&nodes, &containers, &Faults::default()) {
+            assert_ne!(planned.to_node_id, 2, "{planned:?}");
+            apply(&mut containers, &planned);
+            moves += 1;
+            assert!(moves <= 10, "relief must end");
+        }
+        let on_two: Vec<u64> = containers
+            .iter()
+            .filter(|container| container.replicas.contains(&2))
+            .map(|container| container.container_id)
+            .collect();
+        assert_eq!(on_two, vec![9]);
     }
 
     #[test]
@@ -475,7 +612,7 @@ mod tests {
         assert!(is_degraded(&nodes, &containers[0], &faults));
         assert!(!is_degraded(&nodes, &containers[1], &faults));
         assert_eq!(
-            plan_move(&nodes, &containers, &faults),
+            plan(&nodes, &containers, &faults),
             Some(ReplicaMove {
                 container_id: 7,
                 from_node_id: 3,
@@ -485,18 +622,15 @@ mod tests {
         );
         // Node 3's replica of 8 is fine: nothing else moves, and node 3 is never a target of 7.
         let mut moved = containers.clone();
-        apply(
-            &mut moved,
-            &plan_move(&nodes, &containers, &faults).unwrap(),
-        );
-        assert_eq!(plan_move(&nodes, &moved, &faults), None);
+        apply(&mut moved, &plan(&nodes, &containers, &faults).unwrap());
+        assert_eq!(plan(&nodes, &moved, &faults), None);
         let without_spare = vec![container(7, &[1, 2, 4]), container(8, &[2, 3, 4])];
         let faults_on_4 = Faults {
             down_nodes: BTreeSet::new(),
             failing_replicas: BTreeSet::from([(7, 4), (7, 3)]),
         };
         assert_eq!(
-            plan_move(&nodes, &without_spare, &faults_on_4),
+            plan(&nodes, &without_spare, &faults_on_4),
             None,
             "the only node without a replica of 7 reported failing it"
         );
@@ -505,7 +639,7 @@ mod tests {
             down_nodes: BTreeSet::new(),
             failing_replicas: BTreeSet::from([(7, 2), (7, 3)]),
         };
-        assert_eq!(plan_move(&nodes, &containers[..1], &two_failing), None);
+        assert_eq!(plan(&nodes, &containers[..1], &two_failing), None);
     }
 
     #[test]
@@ -518,7 +652,7 @@ mod tests {
         ];
         let containers = vec![container(7, &[1, 2, 3])];
         assert_eq!(
-            plan_move(
+            plan(
                 &nodes,
                 &containers,
                 &Faults::nodes_down(BTreeSet::from([2, 3]))
@@ -527,7 +661,7 @@ mod tests {
         );
         let three = &nodes[..3];
         assert_eq!(
-            plan_move(three, &containers, &Faults::nodes_down(BTreeSet::from([3]))),
+            plan(three, &containers, &Faults::nodes_down(BTreeSet::from([3]))),
             None
         );
     }
@@ -543,7 +677,7 @@ mod tests {
         nodes[1].draining = true;
         let mut containers = vec![container(1, &[1, 2, 3]), container(2, &[2, 3, 4])];
         let mut steps = 0;
-        while let Some(planned) = plan_move(&nodes, &containers, &Faults::default()) {
+        while let Some(planned) = plan(&nodes, &containers, &Faults::default()) {
             assert_ne!(planned.to_node_id, 2);
             apply(&mut containers, &planned);
             steps += 1;
@@ -563,7 +697,7 @@ mod tests {
         let mut containers: Vec<ContainerRecord> =
             (1..=4).map(|id| container(id, &[1, 2, 3])).collect();
         let mut steps = 0;
-        while let Some(planned) = plan_move(&nodes, &containers, &Faults::default()) {
+        while let Some(planned) = plan(&nodes, &containers, &Faults::default()) {
             assert_eq!(planned.reason, MoveReason::Rebalance);
             apply(&mut containers, &planned);
             steps += 1;
@@ -708,7 +842,7 @@ mod tests {
             let faults = Faults { down_nodes: down, failing_replicas };
             let step_max = containers.len() * 4 * nodes.len() + 1;
             let mut steps = 0;
-            while let Some(planned) = plan_move(&nodes, &containers, &faults) {
+            while let Some(planned) = plan(&nodes, &containers, &faults) {
                 let record = containers.iter().find(|c| c.container_id == planned.container_id).unwrap();
                 prop_assert!(record.replicas.contains(&planned.from_node_id));
                 prop_assert!(!record.replicas.contains(&planned.to_node_id));

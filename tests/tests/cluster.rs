@@ -374,11 +374,29 @@ fn a_leader_whose_device_fills_up_hands_over_and_no_write_is_lost() {
     );
 }
 
-/// Which replica of "data" [`a_device_fills_up`] fills the device of.
+#[test]
+fn a_follower_filling_up_gives_its_replica_away_before_it_fails() {
+    // As the follower test above, with the replica mover's relief on (the default): once the
+    // follower's node reports itself short of space, the mover moves its replica of "data" to
+    // the node with room, with no write to "data" meanwhile, so nothing ever fails on the full
+    // node: it never reports a failing replica. With relief off, the replica stays until writes
+    // make the full node's applies fail (the test above).
+    a_device_fills_up(
+        "a_follower_filling_up_gives_its_replica_away_before_it_fails",
+        Filled::FollowerRelieved,
+    );
+}
+
+/// Which replica of "data" [`a_device_fills_up`] fills the device of, and how the cluster is
+/// to cope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Filled {
+    /// The leader's; relief off: the leadership goes, then the replica once it fails.
     Leader,
+    /// A follower's; relief off: the replica is replaced once its applies fail.
     Follower,
+    /// A follower's; relief on: the replica moves away before anything fails.
+    FollowerRelieved,
 }
 
 fn a_device_fills_up(test: &str, filled: Filled) {
@@ -387,11 +405,17 @@ fn a_device_fills_up(test: &str, filled: Filled) {
     }
     const FILLER_FILE_BYTES: usize = 8 << 20;
     let mut generator = Generator(seed(test));
-    let mut cluster = TestCluster::start(4, 512 << 20, &[]).expect("cluster");
+    let relief = filled == Filled::FollowerRelieved;
+    let arguments: &[&str] = if relief {
+        &[]
+    } else {
+        &["--space-relief", "false"]
+    };
+    let mut cluster = TestCluster::start(4, 512 << 20, arguments).expect("cluster");
     let (replicas, leader, follower, spare) = create_data_on_three_of_four(&cluster);
     let full = match filled {
         Filled::Leader => leader,
-        Filled::Follower => follower,
+        Filled::Follower | Filled::FollowerRelieved => follower,
     };
     eprintln!("{test}: replicas {replicas:?}, leader {leader}, filling {full}, spare {spare}");
     // A node without a replica cannot be made to lead it; it says why.
@@ -522,20 +546,24 @@ fn a_device_fills_up(test: &str, filled: Filled) {
         eprintln!("{test}: node {led_by} took data over from the full node {leader}");
     }
 
-    // Each file is up to 2 MiB: the full node's reserve (about 7 MiB) is gone after a few.
-    wait_replaced_while_writing(
-        &cluster,
-        &mountpoint,
-        &mut generator,
-        &mut acknowledged,
-        (&replicas, full, spare),
-    );
-    assert!(
-        cluster.nodes[full as usize - 1]
-            .log_contents()
-            .contains("device full"),
-        "the full node never found its device full; the test saw too little"
-    );
+    if relief {
+        wait_relieved(&cluster, (&replicas, full, spare));
+    } else {
+        // Each file is up to 2 MiB: the full node's reserve (about 7 MiB) is gone after a few.
+        wait_replaced_while_writing(
+            &cluster,
+            &mountpoint,
+            &mut generator,
+            &mut acknowledged,
+            (&replicas, full, spare),
+        );
+        assert!(
+            cluster.nodes[full as usize - 1]
+                .log_contents()
+                .contains("device full"),
+            "the full node never found its device full; the test saw too little"
+        );
+    }
     write_files(&mountpoint, &mut generator, &mut acknowledged, 1);
     let (lost, wrong) = verify(&mountpoint, &acknowledged);
     let (filler_lost, filler_wrong) = verify(&filler_mount, &filler_files);
@@ -617,6 +645,49 @@ fn wait_replaced_while_writing(
             .log_contents()
             .contains("reporting it for replacement"),
         "node {replaced} never reported its replica"
+    );
+    cluster
+        .wait_converged_on("data", &expected, Duration::from_secs(60))
+        .expect("the new replica set converges");
+}
+
+/// Waits, writing nothing, until the placement of "data" is `replicas` with `relieved` swapped
+/// for `spare` and no move in flight; then checks that the mover moved it for lack of space,
+/// that `relieved`'s node never failed its replica, and that the new replica set converges.
+fn wait_relieved(cluster: &TestCluster, (replicas, relieved, spare): (&[u64], u64, u64)) {
+    let mut expected: Vec<u64> = replicas
+        .iter()
+        .map(|&replica| if replica == relieved { spare } else { replica })
+        .collect();
+    expected.sort_unstable();
+    let mut last = (Vec::new(), Vec::new());
+    let done = ballast_tests::wait_until(
+        "the replica on the node short of space moved to the spare node",
+        Duration::from_secs(120),
+        || {
+            let Ok((mut now, moving)) = cluster.placement("data") else {
+                return false;
+            };
+            now.sort_unstable();
+            last = (now, moving);
+            last.0 == expected && last.1.is_empty()
+        },
+    );
+    if let Err(error) = done {
+        panic!(
+            "{error}; last placement {last:?}, expected {expected:?}\n{}",
+            cluster.log_tails()
+        );
+    }
+    let relieving = cluster
+        .nodes
+        .iter()
+        .any(|node| node.log_contents().contains("reason=Relieve"));
+    assert!(relieving, "no node's mover logged a relief move");
+    let log = cluster.nodes[relieved as usize - 1].log_contents();
+    assert!(
+        !log.contains("reporting it for replacement"),
+        "node {relieved} failed its replica before it was moved"
     );
     cluster
         .wait_converged_on("data", &expected, Duration::from_secs(60))

@@ -280,7 +280,13 @@ impl Admin for AdminService {
             .count() as u32;
         let settled = leads_metadata
             && container_degraded_count == 0
-            && crate::placement::plan_move(&nodes, &containers, &faults).is_none();
+            && crate::placement::plan_move(
+                &nodes,
+                &containers,
+                &faults,
+                &self.node.config().move_policy,
+            )
+            .is_none();
         Ok(Response::new(proto::ListNodesResponse {
             nodes: messages,
             container_count: containers.len() as u32,
