@@ -25,6 +25,7 @@
 //!   its device is full, rather than failing its applies and having them replaced;
 //! - else moves from the fullest node to a node holding at least two fewer, never losing
 //!   failure-domain spread (rebalance).
+//!
 //! Every move strictly improves the cluster, so a sequence of plans always ends: relief lowers
 //! the replica count of nodes short of space, which are never a target; rebalance lowers the
 //! sum of squared counts.
