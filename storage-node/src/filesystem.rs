@@ -726,8 +726,7 @@ async fn rewrite_range(
     if let Fill::Data(data) = fill {
         // A detached write: its log writer already put the data in blocks; install them.
         if !head_partial && !tail_partial {
-            let checksums = crate::detached::block_checksums(data);
-            if let Some(device_blocks) = transaction.use_detached(&checksums) {
+            if let Some((device_blocks, checksums)) = transaction.use_detached(data) {
                 assert_eq!(device_blocks.len() as u64, block_count);
                 install_blocks(transaction, inode_number, first, &device_blocks, &checksums);
                 for (_, reference) in &existing {
