@@ -614,32 +614,17 @@ fn wait_replaced_while_writing(
     acknowledged: &mut BTreeMap<String, Vec<u8>>,
     (replicas, replaced, spare): (&[u64], u64, u64),
 ) {
-    let mut expected: Vec<u64> = replicas
-        .iter()
-        .map(|&replica| if replica == replaced { spare } else { replica })
-        .collect();
-    expected.sort_unstable();
-    let mut last = (Vec::new(), Vec::new());
-    let done = ballast_tests::wait_until(
+    let expected = swapped(replicas, replaced, spare);
+    wait_placement(
+        cluster,
+        &expected,
         "the failing replica replaced on the spare node",
         Duration::from_secs(180),
         || {
             write_files(mountpoint, generator, acknowledged, 1);
             std::thread::sleep(Duration::from_secs(2));
-            let Ok((mut now, moving)) = cluster.placement("data") else {
-                return false;
-            };
-            now.sort_unstable();
-            last = (now, moving);
-            last.0 == expected && last.1.is_empty()
         },
     );
-    if let Err(error) = done {
-        panic!(
-            "{error}; last placement {last:?}, expected {expected:?}\n{}",
-            cluster.log_tails()
-        );
-    }
     assert!(
         cluster.nodes[replaced as usize - 1]
             .log_contents()
@@ -651,34 +636,55 @@ fn wait_replaced_while_writing(
         .expect("the new replica set converges");
 }
 
-/// Waits, writing nothing, until the placement of "data" is `replicas` with `relieved` swapped
-/// for `spare` and no move in flight; then checks that the mover moved it for lack of space,
-/// that `relieved`'s node never failed its replica, and that the new replica set converges.
-fn wait_relieved(cluster: &TestCluster, (replicas, relieved, spare): (&[u64], u64, u64)) {
-    let mut expected: Vec<u64> = replicas
+/// `replicas` with `from` swapped for `to`, sorted.
+fn swapped(replicas: &[u64], from: u64, to: u64) -> Vec<u64> {
+    let mut swapped: Vec<u64> = replicas
         .iter()
-        .map(|&replica| if replica == relieved { spare } else { replica })
+        .map(|&replica| if replica == from { to } else { replica })
         .collect();
-    expected.sort_unstable();
+    swapped.sort_unstable();
+    swapped
+}
+
+/// Waits until the placement of "data" is `expected` (sorted) with no move in flight, calling
+/// `between` before each look; panics with every node's log tail when `timeout` passes.
+fn wait_placement(
+    cluster: &TestCluster,
+    expected: &[u64],
+    what: &str,
+    timeout: Duration,
+    mut between: impl FnMut(),
+) {
     let mut last = (Vec::new(), Vec::new());
-    let done = ballast_tests::wait_until(
-        "the replica on the node short of space moved to the spare node",
-        Duration::from_secs(120),
-        || {
-            let Ok((mut now, moving)) = cluster.placement("data") else {
-                return false;
-            };
-            now.sort_unstable();
-            last = (now, moving);
-            last.0 == expected && last.1.is_empty()
-        },
-    );
+    let done = ballast_tests::wait_until(what, timeout, || {
+        between();
+        let Ok((mut now, moving)) = cluster.placement("data") else {
+            return false;
+        };
+        now.sort_unstable();
+        last = (now, moving);
+        last.0 == expected && last.1.is_empty()
+    });
     if let Err(error) = done {
         panic!(
             "{error}; last placement {last:?}, expected {expected:?}\n{}",
             cluster.log_tails()
         );
     }
+}
+
+/// Waits, writing nothing, until the placement of "data" is `replicas` with `relieved` swapped
+/// for `spare` and no move in flight; then checks that the mover moved it for lack of space,
+/// that `relieved`'s node never failed its replica, and that the new replica set converges.
+fn wait_relieved(cluster: &TestCluster, (replicas, relieved, spare): (&[u64], u64, u64)) {
+    let expected = swapped(replicas, relieved, spare);
+    wait_placement(
+        cluster,
+        &expected,
+        "the replica on the node short of space moved to the spare node",
+        Duration::from_secs(120),
+        || std::thread::sleep(Duration::from_millis(500)),
+    );
     let relieving = cluster
         .nodes
         .iter()
