@@ -23,8 +23,9 @@
 //! - moves off a node short of space to a node with room (relief, unless the policy turns it
 //!   off), never losing failure-domain spread: a node that fills up gives replicas away before
 //!   its device is full, rather than failing its applies and having them replaced;
-//! - else moves from the fullest node to a node holding at least two fewer, never losing
-//!   failure-domain spread (rebalance).
+//! - else moves from the fullest node to a node holding at least two fewer and with room to
+//!   spare (`space::has_room_to_spare`: twice the short line, so relief and rebalancing never
+//!   move the same replicas back and forth), never losing failure-domain spread (rebalance).
 //!
 //! Every move strictly improves the cluster, so a sequence of plans always ends: relief lowers
 //! the replica count of nodes short of space, which are never a target; rebalance lowers the
@@ -355,6 +356,10 @@ pub fn plan_move(
     sources.into_iter().find_map(|source| {
         move_off(nodes, containers, faults, source, &load, |target| {
             load(target.node_id) + 2 <= load(source.node_id)
+                && crate::space::has_room_to_spare(
+                    target.data_block_count,
+                    target.data_block_free_count,
+                )
         })
     })
 }
@@ -595,6 +600,29 @@ mod tests {
             .map(|container| container.container_id)
             .collect();
         assert_eq!(on_two, vec![9]);
+
+        // Back over the short line but without room to spare (15 % free), node 2 is no
+        // balancing target although it holds two fewer replicas than others; a repair may
+        // still use it.
+        let mut recovered = nodes.clone();
+        recovered[1].data_block_free_count = 1_500;
+        let crowded = vec![
+            container(11, &[1, 3, 4]),
+            container(12, &[1, 3, 5]),
+            container(13, &[1, 4, 5]),
+        ];
+        assert_eq!(plan(&recovered, &crowded, &Faults::default()), None);
+        recovered[1].data_block_free_count = 2_000;
+        assert_eq!(
+            plan(&recovered, &crowded, &Faults::default()).map(|planned| planned.to_node_id),
+            Some(2)
+        );
+        recovered[1].data_block_free_count = 1_500;
+        let faults = Faults::nodes_down(BTreeSet::from([5]));
+        assert_eq!(
+            plan(&recovered, &crowded, &faults).map(|planned| (planned.to_node_id, planned.reason)),
+            Some((2, MoveReason::Repair))
+        );
     }
 
     #[test]

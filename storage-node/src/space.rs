@@ -45,9 +45,22 @@ pub fn reserve_blocks(data_block_count: u64) -> u64 {
 /// Whether a node with `free_blocks` of `data_block_count` free is short of space (see
 /// [`SHORT_OF_SPACE_FREE_PERCENT`]).
 pub fn short_of_space(data_block_count: u64, free_blocks: u64) -> bool {
-    let floor = (data_block_count / 100 * SHORT_OF_SPACE_FREE_PERCENT)
-        .max(reserve_blocks(data_block_count).saturating_mul(2));
-    free_blocks < floor
+    free_blocks < short_of_space_floor(data_block_count)
+}
+
+/// Whether a node with `free_blocks` of `data_block_count` free has room to spare: twice the
+/// short-of-space floor. Count balancing moves replicas only onto such nodes. The gap between
+/// the two lines is hysteresis: a node that relief (`placement.rs`) just brought back over the
+/// short line is not filled again by balancing, which would move the same replicas back and
+/// forth.
+pub fn has_room_to_spare(data_block_count: u64, free_blocks: u64) -> bool {
+    free_blocks >= short_of_space_floor(data_block_count).saturating_mul(2)
+}
+
+/// Free blocks below which a node is short of space.
+fn short_of_space_floor(data_block_count: u64) -> u64 {
+    (data_block_count / 100 * SHORT_OF_SPACE_FREE_PERCENT)
+        .max(reserve_blocks(data_block_count).saturating_mul(2))
 }
 
 /// Whether a node whose cluster map record says `recorded_free_blocks` should report that it
@@ -172,6 +185,15 @@ mod tests {
         // On a small device twice the reserve is more than a tenth? Never: 2/64 < 10/100. On a
         // huge one the reserve is capped, so the tenth decides.
         assert!(short_of_space(1 << 40, (1 << 40) / 10 - 1_000_000));
+    }
+
+    #[test]
+    fn room_to_spare_is_twice_the_short_line() {
+        assert!(has_room_to_spare(0, 0));
+        assert!(has_room_to_spare(100_000, 20_000));
+        assert!(!has_room_to_spare(100_000, 19_999));
+        // Between the lines: not short, but no balancing target either.
+        assert!(!short_of_space(100_000, 15_000) && !has_room_to_spare(100_000, 15_000));
     }
 
     #[test]
