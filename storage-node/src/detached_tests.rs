@@ -524,3 +524,62 @@ async fn a_single_voter_append_is_durable_only_while_a_guard_lives() {
     let (other, _) = container(&log_store, &test.storage, false);
     assert!(!log.guarded_by(&other.request_durable_appends()));
 }
+
+#[tokio::test]
+async fn a_purge_never_passes_a_snapshot_record_that_is_not_durable() {
+    // Storage rule 6. Seen in the nemesis: an install wrote its snapshot record, a purge read
+    // it before the checkpoint's flush and purged, the node was killed, and on every restart
+    // openraft refused the container (purged past the snapshot).
+    let Setup {
+        test,
+        log,
+        mut machine,
+        inode,
+        ..
+    } = setup().await;
+    for index in 3..=4 {
+        let entry = write(index, inode, 0, index as u8);
+        log.append_now(vec![entry.clone()]).await.unwrap();
+        apply_write(&mut machine, entry).await;
+    }
+    checkpoint(&mut machine).await;
+    for index in 5..=6 {
+        let entry = write(index, inode, 0, index as u8);
+        log.append_now(vec![entry.clone()]).await.unwrap();
+        apply_write(&mut machine, entry).await;
+    }
+    // A record for 6 that is not flushed: what a checkpoint or an install leaves between
+    // writing its record and the flush that makes it durable.
+    let meta = openraft::SnapshotMeta::<u64, crate::types::RaftNode> {
+        last_log_id: Some(log_id(6)),
+        last_membership: Default::default(),
+        snapshot_id: "not-durable-yet".into(),
+    };
+    let mut batch = rocksdb::WriteBatch::default();
+    batch.put(
+        crate::keys::container_singleton(crate::keys::TAG_SNAPSHOT, CONTAINER),
+        crate::records::encode(&meta),
+    );
+    test.storage.state.write_unlogged(batch).unwrap();
+    let mut log_storage = log.clone();
+    log_storage.purge(log_id(6)).await.unwrap();
+    let purged = log_storage
+        .get_log_state()
+        .await
+        .unwrap()
+        .last_purged_log_id;
+    assert_eq!(
+        purged,
+        Some(log_id(4)),
+        "only what the durable checkpoint covers"
+    );
+    // Once a checkpoint has flushed a record for 6, the purge goes all the way.
+    checkpoint(&mut machine).await;
+    log_storage.purge(log_id(6)).await.unwrap();
+    let purged = log_storage
+        .get_log_state()
+        .await
+        .unwrap()
+        .last_purged_log_id;
+    assert_eq!(purged, Some(log_id(6)));
+}

@@ -172,6 +172,13 @@ impl ContainerLog {
         replicated: bool,
         detached_write_bytes_min: u64,
     ) -> Self {
+        if let Err(error) = state.load_durable_snapshot(container_id, || {
+            Self::stored_snapshot(&state.state, container_id)
+        }) {
+            // Nothing counts as durable then: purges wait, and purge only what a checkpoint of
+            // this process makes durable.
+            tracing::error!(container = container_id, %error, "reading the stored snapshot record");
+        }
         let (writer, queue) = mpsc::channel(WRITER_QUEUE_DEPTH);
         tokio::spawn(run_writer(
             Writer {
@@ -722,17 +729,25 @@ impl ContainerLog {
 const PURGE_SNAPSHOT_WAIT_MS_MAX: u64 = 2_000;
 
 impl ContainerLog {
-    /// The last log id of the durable snapshot (checkpoint or installed snapshot).
+    /// The last log id of the stored snapshot record (checkpoint or installed snapshot), which
+    /// may not be durable yet (storage rule 6): read only when the log opens.
+    fn stored_snapshot(
+        state: &StateStore,
+        container_id: u64,
+    ) -> crate::error::NodeResult<Option<LogId>> {
+        let meta = state
+            .get::<openraft::SnapshotMeta<crate::types::NodeId, crate::types::RaftNode>>(
+                &keys::container_singleton(keys::TAG_SNAPSHOT, container_id),
+                "snapshot meta",
+            )?;
+        Ok(meta.and_then(|meta| meta.last_log_id))
+    }
+
+    /// The last log id of the durable snapshot (checkpoint or installed snapshot; storage rule
+    /// 6).
     #[allow(clippy::result_large_err)]
     fn durable_snapshot(&self) -> Result<Option<LogId>, StorageError> {
-        let meta = self
-            .state_store()
-            .get::<openraft::SnapshotMeta<crate::types::NodeId, crate::types::RaftNode>>(
-                &keys::container_singleton(keys::TAG_SNAPSHOT, self.shared.container_id),
-                "snapshot meta",
-            )
-            .map_err(|error| StorageError::from(StorageIOError::read_snapshot(None, &error)))?;
-        Ok(meta.and_then(|meta| meta.last_log_id))
+        Ok(self.shared.state.durable_snapshot(self.shared.container_id))
     }
 
     /// `wanted`, or the durable snapshot's log id if that is lower (after a bounded wait), or

@@ -78,7 +78,8 @@ impl ContainerStateMachine {
         meta_for: impl FnOnce(ContainerState) -> SnapshotMeta<NodeId, RaftNode>,
     ) -> NodeResult<SnapshotMeta<NodeId, RaftNode>> {
         let container_id = self.container_id;
-        self.storage
+        let meta = self
+            .storage
             .checkpoint(|state| {
                 let container = filesystem::container_state_from(state, container_id)?;
                 let meta = meta_for(container);
@@ -90,7 +91,11 @@ impl ContainerStateMachine {
                 state.write_unlogged(batch)?;
                 Ok(meta)
             })
-            .await
+            .await?;
+        // Flushed: the log may now be purged up to it (storage rule 6).
+        self.storage
+            .record_durable_snapshot(container_id, meta.last_log_id);
+        Ok(meta)
     }
 
     fn state(&self) -> NodeResult<ContainerState> {

@@ -24,6 +24,14 @@
 //!    rows that reference them; the pin ends when the record is purged or truncated. Pins and
 //!    the allocator share one mutex, so no checkpoint can release a block between its
 //!    reservation and its pin.
+//! 6. The log is never purged past a snapshot record that is not durable. RocksDB is written
+//!    without its WAL, so a record read back may still sit in the memtable: a checkpoint or
+//!    install writes its snapshot record before the flush that makes it durable. Purges consult
+//!    [`NodeStorage::durable_snapshot`] (set after that flush, and loaded from the stored record
+//!    when the container's log opens, when all that is stored is durable), never the stored
+//!    record. Seen in the nemesis (2026-12-05): a purge read an installed snapshot's record
+//!    before its checkpoint's flush, the node was killed, and on restart openraft refused the
+//!    container ("purged 9272 > snapshot 8770") on every start.
 //!
 //! Must not depend on: Raft types beyond log ids, the gRPC layer.
 
@@ -45,6 +53,7 @@ use crate::records::BlockRef;
 use crate::snapshot_spool::SpoolDirectory;
 use crate::space::{BlockPromise, Shortfall, SpaceLedger};
 use crate::state_store::{StateStore, StateView};
+use crate::types::LogId;
 
 /// The most blocks read or written by one device request (1 MiB).
 pub const BLOCKS_PER_REQUEST_MAX: u64 = 256;
@@ -76,6 +85,9 @@ pub struct NodeStorage {
     space: Arc<SpaceLedger>,
     /// Blocks admission leaves free for the containers this node follows (`space.rs`).
     reserve_blocks: u64,
+    /// Per container, the log id of the latest snapshot record known to be durable (rule 6).
+    /// Entries are never removed while the process runs: at most one per container it held.
+    durable_snapshots: Mutex<std::collections::HashMap<u64, LogId>>,
 }
 
 struct Blocks {
@@ -167,7 +179,52 @@ impl NodeStorage {
             buffer_pool: Arc::new(BufferPool::default()),
             space: Arc::new(SpaceLedger::default()),
             reserve_blocks: crate::space::reserve_blocks(block_count),
+            durable_snapshots: Mutex::new(std::collections::HashMap::new()),
         })
+    }
+
+    /// The log id of `container_id`'s latest durable snapshot record (rule 6), if any.
+    pub fn durable_snapshot(&self, container_id: u64) -> Option<LogId> {
+        self.lock_durable_snapshots().get(&container_id).copied()
+    }
+
+    /// A snapshot record of `container_id` for `log_id` was flushed: it is durable. Never moves
+    /// backwards.
+    pub fn record_durable_snapshot(&self, container_id: u64, log_id: Option<LogId>) {
+        let Some(log_id) = log_id else {
+            return;
+        };
+        let mut durable = self.lock_durable_snapshots();
+        let known = durable.entry(container_id).or_insert(log_id);
+        if log_id.index > known.index {
+            *known = log_id;
+        }
+    }
+
+    /// Called when the container's log opens, with a reader of its stored snapshot record's
+    /// log id: that record is durable unless this process wrote it, and then the entry made
+    /// when it was flushed is kept (rule 6).
+    pub fn load_durable_snapshot(
+        &self,
+        container_id: u64,
+        stored: impl FnOnce() -> NodeResult<Option<LogId>>,
+    ) -> NodeResult<()> {
+        let mut durable = self.lock_durable_snapshots();
+        if durable.contains_key(&container_id) {
+            return Ok(());
+        }
+        if let Some(log_id) = stored()? {
+            durable.insert(container_id, log_id);
+        }
+        Ok(())
+    }
+
+    fn lock_durable_snapshots(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, LogId>> {
+        self.durable_snapshots
+            .lock()
+            .expect("durable snapshots lock")
     }
 
     fn lock_blocks(&self) -> std::sync::MutexGuard<'_, Blocks> {
