@@ -537,17 +537,9 @@ async fn a_purge_never_passes_a_snapshot_record_that_is_not_durable() {
         inode,
         ..
     } = setup().await;
-    for index in 3..=4 {
-        let entry = write(index, inode, 0, index as u8);
-        log.append_now(vec![entry.clone()]).await.unwrap();
-        apply_write(&mut machine, entry).await;
-    }
+    append_and_apply_writes(&log, &mut machine, inode, 3..=4).await;
     checkpoint(&mut machine).await;
-    for index in 5..=6 {
-        let entry = write(index, inode, 0, index as u8);
-        log.append_now(vec![entry.clone()]).await.unwrap();
-        apply_write(&mut machine, entry).await;
-    }
+    append_and_apply_writes(&log, &mut machine, inode, 5..=6).await;
     // A record for 6 that is not flushed: what a checkpoint or an install leaves between
     // writing its record and the flush that makes it durable.
     let meta = openraft::SnapshotMeta::<u64, crate::types::RaftNode> {
@@ -582,4 +574,18 @@ async fn a_purge_never_passes_a_snapshot_record_that_is_not_durable() {
         .unwrap()
         .last_purged_log_id;
     assert_eq!(purged, Some(log_id(6)));
+}
+
+/// Appends and applies one write of the whole file per index, in order.
+async fn append_and_apply_writes(
+    log: &ContainerLog,
+    machine: &mut ContainerStateMachine,
+    inode: u64,
+    indexes: std::ops::RangeInclusive<u64>,
+) {
+    for index in indexes {
+        let entry = write(index, inode, 0, index as u8);
+        log.append_now(vec![entry.clone()]).await.unwrap();
+        apply_write(machine, entry).await;
+    }
 }
