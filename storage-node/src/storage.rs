@@ -646,13 +646,7 @@ impl NodeStorage {
                     NodeError::device(format!("read blocks for {context}"), source)
                 })?;
             let window = position_bytes(file_block)..position_bytes(file_block + run as u64);
-            self.verify_blocks(
-                references[index..index + run]
-                    .iter()
-                    .map(|(_, reference)| reference),
-                &buffer[window],
-                context,
-            )?;
+            self.verify_blocks(&references[index..index + run], &buffer[window], context)?;
             next_block = file_block + run as u64;
             index += run;
         }
@@ -663,15 +657,20 @@ impl NodeStorage {
         ))
     }
 
-    /// Checks each block of `buffer` against its reference's CRC: a mismatch is counted,
-    /// logged and returned as an error, never served.
-    fn verify_blocks<'reference>(
+    /// Checks each block of `buffer` (one per reference) against its reference's CRC: a
+    /// mismatch is counted, logged and returned as an error, never served.
+    fn verify_blocks(
         &self,
-        references: impl IntoIterator<Item = &'reference BlockRef>,
+        references: &[(u64, BlockRef)],
         buffer: &[u8],
         context: &str,
     ) -> NodeResult<()> {
-        for (block, reference) in buffer.chunks(BLOCK_SIZE_BYTES).zip(references) {
+        assert_eq!(
+            buffer.len(),
+            references.len() * BLOCK_SIZE_BYTES,
+            "one block per reference"
+        );
+        for (block, (_, reference)) in buffer.chunks(BLOCK_SIZE_BYTES).zip(references) {
             let actual = ballast_common::checksum(block);
             if actual != reference.checksum {
                 self.checksum_error_count.fetch_add(1, Ordering::Relaxed);
