@@ -30,6 +30,9 @@
 #   QUIESCE_IDLE_MS=3000  (idle section, the quiescence-on side)
 #   BALLAST_DETACHED_WRITE_BYTES_MIN  passed to every storage node (0 turns detached write data
 #                         off, for an A/B of the write path); recorded in the results
+#   BALLAST_DEVICE_FILE=written  the device file of the fuse, mariadb and startup nodes is written
+#                         in full before format, as a raw device is (sparse: truncate only; the
+#                         fuse section also runs its sequential write once on a sparse file)
 #   BENCH_SKIP_BUILD=1    use the release binaries already built
 #   BALLAST_BENCH_BIN_DIR use the binaries in this directory (implies nothing about the build)
 #
@@ -59,6 +62,13 @@ failover_rounds="${FAILOVER_ROUNDS:-10}"
 move_size="${MOVE_SIZE:-2G}"
 idle_containers="${IDLE_CONTAINERS:-200}"
 idle_seconds="${IDLE_SECONDS:-20}"
+# How the single-node sections' device file is made: written in full (like a raw device) or
+# sparse (truncate only).
+device_file_kind="${BALLAST_DEVICE_FILE:-written}"
+case "$device_file_kind" in
+    written | sparse) ;;
+    *) echo "BALLAST_DEVICE_FILE must be written or sparse, not '$device_file_kind'" >&2; exit 2 ;;
+esac
 
 # Bounds on every wait (seconds).
 node_start_timeout=600
@@ -180,9 +190,16 @@ node_pid=""
 node_stdout=""
 node_start_seconds=""
 
-node_format() { # device_path size
+node_format() { # device_path size [written|sparse]: the device file, formatted
     rm -f "$1"
     truncate -s "$2" "$1"
+    if [ "${3:-written}" = written ]; then
+        # Written in full once, as a raw device is: an O_DIRECT write into a hole of a sparse
+        # file makes ext4 allocate blocks and convert extents under the write, a cost that the
+        # file-backed setup adds and a raw device never has.
+        timeout "$fio_timeout" fio --name=fill --filename="$1" --rw=write --bs=1M --size="$2" \
+            --ioengine=io_uring --direct=1 --iodepth=8 --output=/dev/null
+    fi
     "$binary_directory/ballast-node" format --device "$1" --node-id 1 >/dev/null
 }
 
@@ -244,12 +261,12 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 # A node with one mounted volume: sets node_* and fuse_pid; `node_directory` holds everything.
 node_directory=""
 node_address=""
-ballast_volume_up() { # name device_size quota
-    local name=$1 device_size=$2 quota=$3
+ballast_volume_up() { # name device_size quota [written|sparse]
+    local name=$1 device_size=$2 quota=$3 device_file=${4:-$device_file_kind}
     node_directory="$work_directory/$name"
     mkdir -p "$node_directory"
     node_address="127.0.0.1:$(free_port)"
-    node_format "$node_directory/device.img" "$device_size"
+    node_format "$node_directory/device.img" "$device_size" "$device_file"
     node_start "$node_directory/device.img" "$node_directory/state" "$node_address" "$node_directory/node.log"
     "$binary_directory/ballast" --node "http://$node_address" volume create "$name" --quota "$quota" >/dev/null
     fuse_mount "$node_address" "$name" "$node_directory/mnt" "$node_directory/fuse.log"
@@ -363,8 +380,18 @@ section_fuse() {
         "$(round "${values[ballast.read]}")" "$(round "${values[native.read]}")" "≥ 0.8×"
     table_row "4 KiB random write + fsync each, $fuse_fsync_size file (IOPS)" \
         "$(round "${values[ballast.fsync]}" 0)" "$(round "${values[native.fsync]}" 0)" "—"
-    table_end "FUSE mount vs native directory (fio psync, same filesystem)"
     ballast_volume_down
+    if [ "$device_file_kind" = written ]; then
+        # The same sequential write with the node's device a sparse file, for comparison.
+        ballast_volume_up fusesparse 16G 8GiB sparse
+        drop_caches
+        fio_json --name=seqwrite --directory="$node_directory/mnt" --filename=sequential.bin --rw=write \
+            --bs=1M --size="$fuse_sequential_size" --ioengine=psync --end_fsync=1 --runtime=900
+        table_row "same sequential write, node device a sparse file (MB/s)" \
+            "$(round "$(fio_field '.jobs[0].write.bw_bytes / 1e6')")" "$(round "${values[native.write]}")" "—"
+        ballast_volume_down
+    fi
+    table_end "FUSE mount vs native directory (fio psync, same filesystem)"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -773,7 +800,8 @@ results_file="$results_directory/$(date -u -d "$run_date" '+%Y-%m-%dT%H%M%SZ').m
         "SYSBENCH_THREADS=$sysbench_threads STARTUP_SIZES_GIB=\"$startup_sizes_gib\" FAILOVER_ROUNDS=$failover_rounds" \
         "MOVE_SIZE=$move_size IDLE_CONTAINERS=$idle_containers IDLE_SECONDS=$idle_seconds"
     echo "- storage nodes: BALLAST_DETACHED_WRITE_BYTES_MIN=${BALLAST_DETACHED_WRITE_BYTES_MIN:-default (16384)}" \
-        "(0: every write's data goes through the log and again into blocks at apply)"
+        "(0: every write's data goes through the log and again into blocks at apply);" \
+        "single-node device files: BALLAST_DEVICE_FILE=$device_file_kind"
     echo "- ratio = ballast / yardstick; goals are targets, not pass/fail thresholds"
     echo
     printf '%s' "$report_tables"

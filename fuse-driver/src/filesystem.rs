@@ -7,6 +7,9 @@
 //!   that does I/O moves its `Reply*` into a task on the tokio runtime. At most
 //!   `IN_FLIGHT_REQUEST_COUNT_MAX` tasks exist; past that the session loop blocks, which pushes
 //!   back on the kernel instead of queueing without bound.
+//! - The kernel's page-cache writes of a file that arrive contiguous while two of its writes are
+//!   in flight are gathered into one node write of up to 4 MiB (`write_combiner`), each kernel
+//!   request answered when that write is; direct and durable writes always go alone.
 //! - Every reply is sent exactly once: on success, with the errno from
 //!   `ClientError::errno()` on failure, or (if a task panics) with EIO by fuser's reply drop.
 //! - Locking: getlk/setlk are not implemented and FUSE_POSIX_LOCKS / FUSE_FLOCK_LOCKS are not
@@ -27,7 +30,6 @@ use std::time::{Duration, SystemTime};
 use ballast_client::proto::{self, EntryKind};
 use ballast_client::{BallastClient, ClientError};
 use ballast_common::{Clock, SystemClock};
-use bytes::Bytes;
 use fuser::{
     AccessFlags, Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
@@ -43,6 +45,7 @@ use crate::convert::{
 };
 use crate::open_files::{OpenFileTable, OrphanAction};
 use crate::recent_attributes::{RecentAttributes, RECENT_ATTRIBUTES_CAPACITY};
+use crate::write_combiner::{Admission, CombinedWrite, WriteCombiner, COMBINED_WRITE_BYTES_MAX};
 use crate::write_through::{
     FsyncCoverage, FsyncPlan, WriteMode, WriteThrough, WRITE_THROUGH_CAPACITY,
 };
@@ -88,6 +91,38 @@ struct Shared {
     /// Which files' changes are all durable, so their fsync needs no round trip
     /// (`write_through`).
     write_through: Mutex<WriteThrough>,
+    /// Sequential page-cache writes gathered behind those in flight (`write_combiner`).
+    write_combiner: Mutex<WriteCombiner<ReplyWrite>>,
+}
+
+/// Makes sure a combined write that was handed out is reported finished, also when its task
+/// panics: then everything gathered behind it is dropped, and fuser answers those requests EIO.
+struct CombinedWriteGuard<'a> {
+    shared: &'a Shared,
+    inode: u64,
+    finished: bool,
+}
+
+impl Drop for CombinedWriteGuard<'_> {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // Each batch handed out is finished once; bounded by the batches gathered. The lock is
+        // released before the replies are dropped (each drop answers the kernel).
+        loop {
+            let next = self.shared.write_combiner().finished(self.inode);
+            let Some(batch) = next else {
+                break;
+            };
+            tracing::error!(
+                inode = self.inode,
+                requests = batch.parts.len(),
+                "write task ended early; answering the writes gathered behind it with EIO"
+            );
+            drop(batch);
+        }
+    }
 }
 
 impl Shared {
@@ -104,6 +139,85 @@ impl Shared {
         self.recent_attributes
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write_combiner(&self) -> std::sync::MutexGuard<'_, WriteCombiner<ReplyWrite>> {
+        // Each operation is one map step: a poisoned lock is still consistent.
+        self.write_combiner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Sends one node write and answers every kernel request whose bytes it carries.
+    async fn send_write(
+        &self,
+        write: CombinedWrite<ReplyWrite>,
+        mode: WriteMode,
+        privileged_writer: bool,
+    ) {
+        let CombinedWrite {
+            inode,
+            offset_bytes,
+            data,
+            parts,
+        } = write;
+        let length_bytes = data.len() as u64;
+        let result = self
+            .client
+            .write(
+                &self.volume,
+                inode,
+                offset_bytes,
+                data.freeze(),
+                mode == WriteMode::Durable,
+            )
+            .await;
+        let answered_durable = matches!(&result, Ok(response) if response.durable);
+        {
+            // Each kernel request was counted as started on its own.
+            let mut write_through = self.write_through();
+            for _ in &parts {
+                write_through.write_finished(inode, mode, answered_durable);
+            }
+        }
+        let response = match result {
+            Ok(response) => response,
+            Err(error) => {
+                let errno = kernel_errno(&error);
+                for (reply, _) in parts {
+                    reply.error(errno);
+                }
+                return;
+            }
+        };
+        if let Some(attr) = response.attr.as_ref() {
+            self.recent_attributes()
+                .record_write(attr, std::time::Instant::now());
+        }
+        if let (false, Some(attr)) = (privileged_writer, response.attr.as_ref()) {
+            self.drop_privileges(attr).await;
+        }
+        // The node writes all or fails; should it ever answer short, the requests are answered
+        // in order with what it wrote, so no request claims bytes that were not written.
+        if u64::from(response.written_bytes) != length_bytes {
+            tracing::warn!(
+                inode,
+                offset_bytes,
+                length_bytes,
+                written_bytes = response.written_bytes,
+                "short write"
+            );
+        }
+        let mut remaining_bytes = response.written_bytes;
+        for (reply, part_bytes) in parts {
+            let answered_bytes = part_bytes.min(remaining_bytes);
+            remaining_bytes -= answered_bytes;
+            if answered_bytes == 0 {
+                reply.error(Errno::EIO);
+            } else {
+                reply.written(answered_bytes);
+            }
+        }
     }
 
     fn write_through(&self) -> std::sync::MutexGuard<'_, WriteThrough> {
@@ -191,6 +305,7 @@ impl BallastFilesystem {
                     settings.attribute_ttl,
                 )),
                 write_through: Mutex::new(WriteThrough::new(WRITE_THROUGH_CAPACITY)),
+                write_combiner: Mutex::new(WriteCombiner::default()),
             }),
             runtime,
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT_REQUEST_COUNT_MAX)),
@@ -661,43 +776,52 @@ impl Filesystem for BallastFilesystem {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        // The kernel's buffer is reused for the next request, so the data must be copied.
-        let data = Bytes::copy_from_slice(data);
         // Page-cache writes carry no trustworthy caller, so they count as unprivileged.
-        let privileged_writer =
-            request.uid() == 0 && !write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
+        let page_cache_write = write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
+        let privileged_writer = request.uid() == 0 && !page_cache_write;
+        let mode = self
+            .shared
+            .write_through()
+            .write_started(inode.0, data.len() as u64);
+        // Only the kernel's writeback is combined: it never has two writes of one page out at
+        // once, and none of them waits for its own answer the way a direct or durable write
+        // does (`write_combiner`).
+        let combinable =
+            page_cache_write && mode == WriteMode::Plain && data.len() <= COMBINED_WRITE_BYTES_MAX;
+        if !combinable {
+            // The kernel's buffer is reused for the next request, so the data is copied.
+            let write = CombinedWrite::alone(inode.0, offset_bytes, data, reply);
+            self.spawn(move |shared| async move {
+                shared.send_write(write, mode, privileged_writer).await;
+            });
+            return;
+        }
+        let admission = self
+            .shared
+            .write_combiner()
+            .offer(inode.0, offset_bytes, data, reply);
+        let Admission::Send(first) = admission else {
+            // Gathered behind a write in flight; its `finished` sends it.
+            return;
+        };
         self.spawn(move |shared| async move {
-            let mode = shared
-                .write_through()
-                .write_started(inode.0, data.len() as u64);
-            let result = shared
-                .client
-                .write(
-                    &shared.volume,
-                    inode.0,
-                    offset_bytes,
-                    data,
-                    mode == WriteMode::Durable,
-                )
-                .await;
-            let answered_durable = matches!(&result, Ok(response) if response.durable);
-            shared
-                .write_through()
-                .write_finished(inode.0, mode, answered_durable);
-            match result {
-                Ok(response) => {
-                    if let Some(attr) = response.attr.as_ref() {
-                        shared
-                            .recent_attributes()
-                            .record_write(attr, std::time::Instant::now());
-                    }
-                    if let (false, Some(attr)) = (privileged_writer, response.attr.as_ref()) {
-                        shared.drop_privileges(attr).await;
-                    }
-                    reply.written(response.written_bytes);
-                }
-                Err(error) => reply.error(kernel_errno(&error)),
+            // Answers with EIO, instead of never, whatever is gathered behind a write whose
+            // task ends without calling `finished` (a panic).
+            let mut guard = CombinedWriteGuard {
+                shared: &shared,
+                inode: first.inode,
+                finished: false,
+            };
+            let mut next = Some(first);
+            // Each pass answers at least one kernel request, and only new kernel requests
+            // gather more: bounded by the kernel's writes in flight.
+            while let Some(write) = next.take() {
+                shared
+                    .send_write(write, WriteMode::Plain, privileged_writer)
+                    .await;
+                next = shared.write_combiner().finished(guard.inode);
             }
+            guard.finished = true;
         });
     }
 

@@ -14,6 +14,7 @@ mod convert;
 mod filesystem;
 mod open_files;
 mod recent_attributes;
+mod write_combiner;
 mod write_through;
 
 use std::ffi::CString;

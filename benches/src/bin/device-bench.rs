@@ -6,8 +6,13 @@
 //! 4 KiB-aligned offsets from a fixed seed (fio: `--norandommap --randrepeat=1`), sequential
 //! 1 MiB transfers wrapping at the end of the file, a fixed duration (fio: `--time_based`), no
 //! ramp, no final flush on either side (the file is preallocated and written, so an `O_DIRECT`
-//! write leaves no metadata behind to sync). One submitting thread (a current-thread tokio
-//! runtime) plus the engine's ring thread, as fio's one job thread plus the kernel.
+//! write leaves no metadata behind to sync). One submitting thread plus the engine's ring
+//! thread, as fio's one job thread plus the kernel. The submitting thread is a multi-thread tokio
+//! runtime with one worker, the kind of runtime the storage node runs: it is woken by the ring
+//! thread without a syscall while it is busy, where a current-thread runtime takes an eventfd
+//! write for every answer (measured 2026-12-05, A/B interleaved: random writes 0.80-0.87× of fio
+//! with a current-thread runtime, 0.85-0.93× with this one). Every worker reuses one buffer for
+//! its reads and writes, as fio reuses its I/O buffers.
 //! Invariants: every loop ends at the deadline or at `--operation-count-max`, whichever first.
 
 use std::path::PathBuf;
@@ -89,8 +94,9 @@ async fn run_worker(plan: Arc<WorkloadPlan>, seed: u64) -> Result<u64> {
         let offset_bytes = slot * transfer_bytes as u64;
         match plan.workload {
             DeviceWorkload::RandomRead => {
-                plan.engine
-                    .read(offset_bytes, transfer_bytes)
+                buffer = plan
+                    .engine
+                    .read_into(offset_bytes, buffer)
                     .await
                     .with_context(|| format!("read at {offset_bytes}"))?;
             }
@@ -162,7 +168,8 @@ fn main() -> Result<()> {
         ring_entries: (queue_depth_max + 1).next_power_of_two().max(256) as u32,
         in_flight_max: queue_depth_max.max(128),
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .context("tokio runtime")?;
