@@ -482,6 +482,10 @@ async fn status(client: &BallastClient) -> anyhow::Result<()> {
         "detached writes  {} records in the log pin {} blocks",
         status.detached_record_count, status.detached_pinned_block_count
     );
+    println!(
+        "shared reads     {} into {} attached regions",
+        status.shared_read_count, status.shared_region_count
+    );
     if let Some(scrub) = &status.scrub {
         println!(
             "scrub            {} passes, {} blocks verified, {} errors, {} repaired, {} unrepairable{}",

@@ -24,6 +24,8 @@ pub use ballast_common::Errno;
 pub use ballast_proto::v1 as proto;
 pub use error::ClientError;
 pub use retry::{Idempotency, RetryPolicy};
+/// gRPC status codes, as `ClientError::code` gives them.
+pub use tonic::Code;
 
 use proto::admin_client::AdminClient;
 use proto::filesystem_client::FilesystemClient;
@@ -488,6 +490,67 @@ impl BallastClient {
                 "node unavailable; retrying");
             tokio::time::sleep(backoff).await;
         }
+    }
+
+    /// One attempt of a unary call on `endpoint`: no redirects, no retries.
+    async fn call_once<Request, Response, Attempt, AttemptFuture>(
+        &self,
+        method: &'static str,
+        endpoint: &str,
+        request: Request,
+        attempt: Attempt,
+    ) -> Result<Response, ClientError>
+    where
+        Attempt: FnOnce(Channel, tonic::Request<Request>) -> AttemptFuture,
+        AttemptFuture: Future<Output = Result<tonic::Response<Response>, tonic::Status>>,
+    {
+        let channel = self.routes.channel(endpoint)?;
+        let request_timeout = Duration::from_millis(self.options.request_timeout_ms);
+        let mut grpc_request = tonic::Request::new(request);
+        grpc_request.set_timeout(request_timeout);
+        match tokio::time::timeout(request_timeout, attempt(channel, grpc_request)).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(ClientError::from_status(&retry::normalize_timeout(status))),
+            Err(_elapsed) => Err(ClientError::from_status(&tonic::Status::deadline_exceeded(
+                format!(
+                    "{method}: no answer within {} ms",
+                    self.options.request_timeout_ms
+                ),
+            ))),
+        }
+    }
+
+    /// The first endpoint this client was given: for a FUSE driver, the node on its own host.
+    pub fn first_endpoint(&self) -> String {
+        self.routes.endpoints.lock().expect("endpoints lock")[0].clone()
+    }
+
+    /// `Admin.Status` of the node at `endpoint`, one attempt.
+    pub async fn status_at(&self, endpoint: &str) -> Result<proto::StatusResponse, ClientError> {
+        self.call_once(
+            "Status",
+            endpoint,
+            proto::StatusRequest {},
+            |channel, request| {
+                let mut client = admin_client(channel);
+                async move { client.status(request).await }
+            },
+        )
+        .await
+    }
+
+    /// `Filesystem.ReadShared` on the node at `endpoint` (the one the region is attached to),
+    /// one attempt and never redirected: on any error, read with [`BallastClient::read`].
+    pub async fn read_shared_at(
+        &self,
+        endpoint: &str,
+        request: proto::ReadSharedRequest,
+    ) -> Result<proto::ReadSharedResponse, ClientError> {
+        self.call_once("ReadShared", endpoint, request, |channel, request| {
+            let mut client = filesystem_client(channel);
+            async move { client.read_shared(request).await }
+        })
+        .await
     }
 
     // ---------------------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 //!
 //! Owns: small value types used by both the server side and the client side.
 //! Must not depend on: any other Ballast crate, any async runtime, any I/O.
-//! Invariants: everything here is pure and deterministic given its inputs, except `allocator`:
-//! one process-setup call (glibc `mallopt`) that the data-path binaries make at start.
+//! Invariants: everything here is pure and deterministic given its inputs, except `allocator`
+//! (one process-setup call, glibc `mallopt`, that the data-path binaries make at start) and
+//! `shared_region` (the memory a FUSE driver shares with its node, and the Unix-socket handover
+//! of its descriptor: both sides need the same wire form, and neither may depend on the other).
 
 pub mod allocator;
 pub mod checksum;
@@ -12,6 +14,7 @@ pub mod clock;
 pub mod errno;
 pub mod name;
 pub mod random;
+pub mod shared_region;
 
 pub use checksum::checksum;
 pub use clock::{Clock, ManualClock, SystemClock};

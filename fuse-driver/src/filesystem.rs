@@ -45,6 +45,7 @@ use crate::convert::{
 };
 use crate::open_files::{OpenFileTable, OrphanAction};
 use crate::recent_attributes::{RecentAttributes, RECENT_ATTRIBUTES_CAPACITY};
+use crate::shared_reads::{SharedReads, Unshared, SHARED_READ_BYTES_MAX};
 use crate::write_combiner::{Admission, CombinedWrite, WriteCombiner, COMBINED_WRITE_BYTES_MAX};
 use crate::write_through::{
     FsyncCoverage, FsyncPlan, WriteMode, WriteThrough, WRITE_THROUGH_CAPACITY,
@@ -77,6 +78,8 @@ pub struct MountSettings {
     pub volume: String,
     pub attribute_ttl: Duration,
     pub max_write_bytes: u32,
+    /// Read through memory shared with the node when it is on this host (`shared_reads`).
+    pub shared_reads: bool,
 }
 
 /// State shared by the session loop and the request tasks.
@@ -93,6 +96,9 @@ struct Shared {
     write_through: Mutex<WriteThrough>,
     /// Sequential page-cache writes gathered behind those in flight (`write_combiner`).
     write_combiner: Mutex<WriteCombiner<ReplyWrite>>,
+    /// Reads into memory shared with the node on this host (`shared_reads`); `None` when
+    /// turned off.
+    shared_reads: Option<SharedReads>,
 }
 
 /// Makes sure a combined write that was handed out is reported finished, also when its task
@@ -306,6 +312,7 @@ impl BallastFilesystem {
                 )),
                 write_through: Mutex::new(WriteThrough::new(WRITE_THROUGH_CAPACITY)),
                 write_combiner: Mutex::new(WriteCombiner::default()),
+                shared_reads: settings.shared_reads.then(SharedReads::new),
             }),
             runtime,
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT_REQUEST_COUNT_MAX)),
@@ -753,6 +760,36 @@ impl Filesystem for BallastFilesystem {
         reply: ReplyData,
     ) {
         self.spawn(move |shared| async move {
+            let mut reply = Some(reply);
+            if let (Some(shared_reads), true) = (
+                shared.shared_reads.as_ref(),
+                length_bytes <= SHARED_READ_BYTES_MAX,
+            ) {
+                let outcome = shared_reads
+                    .read(
+                        &shared.client,
+                        &shared.volume,
+                        inode.0,
+                        offset_bytes,
+                        length_bytes,
+                        |data| {
+                            if let Some(reply) = reply.take() {
+                                reply.data(data);
+                            }
+                        },
+                    )
+                    .await;
+                match outcome {
+                    Ok(()) => return,
+                    Err(Unshared::NotAttached) => {}
+                    Err(unshared) => {
+                        tracing::debug!(inode = inode.0, %unshared, "reading over gRPC instead")
+                    }
+                }
+            }
+            let Some(reply) = reply else {
+                return;
+            };
             match shared
                 .client
                 .read(&shared.volume, inode.0, offset_bytes, length_bytes)

@@ -14,6 +14,7 @@ mod convert;
 mod filesystem;
 mod open_files;
 mod recent_attributes;
+mod shared_reads;
 mod write_combiner;
 mod write_through;
 
@@ -68,6 +69,11 @@ struct Arguments {
     /// paused (the kernel's default for FUSE is 1).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=100))]
     dirty_ratio_percent: u8,
+    /// Read through memory shared with the node (attached over the local socket its status
+    /// names) when the first `--node` is on this host and leads the volume; reads go over gRPC
+    /// otherwise, and whenever a shared read fails.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    shared_reads: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -101,6 +107,7 @@ fn main() -> anyhow::Result<()> {
         volume: arguments.volume.clone(),
         attribute_ttl: Duration::from_millis(arguments.attribute_ttl_ms),
         max_write_bytes: arguments.max_write_bytes,
+        shared_reads: arguments.shared_reads,
     };
     let filesystem = BallastFilesystem::new(client, settings, runtime.handle().clone());
 

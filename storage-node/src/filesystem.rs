@@ -1196,24 +1196,97 @@ pub async fn read(
     offset_bytes: u64,
     length_bytes: u32,
 ) -> NodeResult<bytes::Bytes> {
+    let Some(plan) = plan_read(
+        storage,
+        container_id,
+        inode_number,
+        offset_bytes,
+        length_bytes,
+    )?
+    else {
+        return Ok(bytes::Bytes::new());
+    };
+    let blocks = storage
+        .read_file_blocks(&plan.references, plan.first, plan.last, &plan.context)
+        .await?;
+    Ok(blocks.slice(plan.start_in_buffer..plan.start_in_buffer + plan.length))
+}
+
+/// What a read of a file range needs: its blocks, their references, and where the asked bytes
+/// sit in a buffer of those blocks. `None` at or past the end of the file.
+struct ReadPlan {
+    first: u64,
+    last: u64,
+    references: Vec<(u64, BlockRef)>,
+    context: String,
+    start_in_buffer: usize,
+    length: usize,
+}
+
+fn plan_read(
+    storage: &NodeStorage,
+    container_id: u64,
+    inode_number: u64,
+    offset_bytes: u64,
+    length_bytes: u32,
+) -> NodeResult<Option<ReadPlan>> {
     let inode = get_inode(storage, container_id, inode_number)?;
     require_file(inode_number, &inode)?;
     let end = offset_bytes
         .saturating_add(length_bytes as u64)
         .min(inode.size_bytes);
     if offset_bytes >= end {
-        return Ok(bytes::Bytes::new());
+        return Ok(None);
     }
     let first = offset_bytes / BLOCK_SIZE;
     let last = (end - 1) / BLOCK_SIZE;
     let references = block_references_in(storage, container_id, inode_number, first, last)?;
-    let context = format!("container {container_id} inode {inode_number} blocks {first}..={last}");
-    let blocks = storage
-        .read_file_blocks(&references, first, last, &context)
-        .await?;
-    let start_in_buffer = (offset_bytes - first * BLOCK_SIZE) as usize;
-    let length = (end - offset_bytes) as usize;
-    Ok(blocks.slice(start_in_buffer..start_in_buffer + length))
+    Ok(Some(ReadPlan {
+        first,
+        last,
+        references,
+        context: format!("container {container_id} inode {inode_number} blocks {first}..={last}"),
+        start_in_buffer: (offset_bytes - first * BLOCK_SIZE) as usize,
+        length: (end - offset_bytes) as usize,
+    }))
+}
+
+/// Reads file bytes into a slot of a region shared with a driver (`shared_regions.rs`), as
+/// [`read`] does into a buffer of its own; returns where in the slot the bytes start and how
+/// many there are (0 at or past the end of the file). Fails with `InvalidArgument` when the
+/// blocks do not fit in the slot.
+pub async fn read_shared(
+    storage: &NodeStorage,
+    container_id: u64,
+    inode_number: u64,
+    offset_bytes: u64,
+    length_bytes: u32,
+    slot: crate::shared_regions::Slot,
+) -> NodeResult<(usize, usize)> {
+    let Some(plan) = plan_read(
+        storage,
+        container_id,
+        inode_number,
+        offset_bytes,
+        length_bytes,
+    )?
+    else {
+        return Ok((0, 0));
+    };
+    let blocks_bytes = (plan.last - plan.first + 1) as usize * BLOCK_SIZE as usize;
+    let buffer = slot.lend(blocks_bytes)?;
+    drop(
+        storage
+            .read_file_blocks_into(
+                &plan.references,
+                plan.first,
+                plan.last,
+                buffer,
+                &plan.context,
+            )
+            .await?,
+    );
+    Ok((plan.start_in_buffer, plan.length))
 }
 
 /// The container's state header (quota, usage, inode counts).

@@ -37,6 +37,7 @@ pub mod raft_network;
 pub mod records;
 pub mod scrub;
 pub mod service;
+pub mod shared_regions;
 pub mod snapshot;
 pub mod snapshot_spool;
 pub mod space;

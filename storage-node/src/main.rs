@@ -26,6 +26,8 @@ struct Arguments {
 }
 
 #[derive(Subcommand, Debug)]
+// Parsed once at start-up: the size of the value does not matter.
+#[allow(clippy::large_enum_variant)]
 enum NodeCommand {
     /// Writes a fresh superblock and empty log to a device or file (its size is kept).
     Format {
@@ -92,6 +94,11 @@ enum NodeCommand {
         /// happens when a device fills up regardless.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         space_relief: bool,
+        /// Unix socket on which FUSE drivers of this host attach memory they share with the
+        /// node, so reads skip gRPC's copies (default: `local.sock` in the state directory;
+        /// `off` serves none).
+        #[arg(long, default_value = "")]
+        local_socket: String,
     },
 }
 
@@ -153,42 +160,57 @@ fn main() -> anyhow::Result<()> {
             quiesce_idle_ms,
             detached_write_bytes_min,
             space_relief,
+            local_socket,
         } => {
+            let local_socket = match local_socket.as_str() {
+                "off" => None,
+                "" => Some(state_dir.join("local.sock")),
+                path => Some(PathBuf::from(path)),
+            };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(run(NodeConfig {
-                device_path: device,
-                state_directory: state_dir,
-                listen_address: listen,
-                advertise_address: advertise.unwrap_or_else(|| format!("http://{listen}")),
-                join_address: join,
-                join_secret,
-                labels: labels.into_iter().collect(),
-                checkpoint_interval_ms: checkpoint_interval_ms.max(100),
-                // Below a few heartbeat rounds a busy node would be mistaken for a lost one.
-                down_grace_ms: down_grace_ms.max(1_000),
-                scrub: scrub::ScrubConfig {
-                    rate_bytes_per_second: scrub_rate_bytes_per_second,
-                    interval_ms: scrub_interval_ms,
+            runtime.block_on(run(
+                local_socket,
+                NodeConfig {
+                    device_path: device,
+                    state_directory: state_dir,
+                    listen_address: listen,
+                    advertise_address: advertise.unwrap_or_else(|| format!("http://{listen}")),
+                    join_address: join,
+                    join_secret,
+                    labels: labels.into_iter().collect(),
+                    checkpoint_interval_ms: checkpoint_interval_ms.max(100),
+                    // Below a few heartbeat rounds a busy node would be mistaken for a lost one.
+                    down_grace_ms: down_grace_ms.max(1_000),
+                    scrub: scrub::ScrubConfig {
+                        rate_bytes_per_second: scrub_rate_bytes_per_second,
+                        interval_ms: scrub_interval_ms,
+                    },
+                    quiescence: ballast_storage_node::quiescence::QuiescenceConfig {
+                        idle_ms: quiesce_idle_ms,
+                    },
+                    detached_write_bytes_min,
+                    move_policy: ballast_storage_node::placement::MovePolicy {
+                        relieve_short_of_space: space_relief,
+                    },
                 },
-                quiescence: ballast_storage_node::quiescence::QuiescenceConfig {
-                    idle_ms: quiesce_idle_ms,
-                },
-                detached_write_bytes_min,
-                move_policy: ballast_storage_node::placement::MovePolicy {
-                    relieve_short_of_space: space_relief,
-                },
-            }))
+            ))
         }
     }
 }
 
-async fn run(config: NodeConfig) -> anyhow::Result<()> {
+async fn run(local_socket: Option<PathBuf>, config: NodeConfig) -> anyhow::Result<()> {
     let listen = config.listen_address;
     let node = StorageNode::open(config)
         .await
         .context("opening the storage node")?;
+    if let Some(path) = &local_socket {
+        // Without it drivers read over gRPC as before: worth a warning, not a failure.
+        if let Err(error) = node.shared_regions().serve(path, node.node_id()) {
+            tracing::warn!(path = %path.display(), %error, "cannot serve the local socket");
+        }
+    }
     let admin = AdminServer::new(AdminService::new(node.clone()))
         .max_decoding_message_size(MESSAGE_SIZE_BYTES_MAX)
         .max_encoding_message_size(MESSAGE_SIZE_BYTES_MAX);

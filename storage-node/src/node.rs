@@ -115,6 +115,8 @@ pub struct StorageNode {
     quiescence: crate::quiescence::Quiescence,
     /// What the filesystem service did to make data durable (shown by `ballast status`).
     sync_counters: SyncCounters,
+    /// Memory shared with FUSE drivers on this host (`shared_regions.rs`).
+    shared_regions: Arc<crate::shared_regions::SharedRegions>,
     /// Replicas restarted after a fatal error that may not campaign yet (`election_hold.rs`).
     election_holds: std::sync::Mutex<crate::election_hold::ElectionHolds>,
     /// Replicas their nodes reported as failing again and again; the mover replaces them while
@@ -230,6 +232,7 @@ impl StorageNode {
             scrubber: crate::scrub::Scrubber::new(config_scrub),
             quiescence: crate::quiescence::Quiescence::new(superblock.node_id, config_quiescence),
             sync_counters: SyncCounters::default(),
+            shared_regions: Arc::default(),
             election_holds: std::sync::Mutex::new(Default::default()),
             failing_replicas: std::sync::Mutex::new(Default::default()),
         });
@@ -289,6 +292,10 @@ impl StorageNode {
 
     pub fn quiescence(&self) -> &crate::quiescence::Quiescence {
         &self.quiescence
+    }
+
+    pub fn shared_regions(&self) -> &Arc<crate::shared_regions::SharedRegions> {
+        &self.shared_regions
     }
 
     pub fn sync_counters(&self) -> &SyncCounters {

@@ -599,11 +599,37 @@ impl NodeStorage {
         let length_bytes = ((last - first + 1) as usize) * BLOCK_SIZE_BYTES;
         // A pooled buffer holds stale bytes: every block of it is overwritten below, by a
         // device read or with zeros.
-        let mut buffer = if length_bytes == crate::buffer_pool::POOLED_BUFFER_BYTES {
+        let buffer = if length_bytes == crate::buffer_pool::POOLED_BUFFER_BYTES {
             self.buffer_pool.for_whole_read()
         } else {
             AlignedBuffer::new_zeroed(length_bytes)
         };
+        let buffer = self
+            .read_file_blocks_into(references, first, last, buffer, context)
+            .await?;
+        Ok(crate::buffer_pool::bytes_returning_to(
+            buffer,
+            &self.buffer_pool,
+        ))
+    }
+
+    /// [`Self::read_file_blocks`] into `buffer`, exactly the blocks' length, whose every byte
+    /// is overwritten (a device read or zeros) before it is given back: also a buffer lent from
+    /// memory shared with a driver (`shared_regions.rs`).
+    pub async fn read_file_blocks_into(
+        &self,
+        references: &[(u64, BlockRef)],
+        first: u64,
+        last: u64,
+        mut buffer: AlignedBuffer,
+        context: &str,
+    ) -> NodeResult<AlignedBuffer> {
+        assert!(first <= last);
+        assert_eq!(
+            buffer.len(),
+            ((last - first + 1) as usize) * BLOCK_SIZE_BYTES,
+            "one buffer block per file block"
+        );
         let position_bytes = |file_block: u64| ((file_block - first) as usize) * BLOCK_SIZE_BYTES;
         let mut next_block = first;
         let mut index = 0;
@@ -651,10 +677,7 @@ impl NodeStorage {
             index += run;
         }
         buffer[position_bytes(next_block)..].fill(0);
-        Ok(crate::buffer_pool::bytes_returning_to(
-            buffer,
-            &self.buffer_pool,
-        ))
+        Ok(buffer)
     }
 
     /// Checks each block of `buffer` (one per reference) against its reference's CRC: a

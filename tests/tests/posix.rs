@@ -1144,3 +1144,99 @@ fn sequential_page_cache_writes_are_combined_and_read_back_intact() {
         (CHUNK_COUNT * CHUNK_BYTES) as u64
     );
 }
+
+/// `ballast status`'s shared-reads line: (reads served into shared regions, regions attached).
+fn shared_read_counts(node: &LocalNode) -> (u64, u64) {
+    let status = node.cli(&["status"]).unwrap();
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("shared reads"))
+        .unwrap_or_else(|| panic!("no shared reads line in {status}"));
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    assert_eq!(numbers.len(), 2, "shared reads line: {line}");
+    (numbers[0], numbers[1])
+}
+
+/// Reads all of `path` with O_DIRECT (every read goes to the driver) in 1 MiB requests.
+fn read_direct(path: &Path) -> Vec<u8> {
+    const CHUNK_BYTES: usize = 1 << 20;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    let layout = std::alloc::Layout::from_size_align(CHUNK_BYTES, 4096).unwrap();
+    // SAFETY: the layout has non-zero size; the buffer is freed below with the same layout.
+    let buffer = unsafe { std::alloc::alloc_zeroed(layout) };
+    assert!(!buffer.is_null());
+    // SAFETY: `buffer` points to CHUNK_BYTES initialised bytes that we own until dealloc.
+    let chunk = unsafe { std::slice::from_raw_parts_mut(buffer, CHUNK_BYTES) };
+    let mut content = Vec::new();
+    // Bounded by the file's size: each pass reads at least one byte or ends.
+    loop {
+        let read = file.read_at(chunk, content.len() as u64).unwrap();
+        if read == 0 {
+            break;
+        }
+        content.extend_from_slice(&chunk[..read]);
+    }
+    // SAFETY: same pointer and layout as the allocation above.
+    unsafe { std::alloc::dealloc(buffer, layout) };
+    content
+}
+
+#[test]
+fn reads_go_through_memory_shared_with_the_node_and_match_what_was_written() {
+    // The driver shares a region of memory with its node (the node's local socket); the node
+    // reads file blocks into it and the driver answers the kernel from it. The bytes must be
+    // exactly those written, holes and a short tail included; with `--shared-reads false` the
+    // same reads go over gRPC and the node's count of shared reads stays where it was.
+    let Some((mut node, mount)) = setup("1GiB") else {
+        return;
+    };
+    let path = mount.join("shared");
+    let mut expected: Vec<u8> = (0..12u8)
+        .flat_map(|index| pattern(1 << 20, index))
+        .collect();
+    expected.extend_from_slice(&pattern(5000, 99));
+    let file = File::create(&path).unwrap();
+    file.write_all_at(&expected, 0).unwrap();
+    // A hole from the end of that to 20 MiB, then a few bytes.
+    file.write_all_at(b"tail", 20 << 20).unwrap();
+    file.sync_all().unwrap();
+    drop(file);
+    expected.resize(20 << 20, 0);
+    expected.extend_from_slice(b"tail");
+
+    let (reads_before, _) = shared_read_counts(&node);
+    let content = read_direct(&path);
+    assert!(content == expected, "shared reads returned other bytes");
+    let (reads, regions) = shared_read_counts(&node);
+    assert_eq!(regions, 1, "the driver attached one region");
+    assert!(
+        reads - reads_before >= 21,
+        "21 MiB read in 1 MiB requests, {} through shared memory",
+        reads - reads_before
+    );
+
+    let endpoint = node.endpoint();
+    let plain = node
+        .mount_with(
+            "posix",
+            &endpoint,
+            None,
+            &["--shared-reads", "false"],
+            "-plain",
+        )
+        .unwrap();
+    let content = read_direct(&plain.join("shared"));
+    assert!(content == expected, "reads over gRPC returned other bytes");
+    assert_eq!(
+        shared_read_counts(&node).0,
+        reads,
+        "a driver with shared reads off read through shared memory"
+    );
+}

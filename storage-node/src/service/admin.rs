@@ -364,6 +364,13 @@ impl Admin for AdminService {
                 let statistics = node.device().engine().statistics();
                 statistics.flushes + statistics.durable_writes
             },
+            shared_region_count: node.shared_regions().attached_count() as u32,
+            shared_read_count: node.shared_regions().read_count(),
+            local_socket_path: node
+                .shared_regions()
+                .socket_path()
+                .map(|path| path.display().to_string())
+                .unwrap_or_default(),
         }))
     }
 

@@ -361,6 +361,52 @@ impl Filesystem for FilesystemService {
         Ok(Response::new(proto::ReadResponse { data }))
     }
 
+    async fn read_shared(
+        &self,
+        request: Request<proto::ReadSharedRequest>,
+    ) -> Result<Response<proto::ReadSharedResponse>, Status> {
+        let request = request.into_inner();
+        if request.length_bytes as usize > IO_LENGTH_BYTES_MAX {
+            return Err(fs_status(FsError::invalid(format!(
+                "read of {} bytes is too large",
+                request.length_bytes
+            ))));
+        }
+        // Never redirected: the region lives on this node, so a follower's answer is an error
+        // the driver meets by reading over gRPC instead. Checksum errors are not repaired
+        // here either; `Read` repairs them.
+        let container_id = self.container(&request.volume).await?;
+        if self.node.leading_raft(container_id).await.is_err() {
+            return Err(Status::failed_precondition(
+                "this node does not lead the volume; read it with Read",
+            ));
+        }
+        let slot = self
+            .node
+            .shared_regions()
+            .slot(
+                request.region_id,
+                request.slot_offset_bytes,
+                request.slot_bytes,
+            )
+            .map_err(node_status)?;
+        let (data_offset_bytes, length_bytes) = fs::read_shared(
+            self.node.storage(),
+            container_id,
+            request.inode,
+            request.offset_bytes,
+            request.length_bytes,
+            slot,
+        )
+        .await
+        .map_err(node_status)?;
+        self.node.shared_regions().count_read();
+        Ok(Response::new(proto::ReadSharedResponse {
+            data_offset_bytes: data_offset_bytes as u32,
+            length_bytes: length_bytes as u32,
+        }))
+    }
+
     async fn write(
         &self,
         request: Request<proto::WriteRequest>,
