@@ -180,6 +180,9 @@ impl SharedRegions {
     /// the accept loop, and one per attached driver, at most [`SHARED_REGIONS_MAX`].
     pub fn serve(self: &Arc<Self>, path: &Path, node_id: u64) -> std::io::Result<()> {
         self.node_id.store(node_id, Ordering::Relaxed);
+        if let Some(directory) = path.parent() {
+            std::fs::create_dir_all(directory)?;
+        }
         match std::fs::remove_file(path) {
             Ok(()) => {}
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}

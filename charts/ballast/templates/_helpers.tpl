@@ -213,3 +213,10 @@ the first of storage.nodes, else none (every storage node founds its own one-nod
 {{- define "ballast.joinSecretName" -}}
 {{- default (printf "%s-join" (include "ballast.fullname" .)) .Values.storage.cluster.joinSecretName -}}
 {{- end -}}
+
+{{/* The host directory of the storage node's local socket (shared reads): mounted at the same
+path into the storage node and into the pod that runs ballast-fuse, so the path the node reports
+in its status resolves there too. */}}
+{{- define "ballast.localSocketDir" -}}
+{{- printf "%s/local" (trimSuffix "/" .Values.storage.hostPath) }}
+{{- end }}
