@@ -150,17 +150,6 @@ impl SharedRegion {
         NonNull::new(unsafe { self.pointer.as_ptr().add(offset_bytes) })
     }
 
-    /// Copies `length_bytes` from `offset_bytes` out of the region (`None` when outside it).
-    pub fn copy_out(&self, offset_bytes: usize, length_bytes: usize) -> Option<Vec<u8>> {
-        let pointer = self.pointer_at(offset_bytes, length_bytes)?;
-        let mut copy = vec![0u8; length_bytes];
-        // SAFETY: the range lies inside the mapping (checked above) and `copy` is a separate
-        // allocation of that length. The other process may write to the range concurrently
-        // only if it breaks the slot protocol; the copy then holds whatever bytes it saw.
-        unsafe { std::ptr::copy_nonoverlapping(pointer.as_ptr(), copy.as_mut_ptr(), length_bytes) };
-        Some(copy)
-    }
-
     /// Runs `use_bytes` on `length_bytes` of the region from `offset_bytes` (`None` when
     /// outside it), for a caller that owns that range by the slot protocol.
     pub fn with_bytes<T>(
@@ -376,12 +365,10 @@ mod tests {
         assert_eq!(region.send(&mut driver).unwrap(), (77, 3));
         let received = receiver.join().unwrap();
         assert_eq!(received.len(), region.len());
-        assert_eq!(region.copy_out(4096, 4096).unwrap(), vec![0xAB; 4096]);
-        assert_eq!(region.copy_out(0, 4096).unwrap(), vec![0; 4096]);
-        assert!(
-            region.copy_out(3 * 4096, 4097).is_none(),
-            "outside the region"
-        );
+        let copy = |offset, length| region.with_bytes(offset, length, |bytes| bytes.to_vec());
+        assert_eq!(copy(4096, 4096).unwrap(), vec![0xAB; 4096]);
+        assert_eq!(copy(0, 4096).unwrap(), vec![0; 4096]);
+        assert!(copy(3 * 4096, 4097).is_none(), "outside the region");
         assert_eq!(
             region.with_bytes(4096, 2, |bytes| bytes.to_vec()).unwrap(),
             vec![0xAB; 2]

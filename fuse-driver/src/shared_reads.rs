@@ -65,7 +65,8 @@ pub struct SharedReads {
 /// Why a shared read did not happen; the caller reads over gRPC.
 #[derive(Debug)]
 pub enum Unshared {
-    /// No region is attached (the node serves no local socket, or is on another host).
+    /// No region is attached (the node serves no local socket, or is on another host), or
+    /// shared reads are paused after the node said it does not lead the volume.
     NotAttached,
     /// The node refused or failed (not the leader, unknown region, a bad block...).
     Refused(ClientError),

@@ -22,6 +22,16 @@ use crate::records::VolumeRecord;
 /// Largest read or write served in one request (the FUSE driver sends at most 1 MiB).
 const IO_LENGTH_BYTES_MAX: usize = 16 << 20;
 
+/// Refuses a read longer than [`IO_LENGTH_BYTES_MAX`].
+fn check_read_length(length_bytes: u32) -> Result<(), Status> {
+    if length_bytes as usize > IO_LENGTH_BYTES_MAX {
+        return Err(fs_status(FsError::invalid(format!(
+            "read of {length_bytes} bytes is too large"
+        ))));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone)]
 pub struct FilesystemService {
     node: Arc<StorageNode>,
@@ -316,12 +326,7 @@ impl Filesystem for FilesystemService {
         request: Request<proto::ReadRequest>,
     ) -> Result<Response<proto::ReadResponse>, Status> {
         let request = request.into_inner();
-        if request.length_bytes as usize > IO_LENGTH_BYTES_MAX {
-            return Err(fs_status(FsError::invalid(format!(
-                "read of {} bytes is too large",
-                request.length_bytes
-            ))));
-        }
+        check_read_length(request.length_bytes)?;
         let container_id = self.read_container(&request.volume).await?;
         let read = || {
             fs::read(
@@ -366,12 +371,7 @@ impl Filesystem for FilesystemService {
         request: Request<proto::ReadSharedRequest>,
     ) -> Result<Response<proto::ReadSharedResponse>, Status> {
         let request = request.into_inner();
-        if request.length_bytes as usize > IO_LENGTH_BYTES_MAX {
-            return Err(fs_status(FsError::invalid(format!(
-                "read of {} bytes is too large",
-                request.length_bytes
-            ))));
-        }
+        check_read_length(request.length_bytes)?;
         // Never redirected: the region lives on this node, so a follower's answer is an error
         // the driver meets by reading over gRPC instead. Checksum errors are not repaired
         // here either; `Read` repairs them.
