@@ -44,6 +44,7 @@ use io_uring::{opcode, types, IoUring};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::direct_ring::DirectRing;
+use crate::thread_ring::{BlockingGuard, Finished, Started, ThreadRingStatistics, ThreadRings};
 use crate::{AlignedBuffer, DeviceError, BLOCK_SIZE_BYTES};
 
 /// `_IOR(0x12, 114, size_t)`: size of a block device in bytes.
@@ -55,6 +56,10 @@ const TRANSFER_PIECE_BYTES_MAX: usize = 1 << 30;
 /// Retries of `EINTR`/`EAGAIN` completions before giving up on an operation.
 const RETRY_COUNT_MAX: u32 = 64;
 
+/// Default [`EngineOptions::thread_ring_count_max`]: a runtime's workers and a few blocking
+/// threads on a small machine.
+pub const THREAD_RING_COUNT_MAX_DEFAULT: usize = 8;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineOptions {
     /// Submission queue size of the ring: a power of two greater than `in_flight_max` (one entry
@@ -62,6 +67,11 @@ pub struct EngineOptions {
     pub ring_entries: u32,
     /// Most operations handed to the kernel at once; further requests wait in the channel.
     pub in_flight_max: usize,
+    /// Most thread rings (see [`crate::thread_ring`]): reads and writes asked for by tokio tasks
+    /// go to the kernel from the task's own thread on a ring of that thread, up to this many
+    /// threads; 0 sends everything through the engine thread. The runtimes of those tasks need
+    /// their I/O driver enabled (`enable_io`).
+    pub thread_ring_count_max: usize,
 }
 
 impl Default for EngineOptions {
@@ -69,6 +79,7 @@ impl Default for EngineOptions {
         EngineOptions {
             ring_entries: 256,
             in_flight_max: 128,
+            thread_ring_count_max: THREAD_RING_COUNT_MAX_DEFAULT,
         }
     }
 }
@@ -115,6 +126,7 @@ impl std::fmt::Debug for Engine {
 struct EngineShared {
     /// `None` only during drop, to close the channel before joining the thread.
     sender: Option<mpsc::Sender<Request>>,
+    thread_rings: ThreadRings,
     wakeup: Arc<Wakeup>,
     statistics: Arc<StatisticsCounters>,
     size_bytes: u64,
@@ -126,6 +138,8 @@ struct EngineShared {
 
 impl Drop for EngineShared {
     fn drop(&mut self) {
+        // Thread rings take no new transfers and end once empty (their buffers are theirs).
+        self.thread_rings.close();
         // Closing the channel tells the thread to finish in-flight work and exit; the wake-up
         // gets it out of `submit_and_wait` to notice.
         drop(self.sender.take());
@@ -174,7 +188,7 @@ impl Wakeup {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OperationKind {
+pub(crate) enum OperationKind {
     Read,
     Write,
     WriteDurable,
@@ -230,7 +244,7 @@ impl Engine {
             path: path.to_owned(),
             source: Arc::new(source),
         };
-        let file = open_device_file(path).map_err(open_error)?;
+        let file = Arc::new(open_device_file(path).map_err(open_error)?);
         let size_bytes = device_size_bytes(&file).map_err(open_error)?;
 
         // SAFETY: plain syscall with constant flags; the result is checked before use.
@@ -245,6 +259,11 @@ impl Engine {
             armed: AtomicBool::new(false),
         });
         let statistics = Arc::new(StatisticsCounters::default());
+        let thread_rings = ThreadRings::new(
+            file.clone(),
+            statistics.clone(),
+            options.thread_ring_count_max,
+        );
         // The channel holds at most one ring's worth of waiting requests beyond those in flight.
         let (sender, receiver) = mpsc::channel(options.ring_entries as usize);
         // The ring is created on the engine thread: with IORING_SETUP_SINGLE_ISSUER the creating
@@ -307,6 +326,7 @@ impl Engine {
         Ok(Engine {
             shared: Arc::new(EngineShared {
                 sender: Some(sender),
+                thread_rings,
                 wakeup,
                 statistics,
                 size_bytes,
@@ -387,6 +407,13 @@ impl Engine {
             buffer.len()
         );
         self.check_range(offset_bytes, window.len())?;
+        let buffer = match self
+            .try_thread_ring(OperationKind::Read, offset_bytes, buffer, window.clone())
+            .await
+        {
+            Ok(done) => return Ok(done),
+            Err(again) => again,
+        };
         let (reply, answer) = oneshot::channel();
         self.enqueue(Request {
             kind: OperationKind::Read,
@@ -440,8 +467,15 @@ impl Engine {
         buffer: AlignedBuffer,
     ) -> Result<AlignedBuffer, DeviceError> {
         self.check_range(offset_bytes, buffer.len())?;
-        let (reply, answer) = oneshot::channel();
         let window = 0..buffer.len();
+        let buffer = match self
+            .try_thread_ring(kind, offset_bytes, buffer, window.clone())
+            .await
+        {
+            Ok(done) => return Ok(done),
+            Err(again) => again,
+        };
+        let (reply, answer) = oneshot::channel();
         self.enqueue(Request {
             kind,
             offset_bytes,
@@ -455,6 +489,33 @@ impl Engine {
 
     fn check_range(&self, offset_bytes: u64, length_bytes: usize) -> Result<(), DeviceError> {
         check_transfer_range(offset_bytes, length_bytes, self.shared.size_bytes)
+    }
+
+    /// Does the transfer on the calling thread's ring when it can: `Ok` with the buffer once
+    /// done whole, `Err` with the buffer for the engine thread to do (declined, or not whole).
+    async fn try_thread_ring(
+        &self,
+        kind: OperationKind,
+        offset_bytes: u64,
+        buffer: AlignedBuffer,
+        window: std::ops::Range<usize>,
+    ) -> Result<AlignedBuffer, AlignedBuffer> {
+        match self
+            .shared
+            .thread_rings
+            .start(kind, offset_bytes, buffer, window)
+        {
+            Started::Declined(buffer) => Err(buffer),
+            Started::Submitted(transfer) => match transfer.await {
+                Finished::Done(buffer) => Ok(buffer),
+                Finished::Again(buffer) => Err(buffer),
+            },
+        }
+    }
+
+    /// The thread rings' counters (see [`EngineOptions::thread_ring_count_max`]).
+    pub fn thread_ring_statistics(&self) -> ThreadRingStatistics {
+        self.shared.thread_rings.statistics()
     }
 
     async fn enqueue(&self, request: Request) -> Result<(), DeviceError> {
@@ -613,7 +674,7 @@ fn completions_to_wait_for(in_flight: usize) -> usize {
 struct Worker {
     ring: IoUring,
     /// Kept open for as long as the ring may use it (also when registered).
-    file: File,
+    file: Arc<File>,
     target: Target,
     path: PathBuf,
     wakeup: Arc<Wakeup>,
@@ -934,6 +995,8 @@ pub(crate) fn block_on<F: Future>(future: F) -> F::Output {
     // after ~128 channel operations and never refilled (we never yield to the runtime), making
     // every poll return Pending and wake at once: a busy loop. `unconstrained` opts out.
     let mut future = std::pin::pin!(tokio::task::unconstrained(future));
+    // This thread parks outside the runtime: a thread ring's reaper might have to run here.
+    let _blocking = BlockingGuard::enter();
     loop {
         if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
             return output;
@@ -1025,6 +1088,8 @@ mod tests {
             EngineOptions {
                 ring_entries: 8,
                 in_flight_max: 4,
+                // The engine thread's own limit is under test.
+                thread_ring_count_max: 0,
             },
         )
         .unwrap();
@@ -1076,6 +1141,7 @@ mod tests {
         let options = EngineOptions {
             ring_entries: 8,
             in_flight_max: 8,
+            ..EngineOptions::default()
         };
         assert!(matches!(
             Engine::open(file.path(), options),
@@ -1126,20 +1192,22 @@ mod tests {
         const BLOCK_COUNT: u64 = 1024;
         for (index, setup) in RING_SETUPS.iter().enumerate() {
             let file = scratch_file(BLOCK_COUNT * 4096);
-            let engine = match Engine::open_with_setups(
-                file.path(),
-                EngineOptions::default(),
-                &RING_SETUPS[index..=index],
-            ) {
-                Ok(engine) => engine,
-                Err(DeviceError::Open { source, .. })
-                    if source.raw_os_error() == Some(libc::EINVAL) =>
-                {
-                    eprintln!("kernel refuses {setup:?}; skipped");
-                    continue;
-                }
-                Err(error) => panic!("{setup:?}: {error}"),
+            // Every transfer through the engine thread, whose ring setup is under test.
+            let options = EngineOptions {
+                thread_ring_count_max: 0,
+                ..EngineOptions::default()
             };
+            let engine =
+                match Engine::open_with_setups(file.path(), options, &RING_SETUPS[index..=index]) {
+                    Ok(engine) => engine,
+                    Err(DeviceError::Open { source, .. })
+                        if source.raw_os_error() == Some(libc::EINVAL) =>
+                    {
+                        eprintln!("kernel refuses {setup:?}; skipped");
+                        continue;
+                    }
+                    Err(error) => panic!("{setup:?}: {error}"),
+                };
             assert!(format!("{engine:?}").contains(&format!("{setup:?}")));
             let pattern = |block: u64, byte: usize| (block as usize * 31 + byte) as u8;
             let mut tasks = Vec::new();

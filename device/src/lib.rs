@@ -3,7 +3,8 @@
 //! Layout of a device: two superblock copies (blocks 0 and 1, reserved up to 1 MiB), the log
 //! region (a circular multi-group Raft log in segments, from 1 MiB), then the data region of
 //! 4096-byte blocks. All I/O goes through io_uring with `O_DIRECT`: the shared engine thread,
-//! and the log writer's own ring (`DirectRing`).
+//! rings of the tokio threads that ask for transfers (`thread_ring`), and the log writer's own
+//! ring (`DirectRing`).
 //!
 //! Owns: the superblock, the log store, the block store and block allocator, the I/O engine.
 //! Must not depend on: Raft, RocksDB or any service crate; callers bring their own meaning.
@@ -19,6 +20,7 @@ pub mod engine;
 pub mod error;
 pub mod log_store;
 pub mod superblock;
+pub mod thread_ring;
 
 /// The unit of every transfer and of the data region.
 pub const BLOCK_SIZE_BYTES: usize = 4096;
@@ -31,3 +33,4 @@ pub use engine::{Engine, EngineOptions, EngineStatistics};
 pub use error::DeviceError;
 pub use log_store::{GroupLogState, LogEntry, LogRecord, LogStore};
 pub use superblock::Superblock;
+pub use thread_ring::ThreadRingStatistics;

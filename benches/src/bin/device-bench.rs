@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use ballast_benches::{DeviceWorkload, WorkloadResult};
 use ballast_common::random::{Random, SplitMix64};
+use ballast_device::engine::THREAD_RING_COUNT_MAX_DEFAULT;
 use ballast_device::{AlignedBuffer, Engine, EngineOptions, BLOCK_SIZE_BYTES};
 use clap::Parser;
 
@@ -50,6 +51,10 @@ struct Arguments {
     /// Seed of the random offsets (fixed by default, so runs repeat).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Most thread rings of the engine (`EngineOptions::thread_ring_count_max`); 0 sends every
+    /// transfer through the engine thread, for comparison.
+    #[arg(long, default_value_t = THREAD_RING_COUNT_MAX_DEFAULT)]
+    thread_ring_count_max: usize,
     /// Upper bound on operations per workload, in case the duration alone is not enough.
     #[arg(long, default_value_t = 1_000_000_000)]
     operation_count_max: u64,
@@ -167,6 +172,7 @@ fn main() -> Result<()> {
     let options = EngineOptions {
         ring_entries: (queue_depth_max + 1).next_power_of_two().max(256) as u32,
         in_flight_max: queue_depth_max.max(128),
+        thread_ring_count_max: arguments.thread_ring_count_max,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
