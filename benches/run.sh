@@ -23,7 +23,7 @@
 #
 # Parameters (environment; defaults are the spec values):
 #   BALLAST_BENCH_DIR     backing directory for every file of both sides (default /var/tmp)
-#   DEVICE_SECONDS=15  DEVICE_FILE_SIZE=2G  DEVICE_RANDOM_QUEUE_DEPTH=32  DEVICE_SEQUENTIAL_QUEUE_DEPTH=8
+#   DEVICE_SECONDS=5  DEVICE_ROUNDS=3  DEVICE_FILE_SIZE=2G  DEVICE_RANDOM_QUEUE_DEPTH=32  DEVICE_SEQUENTIAL_QUEUE_DEPTH=8
 #   FUSE_SEQUENTIAL_SIZE=1G  FUSE_FSYNC_SIZE=64M  FUSE_FSYNC_SECONDS=15
 #   SYSBENCH_TIME=60  SYSBENCH_TABLES=4  SYSBENCH_TABLE_SIZE=100000  SYSBENCH_THREADS=4
 #   STARTUP_SIZES_GIB="1 10"  FAILOVER_ROUNDS=10  MOVE_SIZE=2G  IDLE_CONTAINERS=200  IDLE_SECONDS=20
@@ -46,7 +46,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ballast/target}"
 binary_directory="${BALLAST_BENCH_BIN_DIR:-$CARGO_TARGET_DIR/release}"
 
 bench_root="${BALLAST_BENCH_DIR:-/var/tmp}"
-device_seconds="${DEVICE_SECONDS:-15}"
+device_seconds="${DEVICE_SECONDS:-5}"
+device_rounds="${DEVICE_ROUNDS:-3}"
 device_file_size="${DEVICE_FILE_SIZE:-2G}"
 device_random_queue_depth="${DEVICE_RANDOM_QUEUE_DEPTH:-32}"
 device_sequential_queue_depth="${DEVICE_SEQUENTIAL_QUEUE_DEPTH:-8}"
@@ -181,6 +182,7 @@ table_end() { # title
 }
 
 round() { awk -v v="$1" -v d="${2:-1}" 'BEGIN { printf "%.*f", d, v }'; }
+median() { printf '%s\n' "$@" | sort -g | awk '{ values[NR] = $1 } END { print values[int((NR + 1) / 2)] }'; }
 now_seconds() { date +%s.%N; }
 elapsed_since() { awk -v s="$1" -v e="$(date +%s.%N)" 'BEGIN { printf "%.2f", e - s }'; }
 
@@ -301,31 +303,49 @@ section_device() {
 
     local common=(--filename="$file" --size="$device_file_size" --ioengine=io_uring --direct=1
         --time_based --runtime="$device_seconds" --norandommap --randrepeat=1 --group_reporting)
-    local ballast fio_value
     table_begin
+    # Each test runs in $device_rounds rounds, the two sides alternating and the side that goes
+    # first swapping every round; the table shows each side's median, the notes every value.
+    # One run each showed the device's own swings (fio alone: 200,000-236,000 random reads a
+    # second in one hour) and an order bias.
+    local workload fio_arguments ballast_field fio_field_expression label decimals round_index
+    for workload in random-write random-read sequential-write; do
+        case $workload in
+            random-write)
+                fio_arguments=(--name=randwrite --rw=randwrite --bs=4k --iodepth="$device_random_queue_depth")
+                ballast_field=.operations_per_second fio_field_expression='.jobs[0].write.iops'
+                label="4 KiB random write QD$device_random_queue_depth (IOPS)" decimals=0 ;;
+            random-read)
+                fio_arguments=(--name=randread --rw=randread --bs=4k --iodepth="$device_random_queue_depth")
+                ballast_field=.operations_per_second fio_field_expression='.jobs[0].read.iops'
+                label="4 KiB random read QD$device_random_queue_depth (IOPS)" decimals=0 ;;
+            sequential-write)
+                fio_arguments=(--name=write --rw=write --bs=1M --iodepth="$device_sequential_queue_depth")
+                ballast_field=.megabytes_per_second fio_field_expression='.jobs[0].write.bw_bytes / 1e6'
+                label="1 MiB sequential write QD$device_sequential_queue_depth (MB/s)" decimals=1 ;;
+        esac
+        local ballast_values=() fio_values=()
+        for round_index in $(seq 1 "$device_rounds"); do
+            local order=(ballast fio) side
+            if [ $((round_index % 2)) = 0 ]; then order=(fio ballast); fi
+            for side in "${order[@]}"; do
+                if [ "$side" = ballast ]; then
+                    device_bench --file "$file" --workload "$workload" \
+                        --random-queue-depth "$device_random_queue_depth" \
+                        --sequential-queue-depth "$device_sequential_queue_depth" \
+                        --duration-seconds "$device_seconds"
+                    ballast_values+=("$(round "$(jq -r "$ballast_field" <<<"$device_line")" "$decimals")")
+                else
+                    fio_json "${fio_arguments[@]}" "${common[@]}"
+                    fio_values+=("$(round "$(fio_field "$fio_field_expression")" "$decimals")")
+                fi
+            done
+        done
+        table_row "$label" "$(median "${ballast_values[@]}")" "$(median "${fio_values[@]}")" "≥ 0.9×"
+        note "device $workload, every round (ballast / fio): ${ballast_values[*]} / ${fio_values[*]}"
+    done
 
-    device_bench --file "$file" --workload random-write \
-        --random-queue-depth "$device_random_queue_depth" --duration-seconds "$device_seconds"
-    ballast=$(jq -r '.operations_per_second' <<<"$device_line")
-    fio_json --name=randwrite --rw=randwrite --bs=4k --iodepth="$device_random_queue_depth" "${common[@]}"
-    fio_value=$(fio_field '.jobs[0].write.iops')
-    table_row "4 KiB random write QD$device_random_queue_depth (IOPS)" "$(round "$ballast" 0)" "$(round "$fio_value" 0)" "≥ 0.9×"
-
-    device_bench --file "$file" --workload random-read \
-        --random-queue-depth "$device_random_queue_depth" --duration-seconds "$device_seconds"
-    ballast=$(jq -r '.operations_per_second' <<<"$device_line")
-    fio_json --name=randread --rw=randread --bs=4k --iodepth="$device_random_queue_depth" "${common[@]}"
-    fio_value=$(fio_field '.jobs[0].read.iops')
-    table_row "4 KiB random read QD$device_random_queue_depth (IOPS)" "$(round "$ballast" 0)" "$(round "$fio_value" 0)" "≥ 0.9×"
-
-    device_bench --file "$file" --workload sequential-write \
-        --sequential-queue-depth "$device_sequential_queue_depth" --duration-seconds "$device_seconds"
-    ballast=$(jq -r '.megabytes_per_second' <<<"$device_line")
-    fio_json --name=write --rw=write --bs=1M --iodepth="$device_sequential_queue_depth" "${common[@]}"
-    fio_value=$(fio_field '.jobs[0].write.bw_bytes / 1e6')
-    table_row "1 MiB sequential write QD$device_sequential_queue_depth (MB/s)" "$(round "$ballast")" "$(round "$fio_value")" "≥ 0.9×"
-
-    table_end "device engine vs fio (io_uring, O_DIRECT, ${device_file_size} file, ${device_seconds} s each)"
+    table_end "device engine vs fio (io_uring, O_DIRECT, ${device_file_size} file, medians of ${device_rounds} alternating rounds of ${device_seconds} s)"
     rm -f "$file"
 }
 
@@ -793,7 +813,7 @@ results_file="$results_directory/$(date -u -d "$run_date" '+%Y-%m-%dT%H%M%SZ').m
     # The binaries may be another build than the checkout (BALLAST_BENCH_BIN_DIR, for A/B runs).
     echo "- binaries: $binary_directory (ballast-node modified $(date -u -r "$binary_directory/ballast-node" '+%Y-%m-%dT%H:%M:%SZ'))"
     echo "- tools: $(fio --version), $(sysbench --version), $(mariadbd --version | head -n 1)"
-    echo "- parameters: DEVICE_SECONDS=$device_seconds DEVICE_FILE_SIZE=$device_file_size" \
+    echo "- parameters: DEVICE_SECONDS=$device_seconds DEVICE_ROUNDS=$device_rounds DEVICE_FILE_SIZE=$device_file_size" \
         "DEVICE_RANDOM_QUEUE_DEPTH=$device_random_queue_depth DEVICE_SEQUENTIAL_QUEUE_DEPTH=$device_sequential_queue_depth" \
         "FUSE_SEQUENTIAL_SIZE=$fuse_sequential_size FUSE_FSYNC_SIZE=$fuse_fsync_size FUSE_FSYNC_SECONDS=$fuse_fsync_seconds" \
         "SYSBENCH_TIME=$sysbench_time SYSBENCH_TABLES=$sysbench_tables SYSBENCH_TABLE_SIZE=$sysbench_table_size" \
