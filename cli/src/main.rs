@@ -486,6 +486,7 @@ async fn status(client: &BallastClient) -> anyhow::Result<()> {
         "shared reads     {} into {} attached regions",
         status.shared_read_count, status.shared_region_count
     );
+    println!("shared writes    {}", status.shared_write_count);
     if let Some(scrub) = &status.scrub {
         println!(
             "scrub            {} passes, {} blocks verified, {} errors, {} repaired, {} unrepairable{}",

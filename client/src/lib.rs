@@ -553,6 +553,21 @@ impl BallastClient {
         .await
     }
 
+    /// `Filesystem.WriteShared` on the node at `endpoint` (the one the region is attached to),
+    /// one attempt and never redirected: on any error, write with [`BallastClient::write`]
+    /// (writing the same bytes at the same offset again is harmless).
+    pub async fn write_shared_at(
+        &self,
+        endpoint: &str,
+        request: proto::WriteSharedRequest,
+    ) -> Result<proto::WriteResponse, ClientError> {
+        self.call_once("WriteShared", endpoint, request, |channel, request| {
+            let mut client = filesystem_client(channel);
+            async move { client.write_shared(request).await }
+        })
+        .await
+    }
+
     // ---------------------------------------------------------------------------------------
     // Admin service.
     // ---------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@
 //!
 //! The driver creates the region (a sealed memfd), maps it, and hands the descriptor to the node
 //! over a Unix socket (`SCM_RIGHTS`); the node maps the same pages. A read then names a slot of
-//! the region; the node reads the device blocks into it and answers with where the bytes are.
+//! the region; the node reads the device blocks into it and answers with where the bytes are. A
+//! write names a slot the driver filled; the node copies the bytes out once before it looks at
+//! them.
 //!
 //! Owns: creating, sealing, mapping and unmapping the region, and passing its descriptor.
 //! Must not depend on: gRPC, the node or the driver.
@@ -164,6 +166,23 @@ impl SharedRegion {
         // which the other process writes only before it answers for it.
         let bytes = unsafe { std::slice::from_raw_parts(pointer.as_ptr(), length_bytes) };
         Some(use_bytes(bytes))
+    }
+
+    /// Runs `fill` on `length_bytes` of the region from `offset_bytes` (`None` when outside it),
+    /// for a caller that owns that range by the slot protocol and fills it for the other side.
+    pub fn with_bytes_mut<T>(
+        &self,
+        offset_bytes: usize,
+        length_bytes: usize,
+        fill: impl FnOnce(&mut [u8]) -> T,
+    ) -> Option<T> {
+        let pointer = self.pointer_at(offset_bytes, length_bytes)?;
+        // SAFETY: inside the mapping (checked above), initialised, mapped read-write. The
+        // borrow ends with the call. The range is the caller's slot: in this process nobody
+        // else uses it meanwhile, and the other process reads it only after it was asked to,
+        // which happens after this call.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(pointer.as_ptr(), length_bytes) };
+        Some(fill(bytes))
     }
 
     /// Sends the region's descriptor and size over `stream` and reads back the receiver's

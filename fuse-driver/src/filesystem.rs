@@ -45,7 +45,7 @@ use crate::convert::{
 };
 use crate::open_files::{OpenFileTable, OrphanAction};
 use crate::recent_attributes::{RecentAttributes, RECENT_ATTRIBUTES_CAPACITY};
-use crate::shared_reads::{SharedReads, Unshared, SHARED_READ_BYTES_MAX};
+use crate::shared_memory::{SharedMemory, Unshared, SHARED_READ_BYTES_MAX, SHARED_WRITE_BYTES_MAX};
 use crate::write_combiner::{Admission, CombinedWrite, WriteCombiner, COMBINED_WRITE_BYTES_MAX};
 use crate::write_through::{
     FsyncCoverage, FsyncPlan, WriteMode, WriteThrough, WRITE_THROUGH_CAPACITY,
@@ -78,8 +78,9 @@ pub struct MountSettings {
     pub volume: String,
     pub attribute_ttl: Duration,
     pub max_write_bytes: u32,
-    /// Read through memory shared with the node when it is on this host (`shared_reads`).
-    pub shared_reads: bool,
+    /// Read and write through memory shared with the node when it is on this host
+    /// (`shared_memory`).
+    pub shared_memory: bool,
 }
 
 /// State shared by the session loop and the request tasks.
@@ -96,9 +97,9 @@ struct Shared {
     write_through: Mutex<WriteThrough>,
     /// Sequential page-cache writes gathered behind those in flight (`write_combiner`).
     write_combiner: Mutex<WriteCombiner<ReplyWrite>>,
-    /// Reads into memory shared with the node on this host (`shared_reads`); `None` when
-    /// turned off.
-    shared_reads: Option<SharedReads>,
+    /// Reads and writes through memory shared with the node on this host (`shared_memory`);
+    /// `None` when turned off.
+    shared_memory: Option<SharedMemory>,
 }
 
 /// Makes sure a combined write that was handed out is reported finished, also when its task
@@ -168,16 +169,38 @@ impl Shared {
             parts,
         } = write;
         let length_bytes = data.len() as u64;
-        let result = self
-            .client
-            .write(
-                &self.volume,
-                inode,
-                offset_bytes,
-                data.freeze(),
-                mode == WriteMode::Durable,
-            )
-            .await;
+        let durable = mode == WriteMode::Durable;
+        let mut result = None;
+        if let (Some(shared_memory), true) = (
+            self.shared_memory.as_ref(),
+            data.len() <= SHARED_WRITE_BYTES_MAX,
+        ) {
+            match shared_memory
+                .write(
+                    &self.client,
+                    &self.volume,
+                    inode,
+                    offset_bytes,
+                    &data,
+                    durable,
+                )
+                .await
+            {
+                Ok(response) => result = Some(Ok(response)),
+                Err(Unshared::NotAttached) => {}
+                Err(unshared) => {
+                    tracing::debug!(inode, %unshared, "writing over gRPC instead")
+                }
+            }
+        }
+        let result = match result {
+            Some(result) => result,
+            None => {
+                self.client
+                    .write(&self.volume, inode, offset_bytes, data.freeze(), durable)
+                    .await
+            }
+        };
         let answered_durable = matches!(&result, Ok(response) if response.durable);
         {
             // Each kernel request was counted as started on its own.
@@ -312,7 +335,7 @@ impl BallastFilesystem {
                 )),
                 write_through: Mutex::new(WriteThrough::new(WRITE_THROUGH_CAPACITY)),
                 write_combiner: Mutex::new(WriteCombiner::default()),
-                shared_reads: settings.shared_reads.then(SharedReads::new),
+                shared_memory: settings.shared_memory.then(SharedMemory::new),
             }),
             runtime,
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT_REQUEST_COUNT_MAX)),
@@ -761,11 +784,11 @@ impl Filesystem for BallastFilesystem {
     ) {
         self.spawn(move |shared| async move {
             let mut reply = Some(reply);
-            if let (Some(shared_reads), true) = (
-                shared.shared_reads.as_ref(),
+            if let (Some(shared_memory), true) = (
+                shared.shared_memory.as_ref(),
                 length_bytes <= SHARED_READ_BYTES_MAX,
             ) {
-                let outcome = shared_reads
+                let outcome = shared_memory
                     .read(
                         &shared.client,
                         &shared.volume,

@@ -14,7 +14,7 @@ mod convert;
 mod filesystem;
 mod open_files;
 mod recent_attributes;
-mod shared_reads;
+mod shared_memory;
 mod write_combiner;
 mod write_through;
 
@@ -69,11 +69,12 @@ struct Arguments {
     /// paused (the kernel's default for FUSE is 1).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=100))]
     dirty_ratio_percent: u8,
-    /// Read through memory shared with the node (attached over the local socket its status
-    /// names) when the first `--node` is on this host and leads the volume; reads go over gRPC
-    /// otherwise, and whenever a shared read fails.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    shared_reads: bool,
+    /// Read and write through memory shared with the node (attached over the local socket its
+    /// status names) when the first `--node` is on this host (for reads: and leads the volume);
+    /// reads and writes go over gRPC otherwise, and whenever a shared one fails.
+    /// `--shared-reads` is the older name.
+    #[arg(long, alias = "shared-reads", default_value_t = true, action = clap::ArgAction::Set)]
+    shared_memory: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -107,7 +108,7 @@ fn main() -> anyhow::Result<()> {
         volume: arguments.volume.clone(),
         attribute_ttl: Duration::from_millis(arguments.attribute_ttl_ms),
         max_write_bytes: arguments.max_write_bytes,
-        shared_reads: arguments.shared_reads,
+        shared_memory: arguments.shared_memory,
     };
     let filesystem = BallastFilesystem::new(client, settings, runtime.handle().clone());
 

@@ -1,5 +1,6 @@
 //! Memory regions shared with FUSE drivers on this host, so a read's bytes go from the device
-//! into the driver's memory without passing through gRPC (`Filesystem.ReadShared`).
+//! into the driver's memory without passing through gRPC (`Filesystem.ReadShared`), and a
+//! write's bytes come from the driver's memory with one copy (`Filesystem.WriteShared`).
 //!
 //! A driver connects to the node's local socket (`--local-socket`), sends a sealed memfd
 //! (`ballast_common::shared_region`), and gets back a random id. The region stays attached
@@ -16,6 +17,9 @@
 //! - A slot is page aligned and inside its region; a lent buffer over it holds the region (an
 //!   `Arc`) for as long as the device may write into it, so a driver that detaches mid-read
 //!   cannot unmap memory the kernel still writes.
+//! - A write's bytes are copied out of the slot once ([`Slot::copy_out`]) before anything looks
+//!   at them: the driver could change the slot at any time, so checksums, the prewrite and the
+//!   Raft entry all see the node's own copy, never the shared memory.
 //! - Ids are random 64-bit numbers from the kernel: another local process that can reach the
 //!   gRPC port cannot name a region it was not given.
 
@@ -44,6 +48,8 @@ pub struct SharedRegions {
     regions: Mutex<HashMap<u64, Arc<SharedRegion>>>,
     /// Reads served into shared regions since the node started (shown by `ballast status`).
     read_count: AtomicU64,
+    /// Writes whose bytes came from shared regions since the node started.
+    write_count: AtomicU64,
     /// The local socket, once it is served (drivers learn it from `Admin.Status`).
     socket_path: Mutex<Option<std::path::PathBuf>>,
     /// This node's id, told to attaching drivers (set by `serve`).
@@ -80,6 +86,27 @@ impl Slot {
         // buffer's life. Within this node nothing else uses the slot while one read owns it;
         // the driver owning the region writes a slot only before it asks for a read into it.
         Ok(unsafe { AlignedBuffer::lent(pointer, length_bytes, lender) })
+    }
+}
+
+impl Slot {
+    /// A copy of the first `length_bytes` of the slot: the bytes of a write the driver put there.
+    pub fn copy_out(&self, length_bytes: usize) -> NodeResult<bytes::Bytes> {
+        if length_bytes > self.length_bytes {
+            return Err(FsError::invalid(format!(
+                "a write of {length_bytes} bytes does not fit a {}-byte slot",
+                self.length_bytes
+            ))
+            .into());
+        }
+        Ok(self
+            .region
+            .with_bytes(
+                self.offset_bytes,
+                length_bytes,
+                bytes::Bytes::copy_from_slice,
+            )
+            .expect("slots lie inside their region (checked when made)"))
     }
 }
 
@@ -127,6 +154,15 @@ impl SharedRegions {
 
     pub fn read_count(&self) -> u64 {
         self.read_count.load(Ordering::Relaxed)
+    }
+
+    /// Counts one write whose bytes came from a shared region.
+    pub fn count_write(&self) {
+        self.write_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn write_count(&self) -> u64 {
+        self.write_count.load(Ordering::Relaxed)
     }
 
     fn node_id(&self) -> u64 {

@@ -1160,6 +1160,19 @@ fn shared_read_counts(node: &LocalNode) -> (u64, u64) {
     (numbers[0], numbers[1])
 }
 
+/// `ballast status`'s shared-writes line: writes whose bytes came from shared regions.
+fn shared_write_count(node: &LocalNode) -> u64 {
+    let status = node.cli(&["status"]).unwrap();
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("shared writes"))
+        .unwrap_or_else(|| panic!("no shared writes line in {status}"));
+    line.split_whitespace()
+        .filter_map(|field| field.parse().ok())
+        .next()
+        .unwrap_or_else(|| panic!("no count in {line}"))
+}
+
 /// Reads all of `path` with O_DIRECT (every read goes to the driver) in 1 MiB requests.
 fn read_direct(path: &Path) -> Vec<u8> {
     const CHUNK_BYTES: usize = 1 << 20;
@@ -1192,7 +1205,7 @@ fn read_direct(path: &Path) -> Vec<u8> {
 fn reads_go_through_memory_shared_with_the_node_and_match_what_was_written() {
     // The driver shares a region of memory with its node (the node's local socket); the node
     // reads file blocks into it and the driver answers the kernel from it. The bytes must be
-    // exactly those written, holes and a short tail included; with `--shared-reads false` the
+    // exactly those written, holes and a short tail included; with `--shared-memory false` the
     // same reads go over gRPC and the node's count of shared reads stays where it was.
     let Some((mut node, mount)) = setup("1GiB") else {
         return;
@@ -1228,7 +1241,7 @@ fn reads_go_through_memory_shared_with_the_node_and_match_what_was_written() {
             "posix",
             &endpoint,
             None,
-            &["--shared-reads", "false"],
+            &["--shared-memory", "false"],
             "-plain",
         )
         .unwrap();
@@ -1239,4 +1252,71 @@ fn reads_go_through_memory_shared_with_the_node_and_match_what_was_written() {
         reads,
         "a driver with shared reads off read through shared memory"
     );
+}
+
+#[test]
+fn writes_go_through_memory_shared_with_the_node_and_read_back_intact() {
+    // The driver copies a write's bytes into a write slot of the region it shares with its
+    // node, and the node copies them out once. Sequential page-cache writes (combined up to
+    // 4 MiB), unaligned writes and a durable file's writes must all land exactly, as a second
+    // driver with `--shared-memory false` (reads over gRPC) sees them; its own writes do not
+    // count as shared.
+    let Some((mut node, mount)) = setup("1GiB") else {
+        return;
+    };
+    let writes_before = shared_write_count(&node);
+    let path = mount.join("shared-writes");
+    let mut expected: Vec<u8> = (0..24u8)
+        .flat_map(|index| pattern(1 << 20, index))
+        .collect();
+    let file = File::create(&path).unwrap();
+    for (index, chunk) in expected.chunks(1 << 20).enumerate() {
+        file.write_all_at(chunk, (index << 20) as u64).unwrap();
+    }
+    // Unaligned, overlapping two chunks, and a tail past the end.
+    let odd = pattern(70_001, 200);
+    file.write_all_at(&odd, 3_000_123).unwrap();
+    expected[3_000_123..3_000_123 + odd.len()].copy_from_slice(&odd);
+    file.write_all_at(b"end", expected.len() as u64 + 10)
+        .unwrap();
+    expected.extend_from_slice(&[0; 10]);
+    expected.extend_from_slice(b"end");
+    file.sync_all().unwrap();
+    drop(file);
+    let shared_writes = shared_write_count(&node) - writes_before;
+    assert!(
+        shared_writes >= 6,
+        "24 MiB written in page-cache writes of up to 4 MiB, {shared_writes} through shared memory"
+    );
+
+    let endpoint = node.endpoint();
+    let plain = node
+        .mount_with(
+            "posix",
+            &endpoint,
+            None,
+            &["--shared-memory", "false"],
+            "-plain",
+        )
+        .unwrap();
+    let content = read_direct(&plain.join("shared-writes"));
+    assert!(
+        content == expected,
+        "bytes written through shared memory read back otherwise over gRPC"
+    );
+
+    // The other way: written over gRPC, read through shared memory.
+    let counted = shared_write_count(&node);
+    let other = pattern(3 << 20, 7);
+    fs::write(plain.join("grpc-writes"), &other).unwrap();
+    File::open(plain.join("grpc-writes"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    assert_eq!(
+        shared_write_count(&node),
+        counted,
+        "a driver with shared memory off wrote through it"
+    );
+    assert!(read_direct(&mount.join("grpc-writes")) == other);
 }

@@ -366,6 +366,7 @@ impl Admin for AdminService {
             },
             shared_region_count: node.shared_regions().attached_count() as u32,
             shared_read_count: node.shared_regions().read_count(),
+            shared_write_count: node.shared_regions().write_count(),
             local_socket_path: node
                 .shared_regions()
                 .socket_path()

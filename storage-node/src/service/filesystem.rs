@@ -22,6 +22,16 @@ use crate::records::VolumeRecord;
 /// Largest read or write served in one request (the FUSE driver sends at most 1 MiB).
 const IO_LENGTH_BYTES_MAX: usize = 16 << 20;
 
+/// Refuses a write longer than [`IO_LENGTH_BYTES_MAX`].
+fn check_write_length(length_bytes: usize) -> Result<(), Status> {
+    if length_bytes > IO_LENGTH_BYTES_MAX {
+        return Err(fs_status(FsError::invalid(format!(
+            "write of {length_bytes} bytes is too large"
+        ))));
+    }
+    Ok(())
+}
+
 /// Refuses a read longer than [`IO_LENGTH_BYTES_MAX`].
 fn check_read_length(length_bytes: u32) -> Result<(), Status> {
     if length_bytes as usize > IO_LENGTH_BYTES_MAX {
@@ -38,6 +48,85 @@ pub struct FilesystemService {
 }
 
 impl FilesystemService {
+    /// `Write` and `WriteShared` once the bytes are the node's own.
+    async fn write_data(
+        &self,
+        volume: &str,
+        inode: u64,
+        offset_bytes: u64,
+        data: bytes::Bytes,
+        durable: bool,
+    ) -> Result<proto::WriteResponse, Status> {
+        // A durable write makes its container's appends durable while it is proposed, so its
+        // own append is flushed (with the group commit of the log) instead of a separate flush
+        // after the apply.
+        let record = self.volume_record(volume).await?;
+        let durable_appends = if durable {
+            self.node.request_durable_appends(record.container_id).await
+        } else {
+            None
+        };
+        // A write refused for too few replicas should not cost a device write first.
+        self.node
+            .check_minimum_replication(&record)
+            .await
+            .map_err(node_status)?;
+        let prewritten = self
+            .node
+            .prewrite(record.container_id, offset_bytes, &data)
+            .await
+            .map_err(node_status)?;
+        let command = FilesystemCommand::Write {
+            inode,
+            offset_bytes,
+            data,
+            now_ns: self.node.now_ns(),
+            prewritten,
+        };
+        // Minimum replication was checked above (before the prewrite); propose directly.
+        let proposed = self
+            .node
+            .propose(record.container_id, Command::Filesystem(command))
+            .await
+            .map_err(node_status)?;
+        let (written_bytes, inode, attributes) = match proposed {
+            CommandResponse::Written {
+                written_bytes,
+                inode,
+                attributes,
+            } => (written_bytes, inode, attributes),
+            other => return Err(unexpected(other)),
+        };
+        // The write is applied, so its entry is in this node's log. It is durable if it was
+        // appended under the guard, on the log the container still has (a restart of the group
+        // in between would have replaced it). Otherwise one log flush (the same one an fsync
+        // does) makes it, and everything applied before it, durable. The caller then owes no
+        // fsync for it.
+        if durable {
+            let appended_durably = match &durable_appends {
+                Some(guard) => {
+                    self.node
+                        .durable_appends_still_current(record.container_id, guard)
+                        .await
+                }
+                None => false,
+            };
+            drop(durable_appends);
+            if !appended_durably {
+                self.node.flush_log().await.map_err(node_status)?;
+            }
+            self.node
+                .sync_counters()
+                .durable_write_count
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(proto::WriteResponse {
+            written_bytes,
+            attr: Some(attr(inode, &attributes)),
+            durable,
+        })
+    }
+
     pub fn new(node: Arc<StorageNode>) -> Self {
         Self { node }
     }
@@ -412,80 +501,50 @@ impl Filesystem for FilesystemService {
         request: Request<proto::WriteRequest>,
     ) -> Result<Response<proto::WriteResponse>, Status> {
         let request = request.into_inner();
-        if request.data.len() > IO_LENGTH_BYTES_MAX {
-            return Err(fs_status(FsError::invalid(format!(
-                "write of {} bytes is too large",
-                request.data.len()
-            ))));
-        }
-        // A durable write makes its container's appends durable while it is proposed, so its
-        // own append is flushed (with the group commit of the log) instead of a separate flush
-        // after the apply.
-        let record = self.volume_record(&request.volume).await?;
-        let durable_appends = if request.durable {
-            self.node.request_durable_appends(record.container_id).await
-        } else {
-            None
-        };
-        // A write refused for too few replicas should not cost a device write first.
-        self.node
-            .check_minimum_replication(&record)
-            .await
-            .map_err(node_status)?;
-        let prewritten = self
+        check_write_length(request.data.len())?;
+        let response = self
+            .write_data(
+                &request.volume,
+                request.inode,
+                request.offset_bytes,
+                request.data,
+                request.durable,
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn write_shared(
+        &self,
+        request: Request<proto::WriteSharedRequest>,
+    ) -> Result<Response<proto::WriteResponse>, Status> {
+        let request = request.into_inner();
+        check_write_length(request.length_bytes as usize)?;
+        let slot = self
             .node
-            .prewrite(record.container_id, request.offset_bytes, &request.data)
-            .await
+            .shared_regions()
+            .slot(
+                request.region_id,
+                request.slot_offset_bytes,
+                request.slot_bytes,
+            )
             .map_err(node_status)?;
-        let command = FilesystemCommand::Write {
-            inode: request.inode,
-            offset_bytes: request.offset_bytes,
-            data: request.data,
-            now_ns: self.node.now_ns(),
-            prewritten,
-        };
-        // Minimum replication was checked above (before the prewrite); propose directly.
-        let proposed = self
-            .node
-            .propose(record.container_id, Command::Filesystem(command))
-            .await
+        // The node's own copy: the driver could change the slot at any time.
+        let data = slot
+            .copy_out(request.length_bytes as usize)
             .map_err(node_status)?;
-        let (written_bytes, inode, attributes) = match proposed {
-            CommandResponse::Written {
-                written_bytes,
-                inode,
-                attributes,
-            } => (written_bytes, inode, attributes),
-            other => return Err(unexpected(other)),
-        };
-        // The write is applied, so its entry is in this node's log. It is durable if it was
-        // appended under the guard, on the log the container still has (a restart of the group
-        // in between would have replaced it). Otherwise one log flush (the same one an fsync
-        // does) makes it, and everything applied before it, durable. The caller then owes no
-        // fsync for it.
-        if request.durable {
-            let appended_durably = match &durable_appends {
-                Some(guard) => {
-                    self.node
-                        .durable_appends_still_current(record.container_id, guard)
-                        .await
-                }
-                None => false,
-            };
-            drop(durable_appends);
-            if !appended_durably {
-                self.node.flush_log().await.map_err(node_status)?;
-            }
-            self.node
-                .sync_counters()
-                .durable_write_count
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(Response::new(proto::WriteResponse {
-            written_bytes,
-            attr: Some(attr(inode, &attributes)),
-            durable: request.durable,
-        }))
+        drop(slot);
+        let response = self
+            .write_data(
+                &request.volume,
+                request.inode,
+                request.offset_bytes,
+                data,
+                request.durable,
+            )
+            .await?;
+        self.node.shared_regions().count_write();
+        Ok(Response::new(response))
     }
 
     async fn fallocate(

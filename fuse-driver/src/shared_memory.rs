@@ -1,24 +1,30 @@
-//! `SharedReads`: reads whose bytes the node puts straight into memory shared with this driver.
+//! `SharedMemory`: reads whose bytes the node puts straight into memory shared with this
+//! driver, and writes whose bytes the node takes from it.
 //!
 //! Why: over gRPC every byte of a read is copied five times between the device and the page
 //! cache (prost's encoding, the socket both ways, tonic gathering the frames, the FUSE reply),
 //! which bounds sequential reads on 2 cores at about 1 GB/s (profiles of 2026-12-05,
-//! `docs/architecture.md`). When the volume's leader is the node on this host, the driver
-//! shares a region of memory with it (`ballast_common::shared_region`, attached over the node's
-//! local socket, which `Admin.Status` names); a read then names a slot of the region, the node
-//! reads the device blocks into the slot and checks them there, and the driver answers the
-//! kernel from the slot: one copy instead of five.
+//! `docs/architecture.md`); a write pays the same on its way in (in a profile of the node under
+//! a sequential write, the socket copy and tonic's gathering were 18 % of its CPU). When the
+//! node on this host serves a local socket (`Admin.Status` names it), the driver shares a
+//! region of memory with it (`ballast_common::shared_region`). A read names a read slot: the
+//! node (when it leads the volume) reads the device blocks into the slot and checks them there,
+//! and the driver answers the kernel from the slot: one copy instead of five. A write copies
+//! its bytes into a write slot and names it: the node copies them out once and writes them as
+//! `Write` does (forwarding to the leader like any write).
 //!
 //! Owns: the attachment (region, its id, the socket that keeps it attached) and the slots.
 //! Must not depend on: FUSE (callers answer the kernel from the bytes handed to them).
 //! Invariants:
-//! - A slot is used by one read at a time: taken from the free list under a semaphore with one
-//!   permit per slot, given back when the bytes have been used.
-//! - The node writes a slot only while the driver waits for its `ReadShared` answer, and the
-//!   driver reads the slot only after that answer; the answer's range is checked to lie in the
-//!   slot and in what was asked.
-//! - Any failure is the caller's cue to read over gRPC; the bytes of a failed read are never
-//!   used. A node that lost the attachment (restarted) is re-attached at most once per
+//! - A slot is used by one request at a time: taken from its pool's free list under a
+//!   semaphore with one permit per slot, given back when the request is over.
+//! - For a read, the node writes the slot only while the driver waits for its `ReadShared`
+//!   answer, and the driver reads the slot only after that answer; the answer's range is
+//!   checked to lie in the slot and in what was asked. For a write, the driver fills the slot
+//!   before it asks and leaves it alone until the answer.
+//! - Any failure is the caller's cue to go over gRPC; the bytes of a failed read are never
+//!   used, and a failed write is sent again whole (the same bytes at the same offset). A node
+//!   that lost the attachment (restarted) is re-attached at most once per
 //!   [`REATTACH_INTERVAL_MS`].
 
 use std::os::unix::net::UnixStream;
@@ -32,10 +38,16 @@ use tokio::sync::Semaphore;
 
 /// Largest read served through a slot: the kernel's largest read request (1 MiB).
 pub const SHARED_READ_BYTES_MAX: u32 = 1 << 20;
-/// A slot holds the blocks of the largest read at any offset: one block more than the read.
-const SLOT_BYTES: usize = SHARED_READ_BYTES_MAX as usize + 4096;
+/// A read slot holds the blocks of the largest read at any offset: one block more than the read.
+const READ_SLOT_BYTES: usize = SHARED_READ_BYTES_MAX as usize + 4096;
 /// Reads in flight through shared memory at once; further reads wait for a slot.
-const SLOT_COUNT: usize = 32;
+const READ_SLOT_COUNT: usize = 32;
+/// Largest write sent through a slot: a combined write (`write_combiner.rs`).
+pub const SHARED_WRITE_BYTES_MAX: usize = crate::write_combiner::COMBINED_WRITE_BYTES_MAX;
+const WRITE_SLOT_BYTES: usize = SHARED_WRITE_BYTES_MAX;
+/// Writes in flight through shared memory at once; further writes wait for a slot.
+const WRITE_SLOT_COUNT: usize = 8;
+const _: () = assert!(WRITE_SLOT_BYTES % 4096 == 0 && READ_SLOT_BYTES % 4096 == 0);
 /// Least time between attempts to attach a region.
 pub const REATTACH_INTERVAL_MS: u64 = 5_000;
 /// After the node said it does not lead the volume, reads go over gRPC for this long before
@@ -50,12 +62,36 @@ struct Attached {
     endpoint: String,
     /// Kept open: the node detaches the region when it closes.
     _stream: UnixStream,
+    /// Read slots first, then write slots, in one region.
+    reads: SlotPool,
+    writes: SlotPool,
+}
+
+/// Equal slots of one region, from `first_offset_bytes` on.
+struct SlotPool {
+    first_offset_bytes: usize,
+    slot_bytes: usize,
     free_slots: Mutex<Vec<usize>>,
-    slots: Semaphore,
+    permits: Semaphore,
+}
+
+impl SlotPool {
+    fn new(first_offset_bytes: usize, slot_bytes: usize, slot_count: usize) -> SlotPool {
+        SlotPool {
+            first_offset_bytes,
+            slot_bytes,
+            free_slots: Mutex::new((0..slot_count).collect()),
+            permits: Semaphore::new(slot_count),
+        }
+    }
+
+    fn offset_bytes(&self, index: usize) -> usize {
+        self.first_offset_bytes + index * self.slot_bytes
+    }
 }
 
 /// See the module documentation.
-pub struct SharedReads {
+pub struct SharedMemory {
     attached: Mutex<Option<Arc<Attached>>>,
     last_attempt: Mutex<Option<Instant>>,
     /// Until when reads skip shared memory: the attached node does not lead the volume.
@@ -84,9 +120,9 @@ impl std::fmt::Display for Unshared {
     }
 }
 
-impl SharedReads {
-    pub fn new() -> SharedReads {
-        SharedReads {
+impl SharedMemory {
+    pub fn new() -> SharedMemory {
+        SharedMemory {
             attached: Mutex::new(None),
             last_attempt: Mutex::new(None),
             not_leader_until: Mutex::new(None),
@@ -113,27 +149,23 @@ impl SharedReads {
         if not_leader {
             return Err(Unshared::NotAttached);
         }
-        let attached = match self.current() {
-            Some(attached) => attached,
-            None => {
-                self.try_attach(client).await;
-                self.current().ok_or(Unshared::NotAttached)?
-            }
-        };
+        let attached = self.attached(client).await?;
         let _permit = attached
-            .slots
+            .reads
+            .permits
             .acquire()
             .await
             .map_err(|_| Unshared::NotAttached)?;
-        let slot = SlotLease::take(&attached);
+        let slot = SlotLease::take(&attached.reads);
+        let slot_offset_bytes = attached.reads.offset_bytes(slot.index);
         let request = proto::ReadSharedRequest {
             volume: volume.to_owned(),
             inode,
             offset_bytes,
             length_bytes,
             region_id: attached.region_id,
-            slot_offset_bytes: (slot.index * SLOT_BYTES) as u64,
-            slot_bytes: SLOT_BYTES as u32,
+            slot_offset_bytes: slot_offset_bytes as u64,
+            slot_bytes: READ_SLOT_BYTES as u32,
         };
         let answer = match client.read_shared_at(&attached.endpoint, request).await {
             Ok(answer) => answer,
@@ -145,27 +177,89 @@ impl SharedReads {
                         .unwrap_or_else(|poisoned| poisoned.into_inner()) =
                         Some(Instant::now() + Duration::from_millis(NOT_LEADER_BACKOFF_MS));
                 }
-                if matches!(
-                    error.code(),
-                    Some(ballast_client::Code::InvalidArgument | ballast_client::Code::Unavailable)
-                ) {
-                    // The node may have lost the attachment (a restart): attach anew, later.
-                    self.forget(&attached);
-                }
+                self.forget_if_detached(&attached, &error);
                 return Err(Unshared::Refused(error));
             }
         };
         let start = answer.data_offset_bytes as usize;
         let length = answer.length_bytes as usize;
-        if length > length_bytes as usize || start + length > SLOT_BYTES {
+        if length > length_bytes as usize || start + length > READ_SLOT_BYTES {
             return Err(Unshared::BadAnswer(format!(
-                "{length} bytes at {start} of a {SLOT_BYTES}-byte slot for a {length_bytes}-byte read"
+                "{length} bytes at {start} of a {READ_SLOT_BYTES}-byte slot for a \
+                 {length_bytes}-byte read"
             )));
         }
         attached
             .region
-            .with_bytes(slot.index * SLOT_BYTES + start, length, use_bytes)
+            .with_bytes(slot_offset_bytes + start, length, use_bytes)
             .ok_or_else(|| Unshared::BadAnswer("outside the region".to_owned()))
+    }
+
+    /// Writes `data` at `offset_bytes` of `inode` through a write slot (`durable`: as
+    /// `WriteRequest.durable`). On any failure the caller sends the write over gRPC.
+    pub async fn write(
+        &self,
+        client: &BallastClient,
+        volume: &str,
+        inode: u64,
+        offset_bytes: u64,
+        data: &[u8],
+        durable: bool,
+    ) -> Result<proto::WriteResponse, Unshared> {
+        assert!(data.len() <= SHARED_WRITE_BYTES_MAX);
+        let attached = self.attached(client).await?;
+        let _permit = attached
+            .writes
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| Unshared::NotAttached)?;
+        let slot = SlotLease::take(&attached.writes);
+        let slot_offset_bytes = attached.writes.offset_bytes(slot.index);
+        attached
+            .region
+            .with_bytes_mut(slot_offset_bytes, data.len(), |bytes| {
+                bytes.copy_from_slice(data)
+            })
+            .ok_or_else(|| Unshared::BadAnswer("outside the region".to_owned()))?;
+        let request = proto::WriteSharedRequest {
+            volume: volume.to_owned(),
+            inode,
+            offset_bytes,
+            region_id: attached.region_id,
+            slot_offset_bytes: slot_offset_bytes as u64,
+            slot_bytes: WRITE_SLOT_BYTES as u32,
+            length_bytes: data.len() as u32,
+            durable,
+        };
+        client
+            .write_shared_at(&attached.endpoint, request)
+            .await
+            .map_err(|error| {
+                self.forget_if_detached(&attached, &error);
+                Unshared::Refused(error)
+            })
+    }
+
+    /// The attached region, attaching one first if none is (at most once per
+    /// [`REATTACH_INTERVAL_MS`]).
+    async fn attached(&self, client: &BallastClient) -> Result<Arc<Attached>, Unshared> {
+        if let Some(attached) = self.current() {
+            return Ok(attached);
+        }
+        self.try_attach(client).await;
+        self.current().ok_or(Unshared::NotAttached)
+    }
+
+    /// After an error that may mean the node lost the attachment (a restart): attach anew,
+    /// later.
+    fn forget_if_detached(&self, attached: &Arc<Attached>, error: &ClientError) {
+        if matches!(
+            error.code(),
+            Some(ballast_client::Code::InvalidArgument | ballast_client::Code::Unavailable)
+        ) {
+            self.forget(attached);
+        }
     }
 
     fn current(&self) -> Option<Arc<Attached>> {
@@ -210,7 +304,7 @@ impl SharedReads {
             }
             Ok(_) => return,
             Err(error) => {
-                tracing::debug!(%error, "no node status; reads go over gRPC");
+                tracing::debug!(%error, "no node status; reads and writes go over gRPC");
                 return;
             }
         };
@@ -219,7 +313,7 @@ impl SharedReads {
             Ok(Ok(attached)) => {
                 tracing::info!(
                     region_bytes = attached.region.len(),
-                    "reads go through memory shared with the node"
+                    "reads and writes go through memory shared with the node"
                 );
                 *self
                     .attached
@@ -228,7 +322,10 @@ impl SharedReads {
             }
             Ok(Err(error)) => {
                 // Another host's node, or an older one: reads go over gRPC.
-                tracing::info!(%error, "cannot share memory with the node; reads go over gRPC");
+                tracing::info!(
+                    %error,
+                    "cannot share memory with the node; reads and writes go over gRPC"
+                );
             }
             Err(error) => tracing::warn!(%error, "attaching shared memory panicked"),
         }
@@ -243,7 +340,11 @@ fn attach(path: &str, endpoint: String, node_id: u64) -> std::io::Result<Attache
     let timeout = Some(Duration::from_secs(5));
     stream.set_read_timeout(timeout)?;
     stream.set_write_timeout(timeout)?;
-    let region = SharedRegion::create("ballast-reads", SLOT_BYTES * SLOT_COUNT)?;
+    let read_bytes = READ_SLOT_BYTES * READ_SLOT_COUNT;
+    let region = SharedRegion::create(
+        "ballast-shared",
+        read_bytes + WRITE_SLOT_BYTES * WRITE_SLOT_COUNT,
+    )?;
     let (region_id, attached_node_id) = region.send(&mut stream)?;
     if attached_node_id != node_id {
         return Err(std::io::Error::other(format!(
@@ -255,32 +356,32 @@ fn attach(path: &str, endpoint: String, node_id: u64) -> std::io::Result<Attache
         region_id,
         endpoint,
         _stream: stream,
-        free_slots: Mutex::new((0..SLOT_COUNT).collect()),
-        slots: Semaphore::new(SLOT_COUNT),
+        reads: SlotPool::new(0, READ_SLOT_BYTES, READ_SLOT_COUNT),
+        writes: SlotPool::new(read_bytes, WRITE_SLOT_BYTES, WRITE_SLOT_COUNT),
     })
 }
 
-/// A slot taken from the free list (under a semaphore permit), given back on drop.
+/// A slot taken from a pool's free list (under a semaphore permit), given back on drop.
 struct SlotLease<'a> {
-    attached: &'a Attached,
+    pool: &'a SlotPool,
     index: usize,
 }
 
 impl<'a> SlotLease<'a> {
-    fn take(attached: &'a Attached) -> SlotLease<'a> {
-        let index = attached
+    fn take(pool: &'a SlotPool) -> SlotLease<'a> {
+        let index = pool
             .free_slots
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .pop()
             .expect("a semaphore permit guarantees a free slot");
-        SlotLease { attached, index }
+        SlotLease { pool, index }
     }
 }
 
 impl Drop for SlotLease<'_> {
     fn drop(&mut self) {
-        self.attached
+        self.pool
             .free_slots
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
