@@ -234,12 +234,7 @@ fn random_uuid() -> std::io::Result<[u8; 16]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn scratch_file(size_bytes: u64) -> tempfile::NamedTempFile {
-        let file = tempfile::NamedTempFile::new().expect("temporary file");
-        file.as_file().set_len(size_bytes).expect("size the file");
-        file
-    }
+    use crate::test_support::scratch_file;
 
     #[test]
     fn format_then_open() {

@@ -314,21 +314,8 @@ mod tests {
     use std::os::unix::fs::OpenOptionsExt;
 
     use super::*;
+    use crate::test_support::{patterned, scratch_file};
     use crate::{Engine, EngineOptions};
-
-    fn scratch_file(size_bytes: u64) -> tempfile::NamedTempFile {
-        let file = tempfile::NamedTempFile::new().unwrap();
-        file.as_file().set_len(size_bytes).unwrap();
-        file
-    }
-
-    fn patterned(length_bytes: usize, seed: u8) -> AlignedBuffer {
-        let mut buffer = AlignedBuffer::new_zeroed(length_bytes);
-        for (position, byte) in buffer.iter_mut().enumerate() {
-            *byte = (position as u8).wrapping_mul(31).wrapping_add(seed);
-        }
-        buffer
-    }
 
     #[test]
     fn writes_and_flushes_are_read_back_and_counted() {

@@ -172,18 +172,27 @@ impl Wakeup {
     }
 
     fn notify_always(&self) {
-        let value: u64 = 1;
-        // SAFETY: writes 8 bytes from a live local to an eventfd we own; eventfd writes of a
-        // u64 are the documented protocol. The result is checked below.
-        let written =
-            unsafe { libc::write(self.eventfd.as_raw_fd(), (&value as *const u64).cast(), 8) };
-        // EAGAIN means the counter is saturated, i.e. a wake-up is already pending: fine.
-        if written != 8 {
-            let error = std::io::Error::last_os_error();
-            if error.raw_os_error() != Some(libc::EAGAIN) {
-                tracing::error!(%error, "cannot signal the I/O engine eventfd");
-            }
+        if let Err(error) = signal_eventfd(&self.eventfd) {
+            tracing::error!(%error, "cannot signal the I/O engine eventfd");
         }
+    }
+}
+
+/// Adds one to an eventfd's counter, waking whoever waits on it. A saturated counter (`EAGAIN`)
+/// means a wake-up is already pending, which is as good.
+pub(crate) fn signal_eventfd(eventfd: &OwnedFd) -> std::io::Result<()> {
+    let value: u64 = 1;
+    // SAFETY: writes 8 bytes from a live local to an eventfd the caller owns; eventfd writes of
+    // a u64 are the documented protocol. The result is checked below.
+    let written = unsafe { libc::write(eventfd.as_raw_fd(), (&value as *const u64).cast(), 8) };
+    if written == 8 {
+        return Ok(());
+    }
+    let error = std::io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::EAGAIN) {
+        Ok(())
+    } else {
+        Err(error)
     }
 }
 
@@ -1008,12 +1017,7 @@ pub(crate) fn block_on<F: Future>(future: F) -> F::Output {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn scratch_file(size_bytes: u64) -> tempfile::NamedTempFile {
-        let file = tempfile::NamedTempFile::new().expect("temporary file");
-        file.as_file().set_len(size_bytes).expect("size the file");
-        file
-    }
+    use crate::test_support::scratch_file;
 
     #[tokio::test]
     async fn a_windowed_read_fills_its_window_and_nothing_else() {

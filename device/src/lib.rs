@@ -20,6 +20,8 @@ pub mod engine;
 pub mod error;
 pub mod log_store;
 pub mod superblock;
+#[cfg(test)]
+mod test_support;
 pub mod thread_ring;
 
 /// The unit of every transfer and of the data region.

@@ -47,7 +47,7 @@ use io_uring::{opcode, types, IoUring};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-use crate::engine::{register_file, OperationKind, StatisticsCounters, Target};
+use crate::engine::{register_file, signal_eventfd, OperationKind, StatisticsCounters, Target};
 use crate::AlignedBuffer;
 
 /// Transfers in flight on one ring; more wait for the engine thread.
@@ -596,15 +596,8 @@ impl ThreadRing {
     fn retire(&self) {
         self.retired.store(true, Ordering::Release);
         // Wake the reaper so it sees the flag.
-        let value: u64 = 1;
-        // SAFETY: writes 8 bytes from a live local to an eventfd we own.
-        let written =
-            unsafe { libc::write(self.eventfd.as_raw_fd(), (&value as *const u64).cast(), 8) };
-        if written != 8 {
-            let error = std::io::Error::last_os_error();
-            if error.raw_os_error() != Some(libc::EAGAIN) {
-                tracing::warn!(%error, "cannot wake a thread ring's reaper");
-            }
+        if let Err(error) = signal_eventfd(&self.eventfd) {
+            tracing::warn!(%error, "cannot wake a thread ring's reaper");
         }
     }
 }
@@ -705,21 +698,8 @@ mod tests {
     use std::time::Duration;
 
     use crate::engine::block_on;
+    use crate::test_support::{patterned, scratch_file};
     use crate::{AlignedBuffer, DeviceError, Engine, EngineOptions};
-
-    fn scratch_file(size_bytes: u64) -> tempfile::NamedTempFile {
-        let file = tempfile::NamedTempFile::new().expect("temporary file");
-        file.as_file().set_len(size_bytes).expect("size the file");
-        file
-    }
-
-    fn patterned(length_bytes: usize, seed: u8) -> AlignedBuffer {
-        let mut buffer = AlignedBuffer::new_zeroed(length_bytes);
-        for (position, byte) in buffer.iter_mut().enumerate() {
-            *byte = (position as u8).wrapping_mul(13).wrapping_add(seed);
-        }
-        buffer
-    }
 
     fn runtime(workers: usize) -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()

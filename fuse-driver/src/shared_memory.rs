@@ -150,14 +150,8 @@ impl SharedMemory {
             return Err(Unshared::NotAttached);
         }
         let attached = self.attached(client).await?;
-        let _permit = attached
-            .reads
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| Unshared::NotAttached)?;
-        let slot = SlotLease::take(&attached.reads);
-        let slot_offset_bytes = attached.reads.offset_bytes(slot.index);
+        let slot = SlotLease::acquire(&attached.reads).await?;
+        let slot_offset_bytes = slot.offset_bytes();
         let request = proto::ReadSharedRequest {
             volume: volume.to_owned(),
             inode,
@@ -208,14 +202,8 @@ impl SharedMemory {
     ) -> Result<proto::WriteResponse, Unshared> {
         assert!(data.len() <= SHARED_WRITE_BYTES_MAX);
         let attached = self.attached(client).await?;
-        let _permit = attached
-            .writes
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| Unshared::NotAttached)?;
-        let slot = SlotLease::take(&attached.writes);
-        let slot_offset_bytes = attached.writes.offset_bytes(slot.index);
+        let slot = SlotLease::acquire(&attached.writes).await?;
+        let slot_offset_bytes = slot.offset_bytes();
         attached
             .region
             .with_bytes_mut(slot_offset_bytes, data.len(), |bytes| {
@@ -361,21 +349,38 @@ fn attach(path: &str, endpoint: String, node_id: u64) -> std::io::Result<Attache
     })
 }
 
-/// A slot taken from a pool's free list (under a semaphore permit), given back on drop.
+/// A slot taken from a pool's free list under one of its semaphore permits; both are given back
+/// on drop.
 struct SlotLease<'a> {
     pool: &'a SlotPool,
     index: usize,
+    _permit: tokio::sync::SemaphorePermit<'a>,
 }
 
 impl<'a> SlotLease<'a> {
-    fn take(pool: &'a SlotPool) -> SlotLease<'a> {
+    /// Waits for a free slot of `pool`.
+    async fn acquire(pool: &'a SlotPool) -> Result<SlotLease<'a>, Unshared> {
+        let permit = pool
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| Unshared::NotAttached)?;
         let index = pool
             .free_slots
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .pop()
             .expect("a semaphore permit guarantees a free slot");
-        SlotLease { pool, index }
+        Ok(SlotLease {
+            pool,
+            index,
+            _permit: permit,
+        })
+    }
+
+    /// Where the slot starts in the region.
+    fn offset_bytes(&self) -> usize {
+        self.pool.offset_bytes(self.index)
     }
 }
 

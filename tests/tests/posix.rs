@@ -1145,32 +1145,30 @@ fn sequential_page_cache_writes_are_combined_and_read_back_intact() {
     );
 }
 
-/// `ballast status`'s shared-reads line: (reads served into shared regions, regions attached).
-fn shared_read_counts(node: &LocalNode) -> (u64, u64) {
+/// The numbers on the line of `ballast status` that starts with `label`.
+fn status_numbers(node: &LocalNode, label: &str) -> Vec<u64> {
     let status = node.cli(&["status"]).unwrap();
     let line = status
         .lines()
-        .find(|line| line.starts_with("shared reads"))
-        .unwrap_or_else(|| panic!("no shared reads line in {status}"));
-    let numbers: Vec<u64> = line
-        .split_whitespace()
+        .find(|line| line.starts_with(label))
+        .unwrap_or_else(|| panic!("no {label} line in {status}"));
+    line.split_whitespace()
         .filter_map(|field| field.parse().ok())
-        .collect();
-    assert_eq!(numbers.len(), 2, "shared reads line: {line}");
+        .collect()
+}
+
+/// `ballast status`'s shared-reads line: (reads served into shared regions, regions attached).
+fn shared_read_counts(node: &LocalNode) -> (u64, u64) {
+    let numbers = status_numbers(node, "shared reads");
+    assert_eq!(numbers.len(), 2, "shared reads line: {numbers:?}");
     (numbers[0], numbers[1])
 }
 
 /// `ballast status`'s shared-writes line: writes whose bytes came from shared regions.
 fn shared_write_count(node: &LocalNode) -> u64 {
-    let status = node.cli(&["status"]).unwrap();
-    let line = status
-        .lines()
-        .find(|line| line.starts_with("shared writes"))
-        .unwrap_or_else(|| panic!("no shared writes line in {status}"));
-    line.split_whitespace()
-        .filter_map(|field| field.parse().ok())
-        .next()
-        .unwrap_or_else(|| panic!("no count in {line}"))
+    let numbers = status_numbers(node, "shared writes");
+    assert_eq!(numbers.len(), 1, "shared writes line: {numbers:?}");
+    numbers[0]
 }
 
 /// Reads all of `path` with O_DIRECT (every read goes to the driver) in 1 MiB requests.
