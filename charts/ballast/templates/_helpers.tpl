@@ -214,7 +214,7 @@ the first of storage.nodes, else none (every storage node founds its own one-nod
 {{- default (printf "%s-join" (include "ballast.fullname" .)) .Values.storage.cluster.joinSecretName -}}
 {{- end -}}
 
-{{/* The host directory of the storage node's local socket (shared reads): mounted at the same
+{{/* The host directory of the storage node's local socket (shared memory): mounted at the same
 path into the storage node and into the pod that runs ballast-fuse, so the path the node reports
 in its status resolves there too. */}}
 {{- define "ballast.localSocketDir" -}}
