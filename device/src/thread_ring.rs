@@ -68,20 +68,24 @@ const DRAIN_TIMEOUT_MS: u64 = 30_000;
 static NEXT_ENGINE_ID: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {
-    /// This thread's rings, one per engine it used. Dropped when the thread exits, which
-    /// retires them.
+    /// This thread's rings, one per engine it used. Weak: a ring lives as long as its reaper
+    /// (and its transfers in flight), so a ring of a dropped engine or a stopped runtime goes
+    /// away, with its descriptors, without waiting for this thread to look here again. Dropped
+    /// when the thread exits, which retires the rings still alive.
     static THREAD_RINGS: RefCell<ThreadRingTable> = const { RefCell::new(ThreadRingTable(Vec::new())) };
     /// Set while [`crate::engine::block_on`] runs a future on this thread: the thread is then
     /// parked outside any runtime and could not run a reaper.
     static BLOCKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-struct ThreadRingTable(Vec<(u64, Arc<ThreadRing>)>);
+struct ThreadRingTable(Vec<(u64, Weak<ThreadRing>)>);
 
 impl Drop for ThreadRingTable {
     fn drop(&mut self) {
         for (_, ring) in self.0.drain(..) {
-            ring.retire();
+            if let Some(ring) = ring.upgrade() {
+                ring.retire();
+            }
         }
     }
 }
@@ -230,12 +234,19 @@ impl ThreadRings {
             let mut table = table.borrow_mut();
             // A ring whose reaper is gone (its runtime stopped) or that was retired is of no
             // further use to this thread.
-            table.0.retain(|(_, ring)| ring.usable());
-            if let Some((_, ring)) = table.0.iter().find(|(id, _)| *id == self.engine_id) {
-                return Some(ring.clone());
+            table
+                .0
+                .retain(|(_, ring)| ring.upgrade().is_some_and(|ring| ring.usable()));
+            let found = table
+                .0
+                .iter()
+                .find(|(id, _)| *id == self.engine_id)
+                .and_then(|(_, ring)| ring.upgrade());
+            if found.is_some() {
+                return found;
             }
             let ring = self.open_ring()?;
-            table.0.push((self.engine_id, ring.clone()));
+            table.0.push((self.engine_id, Arc::downgrade(&ring)));
             Some(ring)
         })
     }
