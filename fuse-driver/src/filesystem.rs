@@ -462,6 +462,13 @@ impl Filesystem for BallastFilesystem {
             let _ = config.set_max_readahead(nearest_bytes);
         }
         tracing::info!(volume = %self.shared.volume, "FUSE session initialised");
+        // Attach the shared region now rather than on the first read or write, which would
+        // then wait for it.
+        self.spawn(|shared| async move {
+            if let Some(shared_memory) = shared.shared_memory.as_ref() {
+                shared_memory.attach_early(&shared.client).await;
+            }
+        });
         Ok(())
     }
 

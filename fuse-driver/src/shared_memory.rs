@@ -93,6 +93,10 @@ impl SlotPool {
 /// See the module documentation.
 pub struct SharedMemory {
     attached: Mutex<Option<Arc<Attached>>>,
+    /// Held for the whole of one attempt to attach, so that requests arriving meanwhile wait
+    /// for its outcome instead of going over gRPC (a burst of writeback would otherwise all
+    /// miss the region that its first request is attaching).
+    attaching: tokio::sync::Mutex<()>,
     last_attempt: Mutex<Option<Instant>>,
     /// Until when reads skip shared memory: the attached node does not lead the volume.
     not_leader_until: Mutex<Option<Instant>>,
@@ -124,6 +128,7 @@ impl SharedMemory {
     pub fn new() -> SharedMemory {
         SharedMemory {
             attached: Mutex::new(None),
+            attaching: tokio::sync::Mutex::new(()),
             last_attempt: Mutex::new(None),
             not_leader_until: Mutex::new(None),
         }
@@ -239,6 +244,14 @@ impl SharedMemory {
         self.current().ok_or(Unshared::NotAttached)
     }
 
+    /// Attaches a region if none is attached (see [`SharedMemory::try_attach`]); the driver
+    /// calls it once the session starts, so the first reads and writes find the region ready.
+    pub async fn attach_early(&self, client: &BallastClient) {
+        if self.current().is_none() {
+            self.try_attach(client).await;
+        }
+    }
+
     /// After an error that may mean the node lost the attachment (a restart): attach anew,
     /// later.
     fn forget_if_detached(&self, attached: &Arc<Attached>, error: &ClientError) {
@@ -271,8 +284,13 @@ impl SharedMemory {
     }
 
     /// Attaches a region to the first node of `client`, if it serves a local socket this
-    /// process can reach; at most once per [`REATTACH_INTERVAL_MS`].
-    pub async fn try_attach(&self, client: &BallastClient) {
+    /// process can reach; at most once per [`REATTACH_INTERVAL_MS`]. Callers that arrive while
+    /// an attempt runs wait for it and then see its outcome.
+    async fn try_attach(&self, client: &BallastClient) {
+        let _attaching = self.attaching.lock().await;
+        if self.current().is_some() {
+            return;
+        }
         {
             let mut last_attempt = self
                 .last_attempt
