@@ -271,40 +271,76 @@ fn send_with_descriptor(
     header: &[u8; ATTACH_HEADER_BYTES],
     descriptor: i32,
 ) -> std::io::Result<()> {
+    let sent = send_message(stream, header, &[descriptor])?;
+    if sent != header.len() {
+        return Err(std::io::Error::other(
+            "short send of the shared region header",
+        ));
+    }
+    Ok(())
+}
+
+/// Descriptors one message may carry: their control message must fit [`DescriptorControl`].
+const MESSAGE_DESCRIPTORS_MAX: usize = 4;
+
+/// Sends `bytes` with `descriptors` (none, or up to [`MESSAGE_DESCRIPTORS_MAX`]) in one message;
+/// answers how many bytes went.
+fn send_message(stream: &UnixStream, bytes: &[u8], descriptors: &[i32]) -> std::io::Result<usize> {
+    assert!(descriptors.len() <= MESSAGE_DESCRIPTORS_MAX);
     let mut io_vector = libc::iovec {
-        iov_base: header.as_ptr() as *mut libc::c_void,
-        iov_len: header.len(),
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
     };
     let mut control = DescriptorControl { bytes: [0u8; 64] };
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let control_length = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
-    assert!(control_length <= 64);
+    let descriptors_bytes = std::mem::size_of_val(descriptors) as u32;
     // SAFETY: `message` is plain old data, every pointer field set below to live locals.
     let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
     message.msg_iov = &mut io_vector;
     message.msg_iovlen = 1;
-    message.msg_control = (&mut control as *mut DescriptorControl).cast();
-    message.msg_controllen = control_length as _;
-    // SAFETY: the control buffer is large enough for one header and one descriptor (asserted),
-    // so CMSG_FIRSTHDR is non-null and CMSG_DATA points inside it.
-    unsafe {
-        let control_header = libc::CMSG_FIRSTHDR(&message);
-        (*control_header).cmsg_level = libc::SOL_SOCKET;
-        (*control_header).cmsg_type = libc::SCM_RIGHTS;
-        (*control_header).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(control_header).cast::<i32>(), descriptor);
+    if !descriptors.is_empty() {
+        // SAFETY: CMSG_SPACE is a pure computation.
+        let control_length = unsafe { libc::CMSG_SPACE(descriptors_bytes) } as usize;
+        assert!(control_length <= 64);
+        message.msg_control = (&mut control as *mut DescriptorControl).cast();
+        message.msg_controllen = control_length as _;
+        // SAFETY: the control buffer is large enough for one header and the descriptors
+        // (asserted), so CMSG_FIRSTHDR is non-null and CMSG_DATA points inside it.
+        unsafe {
+            let control_header = libc::CMSG_FIRSTHDR(&message);
+            (*control_header).cmsg_level = libc::SOL_SOCKET;
+            (*control_header).cmsg_type = libc::SCM_RIGHTS;
+            (*control_header).cmsg_len = libc::CMSG_LEN(descriptors_bytes) as _;
+            let data = libc::CMSG_DATA(control_header).cast::<i32>();
+            for (index, descriptor) in descriptors.iter().enumerate() {
+                std::ptr::write_unaligned(data.add(index), *descriptor);
+            }
+        }
     }
     // SAFETY: `message` points at live locals for the duration of the call.
     let sent = unsafe { libc::sendmsg(stream.as_raw_fd(), &message, libc::MSG_NOSIGNAL) };
     if sent < 0 {
         return Err(last_error("sending the shared region"));
     }
-    if sent as usize != header.len() {
-        return Err(std::io::Error::other(
-            "short send of the shared region header",
-        ));
+    Ok(sent as usize)
+}
+
+/// Raw attach messages for the fuzz target (`fuzz/fuzz_targets/shared_attach.rs`): any bytes
+/// with any few descriptors, as a hostile or broken sender would send them. No behaviour of
+/// its own.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::os::unix::net::UnixStream;
+
+    pub const ATTACH_MAGIC: u64 = super::ATTACH_MAGIC;
+    pub const MESSAGE_DESCRIPTORS_MAX: usize = super::MESSAGE_DESCRIPTORS_MAX;
+
+    pub fn send_message(
+        stream: &UnixStream,
+        bytes: &[u8],
+        descriptors: &[i32],
+    ) -> std::io::Result<usize> {
+        super::send_message(stream, bytes, descriptors)
     }
-    Ok(())
 }
 
 fn receive_with_descriptor(
@@ -392,6 +428,30 @@ mod tests {
             region.with_bytes(4096, 2, |bytes| bytes.to_vec()).unwrap(),
             vec![0xAB; 2]
         );
+    }
+
+    #[test]
+    fn a_message_with_no_descriptor_or_two_is_refused() {
+        let first = SharedRegion::create("first", SHARED_REGION_PAGE_BYTES).unwrap();
+        let second = SharedRegion::create("second", SHARED_REGION_PAGE_BYTES).unwrap();
+        let mut header = [0u8; ATTACH_HEADER_BYTES];
+        header[..8].copy_from_slice(&ATTACH_MAGIC.to_le_bytes());
+        header[8..].copy_from_slice(&(SHARED_REGION_PAGE_BYTES as u64).to_le_bytes());
+        let both = [first.file.as_raw_fd(), second.file.as_raw_fd()];
+        for descriptors in [&both[..0], &both[..]] {
+            let (sender, mut receiver) = UnixStream::pair().unwrap();
+            assert_eq!(
+                send_message(&sender, &header, descriptors).unwrap(),
+                header.len()
+            );
+            let error = SharedRegion::receive(&mut receiver, 1 << 20).unwrap_err();
+            assert!(
+                error
+                    .to_string()
+                    .contains(&format!("got {}", descriptors.len())),
+                "{error}"
+            );
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! A driver connects to the node's local socket (`--local-socket`), sends a sealed memfd
 //! (`ballast_common::shared_region`), and gets back a random id. The region stays attached
 //! while that connection is open; a read names the id and a slot of the region, and the node
-//! reads the file's blocks into the slot (`filesystem::read_shared`).
+//! reads the file's blocks and copies them into the slot (`filesystem::read_shared`).
 //!
 //! Owns: the registry of attached regions, the local socket's accept thread and one thread per
 //! attached driver (which only waits for its connection to close).
@@ -14,9 +14,10 @@
 //! - At most [`SHARED_REGIONS_MAX`] regions, each at most [`SHARED_REGION_BYTES_MAX`] and size
 //!   sealed (checked by `SharedRegion::from_received`), so a driver cannot make the node fault
 //!   by shrinking it.
-//! - A slot is page aligned and inside its region; a lent buffer over it holds the region (an
-//!   `Arc`) for as long as the device may write into it, so a driver that detaches mid-read
-//!   cannot unmap memory the kernel still writes.
+//! - A slot is page aligned and inside its region, and holds the region (an `Arc`) while a
+//!   request uses it, so a driver that detaches mid-request cannot unmap memory the node still
+//!   touches. The device never reads into a slot: a read's blocks are read into the node's own
+//!   buffer and copied in ([`Slot::fill`]); see `filesystem::read_shared` for why.
 //! - A write's bytes are copied out of the slot once ([`Slot::copy_out`]) before anything looks
 //!   at them: the driver could change the slot at any time, so checksums, the prewrite and the
 //!   Raft entry all see the node's own copy, never the shared memory.
@@ -31,7 +32,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ballast_common::shared_region::{answer_id, SharedRegion, SHARED_REGION_PAGE_BYTES};
-use ballast_device::AlignedBuffer;
 
 use crate::error::{FsError, NodeResult};
 
@@ -65,31 +65,25 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// A buffer over the first `length_bytes` of the slot (a multiple of 4 KiB), for the device
-    /// to read into; refused when the slot is shorter.
-    pub fn lend(&self, length_bytes: usize) -> NodeResult<AlignedBuffer> {
-        if length_bytes > self.length_bytes || length_bytes % SHARED_REGION_PAGE_BYTES != 0 {
+    /// Copies `bytes` (the blocks of a read) into the start of the slot; refused when the
+    /// slot is shorter.
+    pub fn fill(&self, bytes: &[u8]) -> NodeResult<()> {
+        if bytes.len() > self.length_bytes {
             return Err(FsError::invalid(format!(
-                "a read of {length_bytes} block bytes does not fit a {}-byte slot",
+                "a read of {} block bytes does not fit a {}-byte slot",
+                bytes.len(),
                 self.length_bytes
             ))
             .into());
         }
-        let pointer = self
-            .region
-            .pointer_at(self.offset_bytes, length_bytes)
+        self.region
+            .with_bytes_mut(self.offset_bytes, bytes.len(), |slot| {
+                slot.copy_from_slice(bytes)
+            })
             .expect("slots lie inside their region (checked when made)");
-        let lender: Arc<dyn std::any::Any + Send + Sync> = self.region.clone();
-        // SAFETY: page aligned (slot offsets are checked multiples of 4 KiB of a page-aligned
-        // mapping), inside the mapping (checked when the slot was made), zero filled or
-        // written memory (shared memory is initialised), kept mapped by `lender` for the
-        // buffer's life. Within this node nothing else uses the slot while one read owns it;
-        // the driver owning the region writes a slot only before it asks for a read into it.
-        Ok(unsafe { AlignedBuffer::lent(pointer, length_bytes, lender) })
+        Ok(())
     }
-}
 
-impl Slot {
     /// A copy of the first `length_bytes` of the slot: the bytes of a write the driver put there.
     pub fn copy_out(&self, length_bytes: usize) -> NodeResult<bytes::Bytes> {
         if length_bytes > self.length_bytes {
@@ -332,14 +326,16 @@ mod tests {
         assert_eq!(regions.attached_count(), 1);
 
         let slot = regions.slot(id, 4096, 8192).unwrap();
-        let mut lent = slot.lend(8192).unwrap();
-        lent.fill(0x5A);
-        drop(lent);
+        slot.fill(&[0x5A; 8192]).unwrap();
         let copy = |offset, length| region.with_bytes(offset, length, |bytes| bytes.to_vec());
         assert_eq!(copy(4096, 8192).unwrap(), vec![0x5A; 8192]);
         assert_eq!(copy(0, 4096).unwrap(), vec![0; 4096]);
-        assert!(slot.lend(12288).is_err(), "longer than the slot");
-        assert!(slot.lend(100).is_err(), "not whole pages");
+        assert!(slot.fill(&[1; 12288]).is_err(), "longer than the slot");
+        assert_eq!(
+            copy(4096, 8192).unwrap(),
+            vec![0x5A; 8192],
+            "a refused fill wrote"
+        );
         assert!(regions.slot(id, 100, 4096).is_err(), "unaligned offset");
         assert!(regions.slot(id, 15 * 4096, 8192).is_err(), "past the end");
         assert!(regions.slot(id ^ 1, 0, 4096).is_err(), "unknown id");
@@ -353,6 +349,7 @@ mod tests {
         });
         assert!(detached, "the region stays attached after its driver left");
         assert!(regions.slot(id, 0, 4096).is_err());
-        slot.lend(4096).unwrap().fill(1);
+        slot.fill(&[1; 4096]).unwrap();
+        assert_eq!(copy(4096, 4096).unwrap(), vec![1; 4096]);
     }
 }
