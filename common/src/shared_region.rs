@@ -1,10 +1,10 @@
 //! `SharedRegion`: memory that a FUSE driver shares with the storage node on its own host, so
-//! the bytes of a read go from the device straight into the driver's memory instead of through
+//! the bytes of a read go from the node's buffer into the driver's memory instead of through
 //! five copies (gRPC encoding, socket, tonic's frame gathering; `docs/architecture.md`).
 //!
 //! The driver creates the region (a sealed memfd), maps it, and hands the descriptor to the node
 //! over a Unix socket (`SCM_RIGHTS`); the node maps the same pages. A read then names a slot of
-//! the region; the node reads the device blocks into it and answers with where the bytes are. A
+//! the region; the node copies the read's blocks into it and answers with where the bytes are. A
 //! write names a slot the driver filled; the node copies the bytes out once before it looks at
 //! them.
 //!

@@ -1,4 +1,4 @@
-//! `SharedMemory`: reads whose bytes the node puts straight into memory shared with this
+//! `SharedMemory`: reads whose bytes the node puts into memory shared with this
 //! driver, and writes whose bytes the node takes from it.
 //!
 //! Why: over gRPC every byte of a read is copied five times between the device and the page
@@ -8,8 +8,8 @@
 //! a sequential write, the socket copy and tonic's gathering were 18 % of its CPU). When the
 //! node on this host serves a local socket (`Admin.Status` names it), the driver shares a
 //! region of memory with it (`ballast_common::shared_region`). A read names a read slot: the
-//! node (when it leads the volume) reads the device blocks into the slot and checks them there,
-//! and the driver answers the kernel from the slot: one copy instead of five. A write copies
+//! node (when it leads the volume) reads and checks the device blocks and copies them into the
+//! slot, and the driver answers the kernel from the slot: two copies instead of five. A write copies
 //! its bytes into a write slot and names it: the node copies them out once and writes them as
 //! `Write` does (forwarding to the leader like any write).
 //!
