@@ -1278,8 +1278,9 @@ pub async fn read_shared(
     // than read into the slot: the slot's 4 KiB pages are scattered, and a 1 MiB transfer over
     // 256 of them is more segments than the virtio disk takes (`max_segments` 254), so the
     // block layer split every read in two (1,016 KiB and 8 KiB; perf of block events,
-    // 2026-12-06). One whole request plus a 1 MiB copy read 1,140-1,300 MB/s cold through
-    // FUSE against 944-1,097 read in place, alternating runs.
+    // 2026-12-05). With one whole request and a 1 MiB copy, a 1 GiB cold read through FUSE
+    // kept the disk busy for 2.4-5.4 s in all against 6.0-13.9 s reading in place; MB/s
+    // swings too much on this disk to show a gain (`docs/architecture.md`, read path).
     let bytes = storage
         .read_file_blocks(&plan.references, plan.first, plan.last, &plan.context)
         .await?;
