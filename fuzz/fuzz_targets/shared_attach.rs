@@ -21,9 +21,7 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
-use ballast_common::shared_region::fuzzing::{
-    send_message, ATTACH_MAGIC, MESSAGE_DESCRIPTORS_MAX,
-};
+use ballast_common::shared_region::fuzzing::{send_message, ATTACH_MAGIC, MESSAGE_DESCRIPTORS_MAX};
 use ballast_common::shared_region::{SharedRegion, SHARED_REGION_PAGE_BYTES};
 use libfuzzer_sys::fuzz_target;
 
@@ -49,7 +47,10 @@ impl DescriptorPlan {
             // Not a memfd at all: the read end of a pipe (no seals to read).
             let mut pipe = [0i32; 2];
             // SAFETY: `pipe` has room for the two descriptors the call writes.
-            assert_eq!(unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+            assert_eq!(
+                unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) },
+                0
+            );
             // SAFETY: fresh descriptors we own; the write end is closed at once.
             unsafe {
                 libc::close(pipe[1]);
@@ -58,8 +59,9 @@ impl DescriptorPlan {
         }
         let name = c"fuzz";
         // SAFETY: a valid name and constant flags; checked below.
-        let raw =
-            unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+        let raw = unsafe {
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
         assert!(raw >= 0, "memfd_create");
         // SAFETY: a fresh descriptor we own.
         let file = unsafe { OwnedFd::from_raw_fd(raw) };
@@ -105,7 +107,11 @@ fuzz_target!(|data: &[u8]| {
         .map(|plan| DescriptorPlan {
             kind: plan[0],
             size_pages: plan[1] as usize % 9,
-            odd_bytes: if plan[2] % 4 == 0 { plan[2] as usize } else { 0 },
+            odd_bytes: if plan[2] % 4 == 0 {
+                plan[2] as usize
+            } else {
+                0
+            },
         })
         .collect();
 
@@ -146,8 +152,15 @@ fuzz_target!(|data: &[u8]| {
             assert!(header.len() >= HEADER_BYTES, "accepted a short header");
             assert_eq!(magic, Some(ATTACH_MAGIC), "accepted without the magic");
             assert_eq!(plans.len(), 1, "accepted {} descriptors", plans.len());
-            assert!(plans[0].well_formed(), "accepted a region that is not sealed pages");
-            assert_eq!(announced, Some(region.len() as u64), "size differs from the header");
+            assert!(
+                plans[0].well_formed(),
+                "accepted a region that is not sealed pages"
+            );
+            assert_eq!(
+                announced,
+                Some(region.len() as u64),
+                "size differs from the header"
+            );
             assert!(region.len() > 0 && region.len() <= limit_bytes);
             assert_eq!(region.len() % SHARED_REGION_PAGE_BYTES, 0);
             assert!(region
@@ -158,7 +171,12 @@ fuzz_target!(|data: &[u8]| {
             let last = region.len() - 1;
             // SAFETY: plain syscall on the sender's descriptor, one byte inside its size.
             let written = unsafe {
-                libc::pwrite(files[0].as_raw_fd(), [0x5a_u8].as_ptr().cast(), 1, last as i64)
+                libc::pwrite(
+                    files[0].as_raw_fd(),
+                    [0x5a_u8].as_ptr().cast(),
+                    1,
+                    last as i64,
+                )
             };
             assert_eq!(written, 1);
             assert_eq!(region.with_bytes(last, 1, |bytes| bytes[0]), Some(0x5a));

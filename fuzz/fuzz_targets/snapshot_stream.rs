@@ -36,7 +36,10 @@ fuzz_target!(|bytes: &[u8]| {
     for stream in [raw, framed(bytes)] {
         if let Ok(summary) = check_stream(CONTAINER_ID, &stream) {
             assert_eq!(summary.size_bytes, stream.len() as u64);
-            assert!(summary.row_count >= 1, "an accepted stream has its state row");
+            assert!(
+                summary.row_count >= 1,
+                "an accepted stream has its state row"
+            );
         }
     }
 });
