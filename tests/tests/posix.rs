@@ -141,6 +141,62 @@ fn o_direct_open_reads_and_writes() {
     assert_eq!(fs::metadata(&path).unwrap().len(), 32_768);
 }
 
+#[test]
+fn large_o_direct_transfers_go_as_concurrent_requests_and_land_whole() {
+    // With FUSE_ASYNC_DIO the kernel splits one large O_DIRECT transfer into requests of at
+    // most 1 MiB and sends them all at once (an extending write still goes one at a time).
+    // The pieces must land at their own offsets: the file reads back byte for byte, directly
+    // and through the page cache, and a second driver sees the same bytes.
+    const TRANSFER_BYTES: usize = (8 << 20) + 3 * 4096;
+    let Some((mut node, mount)) = setup("1GiB") else {
+        return;
+    };
+    let path = mount.join("direct-large");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .unwrap();
+    file.set_len(16 << 20).unwrap();
+    let layout = std::alloc::Layout::from_size_align(TRANSFER_BYTES, 4096).unwrap();
+    // SAFETY: the layout has non-zero size; the buffer is freed below with the same layout.
+    let buffer = unsafe { std::alloc::alloc_zeroed(layout) };
+    assert!(!buffer.is_null());
+    // SAFETY: `buffer` points to TRANSFER_BYTES initialised bytes that we own until dealloc.
+    let slice = unsafe { std::slice::from_raw_parts_mut(buffer, TRANSFER_BYTES) };
+    let expected_part = pattern(TRANSFER_BYTES, 41);
+    slice.copy_from_slice(&expected_part);
+    let offset_bytes = 5 * 4096;
+    file.write_all_at(slice, offset_bytes as u64).unwrap();
+    slice.fill(0);
+    file.read_exact_at(slice, offset_bytes as u64).unwrap();
+    assert!(
+        slice == &expected_part[..],
+        "a direct read returned other bytes"
+    );
+    // SAFETY: same pointer and layout as the allocation above.
+    unsafe { std::alloc::dealloc(buffer, layout) };
+    file.sync_all().unwrap();
+    drop(file);
+
+    let mut expected = vec![0u8; 16 << 20];
+    expected[offset_bytes..offset_bytes + TRANSFER_BYTES].copy_from_slice(&expected_part);
+    assert!(
+        fs::read(&path).unwrap() == expected,
+        "buffered read differs"
+    );
+    let endpoint = node.endpoint();
+    let second = node
+        .mount_with("posix", &endpoint, None, &[], "-second")
+        .unwrap();
+    assert!(
+        fs::read(second.join("direct-large")).unwrap() == expected,
+        "a second driver reads other bytes"
+    );
+}
+
 fn fallocate(file: &File, mode: i32, offset: i64, length: i64) -> std::io::Result<()> {
     // SAFETY: fallocate on an open descriptor with plain integer arguments.
     let result = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, length) };
