@@ -441,7 +441,8 @@ impl Filesystem for BallastFilesystem {
             // One large O_DIRECT transfer, and each of a caller's async direct transfers
             // (InnoDB's), goes to the driver as concurrent requests instead of one after
             // another: direct reads at 16 in flight, 960-1,051 -> 1,678-1,772 MB/s (A/B by
-            // hand, 2026-12-05); sysbench oltp_read_write 0.59-0.62x -> 0.65x of local disk.
+            // hand, 2026-12-05); sysbench oltp_read_write p95 latency 7.30-7.70 -> 6.32-6.55 ms
+            // (tps 0.59-0.62x -> 0.62-0.65x of local disk, within the runs' spread).
             (InitFlags::FUSE_ASYNC_DIO, "FUSE_ASYNC_DIO"),
         ];
         for (flag, flag_name) in wanted {

@@ -111,19 +111,24 @@ fn fsync_and_fdatasync_survive_node_kill() {
     );
 }
 
+/// Creates (or opens) `path` for reading and writing with `O_DIRECT`, as InnoDB opens its files.
+fn create_direct(path: &Path) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .expect("O_DIRECT open must succeed")
+}
+
 #[test]
 fn o_direct_open_reads_and_writes() {
     let Some((_node, mount)) = setup("1GiB") else {
         return;
     };
     let path = mount.join("direct");
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&path)
-        .expect("O_DIRECT open must succeed");
+    let file = create_direct(&path);
     // An aligned buffer, as O_DIRECT users (InnoDB) provide.
     let layout = std::alloc::Layout::from_size_align(16_384, 4096).unwrap();
     // SAFETY: the layout has non-zero size; the buffer is freed below with the same layout.
@@ -152,13 +157,7 @@ fn large_o_direct_transfers_go_as_concurrent_requests_and_land_whole() {
         return;
     };
     let path = mount.join("direct-large");
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&path)
-        .unwrap();
+    let file = create_direct(&path);
     file.set_len(16 << 20).unwrap();
     let layout = std::alloc::Layout::from_size_align(TRANSFER_BYTES, 4096).unwrap();
     // SAFETY: the layout has non-zero size; the buffer is freed below with the same layout.
