@@ -472,7 +472,7 @@ impl Filesystem for BallastFilesystem {
         // then wait for it.
         self.spawn(|shared| async move {
             if let Some(shared_memory) = shared.shared_memory.as_ref() {
-                shared_memory.attach_early(&shared.client).await;
+                shared_memory.try_attach(&shared.client).await;
             }
         });
         Ok(())

@@ -9,9 +9,9 @@
 //! node on this host serves a local socket (`Admin.Status` names it), the driver shares a
 //! region of memory with it (`ballast_common::shared_region`). A read names a read slot: the
 //! node (when it leads the volume) reads and checks the device blocks and copies them into the
-//! slot, and the driver answers the kernel from the slot: two copies instead of five. A write copies
-//! its bytes into a write slot and names it: the node copies them out once and writes them as
-//! `Write` does (forwarding to the leader like any write).
+//! slot, and the driver answers the kernel from the slot: two copies instead of five. A write
+//! copies its bytes into a write slot and names it: the node copies them out once and writes
+//! them as `Write` does (forwarding to the leader like any write).
 //!
 //! Owns: the attachment (region, its id, the socket that keeps it attached) and the slots.
 //! Must not depend on: FUSE (callers answer the kernel from the bytes handed to them).
@@ -244,14 +244,6 @@ impl SharedMemory {
         self.current().ok_or(Unshared::NotAttached)
     }
 
-    /// Attaches a region if none is attached (see [`SharedMemory::try_attach`]); the driver
-    /// calls it once the session starts, so the first reads and writes find the region ready.
-    pub async fn attach_early(&self, client: &BallastClient) {
-        if self.current().is_none() {
-            self.try_attach(client).await;
-        }
-    }
-
     /// After an error that may mean the node lost the attachment (a restart): attach anew,
     /// later.
     fn forget_if_detached(&self, attached: &Arc<Attached>, error: &ClientError) {
@@ -285,8 +277,9 @@ impl SharedMemory {
 
     /// Attaches a region to the first node of `client`, if it serves a local socket this
     /// process can reach; at most once per [`REATTACH_INTERVAL_MS`]. Callers that arrive while
-    /// an attempt runs wait for it and then see its outcome.
-    async fn try_attach(&self, client: &BallastClient) {
+    /// an attempt runs wait for it and then see its outcome. The driver also calls it once the
+    /// session starts, so the first reads and writes find the region ready.
+    pub async fn try_attach(&self, client: &BallastClient) {
         let _attaching = self.attaching.lock().await;
         if self.current().is_some() {
             return;

@@ -614,9 +614,8 @@ impl NodeStorage {
     }
 
     /// [`Self::read_file_blocks`] into `buffer`, exactly the blocks' length, whose every byte
-    /// is overwritten (a device read or zeros) before it is given back: also a buffer lent from
-    /// memory shared with a driver (`shared_regions.rs`).
-    pub async fn read_file_blocks_into(
+    /// is overwritten (a device read or zeros) before it is given back.
+    async fn read_file_blocks_into(
         &self,
         references: &[(u64, BlockRef)],
         first: u64,
