@@ -22,7 +22,7 @@ use crate::command::{
 use crate::error::{FsError, NodeError, NodeResult};
 use crate::keys;
 use crate::records::{decode, BlockRef, ContainerState, DirentValue, EntryKind, Inode, ROOT_INODE};
-use crate::storage::NodeStorage;
+use crate::storage::{NodeStorage, BLOCKS_PER_REQUEST_MAX};
 use crate::transaction::{CookieRow, Transaction};
 
 const BLOCK_SIZE: u64 = BLOCK_SIZE_BYTES as u64;
@@ -1253,8 +1253,21 @@ fn plan_read(
 
 /// Reads file bytes into a slot of a region shared with a driver (`shared_regions.rs`), as
 /// [`read`] does into a buffer of its own; returns where in the slot the bytes start and how
-/// many there are (0 at or past the end of the file). Fails with `InvalidArgument` when the
-/// blocks do not fit in the slot.
+/// many there are (0 at or past the end of the file). Fails with `InvalidArgument`, having
+/// written nothing, when the blocks do not fit in the slot.
+///
+/// The blocks are read in pieces of at most one device request ([`BLOCKS_PER_REQUEST_MAX`]),
+/// all in flight at once, each copied into its place in the slot as it arrives: a read of
+/// several MiB (the kernel sends up to `max_pages` at a time) keeps that many device requests
+/// busy instead of waiting for each in turn.
+///
+/// Each piece is read into the node's own buffer (pooled, on huge pages) and copied into the
+/// slot, rather than read into the slot: the slot's 4 KiB pages are scattered, and a 1 MiB
+/// transfer over 256 of them is more segments than the virtio disk takes (`max_segments` 254),
+/// so the block layer split every read in two (1,016 KiB and 8 KiB; perf of block events,
+/// 2026-12-05). With one whole request and a 1 MiB copy, a 1 GiB cold read through FUSE kept
+/// the disk busy for 2.4-5.4 s in all against 6.0-13.9 s reading in place
+/// (`docs/architecture.md`, read path).
 pub async fn read_shared(
     storage: &NodeStorage,
     container_id: u64,
@@ -1274,19 +1287,51 @@ pub async fn read_shared(
         return Ok((0, 0));
     };
     let blocks_bytes = (plan.last - plan.first + 1) as usize * BLOCK_SIZE as usize;
-    // Read into the node's own buffer (pooled, on huge pages) and copy into the slot, rather
-    // than read into the slot: the slot's 4 KiB pages are scattered, and a 1 MiB transfer over
-    // 256 of them is more segments than the virtio disk takes (`max_segments` 254), so the
-    // block layer split every read in two (1,016 KiB and 8 KiB; perf of block events,
-    // 2026-12-05). With one whole request and a 1 MiB copy, a 1 GiB cold read through FUSE
-    // kept the disk busy for 2.4-5.4 s in all against 6.0-13.9 s reading in place; MB/s
-    // swings too much on this disk to show a gain (`docs/architecture.md`, read path).
-    let bytes = storage
-        .read_file_blocks(&plan.references, plan.first, plan.last, &plan.context)
-        .await?;
-    assert_eq!(bytes.len(), blocks_bytes, "one buffer block per file block");
-    slot.fill(&bytes)?;
+    if blocks_bytes > slot.length_bytes() {
+        return Err(FsError::invalid(format!(
+            "a read of {blocks_bytes} block bytes does not fit a {}-byte slot",
+            slot.length_bytes()
+        ))
+        .into());
+    }
+    let slot = &slot;
+    let context = plan.context.as_str();
+    let pieces = read_pieces(plan.first, plan.last).map(|(first, last)| {
+        let references = references_between(&plan.references, first, last);
+        async move {
+            let bytes = storage
+                .read_file_blocks(references, first, last, context)
+                .await?;
+            assert_eq!(
+                bytes.len(),
+                (last - first + 1) as usize * BLOCK_SIZE as usize,
+                "one buffer block per file block"
+            );
+            slot.fill_at((first - plan.first) as usize * BLOCK_SIZE as usize, &bytes)
+        }
+    });
+    futures::future::try_join_all(pieces).await?;
     Ok((plan.start_in_buffer, plan.length))
+}
+
+/// Blocks `first..=last` cut into consecutive ranges of at most [`BLOCKS_PER_REQUEST_MAX`].
+pub(crate) fn read_pieces(first: u64, last: u64) -> impl Iterator<Item = (u64, u64)> {
+    assert!(first <= last);
+    (first..=last)
+        .step_by(BLOCKS_PER_REQUEST_MAX as usize)
+        .map(move |piece_first| {
+            let piece_last = piece_first
+                .saturating_add(BLOCKS_PER_REQUEST_MAX - 1)
+                .min(last);
+            (piece_first, piece_last)
+        })
+}
+
+/// The references (sorted by file block) of file blocks `first..=last`.
+fn references_between(references: &[(u64, BlockRef)], first: u64, last: u64) -> &[(u64, BlockRef)] {
+    let start = references.partition_point(|(file_block, _)| *file_block < first);
+    let end = references.partition_point(|(file_block, _)| *file_block <= last);
+    &references[start..end]
 }
 
 /// The container's state header (quota, usage, inode counts).

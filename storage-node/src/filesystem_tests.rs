@@ -713,3 +713,114 @@ async fn reads_agree_whether_the_blocks_are_one_device_run_or_not() {
     model[BLOCK..2 * BLOCK].fill(0);
     check_reads(&storage, file, &model).await;
 }
+
+/// A shared region of `region_bytes` attached to a fresh `SharedRegions`, as a driver would.
+fn attached_region(
+    directory: &std::path::Path,
+    region_bytes: usize,
+) -> (
+    std::sync::Arc<crate::shared_regions::SharedRegions>,
+    ballast_common::shared_region::SharedRegion,
+    u64,
+    std::os::unix::net::UnixStream,
+) {
+    let regions = std::sync::Arc::new(crate::shared_regions::SharedRegions::default());
+    let socket = directory.join("local.sock");
+    regions.serve(&socket, 1).unwrap();
+    let region = ballast_common::shared_region::SharedRegion::create("test", region_bytes).unwrap();
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let (region_id, _) = region.send(&mut stream).unwrap();
+    (regions, region, region_id, stream)
+}
+
+#[tokio::test]
+async fn a_shared_read_of_several_device_requests_lands_whole_in_the_slot() {
+    let mut storage = initialized(0).await;
+    let file = create(&mut storage, ROOT_INODE, "f", EntryKind::File).await;
+    // 3 MiB + 20 KiB with every kind of block: data written out of order (so device blocks
+    // are not contiguous across pieces), a hole, and an allocated but unwritten range.
+    let size_bytes = (3 << 20) + 20 * 4096;
+    let pattern: Vec<u8> = (0..size_bytes).map(|index| (index % 251) as u8).collect();
+    for (start, end) in [(2 << 20, size_bytes), (0, 600 << 10), (1 << 20, 2 << 20)] {
+        write(&mut storage, file, start as u64, &pattern[start..end])
+            .await
+            .unwrap();
+    }
+    let allocate = FilesystemCommand::Fallocate {
+        inode: file,
+        offset_bytes: 700 << 10,
+        length_bytes: 100 << 10,
+        mode: 0,
+        now_ns: 6,
+    };
+    storage.apply(CONTAINER, allocate).await.unwrap();
+
+    let directory = tempfile::tempdir().unwrap();
+    let slot_bytes = (4 << 20) + 4096;
+    let (regions, region, region_id, _stream) = attached_region(directory.path(), 2 * slot_bytes);
+    let offset_bytes = 4096 + 123;
+    let length_bytes = 4 << 20;
+    let slot = regions
+        .slot(region_id, slot_bytes as u64, slot_bytes as u32)
+        .unwrap();
+    let (start, length) = filesystem::read_shared(
+        &storage.storage,
+        CONTAINER,
+        file,
+        offset_bytes,
+        length_bytes,
+        slot,
+    )
+    .await
+    .unwrap();
+    let expected = read(&storage, file, offset_bytes, length_bytes).await;
+    assert_eq!(
+        expected.len(),
+        size_bytes - offset_bytes as usize,
+        "read stops at the end"
+    );
+    assert_eq!(length, expected.len());
+    assert_eq!((start, length), (123, size_bytes - offset_bytes as usize));
+    let landed = region
+        .with_bytes(slot_bytes + start, length, |bytes| bytes.to_vec())
+        .unwrap();
+    assert!(
+        landed == expected,
+        "the slot holds other bytes than a plain read"
+    );
+    assert!(expected[(600 << 10) - 4219..(1 << 20) - 4219]
+        .iter()
+        .all(|&byte| byte == 0));
+    let untouched = region.with_bytes(0, slot_bytes, |bytes| bytes.iter().all(|&byte| byte == 0));
+    assert_eq!(untouched, Some(true), "the read wrote outside its slot");
+
+    // A slot too small for the blocks is refused before anything is written into it.
+    let small = regions.slot(region_id, 0, 1 << 20).unwrap();
+    let refused =
+        filesystem::read_shared(&storage.storage, CONTAINER, file, 0, 2 << 20, small).await;
+    assert!(refused.is_err(), "2 MiB of blocks went into a 1 MiB slot");
+    let untouched = region.with_bytes(0, slot_bytes, |bytes| bytes.iter().all(|&byte| byte == 0));
+    assert_eq!(untouched, Some(true), "a refused read wrote into the slot");
+}
+
+#[test]
+fn read_pieces_cover_the_range_once_in_device_requests() {
+    for (first, last) in [
+        (0, 0),
+        (0, 255),
+        (0, 256),
+        (7, 1030),
+        (5, 5 + 1023),
+        (u64::MAX - 300, u64::MAX),
+    ] {
+        let pieces: Vec<(u64, u64)> = filesystem::read_pieces(first, last).collect();
+        assert_eq!(pieces.first().unwrap().0, first);
+        assert_eq!(pieces.last().unwrap().1, last);
+        for (piece_first, piece_last) in &pieces {
+            assert!(piece_first <= piece_last && piece_last - piece_first < 256);
+        }
+        for pair in pieces.windows(2) {
+            assert_eq!(pair[0].1 + 1, pair[1].0, "pieces leave a gap or overlap");
+        }
+    }
+}

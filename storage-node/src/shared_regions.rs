@@ -65,23 +65,31 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// Copies `bytes` (the blocks of a read) into the start of the slot; refused when the
-    /// slot is shorter.
-    pub fn fill(&self, bytes: &[u8]) -> NodeResult<()> {
-        if bytes.len() > self.length_bytes {
+    /// Copies `bytes` (blocks of a read) into the slot from `position_bytes` on; refused, with
+    /// nothing written, when they would run past the slot's end.
+    pub fn fill_at(&self, position_bytes: usize, bytes: &[u8]) -> NodeResult<()> {
+        if position_bytes
+            .checked_add(bytes.len())
+            .is_none_or(|end| end > self.length_bytes)
+        {
             return Err(FsError::invalid(format!(
-                "a read of {} block bytes does not fit a {}-byte slot",
+                "{} block bytes at {position_bytes} do not fit a {}-byte slot",
                 bytes.len(),
                 self.length_bytes
             ))
             .into());
         }
         self.region
-            .with_bytes_mut(self.offset_bytes, bytes.len(), |slot| {
+            .with_bytes_mut(self.offset_bytes + position_bytes, bytes.len(), |slot| {
                 slot.copy_from_slice(bytes)
             })
             .expect("slots lie inside their region (checked when made)");
         Ok(())
+    }
+
+    /// How many bytes the slot holds.
+    pub fn length_bytes(&self) -> usize {
+        self.length_bytes
     }
 
     /// A copy of the first `length_bytes` of the slot: the bytes of a write the driver put there.
@@ -326,14 +334,33 @@ mod tests {
         assert_eq!(regions.attached_count(), 1);
 
         let slot = regions.slot(id, 4096, 8192).unwrap();
-        slot.fill(&[0x5A; 8192]).unwrap();
+        slot.fill_at(0, &[0x5A; 8192]).unwrap();
         let copy = |offset, length| region.with_bytes(offset, length, |bytes| bytes.to_vec());
         assert_eq!(copy(4096, 8192).unwrap(), vec![0x5A; 8192]);
         assert_eq!(copy(0, 4096).unwrap(), vec![0; 4096]);
-        assert!(slot.fill(&[1; 12288]).is_err(), "longer than the slot");
+        slot.fill_at(4096, &[0x6B; 4096]).unwrap();
+        assert_eq!(copy(4096, 4096).unwrap(), vec![0x5A; 4096]);
+        assert_eq!(copy(8192, 4096).unwrap(), vec![0x6B; 4096]);
+        assert!(
+            slot.fill_at(0, &[1; 12288]).is_err(),
+            "longer than the slot"
+        );
+        assert!(
+            slot.fill_at(4096, &[1; 8192]).is_err(),
+            "runs past the slot"
+        );
+        assert!(
+            slot.fill_at(usize::MAX, &[1; 1]).is_err(),
+            "position overflows"
+        );
         assert_eq!(
-            copy(4096, 8192).unwrap(),
-            vec![0x5A; 8192],
+            copy(8192, 4096).unwrap(),
+            vec![0x6B; 4096],
+            "a refused fill wrote"
+        );
+        assert_eq!(
+            copy(4096, 4096).unwrap(),
+            vec![0x5A; 4096],
             "a refused fill wrote"
         );
         assert!(regions.slot(id, 100, 4096).is_err(), "unaligned offset");
@@ -349,7 +376,7 @@ mod tests {
         });
         assert!(detached, "the region stays attached after its driver left");
         assert!(regions.slot(id, 0, 4096).is_err());
-        slot.fill(&[1; 4096]).unwrap();
+        slot.fill_at(0, &[1; 4096]).unwrap();
         assert_eq!(copy(4096, 4096).unwrap(), vec![1; 4096]);
     }
 }
