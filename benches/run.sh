@@ -271,12 +271,26 @@ ballast_volume_up() { # name device_size quota [written|sparse]
     node_address="127.0.0.1:$(free_port)"
     node_format "$node_directory/device.img" "$device_size" "$device_file"
     node_start "$node_directory/device.img" "$node_directory/state" "$node_address" "$node_directory/node.log"
-    "$binary_directory/ballast" --node "http://$node_address" volume create "$name" --quota "$quota" >/dev/null
+    if ! "$binary_directory/ballast" --node "http://$node_address" volume create "$name" --quota "$quota" >/dev/null; then
+        # The work directory goes away on exit: show why the node did not answer first.
+        if kill -0 "$node_pid" 2>/dev/null; then
+            echo "volume create failed; ballast-node (pid $node_pid) is running; log tail:" >&2
+        else
+            wait "$node_pid" 2>/dev/null && echo "volume create failed; ballast-node exited with status 0; log tail:" >&2 \
+                || echo "volume create failed; ballast-node exited with status $?; log tail:" >&2
+        fi
+        tail -n 40 "$node_directory/node.log" "$node_stdout" >&2
+        return 1
+    fi
     fuse_mount "$node_address" "$name" "$node_directory/mnt" "$node_directory/fuse.log"
 }
 ballast_volume_down() {
     fuse_unmount "$node_directory/mnt"
     stop_pid "$node_pid" TERM "$node_stop_timeout"
+    # Each node's device file is up to 16 GiB, written in full: keeping them would need room for
+    # every section's at once. Once the disk filled up, a node's state directory could not be
+    # written at start and it died (2026-12-05, night: `fuse` then `mariadb`).
+    rm -rf "$node_directory"
 }
 
 drop_caches() {
