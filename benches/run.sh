@@ -288,8 +288,9 @@ ballast_volume_down() {
     fuse_unmount "$node_directory/mnt"
     stop_pid "$node_pid" TERM "$node_stop_timeout"
     # Each node's device file is up to 16 GiB, written in full: keeping them would need room for
-    # every section's at once. Once the disk filled up, a node's state directory could not be
-    # written at start and it died (2026-12-05, night: `fuse` then `mariadb`).
+    # every section's at once. When the disk filled up (2026-12-05, night: `fuse` then
+    # `mariadb`), the mariadb node's device file could not be written in full and the node died
+    # at start, its log lost on the same full disk.
     rm -rf "$node_directory"
 }
 
