@@ -487,6 +487,15 @@ async fn status(client: &BallastClient) -> anyhow::Result<()> {
         status.shared_read_count, status.shared_region_count
     );
     println!("shared writes    {}", status.shared_write_count);
+    println!(
+        "local frames     {} requests answered on the local socket{}",
+        status.local_request_count,
+        if status.local_frames {
+            ""
+        } else {
+            " (not served)"
+        }
+    );
     if let Some(scrub) = &status.scrub {
         println!(
             "scrub            {} passes, {} blocks verified, {} errors, {} repaired, {} unrepairable{}",

@@ -1,6 +1,6 @@
 //! `ballast-client`: the one way front ends (CLI, FUSE driver, CSI plugin) talk to a storage node.
 //!
-//! Owns: the gRPC channel, per-call timeouts, the bounded retry policy, and the translation of
+//! Owns: the gRPC channel, the local channel to a node on this host (`local`), per-call timeouts, the bounded retry policy, and the translation of
 //! gRPC statuses into [`ClientError`] (and from there into a POSIX errno).
 //! Must not depend on: any server crate (storage node, device, tables, streams); only
 //! `ballast-proto` and `ballast-common`.
@@ -12,6 +12,7 @@
 //! - Entry names are validated here before they are sent, so a bad name never costs a round trip.
 
 pub mod error;
+pub mod local;
 pub mod retry;
 
 use std::future::Future;

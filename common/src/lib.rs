@@ -6,12 +6,14 @@
 //! Invariants: everything here is pure and deterministic given its inputs, except `allocator`
 //! (one process-setup call, glibc `mallopt`, that the data-path binaries make at start) and
 //! `shared_region` (the memory a FUSE driver shares with its node, and the Unix-socket handover
-//! of its descriptor: both sides need the same wire form, and neither may depend on the other).
+//! of its descriptor: both sides need the same wire form, and neither may depend on the other),
+//! and `local_frame` (the requests and answers on that socket, for the same reason).
 
 pub mod allocator;
 pub mod checksum;
 pub mod clock;
 pub mod errno;
+pub mod local_frame;
 pub mod name;
 pub mod random;
 pub mod shared_region;

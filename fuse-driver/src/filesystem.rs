@@ -81,6 +81,8 @@ pub struct MountSettings {
     /// Read and write through memory shared with the node when it is on this host
     /// (`shared_memory`).
     pub shared_memory: bool,
+    /// Send those requests as local frames when the node serves them (`shared_memory`).
+    pub local_frames: bool,
 }
 
 /// State shared by the session loop and the request tasks.
@@ -335,7 +337,9 @@ impl BallastFilesystem {
                 )),
                 write_through: Mutex::new(WriteThrough::new(WRITE_THROUGH_CAPACITY)),
                 write_combiner: Mutex::new(WriteCombiner::default()),
-                shared_memory: settings.shared_memory.then(SharedMemory::new),
+                shared_memory: settings
+                    .shared_memory
+                    .then(|| SharedMemory::new(settings.local_frames)),
             }),
             runtime,
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT_REQUEST_COUNT_MAX)),

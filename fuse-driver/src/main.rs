@@ -75,6 +75,11 @@ struct Arguments {
     /// `--shared-reads` is the older name.
     #[arg(long, alias = "shared-reads", default_value_t = true, action = clap::ArgAction::Set)]
     shared_memory: bool,
+    /// Send the requests of shared reads and writes as local frames on the node's local socket
+    /// when the node serves them (its status says so); `false` sends them over gRPC (for
+    /// comparison, or with a node that misbehaves).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    local_frames: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -109,6 +114,7 @@ fn main() -> anyhow::Result<()> {
         attribute_ttl: Duration::from_millis(arguments.attribute_ttl_ms),
         max_write_bytes: arguments.max_write_bytes,
         shared_memory: arguments.shared_memory,
+        local_frames: arguments.local_frames,
     };
     let filesystem = BallastFilesystem::new(client, settings, runtime.handle().clone());
 

@@ -12,6 +12,7 @@ use ballast_storage_node::raft_network::RAFT_MESSAGE_SIZE_BYTES_MAX;
 use ballast_storage_node::service::admin::AdminService;
 use ballast_storage_node::service::cluster::{ClusterService, RaftTransportService};
 use ballast_storage_node::service::filesystem::FilesystemService;
+use ballast_storage_node::service::local::LocalFilesystem;
 use ballast_storage_node::{node, scrub, NodeConfig, StorageNode};
 use clap::{Parser, Subcommand};
 
@@ -207,6 +208,10 @@ async fn run(local_socket: Option<PathBuf>, config: NodeConfig) -> anyhow::Resul
         .context("opening the storage node")?;
     if let Some(path) = &local_socket {
         // Without it drivers read over gRPC as before: worth a warning, not a failure.
+        node.shared_regions().serve_local_requests(
+            std::sync::Arc::new(LocalFilesystem::new(FilesystemService::new(node.clone()))),
+            tokio::runtime::Handle::current(),
+        );
         if let Err(error) = node.shared_regions().serve(path, node.node_id()) {
             tracing::warn!(path = %path.display(), %error, "cannot serve the local socket");
         }

@@ -7,9 +7,17 @@
 //! while that connection is open; a read names the id and a slot of the region, and the node
 //! reads the file's blocks and copies them into the slot (`filesystem::read_shared`).
 //!
+//! Once attached, the connection also carries the driver's `ReadShared` and `WriteShared`
+//! requests as local frames (`ballast_common::local_frame`), when the node was given a
+//! [`LocalRequests`] handler: the attachment's thread reads each frame and spawns its handling
+//! on the runtime, and the handling task writes the answer frame itself. That skips HTTP/2 and
+//! its task hand-offs, which were about 3 ms of each 1 MiB cold read request
+//! (`docs/benchmarks.md`).
+//!
 //! Owns: the registry of attached regions, the local socket's accept thread and one thread per
-//! attached driver (which only waits for its connection to close).
-//! Must not depend on: the gRPC service (the service looks slots up here).
+//! attached driver (which reads its frames, or only waits for its connection to close).
+//! Must not depend on: the gRPC service (the service looks slots up here, and serves frames
+//! through the [`LocalRequests`] trait).
 //! Invariants:
 //! - At most [`SHARED_REGIONS_MAX`] regions, each at most [`SHARED_REGION_BYTES_MAX`] and size
 //!   sealed (checked by `SharedRegion::from_received`), so a driver cannot make the node fault
@@ -23,14 +31,22 @@
 //!   Raft entry all see the node's own copy, never the shared memory.
 //! - Ids are random 64-bit numbers from the kernel: another local process that can reach the
 //!   gRPC port cannot name a region it was not given.
+//! - At most [`LOCAL_REQUESTS_IN_FLIGHT_MAX`] frames of one attachment are handled at once; the
+//!   thread reads no further frame until one finishes. A frame that breaks the wire form ends
+//!   the attachment (the stream is out of step); answers to requests in flight are then lost,
+//!   and the driver's calls fail over to gRPC.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use ballast_common::local_frame::{LocalFrame, LocalFrameKind};
 use ballast_common::shared_region::{answer_id, SharedRegion, SHARED_REGION_PAGE_BYTES};
 
 use crate::error::{FsError, NodeResult};
@@ -41,6 +57,37 @@ pub const SHARED_REGIONS_MAX: usize = 64;
 pub const SHARED_REGION_BYTES_MAX: usize = 256 << 20;
 /// Time a connecting driver has to send its region.
 const ATTACH_TIMEOUT_MS: u64 = 5_000;
+/// Frames of one attachment handled at once.
+pub const LOCAL_REQUESTS_IN_FLIGHT_MAX: usize = 64;
+/// Longest an answer frame's write may block: answers are small, and the answers in flight fit
+/// the socket's buffer, so a write blocks only when the driver stopped reading.
+const ANSWER_WRITE_TIMEOUT_MS: u64 = 1_000;
+
+/// The answer to one local frame: its kind (`Answer` or `Failure`) and body.
+pub type LocalAnswer = (LocalFrameKind, Vec<u8>);
+
+/// Serves the requests drivers send as local frames (implemented by the gRPC service layer, so
+/// the frames run the same code as the calls they stand for).
+pub trait LocalRequests: Send + Sync + 'static {
+    /// Serves one request frame (`kind` is a request kind) with its body.
+    fn serve(
+        &self,
+        kind: LocalFrameKind,
+        body: Vec<u8>,
+    ) -> Pin<Box<dyn Future<Output = LocalAnswer> + Send>>;
+}
+
+/// A handler and the runtime its requests run on.
+struct LocalService {
+    requests: Arc<dyn LocalRequests>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for LocalService {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("LocalService")
+    }
+}
 
 /// See the module documentation.
 #[derive(Debug, Default)]
@@ -50,10 +97,14 @@ pub struct SharedRegions {
     read_count: AtomicU64,
     /// Writes whose bytes came from shared regions since the node started.
     write_count: AtomicU64,
+    /// Requests answered as local frames since the node started.
+    local_request_count: Arc<AtomicU64>,
     /// The local socket, once it is served (drivers learn it from `Admin.Status`).
     socket_path: Mutex<Option<std::path::PathBuf>>,
     /// This node's id, told to attaching drivers (set by `serve`).
     node_id: AtomicU64,
+    /// Serves local frames, once set ([`SharedRegions::serve_local_requests`]).
+    local_service: OnceLock<LocalService>,
 }
 
 /// Where one read may write: `length_bytes` of a region from `offset_bytes`.
@@ -165,6 +216,26 @@ impl SharedRegions {
 
     pub fn write_count(&self) -> u64 {
         self.write_count.load(Ordering::Relaxed)
+    }
+
+    pub fn local_request_count(&self) -> u64 {
+        self.local_request_count.load(Ordering::Relaxed)
+    }
+
+    /// Serves the local frames of every attachment from now on with `requests`, on `runtime`
+    /// (set once; later calls change nothing). Without it, an attached driver's first byte
+    /// ends its attachment, as before local frames existed.
+    pub fn serve_local_requests(
+        &self,
+        requests: Arc<dyn LocalRequests>,
+        runtime: tokio::runtime::Handle,
+    ) {
+        let _ = self.local_service.set(LocalService { requests, runtime });
+    }
+
+    /// True when attached drivers may send local frames (`Admin.Status` tells them).
+    pub fn serves_local_requests(&self) -> bool {
+        self.local_service.get().is_some()
     }
 
     fn node_id(&self) -> u64 {
@@ -297,13 +368,81 @@ impl SharedRegions {
             return;
         }
         tracing::info!(length_bytes, "attached a shared region");
-        // The driver never writes again; a read returns at its close or death.
         let _ = stream.set_read_timeout(None);
-        // Any byte from the driver breaks the protocol and ends the attachment too.
-        let mut byte = [0u8; 1];
-        let _ = std::io::Read::read(&mut stream, &mut byte);
+        match self.local_service.get() {
+            Some(service) => serve_frames(&mut stream, service, &self.local_request_count),
+            None => {
+                // The driver never writes again; a read returns at its close or death. Any
+                // byte from the driver breaks the protocol and ends the attachment too.
+                let mut byte = [0u8; 1];
+                let _ = std::io::Read::read(&mut stream, &mut byte);
+            }
+        }
         self.detach(id);
         tracing::info!(length_bytes, "detached a shared region");
+    }
+}
+
+/// Reads request frames from `stream` until it ends or breaks, handling each on the runtime
+/// (at most [`LOCAL_REQUESTS_IN_FLIGHT_MAX`] at once); each handling task writes its answer.
+fn serve_frames(stream: &mut UnixStream, service: &LocalService, answered_count: &Arc<AtomicU64>) {
+    let writer = match stream.try_clone().and_then(|writer| {
+        writer.set_write_timeout(Some(Duration::from_millis(ANSWER_WRITE_TIMEOUT_MS)))?;
+        Ok(writer)
+    }) {
+        Ok(writer) => Arc::new(Mutex::new(writer)),
+        Err(error) => {
+            tracing::warn!(%error, "cannot answer local frames");
+            return;
+        }
+    };
+    let permits = Arc::new(tokio::sync::Semaphore::new(LOCAL_REQUESTS_IN_FLIGHT_MAX));
+    // Bounded by the connection: each pass reads one frame; the loop ends with the stream.
+    loop {
+        let frame = match LocalFrame::read_from(stream) {
+            Ok(Some(frame)) if frame.kind.is_request() => frame,
+            Ok(Some(frame)) => {
+                tracing::warn!(kind = ?frame.kind, "a driver sent an answer as a request");
+                break;
+            }
+            Ok(None) => break,
+            Err(error) => {
+                tracing::warn!(%error, "a driver's local frame is broken; detaching");
+                break;
+            }
+        };
+        let permit = service
+            .runtime
+            .block_on(permits.clone().acquire_owned())
+            .expect("the semaphore is never closed");
+        let requests = service.requests.clone();
+        let writer = writer.clone();
+        let answered_count = answered_count.clone();
+        service.runtime.spawn(async move {
+            let (kind, body) = requests.serve(frame.kind, frame.body).await;
+            let answer = LocalFrame {
+                kind,
+                request_id: frame.request_id,
+                body,
+            }
+            .encode();
+            let mut writer = writer
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            // A blocking write on a runtime thread: see ANSWER_WRITE_TIMEOUT_MS for why it
+            // returns at once.
+            match writer.write_all(&answer) {
+                Ok(()) => {
+                    answered_count.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot answer a local frame; detaching");
+                    // Wakes the reading thread, which then detaches the region.
+                    let _ = writer.shutdown(std::net::Shutdown::Both);
+                }
+            }
+            drop(permit);
+        });
     }
 }
 
@@ -320,6 +459,124 @@ fn random_id() -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Answers each request with its body reversed after a short pause, and keeps the most
+    /// requests it served at once.
+    #[derive(Default)]
+    struct Reversing {
+        serving: AtomicU64,
+        serving_max: AtomicU64,
+    }
+
+    impl LocalRequests for Arc<Reversing> {
+        fn serve(
+            &self,
+            kind: LocalFrameKind,
+            body: Vec<u8>,
+        ) -> Pin<Box<dyn Future<Output = LocalAnswer> + Send>> {
+            let this = self.clone();
+            Box::pin(async move {
+                assert!(kind.is_request());
+                let serving = this.serving.fetch_add(1, Ordering::SeqCst) + 1;
+                this.serving_max.fetch_max(serving, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                this.serving.fetch_sub(1, Ordering::SeqCst);
+                (LocalFrameKind::Answer, body.into_iter().rev().collect())
+            })
+        }
+    }
+
+    /// Waits (bounded: 500 looks 10 ms apart) until `regions` holds `count` attachments.
+    fn attached_becomes(regions: &SharedRegions, count: usize) -> bool {
+        (0..500).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            regions.attached_count() == count
+        })
+    }
+
+    #[test]
+    fn local_frames_are_answered_concurrently_within_the_limit_and_broken_ones_detach() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("local.sock");
+        let regions = Arc::new(SharedRegions::default());
+        let reversing = Arc::new(Reversing::default());
+        assert!(!regions.serves_local_requests());
+        regions.serve_local_requests(Arc::new(reversing.clone()), runtime.handle().clone());
+        assert!(regions.serves_local_requests());
+        regions.serve(&path, 7).unwrap();
+
+        let region = SharedRegion::create("test", 4096).unwrap();
+        let mut stream = UnixStream::connect(&path).unwrap();
+        region.send(&mut stream).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        // More requests than may be served at once, all sent before any answer is read.
+        let request_count = 2 * LOCAL_REQUESTS_IN_FLIGHT_MAX as u64 + 5;
+        for request_id in 0..request_count {
+            let kind = if request_id % 2 == 0 {
+                LocalFrameKind::ReadShared
+            } else {
+                LocalFrameKind::WriteShared
+            };
+            let frame = LocalFrame {
+                kind,
+                request_id,
+                body: request_id.to_le_bytes().to_vec(),
+            };
+            stream.write_all(&frame.encode()).unwrap();
+        }
+        let mut answered = vec![false; request_count as usize];
+        for _ in 0..request_count {
+            let answer = LocalFrame::read_from(&mut stream).unwrap().unwrap();
+            assert_eq!(answer.kind, LocalFrameKind::Answer);
+            let mut expected = answer.request_id.to_le_bytes();
+            expected.reverse();
+            assert_eq!(answer.body, expected, "an answer went to another request");
+            assert!(
+                !std::mem::replace(&mut answered[answer.request_id as usize], true),
+                "request {} answered twice",
+                answer.request_id
+            );
+        }
+        let serving_max = reversing.serving_max.load(Ordering::SeqCst);
+        assert!(
+            (2..=LOCAL_REQUESTS_IN_FLIGHT_MAX as u64).contains(&serving_max),
+            "{serving_max} requests served at once"
+        );
+        assert_eq!(regions.local_request_count(), request_count);
+        assert_eq!(regions.attached_count(), 1);
+
+        // A broken frame ends the attachment; so does an answer sent as a request.
+        let mut broken = LocalFrame {
+            kind: LocalFrameKind::ReadShared,
+            request_id: 1,
+            body: Vec::new(),
+        }
+        .encode();
+        broken[0] ^= 0xFF;
+        stream.write_all(&broken).unwrap();
+        assert!(
+            attached_becomes(&regions, 0),
+            "a broken frame left it attached"
+        );
+        let mut stream = UnixStream::connect(&path).unwrap();
+        region.send(&mut stream).unwrap();
+        assert!(attached_becomes(&regions, 1));
+        let answer_as_request = LocalFrame {
+            kind: LocalFrameKind::Answer,
+            request_id: 1,
+            body: Vec::new(),
+        };
+        stream.write_all(&answer_as_request.encode()).unwrap();
+        assert!(attached_becomes(&regions, 0), "an answer left it attached");
+        assert_eq!(regions.local_request_count(), request_count);
+    }
 
     #[test]
     fn a_driver_attaches_a_region_until_it_disconnects_and_slots_stay_inside_it() {

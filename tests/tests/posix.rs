@@ -1226,6 +1226,14 @@ fn shared_write_count(node: &LocalNode) -> u64 {
     numbers[0]
 }
 
+/// `ballast status`'s local-frames line: requests answered as local frames on the node's local
+/// socket instead of gRPC.
+fn local_request_count(node: &LocalNode) -> u64 {
+    let numbers = status_numbers(node, "local frames");
+    assert_eq!(numbers.len(), 1, "local frames line: {numbers:?}");
+    numbers[0]
+}
+
 /// Reads all of `path` with O_DIRECT (every read goes to the driver) in 1 MiB requests.
 fn read_direct(path: &Path) -> Vec<u8> {
     const CHUNK_BYTES: usize = 1 << 20;
@@ -1278,6 +1286,7 @@ fn reads_go_through_memory_shared_with_the_node_and_match_what_was_written() {
     expected.extend_from_slice(b"tail");
 
     let (reads_before, _) = shared_read_counts(&node);
+    let frames_before = local_request_count(&node);
     let content = read_direct(&path);
     assert!(content == expected, "shared reads returned other bytes");
     let (reads, regions) = shared_read_counts(&node);
@@ -1286,6 +1295,13 @@ fn reads_go_through_memory_shared_with_the_node_and_match_what_was_written() {
         reads - reads_before >= 21,
         "21 MiB read in 1 MiB requests, {} through shared memory",
         reads - reads_before
+    );
+    // The requests went as local frames on the attach socket, not over gRPC.
+    let frames = local_request_count(&node);
+    assert!(
+        frames - frames_before >= 21,
+        "21 MiB read through shared memory, {} requests as local frames",
+        frames - frames_before
     );
 
     let endpoint = node.endpoint();
@@ -1305,6 +1321,37 @@ fn reads_go_through_memory_shared_with_the_node_and_match_what_was_written() {
         reads,
         "a driver with shared reads off read through shared memory"
     );
+    assert_eq!(
+        local_request_count(&node),
+        frames,
+        "a driver with shared memory off sent local frames"
+    );
+
+    // With `--local-frames false` the reads still go through shared memory, their requests
+    // over gRPC.
+    let grpc_requests = node
+        .mount_with(
+            "posix",
+            &endpoint,
+            None,
+            &["--local-frames", "false"],
+            "-grpc-requests",
+        )
+        .unwrap();
+    let content = read_direct(&grpc_requests.join("shared"));
+    assert!(content == expected, "shared reads asked over gRPC returned other bytes");
+    let (reads_over_grpc, regions) = shared_read_counts(&node);
+    assert_eq!(regions, 2, "the second driver attached a region too");
+    assert!(
+        reads_over_grpc - reads >= 21,
+        "21 MiB read, {} through shared memory",
+        reads_over_grpc - reads
+    );
+    assert_eq!(
+        local_request_count(&node),
+        frames,
+        "a driver with local frames off sent local frames"
+    );
 }
 
 #[test]
@@ -1318,6 +1365,7 @@ fn writes_go_through_memory_shared_with_the_node_and_read_back_intact() {
         return;
     };
     let writes_before = shared_write_count(&node);
+    let frames_before = local_request_count(&node);
     let path = mount.join("shared-writes");
     let mut expected: Vec<u8> = (0..24u8)
         .flat_map(|index| pattern(1 << 20, index))
@@ -1340,6 +1388,11 @@ fn writes_go_through_memory_shared_with_the_node_and_read_back_intact() {
     assert!(
         shared_writes >= 6,
         "24 MiB written in page-cache writes of up to 4 MiB, {shared_writes} through shared memory"
+    );
+    let frames = local_request_count(&node) - frames_before;
+    assert!(
+        frames >= shared_writes,
+        "{shared_writes} writes through shared memory, {frames} requests as local frames"
     );
 
     let endpoint = node.endpoint();

@@ -372,6 +372,8 @@ impl Admin for AdminService {
                 .socket_path()
                 .map(|path| path.display().to_string())
                 .unwrap_or_default(),
+            local_frames: node.shared_regions().serves_local_requests(),
+            local_request_count: node.shared_regions().local_request_count(),
         }))
     }
 

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod cluster;
 pub mod filesystem;
+pub mod local;
 
 use ballast_common::Errno;
 use ballast_proto::v1 as proto;
