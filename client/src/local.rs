@@ -4,11 +4,13 @@
 //!
 //! Why: the bytes of those calls are already in shared memory, so what is left per request is
 //! the round trip. Over HTTP/2 that was about 3 ms of a 7.7 ms cold read request at ten in
-//! flight (`docs/benchmarks.md`), spent in hand-offs between runtime tasks. Here the asking
-//! task writes its frame to the socket itself, and one thread that does nothing else reads
-//! the answers and wakes the task that waits for each.
+//! flight (`docs/benchmarks.md`), spent in hand-offs between runtime tasks and threads. Here
+//! the asking task writes its frame to the socket itself, and one task on the same runtime
+//! reads the answers and wakes the task that waits for each: a wake-up within the worker
+//! thread that read the answer, not a hand-off to another thread (in a VM each such hand-off
+//! costs tens of microseconds; a dedicated reader thread measured no better than gRPC).
 //!
-//! Owns: request ids, the requests waiting for answers, the answer reader thread.
+//! Owns: request ids, the requests waiting for answers, the answer reader task.
 //! Must not depend on: the node (only the wire form in `ballast-common` and the messages in
 //! `ballast-proto`).
 //! Invariants:
@@ -24,16 +26,18 @@
 //!   this attachment can read a slot again.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ballast_common::local_frame::{
-    LocalFailure, LocalFrame, LocalFrameKind, LOCAL_FRAME_BODY_BYTES_MAX,
+    LocalFailure, LocalFrame, LocalFrameHeader, LocalFrameKind, LOCAL_FRAME_BODY_BYTES_MAX,
+    LOCAL_FRAME_HEADER_BYTES,
 };
 use ballast_common::Errno;
 use prost::Message;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::oneshot;
 use tonic::Code;
 
@@ -42,14 +46,18 @@ use crate::ClientError;
 
 /// Requests waiting for answers at once, at most.
 pub const LOCAL_REQUESTS_IN_FLIGHT_MAX: usize = 256;
-/// Longest a frame write may block: frames are small and the node reads them at once, so a
+/// Longest a frame write may wait: frames are small and the node reads them at once, so a
 /// full socket buffer means a node that stopped reading.
 const FRAME_WRITE_TIMEOUT_MS: u64 = 1_000;
+/// Bytes of answers read from the socket at once.
+const ANSWER_READ_BUFFER_BYTES: usize = 64 << 10;
 
 /// See the module documentation.
 pub struct LocalChannel {
-    /// The socket, for requests. Written whole frames at a time under the lock.
-    writer: Mutex<UnixStream>,
+    /// The socket's sending half, for requests: whole frames at a time under the lock.
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    /// The same socket, to shut it down from synchronous code (`close`, drop).
+    socket: UnixStream,
     waiting: Arc<Mutex<Waiting>>,
     request_timeout: Duration,
 }
@@ -80,19 +88,24 @@ fn unavailable(message: impl Into<String>) -> ClientError {
 
 impl LocalChannel {
     /// Starts a channel on `stream`, an attach connection the node answered on (it said it
-    /// serves local frames). Each call waits at most `request_timeout` for its answer.
+    /// serves local frames). Each call waits at most `request_timeout` for its answer. Runs
+    /// inside a Tokio runtime (the answer reader is a task), and makes the socket
+    /// non-blocking for every handle of it.
     pub fn start(stream: &UnixStream, request_timeout: Duration) -> std::io::Result<LocalChannel> {
-        let writer = stream.try_clone()?;
-        writer.set_write_timeout(Some(Duration::from_millis(FRAME_WRITE_TIMEOUT_MS)))?;
-        let mut reader = stream.try_clone()?;
-        reader.set_read_timeout(None)?;
+        let socket = stream.try_clone()?;
+        let asynchronous = stream.try_clone()?;
+        asynchronous.set_nonblocking(true)?;
+        let (reader, writer) = tokio::net::UnixStream::from_std(asynchronous)?.into_split();
         let waiting = Arc::new(Mutex::new(Waiting::default()));
-        let reader_waiting = waiting.clone();
-        std::thread::Builder::new()
-            .name("ballast-answers".to_owned())
-            .spawn(move || read_answers(&mut reader, &reader_waiting))?;
+        let reader_socket = socket.try_clone()?;
+        tokio::spawn(read_answers(
+            tokio::io::BufReader::with_capacity(ANSWER_READ_BUFFER_BYTES, reader),
+            reader_socket,
+            waiting.clone(),
+        ));
         Ok(LocalChannel {
-            writer: Mutex::new(writer),
+            writer: tokio::sync::Mutex::new(writer),
+            socket,
             waiting,
             request_timeout,
         })
@@ -113,12 +126,8 @@ impl LocalChannel {
     /// the region; the answer reader thread ends.
     pub fn close(&self) {
         self.lock_waiting().close();
-        let writer = self
-            .writer
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
         // Fails only for a socket already shut down, which is the goal.
-        let _ = writer.shutdown(std::net::Shutdown::Both);
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
     }
 
     /// `Filesystem.ReadShared`, as a local frame.
@@ -171,18 +180,19 @@ impl LocalChannel {
             body,
         }
         .encode();
-        // A blocking write from a runtime thread: a frame is a few hundred bytes, and the
-        // requests in flight (at most the limit above) fit the socket's buffer many times over,
-        // so it returns at once unless the node stopped reading; the write timeout bounds that.
-        let written = self
-            .writer
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .write_all(&frame);
-        if let Err(error) = written {
+        let written = tokio::time::timeout(Duration::from_millis(FRAME_WRITE_TIMEOUT_MS), async {
+            self.writer.lock().await.write_all(&frame).await
+        })
+        .await;
+        let failure = match written {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => Some(error.to_string()),
+            Err(_elapsed) => Some(format!("not sent within {FRAME_WRITE_TIMEOUT_MS} ms")),
+        };
+        if let Some(failure) = failure {
             self.close();
             return Err(unavailable(format!(
-                "sending a local request to the node: {error}"
+                "sending a local request to the node: {failure}"
             )));
         }
         let answer = match tokio::time::timeout(self.request_timeout, receiver).await {
@@ -233,9 +243,37 @@ impl Drop for LocalChannel {
     }
 }
 
-/// The answer reader thread: hands each answer to its waiter, until the stream ends or breaks
+/// Reads the next frame from `reader`: `None` when the stream ends cleanly between frames.
+pub async fn read_frame(
+    reader: &mut (impl AsyncRead + Unpin),
+) -> std::io::Result<Option<LocalFrame>> {
+    let mut header = [0u8; LOCAL_FRAME_HEADER_BYTES];
+    let first = reader.read(&mut header).await?;
+    if first == 0 {
+        return Ok(None);
+    }
+    reader.read_exact(&mut header[first..]).await?;
+    let LocalFrameHeader {
+        kind,
+        request_id,
+        body_length_bytes,
+    } = LocalFrameHeader::decode(&header)?;
+    let mut body = vec![0u8; body_length_bytes];
+    reader.read_exact(&mut body).await?;
+    Ok(Some(LocalFrame {
+        kind,
+        request_id,
+        body,
+    }))
+}
+
+/// The answer reader task: hands each answer to its waiter, until the stream ends or breaks
 /// (then the channel closes).
-fn read_answers(reader: &mut UnixStream, waiting: &Mutex<Waiting>) {
+async fn read_answers(
+    mut reader: impl AsyncRead + Unpin,
+    socket: UnixStream,
+    waiting: Arc<Mutex<Waiting>>,
+) {
     let lock = || {
         waiting
             .lock()
@@ -243,7 +281,7 @@ fn read_answers(reader: &mut UnixStream, waiting: &Mutex<Waiting>) {
     };
     // Bounded by the connection: each pass reads one frame, and the loop ends with the stream.
     loop {
-        let frame = match LocalFrame::read_from(reader) {
+        let frame = match read_frame(&mut reader).await {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
             Err(error) => {
@@ -273,12 +311,13 @@ fn read_answers(reader: &mut UnixStream, waiting: &Mutex<Waiting>) {
     }
     lock().close();
     // Fails only for a socket already shut down.
-    let _ = reader.shutdown(std::net::Shutdown::Both);
+    let _ = socket.shutdown(std::net::Shutdown::Both);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     /// A node stand-in on the other end of a socket pair: answers each request with what
     /// `answer` makes of it (`None`: no answer), until the stream ends.

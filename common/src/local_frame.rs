@@ -26,7 +26,8 @@
 //! [`LocalFrameKind::Failure`] a [`LocalFailure`]. This module knows nothing of protobuf: the
 //! callers encode and decode bodies.
 //!
-//! Owns: the frame header, the failure body, reading a frame from a stream.
+//! Owns: the frame header, the failure body, reading a frame from a blocking stream (async
+//! readers read the header, decode it with [`LocalFrameHeader::decode`], then read the body).
 //! Must not depend on: protobuf, any runtime, the node or the driver.
 //! Invariants:
 //! - Nothing is allocated for a body before its length is checked against the limit: a hostile
@@ -79,6 +80,15 @@ impl LocalFrameKind {
             LocalFrameKind::ReadShared | LocalFrameKind::WriteShared
         )
     }
+}
+
+/// What a frame's header says. See the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalFrameHeader {
+    pub kind: LocalFrameKind,
+    pub request_id: u64,
+    /// At most [`LOCAL_FRAME_BODY_BYTES_MAX`].
+    pub body_length_bytes: usize,
 }
 
 /// One frame. See the module documentation.
@@ -135,7 +145,11 @@ impl LocalFrame {
                 Err(error) => return Err(error),
             }
         }
-        let (kind, request_id, body_length) = decode_header(&header)?;
+        let LocalFrameHeader {
+            kind,
+            request_id,
+            body_length_bytes: body_length,
+        } = LocalFrameHeader::decode(&header)?;
         let mut body = vec![0u8; body_length];
         reader.read_exact(&mut body).map_err(|error| {
             std::io::Error::new(
@@ -151,10 +165,15 @@ impl LocalFrame {
     }
 }
 
-/// The kind, request id and body length of a header, or why it is refused.
-fn decode_header(
-    header: &[u8; LOCAL_FRAME_HEADER_BYTES],
-) -> std::io::Result<(LocalFrameKind, u64, usize)> {
+impl LocalFrameHeader {
+    /// The header in `header`, or why it is refused (an `InvalidData` error): a wrong magic,
+    /// an unknown kind, set reserved bytes, or a body over the limit.
+    pub fn decode(header: &[u8; LOCAL_FRAME_HEADER_BYTES]) -> std::io::Result<LocalFrameHeader> {
+        decode_header(header)
+    }
+}
+
+fn decode_header(header: &[u8; LOCAL_FRAME_HEADER_BYTES]) -> std::io::Result<LocalFrameHeader> {
     let word = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
     let magic = word(0);
     if magic != LOCAL_FRAME_MAGIC {
@@ -175,7 +194,11 @@ fn decode_header(
              limit"
         )));
     }
-    Ok((kind, request_id, body_length))
+    Ok(LocalFrameHeader {
+        kind,
+        request_id,
+        body_length_bytes: body_length,
+    })
 }
 
 /// Why a request failed: the gRPC status code and errno it would have carried, and a message.
@@ -292,6 +315,70 @@ mod tests {
         // Ends inside the header or the body.
         for cut in [1, LOCAL_FRAME_HEADER_BYTES - 1, good.len() - 1] {
             assert_eq!(refused(&good[..cut]), std::io::ErrorKind::UnexpectedEof);
+        }
+    }
+
+    /// Reads frames from `bytes` until the end or a refusal, checking that each accepted frame
+    /// is exactly the bytes it came from (the fuzz target `local_frames` checks the same).
+    fn read_all_checked(bytes: &[u8]) -> usize {
+        let mut reader = bytes;
+        let mut accepted = 0;
+        // Bounded: each accepted frame consumes at least a header.
+        loop {
+            let start = bytes.len() - reader.len();
+            match LocalFrame::read_from(&mut reader) {
+                Ok(Some(frame)) => {
+                    let end = bytes.len() - reader.len();
+                    assert!(frame.body.len() <= LOCAL_FRAME_BODY_BYTES_MAX);
+                    assert_eq!(frame.encode(), &bytes[start..end]);
+                    accepted += 1;
+                }
+                Ok(None) => {
+                    assert!(reader.is_empty());
+                    return accepted;
+                }
+                Err(_) => return accepted,
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_are_read_or_refused_without_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+        ) {
+            read_all_checked(&bytes);
+        }
+
+        #[test]
+        fn valid_frames_with_flipped_bytes_are_read_back_or_refused(
+            frames in proptest::collection::vec(
+                (0usize..4, proptest::prelude::any::<u64>(),
+                 proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)),
+                1..6,
+            ),
+            flips in proptest::collection::vec(
+                (proptest::prelude::any::<usize>(), 1u8..=255), 0..3),
+        ) {
+            let kinds = [
+                LocalFrameKind::ReadShared,
+                LocalFrameKind::WriteShared,
+                LocalFrameKind::Answer,
+                LocalFrameKind::Failure,
+            ];
+            let mut bytes = Vec::new();
+            for (kind, request_id, body) in &frames {
+                bytes.extend(LocalFrame { kind: kinds[*kind], request_id: *request_id, body: body.clone() }.encode());
+            }
+            if flips.is_empty() {
+                proptest::prop_assert_eq!(read_all_checked(&bytes), frames.len());
+            } else {
+                for (position, mask) in flips {
+                    let index = position % bytes.len();
+                    bytes[index] ^= mask;
+                }
+                read_all_checked(&bytes);
+            }
         }
     }
 

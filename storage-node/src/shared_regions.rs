@@ -9,13 +9,13 @@
 //!
 //! Once attached, the connection also carries the driver's `ReadShared` and `WriteShared`
 //! requests as local frames (`ballast_common::local_frame`), when the node was given a
-//! [`LocalRequests`] handler: the attachment's thread reads each frame and spawns its handling
-//! on the runtime, and the handling task writes the answer frame itself. That skips HTTP/2 and
-//! its task hand-offs, which were about 3 ms of each 1 MiB cold read request
-//! (`docs/benchmarks.md`).
+//! [`LocalRequests`] handler: a task on the runtime reads the frames and spawns the handling
+//! of each, which writes the answer frame itself. That skips HTTP/2 and its hand-offs between
+//! tasks and threads.
 //!
-//! Owns: the registry of attached regions, the local socket's accept thread and one thread per
-//! attached driver (which reads its frames, or only waits for its connection to close).
+//! Owns: the registry of attached regions, the local socket's accept thread, one thread per
+//! attaching driver (for the handshake; without local frames it then waits for the
+//! connection to close), and the frame reading task of each attached driver.
 //! Must not depend on: the gRPC service (the service looks slots up here, and serves frames
 //! through the [`LocalRequests`] trait).
 //! Invariants:
@@ -38,7 +38,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::pin::Pin;
@@ -46,8 +45,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use ballast_common::local_frame::{LocalFrame, LocalFrameKind};
+use ballast_common::local_frame::{
+    LocalFrame, LocalFrameHeader, LocalFrameKind, LOCAL_FRAME_HEADER_BYTES,
+};
 use ballast_common::shared_region::{answer_id, SharedRegion, SHARED_REGION_PAGE_BYTES};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::error::{FsError, NodeResult};
 
@@ -59,9 +61,11 @@ pub const SHARED_REGION_BYTES_MAX: usize = 256 << 20;
 const ATTACH_TIMEOUT_MS: u64 = 5_000;
 /// Frames of one attachment handled at once.
 pub const LOCAL_REQUESTS_IN_FLIGHT_MAX: usize = 64;
-/// Longest an answer frame's write may block: answers are small, and the answers in flight fit
-/// the socket's buffer, so a write blocks only when the driver stopped reading.
+/// Longest an answer frame's write may wait: answers are small, and the answers in flight fit
+/// the socket's buffer, so a write waits only when the driver stopped reading.
 const ANSWER_WRITE_TIMEOUT_MS: u64 = 1_000;
+/// Bytes of frames read from a driver's socket at once.
+const FRAME_READ_BUFFER_BYTES: usize = 64 << 10;
 
 /// The answer to one local frame: its kind (`Answer` or `Failure`) and body.
 pub type LocalAnswer = (LocalFrameKind, Vec<u8>);
@@ -337,7 +341,7 @@ impl SharedRegions {
     }
 
     /// Receives one region, answers its id, and detaches it when the driver's connection ends.
-    fn hold_attachment(&self, mut stream: UnixStream) {
+    fn hold_attachment(self: Arc<Self>, mut stream: UnixStream) {
         let timeout = Some(Duration::from_millis(ATTACH_TIMEOUT_MS));
         let received = stream
             .set_read_timeout(timeout)
@@ -369,37 +373,58 @@ impl SharedRegions {
         }
         tracing::info!(length_bytes, "attached a shared region");
         let _ = stream.set_read_timeout(None);
-        match self.local_service.get() {
-            Some(service) => serve_frames(&mut stream, service, &self.local_request_count),
-            None => {
-                // The driver never writes again; a read returns at its close or death. Any
-                // byte from the driver breaks the protocol and ends the attachment too.
-                let mut byte = [0u8; 1];
-                let _ = std::io::Read::read(&mut stream, &mut byte);
+        let Some(service) = self.local_service.get() else {
+            // The driver never writes again; a read returns at its close or death. Any byte
+            // from the driver breaks the protocol and ends the attachment too.
+            let mut byte = [0u8; 1];
+            let _ = std::io::Read::read(&mut stream, &mut byte);
+            self.detach(id);
+            tracing::info!(length_bytes, "detached a shared region");
+            return;
+        };
+        // Frames are read by a task on the runtime, not by this thread: a handler spawned from
+        // a worker runs on that worker next, where one spawned from this thread would wake
+        // another (in a VM each such hand-off costs tens of microseconds).
+        let _entered = service.runtime.enter();
+        let socket = stream.try_clone().and_then(|socket| {
+            socket.set_nonblocking(true)?;
+            tokio::net::UnixStream::from_std(socket)
+        });
+        let socket = match socket {
+            Ok(socket) => socket,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read local frames");
+                self.detach(id);
+                return;
             }
-        }
-        self.detach(id);
-        tracing::info!(length_bytes, "detached a shared region");
+        };
+        let regions = self.clone();
+        let requests = service.requests.clone();
+        service.runtime.spawn(async move {
+            serve_frames(socket, stream, requests, &regions.local_request_count).await;
+            regions.detach(id);
+            tracing::info!(length_bytes, "detached a shared region");
+        });
     }
 }
 
-/// Reads request frames from `stream` until it ends or breaks, handling each on the runtime
+/// Reads request frames from `socket` until it ends or breaks, spawning the handling of each
 /// (at most [`LOCAL_REQUESTS_IN_FLIGHT_MAX`] at once); each handling task writes its answer.
-fn serve_frames(stream: &mut UnixStream, service: &LocalService, answered_count: &Arc<AtomicU64>) {
-    let writer = match stream.try_clone().and_then(|writer| {
-        writer.set_write_timeout(Some(Duration::from_millis(ANSWER_WRITE_TIMEOUT_MS)))?;
-        Ok(writer)
-    }) {
-        Ok(writer) => Arc::new(Mutex::new(writer)),
-        Err(error) => {
-            tracing::warn!(%error, "cannot answer local frames");
-            return;
-        }
-    };
+/// `shutdown` is the same socket, shut down when an answer cannot be written.
+async fn serve_frames(
+    socket: tokio::net::UnixStream,
+    shutdown: UnixStream,
+    requests: Arc<dyn LocalRequests>,
+    answered_count: &Arc<AtomicU64>,
+) {
+    let (reader, writer) = socket.into_split();
+    let mut reader = tokio::io::BufReader::with_capacity(FRAME_READ_BUFFER_BYTES, reader);
+    let writer = Arc::new(tokio::sync::Mutex::new(writer));
+    let shutdown = Arc::new(shutdown);
     let permits = Arc::new(tokio::sync::Semaphore::new(LOCAL_REQUESTS_IN_FLIGHT_MAX));
     // Bounded by the connection: each pass reads one frame; the loop ends with the stream.
     loop {
-        let frame = match LocalFrame::read_from(stream) {
+        let frame = match read_frame(&mut reader).await {
             Ok(Some(frame)) if frame.kind.is_request() => frame,
             Ok(Some(frame)) => {
                 tracing::warn!(kind = ?frame.kind, "a driver sent an answer as a request");
@@ -411,14 +436,16 @@ fn serve_frames(stream: &mut UnixStream, service: &LocalService, answered_count:
                 break;
             }
         };
-        let permit = service
-            .runtime
-            .block_on(permits.clone().acquire_owned())
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
             .expect("the semaphore is never closed");
-        let requests = service.requests.clone();
+        let requests = requests.clone();
         let writer = writer.clone();
+        let shutdown = shutdown.clone();
         let answered_count = answered_count.clone();
-        service.runtime.spawn(async move {
+        tokio::spawn(async move {
             let (kind, body) = requests.serve(frame.kind, frame.body).await;
             let answer = LocalFrame {
                 kind,
@@ -426,24 +453,44 @@ fn serve_frames(stream: &mut UnixStream, service: &LocalService, answered_count:
                 body,
             }
             .encode();
-            let mut writer = writer
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            // A blocking write on a runtime thread: see ANSWER_WRITE_TIMEOUT_MS for why it
-            // returns at once.
-            match writer.write_all(&answer) {
-                Ok(()) => {
+            let written =
+                tokio::time::timeout(Duration::from_millis(ANSWER_WRITE_TIMEOUT_MS), async {
+                    writer.lock().await.write_all(&answer).await
+                })
+                .await;
+            match written {
+                Ok(Ok(())) => {
                     answered_count.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(error) => {
-                    tracing::warn!(%error, "cannot answer a local frame; detaching");
-                    // Wakes the reading thread, which then detaches the region.
-                    let _ = writer.shutdown(std::net::Shutdown::Both);
+                failed => {
+                    tracing::warn!(?failed, "cannot answer a local frame; detaching");
+                    // Ends the reading loop, which then detaches the region.
+                    let _ = shutdown.shutdown(std::net::Shutdown::Both);
                 }
             }
             drop(permit);
         });
     }
+}
+
+/// Reads the next frame from `reader`: `None` when the stream ends cleanly between frames.
+async fn read_frame(
+    reader: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> std::io::Result<Option<LocalFrame>> {
+    let mut header = [0u8; LOCAL_FRAME_HEADER_BYTES];
+    let first = reader.read(&mut header).await?;
+    if first == 0 {
+        return Ok(None);
+    }
+    reader.read_exact(&mut header[first..]).await?;
+    let header = LocalFrameHeader::decode(&header)?;
+    let mut body = vec![0u8; header.body_length_bytes];
+    reader.read_exact(&mut body).await?;
+    Ok(Some(LocalFrame {
+        kind: header.kind,
+        request_id: header.request_id,
+        body,
+    }))
 }
 
 fn random_id() -> std::io::Result<u64> {
@@ -459,6 +506,7 @@ fn random_id() -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     /// Answers each request with its body reversed after a short pause, and keeps the most
     /// requests it served at once.

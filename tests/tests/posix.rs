@@ -1339,7 +1339,10 @@ fn reads_go_through_memory_shared_with_the_node_and_match_what_was_written() {
         )
         .unwrap();
     let content = read_direct(&grpc_requests.join("shared"));
-    assert!(content == expected, "shared reads asked over gRPC returned other bytes");
+    assert!(
+        content == expected,
+        "shared reads asked over gRPC returned other bytes"
+    );
     let (reads_over_grpc, regions) = shared_read_counts(&node);
     assert_eq!(regions, 2, "the second driver attached a region too");
     assert!(
