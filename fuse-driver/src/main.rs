@@ -265,27 +265,24 @@ struct BackingDeviceTuning {
 
 /// Sets `read_ahead_kb` and `max_ratio` of the mount's backing device info. Best effort:
 /// without them the mount is correct, only slower.
+///
+/// The mount's device number comes from `/proc/self/mountinfo`, never from a `stat` of the
+/// mountpoint: a `stat` goes through FUSE to this very process, and when the session ended
+/// before the answer (the driver stopped while its node was down, so the request was still
+/// being retried), the stat could never return. A thread stuck in it kept the process from
+/// exiting, and the kernel kept the request, waiting for the process: found by
+/// `tests/full_state_filesystem.rs`, whose driver hung as a zombie.
 fn tune_backing_device(mountpoint: &std::path::Path, tuning: BackingDeviceTuning) {
-    use std::os::unix::fs::MetadataExt;
-    // Bounded wait for the session to start answering (stat goes through FUSE).
+    // Bounded wait for the mount to appear.
     for _ in 0..100 {
         std::thread::sleep(Duration::from_millis(50));
-        let Ok(metadata) = std::fs::metadata(mountpoint) else {
+        let Some((major, minor)) = std::fs::read_to_string("/proc/self/mountinfo")
+            .ok()
+            .and_then(|mountinfo| fuse_mount_device(&mountinfo, mountpoint))
+        else {
             continue;
         };
-        let parent_device = mountpoint
-            .parent()
-            .and_then(|parent| std::fs::metadata(parent).ok())
-            .map(|m| m.dev());
-        if Some(metadata.dev()) == parent_device {
-            continue; // Still the directory underneath: the mount is not live yet.
-        }
-        let device = metadata.dev();
-        let directory = format!(
-            "/sys/class/bdi/{}:{}",
-            libc::major(device),
-            libc::minor(device)
-        );
+        let directory = format!("/sys/class/bdi/{major}:{minor}");
         for (file, value) in [
             ("read_ahead_kb", tuning.readahead_kib.to_string()),
             ("max_ratio", tuning.dirty_ratio_percent.to_string()),
@@ -299,5 +296,52 @@ fn tune_backing_device(mountpoint: &std::path::Path, tuning: BackingDeviceTuning
             }
         }
         return;
+    }
+}
+
+/// The device number (major, minor) of the FUSE filesystem mounted at `mountpoint`, from the
+/// text of `/proc/self/mountinfo` (fields: id, parent, major:minor, root, mount point, ...,
+/// `-`, type, ...; the mount point with spaces, tabs, newlines and backslashes escaped in
+/// octal). The last such mount wins: it is the one on top.
+fn fuse_mount_device(mountinfo: &str, mountpoint: &std::path::Path) -> Option<(u32, u32)> {
+    let wanted = mountpoint.to_str()?;
+    let escaped = wanted
+        .replace('\\', "\\134")
+        .replace(' ', "\\040")
+        .replace('\t', "\\011")
+        .replace('\n', "\\012");
+    mountinfo.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let separator = fields.iter().position(|field| *field == "-")?;
+        let filesystem_type = fields.get(separator + 1)?;
+        if fields.get(4) != Some(&escaped.as_str()) || !filesystem_type.starts_with("fuse") {
+            return None;
+        }
+        let (major, minor) = fields.get(2)?.split_once(':')?;
+        Some((major.parse().ok()?, minor.parse().ok()?))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fuse_mount_device_is_found_in_mountinfo_without_touching_the_mount() {
+        let mountinfo = "\
+22 1 253:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+41 22 0:45 / /tmp/a\\040b rw,nosuid,nodev,relatime shared:2 - fuse.ballast ballast:v rw,user_id=0
+42 22 0:46 / /tmp/plain rw,relatime shared:3 - ext4 /dev/vdb rw
+43 22 0:47 / /tmp/plain rw,relatime shared:4 - fuse.ballast ballast:w rw,user_id=0
+";
+        let device = |path: &str| fuse_mount_device(mountinfo, std::path::Path::new(path));
+        assert_eq!(device("/tmp/a b"), Some((0, 45)));
+        assert_eq!(device("/tmp/plain"), Some((0, 47)), "the FUSE mount on top");
+        assert_eq!(device("/"), None, "not a FUSE mount");
+        assert_eq!(device("/tmp/a"), None);
+        assert_eq!(
+            fuse_mount_device("garbage\n- -\n", std::path::Path::new("/x")),
+            None
+        );
     }
 }

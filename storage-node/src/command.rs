@@ -194,6 +194,25 @@ impl Command {
     }
 }
 
+impl Command {
+    /// True for commands that add state rows (data, entries, allocations): the ones refused
+    /// while the state filesystem is full (`state_space.rs`). Removals and attribute changes
+    /// pass, so space can be freed.
+    pub fn adds_state(&self) -> bool {
+        match self {
+            Command::Once { command, .. } => command.adds_state(),
+            Command::Metadata(_) => false,
+            Command::Filesystem(command) => matches!(
+                command,
+                FilesystemCommand::Write { .. }
+                    | FilesystemCommand::Create { .. }
+                    | FilesystemCommand::Link { .. }
+                    | FilesystemCommand::Fallocate { .. }
+            ),
+        }
+    }
+}
+
 /// What applying a command produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum CommandResponse {

@@ -42,6 +42,7 @@ pub mod snapshot;
 pub mod snapshot_spool;
 pub mod space;
 pub mod state_machine;
+pub mod state_space;
 pub mod state_store;
 pub mod storage;
 pub mod transaction;

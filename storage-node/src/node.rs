@@ -105,6 +105,8 @@ pub struct StorageNode {
     checkpoint_wanted: Arc<Notify>,
     /// Taken by writers short of device space while they checkpoint (`admit_blocks`).
     space_checkpoint: tokio::sync::Mutex<()>,
+    /// Free space of the state directory's filesystem (`state_space.rs`).
+    state_space: crate::state_space::StateSpace,
     clock: Arc<dyn Clock>,
     started: Instant,
     /// Since when this node leads the metadata group (kept by the replica mover).
@@ -203,6 +205,8 @@ impl StorageNode {
             context: format!("create {}", config.state_directory.display()),
             source,
         })?;
+        // Before RocksDB: the reserve is taken while there is room.
+        let state_space = crate::state_space::StateSpace::open(&config.state_directory);
         let state = StateStore::open(&config.state_directory.join("rocksdb"))?;
         let config_scrub = config.scrub;
         let config_quiescence = config.quiescence;
@@ -226,6 +230,7 @@ impl StorageNode {
             peers: Arc::new(PeerChannels::default()),
             checkpoint_wanted: Arc::new(Notify::new()),
             space_checkpoint: tokio::sync::Mutex::new(()),
+            state_space,
             clock: Arc::new(SystemClock),
             started: Instant::now(),
             metadata_leading_since: std::sync::Mutex::new(None),
@@ -782,6 +787,9 @@ impl StorageNode {
         // until it was applied here (`space.rs`). Only a leader admits: elsewhere the proposal
         // is refused as not led here anyway.
         let leads = raft.metrics().borrow().current_leader == Some(self.node_id);
+        if leads {
+            self.state_space.admit(command.adds_state())?;
+        }
         let _promise = if leads {
             self.admit_blocks(command.device_blocks_needed_max())
                 .await?
@@ -1327,6 +1335,10 @@ async fn checkpoint_loop(node: Arc<StorageNode>) {
         let detached_limit_bytes = crate::detached::DETACHED_BYTES_PER_CHECKPOINT_MAX
             .min(node.device.superblock().data_block_count * BLOCK_SIZE_BYTES as u64 / 8);
         let detached_due = node.storage.detached_bytes_since_checkpoint() >= detached_limit_bytes;
+        // Looked at before a checkpoint flushes RocksDB, so a filesystem that filled up since
+        // gives its reserve back first (`state_space.rs`).
+        node.state_space
+            .check(notified || over_threshold || interval_due || detached_due);
         if notified || over_threshold || interval_due || detached_due {
             tracing::debug!(used, region, notified, "checkpointing");
             node.checkpoint_all().await;

@@ -52,10 +52,14 @@ impl StateStore {
         // writes are batches from a few apply tasks, which RocksDB's write group still
         // batches. Keys shorter than the prefix are inserted without a hint. The options are
         // set by name because the C API has no setter for the hint extractor.
+        // No preallocation of the files RocksDB writes: it sizes a flush's file by the memtable
+        // limit (over 500 MiB here) whatever the few MiB a checkpoint flushes, and on a nearly
+        // full state filesystem that preallocation took the room the node had kept for the
+        // flush itself (`state_space.rs`; `tests/full_state_filesystem.rs`).
         let options = options
             .get_options_from_string(
                 "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.17;\
-                 allow_concurrent_memtable_write=false",
+                 allow_concurrent_memtable_write=false;allow_fallocate=false",
             )
             .map_err(|source| NodeError::rocksdb("options", source))?;
         let database = DB::open(&options, path)
