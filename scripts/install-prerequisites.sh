@@ -13,7 +13,8 @@ packages=(
   mariadb-client
   sysbench         # benchmarks and the MariaDB-under-failover test
   iproute2         # ip netns / veth / bridge for the partition and nemesis tests
-  util-linux       # nsenter: run a node inside its network namespace
+  util-linux       # nsenter: run a node inside its network namespace; losetup, mount
+  e2fsprogs        # mkfs.ext4: the small state filesystem of tests/tests/full_state_filesystem.rs
   jq               # benches/run.sh reads fio's JSON
   fio              # benchmark yardstick
   python3-venv     # the chart checker's virtual environment (below)
