@@ -8,7 +8,9 @@
 # Sections:
 #   device   ballast-device-bench (io_uring Engine) vs fio --ioengine=io_uring --direct=1,
 #            on one preallocated, written file
-#   fuse     fio --ioengine=psync on a Ballast FUSE mount vs on a directory of the same filesystem
+#   fuse     fio --ioengine=psync on a Ballast FUSE mount vs on a directory of the same filesystem;
+#            the cold read also vs ballast-fuse-ceiling (a FUSE filesystem serving a file from
+#            memory: the FUSE transport alone)
 #   mariadb  sysbench oltp_read_write, MariaDB datadir on a Ballast volume vs on the local disk
 #   startup  ballast-node start-up time with 1 GiB and 10 GiB stored, after SIGKILL and SIGTERM
 #   cluster  a local 3-node cluster: rf=3 vs rf=1 for FUSE sequential write, 4 KiB fsync'd
@@ -366,6 +368,39 @@ section_device() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Cold sequential read through `ballast-fuse-ceiling`, a FUSE filesystem that serves one file
+# from memory at once: the FUSE transport alone, with the mount tuned as the Ballast driver tunes
+# its own (4 MiB readahead). Sets ceiling_mbs (not run inside $(...): it records its commands).
+ceiling_mbs=""
+fuse_ceiling_read() {
+    local mountpoint="$work_directory/ceiling" ceiling_pid size_mib device waited=0
+    size_mib=$(numfmt --from=iec "$fuse_sequential_size" | awk '{ printf "%d", $1 / 1048576 }')
+    mkdir -p "$mountpoint"
+    record_command "$binary_directory/ballast-fuse-ceiling" --mountpoint "$mountpoint" \
+        --file-size-mib "$size_mib" --hand-off
+    "$binary_directory/ballast-fuse-ceiling" --mountpoint "$mountpoint" --file-size-mib "$size_mib" \
+        --hand-off >/dev/null 2>"$work_directory/ceiling.log" &
+    ceiling_pid=$!
+    started_pids+=("$ceiling_pid")
+    mountpoints+=("$mountpoint")
+    until mountpoint -q "$mountpoint"; do
+        if ! kill -0 "$ceiling_pid" 2>/dev/null || [ "$waited" -ge 100 ]; then
+            echo "ballast-fuse-ceiling did not mount; see $work_directory/ceiling.log" >&2
+            return 1
+        fi
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    device=$(mountpoint -d "$mountpoint")
+    echo 4096 >"/sys/class/bdi/$device/read_ahead_kb" || true
+    drop_caches
+    fio_json --name=ceilingread --filename="$mountpoint/data.bin" --rw=read --bs=1M \
+        --size="$fuse_sequential_size" --ioengine=psync --readonly --runtime=900
+    unmount "$mountpoint"
+    wait "$ceiling_pid" || true
+    ceiling_mbs=$(round "$(fio_field '.jobs[0].read.bw_bytes / 1e6')")
+}
+
 section_fuse() {
     echo "== fuse: fio psync on a Ballast FUSE mount vs a directory on the same filesystem"
     ballast_volume_up fusebench 16G 8GiB
@@ -416,6 +451,14 @@ section_fuse() {
     done
     values[ballast.write]=$(median "${ballast_writes[@]}") values[native.write]=$(median "${native_writes[@]}")
     values[ballast.read]=$(median "${ballast_reads[@]}") values[native.read]=$(median "${native_reads[@]}")
+    local ceiling_reads=()
+    for round_index in $(seq 1 "$fuse_rounds"); do
+        fuse_ceiling_read
+        ceiling_reads+=("$ceiling_mbs")
+    done
+    values[ceiling.read]=$(median "${ceiling_reads[@]}")
+    note "FUSE transport alone (ballast-fuse-ceiling: a file served from memory, answered from a runtime" \
+        "task as the Ballast driver answers), cold read every round (MB/s): ${ceiling_reads[*]}"
     note "FUSE sequential write, every round (ballast / native MB/s): ${ballast_writes[*]} / ${native_writes[*]}"
     note "FUSE cold sequential read, every round (ballast / native MB/s): ${ballast_reads[*]} / ${native_reads[*]}"
     local ticks_per_second
@@ -438,6 +481,8 @@ section_fuse() {
         "$(round "${values[ballast.write]}")" "$(round "${values[native.write]}")" "≥ 0.8×"
     table_row "1 MiB sequential read $fuse_sequential_size, cold cache (MB/s)" \
         "$(round "${values[ballast.read]}")" "$(round "${values[native.read]}")" "≥ 0.8×"
+    table_row "same cold read vs the FUSE transport alone (a file served from memory; MB/s)" \
+        "$(round "${values[ballast.read]}")" "$(round "${values[ceiling.read]}")" "—"
     table_row "4 KiB random write + fsync each, $fuse_fsync_size file (IOPS)" \
         "$(round "${values[ballast.fsync]}" 0)" "$(round "${values[native.fsync]}" 0)" "—"
     ballast_volume_down

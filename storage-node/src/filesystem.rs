@@ -640,20 +640,64 @@ fn block_references_in(
     first: u64,
     last: u64,
 ) -> NodeResult<Vec<(u64, BlockRef)>> {
+    let (start, end) = block_key_range(container_id, inode, first, last);
+    let mut references = Vec::new();
+    storage.state.scan(&start, &end, usize::MAX, |key, value| {
+        references.push(decode_block_row(key, value)?);
+        Ok(true)
+    })?;
+    Ok(references)
+}
+
+/// [`block_references_in`] for a read served on the runtime: from memory when every row is
+/// there, else on this thread made a blocking one ([`tokio::task::block_in_place`]; the
+/// runtime moves its other tasks to another thread meanwhile), so a read whose rows must come
+/// from the state filesystem never holds up the requests that need no I/O. On a runtime of one
+/// thread (unit tests) and outside a runtime the scan simply runs here.
+fn block_references_for_read(
+    storage: &NodeStorage,
+    container_id: u64,
+    inode: u64,
+    first: u64,
+    last: u64,
+) -> NodeResult<Vec<(u64, BlockRef)>> {
+    let (start, end) = block_key_range(container_id, inode, first, last);
+    let mut references = Vec::new();
+    let in_memory = storage
+        .state
+        .scan_in_memory(&start, &end, usize::MAX, |key, value| {
+            references.push(decode_block_row(key, value)?);
+            Ok(true)
+        })?;
+    if in_memory {
+        return Ok(references);
+    }
+    let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
+        runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+    });
+    let scan = || block_references_in(storage, container_id, inode, first, last);
+    if multi_thread {
+        tokio::task::block_in_place(scan)
+    } else {
+        scan()
+    }
+}
+
+/// The key range `[start, end)` of the block rows of `inode` for file blocks `first..=last`.
+fn block_key_range(container_id: u64, inode: u64, first: u64, last: u64) -> (Vec<u8>, Vec<u8>) {
     let start = keys::block(container_id, inode, first);
     let end = match last.checked_add(1) {
         Some(end) => keys::block(container_id, inode, end),
         None => keys::prefix_end(&keys::block_prefix(container_id, inode)),
     };
-    let mut references = Vec::new();
-    storage.state.scan(&start, &end, usize::MAX, |key, value| {
-        references.push((
-            keys::block_key_file_block(key),
-            decode::<BlockRef>(value, "block reference")?,
-        ));
-        Ok(true)
-    })?;
-    Ok(references)
+    (start, end)
+}
+
+fn decode_block_row(key: &[u8], value: &[u8]) -> NodeResult<(u64, BlockRef)> {
+    Ok((
+        keys::block_key_file_block(key),
+        decode::<BlockRef>(value, "block reference")?,
+    ))
 }
 
 /// Reads one referenced block (verified) into `destination`.
@@ -1240,7 +1284,7 @@ fn plan_read(
     }
     let first = offset_bytes / BLOCK_SIZE;
     let last = (end - 1) / BLOCK_SIZE;
-    let references = block_references_in(storage, container_id, inode_number, first, last)?;
+    let references = block_references_for_read(storage, container_id, inode_number, first, last)?;
     Ok(Some(ReadPlan {
         first,
         last,

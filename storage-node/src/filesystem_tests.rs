@@ -824,3 +824,38 @@ fn read_pieces_cover_the_range_once_in_device_requests() {
         }
     }
 }
+
+/// A read whose block rows are not in memory (a reopened store: an empty block cache) scans the
+/// state filesystem on a thread made blocking, on a runtime of several threads, and gets every
+/// byte right; the rows are in memory afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_whose_rows_are_not_in_memory_scans_off_the_runtime() {
+    let mut storage = initialized(0).await;
+    let file = create(&mut storage, ROOT_INODE, "f", EntryKind::File).await;
+    let model: Vec<u8> = (0..300 * 4096u32)
+        .map(|index| (index % 241) as u8)
+        .collect();
+    write(&mut storage, file, 0, &model).await.unwrap();
+    storage.storage.checkpoint(|_| Ok(())).await.unwrap();
+    let directory = storage.directory.path().to_path_buf();
+    drop(storage.storage);
+    drop(storage.device);
+    let (_device, reopened) = crate::test_support::open(&directory);
+    let prefix = crate::keys::block_prefix(CONTAINER, file);
+    let end = crate::keys::prefix_end(&prefix);
+    let rows_in_memory = || {
+        reopened
+            .state
+            .scan_in_memory(&prefix, &end, usize::MAX, |_, _| Ok(true))
+            .unwrap()
+    };
+    assert!(
+        !rows_in_memory(),
+        "a reopened store starts with nothing cached"
+    );
+    let read = filesystem::read(&reopened, CONTAINER, file, 4096 * 5 + 7, 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(&read[..], &model[4096 * 5 + 7..4096 * 5 + 7 + (1 << 20)]);
+    assert!(rows_in_memory(), "the scan filled the block cache");
+}

@@ -100,6 +100,10 @@ enum NodeCommand {
         /// `off` serves none).
         #[arg(long, default_value = "")]
         local_socket: String,
+        /// MiB of memory for the state store's block cache: the block rows and directory
+        /// entries read most recently and those written since the node started (8-65536).
+        #[arg(long, default_value_t = (ballast_storage_node::state_store::BLOCK_CACHE_BYTES_DEFAULT >> 20) as u64)]
+        state_cache_mib: u64,
     },
 }
 
@@ -162,7 +166,18 @@ fn main() -> anyhow::Result<()> {
             detached_write_bytes_min,
             space_relief,
             local_socket,
+            state_cache_mib,
         } => {
+            let state_cache_range_mib = (ballast_storage_node::state_store::BLOCK_CACHE_BYTES_MIN
+                >> 20) as u64
+                ..=(ballast_storage_node::state_store::BLOCK_CACHE_BYTES_MAX >> 20) as u64;
+            if !state_cache_range_mib.contains(&state_cache_mib) {
+                anyhow::bail!(
+                    "--state-cache-mib must be between {} and {}",
+                    state_cache_range_mib.start(),
+                    state_cache_range_mib.end()
+                );
+            }
             let local_socket = match local_socket.as_str() {
                 "off" => None,
                 "" => Some(state_dir.join("local.sock")),
@@ -195,6 +210,10 @@ fn main() -> anyhow::Result<()> {
                     move_policy: ballast_storage_node::placement::MovePolicy {
                         relieve_short_of_space: space_relief,
                     },
+                    state_block_cache_bytes: usize::try_from(
+                        state_cache_mib.saturating_mul(1 << 20),
+                    )
+                    .unwrap_or(usize::MAX),
                 },
             ))
         }

@@ -84,6 +84,9 @@ pub struct NodeConfig {
     pub detached_write_bytes_min: u64,
     /// What the replica mover may do besides repairs, drains and rebalancing (`placement.rs`).
     pub move_policy: crate::placement::MovePolicy,
+    /// Memory for the state store's block cache (`state_store.rs`): the block rows and
+    /// directory entries read most recently, and those written since the node started.
+    pub state_block_cache_bytes: usize,
 }
 
 pub(crate) struct Container {
@@ -207,7 +210,10 @@ impl StorageNode {
         })?;
         // Before RocksDB: the reserve is taken while there is room.
         let state_space = crate::state_space::StateSpace::open(&config.state_directory);
-        let state = StateStore::open(&config.state_directory.join("rocksdb"))?;
+        let state = StateStore::open_with_block_cache(
+            &config.state_directory.join("rocksdb"),
+            config.state_block_cache_bytes,
+        )?;
         let config_scrub = config.scrub;
         let config_quiescence = config.quiescence;
         let spool =
