@@ -1,18 +1,23 @@
 //! Fuzzes the storage node's persistent record decoders: the postcard values it stores in RocksDB
 //! (`records::decode` of `Inode`, `ContainerState`, `VolumeRecord`, `BlockRef`, `DirentValue`, and
-//! the readdir index row `transaction::CookieRow`) and the Raft log payload
-//! (`postcard::from_bytes::<types::Entry>`, what the log storage decodes from the device log).
+//! the readdir index row `transaction::CookieRow`), the planned chunk row
+//! (`chunk_row::ChunkRow::decode`, which also checks the row's invariants) and the Raft log
+//! payload (`postcard::from_bytes::<types::Entry>`, what the log storage decodes from the device
+//! log).
 //!
 //! Must hold, for any bytes and every type (`records.rs` promises "decoding never panics on bad
 //! bytes; it returns a codec error"):
 //! - decoding never panics and never aborts on an allocation sized from the input;
 //! - a decoded value re-encodes to bytes that decode to an equal value, and re-encoding that
-//!   value gives the same bytes again (encoding is deterministic).
+//!   value gives the same bytes again (encoding is deterministic);
+//! - an accepted chunk row passes its own invariant check, and its dense view builds the same
+//!   row again (one encoding per set of references).
 
 #![no_main]
 
 use std::fmt::Debug;
 
+use ballast_storage_node::chunk_row::ChunkRow;
 use ballast_storage_node::records::{
     self, BlockRef, ContainerState, DirentValue, Inode, VolumeRecord,
 };
@@ -55,6 +60,30 @@ fn check_entry(bytes: &[u8]) {
     );
 }
 
+/// A chunk row, through its own checked decoder.
+fn check_chunk_row(bytes: &[u8]) {
+    let Ok(row) = ChunkRow::decode(bytes) else {
+        return;
+    };
+    assert!(
+        row.check().is_ok(),
+        "an accepted chunk row breaks an invariant"
+    );
+    let encoded = row.encode();
+    let again = ChunkRow::decode(&encoded).expect("a re-encoded chunk row decodes");
+    assert_eq!(again, row, "decode(encode(chunk row)) != chunk row");
+    assert_eq!(
+        again.encode(),
+        encoded,
+        "chunk row encoding is not deterministic"
+    );
+    assert_eq!(
+        ChunkRow::from_dense(&row.to_dense()),
+        Some(row),
+        "a chunk row is not the one its references build"
+    );
+}
+
 fuzz_target!(|data: &[u8]| {
     check_record::<Inode>(data, "inode");
     check_record::<ContainerState>(data, "container state");
@@ -62,5 +91,6 @@ fuzz_target!(|data: &[u8]| {
     check_record::<BlockRef>(data, "block reference");
     check_record::<DirentValue>(data, "directory entry");
     check_record::<CookieRow>(data, "cookie row");
+    check_chunk_row(data);
     check_entry(data);
 });

@@ -15,6 +15,7 @@
 //!   verified on every read.
 
 pub mod buffer_pool;
+pub mod chunk_row;
 pub mod cluster;
 pub mod command;
 pub mod deduplication;
