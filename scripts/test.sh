@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 
 scripts/install-prerequisites.sh
+# A reused machine may hold nodes, mounts and namespaces of a run that was killed.
+scripts/clean-test-leftovers.sh
 echo "== build (target dir $CARGO_TARGET_DIR)"
 cargo build --workspace --bins --tests --locked
 echo "== tests"
