@@ -387,6 +387,8 @@ def assert_storage(objects, values, ballast_image, service_endpoint) -> int:
           f"storage nodes must be labelled {storage['nodeNameLabel']}=<node name>: {command}")
     check(f'--down-grace-ms {storage["downGraceMs"]}' in command,
           f"storage nodes must get --down-grace-ms {storage['downGraceMs']}: {command}")
+    check(f'--state-cache-mib {storage["stateCacheMiB"]}' in command,
+          f"storage nodes must get --state-cache-mib {storage['stateCacheMiB']}: {command}")
     check(node_env_field(node, "NODE_NAME") == "spec.nodeName", "NODE_NAME must come from spec.nodeName")
     check("ballast-node run" in command and f"--listen 0.0.0.0:{storage['port']}" in command
           and f'--state-dir "{state_dir}"' in command and "/run/ballast/device" in command,
@@ -762,6 +764,7 @@ SCHEMA_VIOLATIONS = [
     ("extender Ballast timeout of 0", {"extender": {"ballastTimeoutMs": 0}}),
     ("node name label with a space", {"storage": {"nodeNameLabel": "kubernetes.io/host name"}}),
     ("down grace period below a second", {"storage": {"downGraceMs": 10}}),
+    ("state block cache below 8 MiB", {"storage": {"stateCacheMiB": 4}}),
     ("test size in MB", {"tests": {"size": "64MB"}}),
     ("update strategy outside its enum", {"storage": {"updateStrategy": {"type": "Recreate"}}}),
     ("a mounter update strategy that does not exist", {"csi": {"mounter": {"updateStrategy": "Always"}}}),
