@@ -640,13 +640,35 @@ fn block_references_in(
     first: u64,
     last: u64,
 ) -> NodeResult<Vec<(u64, BlockRef)>> {
+    let references = scan_block_rows(storage, container_id, inode, first, last, false)?;
+    Ok(references.expect("a scan that may read the state filesystem is complete"))
+}
+
+/// The block rows of `inode` for file blocks `first..=last`, from anywhere, or with
+/// `memory_only` from memory alone: `None` then when a row is not in memory.
+fn scan_block_rows(
+    storage: &NodeStorage,
+    container_id: u64,
+    inode: u64,
+    first: u64,
+    last: u64,
+    memory_only: bool,
+) -> NodeResult<Option<Vec<(u64, BlockRef)>>> {
     let (start, end) = block_key_range(container_id, inode, first, last);
     let mut references = Vec::new();
-    storage.state.scan(&start, &end, usize::MAX, |key, value| {
+    let visit = |key: &[u8], value: &[u8]| {
         references.push(decode_block_row(key, value)?);
         Ok(true)
-    })?;
-    Ok(references)
+    };
+    let complete = if memory_only {
+        storage
+            .state
+            .scan_in_memory(&start, &end, usize::MAX, visit)?
+    } else {
+        storage.state.scan(&start, &end, usize::MAX, visit)?;
+        true
+    };
+    Ok(complete.then_some(references))
 }
 
 /// [`block_references_in`] for a read served on the runtime: from memory when every row is
@@ -661,15 +683,7 @@ fn block_references_for_read(
     first: u64,
     last: u64,
 ) -> NodeResult<Vec<(u64, BlockRef)>> {
-    let (start, end) = block_key_range(container_id, inode, first, last);
-    let mut references = Vec::new();
-    let in_memory = storage
-        .state
-        .scan_in_memory(&start, &end, usize::MAX, |key, value| {
-            references.push(decode_block_row(key, value)?);
-            Ok(true)
-        })?;
-    if in_memory {
+    if let Some(references) = scan_block_rows(storage, container_id, inode, first, last, true)? {
         return Ok(references);
     }
     let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
