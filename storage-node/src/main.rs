@@ -101,7 +101,7 @@ enum NodeCommand {
         #[arg(long, default_value = "")]
         local_socket: String,
         /// MiB of memory for the state store's block cache: the block rows and directory
-        /// entries read most recently and those written since the node started (8-65536).
+        /// entries read most recently, and those flushed since, until compacted (8-65536).
         #[arg(long, default_value_t = (ballast_storage_node::state_store::BLOCK_CACHE_BYTES_DEFAULT >> 20) as u64)]
         state_cache_mib: u64,
     },

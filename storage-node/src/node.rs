@@ -85,7 +85,7 @@ pub struct NodeConfig {
     /// What the replica mover may do besides repairs, drains and rebalancing (`placement.rs`).
     pub move_policy: crate::placement::MovePolicy,
     /// Memory for the state store's block cache (`state_store.rs`): the block rows and
-    /// directory entries read most recently, and those written since the node started.
+    /// directory entries read most recently, and those flushed since, until compacted.
     pub state_block_cache_bytes: usize,
 }
 

@@ -77,7 +77,9 @@ impl StateStore {
         // flush itself (`state_space.rs`; `tests/full_state_filesystem.rs`).
         // The block cache is sized by the node (RocksDB's own default is 32 MiB), and a flush
         // puts the blocks it writes into it (`prepopulate_block_cache=kFlushOnly`): a read of
-        // data written since the node started finds its block rows in memory. Without that, the
+        // recently written data finds its block rows in memory, until a compaction rewrites
+        // them into files whose blocks are not cached (RocksDB prepopulates on flush only; the
+        // binding has no compaction listener to warm the cache). Without that, the
         // first read of a file after its rows were flushed fetched every 4 KiB block of rows
         // from the state filesystem with a synchronous `pread` on a runtime thread: a cold
         // 1 GiB read through FUSE made about 880 such reads, beside 1,250 of data (block
