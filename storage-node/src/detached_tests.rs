@@ -576,6 +576,31 @@ async fn a_purge_never_passes_a_snapshot_record_that_is_not_durable() {
     assert_eq!(purged, Some(log_id(6)));
 }
 
+#[tokio::test]
+async fn a_replica_added_back_after_a_drop_purges_nothing_its_state_does_not_cover() {
+    // Seen in the moves nemesis: a replica moved away from a node and later back kept the old
+    // replica's durable snapshot in memory; the new replica's log purged up to it while its
+    // state was empty, and openraft refused to start the group (purged above committed).
+    let Setup {
+        test,
+        log_store,
+        log,
+        mut machine,
+        inode,
+    } = setup().await;
+    append_and_apply_writes(&log, &mut machine, inode, 3..=4).await;
+    checkpoint(&mut machine).await;
+    assert_eq!(test.storage.durable_snapshot(CONTAINER), Some(log_id(4)));
+    drop((log, machine));
+    test.storage.drop_container_state(CONTAINER).await.unwrap();
+    assert_eq!(test.storage.durable_snapshot(CONTAINER), None);
+    let (mut added_back, mut machine) = container(&log_store, &test.storage, true);
+    assert_eq!(machine.applied_state().await.unwrap().0, None);
+    added_back.purge(log_id(4)).await.unwrap();
+    let purged = added_back.get_log_state().await.unwrap().last_purged_log_id;
+    assert_eq!(purged, None, "the new replica's state covers nothing yet");
+}
+
 /// Appends and applies one write of the whole file per index, in order.
 async fn append_and_apply_writes(
     log: &ContainerLog,

@@ -166,7 +166,7 @@ fn raft_config(container_id: u64) -> NodeResult<Arc<Config>> {
         // start over. 600 s covers containers of well over 100 GiB. Chunks of 16 MiB (well under
         // the 128 MiB message limit) cut the round trips of a large copy by five.
         install_snapshot_timeout: 600_000,
-        snapshot_max_chunk_size: 16 << 20,
+        snapshot_max_chunk_size: crate::snapshot_spool::RECEIVE_CHUNK_BYTES_MAX as u64,
         ..Default::default()
     };
     Ok(Arc::new(
@@ -1156,27 +1156,7 @@ impl StorageNode {
             }
         }
         self.election_holds().forget(container_id);
-        let freed = self.storage.container_device_blocks(container_id)?;
-        let mut batch = rocksdb::WriteBatch::default();
-        for tag in [
-            keys::TAG_CONTAINER_STATE,
-            keys::TAG_INODE,
-            keys::TAG_DIRENT,
-            keys::TAG_DIRENT_COOKIE,
-            keys::TAG_BLOCK,
-            keys::TAG_ORPHAN,
-            keys::TAG_SESSION,
-            keys::TAG_VOTE,
-            keys::TAG_COMMITTED,
-            keys::TAG_PURGED,
-            keys::TAG_SNAPSHOT,
-        ] {
-            let (start, end) = keys::container_range(tag, container_id);
-            batch.delete_range(start, end);
-        }
-        self.storage.commit_batch(batch, &freed, None).await?;
-        // Make the drop durable now, so a restart never resurrects half of it.
-        self.storage.checkpoint(|_| Ok(())).await?;
+        self.storage.drop_container_state(container_id).await?;
         if let Some((_, last_index)) = self.log_store.group_state(container_id).last {
             self.log_store
                 .append(vec![ballast_device::LogRecord::Purge {

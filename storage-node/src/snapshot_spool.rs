@@ -23,7 +23,13 @@
 //!   written at its offset on a blocking thread, and only bytes that form an unbroken prefix of
 //!   the stream are published. The tail reads only published bytes; it ends (0) once the
 //!   transfer is complete, and fails when the snapshot data is dropped unfinished or nothing
-//!   arrives for `RECEIVE_IDLE_MS_MAX`. Memory per transfer is bounded by one write piece.
+//!   arrives for `RECEIVE_IDLE_MS_MAX`. Memory per transfer is bounded by one chunk.
+//! - A write of a received snapshot takes a whole chunk or nothing ([`RECEIVE_CHUNK_BYTES_MAX`]).
+//!   openraft's receiver (`Streaming::receive`) advances its offset only after `write_all`
+//!   returns, and seeks only when a chunk's offset differs from it. If the RPC handling a chunk
+//!   is cancelled (the sender's deadline, a dropped connection) after part of the chunk was
+//!   taken, the resent chunk would be written that far past its offset: the stream is shifted
+//!   and fails a frame checksum at import. Taking all or nothing leaves no such state.
 
 use std::future::Future;
 use std::io::SeekFrom;
@@ -43,8 +49,10 @@ pub type ExportOutcome = Result<u64, String>;
 
 /// `planned_length_bytes` before the export has stated it.
 const LENGTH_UNKNOWN: u64 = u64::MAX;
-/// Largest piece of a received chunk copied and written at once.
-const RECEIVE_WRITE_PIECE_BYTES_MAX: usize = 4 << 20;
+/// Largest chunk of a snapshot transfer, and so the largest write a received snapshot takes: it
+/// takes each write whole, in one call (see the module doc). The node's Raft config sends chunks
+/// of this size.
+pub const RECEIVE_CHUNK_BYTES_MAX: usize = 16 << 20;
 /// How long the tail of a received snapshot waits for new bytes before it gives up (the
 /// leader's install timeout is of the same order).
 const RECEIVE_IDLE_MS_MAX: u64 = 600_000;
@@ -557,13 +565,25 @@ impl AsyncWrite for SpooledSnapshot {
             )));
         }
         if let Some(writer) = this.receive.as_mut() {
+            if buffer.len() > RECEIVE_CHUNK_BYTES_MAX {
+                // Taken in parts, a chunk could be left half written by a cancelled RPC.
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "a snapshot chunk of {} bytes is larger than the {RECEIVE_CHUNK_BYTES_MAX} \
+                         a receiver takes at once",
+                        buffer.len()
+                    ),
+                )));
+            }
             // One write at a time: the previous one ends (and is published) before the next is
-            // accepted, so the published prefix only ever grows over written bytes.
+            // accepted, so the published prefix only ever grows over written bytes. Waiting
+            // takes nothing from `buffer`, so a cancelled write leaves the position as it was.
             ready!(writer.poll_in_flight(context))?;
-            let length_bytes = buffer.len().min(RECEIVE_WRITE_PIECE_BYTES_MAX);
+            let length_bytes = buffer.len();
             let mut data = std::mem::take(&mut writer.spare);
             data.clear();
-            data.extend_from_slice(&buffer[..length_bytes]);
+            data.extend_from_slice(buffer);
             let offset_bytes = writer.position_bytes;
             let file = Arc::clone(&writer.file);
             let task = tokio::task::spawn_blocking(move || {
@@ -805,6 +825,69 @@ mod tests {
         snapshot.shutdown().await.unwrap();
         assert_eq!(reader.await.unwrap().unwrap(), b"abcdef");
         assert!(snapshot.into_file().await.unwrap().is_some());
+    }
+
+    /// openraft's own receiver, with every chunk's first delivery cancelled after one poll (as a
+    /// sender's deadline or a dropped connection cancels the RPC handling it), then resent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chunk_cancelled_midway_and_resent_lands_at_its_offset() {
+        use openraft::network::snapshot_transport::Streaming;
+        use openraft::raft::InstallSnapshotRequest;
+        use std::io::Read;
+
+        use crate::types::{TypeConfig, Vote};
+
+        let directory = tempfile::tempdir().unwrap();
+        let spool = SpoolDirectory::open(directory.path()).unwrap();
+        let (snapshot, mut tail) =
+            SpooledSnapshot::receiving(spool.create_file("receive").unwrap()).unwrap();
+        let reader = tokio::task::spawn_blocking(move || {
+            let mut bytes = Vec::new();
+            tail.read_to_end(&mut bytes).map(|_| bytes)
+        });
+        // No two nearby positions hold the same byte, so a shifted chunk cannot match.
+        let sent: Vec<u8> = (0..3 * RECEIVE_CHUNK_BYTES_MAX as u64 + 4099)
+            .map(|position| (position.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let mut streaming = Streaming::<TypeConfig>::new("1-1-9-export".into(), Box::new(snapshot));
+        let chunk_count = sent.len().div_ceil(RECEIVE_CHUNK_BYTES_MAX);
+        for (index, chunk) in sent.chunks(RECEIVE_CHUNK_BYTES_MAX).enumerate() {
+            let request = || InstallSnapshotRequest::<TypeConfig> {
+                vote: Vote::new(1, 1),
+                meta: Default::default(),
+                offset: (index * RECEIVE_CHUNK_BYTES_MAX) as u64,
+                data: chunk.to_vec(),
+                done: index + 1 == chunk_count,
+            };
+            {
+                let cancelled = streaming.receive(request());
+                futures::pin_mut!(cancelled);
+                let _ = futures::poll!(cancelled);
+            }
+            streaming.receive(request()).await.unwrap();
+        }
+        streaming.into_snapshot_data().shutdown().await.unwrap();
+        let received = reader.await.unwrap().unwrap();
+        assert_eq!(received.len(), sent.len());
+        let first_difference = received.iter().zip(&sent).position(|(a, b)| a != b);
+        assert_eq!(
+            first_difference, None,
+            "the received stream differs from the sent one"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chunk_larger_than_a_receiver_takes_at_once_is_refused() {
+        let directory = tempfile::tempdir().unwrap();
+        let spool = SpoolDirectory::open(directory.path()).unwrap();
+        let (mut snapshot, _tail) =
+            SpooledSnapshot::receiving(spool.create_file("receive").unwrap()).unwrap();
+        let error = snapshot
+            .write(&vec![0; RECEIVE_CHUNK_BYTES_MAX + 1])
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput, "{error}");
+        assert_eq!(snapshot.seek(SeekFrom::Current(0)).await.unwrap(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -548,6 +548,38 @@ impl NodeStorage {
         Ok(device_blocks)
     }
 
+    /// Deletes every row of `container_id` (its state, its Raft vote, commit and purge marks,
+    /// its snapshot record) and frees its blocks, durably: the replica is gone from this node.
+    /// Its Raft group must be stopped. Also forgets its durable snapshot: a replica added here
+    /// later starts with no state, and a snapshot of the old one must not let its log purge
+    /// (seen in the moves nemesis: a replica moved back to a node purged its log past a state
+    /// it did not have, and openraft refused to start it).
+    pub async fn drop_container_state(self: &Arc<Self>, container_id: u64) -> NodeResult<()> {
+        let freed = self.container_device_blocks(container_id)?;
+        let mut batch = WriteBatch::default();
+        for tag in [
+            keys::TAG_CONTAINER_STATE,
+            keys::TAG_INODE,
+            keys::TAG_DIRENT,
+            keys::TAG_DIRENT_COOKIE,
+            keys::TAG_BLOCK,
+            keys::TAG_ORPHAN,
+            keys::TAG_SESSION,
+            keys::TAG_VOTE,
+            keys::TAG_COMMITTED,
+            keys::TAG_PURGED,
+            keys::TAG_SNAPSHOT,
+        ] {
+            let (start, end) = keys::container_range(tag, container_id);
+            batch.delete_range(start, end);
+        }
+        self.commit_batch(batch, &freed, None).await?;
+        // Make the drop durable now, so a restart never resurrects half of it.
+        self.checkpoint(|_| Ok(())).await?;
+        self.lock_durable_snapshots().remove(&container_id);
+        Ok(())
+    }
+
     /// Every device block the block rows of `container_id` hold (unwritten references hold
     /// none): what dropping or replacing the container's state frees.
     pub fn container_device_blocks(&self, container_id: u64) -> NodeResult<Vec<u64>> {

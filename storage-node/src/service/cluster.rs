@@ -122,8 +122,28 @@ impl RaftTransport for RaftTransportService {
             }
             chunk.data = message.snapshot_data.to_vec();
         }
+        if chunk.data.len() > crate::snapshot_spool::RECEIVE_CHUNK_BYTES_MAX {
+            return Err(Status::invalid_argument(format!(
+                "snapshot chunk for container {} holds {} bytes, more than {}",
+                message.container_id,
+                chunk.data.len(),
+                crate::snapshot_spool::RECEIVE_CHUNK_BYTES_MAX
+            )));
+        }
         let raft = self.raft(message.container_id).await?;
-        let result = raft.install_snapshot(chunk).await;
+        // Run to the end even if the sender gives up on this RPC (its deadline, a dropped
+        // connection): a chunk handled halfway would leave openraft's receiving offset and the
+        // snapshot data apart, and a last chunk dropped during its install would throw the whole
+        // transfer away. openraft handles one chunk of a container at a time, so a resent chunk
+        // waits for this one.
+        let result = tokio::spawn(async move { raft.install_snapshot(chunk).await })
+            .await
+            .map_err(|error| {
+                Status::internal(format!(
+                    "snapshot chunk for container {}: {error}",
+                    message.container_id
+                ))
+            })?;
         encode(message.container_id, &result)
     }
 
