@@ -10,7 +10,9 @@
 #            on one preallocated, written file
 #   fuse     fio --ioengine=psync on a Ballast FUSE mount vs on a directory of the same filesystem;
 #            the cold read also vs ballast-fuse-ceiling (a FUSE filesystem serving a file from
-#            memory: the FUSE transport alone)
+#            memory: the FUSE transport alone), and on a memory device: Ballast on a loop device
+#            over tmpfs vs ext4 on another loop device over the same tmpfs (what is left when
+#            the disk is as fast as memory)
 #   mariadb  sysbench oltp_read_write, MariaDB datadir on a Ballast volume vs on the local disk
 #   startup  ballast-node start-up time with 1 GiB and 10 GiB stored, after SIGKILL and SIGTERM
 #   cluster  a local 3-node cluster: rf=3 vs rf=1 for FUSE sequential write, 4 KiB fsync'd
@@ -103,6 +105,7 @@ fi
 work_directory=""
 started_pids=()
 mountpoints=()
+loop_devices=()
 
 stop_pid() { # pid signal timeout_seconds: signal, wait bounded, then SIGKILL
     local pid=$1 signal=$2 timeout=$3 waited=0
@@ -135,6 +138,7 @@ cleanup() {
     local mountpoint pid
     for mountpoint in "${mountpoints[@]}"; do unmount "$mountpoint"; done
     for pid in "${started_pids[@]}"; do stop_pid "$pid" KILL 10; done
+    for loop_device in "${loop_devices[@]}"; do losetup -d "$loop_device" 2>/dev/null || true; done
     if [ -n "$work_directory" ] && [ -d "$work_directory" ]; then
         for mountpoint in "${mountpoints[@]}"; do unmount "$mountpoint"; done
         rm -rf --one-file-system "$work_directory"
@@ -401,6 +405,68 @@ fuse_ceiling_read() {
     ceiling_mbs=$(round "$(fio_field '.jobs[0].read.bw_bytes / 1e6')")
 }
 
+# Cold sequential read when the device is memory: Ballast's device a loop device over a tmpfs
+# file, against ext4 on another loop device over the same tmpfs, with the read-ahead of the disk
+# under the work directory. The disk's own speed drops out; what is left is software (ours, and
+# for both sides the kernel's). Rounds alternate. Sets memory_ballast_reads and
+# memory_native_reads (MB/s per round).
+memory_ballast_reads=() memory_native_reads=()
+fuse_memory_device_reads() {
+    local directory="$work_directory/memory" size_mib loop_ballast loop_native read_ahead_kb disk
+    local round_index side
+    size_mib=$(numfmt --from=iec "$fuse_sequential_size" | awk '{ printf "%d", $1 / 1048576 }')
+    mkdir -p "$directory"
+    mount -t tmpfs -o "size=$((size_mib * 2 + 2048))M" tmpfs "$directory"
+    mountpoints+=("$directory")
+    # Room for the data, the node's log region and ext4's own.
+    truncate -s "$((size_mib + 1024))M" "$directory/ballast.img" "$directory/native.img"
+    loop_ballast=$(losetup --find --show "$directory/ballast.img")
+    loop_devices+=("$loop_ballast")
+    loop_native=$(losetup --find --show "$directory/native.img")
+    loop_devices+=("$loop_native")
+    disk=$(lsblk -no PKNAME "$(findmnt -no SOURCE -T "$work_directory")" 2>/dev/null | head -n 1)
+    read_ahead_kb=$(cat "/sys/class/block/${disk:-none}/queue/read_ahead_kb" 2>/dev/null || echo 4096)
+    echo "$read_ahead_kb" >"/sys/class/block/${loop_native#/dev/}/queue/read_ahead_kb"
+    mkfs.ext4 -q "$loop_native"
+    mkdir -p "$directory/native"
+    mount "$loop_native" "$directory/native"
+    mountpoints+=("$directory/native")
+    node_directory="$work_directory/memorynode"
+    mkdir -p "$node_directory"
+    node_address="127.0.0.1:$(free_port)"
+    "$binary_directory/ballast-node" format --device "$loop_ballast" --node-id 1 >/dev/null
+    node_start "$loop_ballast" "$node_directory/state" "$node_address" "$node_directory/node.log"
+    "$binary_directory/ballast" --node "http://$node_address" volume create memoryread \
+        --quota "$((size_mib + 256))MiB" >/dev/null
+    fuse_mount "$node_address" memoryread "$node_directory/mnt" "$node_directory/fuse.log"
+    fio_json --name=seqwrite --directory="$node_directory/mnt" --filename=sequential.bin --rw=write \
+        --bs=1M --size="$fuse_sequential_size" --ioengine=psync --end_fsync=1 --runtime=900
+    fio_json --name=seqwrite --directory="$directory/native" --filename=sequential.bin --rw=write \
+        --bs=1M --size="$fuse_sequential_size" --ioengine=psync --end_fsync=1 --runtime=900
+    memory_ballast_reads=() memory_native_reads=()
+    for round_index in $(seq 1 "$fuse_rounds"); do
+        local order=(ballast native)
+        if [ $((round_index % 2)) = 0 ]; then order=(native ballast); fi
+        for side in "${order[@]}"; do
+            drop_caches
+            if [ "$side" = ballast ]; then
+                fio_json --name=seqread --directory="$node_directory/mnt" --filename=sequential.bin \
+                    --rw=read --bs=1M --size="$fuse_sequential_size" --ioengine=psync --runtime=900
+                memory_ballast_reads+=("$(round "$(fio_field '.jobs[0].read.bw_bytes / 1e6')")")
+            else
+                fio_json --name=seqread --directory="$directory/native" --filename=sequential.bin \
+                    --rw=read --bs=1M --size="$fuse_sequential_size" --ioengine=psync --runtime=900
+                memory_native_reads+=("$(round "$(fio_field '.jobs[0].read.bw_bytes / 1e6')")")
+            fi
+        done
+    done
+    ballast_volume_down
+    unmount "$directory/native"
+    losetup -d "$loop_ballast" "$loop_native"
+    unmount "$directory"
+    rmdir "$directory"
+}
+
 section_fuse() {
     echo "== fuse: fio psync on a Ballast FUSE mount vs a directory on the same filesystem"
     ballast_volume_up fusebench 16G 8GiB
@@ -496,6 +562,14 @@ section_fuse() {
             "$(round "$(fio_field '.jobs[0].write.bw_bytes / 1e6')")" "$(round "${values[native.write]}")" "—"
         ballast_volume_down
     fi
+    # Its own node, after the main one is down: node_* and fuse_pid are reused.
+    fuse_memory_device_reads
+    values[ballast.memory_read]=$(median "${memory_ballast_reads[@]}")
+    values[native.memory_read]=$(median "${memory_native_reads[@]}")
+    note "FUSE cold sequential read on a memory device (loop over tmpfs), every round" \
+        "(ballast / native ext4 MB/s): ${memory_ballast_reads[*]} / ${memory_native_reads[*]}"
+    table_row "same cold read, both sides on a memory device (loop over tmpfs; MB/s)" \
+        "$(round "${values[ballast.memory_read]}")" "$(round "${values[native.memory_read]}")" "—"
     table_end "FUSE mount vs native directory (fio psync, same filesystem; sequential rows are medians of ${fuse_rounds} alternating rounds)"
 }
 
