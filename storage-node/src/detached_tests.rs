@@ -581,20 +581,16 @@ async fn a_replica_added_back_after_a_drop_purges_nothing_its_state_does_not_cov
     // Seen in the moves nemesis: a replica moved away from a node and later back kept the old
     // replica's durable snapshot in memory; the new replica's log purged up to it while its
     // state was empty, and openraft refused to start the group (purged above committed).
-    let Setup {
-        test,
-        log_store,
-        log,
-        mut machine,
-        inode,
-    } = setup().await;
-    append_and_apply_writes(&log, &mut machine, inode, 3..=4).await;
-    checkpoint(&mut machine).await;
-    assert_eq!(test.storage.durable_snapshot(CONTAINER), Some(log_id(4)));
-    drop((log, machine));
-    test.storage.drop_container_state(CONTAINER).await.unwrap();
-    assert_eq!(test.storage.durable_snapshot(CONTAINER), None);
-    let (mut added_back, mut machine) = container(&log_store, &test.storage, true);
+    let mut first = setup().await;
+    append_and_apply_writes(&first.log, &mut first.machine, first.inode, 3..=4).await;
+    checkpoint(&mut first.machine).await;
+    let storage = Arc::clone(&first.test.storage);
+    assert_eq!(storage.durable_snapshot(CONTAINER), Some(log_id(4)));
+    // The replica's Raft parts are gone before its state is dropped, as in `drop_container`.
+    drop((first.log, first.machine));
+    storage.drop_container_state(CONTAINER).await.unwrap();
+    assert_eq!(storage.durable_snapshot(CONTAINER), None);
+    let (mut added_back, mut machine) = container(&first.log_store, &storage, true);
     assert_eq!(machine.applied_state().await.unwrap().0, None);
     added_back.purge(log_id(4)).await.unwrap();
     let purged = added_back.get_log_state().await.unwrap().last_purged_log_id;
