@@ -6,29 +6,37 @@
 //! length is a non-zero multiple of 4096. The heap allocation never moves when the value moves,
 //! which is what lets the engine thread hand the raw pointer to the kernel while owning the value.
 //!
-//! Owns: one heap allocation.
+//! Owns: one heap allocation, or (a *lent* buffer, [`AlignedBuffer::lent`]) a window of memory
+//! that a lender keeps mapped, such as a region shared with a FUSE driver, so a device read can
+//! land straight in the driver's memory.
 //! Must not depend on: anything else in the crate but the block size.
 //! Buffers of 1 MiB and more are placed on transparent huge pages (see
 //! `HUGE_PAGE_BUFFER_BYTES_MIN`): one segment per transfer for the device.
 //! Invariants: `pointer` is aligned to `BLOCK_SIZE_BYTES` (to 2 MiB for buffers of 1 MiB and
 //! more); `length_bytes` is a non-zero multiple
 //! of `BLOCK_SIZE_BYTES`; every byte is initialised before the value exists (allocated zeroed,
-//! or copied and zero-padded in `from_slice_padded`).
+//! or copied and zero-padded in `from_slice_padded`, or initialised by the lender); a lent
+//! buffer's memory is never freed here, and its lender lives as long as the buffer.
 
 use std::alloc::Layout;
+use std::any::Any;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use crate::BLOCK_SIZE_BYTES;
 
 pub struct AlignedBuffer {
     pointer: NonNull<u8>,
     length_bytes: usize,
+    /// `Some` for a lent buffer: whoever keeps the memory mapped. Held, never freed here.
+    lender: Option<Arc<dyn Any + Send + Sync>>,
 }
 
-// SAFETY: the buffer exclusively owns its allocation (like a `Box<[u8]>`); no aliasing pointer
-// escapes except to the engine thread, which takes ownership of the whole value while the kernel
-// uses the memory.
+// SAFETY: the buffer exclusively owns its allocation (like a `Box<[u8]>`), or for a lent buffer
+// its window of the lender's memory (the caller of `lent` promised no one else in the process
+// uses it, and the lender is `Send + Sync`); no aliasing pointer escapes except to the engine
+// thread, which takes ownership of the whole value while the kernel uses the memory.
 unsafe impl Send for AlignedBuffer {}
 // SAFETY: shared references only allow reading the initialised bytes, as for `&[u8]`.
 unsafe impl Sync for AlignedBuffer {}
@@ -86,6 +94,7 @@ impl AlignedBuffer {
         AlignedBuffer {
             pointer,
             length_bytes,
+            lender: None,
         }
     }
 
@@ -109,6 +118,38 @@ impl AlignedBuffer {
         AlignedBuffer {
             pointer,
             length_bytes,
+            lender: None,
+        }
+    }
+
+    /// A buffer over `length_bytes` of memory at `pointer` that `lender` keeps mapped (a region
+    /// shared with another process). Dropping it drops the hold on `lender`; the memory is not
+    /// freed.
+    ///
+    /// # Safety
+    /// `pointer` must be aligned to 4096, `length_bytes` a non-zero multiple of 4096, and the
+    /// memory initialised, readable and writable for `length_bytes` bytes for as long as
+    /// `lender` lives. No other buffer, reference or thread of this process may use that memory
+    /// while this buffer exists. (Another process writing to it can only change the bytes seen,
+    /// as with a shared file mapping; callers check what they read, by checksum.)
+    pub unsafe fn lent(
+        pointer: NonNull<u8>,
+        length_bytes: usize,
+        lender: Arc<dyn Any + Send + Sync>,
+    ) -> AlignedBuffer {
+        assert!(
+            length_bytes > 0 && length_bytes % BLOCK_SIZE_BYTES == 0,
+            "lent buffer length {length_bytes} is not a positive multiple of {BLOCK_SIZE_BYTES}"
+        );
+        assert_eq!(
+            pointer.as_ptr() as usize % BLOCK_SIZE_BYTES,
+            0,
+            "lent buffer is not aligned to {BLOCK_SIZE_BYTES}"
+        );
+        AlignedBuffer {
+            pointer,
+            length_bytes,
+            lender: Some(lender),
         }
     }
 
@@ -147,7 +188,11 @@ impl DerefMut for AlignedBuffer {
 
 impl Drop for AlignedBuffer {
     fn drop(&mut self) {
-        // SAFETY: `pointer` came from `allocate` with exactly this layout
+        if self.lender.is_some() {
+            // Lent memory belongs to the lender; dropping the field releases our hold.
+            return;
+        }
+        // SAFETY: an unlent buffer's `pointer` came from `allocate` with exactly this layout
         // (`layout` depends on the length alone) and is freed once.
         unsafe { std::alloc::dealloc(self.pointer.as_ptr(), Self::layout(self.length_bytes)) }
     }
@@ -173,6 +218,26 @@ impl std::fmt::Debug for AlignedBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lent_buffer_uses_the_lenders_memory_and_frees_nothing() {
+        let lender = Arc::new(std::sync::Mutex::new(AlignedBuffer::new_zeroed(3 * 4096)));
+        let pointer = {
+            let mut owned = lender.lock().unwrap();
+            // SAFETY: one block into an allocation of three, so inside it and aligned.
+            NonNull::new(unsafe { owned.as_mut_pointer().add(4096) }).unwrap()
+        };
+        // SAFETY: two blocks of the lender's live allocation, untouched by anyone else while
+        // the lent buffer exists (the lender's own handle is not used until it is dropped).
+        let mut lent = unsafe { AlignedBuffer::lent(pointer, 8192, lender.clone()) };
+        lent.fill(5);
+        assert_eq!(Arc::strong_count(&lender), 2);
+        drop(lent);
+        assert_eq!(Arc::strong_count(&lender), 1);
+        let owned = lender.lock().unwrap();
+        assert!(owned[..4096].iter().all(|&byte| byte == 0));
+        assert!(owned[4096..12288].iter().all(|&byte| byte == 5));
+    }
 
     #[test]
     fn large_buffers_start_on_a_huge_page_boundary_and_hold_their_bytes() {

@@ -22,7 +22,7 @@ use crate::command::{
 use crate::error::{FsError, NodeError, NodeResult};
 use crate::keys;
 use crate::records::{decode, BlockRef, ContainerState, DirentValue, EntryKind, Inode, ROOT_INODE};
-use crate::storage::{NodeStorage, BLOCKS_PER_REQUEST_MAX};
+use crate::storage::NodeStorage;
 use crate::transaction::{CookieRow, Transaction};
 
 const BLOCK_SIZE: u64 = BLOCK_SIZE_BYTES as u64;
@@ -1314,18 +1314,18 @@ fn plan_read(
 /// many there are (0 at or past the end of the file). Fails with `InvalidArgument`, having
 /// written nothing, when the blocks do not fit in the slot.
 ///
-/// The blocks are read in pieces of at most one device request ([`BLOCKS_PER_REQUEST_MAX`]),
-/// all in flight at once, each copied into its place in the slot as it arrives: a read of
-/// several MiB (the kernel sends up to `max_pages` at a time) keeps that many device requests
-/// busy instead of waiting for each in turn.
+/// The device reads straight into the slot, in pieces of [`SHARED_READ_PIECE_BLOCKS`] blocks
+/// (512 KiB), all in flight at once; each piece's blocks are checked against their checksums
+/// where they landed. No copy: on a memory-speed device the node's 1 MiB copy into the slot was
+/// its largest cost (12 % of node and driver samples, perf 2026-12-06), and the machine was
+/// CPU-bound.
 ///
-/// Each piece is read into the node's own buffer (pooled, on huge pages) and copied into the
-/// slot, rather than read into the slot: the slot's 4 KiB pages are scattered, and a 1 MiB
-/// transfer over 256 of them is more segments than the virtio disk takes (`max_segments` 254),
-/// so the block layer split every read in two (1,016 KiB and 8 KiB; perf of block events,
-/// 2026-12-05). With one whole request and a 1 MiB copy, a 1 GiB cold read through FUSE kept
-/// the disk busy for 2.4-5.4 s in all against 6.0-13.9 s reading in place
-/// (`docs/architecture.md`, read path).
+/// Why 512 KiB: the slot's 4 KiB pages are scattered, and the virtio disk takes at most 254
+/// segments per request (`max_segments`). A 1 MiB read into the slot was 256 segments, and the
+/// block layer split every one in two, 1,016 KiB and 8 KiB (perf of block events, 2026-12-05):
+/// that version read 944-1,097 MB/s against 1,140-1,300 with a copy from a huge-page buffer.
+/// 512 KiB is 128 segments, one request; fio `O_DIRECT` on this disk reads as fast at 512 KiB
+/// as at 1 MiB with the same bytes in flight (2,274 / 1,792 against 2,058 / 1,740 MB/s).
 pub async fn read_shared(
     storage: &NodeStorage,
     container_id: u64,
@@ -1352,35 +1352,39 @@ pub async fn read_shared(
         ))
         .into());
     }
-    let slot = &slot;
+    let piece_bytes = SHARED_READ_PIECE_BLOCKS as usize * BLOCK_SIZE as usize;
+    let buffers = slot.lend_pieces(blocks_bytes, piece_bytes)?;
     let context = plan.context.as_str();
-    let pieces = read_pieces(plan.first, plan.last).map(|(first, last)| {
-        let references = references_between(&plan.references, first, last);
-        async move {
-            let bytes = storage
-                .read_file_blocks(references, first, last, context)
-                .await?;
-            assert_eq!(
-                bytes.len(),
-                (last - first + 1) as usize * BLOCK_SIZE as usize,
-                "one buffer block per file block"
-            );
-            slot.fill_at((first - plan.first) as usize * BLOCK_SIZE as usize, &bytes)
-        }
-    });
+    let pieces = pieces_of(plan.first, plan.last, SHARED_READ_PIECE_BLOCKS)
+        .zip(buffers)
+        .map(|((first, last), buffer)| {
+            let references = references_between(&plan.references, first, last);
+            async move {
+                // Dropping the buffer (whatever the result) only releases its hold on the region.
+                storage
+                    .read_file_blocks_into(references, first, last, buffer, context)
+                    .await
+                    .map(drop)
+            }
+        });
     futures::future::try_join_all(pieces).await?;
     Ok((plan.start_in_buffer, plan.length))
 }
 
-/// Blocks `first..=last` cut into consecutive ranges of at most [`BLOCKS_PER_REQUEST_MAX`].
-pub(crate) fn read_pieces(first: u64, last: u64) -> impl Iterator<Item = (u64, u64)> {
-    assert!(first <= last);
+/// Blocks per device request of a read into a shared slot (see [`read_shared`]).
+pub const SHARED_READ_PIECE_BLOCKS: u64 = 128;
+
+/// Blocks `first..=last` cut into consecutive ranges of at most `piece_blocks`.
+pub(crate) fn pieces_of(
+    first: u64,
+    last: u64,
+    piece_blocks: u64,
+) -> impl Iterator<Item = (u64, u64)> {
+    assert!(first <= last && piece_blocks > 0);
     (first..=last)
-        .step_by(BLOCKS_PER_REQUEST_MAX as usize)
+        .step_by(piece_blocks as usize)
         .map(move |piece_first| {
-            let piece_last = piece_first
-                .saturating_add(BLOCKS_PER_REQUEST_MAX - 1)
-                .min(last);
+            let piece_last = piece_first.saturating_add(piece_blocks - 1).min(last);
             (piece_first, piece_last)
         })
 }

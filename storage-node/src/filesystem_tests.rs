@@ -805,19 +805,20 @@ async fn a_shared_read_of_several_device_requests_lands_whole_in_the_slot() {
 
 #[test]
 fn read_pieces_cover_the_range_once_in_device_requests() {
+    let piece_blocks = filesystem::SHARED_READ_PIECE_BLOCKS;
     for (first, last) in [
         (0, 0),
-        (0, 255),
-        (0, 256),
+        (0, 127),
+        (0, 128),
         (7, 1030),
         (5, 5 + 1023),
         (u64::MAX - 300, u64::MAX),
     ] {
-        let pieces: Vec<(u64, u64)> = filesystem::read_pieces(first, last).collect();
+        let pieces: Vec<(u64, u64)> = filesystem::pieces_of(first, last, piece_blocks).collect();
         assert_eq!(pieces.first().unwrap().0, first);
         assert_eq!(pieces.last().unwrap().1, last);
         for (piece_first, piece_last) in &pieces {
-            assert!(piece_first <= piece_last && piece_last - piece_first < 256);
+            assert!(piece_first <= piece_last && piece_last - piece_first < piece_blocks);
         }
         for pair in pieces.windows(2) {
             assert_eq!(pair[0].1 + 1, pair[1].0, "pieces leave a gap or overlap");

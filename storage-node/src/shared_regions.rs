@@ -24,8 +24,8 @@
 //!   by shrinking it.
 //! - A slot is page aligned and inside its region, and holds the region (an `Arc`) while a
 //!   request uses it, so a driver that detaches mid-request cannot unmap memory the node still
-//!   touches. The device never reads into a slot: a read's blocks are read into the node's own
-//!   buffer and copied in ([`Slot::fill`]); see `filesystem::read_shared` for why.
+//!   touches. A read's blocks are read by the device straight into the slot, in pieces of at
+//!   most 512 KiB ([`Slot::lend_pieces`]); see `filesystem::read_shared` for why that size.
 //! - A write's bytes are copied out of the slot once ([`Slot::copy_out`]) before anything looks
 //!   at them: the driver could change the slot at any time, so checksums, the prewrite and the
 //!   Raft entry all see the node's own copy, never the shared memory.
@@ -120,26 +120,51 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// Copies `bytes` (blocks of a read) into the slot from `position_bytes` on; refused, with
-    /// nothing written, when they would run past the slot's end.
-    pub fn fill_at(&self, position_bytes: usize, bytes: &[u8]) -> NodeResult<()> {
-        if position_bytes
-            .checked_add(bytes.len())
-            .is_none_or(|end| end > self.length_bytes)
+    /// The first `length_bytes` of the slot (a multiple of 4 KiB) as buffers of at most
+    /// `piece_bytes` each, in order, for the device to read into: each piece of a read lands in
+    /// its place in the driver's memory, no copy. Refused when the slot is shorter. Consumes the
+    /// slot, so nothing else in this request touches the memory while the pieces exist; each
+    /// piece holds the region, so a driver that detaches mid-read cannot unmap memory the kernel
+    /// still writes.
+    pub fn lend_pieces(
+        self,
+        length_bytes: usize,
+        piece_bytes: usize,
+    ) -> NodeResult<Vec<ballast_device::AlignedBuffer>> {
+        if length_bytes > self.length_bytes
+            || length_bytes % SHARED_REGION_PAGE_BYTES != 0
+            || piece_bytes == 0
+            || piece_bytes % SHARED_REGION_PAGE_BYTES != 0
         {
             return Err(FsError::invalid(format!(
-                "{} block bytes at {position_bytes} do not fit a {}-byte slot",
-                bytes.len(),
+                "a read of {length_bytes} block bytes in pieces of {piece_bytes} does not fit \
+                 a {}-byte slot",
                 self.length_bytes
             ))
             .into());
         }
-        self.region
-            .with_bytes_mut(self.offset_bytes + position_bytes, bytes.len(), |slot| {
-                slot.copy_from_slice(bytes)
+        let lender: Arc<dyn std::any::Any + Send + Sync> = self.region.clone();
+        let pieces = (0..length_bytes)
+            .step_by(piece_bytes)
+            .map(|position_bytes| {
+                let piece_length = piece_bytes.min(length_bytes - position_bytes);
+                let pointer = self
+                    .region
+                    .pointer_at(self.offset_bytes + position_bytes, piece_length)
+                    .expect("slots lie inside their region (checked when made)");
+                // SAFETY: page aligned (slot offsets are checked multiples of 4 KiB of a
+                // page-aligned mapping, and pieces are whole pages), inside the mapping (checked
+                // when the slot was made, and the pieces lie inside the slot), initialised
+                // (shared memory is zero filled or written), and kept mapped by `lender` for the
+                // buffer's life. The pieces do not overlap, and this request owns the slot alone
+                // (the slot is consumed here); the driver writes a slot only before it asks for
+                // a read into it, and whatever it does, every block read is checked by checksum.
+                unsafe {
+                    ballast_device::AlignedBuffer::lent(pointer, piece_length, Arc::clone(&lender))
+                }
             })
-            .expect("slots lie inside their region (checked when made)");
-        Ok(())
+            .collect();
+        Ok(pieces)
     }
 
     /// How many bytes the slot holds.
@@ -639,40 +664,34 @@ mod tests {
         assert_eq!(regions.attached_count(), 1);
 
         let slot = regions.slot(id, 4096, 8192).unwrap();
-        slot.fill_at(0, &[0x5A; 8192]).unwrap();
         let copy = |offset, length| region.with_bytes(offset, length, |bytes| bytes.to_vec());
-        assert_eq!(copy(4096, 8192).unwrap(), vec![0x5A; 8192]);
-        assert_eq!(copy(0, 4096).unwrap(), vec![0; 4096]);
-        slot.fill_at(4096, &[0x6B; 4096]).unwrap();
+        let mut pieces = slot.lend_pieces(8192, 4096).unwrap();
+        assert_eq!(pieces.len(), 2);
+        pieces[0].fill(0x5A);
+        pieces[1].fill(0x6B);
+        drop(pieces);
         assert_eq!(copy(4096, 4096).unwrap(), vec![0x5A; 4096]);
         assert_eq!(copy(8192, 4096).unwrap(), vec![0x6B; 4096]);
+        assert_eq!(copy(0, 4096).unwrap(), vec![0; 4096], "before the slot");
+        assert_eq!(copy(12288, 4096).unwrap(), vec![0; 4096], "after the slot");
+        let slot = || regions.slot(id, 4096, 8192).unwrap();
         assert!(
-            slot.fill_at(0, &[1; 12288]).is_err(),
+            slot().lend_pieces(12288, 4096).is_err(),
             "longer than the slot"
         );
+        assert!(slot().lend_pieces(100, 4096).is_err(), "not whole pages");
         assert!(
-            slot.fill_at(4096, &[1; 8192]).is_err(),
-            "runs past the slot"
+            slot().lend_pieces(8192, 100).is_err(),
+            "pieces not whole pages"
         );
-        assert!(
-            slot.fill_at(usize::MAX, &[1; 1]).is_err(),
-            "position overflows"
-        );
-        assert_eq!(
-            copy(8192, 4096).unwrap(),
-            vec![0x6B; 4096],
-            "a refused fill wrote"
-        );
-        assert_eq!(
-            copy(4096, 4096).unwrap(),
-            vec![0x5A; 4096],
-            "a refused fill wrote"
-        );
+        assert!(slot().lend_pieces(8192, 0).is_err(), "empty pieces");
+        assert_eq!(slot().lend_pieces(8192, 1 << 20).unwrap().len(), 1);
         assert!(regions.slot(id, 100, 4096).is_err(), "unaligned offset");
         assert!(regions.slot(id, 15 * 4096, 8192).is_err(), "past the end");
         assert!(regions.slot(id ^ 1, 0, 4096).is_err(), "unknown id");
 
         // A slot keeps its region mapped after the driver leaves; new slots are refused.
+        let kept = slot();
         drop(stream);
         // Bounded: 500 looks 10 ms apart.
         let detached = (0..500).any(|_| {
@@ -681,7 +700,7 @@ mod tests {
         });
         assert!(detached, "the region stays attached after its driver left");
         assert!(regions.slot(id, 0, 4096).is_err());
-        slot.fill_at(0, &[1; 4096]).unwrap();
+        kept.lend_pieces(4096, 4096).unwrap()[0].fill(1);
         assert_eq!(copy(4096, 4096).unwrap(), vec![1; 4096]);
     }
 }

@@ -647,7 +647,7 @@ impl NodeStorage {
 
     /// [`Self::read_file_blocks`] into `buffer`, exactly the blocks' length, whose every byte
     /// is overwritten (a device read or zeros) before it is given back.
-    async fn read_file_blocks_into(
+    pub(crate) async fn read_file_blocks_into(
         &self,
         references: &[(u64, BlockRef)],
         first: u64,
