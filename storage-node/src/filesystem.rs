@@ -1345,14 +1345,8 @@ pub async fn read_shared(
         return Ok((0, 0));
     };
     let blocks_bytes = (plan.last - plan.first + 1) as usize * BLOCK_SIZE as usize;
-    if blocks_bytes > slot.length_bytes() {
-        return Err(FsError::invalid(format!(
-            "a read of {blocks_bytes} block bytes does not fit a {}-byte slot",
-            slot.length_bytes()
-        ))
-        .into());
-    }
     let piece_bytes = SHARED_READ_PIECE_BLOCKS as usize * BLOCK_SIZE as usize;
+    // Refused (nothing lent, nothing written) when the blocks do not fit the slot.
     let buffers = slot.lend_pieces(blocks_bytes, piece_bytes)?;
     let context = plan.context.as_str();
     let pieces = pieces_of(plan.first, plan.last, SHARED_READ_PIECE_BLOCKS)

@@ -167,11 +167,6 @@ impl Slot {
         Ok(pieces)
     }
 
-    /// How many bytes the slot holds.
-    pub fn length_bytes(&self) -> usize {
-        self.length_bytes
-    }
-
     /// A copy of the first `length_bytes` of the slot: the bytes of a write the driver put there.
     pub fn copy_out(&self, length_bytes: usize) -> NodeResult<bytes::Bytes> {
         if length_bytes > self.length_bytes {
