@@ -1,10 +1,6 @@
 //! `ChunkRow`: the block references of one 1 MiB chunk of a file (256 blocks) as runs, the
-//! value of the planned chunk rows (`docs/chunk-rows.md`).
-//!
-//! Status: the codec and the operations, with their tests and fuzzing. **The node does not use
-//! them yet**: its format still has one state row per block (`docs/on-disk-format.md`). This is
-//! step one of the plan; wiring it into the transaction, the reads, scrub and snapshots, and the
-//! migration, come next.
+//! value of a chunk row (tag `F`, `docs/on-disk-format.md`, `docs/chunk-rows.md`). The block
+//! map (`block_map.rs`) stores and reads them; this module is the codec and its operations.
 //!
 //! A run is a range of file blocks of the chunk on consecutive device blocks (or all
 //! unwritten: fallocated, reading as zeros), with one CRC-32 per block. A block in no run is a

@@ -34,9 +34,10 @@ pub const SYMLINK_TARGET_BYTES_MAX: usize = 4095;
 pub const DIRECTORY_COOKIE_FIRST: u64 = 3;
 /// Most orphans freed by one PurgeOrphans command (bounds the batch).
 const ORPHANS_PER_PURGE_MAX: usize = 1024;
-/// Most blocks one fallocate may span: 4 GiB. Each hole becomes a block row in the command's one
-/// batch (about 45 bytes), so this bounds that batch to about 50 MB; the client crate sends
-/// larger ranges in pieces (`FALLOCATE_BYTES_PER_REQUEST_MAX`).
+/// Most blocks one fallocate may span: 4 GiB. The holes become unwritten references in the
+/// chunk rows of the command's one batch (about 1.3 KB per MiB), so this bounds that batch to
+/// about 5.5 MB and the transaction's staged chunks to 4,096; the client crate sends larger
+/// ranges in pieces (`FALLOCATE_BYTES_PER_REQUEST_MAX`).
 pub const FALLOCATE_BLOCK_COUNT_MAX: u64 = 1 << 20;
 
 /// Applies one filesystem command. `Err(NodeError::Fs(..))` is a deterministic command failure.
@@ -617,61 +618,7 @@ fn exchange(
     })
 }
 
-/// The existing block references of `inode` for file blocks `first..=last`.
-fn block_references(
-    transaction: &Transaction<'_>,
-    inode: u64,
-    first: u64,
-    last: u64,
-) -> NodeResult<Vec<(u64, BlockRef)>> {
-    block_references_in(
-        transaction.storage,
-        transaction.container_id,
-        inode,
-        first,
-        last,
-    )
-}
-
-fn block_references_in(
-    storage: &NodeStorage,
-    container_id: u64,
-    inode: u64,
-    first: u64,
-    last: u64,
-) -> NodeResult<Vec<(u64, BlockRef)>> {
-    let references = scan_block_rows(storage, container_id, inode, first, last, false)?;
-    Ok(references.expect("a scan that may read the state filesystem is complete"))
-}
-
-/// The block rows of `inode` for file blocks `first..=last`, from anywhere, or with
-/// `memory_only` from memory alone: `None` then when a row is not in memory.
-fn scan_block_rows(
-    storage: &NodeStorage,
-    container_id: u64,
-    inode: u64,
-    first: u64,
-    last: u64,
-    memory_only: bool,
-) -> NodeResult<Option<Vec<(u64, BlockRef)>>> {
-    let (start, end) = block_key_range(container_id, inode, first, last);
-    let mut references = Vec::new();
-    let visit = |key: &[u8], value: &[u8]| {
-        references.push(decode_block_row(key, value)?);
-        Ok(true)
-    };
-    let complete = if memory_only {
-        storage
-            .state
-            .scan_in_memory(&start, &end, usize::MAX, visit)?
-    } else {
-        storage.state.scan(&start, &end, usize::MAX, visit)?;
-        true
-    };
-    Ok(complete.then_some(references))
-}
-
-/// [`block_references_in`] for a read served on the runtime: from memory when every row is
+/// The block references of a read served on the runtime: from memory when every row is
 /// there, else on this thread made a blocking one ([`tokio::task::block_in_place`]; the
 /// runtime moves its other tasks to another thread meanwhile), so a read whose rows must come
 /// from the state filesystem never holds up the requests that need no I/O. On a runtime of one
@@ -683,35 +630,20 @@ fn block_references_for_read(
     first: u64,
     last: u64,
 ) -> NodeResult<Vec<(u64, BlockRef)>> {
-    if let Some(references) = scan_block_rows(storage, container_id, inode, first, last, true)? {
+    if let Some(references) =
+        crate::block_map::references_in_memory(&storage.state, container_id, inode, first, last)?
+    {
         return Ok(references);
     }
     let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
         runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
     });
-    let scan = || block_references_in(storage, container_id, inode, first, last);
+    let scan = || crate::block_map::references(&storage.state, container_id, inode, first, last);
     if multi_thread {
         tokio::task::block_in_place(scan)
     } else {
         scan()
     }
-}
-
-/// The key range `[start, end)` of the block rows of `inode` for file blocks `first..=last`.
-fn block_key_range(container_id: u64, inode: u64, first: u64, last: u64) -> (Vec<u8>, Vec<u8>) {
-    let start = keys::block(container_id, inode, first);
-    let end = match last.checked_add(1) {
-        Some(end) => keys::block(container_id, inode, end),
-        None => keys::prefix_end(&keys::block_prefix(container_id, inode)),
-    };
-    (start, end)
-}
-
-fn decode_block_row(key: &[u8], value: &[u8]) -> NodeResult<(u64, BlockRef)> {
-    Ok((
-        keys::block_key_file_block(key),
-        decode::<BlockRef>(value, "block reference")?,
-    ))
 }
 
 /// Reads one referenced block (verified) into `destination`.
@@ -770,7 +702,7 @@ async fn rewrite_range(
     let end = offset_bytes + length;
     let first = offset_bytes / BLOCK_SIZE;
     let last = (end - 1) / BLOCK_SIZE;
-    let existing = block_references(transaction, inode_number, first, last)?;
+    let existing = transaction.block_references(inode_number, first, last)?;
     if only_existing && existing.is_empty() {
         return Ok(());
     }
@@ -786,7 +718,7 @@ async fn rewrite_range(
         if !head_partial && !tail_partial {
             if let Some((device_blocks, checksums)) = transaction.use_detached(data) {
                 assert_eq!(device_blocks.len() as u64, block_count);
-                install_blocks(transaction, inode_number, first, &device_blocks, &checksums);
+                install_blocks(transaction, inode_number, first, &device_blocks, &checksums)?;
                 for (_, reference) in &existing {
                     transaction.free_reference(reference);
                 }
@@ -824,7 +756,7 @@ async fn rewrite_range(
         .collect();
     let device_blocks = transaction.storage.write_new_blocks(buffer).await?;
     transaction.record_allocated(&device_blocks);
-    install_blocks(transaction, inode_number, first, &device_blocks, &checksums);
+    install_blocks(transaction, inode_number, first, &device_blocks, &checksums)?;
     for (_, reference) in &existing {
         transaction.free_reference(reference);
     }
@@ -847,27 +779,25 @@ fn check_quota(transaction: &Transaction<'_>, new_blocks: u64) -> NodeResult<()>
     Ok(())
 }
 
-/// Stages the block rows of file blocks `first..` pointing at `device_blocks`.
+/// Stages the references of file blocks `first..` pointing at `device_blocks`.
 fn install_blocks(
     transaction: &mut Transaction<'_>,
     inode_number: u64,
     first: u64,
     device_blocks: &[u64],
     checksums: &[u32],
-) {
+) -> NodeResult<()> {
     assert_eq!(device_blocks.len(), checksums.len());
-    for (position, (&device_block, &checksum)) in device_blocks.iter().zip(checksums).enumerate() {
-        let key = keys::block(
-            transaction.container_id,
-            inode_number,
-            first + position as u64,
-        );
-        let value = crate::records::encode(&BlockRef {
-            device_block,
-            checksum,
-        });
-        transaction.batch().put(key, value);
-    }
+    let changes = device_blocks.iter().zip(checksums).enumerate().map(
+        |(position, (&device_block, &checksum))| {
+            let reference = BlockRef {
+                device_block,
+                checksum,
+            };
+            (first + position as u64, Some(reference))
+        },
+    );
+    transaction.set_block_references(inode_number, changes)
 }
 
 /// Drops the block references of file blocks `first..=last` (which must be whole blocks).
@@ -881,10 +811,12 @@ fn drop_blocks(
     if first > last {
         return Ok(());
     }
-    let existing = block_references(transaction, inode_number, first, last)?;
-    for (file_block, reference) in &existing {
-        let key = keys::block(transaction.container_id, inode_number, *file_block);
-        transaction.batch().delete(key);
+    let existing = transaction.block_references(inode_number, first, last)?;
+    transaction.set_block_references(
+        inode_number,
+        existing.iter().map(|(file_block, _)| (*file_block, None)),
+    )?;
+    for (_, reference) in &existing {
         transaction.free_reference(reference);
     }
     let count = existing.len() as u64;
@@ -1086,18 +1018,19 @@ async fn fallocate(
             ))
             .into());
         }
-        let existing: std::collections::BTreeSet<u64> =
-            block_references(transaction, inode_number, first, last)?
-                .into_iter()
-                .map(|(file_block, _)| file_block)
-                .collect();
+        let existing: std::collections::BTreeSet<u64> = transaction
+            .block_references(inode_number, first, last)?
+            .into_iter()
+            .map(|(file_block, _)| file_block)
+            .collect();
         let new_blocks = (last - first + 1) - existing.len() as u64;
         check_quota(transaction, new_blocks)?;
-        let unwritten = crate::records::encode(&BlockRef::unwritten());
-        for file_block in (first..=last).filter(|block| !existing.contains(block)) {
-            let key = keys::block(transaction.container_id, inode_number, file_block);
-            transaction.batch().put(key, unwritten.clone());
-        }
+        transaction.set_block_references(
+            inode_number,
+            (first..=last)
+                .filter(|block| !existing.contains(block))
+                .map(|block| (block, Some(BlockRef::unwritten()))),
+        )?;
         inode.block_count += new_blocks;
         transaction.state.used_block_count += new_blocks;
         if !keep_size && end > inode.size_bytes {

@@ -212,11 +212,11 @@ async fn fallocate(
 }
 
 fn block_reference(storage: &TestStorage, inode: u64, file_block: u64) -> Option<BlockRef> {
-    storage
-        .storage
-        .state
-        .get(&crate::keys::block(CONTAINER, inode, file_block), "block")
-        .unwrap()
+    crate::block_map::reference_at(
+        &storage.storage.state,
+        &crate::keys::block(CONTAINER, inode, file_block),
+    )
+    .unwrap()
 }
 
 /// fallocate gives holes unwritten references: quota and st_blocks count them, they read as
@@ -320,14 +320,17 @@ async fn fallocate_is_bounded_per_command_and_refuses_a_damaged_unwritten_refere
     assert_eq!(used_blocks(&storage), 0);
     fallocate(&mut storage, file, 0, 4096, 0).await.unwrap();
     // The sentinel with any other CRC is a damaged row: an error, never zeros.
-    let mut batch = rocksdb::WriteBatch::default();
-    batch.put(
-        crate::keys::block(CONTAINER, file, 0),
-        crate::records::encode(&BlockRef {
+    let damaged = crate::chunk_row::ChunkRow::with_blocks(
+        None,
+        0,
+        &[Some(BlockRef {
             device_block: BlockRef::UNWRITTEN_DEVICE_BLOCK,
             checksum: 1,
-        }),
-    );
+        })],
+    )
+    .unwrap();
+    let mut batch = rocksdb::WriteBatch::default();
+    batch.put(crate::keys::chunk(CONTAINER, file, 0), damaged.encode());
     storage.storage.state.write_unlogged(batch).unwrap();
     let result = filesystem::read(&storage.storage, CONTAINER, file, 0, 4096).await;
     assert!(
@@ -826,37 +829,122 @@ fn read_pieces_cover_the_range_once_in_device_requests() {
     }
 }
 
-/// A read whose block rows are not in memory (a reopened store: an empty block cache) scans the
-/// state filesystem on a thread made blocking, on a runtime of several threads, and gets every
-/// byte right; the rows are in memory afterwards.
+/// A read whose block map rows are not in memory (a reopened store: an empty block cache) scans
+/// the state filesystem on a thread made blocking, on a runtime of several threads, and gets
+/// every byte right; the rows are in memory afterwards. The file is 48 MiB, so its chunk rows
+/// span many RocksDB data blocks and the ones read (in the middle) are not among those that
+/// opening the store reads (the allocator's rows and the format version).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_whose_rows_are_not_in_memory_scans_off_the_runtime() {
     let mut storage = initialized(0).await;
     let file = create(&mut storage, ROOT_INODE, "f", EntryKind::File).await;
-    let model: Vec<u8> = (0..300 * 4096u32)
-        .map(|index| (index % 241) as u8)
-        .collect();
-    write(&mut storage, file, 0, &model).await.unwrap();
+    let model: Vec<u8> = (0..48 << 20u32).map(|index| (index % 241) as u8).collect();
+    for (index, piece) in model.chunks(4 << 20).enumerate() {
+        write(&mut storage, file, (index as u64) << 22, piece)
+            .await
+            .unwrap();
+    }
     storage.storage.checkpoint(|_| Ok(())).await.unwrap();
     let directory = storage.directory.path().to_path_buf();
     drop(storage.storage);
     drop(storage.device);
     let (_device, reopened) = crate::test_support::open(&directory);
-    let prefix = crate::keys::block_prefix(CONTAINER, file);
-    let end = crate::keys::prefix_end(&prefix);
+    // The chunk rows a 1 MiB read at 24 MiB + 20,487 bytes needs: chunks 24 and 25.
+    let start = crate::keys::chunk(CONTAINER, file, 24);
+    let end = crate::keys::chunk(CONTAINER, file, 26);
     let rows_in_memory = || {
         reopened
             .state
-            .scan_in_memory(&prefix, &end, usize::MAX, |_, _| Ok(true))
+            .scan_in_memory(&start, &end, usize::MAX, |_, _| Ok(true))
             .unwrap()
     };
     assert!(
         !rows_in_memory(),
         "a reopened store starts with nothing cached"
     );
-    let read = filesystem::read(&reopened, CONTAINER, file, 4096 * 5 + 7, 1 << 20)
+    let offset = (24 << 20) + 4096 * 5 + 7;
+    let read = filesystem::read(&reopened, CONTAINER, file, offset as u64, 1 << 20)
         .await
         .unwrap();
-    assert_eq!(&read[..], &model[4096 * 5 + 7..4096 * 5 + 7 + (1 << 20)]);
+    assert_eq!(&read[..], &model[offset..offset + (1 << 20)]);
     assert!(rows_in_memory(), "the scan filled the block cache");
+}
+
+/// A store of format version 1 (one state row per block) opens as chunk rows with every byte,
+/// hole and fallocated block where it was. The version 1 store is made by writing through
+/// today's code and turning its chunk rows back into per-block rows, as version 1 kept them.
+#[tokio::test]
+async fn a_store_of_per_block_rows_converts_at_open_and_reads_back_every_byte() {
+    let mut storage = initialized(0).await;
+    let file = create(&mut storage, ROOT_INODE, "f", EntryKind::File).await;
+    let model: Vec<u8> = (0..(3 << 20) + 5000u32)
+        .map(|index| (index % 251) as u8)
+        .collect();
+    write(&mut storage, file, 8192, &model).await.unwrap();
+    fallocate(&mut storage, file, 5 << 20, 64 << 10, 0)
+        .await
+        .unwrap();
+    let sparse = create(&mut storage, ROOT_INODE, "g", EntryKind::File).await;
+    write(&mut storage, sparse, 40 << 20, b"far out")
+        .await
+        .unwrap();
+    let contents = |storage: std::sync::Arc<crate::storage::NodeStorage>| async move {
+        let whole = filesystem::read(&storage, CONTAINER, file, 0, 6 << 20)
+            .await
+            .unwrap();
+        let far = filesystem::read(&storage, CONTAINER, sparse, (40 << 20) - 3, 10)
+            .await
+            .unwrap();
+        (whole, far)
+    };
+    let before = contents(std::sync::Arc::clone(&storage.storage)).await;
+    assert_eq!(&before.0[8192..8192 + model.len()], &model[..]);
+    assert_eq!(&before.1[..], b"\0\0\0far out");
+    let file_references_before =
+        crate::block_map::references(&storage.storage.state, CONTAINER, file, 0, u64::MAX).unwrap();
+    storage.storage.checkpoint(|_| Ok(())).await.unwrap();
+    {
+        let state = &storage.storage.state;
+        let chunk_rows = state
+            .scan_collect(
+                &[crate::keys::TAG_CHUNK],
+                &[crate::keys::TAG_CHUNK + 1],
+                usize::MAX,
+            )
+            .unwrap();
+        assert!(chunk_rows.len() >= 5, "{} chunk rows", chunk_rows.len());
+        let mut batch = rocksdb::WriteBatch::default();
+        for (key, value) in chunk_rows {
+            let container_id = u64::from_be_bytes(key[1..9].try_into().unwrap());
+            let (inode, chunk_index) = crate::keys::chunk_key_parts(&key).unwrap();
+            let row = crate::chunk_row::ChunkRow::decode(&value).unwrap();
+            for (block, reference) in row.references_between(0, 255) {
+                batch.put(
+                    crate::keys::block(container_id, inode, chunk_index * 256 + u64::from(block)),
+                    crate::records::encode(&reference),
+                );
+            }
+            batch.delete(key);
+        }
+        batch.delete(crate::keys::format_version());
+        state.write_synced(batch).unwrap();
+    }
+    let directory = storage.directory.path().to_path_buf();
+    drop(storage.storage);
+    drop(storage.device);
+    let (_device, reopened) = crate::test_support::open(&directory);
+    assert_eq!(
+        crate::block_map::format_version(&reopened.state).unwrap(),
+        Some(crate::block_map::FORMAT_VERSION_CHUNK_ROWS)
+    );
+    let block_rows_left = reopened
+        .state
+        .scan_collect(&[crate::keys::TAG_BLOCK], &[crate::keys::TAG_BLOCK + 1], 1)
+        .unwrap();
+    assert!(block_rows_left.is_empty());
+    assert_eq!(
+        crate::block_map::references(&reopened.state, CONTAINER, file, 0, u64::MAX).unwrap(),
+        file_references_before
+    );
+    assert_eq!(contents(reopened).await, before);
 }

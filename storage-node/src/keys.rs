@@ -14,8 +14,16 @@ pub const TAG_INODE: u8 = b'I';
 pub const TAG_DIRENT: u8 = b'D';
 /// Directory entries by cookie (readdir order): container, parent inode, cookie.
 pub const TAG_DIRENT_COOKIE: u8 = b'C';
-/// File block references: container, inode, file block index.
+/// The logical address of one file block: container, inode, file block index. Since the
+/// chunk-row format (version 2) no row is stored under it; it names a block in scrub cursors,
+/// snapshot streams and the block map's pages (`block_map.rs`). Stores of version 1 held one
+/// row per block here, converted at start-up.
 pub const TAG_BLOCK: u8 = b'B';
+/// Chunk rows, the block map of files (`block_map.rs`): container, inode, chunk index (256
+/// file blocks per chunk).
+pub const TAG_CHUNK: u8 = b'F';
+/// Node-wide singleton: the version of the state store's format.
+pub const TAG_FORMAT_VERSION: u8 = b'M';
 /// Orphan inodes (nlink 0, data kept until the last handle closes): container, inode.
 pub const TAG_ORPHAN: u8 = b'O';
 /// Volume records of the metadata container: volume name.
@@ -90,17 +98,46 @@ pub fn block(container_id: u64, inode: u64, file_block: u64) -> Vec<u8> {
     key
 }
 
-/// Prefix of every block row of one inode.
-pub fn block_prefix(container_id: u64, inode: u64) -> Vec<u8> {
-    let mut key = with_container(TAG_BLOCK, container_id, 8);
-    key.extend_from_slice(&inode.to_be_bytes());
-    key
-}
-
 /// The file block index encoded in a block key.
 pub fn block_key_file_block(key: &[u8]) -> u64 {
     assert_eq!(key.len(), 25, "block key has a fixed length");
     u64::from_be_bytes(key[17..25].try_into().expect("8 bytes"))
+}
+
+/// The inode encoded in a block key.
+pub fn block_key_inode(key: &[u8]) -> u64 {
+    assert_eq!(key.len(), 25, "block key has a fixed length");
+    u64::from_be_bytes(key[9..17].try_into().expect("8 bytes"))
+}
+
+/// Key of the chunk row of `inode`'s chunk `chunk_index`.
+pub fn chunk(container_id: u64, inode: u64, chunk_index: u64) -> Vec<u8> {
+    let mut key = with_container(TAG_CHUNK, container_id, 16);
+    key.extend_from_slice(&inode.to_be_bytes());
+    key.extend_from_slice(&chunk_index.to_be_bytes());
+    key
+}
+
+/// Prefix of every chunk row of one inode.
+pub fn chunk_prefix(container_id: u64, inode: u64) -> Vec<u8> {
+    let mut key = with_container(TAG_CHUNK, container_id, 8);
+    key.extend_from_slice(&inode.to_be_bytes());
+    key
+}
+
+/// The inode and chunk index encoded in a chunk key; `None` for a key of another length.
+pub fn chunk_key_parts(key: &[u8]) -> Option<(u64, u64)> {
+    if key.len() != 25 || key[0] != TAG_CHUNK {
+        return None;
+    }
+    let inode = u64::from_be_bytes(key[9..17].try_into().expect("8 bytes"));
+    let chunk_index = u64::from_be_bytes(key[17..25].try_into().expect("8 bytes"));
+    Some((inode, chunk_index))
+}
+
+/// Key of the node's state store format version.
+pub fn format_version() -> Vec<u8> {
+    vec![TAG_FORMAT_VERSION]
 }
 
 pub fn orphan(container_id: u64, inode: u64) -> Vec<u8> {
@@ -190,8 +227,22 @@ mod tests {
         keys.sort();
         let blocks: Vec<u64> = keys.iter().map(|k| block_key_file_block(k)).collect();
         assert_eq!(blocks, vec![1, 2, 256, 300]);
-        assert!(block(7, 42, u64::MAX) < prefix_end(&block_prefix(7, 42)));
-        assert!(block(7, 43, 0) >= prefix_end(&block_prefix(7, 42)));
+        assert_eq!(block_key_inode(&block(7, 42, 300)), 42);
+        // Chunk keys likewise, and one inode's chunks sit under its prefix.
+        let mut chunks: Vec<Vec<u8>> = [9u64, 1, 256].iter().map(|&c| chunk(7, 42, c)).collect();
+        chunks.sort();
+        let indexes: Vec<u64> = chunks
+            .iter()
+            .map(|k| chunk_key_parts(k).unwrap().1)
+            .collect();
+        assert_eq!(indexes, vec![1, 9, 256]);
+        assert!(chunk(7, 42, u64::MAX) < prefix_end(&chunk_prefix(7, 42)));
+        assert!(chunk(7, 43, 0) >= prefix_end(&chunk_prefix(7, 42)));
+        assert_eq!(
+            chunk_key_parts(&block(7, 42, 1)),
+            None,
+            "a block key is not a chunk key"
+        );
     }
 
     #[test]

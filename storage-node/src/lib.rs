@@ -14,6 +14,7 @@
 //! - File data is copy-on-write with deferred frees; every block carries a CRC-32 that is
 //!   verified on every read.
 
+pub mod block_map;
 pub mod buffer_pool;
 pub mod chunk_row;
 pub mod cluster;

@@ -38,10 +38,11 @@ use ballast_device::{AlignedBuffer, BLOCK_SIZE_BYTES};
 use ballast_proto::cluster_v1 as cluster_proto;
 use ballast_proto::cluster_v1::cluster_client::ClusterClient;
 
+use crate::block_map;
 use crate::error::{NodeError, NodeResult};
 use crate::keys;
 use crate::node::StorageNode;
-use crate::records::{decode, BlockRef};
+use crate::records::BlockRef;
 use crate::storage::NodeStorage;
 use crate::types::{NodeId, METADATA_CONTAINER_ID};
 
@@ -357,14 +358,10 @@ struct ScannedBlock {
 }
 
 impl ScannedBlock {
-    /// The block row as a block to verify; `None` for an unwritten reference, which has no
-    /// device block to verify or repair.
-    fn from_row(key: &[u8], value: &[u8]) -> NodeResult<Option<ScannedBlock>> {
-        let reference: BlockRef = decode(value, "block reference")?;
-        Ok((!reference.is_unwritten()).then(|| ScannedBlock {
-            key: key.to_vec(),
-            reference,
-        }))
+    /// The block at logical key `key` as a block to verify; `None` for an unwritten
+    /// reference, which has no device block to verify or repair.
+    fn from_reference(key: Vec<u8>, reference: BlockRef) -> Option<ScannedBlock> {
+        (!reference.is_unwritten()).then_some(ScannedBlock { key, reference })
     }
 
     fn inode(&self) -> u64 {
@@ -391,7 +388,7 @@ enum Confirmation {
 /// is held, so the reference read here is current and its device block is not reused.
 async fn confirm_bad(storage: &NodeStorage, block: &ScannedBlock) -> NodeResult<Confirmation> {
     let _applies_paused = storage.pause_applies().await;
-    let current: Option<BlockRef> = storage.state.get(&block.key, "block reference")?;
+    let current = block_map::reference_at(&storage.state, &block.key)?;
     if current != Some(block.reference) {
         return Ok(Confirmation::Stale);
     }
@@ -450,7 +447,7 @@ async fn rewrite_in_place(
     debug_assert_eq!(ballast_common::checksum(data), block.reference.checksum);
     {
         let _applies_paused = storage.pause_applies().await;
-        let current: Option<BlockRef> = storage.state.get(&block.key, "block reference")?;
+        let current = block_map::reference_at(&storage.state, &block.key)?;
         if current != Some(block.reference) {
             return Ok(Rewrite::Stale);
         }
@@ -722,7 +719,9 @@ async fn scrub_container(
     let (first, end) = keys::container_range(keys::TAG_BLOCK, container_id);
     let mut start = start_key.unwrap_or(first);
     loop {
-        let Some(BlockPage { blocks: page, next }) = scan_block_page(storage, &start, &end)? else {
+        let Some(BlockPage { blocks: page, next }) =
+            scan_block_page(storage, container_id, &start)?
+        else {
             return Ok(());
         };
         start = next.clone().unwrap_or_else(|| end.clone());
@@ -754,33 +753,30 @@ struct BlockPage {
     next: Option<Vec<u8>>,
 }
 
-/// Reads up to [`SCAN_PAGE_ROW_COUNT`] block rows from `start`; `None` when there are none.
-/// The page is full by rows, not by written blocks, so a long run of unwritten rows neither
-/// ends the scan early nor grows a page.
+/// Reads up to [`SCAN_PAGE_ROW_COUNT`] block references of `container_id` from the logical
+/// key `start` on (`block_map::page`); `None` when there are none. The page is full by
+/// references, not by written blocks, so a long run of unwritten blocks neither ends the scan
+/// early nor grows a page.
 fn scan_block_page(
     storage: &NodeStorage,
+    container_id: u64,
     start: &[u8],
-    end: &[u8],
 ) -> NodeResult<Option<BlockPage>> {
-    let mut blocks = Vec::new();
-    let mut row_count = 0;
-    let mut key_last = None;
-    storage
-        .state
-        .scan(start, end, SCAN_PAGE_ROW_COUNT, |key, value| {
-            row_count += 1;
-            key_last = Some(key.to_vec());
-            blocks.extend(ScannedBlock::from_row(key, value)?);
-            Ok(true)
-        })?;
-    let Some(mut next) = key_last else {
+    let page = block_map::page(&storage.state, container_id, start, SCAN_PAGE_ROW_COUNT)?;
+    let Some((key_last, _)) = page.last() else {
         return Ok(None);
     };
     // The next page starts just after the last key seen.
+    let mut next = key_last.clone();
     next.push(0);
+    let full = page.len() == SCAN_PAGE_ROW_COUNT;
+    let blocks = page
+        .into_iter()
+        .filter_map(|(key, reference)| ScannedBlock::from_reference(key, reference))
+        .collect();
     Ok(Some(BlockPage {
         blocks,
-        next: (row_count == SCAN_PAGE_ROW_COUNT).then_some(next),
+        next: full.then_some(next),
     }))
 }
 
@@ -916,21 +912,19 @@ pub async fn repair_read_range(
     let _one_repair = scrubber.read_repair_lock.lock().await;
     let last_file_block =
         last_file_block.min(first_file_block.saturating_add(READ_REPAIR_BLOCK_COUNT_MAX - 1));
-    let start = keys::block(container_id, inode, first_file_block);
-    let end = match last_file_block.checked_add(1) {
-        Some(end) => keys::block(container_id, inode, end),
-        None => keys::prefix_end(&keys::block_prefix(container_id, inode)),
-    };
-    let mut page = Vec::new();
-    node.storage.state.scan(
-        &start,
-        &end,
-        READ_REPAIR_BLOCK_COUNT_MAX as usize,
-        |key, value| {
-            page.extend(ScannedBlock::from_row(key, value)?);
-            Ok(true)
-        },
-    )?;
+    // At most READ_REPAIR_BLOCK_COUNT_MAX references: the range was cut to that many blocks.
+    let page: Vec<ScannedBlock> = block_map::references(
+        &node.storage.state,
+        container_id,
+        inode,
+        first_file_block,
+        last_file_block,
+    )?
+    .into_iter()
+    .filter_map(|(file_block, reference)| {
+        ScannedBlock::from_reference(keys::block(container_id, inode, file_block), reference)
+    })
+    .collect();
     let mut report = PassReport::default();
     for block in &page {
         node.storage
@@ -980,11 +974,7 @@ pub async fn serve_block(
         .map(|log_id| log_id.index)
         .unwrap_or(0);
     let key = keys::block(container_id, request.inode, request.block_index);
-    let Some(reference) = node
-        .storage
-        .state
-        .get::<BlockRef>(&key, "block reference")?
-    else {
+    let Some(reference) = block_map::reference_at(&node.storage.state, &key)? else {
         return Ok(cluster_proto::ReadBlockResponse {
             present: false,
             checksum: 0,
@@ -1017,10 +1007,7 @@ pub async fn serve_block(
             let block = ScannedBlock { key, reference };
             let storage = &node.storage;
             let _applies_paused = storage.pause_applies().await;
-            match storage
-                .state
-                .get::<BlockRef>(&block.key, "block reference")?
-            {
+            match block_map::reference_at(&storage.state, &block.key)? {
                 Some(current) => {
                     // The verified read (an unwritten reference reads as zeros).
                     let bytes = match storage.read_verified(&[current], "ReadBlock").await {
@@ -1232,7 +1219,9 @@ mod tests {
             .await
             .unwrap();
         let key = keys::block(container_id, inode, 0);
-        let reference: BlockRef = storage.storage.state.get(&key, "block").unwrap().unwrap();
+        let reference = block_map::reference_at(&storage.storage.state, &key)
+            .unwrap()
+            .unwrap();
         (storage, ScannedBlock { key, reference }, data)
     }
 
@@ -1264,10 +1253,10 @@ mod tests {
         for command in commands {
             storage.apply(container_id, command).await.unwrap();
         }
-        let (mut start, end) = keys::container_range(keys::TAG_BLOCK, container_id);
+        let (mut start, _) = keys::container_range(keys::TAG_BLOCK, container_id);
         let mut found = Vec::new();
         let mut page_count = 0;
-        while let Some(page) = scan_block_page(&storage.storage, &start, &end).unwrap() {
+        while let Some(page) = scan_block_page(&storage.storage, container_id, &start).unwrap() {
             page_count += 1;
             assert!(page_count <= 5, "the scan must end");
             found.extend(page.blocks.iter().map(ScannedBlock::file_block));

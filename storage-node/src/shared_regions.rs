@@ -617,6 +617,14 @@ mod tests {
             (2..=LOCAL_REQUESTS_IN_FLIGHT_MAX as u64).contains(&serving_max),
             "{serving_max} requests served at once"
         );
+        // The count goes up after an answer is written, so the last one may still be on its
+        // way when its answer has arrived here: wait for it, bounded.
+        for _ in 0..500 {
+            if regions.local_request_count() == request_count {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert_eq!(regions.local_request_count(), request_count);
         assert_eq!(regions.attached_count(), 1);
 

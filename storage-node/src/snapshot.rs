@@ -24,8 +24,9 @@
 //! blocks page by page (`EXPORT_PAGE_ROWS_MAX`, `EXPORT_PAGE_BLOCKS_MAX`) into a buffer of at
 //! most `OUTPUT_BUFFER_BYTES` before it goes to the spool file, and the import reads frames in
 //! groups of at most `EXPORT_PAGE_BLOCKS_MAX` blocks. The one thing that grows with the
-//! container is the import's RocksDB batch: the container's rows and block references (about
-//! 45 bytes per 4 KiB block, 1.1 % of the data), which must land in one atomic write.
+//! container is the import's RocksDB batch: the container's rows and chunk rows (about 1.3 KB
+//! per MiB of data, built as the block items arrive in key order, `block_map::ChunkRowsBuilder`),
+//! which must land in one atomic write.
 //!
 //! Invariants:
 //! - Export reads an [`ExportView`]: a RocksDB snapshot taken between two applies, whose blocks
@@ -46,6 +47,7 @@ use ballast_device::{AlignedBuffer, BLOCK_SIZE_BYTES};
 use rocksdb::WriteBatch;
 use tokio::sync::oneshot;
 
+use crate::block_map;
 use crate::error::{NodeError, NodeResult};
 use crate::keys;
 use crate::records::{decode, encode, BlockRef, ContainerState};
@@ -378,13 +380,11 @@ fn planned_stream_length_bytes(
     }
     let mut block_count = 0u64;
     if container_id != METADATA_CONTAINER_ID {
-        let (start, end) = keys::container_range(keys::TAG_BLOCK, container_id);
         let data = [0u8; BLOCK_SIZE_BYTES];
-        view.scan(&start, &end, usize::MAX, |key, value| {
-            let reference = decode::<BlockRef>(value, "block reference")?;
-            length_bytes += frame_length_bytes(&block_item(key, &reference, &data)) as u64;
+        block_map::visit_container(view, container_id, |key, reference| {
+            length_bytes += frame_length_bytes(&block_item(key, reference, &data)) as u64;
             block_count += 1;
-            Ok(true)
+            Ok(())
         })?;
     }
     length_bytes += frame_length_bytes(&SnapshotItem::End {
@@ -432,13 +432,10 @@ async fn write_stream(
     }
     let mut block_count = 0u64;
     if container_id != METADATA_CONTAINER_ID {
-        let (mut from, end) = keys::container_range(keys::TAG_BLOCK, container_id);
+        let (mut from, _) = keys::container_range(keys::TAG_BLOCK, container_id);
         loop {
-            let page = scan_page(view, &from, &end, EXPORT_PAGE_BLOCKS_MAX)?;
-            let references = page
-                .iter()
-                .map(|(_, value)| decode::<BlockRef>(value, "block reference"))
-                .collect::<NodeResult<Vec<_>>>()?;
+            let page = block_map::page(view, container_id, &from, EXPORT_PAGE_BLOCKS_MAX)?;
+            let references: Vec<BlockRef> = page.iter().map(|(_, reference)| *reference).collect();
             // Several device reads in flight: one at a time left the disk idle between them.
             let reads = references
                 .chunks(BLOCKS_PER_REQUEST_MAX as usize)
@@ -586,6 +583,8 @@ pub struct ItemGroup {
     /// Key and CRC of each block, in order, and the device block this node already holds with
     /// that content (reused, not written again), if any.
     pub blocks: Vec<(Vec<u8>, u32, Option<u64>)>,
+    /// Keys of the unwritten blocks (from `fallocate`, no data), in order.
+    pub unwritten: Vec<Vec<u8>>,
     /// The data of the blocks not reused, in order, in device requests of at most
     /// `BLOCKS_PER_REQUEST_MAX` blocks.
     pub data: Vec<AlignedBuffer>,
@@ -686,9 +685,9 @@ impl<R: Read> SnapshotReader<R> {
                     group.blocks.push((key, checksum, None));
                 }
                 CheckedItem::Unwritten { key } => {
-                    // No data to write: the reference itself is the row.
+                    // No data to write: only the reference.
                     group_bytes += key.len();
-                    group.rows.push((key, encode(&BlockRef::unwritten())));
+                    group.unwritten.push(key);
                 }
                 CheckedItem::State | CheckedItem::End => {}
             }
@@ -951,11 +950,7 @@ impl StagedImport {
         storage
             .commit_prepared(|| {
                 for (key, device_block) in reused {
-                    let current = storage
-                        .state
-                        .get_raw(key)?
-                        .map(|value| decode::<BlockRef>(&value, "block reference"))
-                        .transpose()?
+                    let current = block_map::reference_at(&storage.state, key)?
                         .and_then(|reference| reference.written_device_block());
                     if current != Some(*device_block) {
                         return Err(NodeError::InvalidState(format!(
@@ -1015,7 +1010,7 @@ pub async fn stage_import(
         .map_err(|error| NodeError::InvalidState(format!("snapshot read task: {error}")))??;
     // The old state goes first in the batch, so the snapshot's rows written after it win.
     if container_id != METADATA_CONTAINER_ID {
-        let (start, end) = keys::container_range(keys::TAG_BLOCK, container_id);
+        let (start, end) = keys::container_range(keys::TAG_CHUNK, container_id);
         staged.batch.delete_range(start, end);
     }
     for (start, end) in row_ranges(container_id) {
@@ -1025,9 +1020,14 @@ pub async fn stage_import(
     // replica holds most of them) is taken over instead of written again: less I/O, and an
     // install needs room only for what changed. The commit checks each one is still in place.
     let lookup_storage = Arc::clone(&storage);
+    // Keys come in order, so the lookup reads each chunk row once.
+    let lookup = std::sync::Mutex::new(block_map::ReferenceLookup::default());
     let reusable = Arc::new(move |key: &[u8], checksum: u32| -> Option<u64> {
-        let value = lookup_storage.state.get_raw(key).ok()??;
-        let reference = decode::<BlockRef>(&value, "block reference").ok()?;
+        let reference = lookup
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .reference_at(&lookup_storage.state, key)
+            .ok()??;
         (reference.checksum == checksum)
             .then(|| reference.written_device_block())
             .flatten()
@@ -1044,6 +1044,8 @@ pub async fn stage_import(
         }
     };
     let (mut reader, mut group) = read_next(reader).await?;
+    // Block references arrive in key order; whole chunks become rows as the stream goes.
+    let mut chunk_rows = block_map::ChunkRowsBuilder::new(container_id);
     while let Some(current) = group? {
         for (key, value) in &current.rows {
             staged.batch.put(key, value);
@@ -1080,6 +1082,7 @@ pub async fn stage_import(
             .count();
         assert_eq!(device_blocks_in_order.len(), written_count);
         let mut written_blocks = device_blocks_in_order.into_iter();
+        let mut key_last: Option<Vec<u8>> = None;
         for (key, checksum, reused) in current.blocks {
             let device_block = match reused {
                 Some(device_block) => {
@@ -1090,16 +1093,27 @@ pub async fn stage_import(
                     .next()
                     .expect("one written block per block not reused"),
             };
-            staged.batch.put(
-                &key,
-                encode(&BlockRef {
-                    device_block,
-                    checksum,
-                }),
-            );
+            let reference = BlockRef {
+                device_block,
+                checksum,
+            };
+            chunk_rows.add(&key, reference);
+            key_last = key_last.max(Some(key));
+        }
+        for key in current.unwritten {
+            chunk_rows.add(&key, BlockRef::unwritten());
+            key_last = key_last.max(Some(key));
+        }
+        if let Some(key_last) = key_last {
+            for (key, value) in chunk_rows.complete_before(&key_last) {
+                staged.batch.put(key, value);
+            }
         }
         reader = next_reader;
         group = next_group;
+    }
+    for (key, value) in chunk_rows.finish() {
+        staged.batch.put(key, value);
     }
     staged.summary = Some(reader.summary()?);
     Ok(staged)
@@ -1410,12 +1424,10 @@ mod tests {
             digest(&target.storage, CONTAINER).await.unwrap().0,
             digest(&source.storage, CONTAINER).await.unwrap().0
         );
-        let reference: BlockRef = target
-            .storage
-            .state
-            .get(&keys::block(CONTAINER, inode, 0), "block")
-            .unwrap()
-            .unwrap();
+        let reference =
+            block_map::reference_at(&target.storage.state, &keys::block(CONTAINER, inode, 0))
+                .unwrap()
+                .unwrap();
         assert!(reference.is_unwritten());
     }
 

@@ -150,6 +150,8 @@ impl NodeStorage {
         block_count: u64,
         spool: SpoolDirectory,
     ) -> NodeResult<Self> {
+        // Before anything reads the block map: a store of per-block rows becomes chunk rows.
+        crate::block_map::convert_block_rows(&state)?;
         let mut allocator = BlockAllocator::new_empty(block_count);
         let start = vec![keys::TAG_ALLOCATOR_GROUP];
         let end = keys::prefix_end(&start);
@@ -562,7 +564,7 @@ impl NodeStorage {
             keys::TAG_INODE,
             keys::TAG_DIRENT,
             keys::TAG_DIRENT_COOKIE,
-            keys::TAG_BLOCK,
+            keys::TAG_CHUNK,
             keys::TAG_ORPHAN,
             keys::TAG_SESSION,
             keys::TAG_VOTE,
@@ -583,12 +585,10 @@ impl NodeStorage {
     /// Every device block the block rows of `container_id` hold (unwritten references hold
     /// none): what dropping or replacing the container's state frees.
     pub fn container_device_blocks(&self, container_id: u64) -> NodeResult<Vec<u64>> {
-        let (start, end) = keys::container_range(keys::TAG_BLOCK, container_id);
         let mut device_blocks = Vec::new();
-        self.state.scan(&start, &end, usize::MAX, |_, value| {
-            let reference = crate::records::decode::<BlockRef>(value, "block reference")?;
+        crate::block_map::visit_container(&self.state, container_id, |_, reference| {
             device_blocks.extend(reference.written_device_block());
-            Ok(true)
+            Ok(())
         })?;
         Ok(device_blocks)
     }

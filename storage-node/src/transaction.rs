@@ -1,7 +1,8 @@
 //! `Transaction`: the changes one command makes to one container, staged in memory and written
 //! as a single RocksDB batch together with the container's applied log id.
 //!
-//! Owns: read-your-writes overlays for inodes and directory entries during one apply, the list
+//! Owns: read-your-writes overlays for inodes, directory entries and the block map's chunk rows
+//! (`block_map::StagedChunks`) during one apply, the list
 //! of blocks allocated and freed, and the final atomic commit.
 //! Invariant: nothing reaches RocksDB before `commit`; a failed command commits only the new
 //! applied log id (and gives back any blocks it had allocated), so a failure is also a
@@ -13,6 +14,7 @@ use std::collections::BTreeMap;
 use ballast_device::BLOCK_SIZE_BYTES;
 use rocksdb::WriteBatch;
 
+use crate::block_map::StagedChunks;
 use crate::detached::{DetachedBlocks, DetachedClaim};
 use crate::error::{FsError, NodeResult};
 use crate::keys;
@@ -64,6 +66,7 @@ pub struct Transaction<'storage> {
     pub state: ContainerState,
     inodes: BTreeMap<u64, Option<Inode>>,
     dirents: BTreeMap<(u64, String), Option<DirentValue>>,
+    chunks: StagedChunks,
     batch: StagedRows,
     /// Blocks this command stops referencing.
     freed_device_blocks: Vec<u64>,
@@ -90,6 +93,7 @@ impl<'storage> Transaction<'storage> {
             state,
             inodes: BTreeMap::new(),
             dirents: BTreeMap::new(),
+            chunks: StagedChunks::default(),
             batch: StagedRows::default(),
             freed_device_blocks: Vec::new(),
             allocated_device_blocks: Vec::new(),
@@ -193,6 +197,28 @@ impl<'storage> Transaction<'storage> {
         self.dirents.insert((parent, name.to_owned()), None);
     }
 
+    /// The block references of `inode`'s file blocks `first..=last` (holes left out), with this
+    /// transaction's own changes.
+    pub fn block_references(
+        &mut self,
+        inode: u64,
+        first: u64,
+        last: u64,
+    ) -> NodeResult<Vec<(u64, BlockRef)>> {
+        self.chunks
+            .references(&self.storage.state, self.container_id, inode, first, last)
+    }
+
+    /// Stages new references (`None`: a hole) for the named blocks of `inode`, in block order.
+    pub fn set_block_references(
+        &mut self,
+        inode: u64,
+        changes: impl IntoIterator<Item = (u64, Option<BlockRef>)>,
+    ) -> NodeResult<()> {
+        self.chunks
+            .set(&self.storage.state, self.container_id, inode, changes)
+    }
+
     pub fn batch(&mut self) -> &mut StagedRows {
         &mut self.batch
     }
@@ -224,6 +250,12 @@ impl<'storage> Transaction<'storage> {
             let key = keys::dirent(self.container_id, parent, &name);
             match value {
                 Some(value) => self.batch.put(key, encode(&value)),
+                None => self.batch.delete(key),
+            }
+        }
+        for (key, value) in std::mem::take(&mut self.chunks).into_rows(self.container_id) {
+            match value {
+                Some(value) => self.batch.put(key, value),
                 None => self.batch.delete(key),
             }
         }
