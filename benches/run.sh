@@ -307,6 +307,26 @@ drop_caches() {
     echo 3 >/proc/sys/vm/drop_caches
 }
 
+# The block device under the work directory, as the kernel counts its reads
+# (/sys/class/block/<name>/stat): set after the work directory exists; empty when there is none
+# to read (a tmpfs or overlay work directory), and the disk notes are left out then.
+disk_stat_path=""
+disk_read_counters() { awk '{ print $1, $3, $4 }' "$disk_stat_path"; } # requests, sectors, ms
+disk_read_counters_before=""
+disk_read_start() { [ -z "$disk_stat_path" ] || disk_read_counters_before=$(disk_read_counters); }
+# What reached the disk since disk_read_start, for a read that ran runtime_ms: requests, their
+# average size, the mean time the kernel counted per request (queued and at the device), and the
+# mean number of requests at once (that time summed, over the runtime). Said once per read so
+# that a reader of the results can tell "the disk was slow" from "too little was asked of it".
+disk_read_summary() { # runtime_ms
+    [ -n "$disk_stat_path" ] || return 0
+    local before after
+    read -r -a before <<<"$disk_read_counters_before"
+    read -r -a after <<<"$(disk_read_counters)"
+    awk -v r=$((after[0] - before[0])) -v s=$((after[1] - before[1])) -v t=$((after[2] - before[2])) -v w="$1" \
+        'BEGIN { if (r <= 0) { printf "none"; exit } printf "%d × %.0f KiB, %.1f ms, %.1f at once", r, s / 2 / r, t / r, (w > 0 ? t / w : 0) }'
+}
+
 fio_json() { # fio arguments...: runs fio with JSON output into $fio_output
     fio_output="$work_directory/fio-$RANDOM.json"
     log_command timeout "$fio_timeout" fio --output-format=json --output="$fio_output" "$@" >/dev/null
@@ -476,7 +496,7 @@ section_fuse() {
     mkdir -p "$native_directory"
     local -A values=()
     local side directory round_index
-    local ballast_writes=() native_writes=() ballast_reads=() native_reads=() direct_reads=()
+    local ballast_writes=() native_writes=() ballast_reads=() native_reads=() direct_reads=() disk_reads=()
     # What one byte written through the mount costs, over every round: device bytes (O_DIRECT
     # writes count in write_bytes) and CPU of the node and of the FUSE driver.
     local written_bytes=0 device_bytes=0 node_ticks=0 fuse_ticks=0
@@ -513,8 +533,10 @@ section_fuse() {
                 values[node_ticks_before]=$(cpu_ticks "$node_pid")
                 values[fuse_ticks_before]=$(cpu_ticks "$fuse_pid")
             fi
+            disk_read_start
             fio_json --name=seqread --directory="$directory" --filename=sequential.bin --rw=read --bs=1M \
                 --size="$fuse_sequential_size" --ioengine=psync --runtime=900
+            disk_reads+=("$side: $(disk_read_summary "$(fio_field '.jobs[0].read.runtime')")")
             if [ "$side" = ballast ]; then
                 ballast_reads+=("$(round "$(fio_field '.jobs[0].read.bw_bytes / 1e6')")")
                 read_bytes=$((read_bytes + $(fio_field '.jobs[0].read.io_bytes')))
@@ -526,9 +548,11 @@ section_fuse() {
                 # the native file read with O_DIRECT, 1 MiB requests, 8 in flight. Native
                 # buffered reads swing with the host's caches (0.4-3.6 GB/s on this VM); this
                 # shows what the device itself delivered meanwhile.
+                disk_read_start
                 fio_json --name=directread --filename="$directory/sequential.bin" --rw=read --bs=1M \
                     --size="$fuse_sequential_size" --ioengine=io_uring --iodepth=8 --direct=1 --runtime=900
                 direct_reads+=("$(round "$(fio_field '.jobs[0].read.bw_bytes / 1e6')")")
+                disk_reads+=("O_DIRECT: $(disk_read_summary "$(fio_field '.jobs[0].read.runtime')")")
             fi
             rm -f "$directory/sequential.bin"
         done
@@ -547,6 +571,12 @@ section_fuse() {
     note "FUSE sequential write, every round (ballast / native MB/s): ${ballast_writes[*]} / ${native_writes[*]}"
     note "FUSE cold sequential read, every round (ballast / native MB/s): ${ballast_reads[*]} / ${native_reads[*]}"
     note "the native file read with O_DIRECT (io_uring, 1 MiB, 8 in flight) after each native cold read (MB/s): ${direct_reads[*]}"
+    if [ -n "$disk_stat_path" ]; then
+        local disk_line
+        disk_line=$(printf '%s; ' "${disk_reads[@]}")
+        note "the disk during each cold read, in order (requests × average size, mean time per request" \
+            "in the kernel's count, mean requests at once): ${disk_line%; }"
+    fi
     local ticks_per_second
     ticks_per_second=$(getconf CLK_TCK)
     note "FUSE sequential write: the node wrote $(awk -v d="$device_bytes" -v w="$written_bytes" 'BEGIN { printf "%.2f", d / w }') device bytes" \
@@ -972,6 +1002,8 @@ done
 mkdir -p "$bench_root"
 work_directory=$(mktemp -d "$bench_root/ballast-bench-XXXXXX")
 run_date=$(date -u '+%Y-%m-%dT%H:%M:%SZ')
+work_block_device=$(basename "$(df --output=source "$work_directory" | tail -n 1)")
+if [ -r "/sys/class/block/$work_block_device/stat" ]; then disk_stat_path="/sys/class/block/$work_block_device/stat"; fi
 echo "== work directory $work_directory ($(df -T "$work_directory" | awk 'NR == 2 { print $1 ", " $2 }'))"
 
 for section in "${sections[@]}"; do
