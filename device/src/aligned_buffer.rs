@@ -106,6 +106,17 @@ impl AlignedBuffer {
     /// (perf, 2026-12-04). Only the padding is zeroed here.
     pub fn from_slice_padded(bytes: &[u8]) -> AlignedBuffer {
         let length_bytes = bytes.len().div_ceil(BLOCK_SIZE_BYTES).max(1) * BLOCK_SIZE_BYTES;
+        AlignedBuffer::from_slice_padded_to(bytes, length_bytes)
+    }
+
+    /// A copy of `bytes` zero-padded to `length_bytes` (a non-zero multiple of 4096, at least
+    /// `bytes.len()`): a buffer longer than its first use, so it can be reused for longer ones.
+    pub fn from_slice_padded_to(bytes: &[u8], length_bytes: usize) -> AlignedBuffer {
+        assert!(
+            length_bytes > 0 && length_bytes % BLOCK_SIZE_BYTES == 0 && bytes.len() <= length_bytes,
+            "a copy of {} bytes padded to {length_bytes}",
+            bytes.len()
+        );
         let pointer = Self::allocate(Self::layout(length_bytes), 0);
         let raw = pointer.as_ptr();
         // SAFETY: `raw` is valid for at least `length_bytes` bytes of writes and cannot overlap

@@ -24,6 +24,7 @@ use crate::state_machine::ContainerStateMachine;
 use crate::storage::NodeStorage;
 use crate::test_support::TestStorage;
 use crate::types::Entry;
+use crate::write_data::WriteData;
 
 const CONTAINER: u64 = 4;
 /// 64 KiB: 16 blocks.
@@ -184,6 +185,16 @@ async fn a_detached_write_reaches_the_device_once_and_its_apply_installs_those_b
 
 #[tokio::test]
 async fn a_prewritten_write_reaches_the_device_once_and_its_append_only_names_the_blocks() {
+    prewritten_write_reaches_the_device_once(false).await;
+}
+
+#[tokio::test]
+async fn a_prewritten_aligned_write_is_written_from_its_buffer_which_becomes_the_entrys_bytes() {
+    prewritten_write_reaches_the_device_once(true).await;
+}
+
+/// A write prewritten from `Bytes`, or (`aligned`) from the node's aligned copy of a slot.
+async fn prewritten_write_reaches_the_device_once(aligned: bool) {
     let Setup {
         test,
         log_store,
@@ -195,11 +206,26 @@ async fn a_prewritten_write_reaches_the_device_once_and_its_append_only_names_th
     let free_before = storage.free_block_count();
     let written_before = test.device.engine().statistics().bytes_written;
     let offset_bytes = 4 * BLOCK_SIZE_BYTES as u64;
-    let data = Bytes::from(pattern(0x3c));
-    let prewritten = storage
-        .prewrite(offset_bytes, &data, DETACHED_WRITE_BYTES_MIN_DEFAULT)
+    let (write_data, buffer_address) = if aligned {
+        let pool = Arc::clone(storage.buffer_pool());
+        let buffer = pool.for_copy(&pattern(0x3c));
+        let address = buffer.as_ptr() as usize;
+        (WriteData::aligned(buffer, WRITE_BYTES, pool), Some(address))
+    } else {
+        (WriteData::Bytes(Bytes::from(pattern(0x3c))), None)
+    };
+    let (prewritten, data) = storage
+        .prewrite(offset_bytes, write_data, DETACHED_WRITE_BYTES_MIN_DEFAULT)
         .await
         .unwrap();
+    assert_eq!(&data[..], &pattern(0x3c)[..]);
+    if let Some(address) = buffer_address {
+        assert_eq!(
+            data.as_ptr() as usize,
+            address,
+            "the entry's bytes are the buffer the device wrote from"
+        );
+    }
     let prewritten_bytes = test.device.engine().statistics().bytes_written - written_before;
     assert_eq!(
         prewritten_bytes, WRITE_BYTES as u64,
@@ -252,8 +278,8 @@ async fn a_prewrite_that_is_never_appended_gives_its_blocks_back() {
     let storage = &test.storage;
     let free_before = storage.free_block_count();
     let data = Bytes::from(pattern(0x11));
-    let prewritten = storage
-        .prewrite(0, &data, DETACHED_WRITE_BYTES_MIN_DEFAULT)
+    let (prewritten, _) = storage
+        .prewrite(0, WriteData::Bytes(data), DETACHED_WRITE_BYTES_MIN_DEFAULT)
         .await
         .unwrap();
     let clone = prewritten.clone();
@@ -276,11 +302,16 @@ async fn a_prewrite_that_is_never_appended_gives_its_blocks_back() {
     let written_before = test.device.engine().statistics().bytes_written;
     for (offset_bytes, length_bytes) in [(0, BLOCK_SIZE_BYTES), (512, WRITE_BYTES)] {
         let data = Bytes::from(vec![1u8; length_bytes]);
-        let prewritten = storage
-            .prewrite(offset_bytes, &data, DETACHED_WRITE_BYTES_MIN_DEFAULT)
+        let (prewritten, returned) = storage
+            .prewrite(
+                offset_bytes,
+                WriteData::Bytes(data.clone()),
+                DETACHED_WRITE_BYTES_MIN_DEFAULT,
+            )
             .await
             .unwrap();
         assert_eq!(prewritten.take(), None);
+        assert_eq!(returned, data, "the data comes back as it was");
     }
     assert_eq!(storage.free_block_count(), free_before);
     assert_eq!(

@@ -49,6 +49,7 @@ pub mod state_store;
 pub mod storage;
 pub mod transaction;
 pub mod types;
+pub mod write_data;
 
 pub use error::{FsError, NodeError, NodeResult};
 pub use node::{NodeConfig, StorageNode};

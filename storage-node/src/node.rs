@@ -760,18 +760,19 @@ impl StorageNode {
 
     /// Writes a detachable write's data to blocks before it is proposed (`prewritten.rs`), when
     /// this node leads the container; otherwise (or when not detachable) the log writer of each
-    /// replica writes it as before.
+    /// replica writes it as before. Gives back the data as `Bytes` for the command.
     pub async fn prewrite(
         &self,
         container_id: u64,
         offset_bytes: u64,
-        data: &bytes::Bytes,
-    ) -> NodeResult<crate::prewritten::Prewritten> {
-        let Some(raft) = self.raft(container_id).await else {
-            return Ok(crate::prewritten::Prewritten::none());
+        data: crate::write_data::WriteData,
+    ) -> NodeResult<(crate::prewritten::Prewritten, bytes::Bytes)> {
+        let leading = match self.raft(container_id).await {
+            Some(raft) => raft.metrics().borrow().current_leader == Some(self.node_id),
+            None => false,
         };
-        if raft.metrics().borrow().current_leader != Some(self.node_id) {
-            return Ok(crate::prewritten::Prewritten::none());
+        if !leading {
+            return Ok((crate::prewritten::Prewritten::none(), data.into_bytes()));
         }
         self.storage
             .prewrite(offset_bytes, data, self.config.detached_write_bytes_min)

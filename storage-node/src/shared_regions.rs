@@ -51,7 +51,11 @@ use ballast_common::local_frame::{
 use ballast_common::shared_region::{answer_id, SharedRegion, SHARED_REGION_PAGE_BYTES};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use ballast_device::BLOCK_SIZE_BYTES;
+
+use crate::buffer_pool::BufferPool;
 use crate::error::{FsError, NodeResult};
+use crate::write_data::WriteData;
 
 /// Regions attached at once (one per mounted volume of a driver on this host).
 pub const SHARED_REGIONS_MAX: usize = 64;
@@ -167,8 +171,10 @@ impl Slot {
         Ok(pieces)
     }
 
-    /// A copy of the first `length_bytes` of the slot: the bytes of a write the driver put there.
-    pub fn copy_out(&self, length_bytes: usize) -> NodeResult<bytes::Bytes> {
+    /// A copy of the first `length_bytes` of the slot: the bytes of a write the driver put
+    /// there. Whole blocks are copied into an aligned buffer from `pool`, which a device write
+    /// can take as it is (`write_data.rs`); other lengths into `Bytes`.
+    pub fn copy_out(&self, length_bytes: usize, pool: &Arc<BufferPool>) -> NodeResult<WriteData> {
         if length_bytes > self.length_bytes {
             return Err(FsError::invalid(format!(
                 "a write of {length_bytes} bytes does not fit a {}-byte slot",
@@ -176,13 +182,16 @@ impl Slot {
             ))
             .into());
         }
+        let whole_blocks = length_bytes > 0 && length_bytes % BLOCK_SIZE_BYTES == 0;
         Ok(self
             .region
-            .with_bytes(
-                self.offset_bytes,
-                length_bytes,
-                bytes::Bytes::copy_from_slice,
-            )
+            .with_bytes(self.offset_bytes, length_bytes, |bytes| {
+                if whole_blocks {
+                    WriteData::aligned(pool.for_copy(bytes), length_bytes, Arc::clone(pool))
+                } else {
+                    WriteData::Bytes(bytes::Bytes::copy_from_slice(bytes))
+                }
+            })
             .expect("slots lie inside their region (checked when made)"))
     }
 }

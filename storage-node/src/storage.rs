@@ -54,6 +54,7 @@ use crate::snapshot_spool::SpoolDirectory;
 use crate::space::{BlockPromise, Shortfall, SpaceLedger};
 use crate::state_store::{StateStore, StateView};
 use crate::types::LogId;
+use crate::write_data::WriteData;
 
 /// The most blocks read or written by one device request (1 MiB).
 pub const BLOCKS_PER_REQUEST_MAX: u64 = 256;
@@ -298,35 +299,49 @@ impl NodeStorage {
     /// [`crate::detached::detachable_range`]) to newly reserved blocks before it is proposed, so
     /// the container's log writer only appends the record (`prewritten.rs`). `Prewritten::none()`
     /// when the write is not detachable or the device has no room: the log writer then handles
-    /// it as before.
+    /// it as before. Also gives back the data as `Bytes` for the Raft entry: an aligned write's
+    /// buffer is written from where it lies and becomes those bytes, with no copy
+    /// (`write_data.rs`).
     ///
     /// The write runs in its own task: a caller that goes away (a cancelled request) cannot
     /// leave a device write in flight to blocks already given back.
     pub async fn prewrite(
         self: &Arc<Self>,
         offset_bytes: u64,
-        data: &bytes::Bytes,
+        data: WriteData,
         detached_write_bytes_min: u64,
-    ) -> NodeResult<Prewritten> {
+    ) -> NodeResult<(Prewritten, bytes::Bytes)> {
         if !crate::detached::detachable_range(
             offset_bytes,
             data.len() as u64,
             detached_write_bytes_min,
         ) {
-            return Ok(Prewritten::none());
+            return Ok((Prewritten::none(), data.into_bytes()));
         }
         let block_count = (data.len() / BLOCK_SIZE_BYTES) as u64;
         let Some(extents) = self.reserve_detached(block_count)? else {
-            return Ok(Prewritten::none());
+            return Ok((Prewritten::none(), data.into_bytes()));
         };
         let storage = Arc::clone(self);
-        let data = data.clone();
         let task = tokio::spawn(async move {
-            match storage.write_extents(&extents, &data).await {
-                Ok(()) => {
-                    let checksums = crate::detached::block_checksums(&data);
-                    Ok(Prewritten::new(extents, checksums, storage))
-                }
+            // From the node's own copy, which nobody else can change.
+            let checksums = crate::detached::block_checksums(data.as_slice());
+            let written = match data {
+                WriteData::Bytes(bytes) => storage
+                    .write_extents(&extents, &bytes)
+                    .await
+                    .map(|()| bytes),
+                WriteData::Aligned {
+                    buffer,
+                    length_bytes,
+                    pool,
+                } => storage
+                    .write_extents_lent(&extents, buffer)
+                    .await
+                    .map(|buffer| WriteData::aligned(buffer, length_bytes, pool).into_bytes()),
+            };
+            match written {
+                Ok(bytes) => Ok((Prewritten::new(extents, checksums, storage), bytes)),
                 Err(error) => {
                     storage.release_reservation(&extents);
                     Err(error)
@@ -337,6 +352,34 @@ impl NodeStorage {
             .map_err(|error| NodeError::InvalidState(format!("prewrite task: {error}")))?
     }
 
+    /// Writes the first bytes of `buffer` (whole blocks, as many as `extents` hold) to
+    /// `extents`, from the buffer itself: each device request is lent its window
+    /// (`write_data.rs`). Gives the buffer back. Not durable on return.
+    async fn write_extents_lent(
+        &self,
+        extents: &[Extent],
+        buffer: AlignedBuffer,
+    ) -> NodeResult<AlignedBuffer> {
+        let requests = extent_requests(extents);
+        assert!(
+            requests
+                .last()
+                .map_or(0, |request| request.data_offset_bytes
+                    + request.length_bytes)
+                <= buffer.len(),
+            "the extents hold no more than the buffer"
+        );
+        let windows: Vec<(usize, usize)> = requests
+            .iter()
+            .map(|request| (request.data_offset_bytes, request.length_bytes))
+            .collect();
+        crate::write_data::write_lent_windows(buffer, &windows, |index, window| {
+            self.block_store
+                .write_blocks(requests[index].first_block, window)
+        })
+        .await
+    }
+
     /// Gives back a reservation whose record was never appended.
     pub fn release_reservation(&self, extents: &[Extent]) {
         let mut blocks = self.lock_blocks();
@@ -345,6 +388,11 @@ impl NodeStorage {
                 tracing::error!(%error, ?extent, "releasing a detached reservation");
             }
         }
+    }
+
+    /// The pool of aligned buffers: copies of write data, whole reads (`buffer_pool.rs`).
+    pub fn buffer_pool(&self) -> &Arc<BufferPool> {
+        &self.buffer_pool
     }
 
     /// Writes `data` (whole blocks) to `extents`, in order, in pieces of at most
@@ -920,25 +968,54 @@ async fn write_extents_to(
     extents: &[Extent],
     data: &[u8],
 ) -> NodeResult<()> {
-    let block_total: u64 = extents.iter().map(|extent| extent.block_count).sum();
-    assert_eq!(block_total as usize * BLOCK_SIZE_BYTES, data.len());
-    let mut writes = Vec::new();
-    let mut consumed_bytes = 0usize;
-    for extent in extents {
-        let mut written = 0;
-        while written < extent.block_count {
-            let piece = (extent.block_count - written).min(BLOCKS_PER_REQUEST_MAX);
-            let end = consumed_bytes + piece as usize * BLOCK_SIZE_BYTES;
-            let buffer = buffer_pool.filled_from(&data[consumed_bytes..end]);
-            let first_block = extent.first_block + written;
-            writes.push(block_store.write_blocks(first_block, buffer));
-            written += piece;
-            consumed_bytes = end;
-        }
-    }
+    let requests = extent_requests(extents);
+    assert_eq!(
+        requests
+            .last()
+            .map_or(0, |request| request.data_offset_bytes
+                + request.length_bytes),
+        data.len(),
+        "the extents hold the data exactly"
+    );
+    let writes = requests.iter().map(|request| {
+        let start_bytes = request.data_offset_bytes;
+        let buffer =
+            buffer_pool.filled_from(&data[start_bytes..start_bytes + request.length_bytes]);
+        block_store.write_blocks(request.first_block, buffer)
+    });
     for result in futures::future::join_all(writes).await {
         let written = result.map_err(|source| NodeError::device("write blocks", source))?;
         buffer_pool.give_back(written);
     }
     Ok(())
+}
+
+/// One device request of a write to extents: `length_bytes` of the data from
+/// `data_offset_bytes`, to blocks from `first_block`.
+struct ExtentRequest {
+    first_block: u64,
+    data_offset_bytes: usize,
+    length_bytes: usize,
+}
+
+/// The device requests that write data to `extents` in order: one per extent, split into
+/// pieces of at most [`BLOCKS_PER_REQUEST_MAX`] blocks.
+fn extent_requests(extents: &[Extent]) -> Vec<ExtentRequest> {
+    let mut requests = Vec::new();
+    let mut data_offset_bytes = 0usize;
+    for extent in extents {
+        let mut written = 0;
+        while written < extent.block_count {
+            let piece = (extent.block_count - written).min(BLOCKS_PER_REQUEST_MAX);
+            let length_bytes = piece as usize * BLOCK_SIZE_BYTES;
+            requests.push(ExtentRequest {
+                first_block: extent.first_block + written,
+                data_offset_bytes,
+                length_bytes,
+            });
+            written += piece;
+            data_offset_bytes += length_bytes;
+        }
+    }
+    requests
 }

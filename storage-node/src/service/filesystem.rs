@@ -18,6 +18,7 @@ use crate::error::{FsError, NodeError};
 use crate::filesystem as fs;
 use crate::node::StorageNode;
 use crate::records::VolumeRecord;
+use crate::write_data::WriteData;
 
 /// Largest read or write served in one request (the FUSE driver sends at most 1 MiB).
 const IO_LENGTH_BYTES_MAX: usize = 16 << 20;
@@ -54,7 +55,7 @@ impl FilesystemService {
         volume: &str,
         inode: u64,
         offset_bytes: u64,
-        data: bytes::Bytes,
+        data: WriteData,
         durable: bool,
     ) -> Result<proto::WriteResponse, Status> {
         // A durable write makes its container's appends durable while it is proposed, so its
@@ -71,9 +72,9 @@ impl FilesystemService {
             .check_minimum_replication(&record)
             .await
             .map_err(node_status)?;
-        let prewritten = self
+        let (prewritten, data) = self
             .node
-            .prewrite(record.container_id, offset_bytes, &data)
+            .prewrite(record.container_id, offset_bytes, data)
             .await
             .map_err(node_status)?;
         let command = FilesystemCommand::Write {
@@ -507,7 +508,7 @@ impl Filesystem for FilesystemService {
                 &request.volume,
                 request.inode,
                 request.offset_bytes,
-                request.data,
+                WriteData::Bytes(request.data),
                 request.durable,
             )
             .await?;
@@ -531,7 +532,10 @@ impl Filesystem for FilesystemService {
             .map_err(node_status)?;
         // The node's own copy: the driver could change the slot at any time.
         let data = slot
-            .copy_out(request.length_bytes as usize)
+            .copy_out(
+                request.length_bytes as usize,
+                self.node.storage().buffer_pool(),
+            )
             .map_err(node_status)?;
         drop(slot);
         let response = self
