@@ -45,8 +45,12 @@ use crate::convert::{
 };
 use crate::open_files::{OpenFileTable, OrphanAction};
 use crate::recent_attributes::{RecentAttributes, RECENT_ATTRIBUTES_CAPACITY};
-use crate::shared_memory::{SharedMemory, Unshared, SHARED_READ_BYTES_MAX, SHARED_WRITE_BYTES_MAX};
-use crate::write_combiner::{Admission, CombinedWrite, WriteCombiner, COMBINED_WRITE_BYTES_MAX};
+use crate::shared_memory::{
+    SharedMemory, Unshared, WriteBytes, SHARED_READ_BYTES_MAX, SHARED_WRITE_BYTES_MAX,
+};
+use crate::write_combiner::{
+    Admission, CombinedWrite, GatherBuffer, WriteCombiner, COMBINED_WRITE_BYTES_MAX,
+};
 use crate::write_through::{
     FsyncCoverage, FsyncPlan, WriteMode, WriteThrough, WRITE_THROUGH_CAPACITY,
 };
@@ -98,7 +102,7 @@ struct Shared {
     /// (`write_through`).
     write_through: Mutex<WriteThrough>,
     /// Sequential page-cache writes gathered behind those in flight (`write_combiner`).
-    write_combiner: Mutex<WriteCombiner<ReplyWrite>>,
+    write_combiner: Mutex<WriteCombiner<ReplyWrite, WriteBytes>>,
     /// Reads and writes through memory shared with the node on this host (`shared_memory`);
     /// `None` when turned off.
     shared_memory: Option<SharedMemory>,
@@ -150,7 +154,7 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn write_combiner(&self) -> std::sync::MutexGuard<'_, WriteCombiner<ReplyWrite>> {
+    fn write_combiner(&self) -> std::sync::MutexGuard<'_, WriteCombiner<ReplyWrite, WriteBytes>> {
         // Each operation is one map step: a poisoned lock is still consistent.
         self.write_combiner
             .lock()
@@ -158,9 +162,20 @@ impl Shared {
     }
 
     /// Sends one node write and answers every kernel request whose bytes it carries.
+    /// A buffer for a write's bytes with room for `capacity_bytes`: a free gather slot of the
+    /// shared memory (the bytes are then copied once on their way to the node), or memory of
+    /// the driver's own.
+    fn write_buffer(&self, capacity_bytes: usize) -> WriteBytes {
+        self.shared_memory
+            .as_ref()
+            .and_then(|shared_memory| shared_memory.gather_slot(capacity_bytes))
+            .map(WriteBytes::Shared)
+            .unwrap_or_else(|| WriteBytes::Own(bytes::BytesMut::with_capacity(capacity_bytes)))
+    }
+
     async fn send_write(
         &self,
-        write: CombinedWrite<ReplyWrite>,
+        write: CombinedWrite<ReplyWrite, WriteBytes>,
         mode: WriteMode,
         privileged_writer: bool,
     ) {
@@ -172,34 +187,36 @@ impl Shared {
         } = write;
         let length_bytes = data.len() as u64;
         let durable = mode == WriteMode::Durable;
-        let mut result = None;
-        if let (Some(shared_memory), true) = (
-            self.shared_memory.as_ref(),
-            data.len() <= SHARED_WRITE_BYTES_MAX,
-        ) {
-            match shared_memory
-                .write(
-                    &self.client,
-                    &self.volume,
-                    inode,
-                    offset_bytes,
-                    &data,
-                    durable,
-                )
-                .await
-            {
-                Ok(response) => result = Some(Ok(response)),
-                Err(Unshared::NotAttached) => {}
-                Err(unshared) => {
-                    tracing::debug!(inode, %unshared, "writing over gRPC instead")
+        let result = match data {
+            WriteBytes::Shared(slot) => {
+                let shared_memory = self
+                    .shared_memory
+                    .as_ref()
+                    .expect("gather slots come from the shared memory");
+                let shared = shared_memory
+                    .write_gathered(
+                        &self.client,
+                        &self.volume,
+                        inode,
+                        offset_bytes,
+                        &slot,
+                        durable,
+                    )
+                    .await;
+                match shared {
+                    Ok(response) => Ok(response),
+                    Err(unshared) => {
+                        tracing::debug!(inode, %unshared, "writing over gRPC instead");
+                        let bytes = slot.to_bytes();
+                        drop(slot);
+                        self.client
+                            .write(&self.volume, inode, offset_bytes, bytes, durable)
+                            .await
+                    }
                 }
             }
-        }
-        let result = match result {
-            Some(result) => result,
-            None => {
-                self.client
-                    .write(&self.volume, inode, offset_bytes, data.freeze(), durable)
+            WriteBytes::Own(data) => {
+                self.send_own_write(inode, offset_bytes, data, durable)
                     .await
             }
         };
@@ -249,6 +266,42 @@ impl Shared {
                 reply.written(answered_bytes);
             }
         }
+    }
+
+    /// Sends a write whose bytes are the driver's own: through a write slot when a region is
+    /// attached (one copy into it), over gRPC otherwise or when that fails.
+    async fn send_own_write(
+        &self,
+        inode: u64,
+        offset_bytes: u64,
+        data: bytes::BytesMut,
+        durable: bool,
+    ) -> Result<proto::WriteResponse, ClientError> {
+        if let (Some(shared_memory), true) = (
+            self.shared_memory.as_ref(),
+            data.len() <= SHARED_WRITE_BYTES_MAX,
+        ) {
+            match shared_memory
+                .write(
+                    &self.client,
+                    &self.volume,
+                    inode,
+                    offset_bytes,
+                    &data,
+                    durable,
+                )
+                .await
+            {
+                Ok(response) => return Ok(response),
+                Err(Unshared::NotAttached) => {}
+                Err(unshared) => {
+                    tracing::debug!(inode, %unshared, "writing over gRPC instead")
+                }
+            }
+        }
+        self.client
+            .write(&self.volume, inode, offset_bytes, data.freeze(), durable)
+            .await
     }
 
     fn write_through(&self) -> std::sync::MutexGuard<'_, WriteThrough> {
@@ -867,16 +920,20 @@ impl Filesystem for BallastFilesystem {
             page_cache_write && mode == WriteMode::Plain && data.len() <= COMBINED_WRITE_BYTES_MAX;
         if !combinable {
             // The kernel's buffer is reused for the next request, so the data is copied.
-            let write = CombinedWrite::alone(inode.0, offset_bytes, data, reply);
+            let buffer = self.shared.write_buffer(data.len());
+            let write = CombinedWrite::alone(inode.0, offset_bytes, data, reply, buffer);
             self.spawn(move |shared| async move {
                 shared.send_write(write, mode, privileged_writer).await;
             });
             return;
         }
-        let admission = self
-            .shared
-            .write_combiner()
-            .offer(inode.0, offset_bytes, data, reply);
+        let admission = self.shared.write_combiner().offer(
+            inode.0,
+            offset_bytes,
+            data,
+            reply,
+            |capacity_bytes| self.shared.write_buffer(capacity_bytes),
+        );
         let Admission::Send(first) = admission else {
             // Gathered behind a write in flight; its `finished` sends it.
             return;

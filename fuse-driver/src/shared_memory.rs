@@ -40,6 +40,8 @@ use ballast_client::{BallastClient, ClientError};
 use ballast_common::shared_region::SharedRegion;
 use tokio::sync::Semaphore;
 
+use crate::write_combiner::GatherBuffer;
+
 /// Largest read served through a slot: the kernel's largest read request (1 MiB).
 pub const SHARED_READ_BYTES_MAX: u32 = 1 << 20;
 /// A read slot holds the blocks of the largest read at any offset: one block more than the read.
@@ -51,6 +53,10 @@ pub const SHARED_WRITE_BYTES_MAX: usize = crate::write_combiner::COMBINED_WRITE_
 const WRITE_SLOT_BYTES: usize = SHARED_WRITE_BYTES_MAX;
 /// Writes in flight through shared memory at once; further writes wait for a slot.
 const WRITE_SLOT_COUNT: usize = 8;
+/// Writes gathered straight into shared memory at once ([`SharedMemory::gather_slot`]). A
+/// pool of their own, never waited for: a batch holds its slot while it waits for the writes of
+/// its file in flight, and those may wait for a write slot, so the two must not share slots.
+const GATHER_SLOT_COUNT: usize = 8;
 const _: () = assert!(WRITE_SLOT_BYTES % 4096 == 0 && READ_SLOT_BYTES % 4096 == 0);
 /// Least time between attempts to attach a region.
 pub const REATTACH_INTERVAL_MS: u64 = 5_000;
@@ -68,9 +74,10 @@ struct Attached {
     _stream: UnixStream,
     /// Requests as local frames on that socket, when the node serves them.
     local: Option<LocalChannel>,
-    /// Read slots first, then write slots, in one region.
+    /// Read slots first, then write slots, then gather slots, in one region.
     reads: SlotPool,
     writes: SlotPool,
+    gathers: SlotPool,
 }
 
 /// Equal slots of one region, from `first_offset_bytes` on.
@@ -228,22 +235,89 @@ impl SharedMemory {
                 bytes.copy_from_slice(data)
             })
             .ok_or_else(|| Unshared::BadAnswer("outside the region".to_owned()))?;
-        let request = proto::WriteSharedRequest {
-            volume: volume.to_owned(),
+        let write = SlotWrite {
+            volume,
             inode,
             offset_bytes,
-            region_id: attached.region_id,
-            slot_offset_bytes: slot_offset_bytes as u64,
-            slot_bytes: WRITE_SLOT_BYTES as u32,
-            length_bytes: data.len() as u32,
+            slot_offset_bytes,
+            length_bytes: data.len(),
             durable,
+        };
+        self.send_slot_write(client, &attached, write).await
+    }
+
+    /// A free gather slot with room for `capacity_bytes`, if a region is attached and one is
+    /// free now; never waits. Writes gathered into it need no copy when they are sent
+    /// ([`SharedMemory::write_gathered`]).
+    pub fn gather_slot(&self, capacity_bytes: usize) -> Option<GatherSlot> {
+        if capacity_bytes > WRITE_SLOT_BYTES {
+            return None;
+        }
+        let attached = self.current()?;
+        let permit = attached.gathers.permits.try_acquire().ok()?;
+        // Given back by hand when the slot is dropped (`GatherSlot` holds the region, not a
+        // borrow of it).
+        permit.forget();
+        let index = attached
+            .gathers
+            .free_slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .pop()
+            .expect("a semaphore permit guarantees a free slot");
+        Some(GatherSlot {
+            attached,
+            index,
+            length_bytes: 0,
+        })
+    }
+
+    /// Writes what was gathered in `slot` at `offset_bytes` of `inode` (`durable`: as
+    /// `WriteRequest.durable`). On any failure the caller sends the write over gRPC
+    /// ([`GatherSlot::to_bytes`]).
+    pub async fn write_gathered(
+        &self,
+        client: &BallastClient,
+        volume: &str,
+        inode: u64,
+        offset_bytes: u64,
+        slot: &GatherSlot,
+        durable: bool,
+    ) -> Result<proto::WriteResponse, Unshared> {
+        let write = SlotWrite {
+            volume,
+            inode,
+            offset_bytes,
+            slot_offset_bytes: slot.offset_bytes(),
+            length_bytes: slot.length_bytes,
+            durable,
+        };
+        self.send_slot_write(client, &slot.attached, write).await
+    }
+
+    /// Sends `WriteShared` for a slot of `attached` that holds the write's bytes.
+    async fn send_slot_write(
+        &self,
+        client: &BallastClient,
+        attached: &Arc<Attached>,
+        write: SlotWrite<'_>,
+    ) -> Result<proto::WriteResponse, Unshared> {
+        let request = proto::WriteSharedRequest {
+            volume: write.volume.to_owned(),
+            inode: write.inode,
+            offset_bytes: write.offset_bytes,
+            region_id: attached.region_id,
+            slot_offset_bytes: write.slot_offset_bytes as u64,
+            slot_bytes: WRITE_SLOT_BYTES as u32,
+            length_bytes: write.length_bytes as u32,
+            durable: write.durable,
         };
         let answer = match &attached.local {
             Some(local) => local.write_shared(request).await,
             None => client.write_shared_at(&attached.endpoint, request).await,
         };
         answer.map_err(|error| {
-            self.forget_if_detached(&attached, &error);
+            self.forget_if_detached(attached, &error);
             Unshared::Refused(error)
         })
     }
@@ -375,9 +449,10 @@ fn attach(
     stream.set_read_timeout(timeout)?;
     stream.set_write_timeout(timeout)?;
     let read_bytes = READ_SLOT_BYTES * READ_SLOT_COUNT;
+    let write_bytes = WRITE_SLOT_BYTES * WRITE_SLOT_COUNT;
     let region = SharedRegion::create(
         "ballast-shared",
-        read_bytes + WRITE_SLOT_BYTES * WRITE_SLOT_COUNT,
+        read_bytes + write_bytes + WRITE_SLOT_BYTES * GATHER_SLOT_COUNT,
     )?;
     let (region_id, attached_node_id) = region.send(&mut stream)?;
     if attached_node_id != node_id {
@@ -396,6 +471,11 @@ fn attach(
         local,
         reads: SlotPool::new(0, READ_SLOT_BYTES, READ_SLOT_COUNT),
         writes: SlotPool::new(read_bytes, WRITE_SLOT_BYTES, WRITE_SLOT_COUNT),
+        gathers: SlotPool::new(
+            read_bytes + write_bytes,
+            WRITE_SLOT_BYTES,
+            GATHER_SLOT_COUNT,
+        ),
     })
 }
 
@@ -441,5 +521,210 @@ impl Drop for SlotLease<'_> {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .push(self.index);
+    }
+}
+
+/// One write whose bytes are in a slot.
+struct SlotWrite<'a> {
+    volume: &'a str,
+    inode: u64,
+    offset_bytes: u64,
+    slot_offset_bytes: usize,
+    length_bytes: usize,
+    durable: bool,
+}
+
+/// A gather slot: page-cache writes of one batch are copied straight into it, in order, and it
+/// is sent as it is ([`SharedMemory::write_gathered`]). Holds the region it lies in, so the
+/// memory outlives a re-attachment (the node then refuses the old region's id, and the write
+/// goes over gRPC). Given back to its pool when dropped.
+pub struct GatherSlot {
+    attached: Arc<Attached>,
+    index: usize,
+    length_bytes: usize,
+}
+
+impl GatherSlot {
+    fn offset_bytes(&self) -> usize {
+        self.attached.gathers.offset_bytes(self.index)
+    }
+
+    /// A copy of what was gathered, for the write over gRPC after a failure.
+    pub fn to_bytes(&self) -> bytes::Bytes {
+        self.attached
+            .region
+            .with_bytes(
+                self.offset_bytes(),
+                self.length_bytes,
+                bytes::Bytes::copy_from_slice,
+            )
+            .expect("gather slots lie inside their region")
+    }
+}
+
+impl GatherBuffer for GatherSlot {
+    fn len(&self) -> usize {
+        self.length_bytes
+    }
+
+    fn extend_from_slice(&mut self, data: &[u8]) {
+        assert!(
+            self.length_bytes + data.len() <= WRITE_SLOT_BYTES,
+            "{} bytes more in a gather slot holding {} of {WRITE_SLOT_BYTES}",
+            data.len(),
+            self.length_bytes
+        );
+        self.attached
+            .region
+            .with_bytes_mut(
+                self.offset_bytes() + self.length_bytes,
+                data.len(),
+                |bytes| bytes.copy_from_slice(data),
+            )
+            .expect("gather slots lie inside their region");
+        self.length_bytes += data.len();
+    }
+}
+
+impl Drop for GatherSlot {
+    fn drop(&mut self) {
+        let pool = &self.attached.gathers;
+        pool.free_slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(self.index);
+        // The permit taken in `gather_slot` was forgotten; this stands for it.
+        pool.permits.add_permits(1);
+    }
+}
+
+impl std::fmt::Debug for GatherSlot {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("GatherSlot")
+            .field("index", &self.index)
+            .field("length_bytes", &self.length_bytes)
+            .finish()
+    }
+}
+
+/// Where a write's bytes are gathered on their way to the node: the driver's own memory, or a
+/// gather slot of shared memory when one was free.
+#[derive(Debug)]
+pub enum WriteBytes {
+    Own(bytes::BytesMut),
+    Shared(GatherSlot),
+}
+
+impl GatherBuffer for WriteBytes {
+    fn len(&self) -> usize {
+        match self {
+            WriteBytes::Own(bytes) => bytes.len(),
+            WriteBytes::Shared(slot) => slot.len(),
+        }
+    }
+
+    fn extend_from_slice(&mut self, data: &[u8]) {
+        match self {
+            WriteBytes::Own(bytes) => bytes.extend_from_slice(data),
+            WriteBytes::Shared(slot) => slot.extend_from_slice(data),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shared memory attached to a region of its own, with no node behind it.
+    fn attached_without_node() -> SharedMemory {
+        let (stream, _other_end) = UnixStream::pair().unwrap();
+        let read_bytes = READ_SLOT_BYTES * READ_SLOT_COUNT;
+        let write_bytes = WRITE_SLOT_BYTES * WRITE_SLOT_COUNT;
+        let region = SharedRegion::create(
+            "ballast-test",
+            read_bytes + write_bytes + WRITE_SLOT_BYTES * GATHER_SLOT_COUNT,
+        )
+        .unwrap();
+        let shared_memory = SharedMemory::new(false);
+        *shared_memory.attached.lock().unwrap() = Some(Arc::new(Attached {
+            region,
+            region_id: 1,
+            endpoint: String::new(),
+            _stream: stream,
+            local: None,
+            reads: SlotPool::new(0, READ_SLOT_BYTES, READ_SLOT_COUNT),
+            writes: SlotPool::new(read_bytes, WRITE_SLOT_BYTES, WRITE_SLOT_COUNT),
+            gathers: SlotPool::new(
+                read_bytes + write_bytes,
+                WRITE_SLOT_BYTES,
+                GATHER_SLOT_COUNT,
+            ),
+        }));
+        shared_memory
+    }
+
+    #[test]
+    fn gathered_bytes_land_in_their_own_slot_after_the_write_slots() {
+        let shared_memory = attached_without_node();
+        let mut slot = shared_memory.gather_slot(WRITE_SLOT_BYTES).unwrap();
+        slot.extend_from_slice(b"first ");
+        slot.extend_from_slice(&[7u8; 8192]);
+        slot.extend_from_slice(b" last");
+        assert_eq!(slot.len(), 6 + 8192 + 5);
+        let bytes = slot.to_bytes();
+        assert_eq!(&bytes[..6], b"first ");
+        assert!(bytes[6..6 + 8192].iter().all(|&byte| byte == 7));
+        assert_eq!(&bytes[6 + 8192..], b" last");
+        let write_slots_end =
+            READ_SLOT_BYTES * READ_SLOT_COUNT + WRITE_SLOT_BYTES * WRITE_SLOT_COUNT;
+        assert!(
+            slot.offset_bytes() >= write_slots_end,
+            "no write slot is shared"
+        );
+        let seen = slot
+            .attached
+            .region
+            .with_bytes(slot.offset_bytes(), 6, |bytes| bytes.to_vec())
+            .unwrap();
+        assert_eq!(
+            seen, b"first ",
+            "in the region itself, where the node reads it"
+        );
+    }
+
+    #[test]
+    fn gather_slots_are_never_waited_for_and_come_back_when_dropped() {
+        let shared_memory = attached_without_node();
+        let slots: Vec<GatherSlot> = (0..GATHER_SLOT_COUNT)
+            .map(|_| shared_memory.gather_slot(WRITE_SLOT_BYTES).unwrap())
+            .collect();
+        let mut offsets: Vec<usize> = slots.iter().map(GatherSlot::offset_bytes).collect();
+        offsets.sort_unstable();
+        offsets.dedup();
+        assert_eq!(offsets.len(), GATHER_SLOT_COUNT, "each slot its own");
+        assert!(
+            shared_memory.gather_slot(4096).is_none(),
+            "none free: the caller gathers in its own memory"
+        );
+        drop(slots);
+        assert!(shared_memory.gather_slot(WRITE_SLOT_BYTES).is_some());
+        assert!(
+            shared_memory.gather_slot(WRITE_SLOT_BYTES + 4096).is_none(),
+            "longer than a slot"
+        );
+        assert!(
+            SharedMemory::new(false).gather_slot(4096).is_none(),
+            "nothing attached"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "gather slot")]
+    fn a_gather_slot_refuses_more_than_it_holds() {
+        let shared_memory = attached_without_node();
+        let mut slot = shared_memory.gather_slot(WRITE_SLOT_BYTES).unwrap();
+        slot.extend_from_slice(&vec![1u8; WRITE_SLOT_BYTES]);
+        slot.extend_from_slice(&[1u8]);
     }
 }

@@ -35,29 +35,53 @@ pub const COMBINED_WRITE_BYTES_MAX: usize = 4 << 20;
 /// every write goes at once, so a lone or slow writer waits for nothing.
 pub const IN_FLIGHT_BEFORE_COMBINING: u32 = 2;
 
+/// Where the bytes of a write are gathered: memory of the driver's own, or a slot of memory
+/// shared with the node (`shared_memory.rs`), so they are copied once on their way to it.
+pub trait GatherBuffer {
+    /// Bytes gathered so far.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Appends `data`; the buffer was made with room for everything it is given.
+    fn extend_from_slice(&mut self, data: &[u8]);
+}
+
+impl GatherBuffer for BytesMut {
+    fn len(&self) -> usize {
+        BytesMut::len(self)
+    }
+
+    fn extend_from_slice(&mut self, data: &[u8]) {
+        BytesMut::extend_from_slice(self, data)
+    }
+}
+
 /// One write to send to the node: a contiguous range and the kernel requests it answers.
 #[derive(Debug)]
-pub struct CombinedWrite<Reply> {
+pub struct CombinedWrite<Reply, Buffer = BytesMut> {
     pub inode: u64,
     pub offset_bytes: u64,
-    pub data: BytesMut,
+    pub data: Buffer,
     /// Each kernel request answered by this write, with its own length in bytes.
     pub parts: Vec<(Reply, u32)>,
 }
 
-impl<Reply> CombinedWrite<Reply> {
-    fn new(inode: u64, offset_bytes: u64, capacity_bytes: usize) -> Self {
+impl<Reply, Buffer: GatherBuffer> CombinedWrite<Reply, Buffer> {
+    /// An empty write at `offset_bytes`, gathering into `data`.
+    fn new(inode: u64, offset_bytes: u64, data: Buffer) -> Self {
+        assert!(data.is_empty(), "a write starts empty");
         CombinedWrite {
             inode,
             offset_bytes,
-            data: BytesMut::with_capacity(capacity_bytes),
+            data,
             parts: Vec::new(),
         }
     }
 
-    /// One kernel write sent on its own (copied: the kernel reuses its buffer).
-    pub fn alone(inode: u64, offset_bytes: u64, data: &[u8], reply: Reply) -> Self {
-        let mut write = CombinedWrite::new(inode, offset_bytes, data.len());
+    /// One kernel write sent on its own, copied into `buffer` (the kernel reuses its own).
+    pub fn alone(inode: u64, offset_bytes: u64, data: &[u8], reply: Reply, buffer: Buffer) -> Self {
+        let mut write = CombinedWrite::new(inode, offset_bytes, buffer);
         write.push(data, reply);
         write
     }
@@ -73,30 +97,30 @@ impl<Reply> CombinedWrite<Reply> {
 }
 
 #[derive(Debug)]
-struct InodeStream<Reply> {
+struct InodeStream<Reply, Buffer> {
     /// End of the last write given to the caller to send, or gathered.
     end_bytes: u64,
     in_flight: u32,
-    gathering: Option<CombinedWrite<Reply>>,
+    gathering: Option<CombinedWrite<Reply, Buffer>>,
 }
 
 /// What the caller does with a write it offered.
 #[derive(Debug)]
-pub enum Admission<Reply> {
+pub enum Admission<Reply, Buffer = BytesMut> {
     /// Send this now. It is either the offered write alone, or a full batch gathered before it
     /// (the offered write then starts the next batch).
-    Send(CombinedWrite<Reply>),
+    Send(CombinedWrite<Reply, Buffer>),
     /// The offered write was gathered; a later `finished` or `offer` hands it out.
     Held,
 }
 
 /// See the module documentation.
 #[derive(Debug)]
-pub struct WriteCombiner<Reply> {
-    streams: HashMap<u64, InodeStream<Reply>>,
+pub struct WriteCombiner<Reply, Buffer = BytesMut> {
+    streams: HashMap<u64, InodeStream<Reply, Buffer>>,
 }
 
-impl<Reply> Default for WriteCombiner<Reply> {
+impl<Reply, Buffer> Default for WriteCombiner<Reply, Buffer> {
     fn default() -> Self {
         WriteCombiner {
             streams: HashMap::new(),
@@ -104,16 +128,20 @@ impl<Reply> Default for WriteCombiner<Reply> {
     }
 }
 
-impl<Reply> WriteCombiner<Reply> {
+impl<Reply, Buffer: GatherBuffer> WriteCombiner<Reply, Buffer> {
     /// A page-cache write of `data` at `offset_bytes` arrived for `inode`. The caller sends what
-    /// comes back as `Send`, and calls [`Self::finished`] once that write is answered.
+    /// comes back as `Send`, and calls [`Self::finished`] once that write is answered. When the
+    /// write does not join a batch being gathered, it goes into a buffer from `new_buffer`,
+    /// called once with the room needed: the write's length when it goes alone,
+    /// [`COMBINED_WRITE_BYTES_MAX`] when it starts a batch.
     pub fn offer(
         &mut self,
         inode: u64,
         offset_bytes: u64,
         data: &[u8],
         reply: Reply,
-    ) -> Admission<Reply> {
+        new_buffer: impl FnOnce(usize) -> Buffer,
+    ) -> Admission<Reply, Buffer> {
         assert!(
             !data.is_empty() && data.len() <= COMBINED_WRITE_BYTES_MAX,
             "a write of {} bytes cannot be combined",
@@ -140,7 +168,8 @@ impl<Reply> WriteCombiner<Reply> {
                 return Admission::Held;
             }
             // Full: send what was gathered, and gather on from this write.
-            let mut next = CombinedWrite::new(inode, offset_bytes, COMBINED_WRITE_BYTES_MAX);
+            let mut next =
+                CombinedWrite::new(inode, offset_bytes, new_buffer(COMBINED_WRITE_BYTES_MAX));
             next.push(data, reply);
             let full = stream.gathering.replace(next).expect("checked above");
             stream.end_bytes = end_bytes;
@@ -148,7 +177,8 @@ impl<Reply> WriteCombiner<Reply> {
             return Admission::Send(full);
         }
         if follows_last {
-            let mut gathering = CombinedWrite::new(inode, offset_bytes, COMBINED_WRITE_BYTES_MAX);
+            let mut gathering =
+                CombinedWrite::new(inode, offset_bytes, new_buffer(COMBINED_WRITE_BYTES_MAX));
             gathering.push(data, reply);
             stream.gathering = Some(gathering);
             stream.end_bytes = end_bytes;
@@ -157,7 +187,7 @@ impl<Reply> WriteCombiner<Reply> {
         // Not part of a sequential run, or too little in flight to be worth waiting for: send
         // it alone. A gathered batch elsewhere in the file stays held: it goes with the next
         // `finished`, which must come because something is in flight.
-        let alone = CombinedWrite::alone(inode, offset_bytes, data, reply);
+        let alone = CombinedWrite::alone(inode, offset_bytes, data, reply, new_buffer(data.len()));
         if stream.gathering.is_none() {
             stream.end_bytes = end_bytes;
         }
@@ -167,7 +197,7 @@ impl<Reply> WriteCombiner<Reply> {
 
     /// A write of `inode` that `offer` or `finished` handed out was answered (successfully or
     /// not). Returns the gathered batch to send next, if any.
-    pub fn finished(&mut self, inode: u64) -> Option<CombinedWrite<Reply>> {
+    pub fn finished(&mut self, inode: u64) -> Option<CombinedWrite<Reply, Buffer>> {
         let stream = self
             .streams
             .get_mut(&inode)
@@ -215,15 +245,15 @@ mod tests {
     fn writes_go_alone_until_enough_are_in_flight() {
         let mut combiner = WriteCombiner::default();
         let data = vec![7u8; MIB];
-        let first = sent(combiner.offer(1, 0, &data, 0));
-        let second = sent(combiner.offer(1, MIB as u64, &data, 1));
+        let first = sent(combiner.offer(1, 0, &data, 0, BytesMut::with_capacity));
+        let second = sent(combiner.offer(1, MIB as u64, &data, 1, BytesMut::with_capacity));
         assert_eq!((first.offset_bytes, parts(&first)), (0, vec![0]));
         assert_eq!((second.offset_bytes, parts(&second)), (MIB as u64, vec![1]));
         // A lone writer is never held: each write finishes before the next arrives.
         assert!(combiner.finished(1).is_none());
         assert!(combiner.finished(1).is_none());
         assert_eq!(combiner.stream_count(), 0);
-        let third = sent(combiner.offer(1, 2 * MIB as u64, &data, 2));
+        let third = sent(combiner.offer(1, 2 * MIB as u64, &data, 2, BytesMut::with_capacity));
         assert_eq!(parts(&third), vec![2]);
     }
 
@@ -233,7 +263,7 @@ mod tests {
         let mut offset = 0u64;
         let mut next = |combiner: &mut WriteCombiner<u32>, reply: u32| {
             let data: Vec<u8> = (0..MIB).map(|index| (index as u32 ^ reply) as u8).collect();
-            let admission = combiner.offer(9, offset, &data, reply);
+            let admission = combiner.offer(9, offset, &data, reply, BytesMut::with_capacity);
             offset += MIB as u64;
             admission
         };
@@ -269,15 +299,36 @@ mod tests {
     fn writes_out_of_sequence_are_never_held() {
         let mut combiner = WriteCombiner::default();
         let data = vec![1u8; 4096];
-        sent(combiner.offer(3, 0, &data, 0));
-        sent(combiner.offer(3, 4096, &data, 1));
-        assert!(matches!(combiner.offer(3, 8192, &data, 2), Admission::Held));
+        sent(combiner.offer(3, 0, &data, 0, BytesMut::with_capacity));
+        sent(combiner.offer(3, 4096, &data, 1, BytesMut::with_capacity));
+        assert!(matches!(
+            combiner.offer(3, 8192, &data, 2, BytesMut::with_capacity),
+            Admission::Held
+        ));
         // Elsewhere in the file, or another file: sent at once, the batch stays gathered.
-        assert_eq!(parts(&sent(combiner.offer(3, 1 << 30, &data, 3))), vec![3]);
-        assert_eq!(parts(&sent(combiner.offer(4, 8192, &data, 4))), vec![4]);
+        assert_eq!(
+            parts(&sent(combiner.offer(
+                3,
+                1 << 30,
+                &data,
+                3,
+                BytesMut::with_capacity
+            ))),
+            vec![3]
+        );
+        assert_eq!(
+            parts(&sent(combiner.offer(
+                4,
+                8192,
+                &data,
+                4,
+                BytesMut::with_capacity
+            ))),
+            vec![4]
+        );
         // The batch still grows at its own end.
         assert!(matches!(
-            combiner.offer(3, 12288, &data, 5),
+            combiner.offer(3, 12288, &data, 5, BytesMut::with_capacity),
             Admission::Held
         ));
         let batch = combiner.finished(3).expect("gathered");
@@ -300,9 +351,13 @@ mod tests {
                 let inode = random.below(3);
                 let offset = random.below(64) * 4096;
                 let length = (1 + random.below(256)) as usize * 4096;
-                if let Admission::Send(write) =
-                    combiner.offer(inode, offset, &vec![0u8; length], offered)
-                {
+                if let Admission::Send(write) = combiner.offer(
+                    inode,
+                    offset,
+                    &vec![0u8; length],
+                    offered,
+                    BytesMut::with_capacity,
+                ) {
                     in_flight.push(write);
                 }
                 offered += 1;
