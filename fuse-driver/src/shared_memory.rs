@@ -11,7 +11,9 @@
 //! node (when it leads the volume) reads and checks the device blocks and copies them into the
 //! slot, and the driver answers the kernel from the slot: two copies instead of five. A write
 //! copies its bytes into a write slot and names it: the node copies them out once and writes
-//! them as `Write` does (forwarding to the leader like any write). When the node serves local
+//! them as `Write` does (forwarding to the leader like any write). A write gathered in a
+//! *gather slot* ([`SharedMemory::gather_slot`]) has its bytes there already: the kernel's
+//! writes are copied into it as they arrive, and it is named as it is. When the node serves local
 //! frames (`Admin.Status` says so), both calls go as frames on the attach socket
 //! (`ballast_client::local`) instead of gRPC: the round trip over HTTP/2 was about 3 ms of
 //! each 1 MiB cold read request.
@@ -20,7 +22,9 @@
 //! Must not depend on: FUSE (callers answer the kernel from the bytes handed to them).
 //! Invariants:
 //! - A slot is used by one request at a time: taken from its pool's free list under a
-//!   semaphore with one permit per slot, given back when the request is over.
+//!   semaphore with one permit per slot, given back when the request is over. Gather slots are
+//!   only taken when one is free, never waited for: a batch holds its gather slot while the
+//!   writes of its file in flight finish, and those may wait for a write slot.
 //! - For a read, the node writes the slot only while the driver waits for its `ReadShared`
 //!   answer, and the driver reads the slot only after that answer; the answer's range is
 //!   checked to lie in the slot and in what was asked. For a write, the driver fills the slot
