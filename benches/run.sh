@@ -16,7 +16,7 @@
 #            the disk is as fast as memory)
 #   mariadb  sysbench oltp_read_write, MariaDB datadir on a Ballast volume vs on the local disk
 #   startup  ballast-node start-up time with 1 GiB and 10 GiB stored, after SIGKILL and SIGTERM
-#   cluster  a local 3-node cluster: rf=3 vs rf=1 for FUSE sequential write, 4 KiB fsync'd
+#   cluster  a local 3-node cluster: rf=3 vs rf=1 for FUSE sequential write and cold read, 4 KiB fsync'd
 #            writes and sysbench, and failover time (kill -9 of the leader until the next
 #            acknowledged write) as a distribution
 #   idle     a local 3-node cluster: CPU the node processes use while idle with IDLE_CONTAINERS
@@ -798,6 +798,12 @@ section_cluster() {
         fio_json --name=seqwrite --directory="$directory" --filename=sequential.bin --rw=write --bs=1M \
             --size="$fuse_sequential_size" --ioengine=psync --end_fsync=1 --runtime=900
         values[$side.write]=$(fio_field '.jobs[0].write.bw_bytes / 1e6')
+        # The cold read of the same file: every read of a replicated volume confirms a read
+        # point with a quorum first (concurrent reads share a round, `read_barrier.rs`).
+        drop_caches
+        fio_json --name=seqread --directory="$directory" --filename=sequential.bin --rw=read --bs=1M \
+            --size="$fuse_sequential_size" --ioengine=psync --runtime=900
+        values[$side.read]=$(fio_field '.jobs[0].read.bw_bytes / 1e6')
         fio_json --name=fsyncwrite --directory="$directory" --filename=fsync.bin --rw=randwrite --bs=4k \
             --size="$fuse_fsync_size" --ioengine=psync --fsync=1 --time_based --runtime="$fuse_fsync_seconds" \
             --randrepeat=1 --norandommap
@@ -864,6 +870,8 @@ PROBE
     table_begin
     table_row "1 MiB sequential write $fuse_sequential_size + fsync (MB/s)" \
         "$(round "${values[rf3.write]}")" "$(round "${values[rf1.write]}")" "—"
+    table_row "1 MiB sequential cold read $fuse_sequential_size (MB/s)" \
+        "$(round "${values[rf3.read]}")" "$(round "${values[rf1.read]}")" "—"
     table_row "4 KiB random write + fsync each (IOPS)" \
         "$(round "${values[rf3.fsync]}" 0)" "$(round "${values[rf1.fsync]}" 0)" "—"
     table_row "sysbench oltp_read_write transactions/s" "${values[rf3.tps]}" "${values[rf1.tps]}" "—"

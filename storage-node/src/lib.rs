@@ -36,6 +36,7 @@ pub mod placement;
 pub mod prewritten;
 pub mod quiescence;
 pub mod raft_network;
+pub mod read_barrier;
 pub mod records;
 pub mod scrub;
 pub mod service;

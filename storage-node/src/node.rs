@@ -26,6 +26,7 @@ use crate::command::{Command, CommandResponse, FilesystemCommand, MetadataComman
 use crate::error::{FsError, NodeError, NodeResult};
 use crate::log_storage::{ContainerLog, DurableAppendGuard};
 use crate::raft_network::{ClusterNetwork, PeerChannels};
+use crate::read_barrier::{ReadBarrier, ReadPointError};
 use crate::records::{ContainerRecord, VolumeRecord, ROOT_INODE};
 use crate::state_machine::ContainerStateMachine;
 use crate::state_store::StateStore;
@@ -93,6 +94,28 @@ pub(crate) struct Container {
     pub(crate) raft: Raft,
     /// The same log storage the Raft instance appends to (for durable-append requests).
     log: ContainerLog,
+    /// Concurrent reads' read points share quorum rounds of this Raft instance
+    /// (`read_barrier.rs`).
+    read_barrier: Arc<ReadBarrier>,
+}
+
+/// A barrier whose rounds confirm read points of `raft` (`ensure_linearizable`).
+fn read_barrier_of(raft: &Raft) -> Arc<ReadBarrier> {
+    let raft = raft.clone();
+    ReadBarrier::new(Arc::new(move || {
+        let raft = raft.clone();
+        Box::pin(async move {
+            match raft.ensure_linearizable().await {
+                Ok(_) => Ok(()),
+                Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
+                    forward,
+                ))) => Err(ReadPointError::NotLeader {
+                    leader_address: forward.leader_node.map(|node| node.addr),
+                }),
+                Err(error) => Err(ReadPointError::Failed(error.to_string())),
+            }
+        })
+    }))
 }
 
 pub struct StorageNode {
@@ -404,10 +427,14 @@ impl StorageNode {
         }
         // A replicated metadata group is not waited for: its peers can only reach this node once
         // it serves, and requests meanwhile get a clear "no leader" answer.
-        self.containers
-            .write()
-            .await
-            .insert(METADATA_CONTAINER_ID, Container { raft, log });
+        self.containers.write().await.insert(
+            METADATA_CONTAINER_ID,
+            Container {
+                read_barrier: read_barrier_of(&raft),
+                raft,
+                log,
+            },
+        );
         Ok(())
     }
 
@@ -630,6 +657,7 @@ impl StorageNode {
         self.containers.write().await.insert(
             container_id,
             Container {
+                read_barrier: read_barrier_of(&raft),
                 raft: raft.clone(),
                 log,
             },
@@ -641,7 +669,13 @@ impl StorageNode {
     /// still leads and that everything committed is applied (a linearizable read point).
     /// Otherwise `NotLeader`, naming the leader when known.
     pub async fn leading_raft(&self, container_id: u64) -> NodeResult<Raft> {
-        let Some(raft) = self.raft(container_id).await else {
+        let Some((raft, read_barrier)) = self
+            .containers
+            .read()
+            .await
+            .get(&container_id)
+            .map(|container| (container.raft.clone(), Arc::clone(&container.read_barrier)))
+        else {
             return Err(self.not_leader_from_metadata(container_id));
         };
         if raft.metrics().borrow().current_leader != Some(self.node_id) {
@@ -651,15 +685,14 @@ impl StorageNode {
             // A single member is the quorum; everything it acknowledged is applied.
             return Ok(raft);
         }
-        match raft.ensure_linearizable().await {
-            Ok(_) => Ok(raft),
-            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
-                forward,
-            ))) => Err(NodeError::NotLeader {
+        // Concurrent reads share a round that started after each of them arrived.
+        match read_barrier.confirm().await {
+            Ok(()) => Ok(raft),
+            Err(ReadPointError::NotLeader { leader_address }) => Err(NodeError::NotLeader {
                 container_id,
-                leader_address: forward.leader_node.map(|node| node.addr),
+                leader_address,
             }),
-            Err(error) => Err(NodeError::Raft(format!(
+            Err(ReadPointError::Failed(error)) => Err(NodeError::Raft(format!(
                 "container {container_id}: confirming leadership: {error}"
             ))),
         }
