@@ -106,6 +106,7 @@ fi
 work_directory=""
 started_pids=()
 mountpoints=()
+local_clusters=()
 loop_devices=()
 
 stop_pid() { # pid signal timeout_seconds: signal, wait bounded, then SIGKILL
@@ -136,7 +137,11 @@ unmount() {
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
-    local mountpoint pid
+    local mountpoint pid directory
+    # Clusters of `ballast local up` run processes this script did not start itself.
+    for directory in "${local_clusters[@]}"; do
+        timeout 60 "$binary_directory/ballast" local down --dir "$directory" >/dev/null 2>&1 || true
+    done
     for mountpoint in "${mountpoints[@]}"; do unmount "$mountpoint"; done
     for pid in "${started_pids[@]}"; do stop_pid "$pid" KILL 10; done
     for loop_device in "${loop_devices[@]}"; do losetup -d "$loop_device" 2>/dev/null || true; done
@@ -758,6 +763,7 @@ cluster_up() {
     cluster_port=$port
     # local up uses port, port+1, port+2.
     cluster_endpoints="http://127.0.0.1:$port,http://127.0.0.1:$((port + 1)),http://127.0.0.1:$((port + 2))"
+    local_clusters+=("$cluster_directory")
     log_command "$binary_directory/ballast" local up --dir "$cluster_directory" --nodes 3 --volume rf3 \
         --quota 8GiB --device-size 24GiB --listen "127.0.0.1:$port" >/dev/null
     "$binary_directory/ballast" --node "$cluster_endpoints" volume create rf1 --quota 8GiB \
@@ -893,6 +899,7 @@ section_moves() {
     local directory="$work_directory/moves" port endpoints
     port=$(free_port)
     endpoints="http://127.0.0.1:$port,http://127.0.0.1:$((port + 1)),http://127.0.0.1:$((port + 2)),http://127.0.0.1:$((port + 3))"
+    local_clusters+=("$directory")
     log_command "$binary_directory/ballast" local up --dir "$directory" --nodes 4 --volume moved \
         --quota 16GiB --device-size 24GiB --listen "127.0.0.1:$port" >/dev/null
     mountpoints+=("$directory/mnt/moved")
@@ -962,6 +969,7 @@ idle_measure() { # quiesce_idle_ms
     local directory="$work_directory/idle" port endpoints index
     port=$(free_port)
     endpoints="http://127.0.0.1:$port,http://127.0.0.1:$((port + 1)),http://127.0.0.1:$((port + 2))"
+    local_clusters+=("$directory")
     BALLAST_QUIESCE_IDLE_MS=$1 log_command "$binary_directory/ballast" local up --dir "$directory" \
         --nodes 3 --volume idle0 --quota 1GiB --device-size 8GiB --listen "127.0.0.1:$port" >/dev/null
     mountpoints+=("$directory/mnt/idle0")

@@ -115,6 +115,13 @@ pub struct SharedRegions {
     local_service: OnceLock<LocalService>,
 }
 
+/// The shortest write copied into a pooled aligned buffer ([`Slot::copy_out`]). A pooled
+/// buffer is at least this long, and the Raft entry holds it for as long as the log's entry
+/// cache keeps the entry: a 4 KiB write in a 1 MiB buffer (a 2 MiB huge page) made the cache
+/// hold hundreds of times what it counts, and each fresh huge page cost the fsync'd 4 KiB
+/// write its speed (195 IOPS against 1,872 in the bench of 2026-12-06, fifth session).
+pub const ALIGNED_COPY_BYTES_MIN: usize = crate::buffer_pool::POOLED_BUFFER_BYTES;
+
 /// Where one read may write: `length_bytes` of a region from `offset_bytes`.
 #[derive(Debug)]
 pub struct Slot {
@@ -172,8 +179,9 @@ impl Slot {
     }
 
     /// A copy of the first `length_bytes` of the slot: the bytes of a write the driver put
-    /// there. Whole blocks are copied into an aligned buffer from `pool`, which a device write
-    /// can take as it is (`write_data.rs`); other lengths into `Bytes`.
+    /// there. Whole blocks of at least [`ALIGNED_COPY_BYTES_MIN`] are copied into an aligned
+    /// buffer from `pool`, which a device write can take as it is (`write_data.rs`); other
+    /// writes into `Bytes`.
     pub fn copy_out(&self, length_bytes: usize, pool: &Arc<BufferPool>) -> NodeResult<WriteData> {
         if length_bytes > self.length_bytes {
             return Err(FsError::invalid(format!(
@@ -182,7 +190,8 @@ impl Slot {
             ))
             .into());
         }
-        let whole_blocks = length_bytes > 0 && length_bytes % BLOCK_SIZE_BYTES == 0;
+        let whole_blocks =
+            length_bytes >= ALIGNED_COPY_BYTES_MIN && length_bytes % BLOCK_SIZE_BYTES == 0;
         Ok(self
             .region
             .with_bytes(self.offset_bytes, length_bytes, |bytes| {
@@ -702,6 +711,23 @@ mod tests {
         assert!(regions.slot(id, 15 * 4096, 8192).is_err(), "past the end");
         assert!(regions.slot(id ^ 1, 0, 4096).is_err(), "unknown id");
 
+        // A write's copy: short writes into `Bytes`; whole blocks of a pooled buffer's length
+        // or more into an aligned buffer from the pool.
+        let pool = Arc::new(BufferPool::default());
+        region
+            .with_bytes_mut(0, 16 * 4096, |bytes| bytes.fill(0x3C))
+            .unwrap();
+        let big = regions.slot(id, 0, 16 * 4096).unwrap();
+        assert!(matches!(
+            big.copy_out(4096, &pool).unwrap(),
+            WriteData::Bytes(bytes) if bytes.len() == 4096 && bytes.iter().all(|&byte| byte == 0x3C)
+        ));
+        assert!(
+            big.copy_out(16 * 4096 + 1, &pool).is_err(),
+            "longer than the slot"
+        );
+        drop(big);
+
         // A slot keeps its region mapped after the driver leaves; new slots are refused.
         let kept = slot();
         drop(stream);
@@ -714,5 +740,44 @@ mod tests {
         assert!(regions.slot(id, 0, 4096).is_err());
         kept.lend_pieces(4096, 4096).unwrap()[0].fill(1);
         assert_eq!(copy(4096, 4096).unwrap(), vec![1; 4096]);
+    }
+
+    #[test]
+    fn only_writes_of_a_pooled_length_or_more_are_copied_into_pooled_buffers() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("local.sock");
+        let regions = Arc::new(SharedRegions::default());
+        regions.serve(&path, 7).unwrap();
+        let slot_bytes = 2 * ALIGNED_COPY_BYTES_MIN;
+        let region = SharedRegion::create("test", slot_bytes).unwrap();
+        region
+            .with_bytes_mut(0, slot_bytes, |bytes| {
+                for (index, byte) in bytes.iter_mut().enumerate() {
+                    *byte = (index % 251) as u8;
+                }
+            })
+            .unwrap();
+        let mut stream = UnixStream::connect(&path).unwrap();
+        let (id, _) = region.send(&mut stream).unwrap();
+        let pool = Arc::new(BufferPool::default());
+        let slot = regions.slot(id, 0, slot_bytes as u32).unwrap();
+        let expected =
+            |length: usize| -> Vec<u8> { (0..length).map(|index| (index % 251) as u8).collect() };
+        for (length, aligned) in [
+            (ALIGNED_COPY_BYTES_MIN, true),
+            (ALIGNED_COPY_BYTES_MIN + 4096, true),
+            (ALIGNED_COPY_BYTES_MIN - 4096, false),
+            (ALIGNED_COPY_BYTES_MIN + 1, false),
+            (4096, false),
+        ] {
+            let data = slot.copy_out(length, &pool).unwrap();
+            assert_eq!(
+                matches!(data, WriteData::Aligned { .. }),
+                aligned,
+                "a write of {length} bytes"
+            );
+            assert_eq!(data.as_slice(), &expected(length)[..]);
+        }
+        drop(stream);
     }
 }
