@@ -452,12 +452,7 @@ fn attach(
     let timeout = Some(Duration::from_secs(5));
     stream.set_read_timeout(timeout)?;
     stream.set_write_timeout(timeout)?;
-    let read_bytes = READ_SLOT_BYTES * READ_SLOT_COUNT;
-    let write_bytes = WRITE_SLOT_BYTES * WRITE_SLOT_COUNT;
-    let region = SharedRegion::create(
-        "ballast-shared",
-        read_bytes + write_bytes + WRITE_SLOT_BYTES * GATHER_SLOT_COUNT,
-    )?;
+    let region = SharedRegion::create("ballast-shared", REGION_BYTES)?;
     let (region_id, attached_node_id) = region.send(&mut stream)?;
     if attached_node_id != node_id {
         return Err(std::io::Error::other(format!(
@@ -467,20 +462,40 @@ fn attach(
     let local = local_request_timeout
         .map(|timeout| LocalChannel::start(&stream, timeout))
         .transpose()?;
-    Ok(Attached {
-        region,
-        region_id,
-        endpoint,
-        _stream: stream,
-        local,
-        reads: SlotPool::new(0, READ_SLOT_BYTES, READ_SLOT_COUNT),
-        writes: SlotPool::new(read_bytes, WRITE_SLOT_BYTES, WRITE_SLOT_COUNT),
-        gathers: SlotPool::new(
-            read_bytes + write_bytes,
-            WRITE_SLOT_BYTES,
-            GATHER_SLOT_COUNT,
-        ),
-    })
+    Ok(Attached::new(region, region_id, endpoint, stream, local))
+}
+
+/// Read slots, then write slots, then gather slots: the whole region.
+const REGION_BYTES: usize =
+    READ_SLOT_BYTES * READ_SLOT_COUNT + WRITE_SLOT_BYTES * (WRITE_SLOT_COUNT + GATHER_SLOT_COUNT);
+
+impl Attached {
+    /// `region` (at least [`REGION_BYTES`]) cut into its slot pools.
+    fn new(
+        region: SharedRegion,
+        region_id: u64,
+        endpoint: String,
+        stream: UnixStream,
+        local: Option<LocalChannel>,
+    ) -> Attached {
+        assert!(region.len() >= REGION_BYTES, "a region holds every slot");
+        let read_bytes = READ_SLOT_BYTES * READ_SLOT_COUNT;
+        let write_bytes = WRITE_SLOT_BYTES * WRITE_SLOT_COUNT;
+        Attached {
+            region,
+            region_id,
+            endpoint,
+            _stream: stream,
+            local,
+            reads: SlotPool::new(0, READ_SLOT_BYTES, READ_SLOT_COUNT),
+            writes: SlotPool::new(read_bytes, WRITE_SLOT_BYTES, WRITE_SLOT_COUNT),
+            gathers: SlotPool::new(
+                read_bytes + write_bytes,
+                WRITE_SLOT_BYTES,
+                GATHER_SLOT_COUNT,
+            ),
+        }
+    }
 }
 
 /// A slot taken from a pool's free list under one of its semaphore permits; both are given back
@@ -643,28 +658,15 @@ mod tests {
     /// A shared memory attached to a region of its own, with no node behind it.
     fn attached_without_node() -> SharedMemory {
         let (stream, _other_end) = UnixStream::pair().unwrap();
-        let read_bytes = READ_SLOT_BYTES * READ_SLOT_COUNT;
-        let write_bytes = WRITE_SLOT_BYTES * WRITE_SLOT_COUNT;
-        let region = SharedRegion::create(
-            "ballast-test",
-            read_bytes + write_bytes + WRITE_SLOT_BYTES * GATHER_SLOT_COUNT,
-        )
-        .unwrap();
+        let region = SharedRegion::create("ballast-test", REGION_BYTES).unwrap();
         let shared_memory = SharedMemory::new(false);
-        *shared_memory.attached.lock().unwrap() = Some(Arc::new(Attached {
+        *shared_memory.attached.lock().unwrap() = Some(Arc::new(Attached::new(
             region,
-            region_id: 1,
-            endpoint: String::new(),
-            _stream: stream,
-            local: None,
-            reads: SlotPool::new(0, READ_SLOT_BYTES, READ_SLOT_COUNT),
-            writes: SlotPool::new(read_bytes, WRITE_SLOT_BYTES, WRITE_SLOT_COUNT),
-            gathers: SlotPool::new(
-                read_bytes + write_bytes,
-                WRITE_SLOT_BYTES,
-                GATHER_SLOT_COUNT,
-            ),
-        }));
+            1,
+            String::new(),
+            stream,
+            None,
+        )));
         shared_memory
     }
 
