@@ -336,7 +336,7 @@ impl NodeStorage {
                     length_bytes,
                     pool,
                 } => storage
-                    .write_extents_lent(&extents, buffer)
+                    .write_extents_lent(&extents, buffer, length_bytes)
                     .await
                     .map(|buffer| WriteData::aligned(buffer, length_bytes, pool).into_bytes()),
             };
@@ -352,23 +352,25 @@ impl NodeStorage {
             .map_err(|error| NodeError::InvalidState(format!("prewrite task: {error}")))?
     }
 
-    /// Writes the first bytes of `buffer` (whole blocks, as many as `extents` hold) to
-    /// `extents`, from the buffer itself: each device request is lent its window
+    /// Writes the first `length_bytes` of `buffer` (whole blocks, exactly what `extents` hold)
+    /// to `extents`, from the buffer itself: each device request is lent its window
     /// (`write_data.rs`). Gives the buffer back. Not durable on return.
     async fn write_extents_lent(
         &self,
         extents: &[Extent],
         buffer: AlignedBuffer,
+        length_bytes: usize,
     ) -> NodeResult<AlignedBuffer> {
         let requests = extent_requests(extents);
-        assert!(
+        assert_eq!(
             requests
                 .last()
                 .map_or(0, |request| request.data_offset_bytes
-                    + request.length_bytes)
-                <= buffer.len(),
-            "the extents hold no more than the buffer"
+                    + request.length_bytes),
+            length_bytes,
+            "the extents hold the write exactly"
         );
+        assert!(length_bytes <= buffer.len(), "the write lies in its buffer");
         let windows: Vec<(usize, usize)> = requests
             .iter()
             .map(|request| (request.data_offset_bytes, request.length_bytes))
