@@ -348,6 +348,7 @@ mod tests {
             region_id: 1,
             slot_offset_bytes: 0,
             slot_bytes: 8192,
+            deadline_monotonic_ns: 0,
         }
     }
 

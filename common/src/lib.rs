@@ -7,7 +7,9 @@
 //! (one process-setup call, glibc `mallopt`, that the data-path binaries make at start) and
 //! `shared_region` (the memory a FUSE driver shares with its node, and the Unix-socket handover
 //! of its descriptor: both sides need the same wire form, and neither may depend on the other),
-//! and `local_frame` (the requests and answers on that socket, for the same reason).
+//! `local_frame` (the requests and answers on that socket, for the same reason), and
+//! `shared_deadline` (the host's monotonic clock, which both read to agree on a request's
+//! deadline).
 
 pub mod allocator;
 pub mod checksum;
@@ -16,6 +18,7 @@ pub mod errno;
 pub mod local_frame;
 pub mod name;
 pub mod random;
+pub mod shared_deadline;
 pub mod shared_region;
 
 pub use checksum::checksum;

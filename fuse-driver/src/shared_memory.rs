@@ -29,6 +29,14 @@
 //!   answer, and the driver reads the slot only after that answer; the answer's range is
 //!   checked to lie in the slot and in what was asked. For a write, the driver fills the slot
 //!   before it asks and leaves it alone until the answer.
+//! - Every request names a deadline (`ballast_common::shared_deadline`), half the request
+//!   timeout away: past it the node refuses to start a read, to copy a write's slot or to
+//!   propose the write. The driver sends a write again over gRPC only after the whole timeout,
+//!   so a write the node took in time is ordered before that and every later write.
+//! - A slot whose request failed without a definite answer from the node (a timeout, a broken
+//!   channel or transport: [`outcome_unknown`]) is never used again: the node may still be
+//!   reading into it. Its attachment is retired at once (its pools closed, so requests waiting
+//!   for a slot go over gRPC) and the driver attaches anew.
 //! - Any failure is the caller's cue to go over gRPC; the bytes of a failed read are never
 //!   used, and a failed write is sent again whole (the same bytes at the same offset). A node
 //!   that lost the attachment (restarted) is re-attached at most once per
@@ -41,6 +49,7 @@ use std::time::{Duration, Instant};
 use ballast_client::local::LocalChannel;
 use ballast_client::proto;
 use ballast_client::{BallastClient, ClientError};
+use ballast_common::shared_deadline::SharedDeadline;
 use ballast_common::shared_region::SharedRegion;
 use tokio::sync::Semaphore;
 
@@ -104,6 +113,11 @@ impl SlotPool {
 
     fn offset_bytes(&self, index: usize) -> usize {
         self.first_offset_bytes + index * self.slot_bytes
+    }
+
+    /// No slot is handed out any more; requests waiting for one give up (and go over gRPC).
+    fn close(&self) {
+        self.permits.close();
     }
 }
 
@@ -185,6 +199,7 @@ impl SharedMemory {
             region_id: attached.region_id,
             slot_offset_bytes: slot_offset_bytes as u64,
             slot_bytes: READ_SLOT_BYTES as u32,
+            deadline_monotonic_ns: request_deadline(client),
         };
         let answer = match &attached.local {
             Some(local) => local.read_shared(request).await,
@@ -200,7 +215,9 @@ impl SharedMemory {
                         .unwrap_or_else(|poisoned| poisoned.into_inner()) =
                         Some(Instant::now() + Duration::from_millis(NOT_LEADER_BACKOFF_MS));
                 }
-                self.forget_if_detached(&attached, &error);
+                if self.after_failure(&attached, &error) {
+                    slot.quarantine();
+                }
                 return Err(Unshared::Refused(error));
             }
         };
@@ -247,7 +264,11 @@ impl SharedMemory {
             length_bytes: data.len(),
             durable,
         };
-        self.send_slot_write(client, &attached, write).await
+        let answer = self.send_slot_write(client, &attached, write).await;
+        if answer.as_ref().is_err_and(|(_, unknown)| *unknown) {
+            slot.quarantine();
+        }
+        answer.map_err(|(error, _)| Unshared::Refused(error))
     }
 
     /// A free gather slot with room for `capacity_bytes`, if a region is attached and one is
@@ -273,6 +294,7 @@ impl SharedMemory {
             attached,
             index,
             length_bytes: 0,
+            quarantined: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -296,16 +318,22 @@ impl SharedMemory {
             length_bytes: slot.length_bytes,
             durable,
         };
-        self.send_slot_write(client, &slot.attached, write).await
+        let answer = self.send_slot_write(client, &slot.attached, write).await;
+        if answer.as_ref().is_err_and(|(_, unknown)| *unknown) {
+            slot.quarantined
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        answer.map_err(|(error, _)| Unshared::Refused(error))
     }
 
-    /// Sends `WriteShared` for a slot of `attached` that holds the write's bytes.
+    /// Sends `WriteShared` for a slot of `attached` that holds the write's bytes. A failure
+    /// comes with whether its outcome is unknown (the slot must not be used again).
     async fn send_slot_write(
         &self,
         client: &BallastClient,
         attached: &Arc<Attached>,
         write: SlotWrite<'_>,
-    ) -> Result<proto::WriteResponse, Unshared> {
+    ) -> Result<proto::WriteResponse, (ClientError, bool)> {
         let request = proto::WriteSharedRequest {
             volume: write.volume.to_owned(),
             inode: write.inode,
@@ -315,14 +343,15 @@ impl SharedMemory {
             slot_bytes: WRITE_SLOT_BYTES as u32,
             length_bytes: write.length_bytes as u32,
             durable: write.durable,
+            deadline_monotonic_ns: request_deadline(client),
         };
         let answer = match &attached.local {
             Some(local) => local.write_shared(request).await,
             None => client.write_shared_at(&attached.endpoint, request).await,
         };
         answer.map_err(|error| {
-            self.forget_if_detached(attached, &error);
-            Unshared::Refused(error)
+            let unknown = self.after_failure(attached, &error);
+            (error, unknown)
         })
     }
 
@@ -336,11 +365,15 @@ impl SharedMemory {
         self.current().ok_or(Unshared::NotAttached)
     }
 
-    /// After an error that may mean the node lost the attachment (a restart), or that closed
-    /// the local channel: attach anew, later.
-    fn forget_if_detached(&self, attached: &Arc<Attached>, error: &ClientError) {
+    /// After a failed request: retires the attachment when the outcome is unknown
+    /// ([`outcome_unknown`]; the caller then quarantines the slot, and this answers true), or
+    /// when the error may mean the node lost the attachment (a restart) or the local channel
+    /// closed. The driver attaches anew, later.
+    fn after_failure(&self, attached: &Arc<Attached>, error: &ClientError) -> bool {
+        let unknown = outcome_unknown(error);
         let channel_closed = attached.local.as_ref().is_some_and(LocalChannel::is_closed);
-        if channel_closed
+        if unknown
+            || channel_closed
             || matches!(
                 error.code(),
                 Some(ballast_client::Code::InvalidArgument | ballast_client::Code::Unavailable)
@@ -348,6 +381,7 @@ impl SharedMemory {
         {
             self.forget(attached);
         }
+        unknown
     }
 
     fn current(&self) -> Option<Arc<Attached>> {
@@ -357,7 +391,12 @@ impl SharedMemory {
             .clone()
     }
 
+    /// Retires `attached`: no request takes a slot of it any more (requests waiting for one go
+    /// over gRPC), and the next request attaches anew.
     fn forget(&self, attached: &Arc<Attached>) {
+        attached.reads.close();
+        attached.writes.close();
+        attached.gathers.close();
         let mut current = self
             .attached
             .lock()
@@ -438,6 +477,36 @@ impl SharedMemory {
     }
 }
 
+/// The deadline a request names: half the client's request timeout from now, so the node
+/// stops acting on it well before the driver gives up (the module documentation).
+fn request_deadline(client: &BallastClient) -> u64 {
+    let timeout = Duration::from_millis(client.options().request_timeout_ms);
+    SharedDeadline::after(timeout / 2).to_wire()
+}
+
+/// Whether the node may still act on a request that failed this way: no definite answer came
+/// back (a timeout, the channel or transport broke, the node was unavailable). The node's own
+/// refusals (not the leader, an unknown region, a bad block) are definite.
+fn outcome_unknown(error: &ClientError) -> bool {
+    use ballast_client::Code;
+    match error {
+        // Refused before anything was sent.
+        ClientError::InvalidArgument(_)
+        | ClientError::InvalidName(_)
+        | ClientError::Transport { .. } => false,
+        ClientError::MissingField { .. } => true,
+        ClientError::Status { code, .. } => matches!(
+            code,
+            Code::DeadlineExceeded
+                | Code::Cancelled
+                | Code::Unavailable
+                | Code::Unknown
+                | Code::Internal
+                | Code::Aborted
+        ),
+    }
+}
+
 /// Attaches a new region over the socket at `path`, which must belong to node `node_id` (the
 /// node at `endpoint`): a socket of the same path on this host may be another node's, when the
 /// node at `endpoint` runs on another host. With `local_request_timeout` (the node serves local
@@ -503,7 +572,8 @@ impl Attached {
 struct SlotLease<'a> {
     pool: &'a SlotPool,
     index: usize,
-    _permit: tokio::sync::SemaphorePermit<'a>,
+    /// None once quarantined.
+    permit: Option<tokio::sync::SemaphorePermit<'a>>,
 }
 
 impl<'a> SlotLease<'a> {
@@ -523,8 +593,15 @@ impl<'a> SlotLease<'a> {
         Ok(SlotLease {
             pool,
             index,
-            _permit: permit,
+            permit: Some(permit),
         })
+    }
+
+    /// Never gives the slot back: the node may still use it for the request that failed.
+    fn quarantine(mut self) {
+        if let Some(permit) = self.permit.take() {
+            permit.forget();
+        }
     }
 
     /// Where the slot starts in the region.
@@ -535,6 +612,9 @@ impl<'a> SlotLease<'a> {
 
 impl Drop for SlotLease<'_> {
     fn drop(&mut self) {
+        if self.permit.is_none() {
+            return;
+        }
         self.pool
             .free_slots
             .lock()
@@ -561,6 +641,8 @@ pub struct GatherSlot {
     attached: Arc<Attached>,
     index: usize,
     length_bytes: usize,
+    /// Set when a request naming it failed with an unknown outcome: then never given back.
+    quarantined: std::sync::atomic::AtomicBool,
 }
 
 impl GatherSlot {
@@ -607,6 +689,9 @@ impl GatherBuffer for GatherSlot {
 
 impl Drop for GatherSlot {
     fn drop(&mut self) {
+        if self.quarantined.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let pool = &self.attached.gathers;
         pool.free_slots
             .lock()
@@ -723,6 +808,203 @@ mod tests {
             SharedMemory::new(false).gather_slot(4096).is_none(),
             "nothing attached"
         );
+    }
+
+    /// A shared memory attached over local frames to a node stand-in that records the
+    /// deadline of each request and answers a request at offset 0 never (so it times out), any
+    /// other with a definite refusal (NotFound).
+    fn attached_to_silent_node(
+        request_timeout: Duration,
+    ) -> (SharedMemory, std::sync::mpsc::Receiver<u64>) {
+        use ballast_common::local_frame::{LocalFailure, LocalFrame, LocalFrameKind};
+        use prost::Message;
+        use std::io::Write;
+        let (stream, mut node_end) = UnixStream::pair().unwrap();
+        let (deadlines, deadlines_seen) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            while let Ok(Some(frame)) = LocalFrame::read_from(&mut node_end) {
+                let (offset_bytes, deadline) = match frame.kind {
+                    LocalFrameKind::ReadShared => {
+                        let request =
+                            proto::ReadSharedRequest::decode(frame.body.as_slice()).unwrap();
+                        (request.offset_bytes, request.deadline_monotonic_ns)
+                    }
+                    _ => {
+                        let request =
+                            proto::WriteSharedRequest::decode(frame.body.as_slice()).unwrap();
+                        (request.offset_bytes, request.deadline_monotonic_ns)
+                    }
+                };
+                let _ = deadlines.send(deadline);
+                if offset_bytes == 0 {
+                    continue;
+                }
+                let failure = LocalFailure {
+                    code: ballast_client::Code::NotFound as i32,
+                    errno: 2,
+                    message: "no such inode".to_owned(),
+                };
+                let answer = LocalFrame {
+                    kind: LocalFrameKind::Failure,
+                    request_id: frame.request_id,
+                    body: failure.encode(),
+                };
+                if node_end.write_all(&answer.encode()).is_err() {
+                    break;
+                }
+            }
+        });
+        let local = LocalChannel::start(&stream, request_timeout).unwrap();
+        let region = SharedRegion::create("ballast-test", REGION_BYTES).unwrap();
+        let shared_memory = SharedMemory::new(true);
+        *shared_memory.attached.lock().unwrap() = Some(Arc::new(Attached::new(
+            region,
+            1,
+            String::new(),
+            stream,
+            Some(local),
+        )));
+        (shared_memory, deadlines_seen)
+    }
+
+    fn client_with_timeout(request_timeout: Duration) -> BallastClient {
+        let options = ballast_client::ClientOptions {
+            request_timeout_ms: request_timeout.as_millis() as u64,
+            ..Default::default()
+        };
+        BallastClient::connect_lazy("http://127.0.0.1:9", options).unwrap()
+    }
+
+    fn free_slot_count(pool: &SlotPool) -> usize {
+        pool.free_slots.lock().unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn a_request_names_a_deadline_half_its_timeout_away() {
+        let timeout = Duration::from_secs(4);
+        let (shared_memory, deadlines_seen) = attached_to_silent_node(timeout);
+        let client = client_with_timeout(timeout);
+        let before = ballast_common::shared_deadline::monotonic_now_ns();
+        let result = shared_memory
+            .read(&client, "v", 2, 4096, 4096, |_| ())
+            .await;
+        assert!(matches!(result, Err(Unshared::Refused(_))));
+        let deadline = deadlines_seen.recv().unwrap();
+        let half_ns = timeout.as_nanos() as u64 / 2;
+        assert!(
+            deadline >= before + half_ns && deadline < before + half_ns + 1_000_000_000,
+            "deadline {deadline} against {before} + {half_ns}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_read_that_timed_out_never_gives_its_slot_back_and_retires_the_attachment() {
+        let timeout = Duration::from_millis(100);
+        let (shared_memory, _deadlines) = attached_to_silent_node(timeout);
+        let client = client_with_timeout(timeout);
+        let attached = shared_memory.current().unwrap();
+        let result = shared_memory.read(&client, "v", 2, 0, 4096, |_| ()).await;
+        match result {
+            Err(Unshared::Refused(error)) => {
+                assert_eq!(error.code(), Some(ballast_client::Code::DeadlineExceeded))
+            }
+            other => panic!("expected a timeout, got {:?}", other.map(|_| ())),
+        }
+        assert_eq!(
+            free_slot_count(&attached.reads),
+            READ_SLOT_COUNT - 1,
+            "the node may still read into the slot: it is never used again"
+        );
+        assert!(
+            shared_memory.current().is_none(),
+            "the attachment is retired"
+        );
+        assert!(
+            SlotLease::acquire(&attached.reads).await.is_err(),
+            "no request takes a slot of the retired attachment"
+        );
+        assert!(
+            attached.gathers.permits.try_acquire().is_err(),
+            "nor a gather slot"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_definite_refusal_gives_the_slot_back() {
+        let timeout = Duration::from_secs(10);
+        let (shared_memory, _deadlines) = attached_to_silent_node(timeout);
+        let client = client_with_timeout(timeout);
+        let attached = shared_memory.current().unwrap();
+        for round in 0..3 {
+            let result = shared_memory
+                .read(&client, "v", 2, 4096, 4096, |_| ())
+                .await;
+            assert!(matches!(result, Err(Unshared::Refused(_))), "round {round}");
+            let result = shared_memory
+                .write(&client, "v", 2, 4096, &[1u8; 4096], false)
+                .await;
+            assert!(matches!(result, Err(Unshared::Refused(_))), "round {round}");
+        }
+        assert_eq!(free_slot_count(&attached.reads), READ_SLOT_COUNT);
+        assert_eq!(free_slot_count(&attached.writes), WRITE_SLOT_COUNT);
+        assert!(shared_memory.current().is_some(), "still attached");
+    }
+
+    #[tokio::test]
+    async fn writes_that_timed_out_never_give_their_slots_back() {
+        let timeout = Duration::from_millis(100);
+        let (shared_memory, _deadlines) = attached_to_silent_node(timeout);
+        let client = client_with_timeout(timeout);
+        let attached = shared_memory.current().unwrap();
+        let mut gathered = shared_memory.gather_slot(4096).unwrap();
+        gathered.extend_from_slice(&[2u8; 4096]);
+        let result = shared_memory
+            .write_gathered(&client, "v", 2, 0, &gathered, false)
+            .await;
+        assert!(matches!(result, Err(Unshared::Refused(_))));
+        drop(gathered);
+        assert_eq!(
+            free_slot_count(&attached.gathers),
+            GATHER_SLOT_COUNT - 1,
+            "the timed-out gather slot stays out"
+        );
+        // The attachment is retired: a write now attaches anew, which fails here (no node), and
+        // never touches the old attachment's slots.
+        let result = shared_memory
+            .write(&client, "v", 2, 0, &[3u8; 4096], false)
+            .await;
+        assert!(result.is_err());
+        assert_eq!(free_slot_count(&attached.writes), WRITE_SLOT_COUNT);
+    }
+
+    #[test]
+    fn only_answers_from_the_node_are_definite() {
+        let status = |code| ClientError::Status {
+            code,
+            message: String::new(),
+            errno: None,
+        };
+        use ballast_client::Code;
+        for code in [
+            Code::DeadlineExceeded,
+            Code::Unavailable,
+            Code::Cancelled,
+            Code::Unknown,
+        ] {
+            assert!(outcome_unknown(&status(code)), "{code:?}");
+        }
+        for code in [
+            Code::FailedPrecondition,
+            Code::NotFound,
+            Code::InvalidArgument,
+            Code::DataLoss,
+            Code::ResourceExhausted,
+        ] {
+            assert!(!outcome_unknown(&status(code)), "{code:?}");
+        }
+        assert!(!outcome_unknown(&ClientError::InvalidArgument(
+            "too large for a frame".to_owned()
+        )));
     }
 
     #[test]

@@ -106,6 +106,10 @@ pub enum NodeError {
         in_sync: usize,
         minimum: u32,
     },
+    /// A shared-memory request reached the point of no return after the deadline its driver
+    /// named (`ballast_common::shared_deadline`); nothing was done.
+    #[error("{what} refused: its deadline passed {late_ms} ms ago")]
+    DeadlinePassed { what: &'static str, late_ms: u64 },
     /// A cluster operation was refused (bad join secret, conflicting node id, ...).
     #[error("cluster: {0}")]
     Cluster(String),

@@ -1294,7 +1294,11 @@ pub async fn read_shared(
                     .map(drop)
             }
         });
-    futures::future::try_join_all(pieces).await?;
+    // Every piece is awaited, also after one failed: a piece still in flight would go on
+    // writing into the slot after the failure was answered, when the driver may already have
+    // given the slot to another read.
+    let results = futures::future::join_all(pieces).await;
+    results.into_iter().collect::<NodeResult<Vec<()>>>()?;
     Ok((plan.start_in_buffer, plan.length))
 }
 

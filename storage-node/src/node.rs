@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ballast_common::shared_deadline::SharedDeadline;
 use ballast_common::{Clock, SystemClock};
 use ballast_device::{Device, EngineOptions, LogStore, BLOCK_SIZE_BYTES};
 use openraft::error::{ClientWriteError, RaftError};
@@ -820,6 +821,19 @@ impl StorageNode {
         container_id: u64,
         command: Command,
     ) -> NodeResult<CommandResponse> {
+        self.propose_before(container_id, command, None).await
+    }
+
+    /// [`StorageNode::propose`], refused with nothing proposed when `deadline` has passed by
+    /// the time the command would be handed to Raft (after admission, which may wait): a shared
+    /// write whose driver has given up must not be ordered after what the driver sent since
+    /// (`ballast_common::shared_deadline`).
+    pub async fn propose_before(
+        &self,
+        container_id: u64,
+        command: Command,
+        deadline: Option<SharedDeadline>,
+    ) -> NodeResult<CommandResponse> {
         let Some(raft) = self.raft(container_id).await else {
             return Err(self.not_leader_from_metadata(container_id));
         };
@@ -836,6 +850,11 @@ impl StorageNode {
         } else {
             None
         };
+        // Checked with no await between it and the hand-over: `client_write` queues the
+        // command on its first poll.
+        if let Some(deadline) = deadline {
+            crate::shared_regions::check_deadline(deadline, "shared write")?;
+        }
         // Bounded: a leader cut off from its quorum cannot commit and does not know it yet.
         let write = tokio::time::timeout(
             Duration::from_millis(PROPOSE_COMMIT_TIMEOUT_MS),

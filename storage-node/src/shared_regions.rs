@@ -29,6 +29,10 @@
 //! - A write's bytes are copied out of the slot once ([`Slot::copy_out`]) before anything looks
 //!   at them: the driver could change the slot at any time, so checksums, the prewrite and the
 //!   Raft entry all see the node's own copy, never the shared memory.
+//! - A request whose driver named a deadline (`ballast_common::shared_deadline`) is refused
+//!   once it has passed ([`check_deadline`]): a read before it starts, a write after its slot
+//!   is copied and again right before it is proposed. The driver gives up later than that and
+//!   then sends the write again over gRPC, so an old write is never ordered after newer ones.
 //! - Ids are random 64-bit numbers from the kernel: another local process that can reach the
 //!   gRPC port cannot name a region it was not given.
 //! - At most [`LOCAL_REQUESTS_IN_FLIGHT_MAX`] frames of one attachment are handled at once; the
@@ -48,14 +52,28 @@ use std::time::Duration;
 use ballast_common::local_frame::{
     LocalFrame, LocalFrameHeader, LocalFrameKind, LOCAL_FRAME_HEADER_BYTES,
 };
+use ballast_common::shared_deadline::{monotonic_now_ns, SharedDeadline};
 use ballast_common::shared_region::{answer_id, SharedRegion, SHARED_REGION_PAGE_BYTES};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use ballast_device::BLOCK_SIZE_BYTES;
 
 use crate::buffer_pool::BufferPool;
-use crate::error::{FsError, NodeResult};
+use crate::error::{FsError, NodeError, NodeResult};
 use crate::write_data::WriteData;
+
+/// Fails with `DeadlinePassed` when `deadline` has passed: `what` must not go ahead
+/// (`ballast_common::shared_deadline`).
+pub fn check_deadline(deadline: SharedDeadline, what: &'static str) -> NodeResult<()> {
+    let now_ns = monotonic_now_ns();
+    if deadline.has_passed_at(now_ns) {
+        return Err(NodeError::DeadlinePassed {
+            what,
+            late_ms: now_ns.saturating_sub(deadline.to_wire()) / 1_000_000,
+        });
+    }
+    Ok(())
+}
 
 /// Regions attached at once (one per mounted volume of a driver on this host).
 pub const SHARED_REGIONS_MAX: usize = 64;

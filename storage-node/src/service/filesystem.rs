@@ -7,6 +7,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use ballast_common::shared_deadline::SharedDeadline;
 use ballast_proto::v1 as proto;
 use ballast_proto::v1::filesystem_server::Filesystem;
 use tonic::{Request, Response, Status};
@@ -18,7 +19,28 @@ use crate::error::{FsError, NodeError};
 use crate::filesystem as fs;
 use crate::node::StorageNode;
 use crate::records::VolumeRecord;
+use crate::shared_regions::check_deadline;
 use crate::write_data::WriteData;
+
+/// Set in a node's environment to a number of milliseconds: a shared write waits that long
+/// between copying its slot and being proposed. A failpoint for tests only
+/// (`tests/tests/shared_deadline.rs`): it stands for a node slowed down there (admission
+/// waiting for a checkpoint, a stalled runtime), so that the deadline's check right before the
+/// proposal is seen to hold on its own.
+pub const SHARED_WRITE_DELAY_FAILPOINT: &str = "BALLAST_FAILPOINT_SHARED_WRITE_DELAY_MS";
+
+/// The [`SHARED_WRITE_DELAY_FAILPOINT`]'s delay, read once; bounded so a typo cannot stall
+/// writes for long.
+fn shared_write_delay() -> Option<std::time::Duration> {
+    static DELAY: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        let delay_ms: u64 = std::env::var(SHARED_WRITE_DELAY_FAILPOINT)
+            .ok()?
+            .parse()
+            .ok()?;
+        Some(std::time::Duration::from_millis(delay_ms.min(10_000)))
+    })
+}
 
 /// Largest read or write served in one request (the FUSE driver sends at most 1 MiB).
 const IO_LENGTH_BYTES_MAX: usize = 16 << 20;
@@ -58,6 +80,21 @@ impl FilesystemService {
         data: WriteData,
         durable: bool,
     ) -> Result<proto::WriteResponse, Status> {
+        self.write_data_before(volume, inode, offset_bytes, data, durable, None)
+            .await
+    }
+
+    /// [`FilesystemService::write_data`], refused with nothing proposed once `deadline` has
+    /// passed (`StorageNode::propose_before`).
+    async fn write_data_before(
+        &self,
+        volume: &str,
+        inode: u64,
+        offset_bytes: u64,
+        data: WriteData,
+        durable: bool,
+        deadline: Option<SharedDeadline>,
+    ) -> Result<proto::WriteResponse, Status> {
         // A durable write makes its container's appends durable while it is proposed, so its
         // own append is flushed (with the group commit of the log) instead of a separate flush
         // after the apply.
@@ -87,7 +124,7 @@ impl FilesystemService {
         // Minimum replication was checked above (before the prewrite); propose directly.
         let proposed = self
             .node
-            .propose(record.container_id, Command::Filesystem(command))
+            .propose_before(record.container_id, Command::Filesystem(command), deadline)
             .await
             .map_err(node_status)?;
         let (written_bytes, inode, attributes) = match proposed {
@@ -471,6 +508,10 @@ impl Filesystem for FilesystemService {
                 "this node does not lead the volume; read it with Read",
             ));
         }
+        // A driver past its deadline may have given the slot to another request.
+        if let Some(deadline) = SharedDeadline::from_wire(request.deadline_monotonic_ns) {
+            check_deadline(deadline, "shared read").map_err(node_status)?;
+        }
         let slot = self
             .node
             .shared_regions()
@@ -538,13 +579,23 @@ impl Filesystem for FilesystemService {
             )
             .map_err(node_status)?;
         drop(slot);
+        // Copied in time, the bytes are the ones the driver put there for this request: it
+        // leaves the slot alone until its own, later timeout.
+        let deadline = SharedDeadline::from_wire(request.deadline_monotonic_ns);
+        if let Some(deadline) = deadline {
+            check_deadline(deadline, "shared write").map_err(node_status)?;
+        }
+        if let Some(delay) = shared_write_delay() {
+            tokio::time::sleep(delay).await;
+        }
         let response = self
-            .write_data(
+            .write_data_before(
                 &request.volume,
                 request.inode,
                 request.offset_bytes,
                 data,
                 request.durable,
+                deadline,
             )
             .await?;
         self.node.shared_regions().count_write();

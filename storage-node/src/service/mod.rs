@@ -103,6 +103,9 @@ pub fn node_status(error: NodeError) -> Status {
         error @ NodeError::HandoverRefused { .. } => {
             with_errno(Code::FailedPrecondition, Errno::EBUSY, error.to_string())
         }
+        error @ NodeError::DeadlinePassed { .. } => {
+            with_errno(Code::DeadlineExceeded, Errno::EIO, error.to_string())
+        }
         error @ NodeError::DeviceFull { .. } => {
             with_errno(Code::ResourceExhausted, Errno::ENOSPC, error.to_string())
         }
