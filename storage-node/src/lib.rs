@@ -34,6 +34,7 @@ pub mod node;
 pub mod pending_writes;
 pub mod placement;
 pub mod prewritten;
+pub mod purge_policy;
 pub mod quiescence;
 pub mod raft_network;
 pub mod read_barrier;

@@ -41,6 +41,9 @@ const CHECKPOINT_LOG_USED_PERCENT: u64 = 40;
 pub const CHECKPOINT_INTERVAL_MS_DEFAULT: u64 = 30_000;
 /// How often the checkpoint policy looks at the log.
 const CHECKPOINT_POLL_INTERVAL_MS: u64 = 200;
+/// Below this fraction of its data blocks free, the device is low: logs are purged as far as
+/// their snapshots go, also what slow followers still need (`purge_policy`).
+const DEVICE_LOW_FRACTION: u64 = 8;
 /// How long start-up waits for a single-member container to elect itself leader.
 const LEADER_WAIT_MS_MAX: u64 = 30_000;
 /// How long start-up waits for a replicated container (metadata) to find a leader before
@@ -181,7 +184,10 @@ fn raft_config(container_id: u64) -> NodeResult<Arc<Config>> {
         // Checkpoints are driven by log space and time (see `checkpoint_loop`); this is only a
         // backstop for very many tiny entries.
         snapshot_policy: SnapshotPolicy::LogsSinceLast(50_000),
-        max_in_snapshot_log_to_keep: 0,
+        // openraft never purges by itself: the checkpoint loop purges what `purge_policy`
+        // allows, which keeps what a follower in contact still needs (openraft alone purged
+        // it whenever no append was in flight, and the follower got the whole container).
+        max_in_snapshot_log_to_keep: u64::MAX,
         purge_batch_size: 1,
         // 16 entries of at most 1 MiB keep a replication message well under the transport limit.
         max_payload_entries: 16,
@@ -1326,6 +1332,41 @@ impl StorageNode {
         }
     }
 
+    /// Purges each container's log as far as `purge_policy` allows now (`log_pressure`: the
+    /// device log or detached data need room, so nothing is kept for slow followers).
+    pub async fn purge_logs(&self, log_pressure: bool) {
+        for (container_id, raft) in self.container_rafts().await {
+            let metrics = raft.metrics().borrow().clone();
+            let leads = metrics.state.is_leader() && metrics.current_leader == Some(self.node_id);
+            let followers = match (&metrics.replication, leads) {
+                (Some(replication), true) => replication
+                    .iter()
+                    .filter(|(target, _)| **target != self.node_id)
+                    .map(|(target, matched)| crate::purge_policy::FollowerProgress {
+                        matched_index: matched.map(|log_id| log_id.index),
+                        since_contact_ms: self
+                            .peers
+                            .since_contact(container_id, *target)
+                            .map(|since| since.as_millis() as u64),
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let state = crate::purge_policy::PurgeState {
+                snapshot_index: metrics.snapshot.map(|log_id| log_id.index),
+                purged_index: metrics.purged.map(|log_id| log_id.index),
+                followers,
+                log_pressure,
+            };
+            let Some(upto) = crate::purge_policy::purge_upto(&state) else {
+                continue;
+            };
+            if let Err(error) = raft.trigger().purge_log(upto).await {
+                tracing::warn!(container = container_id, %error, "log purge trigger failed");
+            }
+        }
+    }
+
     /// Stops every container after a final checkpoint, so the next start replays nothing.
     pub async fn shutdown(&self) {
         self.checkpoint_all().await;
@@ -1382,9 +1423,15 @@ async fn checkpoint_loop(node: Arc<StorageNode>) {
             tracing::debug!(used, region, notified, "checkpointing");
             node.checkpoint_all().await;
             last_checkpoint = Instant::now();
-            // Let the snapshots and purges land before measuring again.
+            // Let the snapshots land before measuring again.
             tokio::time::sleep(Duration::from_millis(CHECKPOINT_POLL_INTERVAL_MS)).await;
         }
+        // Detached data alone is no pressure: blocks it pins are only short once the device
+        // runs low, and a purge held for a follower advances as that follower catches up.
+        let device_low = node.storage.free_block_count()
+            < node.device.superblock().data_block_count / DEVICE_LOW_FRACTION;
+        node.purge_logs(notified || over_threshold || device_low)
+            .await;
     }
 }
 
