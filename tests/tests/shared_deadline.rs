@@ -78,12 +78,56 @@ fn assert_deadline_refused<T: std::fmt::Debug>(
     );
 }
 
-async fn file_bytes(client: &BallastClient, inode: u64) -> Vec<u8> {
-    client
+/// Whether the file's first `WRITE_BYTES` are all `byte`.
+async fn file_holds(client: &BallastClient, inode: u64, byte: u8) -> bool {
+    let bytes = client
         .read(VOLUME, inode, 0, WRITE_BYTES as u32)
         .await
-        .unwrap()
-        .to_vec()
+        .unwrap();
+    bytes.len() == WRITE_BYTES && bytes.iter().all(|&held| held == byte)
+}
+
+/// A file on `node`'s volume and a region attached to the node, as a driver attaches one.
+struct Attached {
+    endpoint: String,
+    client: BallastClient,
+    inode: u64,
+    region: SharedRegion,
+    region_id: u64,
+    local: LocalChannel,
+    _stream: UnixStream,
+}
+
+async fn attach_with_file(node: &LocalNode) -> Attached {
+    let endpoint = node.endpoint();
+    let client = BallastClient::connect(&endpoint).await.unwrap();
+    let status = client.status().await.unwrap();
+    assert!(status.local_frames, "the node serves local frames");
+    let file = client
+        .create(proto::CreateRequest {
+            volume: VOLUME.to_owned(),
+            parent: ROOT_INODE,
+            name: "file".to_owned(),
+            kind: proto::EntryKind::File as i32,
+            mode: 0o644,
+            exclusive: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut stream = UnixStream::connect(&status.local_socket_path).unwrap();
+    let region = SharedRegion::create("ballast-test", 2 * SLOT_BYTES).unwrap();
+    let (region_id, _node_id) = region.send(&mut stream).unwrap();
+    let local = LocalChannel::start(&stream, Duration::from_secs(30)).unwrap();
+    Attached {
+        endpoint,
+        client,
+        inode: file.inode,
+        region,
+        region_id,
+        local,
+        _stream: stream,
+    }
 }
 
 #[test]
@@ -95,32 +139,19 @@ fn shared_requests_past_their_deadline_are_refused_and_change_nothing() {
     node.create_volume(VOLUME, "256M").unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let endpoint = node.endpoint();
-        let client = BallastClient::connect(&endpoint).await.unwrap();
-        let status = client.status().await.unwrap();
-        assert!(status.local_frames, "the node serves local frames");
-        let file = client
-            .create(proto::CreateRequest {
-                volume: VOLUME.to_owned(),
-                parent: ROOT_INODE,
-                name: "file".to_owned(),
-                kind: proto::EntryKind::File as i32,
-                mode: 0o644,
-                exclusive: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let inode = file.inode;
+        let Attached {
+            endpoint,
+            client,
+            inode,
+            region,
+            region_id,
+            local,
+            _stream,
+        } = attach_with_file(&node).await;
         client
             .write(VOLUME, inode, 0, vec![b'a'; WRITE_BYTES].into(), false)
             .await
             .unwrap();
-
-        let mut stream = UnixStream::connect(&status.local_socket_path).unwrap();
-        let region = SharedRegion::create("ballast-test", 2 * SLOT_BYTES).unwrap();
-        let (region_id, _node_id) = region.send(&mut stream).unwrap();
-        let local = LocalChannel::start(&stream, Duration::from_secs(30)).unwrap();
         region
             .with_bytes_mut(0, WRITE_BYTES, |bytes| bytes.fill(b'b'))
             .unwrap();
@@ -139,10 +170,7 @@ fn shared_requests_past_their_deadline_are_refused_and_change_nothing() {
             "a late write over gRPC",
         );
         assert!(
-            file_bytes(&client, inode)
-                .await
-                .iter()
-                .all(|&byte| byte == b'a'),
+            file_holds(&client, inode, b'a').await,
             "a refused write changed the file"
         );
 
@@ -151,10 +179,7 @@ fn shared_requests_past_their_deadline_are_refused_and_change_nothing() {
             .write_shared(write_request(inode, region_id, ahead()))
             .await
             .unwrap();
-        assert!(file_bytes(&client, inode)
-            .await
-            .iter()
-            .all(|&byte| byte == b'b'));
+        assert!(file_holds(&client, inode, b'b').await);
         region
             .with_bytes_mut(0, WRITE_BYTES, |bytes| bytes.fill(b'c'))
             .unwrap();
@@ -162,10 +187,7 @@ fn shared_requests_past_their_deadline_are_refused_and_change_nothing() {
             .write_shared_at(&endpoint, write_request(inode, region_id, ahead()))
             .await
             .unwrap();
-        assert!(file_bytes(&client, inode)
-            .await
-            .iter()
-            .all(|&byte| byte == b'c'));
+        assert!(file_holds(&client, inode, b'c').await);
         // No deadline at all (a driver from before deadlines): written.
         region
             .with_bytes_mut(0, WRITE_BYTES, |bytes| bytes.fill(b'd'))
@@ -174,10 +196,7 @@ fn shared_requests_past_their_deadline_are_refused_and_change_nothing() {
             .write_shared(write_request(inode, region_id, 0))
             .await
             .unwrap();
-        assert!(file_bytes(&client, inode)
-            .await
-            .iter()
-            .all(|&byte| byte == b'd'));
+        assert!(file_holds(&client, inode, b'd').await);
 
         // Reads: a late one leaves the slot alone, one in time fills it.
         let slot_bytes = || {
@@ -214,8 +233,6 @@ fn shared_requests_past_their_deadline_are_refused_and_change_nothing() {
             )
             .unwrap();
         assert!(read.iter().all(|&byte| byte == b'd'));
-        drop(local);
-        drop(stream);
     });
 }
 
@@ -234,26 +251,14 @@ fn a_write_whose_deadline_passes_before_it_is_proposed_is_refused() {
     node.create_volume(VOLUME, "256M").unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let endpoint = node.endpoint();
-        let client = BallastClient::connect(&endpoint).await.unwrap();
-        let status = client.status().await.unwrap();
-        let file = client
-            .create(proto::CreateRequest {
-                volume: VOLUME.to_owned(),
-                parent: ROOT_INODE,
-                name: "file".to_owned(),
-                kind: proto::EntryKind::File as i32,
-                mode: 0o644,
-                exclusive: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let inode = file.inode;
-        let mut stream = UnixStream::connect(&status.local_socket_path).unwrap();
-        let region = SharedRegion::create("ballast-test", 2 * SLOT_BYTES).unwrap();
-        let (region_id, _node_id) = region.send(&mut stream).unwrap();
-        let local = LocalChannel::start(&stream, Duration::from_secs(30)).unwrap();
+        let Attached {
+            client,
+            inode,
+            region,
+            region_id,
+            local,
+            ..
+        } = attach_with_file(&node).await;
         region
             .with_bytes_mut(0, WRITE_BYTES, |bytes| bytes.fill(b'e'))
             .unwrap();
@@ -272,9 +277,6 @@ fn a_write_whose_deadline_passes_before_it_is_proposed_is_refused() {
             .write_shared(write_request(inode, region_id, ahead()))
             .await
             .unwrap();
-        assert!(file_bytes(&client, inode)
-            .await
-            .iter()
-            .all(|&byte| byte == b'e'));
+        assert!(file_holds(&client, inode, b'e').await);
     });
 }

@@ -71,22 +71,9 @@ pub struct FilesystemService {
 }
 
 impl FilesystemService {
-    /// `Write` and `WriteShared` once the bytes are the node's own.
+    /// `Write` and `WriteShared` once the bytes are the node's own; refused with nothing
+    /// proposed once `deadline` (a shared write's) has passed (`StorageNode::propose_before`).
     async fn write_data(
-        &self,
-        volume: &str,
-        inode: u64,
-        offset_bytes: u64,
-        data: WriteData,
-        durable: bool,
-    ) -> Result<proto::WriteResponse, Status> {
-        self.write_data_before(volume, inode, offset_bytes, data, durable, None)
-            .await
-    }
-
-    /// [`FilesystemService::write_data`], refused with nothing proposed once `deadline` has
-    /// passed (`StorageNode::propose_before`).
-    async fn write_data_before(
         &self,
         volume: &str,
         inode: u64,
@@ -551,6 +538,7 @@ impl Filesystem for FilesystemService {
                 request.offset_bytes,
                 WriteData::Bytes(request.data),
                 request.durable,
+                None,
             )
             .await?;
         Ok(Response::new(response))
@@ -589,7 +577,7 @@ impl Filesystem for FilesystemService {
             tokio::time::sleep(delay).await;
         }
         let response = self
-            .write_data_before(
+            .write_data(
                 &request.volume,
                 request.inode,
                 request.offset_bytes,
