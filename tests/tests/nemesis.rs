@@ -149,15 +149,21 @@ fn run_nemesis(
     let network = TestNetwork::create(node_count).expect("network namespaces");
     let mut arguments = vec!["--checkpoint-interval-ms", "2000"];
     arguments.extend_from_slice(extra_arguments);
+    // The writers add about 35 MiB per round: a 60-round run on 2 GiB filled the volume near
+    // round 50, and every write after that failed with ENOSPC (2026-12-06). 2 GiB up to 30
+    // rounds, as in CI.
+    let device_gib = (rounds as u64 * 64 / 1024 + 1).max(2);
     let mut cluster =
-        TestCluster::start_in_network(&network, node_count, 2 << 30, &arguments).expect("cluster");
+        TestCluster::start_in_network(&network, node_count, device_gib << 30, &arguments)
+            .expect("cluster");
+    let quota = format!("{device_gib}GiB");
     cluster
         .cli(&[
             "volume",
             "create",
             "data",
             "--quota",
-            "2GiB",
+            &quota,
             "--replication-factor",
             "3",
         ])
