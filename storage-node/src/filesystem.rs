@@ -1247,18 +1247,20 @@ fn plan_read(
 /// many there are (0 at or past the end of the file). Fails with `InvalidArgument`, having
 /// written nothing, when the blocks do not fit in the slot.
 ///
-/// The device reads straight into the slot, in pieces of [`SHARED_READ_PIECE_BLOCKS`] blocks
-/// (512 KiB), all in flight at once; each piece's blocks are checked against their checksums
-/// where they landed. No copy: on a memory-speed device the node's 1 MiB copy into the slot was
-/// its largest cost (12 % of node and driver samples, perf 2026-12-06), and the machine was
-/// CPU-bound.
+/// The device reads each piece of up to [`SHARED_READ_PIECE_BLOCKS`] blocks (1 MiB) into a
+/// pooled buffer on a huge page, all pieces in flight at once; the blocks are checked against
+/// their checksums there, and then copied into the slot. So a piece is one segment for the
+/// device, and the slot only ever receives verified bytes.
 ///
-/// Why 512 KiB: the slot's 4 KiB pages are scattered, and the virtio disk takes at most 254
-/// segments per request (`max_segments`). A 1 MiB read into the slot was 256 segments, and the
-/// block layer split every one in two, 1,016 KiB and 8 KiB (perf of block events, 2026-12-05):
-/// that version read 944-1,097 MB/s against 1,140-1,300 with a copy from a huge-page buffer.
-/// 512 KiB is 128 segments, one request; fio `O_DIRECT` on this disk reads as fast at 512 KiB
-/// as at 1 MiB with the same bytes in flight (2,274 / 1,792 against 2,058 / 1,740 MB/s).
+/// Why not read straight into the slot (as from 2026-12-06, second session, to the seventh):
+/// the slot's 4 KiB pages are scattered (shared memory gets no huge pages on this kernel,
+/// `shmem_enabled` never), and this VM's virtio disk serves a request of many segments slower
+/// than one of the same bytes in one segment. fio `O_DIRECT` 512 KiB at 10 in flight, three
+/// rounds each, alternating (2026-12-06, seventh session): 1,385-1,468 MB/s from 4 KiB pages,
+/// 4.0 ms per request, against 2,322-2,376 MB/s from huge pages, 1.8 ms. A 1 GiB cold read
+/// through the mount, alternating, 8 rounds: 1,046-1,851 MB/s staged against 967-1,657 in
+/// place, staged faster in every round; node CPU about the same (the copy is 0.0-0.05 s per
+/// GiB more). `benches/hand/cold-read-ab.sh`, `docs/benchmarks.md`.
 pub async fn read_shared(
     storage: &NodeStorage,
     container_id: u64,
@@ -1280,18 +1282,22 @@ pub async fn read_shared(
     let blocks_bytes = (plan.last - plan.first + 1) as usize * BLOCK_SIZE as usize;
     let piece_bytes = SHARED_READ_PIECE_BLOCKS as usize * BLOCK_SIZE as usize;
     // Refused (nothing lent, nothing written) when the blocks do not fit the slot.
-    let buffers = slot.lend_pieces(blocks_bytes, piece_bytes)?;
+    let targets = slot.lend_pieces(blocks_bytes, piece_bytes)?;
     let context = plan.context.as_str();
     let pieces = pieces_of(plan.first, plan.last, SHARED_READ_PIECE_BLOCKS)
-        .zip(buffers)
-        .map(|((first, last), buffer)| {
+        .zip(targets)
+        .map(|((first, last), mut target)| {
             let references = references_between(&plan.references, first, last);
             async move {
-                // Dropping the buffer (whatever the result) only releases its hold on the region.
-                storage
-                    .read_file_blocks_into(references, first, last, buffer, context)
-                    .await
-                    .map(drop)
+                let staged = storage.buffer_for_whole_read(target.len());
+                let staged = storage
+                    .read_file_blocks_into(references, first, last, staged, context)
+                    .await?;
+                // Lengths match: both are the piece's blocks.
+                target.copy_from_slice(&staged);
+                storage.give_back_buffer(staged);
+                // Dropping the target only releases its hold on the region.
+                Ok::<(), NodeError>(())
             }
         });
     // Every piece is awaited, also after one failed: a piece still in flight would go on
@@ -1302,8 +1308,9 @@ pub async fn read_shared(
     Ok((plan.start_in_buffer, plan.length))
 }
 
-/// Blocks per device request of a read into a shared slot (see [`read_shared`]).
-pub const SHARED_READ_PIECE_BLOCKS: u64 = 128;
+/// Blocks per device request of a read into a shared slot (see [`read_shared`]): a pooled
+/// buffer's worth.
+pub const SHARED_READ_PIECE_BLOCKS: u64 = crate::storage::BLOCKS_PER_REQUEST_MAX;
 
 /// Blocks `first..=last` cut into consecutive ranges of at most `piece_blocks`.
 pub(crate) fn pieces_of(

@@ -24,8 +24,9 @@
 //!   by shrinking it.
 //! - A slot is page aligned and inside its region, and holds the region (an `Arc`) while a
 //!   request uses it, so a driver that detaches mid-request cannot unmap memory the node still
-//!   touches. A read's blocks are read by the device straight into the slot, in pieces of at
-//!   most 512 KiB ([`Slot::lend_pieces`]); see `filesystem::read_shared` for why that size.
+//!   touches. A read's blocks are read by the device into the node's own buffers, verified
+//!   there, and copied into the slot's pieces ([`Slot::lend_pieces`]); see
+//!   `filesystem::read_shared` for why not straight into the slot.
 //! - A write's bytes are copied out of the slot once ([`Slot::copy_out`]) before anything looks
 //!   at them: the driver could change the slot at any time, so checksums, the prewrite and the
 //!   Raft entry all see the node's own copy, never the shared memory.
@@ -150,8 +151,8 @@ pub struct Slot {
 
 impl Slot {
     /// The first `length_bytes` of the slot (a multiple of 4 KiB) as buffers of at most
-    /// `piece_bytes` each, in order, for the device to read into: each piece of a read lands in
-    /// its place in the driver's memory, no copy. Refused when the slot is shorter. Consumes the
+    /// `piece_bytes` each, in order, for the pieces of a read to be written into, each at its
+    /// place in the driver's memory. Refused when the slot is shorter. Consumes the
     /// slot, so nothing else in this request touches the memory while the pieces exist; each
     /// piece holds the region, so a driver that detaches mid-read cannot unmap memory the kernel
     /// still writes.
@@ -187,7 +188,8 @@ impl Slot {
                 // (shared memory is zero filled or written), and kept mapped by `lender` for the
                 // buffer's life. The pieces do not overlap, and this request owns the slot alone
                 // (the slot is consumed here); the driver writes a slot only before it asks for
-                // a read into it, and whatever it does, every block read is checked by checksum.
+                // a read into it, and whatever it does, the bytes copied in were checked by
+                // checksum in the node's own buffer first.
                 unsafe {
                     ballast_device::AlignedBuffer::lent(pointer, piece_length, Arc::clone(&lender))
                 }

@@ -670,6 +670,21 @@ impl NodeStorage {
     /// and reads as zeros). One buffer, pooled when it is one device request long, with each
     /// run of consecutive device blocks read straight into its place: the answer costs no copy
     /// (2026-12-05; before, every read filled a zeroed buffer by copying each run's own).
+    /// A buffer of `length_bytes` (whole blocks) for a read that overwrites all of it: an idle
+    /// pooled one (on a huge page, stale bytes and all) at the pooled length, else a new one.
+    pub(crate) fn buffer_for_whole_read(&self, length_bytes: usize) -> AlignedBuffer {
+        if length_bytes == crate::buffer_pool::POOLED_BUFFER_BYTES {
+            self.buffer_pool.for_whole_read()
+        } else {
+            AlignedBuffer::new_zeroed(length_bytes)
+        }
+    }
+
+    /// Gives a buffer back to the pool (kept if its length is pooled and there is room).
+    pub(crate) fn give_back_buffer(&self, buffer: AlignedBuffer) {
+        self.buffer_pool.give_back(buffer);
+    }
+
     pub async fn read_file_blocks(
         &self,
         references: &[(u64, BlockRef)],
@@ -681,11 +696,7 @@ impl NodeStorage {
         let length_bytes = ((last - first + 1) as usize) * BLOCK_SIZE_BYTES;
         // A pooled buffer holds stale bytes: every block of it is overwritten below, by a
         // device read or with zeros.
-        let buffer = if length_bytes == crate::buffer_pool::POOLED_BUFFER_BYTES {
-            self.buffer_pool.for_whole_read()
-        } else {
-            AlignedBuffer::new_zeroed(length_bytes)
-        };
+        let buffer = self.buffer_for_whole_read(length_bytes);
         let buffer = self
             .read_file_blocks_into(references, first, last, buffer, context)
             .await?;
