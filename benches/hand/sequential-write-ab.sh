@@ -11,7 +11,9 @@
 #
 # Defaults: the release binaries under $CARGO_TARGET_DIR (or ~/.cache/ballast/target), 3
 # rounds of 2 GiB, work directory /var/tmp/ballast-write-ab (removed at the end). PERF=1
-# records `perf record -a` for 2 s of the first round into $WORK/perf.data (kept).
+# records `perf record -a` for 2 s of the first round into $WORK/perf.data (kept). NODE_LOG sets
+# the node's RUST_LOG (default warn; `warn,ballast::timing=debug` logs each write's steps to
+# $WORK/node.log, kept).
 set -euo pipefail
 
 binaries=${CARGO_TARGET_DIR:-$HOME/.cache/ballast/target}/release
@@ -41,7 +43,7 @@ fio --name=fill --filename="$device" --rw=write --bs=1M --size=8G --ioengine=io_
     --direct=1 --iodepth=8 --output=/dev/null
 "$node_binary" format --device "$device" --node-id 1 >/dev/null
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-RUST_LOG=warn "$node_binary" run --device "$device" --state-dir "$work/state" \
+RUST_LOG=${NODE_LOG:-warn} "$node_binary" run --device "$device" --state-dir "$work/state" \
     --listen "127.0.0.1:$port" >"$work/node.out" 2>"$work/node.log" &
 node_pid=$!
 for _ in $(seq 100); do grep -q "serving on" "$work/node.out" && break; sleep 0.1; done

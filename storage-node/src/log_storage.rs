@@ -277,7 +277,10 @@ impl Writer {
                 .iter()
                 .any(|record| matches!(record, PendingRecord::Detachable(_)));
         let durable = durable && !flush_at_end;
+        let started = std::time::Instant::now();
+        let record_count = records.len();
         let prepared = self.detach(records).await.map_err(std::io::Error::other)?;
+        let detached = started.elapsed();
         // One device request holds at most a segment; a follower may receive a batch of large
         // entries in one go, so split it (order is kept: chunks go one by one).
         let mut chunks =
@@ -308,6 +311,7 @@ impl Writer {
                 }
             }
         }
+        let appended = started.elapsed();
         if flush_at_end {
             // A failure here leaves records in the log that were never acknowledged: like an
             // append that failed half-way, the group's Raft core stops on the error.
@@ -316,6 +320,17 @@ impl Writer {
                 .await
                 .map_err(std::io::Error::other)?;
         }
+        tracing::debug!(
+            target: "ballast::timing",
+            container = self.container_id,
+            record_count,
+            durable,
+            flush_at_end,
+            detach_us = detached.as_micros() as u64,
+            append_us = (appended - detached).as_micros() as u64,
+            flush_us = (started.elapsed() - appended).as_micros() as u64,
+            "log append"
+        );
         Ok(())
     }
 
@@ -604,6 +619,11 @@ impl RaftLogReader<TypeConfig> for ContainerLog {
             .unwrap_or(end);
         let mut entries = Vec::new();
         if start < device_end {
+            let _timing = DeviceReadTiming {
+                container_id: self.shared.container_id,
+                entry_count: device_end - start,
+                started: std::time::Instant::now(),
+            };
             let stored = self
                 .shared
                 .log_store
@@ -649,6 +669,26 @@ impl RaftLogReader<TypeConfig> for ContainerLog {
         }
         entries.extend(cached);
         Ok(entries)
+    }
+}
+
+/// Logs (at debug, target `ballast::timing`) how long a read of entries from the device took,
+/// when dropped: replication reads them there once they have left the entry cache.
+struct DeviceReadTiming {
+    container_id: u64,
+    entry_count: u64,
+    started: std::time::Instant,
+}
+
+impl Drop for DeviceReadTiming {
+    fn drop(&mut self) {
+        tracing::debug!(
+            target: "ballast::timing",
+            container = self.container_id,
+            entry_count = self.entry_count,
+            read_us = self.started.elapsed().as_micros() as u64,
+            "log entries read from the device"
+        );
     }
 }
 

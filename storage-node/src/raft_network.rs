@@ -202,11 +202,13 @@ impl PeerConnection {
                 )))
             }
         };
+        let started = std::time::Instant::now();
         let payload = postcard::to_allocvec(request).map_err(|error| {
             RPCError::Network(NetworkError::new(&std::io::Error::other(format!(
                 "encode {rpc:?}: {error}"
             ))))
         })?;
+        let payload_bytes = payload.len();
         let mut message = tonic::Request::new(proto::RaftMessage {
             container_id: self.container_id,
             payload: payload.into(),
@@ -221,6 +223,7 @@ impl PeerConnection {
                 RaftRpc::InstallSnapshot => client.install_snapshot(message).await,
             }
         };
+        let encoded = started.elapsed();
         let reply = match tokio::time::timeout(deadline, call).await {
             Ok(Ok(reply)) => reply.into_inner(),
             Ok(Err(status)) => return Err(self.transport_error(rpc, &status)),
@@ -235,6 +238,16 @@ impl PeerConnection {
                 ))))
             }
         };
+        tracing::debug!(
+            target: "ballast::timing",
+            container = self.container_id,
+            target_node = self.target,
+            ?rpc,
+            payload_bytes,
+            encode_us = encoded.as_micros() as u64,
+            round_trip_us = (started.elapsed() - encoded).as_micros() as u64,
+            "raft rpc sent"
+        );
         // The peer answered (whatever it answered): it is in contact with this group.
         self.peers.record_contact(self.container_id, self.target);
         let result: Result<Response, RaftError<NodeId, Error>> =

@@ -220,6 +220,7 @@ impl RaftStateMachine<TypeConfig> for ContainerStateMachine {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
+        let started = std::time::Instant::now();
         let mut responses = Vec::new();
         for entry in entries {
             let log_id = entry.log_id;
@@ -229,6 +230,13 @@ impl RaftStateMachine<TypeConfig> for ContainerStateMachine {
             })?;
             responses.push(response);
         }
+        tracing::debug!(
+            target: "ballast::timing",
+            container = self.container_id,
+            entry_count = responses.len(),
+            apply_us = started.elapsed().as_micros() as u64,
+            "entries applied"
+        );
         Ok(responses)
     }
 

@@ -81,10 +81,22 @@ impl RaftTransport for RaftTransportService {
         &self,
         request: Request<proto::RaftMessage>,
     ) -> Result<Response<proto::RaftMessage>, Status> {
+        let started = std::time::Instant::now();
         let message = request.into_inner();
         let append: AppendEntriesRequest<TypeConfig> = decode(&message, "append entries")?;
+        let decoded = started.elapsed();
+        let entry_count = append.entries.len();
         let raft = self.raft(message.container_id).await?;
         let result = raft.append_entries(append).await;
+        tracing::debug!(
+            target: "ballast::timing",
+            container = message.container_id,
+            entry_count,
+            payload_bytes = message.payload.len(),
+            decode_us = decoded.as_micros() as u64,
+            append_us = (started.elapsed() - decoded).as_micros() as u64,
+            "append entries handled"
+        );
         // Handled (so the replica's leader lease is fresh): a paused election timer may resume.
         if let Some(change) = self
             .node

@@ -85,6 +85,7 @@ impl FilesystemService {
         // A durable write makes its container's appends durable while it is proposed, so its
         // own append is flushed (with the group commit of the log) instead of a separate flush
         // after the apply.
+        let started = std::time::Instant::now();
         let record = self.volume_record(volume).await?;
         let durable_appends = if durable {
             self.node.request_durable_appends(record.container_id).await
@@ -101,6 +102,8 @@ impl FilesystemService {
             .prewrite(record.container_id, offset_bytes, data)
             .await
             .map_err(node_status)?;
+        let prewritten_at = started.elapsed();
+        let data_bytes = data.len();
         let command = FilesystemCommand::Write {
             inode,
             offset_bytes,
@@ -122,6 +125,14 @@ impl FilesystemService {
             } => (written_bytes, inode, attributes),
             other => return Err(unexpected(other)),
         };
+        tracing::debug!(
+            target: "ballast::timing",
+            container = record.container_id,
+            data_bytes,
+            prewrite_us = prewritten_at.as_micros() as u64,
+            propose_us = (started.elapsed() - prewritten_at).as_micros() as u64,
+            "write served"
+        );
         // The write is applied, so its entry is in this node's log. It is durable if it was
         // appended under the guard, on the log the container still has (a restart of the group
         // in between would have replaced it). Otherwise one log flush (the same one an fsync
