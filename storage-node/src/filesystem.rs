@@ -1248,9 +1248,10 @@ fn plan_read(
 /// written nothing, when the blocks do not fit in the slot.
 ///
 /// The device reads each piece of up to [`SHARED_READ_PIECE_BLOCKS`] blocks (1 MiB) into a
-/// pooled buffer on a huge page, all pieces in flight at once; the blocks are checked against
-/// their checksums there, and then copied into the slot. So a piece is one segment for the
-/// device, and the slot only ever receives verified bytes.
+/// pooled buffer on a huge page, all pieces in flight at once (at most
+/// `storage::STAGED_READ_PIECES_MAX` in the whole node); the blocks are checked against their
+/// checksums there, and then copied into the slot. So a piece is one segment for the device,
+/// and the slot only ever receives verified bytes.
 ///
 /// Why not read straight into the slot (as from 2026-12-06, second session, to the seventh):
 /// the slot's 4 KiB pages are scattered (shared memory gets no huge pages on this kernel,
@@ -1289,6 +1290,8 @@ pub async fn read_shared(
         .map(|((first, last), mut target)| {
             let references = references_between(&plan.references, first, last);
             async move {
+                // Bounds the node's staging memory across all reads (`STAGED_READ_PIECES_MAX`).
+                let _permit = storage.staged_read_piece().await;
                 let staged = storage.buffer_for_whole_read(target.len());
                 let staged = storage
                     .read_file_blocks_into(references, first, last, staged, context)

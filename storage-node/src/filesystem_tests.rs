@@ -806,6 +806,61 @@ async fn a_shared_read_of_several_device_requests_lands_whole_in_the_slot() {
     assert_eq!(untouched, Some(true), "a refused read wrote into the slot");
 }
 
+/// Shared reads stage their pieces in the node's own buffers only while a permit of the
+/// node-wide bound is free (`storage::STAGED_READ_PIECES_MAX`): with none free a read waits,
+/// and it completes, intact, once permits come back; each piece gives its permit back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_reads_stage_at_most_the_node_bound_of_pieces() {
+    let mut storage = initialized(0).await;
+    let file = create(&mut storage, ROOT_INODE, "f", EntryKind::File).await;
+    let size_bytes = 3 << 20;
+    let pattern: Vec<u8> = (0..size_bytes).map(|index| (index % 249) as u8).collect();
+    write(&mut storage, file, 0, &pattern).await.unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let slot_bytes = (4 << 20) + 4096;
+    let (regions, region, region_id, _stream) = attached_region(directory.path(), slot_bytes);
+    let bound = crate::storage::STAGED_READ_PIECES_MAX;
+    assert_eq!(storage.storage.staged_read_pieces_free(), bound);
+
+    let mut held = Vec::new();
+    for _ in 0..bound {
+        held.push(storage.storage.staged_read_piece().await);
+    }
+    let slot = regions.slot(region_id, 0, slot_bytes as u32).unwrap();
+    let shared = &storage.storage;
+    let mut read = Box::pin(filesystem::read_shared(
+        shared,
+        CONTAINER,
+        file,
+        0,
+        size_bytes as u32,
+        slot,
+    ));
+    let early = tokio::time::timeout(std::time::Duration::from_millis(300), &mut read).await;
+    assert!(
+        early.is_err(),
+        "a shared read staged a piece with no permit free"
+    );
+    // One permit back: the three pieces go one at a time.
+    held.pop();
+    let (start, length) = read.await.unwrap();
+    assert_eq!((start, length), (0, size_bytes));
+    let landed = region
+        .with_bytes(0, length, |bytes| bytes.to_vec())
+        .unwrap();
+    assert!(
+        landed == pattern,
+        "the slot holds other bytes than were written"
+    );
+    assert_eq!(
+        shared.staged_read_pieces_free(),
+        1,
+        "a piece kept its permit"
+    );
+    drop(held);
+    assert_eq!(shared.staged_read_pieces_free(), bound);
+}
+
 #[test]
 fn read_pieces_cover_the_range_once_in_device_requests() {
     let piece_blocks = filesystem::SHARED_READ_PIECE_BLOCKS;

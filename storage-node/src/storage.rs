@@ -60,6 +60,11 @@ use crate::write_data::WriteData;
 pub const BLOCKS_PER_REQUEST_MAX: u64 = 256;
 /// Snapshot exports a node runs at once; each reads a whole container and fills a spool file.
 pub const EXPORTS_IN_FLIGHT_MAX: usize = 2;
+/// Pieces of shared reads staged at once in the node's own buffers (`filesystem::read_shared`):
+/// each holds a 1 MiB buffer on a 2 MiB huge page until it is copied into its slot, so this
+/// bounds that memory at 64 MiB whatever the number of drivers and reads. A cold sequential
+/// read keeps 5-10 in flight.
+pub const STAGED_READ_PIECES_MAX: usize = 32;
 
 pub struct NodeStorage {
     pub state: StateStore,
@@ -74,6 +79,8 @@ pub struct NodeStorage {
     export_view_count: AtomicUsize,
     /// Bounds concurrent exports (`EXPORTS_IN_FLIGHT_MAX`).
     export_slots: Arc<tokio::sync::Semaphore>,
+    /// Bounds the pieces of shared reads staged at once (`STAGED_READ_PIECES_MAX`).
+    staged_read_pieces: tokio::sync::Semaphore,
     /// Where snapshots are spooled while they are exported or received.
     pub spool: SpoolDirectory,
     /// Bytes of detached write data reserved since the last checkpoint (a checkpoint trigger).
@@ -176,6 +183,7 @@ impl NodeStorage {
             checkpoint_count: AtomicU64::new(0),
             export_view_count: AtomicUsize::new(0),
             export_slots: Arc::new(tokio::sync::Semaphore::new(EXPORTS_IN_FLIGHT_MAX)),
+            staged_read_pieces: tokio::sync::Semaphore::new(STAGED_READ_PIECES_MAX),
             spool,
             detached_bytes_since_checkpoint: AtomicU64::new(0),
             pending_writes: Arc::new(PendingWrites::default()),
@@ -670,6 +678,20 @@ impl NodeStorage {
     /// and reads as zeros). One buffer, pooled when it is one device request long, with each
     /// run of consecutive device blocks read straight into its place: the answer costs no copy
     /// (2026-12-05; before, every read filled a zeroed buffer by copying each run's own).
+    /// A permit to stage one piece of a shared read (`STAGED_READ_PIECES_MAX`); waits while
+    /// that many are staged.
+    pub(crate) async fn staged_read_piece(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.staged_read_pieces
+            .acquire()
+            .await
+            .expect("the staged read semaphore is never closed")
+    }
+
+    /// Staged shared-read pieces that could start now without waiting.
+    pub fn staged_read_pieces_free(&self) -> usize {
+        self.staged_read_pieces.available_permits()
+    }
+
     /// A buffer of `length_bytes` (whole blocks) for a read that overwrites all of it: an idle
     /// pooled one (on a huge page, stale bytes and all) at the pooled length, else a new one.
     pub(crate) fn buffer_for_whole_read(&self, length_bytes: usize) -> AlignedBuffer {
