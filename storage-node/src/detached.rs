@@ -51,6 +51,15 @@ pub fn detachable_data(entry: &Entry, length_bytes_min: u64) -> Option<&Bytes> {
     detachable_range(*offset_bytes, data.len() as u64, length_bytes_min).then_some(data)
 }
 
+/// The length of the data of the `Write` command inside `entry` (0 for any other entry): what
+/// dominates the entry's encoded size.
+pub fn write_data_length_bytes(entry: &Entry) -> usize {
+    match write_command(entry) {
+        Some(FilesystemCommand::Write { data, .. }) => data.len(),
+        _ => 0,
+    }
+}
+
 /// The `Write` command inside `entry` (bare or with a request id), if it is one.
 fn write_command(entry: &Entry) -> Option<&FilesystemCommand> {
     let openraft::EntryPayload::Normal(command) = &entry.payload else {

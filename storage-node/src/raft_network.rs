@@ -175,10 +175,13 @@ impl PeerConnection {
             .is_some_and(|failed_at| failed_at.elapsed() < silence)
     }
 
+    /// Sends one RPC. `payload_capacity_bytes` is the expected size of the encoded request
+    /// (0 when small): the buffer starts that large (see [`PresizedPayload`]).
     async fn send<Request, Response, Error>(
         &mut self,
         rpc: RaftRpc,
         request: &Request,
+        payload_capacity_bytes: usize,
         snapshot_data: Vec<u8>,
         option: &RPCOption,
     ) -> Result<Response, RPCError<NodeId, RaftNode, RaftError<NodeId, Error>>>
@@ -203,7 +206,8 @@ impl PeerConnection {
             }
         };
         let started = std::time::Instant::now();
-        let payload = postcard::to_allocvec(request).map_err(|error| {
+        let presized = PresizedPayload(Vec::with_capacity(payload_capacity_bytes));
+        let payload = postcard::serialize_with_flavor(request, presized).map_err(|error| {
             RPCError::Network(NetworkError::new(&std::io::Error::other(format!(
                 "encode {rpc:?}: {error}"
             ))))
@@ -283,14 +287,89 @@ impl PeerConnection {
     }
 }
 
+/// Bytes an entry's encoding may take beyond its write data: log id, command fields, names.
+const ENTRY_OVERHEAD_BYTES: usize = 512;
+
+/// The most write data an AppendEntries carries (estimated before encoding), unless a single
+/// entry is larger.
+///
+/// Why a budget in bytes: openraft sends up to `max_payload_entries` (16) entries per append
+/// whatever their size, and gives each append the heartbeat interval (150 ms) to be answered.
+/// 16 writes of 16 MiB (the largest a node takes) are twice the Raft message limit, so the
+/// follower refused every such message and never caught up; and an append of 7 such writes
+/// (112 MiB) timed out every time (`a_follower_behind_by_more_than_one_raft_message_...`,
+/// `tests/tests/cluster.rs`). In sequential rf=3 writes of 4 MiB, appends of about 30 MB took
+/// 70-80 ms to be answered and some of about 60 MB timed out (timing events, 2026-12-06). 24 MiB
+/// is 5 of the FUSE driver's 4 MiB writes, or one write of up to 16 MiB alone; small entries
+/// still go 16 at a time.
+const APPEND_ENTRIES_PAYLOAD_BYTES_MAX: usize = 24 << 20;
+const _: () = assert!(APPEND_ENTRIES_PAYLOAD_BYTES_MAX + (1 << 20) < RAFT_MESSAGE_SIZE_BYTES_MAX);
+
+/// `None` when entries of these (estimated) sizes fit in one append of `payload_bytes_max`;
+/// otherwise how many of the first ones do, at least one. openraft answers `PayloadTooLarge` by
+/// sending that many in its next appends (for 10 of them, then it tries its maximum again).
+fn entries_that_fit(entry_sizes_bytes: &[usize], payload_bytes_max: usize) -> Option<u64> {
+    let mut total_bytes = 0usize;
+    for (index, size_bytes) in entry_sizes_bytes.iter().enumerate() {
+        total_bytes = total_bytes.saturating_add(*size_bytes);
+        if total_bytes > payload_bytes_max {
+            return Some(index.max(1) as u64);
+        }
+    }
+    None
+}
+
+/// A postcard output that starts at its expected size. Why: `to_allocvec` grows its `Vec` by
+/// doubling, so a 30 MB AppendEntries was copied about twice over while it was encoded; the
+/// leader's encode of such a request took 12-15 ms (timing events, 2026-12-06). A request
+/// larger than expected still grows as needed.
+struct PresizedPayload(Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for PresizedPayload {
+    type Output = Vec<u8>;
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<Vec<u8>> {
+        Ok(self.0)
+    }
+}
+
 impl RaftNetwork<TypeConfig> for PeerConnection {
     async fn append_entries(
         &mut self,
         request: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, RaftNode, RaftError<NodeId>>> {
-        self.send(RaftRpc::AppendEntries, &request, Vec::new(), &option)
-            .await
+        let entry_sizes: Vec<usize> = request
+            .entries
+            .iter()
+            .map(|entry| crate::detached::write_data_length_bytes(entry) + ENTRY_OVERHEAD_BYTES)
+            .collect();
+        if let Some(entries_hint) = entries_that_fit(&entry_sizes, APPEND_ENTRIES_PAYLOAD_BYTES_MAX)
+        {
+            // openraft sends the next several appends with at most this many entries.
+            return Err(RPCError::PayloadTooLarge(
+                openraft::error::PayloadTooLarge::new_entries_hint(entries_hint),
+            ));
+        }
+        let payload_capacity_bytes = entry_sizes.iter().sum::<usize>() + ENTRY_OVERHEAD_BYTES;
+        self.send(
+            RaftRpc::AppendEntries,
+            &request,
+            payload_capacity_bytes,
+            Vec::new(),
+            &option,
+        )
+        .await
     }
 
     async fn install_snapshot(
@@ -306,7 +385,13 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         // The chunk travels as raw bytes beside the payload (see `RaftMessage.snapshot_data`).
         let snapshot_data = std::mem::take(&mut request.data);
         let result = self
-            .send(RaftRpc::InstallSnapshot, &request, snapshot_data, &option)
+            .send(
+                RaftRpc::InstallSnapshot,
+                &request,
+                0,
+                snapshot_data,
+                &option,
+            )
             .await;
         // Only a chunk that really went out and failed starts a silence (not the silence's own
         // refusals, which would prolong it for ever).
@@ -325,7 +410,100 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         request: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, RaftNode, RaftError<NodeId>>> {
-        self.send(RaftRpc::Vote, &request, Vec::new(), &option)
+        self.send(RaftRpc::Vote, &request, 0, Vec::new(), &option)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::{Command, FilesystemCommand};
+    use crate::types::Entry;
+    use openraft::{CommittedLeaderId, EntryPayload, LogId};
+
+    fn write_entry(index: u64, length_bytes: usize) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(3, 1), index),
+            payload: EntryPayload::Normal(Command::Filesystem(FilesystemCommand::Write {
+                inode: 7,
+                offset_bytes: index * 4096,
+                data: bytes::Bytes::from(vec![index as u8; length_bytes]),
+                now_ns: 11,
+                prewritten: Default::default(),
+            })),
+        }
+    }
+
+    #[test]
+    fn appends_larger_than_a_message_are_cut_to_the_entries_that_fit() {
+        assert_eq!(entries_that_fit(&[], 100), None);
+        assert_eq!(entries_that_fit(&[40, 40, 20], 100), None);
+        assert_eq!(entries_that_fit(&[40, 40, 21], 100), Some(2));
+        assert_eq!(
+            entries_that_fit(&[150, 1], 100),
+            Some(1),
+            "at least one entry"
+        );
+        assert_eq!(entries_that_fit(&[10, 150], 100), Some(1));
+        let writes_of_16_mib = vec![(16 << 20) + ENTRY_OVERHEAD_BYTES; 16];
+        assert_eq!(
+            entries_that_fit(&writes_of_16_mib, APPEND_ENTRIES_PAYLOAD_BYTES_MAX),
+            Some(1)
+        );
+        let writes_of_4_mib = vec![(4 << 20) + ENTRY_OVERHEAD_BYTES; 16];
+        assert_eq!(
+            entries_that_fit(&writes_of_4_mib, APPEND_ENTRIES_PAYLOAD_BYTES_MAX),
+            Some(5)
+        );
+        let pages_of_16_kib = vec![(16 << 10) + ENTRY_OVERHEAD_BYTES; 16];
+        assert_eq!(
+            entries_that_fit(&pages_of_16_kib, APPEND_ENTRIES_PAYLOAD_BYTES_MAX),
+            None,
+            "small writes go 16 at a time"
+        );
+    }
+
+    /// The presized encoding is exactly postcard's, whether the guess was right, short or zero.
+    #[test]
+    fn a_presized_payload_encodes_the_same_bytes_as_postcard() {
+        let request = AppendEntriesRequest::<TypeConfig> {
+            vote: openraft::Vote::new_committed(3, 1),
+            prev_log_id: Some(LogId::new(CommittedLeaderId::new(3, 1), 4)),
+            entries: vec![
+                write_entry(5, 1 << 20),
+                write_entry(6, 100),
+                write_entry(7, 0),
+            ],
+            leader_commit: None,
+        };
+        let expected = postcard::to_allocvec(&request).unwrap();
+        let estimate: usize = request
+            .entries
+            .iter()
+            .map(|entry| crate::detached::write_data_length_bytes(entry) + ENTRY_OVERHEAD_BYTES)
+            .sum::<usize>()
+            + ENTRY_OVERHEAD_BYTES;
+        assert!(
+            estimate >= expected.len(),
+            "the estimate misses the write data"
+        );
+        for capacity in [0, 17, estimate] {
+            let encoded = postcard::serialize_with_flavor(
+                &request,
+                PresizedPayload(Vec::with_capacity(capacity)),
+            )
+            .unwrap();
+            assert!(encoded == expected, "capacity {capacity}: other bytes");
+        }
+        assert_eq!(
+            crate::detached::write_data_length_bytes(&request.entries[1]),
+            100
+        );
+        let blank = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(3, 1), 8),
+            payload: EntryPayload::Blank,
+        };
+        assert_eq!(crate::detached::write_data_length_bytes(&blank), 0);
     }
 }
