@@ -305,6 +305,14 @@ const ENTRY_OVERHEAD_BYTES: usize = 512;
 const APPEND_ENTRIES_PAYLOAD_BYTES_MAX: usize = 24 << 20;
 const _: () = assert!(APPEND_ENTRIES_PAYLOAD_BYTES_MAX + (1 << 20) < RAFT_MESSAGE_SIZE_BYTES_MAX);
 
+/// The estimated encoded size of each entry: its write data and [`ENTRY_OVERHEAD_BYTES`].
+fn estimated_entry_sizes_bytes(entries: &[crate::types::Entry]) -> Vec<usize> {
+    entries
+        .iter()
+        .map(|entry| crate::detached::write_data_length_bytes(entry) + ENTRY_OVERHEAD_BYTES)
+        .collect()
+}
+
 /// `None` when entries of these (estimated) sizes fit in one append of `payload_bytes_max`;
 /// otherwise how many of the first ones do, at least one. openraft answers `PayloadTooLarge` by
 /// sending that many in its next appends (for 10 of them, then it tries its maximum again).
@@ -349,11 +357,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         request: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, RaftNode, RaftError<NodeId>>> {
-        let entry_sizes: Vec<usize> = request
-            .entries
-            .iter()
-            .map(|entry| crate::detached::write_data_length_bytes(entry) + ENTRY_OVERHEAD_BYTES)
-            .collect();
+        let entry_sizes = estimated_entry_sizes_bytes(&request.entries);
         if let Some(entries_hint) = entries_that_fit(&entry_sizes, APPEND_ENTRIES_PAYLOAD_BYTES_MAX)
         {
             // openraft sends the next several appends with at most this many entries.
@@ -478,10 +482,8 @@ mod tests {
             leader_commit: None,
         };
         let expected = postcard::to_allocvec(&request).unwrap();
-        let estimate: usize = request
-            .entries
+        let estimate: usize = estimated_entry_sizes_bytes(&request.entries)
             .iter()
-            .map(|entry| crate::detached::write_data_length_bytes(entry) + ENTRY_OVERHEAD_BYTES)
             .sum::<usize>()
             + ENTRY_OVERHEAD_BYTES;
         assert!(

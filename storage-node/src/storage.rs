@@ -673,11 +673,6 @@ impl NodeStorage {
         Ok(blocks.to_vec())
     }
 
-    /// The verified bytes of file blocks `first..=last`, whose block references are
-    /// `references` (sorted by file block, all inside the range; a block without one is a hole
-    /// and reads as zeros). One buffer, pooled when it is one device request long, with each
-    /// run of consecutive device blocks read straight into its place: the answer costs no copy
-    /// (2026-12-05; before, every read filled a zeroed buffer by copying each run's own).
     /// A permit to stage one piece of a shared read (`STAGED_READ_PIECES_MAX`); waits while
     /// that many are staged.
     pub(crate) async fn staged_read_piece(&self) -> tokio::sync::SemaphorePermit<'_> {
@@ -707,6 +702,11 @@ impl NodeStorage {
         self.buffer_pool.give_back(buffer);
     }
 
+    /// The verified bytes of file blocks `first..=last`, whose block references are
+    /// `references` (sorted by file block, all inside the range; a block without one is a hole
+    /// and reads as zeros). One buffer, pooled when it is one device request long, with each
+    /// run of consecutive device blocks read straight into its place: the answer costs no copy
+    /// (2026-12-05; before, every read filled a zeroed buffer by copying each run's own).
     pub async fn read_file_blocks(
         &self,
         references: &[(u64, BlockRef)],
