@@ -1260,8 +1260,8 @@ fn plan_read(
 /// rounds each, alternating (2026-12-06, seventh session): 1,385-1,468 MB/s from 4 KiB pages,
 /// 4.0 ms per request, against 2,322-2,376 MB/s from huge pages, 1.8 ms. A 1 GiB cold read
 /// through the mount, alternating, 8 rounds: 1,046-1,851 MB/s staged against 967-1,657 in
-/// place, staged faster in every round; node CPU about the same (the copy is 0.0-0.05 s per
-/// GiB more). `benches/hand/cold-read-ab.sh`, `docs/benchmarks.md`.
+/// place, staged faster in every round; node CPU per GiB about the same (-0.02 to +0.06 s per
+/// round: the copy). `benches/hand/cold-read-ab.sh`, `docs/benchmarks.md`.
 pub async fn read_shared(
     storage: &NodeStorage,
     container_id: u64,
