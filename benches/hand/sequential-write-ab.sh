@@ -13,7 +13,8 @@
 # rounds of 2 GiB, work directory /var/tmp/ballast-write-ab (removed at the end). PERF=1
 # records `perf record -a` for 2 s of the first round into $WORK/perf.data (kept). NODE_LOG sets
 # the node's RUST_LOG (default warn; `warn,ballast::timing=debug` logs each write's steps to
-# $WORK/node.log, kept).
+# $WORK/node.log, kept), FUSE_LOG the driver's (the same filter logs each node write it sent
+# to $WORK/fuse.log; see benches/hand/write-lineup.py and driver-series.py).
 set -euo pipefail
 
 binaries=${CARGO_TARGET_DIR:-$HOME/.cache/ballast/target}/release
@@ -48,7 +49,7 @@ RUST_LOG=${NODE_LOG:-warn} "$node_binary" run --device "$device" --state-dir "$w
 node_pid=$!
 for _ in $(seq 100); do grep -q "serving on" "$work/node.out" && break; sleep 0.1; done
 "$cli_binary" --node "http://127.0.0.1:$port" volume create ab --quota 6G >/dev/null
-RUST_LOG=warn "$fuse_binary" --node "http://127.0.0.1:$port" --volume ab \
+RUST_LOG=${FUSE_LOG:-warn} "$fuse_binary" --node "http://127.0.0.1:$port" --volume ab \
     --mountpoint "$work/mnt" 2>"$work/fuse.log" &
 fuse_pid=$!
 for _ in $(seq 100); do grep -q " $work/mnt " /proc/self/mountinfo && break; sleep 0.1; done

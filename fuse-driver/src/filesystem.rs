@@ -66,6 +66,9 @@ pub const READ_DIR_PAGE_ENTRY_COUNT: u32 = 128;
 /// ReadDir calls per kernel readdir request, so a node returning empty non-final pages cannot
 /// spin a task forever.
 const READ_DIR_PAGE_COUNT_MAX: u32 = 64;
+/// Node writes sent and not yet answered, by every mount of this process (only reported, in the
+/// `ballast::timing` debug event `node write answered`).
+static NODE_WRITES_IN_FLIGHT: AtomicU64 = AtomicU64::new(0);
 
 /// FUSE offsets 1 and 2 are the synthesized "." and ".."; a node cookie `c` is offset `c + 2`.
 const DOT_OFFSET: u64 = 1;
@@ -187,6 +190,10 @@ impl Shared {
         } = write;
         let length_bytes = data.len() as u64;
         let durable = mode == WriteMode::Durable;
+        // For the `ballast::timing` event below (how steadily node writes flow).
+        let started = std::time::Instant::now();
+        let gathered = matches!(data, WriteBytes::Shared(_));
+        let in_flight = NODE_WRITES_IN_FLIGHT.fetch_add(1, Ordering::Relaxed) + 1;
         let result = match data {
             WriteBytes::Shared(slot) => {
                 let shared_memory = self
@@ -220,6 +227,16 @@ impl Shared {
                     .await
             }
         };
+        NODE_WRITES_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
+        tracing::debug!(
+            target: "ballast::timing",
+            length_bytes,
+            gathered,
+            in_flight,
+            part_count = parts.len(),
+            write_us = started.elapsed().as_micros() as u64,
+            "node write answered"
+        );
         let answered_durable = matches!(&result, Ok(response) if response.durable);
         {
             // Each kernel request was counted as started on its own.

@@ -69,10 +69,9 @@ fn container(
         replicated,
         DETACHED_WRITE_BYTES_MIN_DEFAULT,
     );
-    (
-        log,
-        ContainerStateMachine::new(CONTAINER, Arc::clone(storage)),
-    )
+    let state_machine =
+        ContainerStateMachine::new(CONTAINER, Arc::clone(storage)).applying(log.written_log());
+    (log, state_machine)
 }
 
 fn log_id(index: u64) -> LogId<u64> {

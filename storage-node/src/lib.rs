@@ -59,6 +59,8 @@ pub use node::{NodeConfig, StorageNode};
 #[cfg(test)]
 mod detached_tests;
 #[cfg(test)]
+mod early_acknowledgement_tests;
+#[cfg(test)]
 mod filesystem_tests;
 #[cfg(test)]
 pub mod test_support;

@@ -34,13 +34,30 @@
 //!   record's pin is registered before openraft hears of the append, and ends after a truncate
 //!   or purge is durable in the log, so no block a live record names is ever reused.
 //!
+//! - *Early acknowledgement.* openraft 0.9's core waits for each append's callback before it
+//!   takes the next client write, so a callback that waits for the device makes every write of
+//!   the container wait for the one before it; under a sequential write each small record
+//!   waited in the disk's queue behind megabytes of data. A *buffered* append (no guard, not
+//!   replicated: the appends whose durability waits for the next barrier anyway) is therefore
+//!   acknowledged when it is queued, while at most [`EARLY_ACKNOWLEDGED_BYTES_MAX`] bytes are
+//!   acknowledged and unwritten; the writer then appends everything queued in one device
+//!   append. openraft may commit such an entry (a single voter's own acknowledgement is a
+//!   quorum), but nothing observable runs ahead of the device: the state machine applies an
+//!   entry only once it is written ([`WrittenLog`]), so a client is answered exactly when it
+//!   was before; a read of the log from the device waits the same way; the commit point is
+//!   stored only up to what is written (after a crash openraft re-applies up to it); and an
+//!   append that fails after its acknowledgement fails every apply that waits for it (the
+//!   Raft core stops, as it did when the callback carried the error), after which nothing is
+//!   acknowledged early.
+//!
 //! Invariant: the cache never holds an entry that the device log does not (eventually) hold in
-//! the same order: cache updates happen in the same order as writer operations.
+//! the same order: cache updates happen in the same order as writer operations. An entry is
+//! applied only once the device log holds it (written, flushed or not).
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,7 +65,7 @@ use ballast_device::{DeviceError, LogRecord, LogStore};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{RaftLogReader, StorageIOError};
 use rocksdb::WriteBatch;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::detached::{block_checksums, detachable_data, prewritten_of, DetachedRecord, Pin};
 use crate::keys;
@@ -62,6 +79,13 @@ use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 const ENTRY_CACHE_BYTES_MAX: usize = 64 << 20;
 /// Queued log operations per container before `append` waits.
 const WRITER_QUEUE_DEPTH: usize = 256;
+/// Appends the writer takes from its queue into one device append.
+const APPEND_BATCH_OPERATIONS_MAX: usize = 64;
+/// Bytes of entries acknowledged to openraft before they are written (see "Early
+/// acknowledgement" in the module doc); an append past it is acknowledged once written. Well
+/// under the entry cache, so such entries are always still cached when they are applied.
+const EARLY_ACKNOWLEDGED_BYTES_MAX: usize = 32 << 20;
+const _: () = assert!(EARLY_ACKNOWLEDGED_BYTES_MAX * 2 <= ENTRY_CACHE_BYTES_MAX);
 /// How long an append waits for log space (checkpoints free it) before failing.
 const LOG_FULL_WAIT_MS_MAX: u64 = 120_000;
 const LOG_FULL_RETRY_INTERVAL_MS: u64 = 10;
@@ -74,11 +98,39 @@ enum PendingRecord {
     Detachable(Entry),
 }
 
+impl PendingRecord {
+    /// The bytes the entry cache counts for this record's entry.
+    fn cached_bytes(&self) -> usize {
+        match self {
+            PendingRecord::Ready(LogRecord::Entry { payload, .. }) => payload.len(),
+            PendingRecord::Ready(_) => 0,
+            PendingRecord::Detachable(entry) => crate::detached::write_data_length_bytes(entry),
+        }
+    }
+
+    /// The log index of the entry this record holds (0 for records that hold none).
+    fn index(&self) -> u64 {
+        match self {
+            PendingRecord::Ready(LogRecord::Entry { index, .. }) => *index,
+            PendingRecord::Ready(_) => 0,
+            PendingRecord::Detachable(entry) => entry.log_id.index,
+        }
+    }
+}
+
+/// Tells whoever appended that the append is written (openraft's `LogFlushed`, or a test's).
+type Acknowledgement = Box<dyn FnOnce(std::io::Result<()>) + Send>;
+
 enum LogOperation {
     Append {
         records: Vec<PendingRecord>,
         durable: bool,
-        callback: LogFlushed<TypeConfig>,
+        /// `None` when the appender was told already (an early acknowledgement).
+        acknowledgement: Option<Acknowledgement>,
+        /// Bytes of this append counted in [`Shared::early_acknowledged_bytes`] (0 if none).
+        early_acknowledged_bytes: usize,
+        /// When openraft handed the entries over (for the `ballast::timing` events).
+        queued_at: std::time::Instant,
     },
     Truncate {
         index_from: u64,
@@ -138,6 +190,64 @@ struct Shared {
     durable_append_requests: AtomicU64,
     /// Writes at least this long (and aligned) are detached; 0: never.
     detached_write_bytes_min: u64,
+    /// How far the log is written, and what openraft was told early (see [`WrittenLog`]).
+    written: Arc<watch::Sender<Written>>,
+    /// Bytes of entries acknowledged early and not yet written
+    /// ([`EARLY_ACKNOWLEDGED_BYTES_MAX`]).
+    early_acknowledged_bytes: Arc<AtomicUsize>,
+}
+
+/// How far a container's log is on the device (written, flushed or not), and how far openraft
+/// was told it is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Written {
+    /// The last index written (`None`: nothing yet).
+    upto_index: Option<u64>,
+    /// The last index acknowledged to openraft before it was written.
+    early_upto_index: Option<u64>,
+    /// An append failed: what was acknowledged early may never be written.
+    failed: bool,
+}
+
+impl Written {
+    /// After a truncate from `index_from`: nothing at or past it is written or acknowledged.
+    fn truncate(&mut self, index_from: u64) {
+        let below = index_from.checked_sub(1);
+        self.upto_index = self.upto_index.min(below);
+        self.early_upto_index = self.early_upto_index.min(below);
+    }
+}
+
+/// Waits, for the apply and the reader, until entries acknowledged to openraft before they were
+/// written are written (see "Early acknowledgement" in the module doc). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct WrittenLog {
+    written: watch::Receiver<Written>,
+}
+
+impl WrittenLog {
+    /// Returns once every entry up to `index` that was acknowledged early is written; at once
+    /// for entries that were not (they were written before openraft heard of them). An error
+    /// when an append failed before that or the writer stopped: an early-acknowledged entry may
+    /// then never be in the log, so it must not be applied or served.
+    pub async fn wait_until_written(&self, index: u64) -> Result<(), String> {
+        let settled = |written: &Written| {
+            written.failed
+                || written.upto_index >= Some(index)
+                || written.upto_index >= written.early_upto_index
+        };
+        let mut receiver = self.written.clone();
+        let written = match receiver.wait_for(settled).await {
+            Ok(written) => *written,
+            Err(_) => return Err("the log writer stopped".to_owned()),
+        };
+        if written.failed && written.upto_index < Some(index) {
+            return Err(format!(
+                "log index {index} was acknowledged before it was written, and an append failed"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// See [`ContainerLog::request_durable_appends`].
@@ -172,6 +282,28 @@ impl ContainerLog {
         replicated: bool,
         detached_write_bytes_min: u64,
     ) -> Self {
+        Self::with_append_gate(
+            container_id,
+            log_store,
+            state,
+            checkpoint_wanted,
+            replicated,
+            detached_write_bytes_min,
+            None,
+        )
+    }
+
+    /// [`ContainerLog::new`]; with a gate, every batch of appends waits for a permit of it
+    /// before it goes to the device (tests hold appends that way).
+    pub(crate) fn with_append_gate(
+        container_id: u64,
+        log_store: LogStore,
+        state: Arc<crate::storage::NodeStorage>,
+        checkpoint_wanted: Arc<Notify>,
+        replicated: bool,
+        detached_write_bytes_min: u64,
+        append_gate: Option<Arc<tokio::sync::Semaphore>>,
+    ) -> Self {
         if let Err(error) = state.load_durable_snapshot(container_id, || {
             Self::stored_snapshot(&state.state, container_id)
         }) {
@@ -180,12 +312,24 @@ impl ContainerLog {
             tracing::error!(container = container_id, %error, "reading the stored snapshot record");
         }
         let (writer, queue) = mpsc::channel(WRITER_QUEUE_DEPTH);
+        // Everything already in the device log is written.
+        let written = Arc::new(watch::Sender::new(Written {
+            upto_index: log_store
+                .group_state(container_id)
+                .last
+                .map(|(_, index)| index),
+            ..Written::default()
+        }));
+        let early_acknowledged_bytes = Arc::new(AtomicUsize::new(0));
         tokio::spawn(run_writer(
             Writer {
                 container_id,
                 log_store: log_store.clone(),
                 storage: Arc::clone(&state),
                 checkpoint_wanted,
+                written: Arc::clone(&written),
+                early_acknowledged_bytes: Arc::clone(&early_acknowledged_bytes),
+                append_gate,
             },
             queue,
         ));
@@ -199,6 +343,8 @@ impl ContainerLog {
                 durable: AtomicBool::new(replicated),
                 durable_append_requests: AtomicU64::new(0),
                 detached_write_bytes_min,
+                written,
+                early_acknowledged_bytes,
             }),
         }
     }
@@ -226,6 +372,82 @@ impl ContainerLog {
     fn appends_durable(&self) -> bool {
         self.shared.durable.load(Ordering::Acquire)
             || self.shared.durable_append_requests.load(Ordering::SeqCst) > 0
+    }
+
+    /// Counts `records` as acknowledged early if that stays within
+    /// [`EARLY_ACKNOWLEDGED_BYTES_MAX`]; returns the bytes counted (0: acknowledge once
+    /// written). A record of no bytes still counts one, so the writer gives back what was taken.
+    fn reserve_early_acknowledgement(&self, records: &[PendingRecord]) -> usize {
+        let bytes = records
+            .iter()
+            .map(PendingRecord::cached_bytes)
+            .sum::<usize>()
+            .max(1);
+        let counter = &self.shared.early_acknowledged_bytes;
+        let reserved = counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
+            (current + bytes <= EARLY_ACKNOWLEDGED_BYTES_MAX).then_some(current + bytes)
+        });
+        if reserved.is_ok() {
+            bytes
+        } else {
+            0
+        }
+    }
+
+    /// Stages `entries` and queues their append. `acknowledge` is called once they are written
+    /// (flushed too when appends are durable), or at once when the append may be acknowledged
+    /// early (module doc, "Early acknowledgement").
+    // openraft's StorageError is large by design; it is the trait's error type.
+    #[allow(clippy::result_large_err)]
+    async fn queue_append(
+        &self,
+        entries: impl IntoIterator<Item = Entry>,
+        acknowledge: Acknowledgement,
+    ) -> Result<(), StorageError> {
+        let records = self.stage(entries)?;
+        if records.is_empty() {
+            acknowledge(Ok(()));
+            return Ok(());
+        }
+        let durable = self.appends_durable();
+        let early_acknowledged_bytes = if durable || self.shared.written.borrow().failed {
+            0
+        } else {
+            self.reserve_early_acknowledgement(&records)
+        };
+        if early_acknowledged_bytes == 0 {
+            return self
+                .send(LogOperation::Append {
+                    records,
+                    durable,
+                    acknowledgement: Some(acknowledge),
+                    early_acknowledged_bytes: 0,
+                    queued_at: std::time::Instant::now(),
+                })
+                .await;
+        }
+        let last_index = records.last().map(PendingRecord::index);
+        // Queued first, so the writer (the only one to give the bytes back) owns them.
+        self.send(LogOperation::Append {
+            records,
+            durable,
+            acknowledgement: None,
+            early_acknowledged_bytes,
+            queued_at: std::time::Instant::now(),
+        })
+        .await?;
+        self.shared.written.send_modify(|written| {
+            written.early_upto_index = written.early_upto_index.max(last_index);
+        });
+        acknowledge(Ok(()));
+        Ok(())
+    }
+
+    /// What the state machine waits on before it applies entries of this log.
+    pub fn written_log(&self) -> WrittenLog {
+        WrittenLog {
+            written: self.shared.written.subscribe(),
+        }
     }
 
     /// Whether `guard` was taken on this log (and not on one it replaced).
@@ -257,6 +479,10 @@ struct Writer {
     log_store: LogStore,
     storage: Arc<NodeStorage>,
     checkpoint_wanted: Arc<Notify>,
+    written: Arc<watch::Sender<Written>>,
+    early_acknowledged_bytes: Arc<AtomicUsize>,
+    /// Tests only: each batch of appends takes a permit before it goes to the device.
+    append_gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// A record ready for the device, with the pin to register once it is there.
@@ -266,10 +492,62 @@ struct Prepared {
 }
 
 impl Writer {
+    /// Appends the records of `batch` in order as one device append (durable if any of them
+    /// asked for it), then tells openraft about those not acknowledged early, and moves the
+    /// written mark. After a failure nothing more is acknowledged early, and every apply that
+    /// waits on an early-acknowledged entry fails.
+    async fn append_batch(&self, batch: Vec<QueuedAppend>) {
+        if let Some(gate) = &self.append_gate {
+            // Tests hold appends here; a closed gate lets everything through.
+            if let Ok(permit) = gate.acquire().await {
+                permit.forget();
+            }
+        }
+        let durable = batch.iter().any(|append| append.durable);
+        let queued_at = batch
+            .iter()
+            .map(|append| append.queued_at)
+            .min()
+            .expect("a batch holds at least one append");
+        let mut records = Vec::new();
+        let mut acknowledgements = Vec::new();
+        let mut early_acknowledged_bytes = 0;
+        for append in batch {
+            records.extend(append.records);
+            acknowledgements.extend(append.acknowledgement);
+            early_acknowledged_bytes += append.early_acknowledged_bytes;
+        }
+        let last_index = records.last().map(PendingRecord::index);
+        let result = self.append(records, durable, queued_at).await;
+        match &result {
+            Ok(()) => self.written.send_modify(|written| {
+                written.upto_index = written.upto_index.max(last_index);
+            }),
+            Err(error) => {
+                tracing::error!(container = self.container_id, %error, "log append failed");
+                self.written.send_modify(|written| written.failed = true);
+            }
+        }
+        self.early_acknowledged_bytes
+            .fetch_sub(early_acknowledged_bytes, Ordering::AcqRel);
+        for acknowledge in acknowledgements {
+            let result = match &result {
+                Ok(()) => Ok(()),
+                Err(error) => Err(std::io::Error::new(error.kind(), error.to_string())),
+            };
+            acknowledge(result);
+        }
+    }
+
     /// Appends `records` in order: detachable writes first get their data written to reserved
     /// blocks. Each chunk's pins are registered once the chunk is in the log; after a failure,
     /// the reservations of everything not appended are given back.
-    async fn append(&self, records: Vec<PendingRecord>, durable: bool) -> std::io::Result<()> {
+    async fn append(
+        &self,
+        records: Vec<PendingRecord>,
+        durable: bool,
+        queued_at: std::time::Instant,
+    ) -> std::io::Result<()> {
         // Detached data and its records are written plainly; a durable append then flushes the
         // device once (module doc), which covers both.
         let flush_at_end = durable
@@ -279,6 +557,7 @@ impl Writer {
         let durable = durable && !flush_at_end;
         let started = std::time::Instant::now();
         let record_count = records.len();
+        let first_index = records.first().map(PendingRecord::index);
         let prepared = self.detach(records).await.map_err(std::io::Error::other)?;
         let detached = started.elapsed();
         // One device request holds at most a segment; a follower may receive a batch of large
@@ -324,8 +603,10 @@ impl Writer {
             target: "ballast::timing",
             container = self.container_id,
             record_count,
+            first_index,
             durable,
             flush_at_end,
+            queue_us = (started - queued_at).as_micros() as u64,
             detach_us = detached.as_micros() as u64,
             append_us = (appended - detached).as_micros() as u64,
             flush_us = (started.elapsed() - appended).as_micros() as u64,
@@ -487,21 +768,68 @@ fn inline_record(container_id: u64, entry: &Entry) -> Result<LogRecord, crate::e
     })
 }
 
+/// One append taken from the queue.
+struct QueuedAppend {
+    records: Vec<PendingRecord>,
+    durable: bool,
+    acknowledgement: Option<Acknowledgement>,
+    early_acknowledged_bytes: usize,
+    queued_at: std::time::Instant,
+}
+
 async fn run_writer(writer: Writer, mut queue: mpsc::Receiver<LogOperation>) {
     let container_id = writer.container_id;
     let log_store = writer.log_store.clone();
-    while let Some(operation) = queue.recv().await {
+    // An operation taken while gathering appends, to run after them (order is kept).
+    let mut held = None;
+    loop {
+        let operation = match held.take() {
+            Some(operation) => operation,
+            None => match queue.recv().await {
+                Some(operation) => operation,
+                None => return,
+            },
+        };
         match operation {
             LogOperation::Append {
                 records,
                 durable,
-                callback,
+                acknowledgement,
+                early_acknowledged_bytes,
+                queued_at,
             } => {
-                let result = writer.append(records, durable).await;
-                if let Err(error) = &result {
-                    tracing::error!(container = container_id, %error, "log append failed");
+                // The appends queued behind this one go to the device with it: entries
+                // acknowledged early arrive faster than one device append each.
+                let mut batch = vec![QueuedAppend {
+                    records,
+                    durable,
+                    acknowledgement,
+                    early_acknowledged_bytes,
+                    queued_at,
+                }];
+                while batch.len() < APPEND_BATCH_OPERATIONS_MAX {
+                    match queue.try_recv() {
+                        Ok(LogOperation::Append {
+                            records,
+                            durable,
+                            acknowledgement,
+                            early_acknowledged_bytes,
+                            queued_at,
+                        }) => batch.push(QueuedAppend {
+                            records,
+                            durable,
+                            acknowledgement,
+                            early_acknowledged_bytes,
+                            queued_at,
+                        }),
+                        Ok(other) => {
+                            held = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
                 }
-                callback.log_io_completed(result);
+                writer.append_batch(batch).await;
             }
             LogOperation::Truncate { index_from, done } => {
                 let result = log_store
@@ -510,6 +838,11 @@ async fn run_writer(writer: Writer, mut queue: mpsc::Receiver<LogOperation>) {
                         index_from,
                     }])
                     .await;
+                if result.is_ok() {
+                    writer
+                        .written
+                        .send_modify(|written| written.truncate(index_from));
+                }
                 let _ = done.send(result);
             }
             LogOperation::Purge {
@@ -619,6 +952,14 @@ impl RaftLogReader<TypeConfig> for ContainerLog {
             .unwrap_or(end);
         let mut entries = Vec::new();
         if start < device_end {
+            // An entry acknowledged early is read from the device only once it is there (it is
+            // normally still cached then: `EARLY_ACKNOWLEDGED_BYTES_MAX`).
+            self.written_log()
+                .wait_until_written(device_end - 1)
+                .await
+                .map_err(|error| {
+                    StorageError::from(StorageIOError::read_logs(&std::io::Error::other(error)))
+                })?;
             let _timing = DeviceReadTiming {
                 container_id: self.shared.container_id,
                 entry_count: device_end - start,
@@ -873,6 +1214,13 @@ impl RaftLogStorage<TypeConfig> for ContainerLog {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // A commit point past what is written is not stored: after a crash openraft would
+        // re-apply entries up to it, and an entry acknowledged early may not be in the log. A
+        // commit point older than the applied one is fine (openraft starts from the applied).
+        let written_upto = self.shared.written.borrow().upto_index;
+        if committed.map(|log_id| log_id.index) > written_upto {
+            return Ok(());
+        }
         // Not synced: losing it only means re-deriving the commit point after a restart.
         let mut batch = WriteBatch::default();
         batch.put(
@@ -904,17 +1252,10 @@ impl RaftLogStorage<TypeConfig> for ContainerLog {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let records = self.stage(entries)?;
-        if records.is_empty() {
-            callback.log_io_completed(Ok(()));
-            return Ok(());
-        }
-        let durable = self.appends_durable();
-        self.send(LogOperation::Append {
-            records,
-            durable,
-            callback,
-        })
+        self.queue_append(
+            entries,
+            Box::new(move |result| callback.log_io_completed(result)),
+        )
         .await
     }
 
@@ -995,13 +1336,33 @@ impl ContainerLog {
     /// openraft can make); for tests.
     pub(crate) async fn append_now(&self, entries: Vec<Entry>) -> std::io::Result<()> {
         let records = self.stage(entries).map_err(std::io::Error::other)?;
+        let last_index = records.last().map(PendingRecord::index);
         let writer = Writer {
             container_id: self.shared.container_id,
             log_store: self.shared.log_store.clone(),
             storage: Arc::clone(&self.shared.state),
             checkpoint_wanted: Arc::new(Notify::new()),
+            written: Arc::clone(&self.shared.written),
+            early_acknowledged_bytes: Arc::clone(&self.shared.early_acknowledged_bytes),
+            append_gate: None,
         };
-        writer.append(records, self.appends_durable()).await
+        writer
+            .append(records, self.appends_durable(), std::time::Instant::now())
+            .await?;
+        self.shared.written.send_modify(|written| {
+            written.upto_index = written.upto_index.max(last_index);
+        });
+        Ok(())
+    }
+
+    /// Appends `entries` through the writer, as openraft's `append` does; `acknowledge` is
+    /// called as openraft's callback would be.
+    pub(crate) async fn append_acknowledged(
+        &self,
+        entries: Vec<Entry>,
+        acknowledge: impl FnOnce(std::io::Result<()>) + Send + 'static,
+    ) -> Result<(), StorageError> {
+        self.queue_append(entries, Box::new(acknowledge)).await
     }
 
     /// Forgets the cached entries, so reads come from the device; for tests.

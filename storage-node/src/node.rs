@@ -492,7 +492,8 @@ impl StorageNode {
             replicated,
             self.config.detached_write_bytes_min,
         );
-        let state_machine = ContainerStateMachine::new(container_id, Arc::clone(&self.storage));
+        let state_machine = ContainerStateMachine::new(container_id, Arc::clone(&self.storage))
+            .applying(log.written_log());
         let raft = Raft::new(
             self.node_id,
             raft_config(container_id)?,
@@ -862,6 +863,7 @@ impl StorageNode {
             crate::shared_regions::check_deadline(deadline, "shared write")?;
         }
         // Bounded: a leader cut off from its quorum cannot commit and does not know it yet.
+        let proposed_at = std::time::Instant::now();
         let write = tokio::time::timeout(
             Duration::from_millis(PROPOSE_COMMIT_TIMEOUT_MS),
             raft.client_write(command),
@@ -886,6 +888,13 @@ impl StorageNode {
                 )))
             }
         };
+        tracing::debug!(
+            target: "ballast::timing",
+            container = container_id,
+            index = response.log_id.index,
+            client_write_us = proposed_at.elapsed().as_micros() as u64,
+            "proposal answered"
+        );
         match response.data {
             CommandResponse::Failed(error) => Err(NodeError::Fs(error)),
             other => Ok(other),

@@ -560,6 +560,7 @@ impl Filesystem for FilesystemService {
         request: Request<proto::WriteSharedRequest>,
     ) -> Result<Response<proto::WriteResponse>, Status> {
         let request = request.into_inner();
+        let received_at = std::time::Instant::now();
         check_write_length(request.length_bytes as usize)?;
         let slot = self
             .node
@@ -578,6 +579,7 @@ impl Filesystem for FilesystemService {
             )
             .map_err(node_status)?;
         drop(slot);
+        let copied_at = received_at.elapsed();
         // Copied in time, the bytes are the ones the driver put there for this request: it
         // leaves the slot alone until its own, later timeout.
         let deadline = SharedDeadline::from_wire(request.deadline_monotonic_ns);
@@ -598,6 +600,12 @@ impl Filesystem for FilesystemService {
             )
             .await?;
         self.node.shared_regions().count_write();
+        tracing::debug!(
+            target: "ballast::timing",
+            copy_us = copied_at.as_micros() as u64,
+            handler_us = received_at.elapsed().as_micros() as u64,
+            "shared write handled"
+        );
         Ok(Response::new(response))
     }
 
