@@ -1429,3 +1429,42 @@ fn writes_go_through_memory_shared_with_the_node_and_read_back_intact() {
     );
     assert!(read_direct(&mount.join("grpc-writes")) == other);
 }
+
+#[test]
+fn the_mount_writes_back_until_its_background_queue_is_full() {
+    // The kernel's background writeback of a FUSE file stops while the mount is "congested"
+    // (`fuse_writepages`), and by default that is at 3/4 of the background queue: the driver
+    // sets it to the whole queue (fuse-driver `init`). Read from the FUSE control filesystem.
+    let Some((_node, mount)) = setup("64MiB") else {
+        return;
+    };
+    let connections = Path::new("/sys/fs/fuse/connections");
+    let mounted = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .any(|line| line.split_whitespace().nth(1) == Some("/sys/fs/fuse/connections"));
+    if !mounted {
+        let status = Command::new("mount")
+            .args(["-t", "fusectl", "none", "/sys/fs/fuse/connections"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting the FUSE control filesystem");
+    }
+    // A connection is named by its superblock's device number (major 0 for FUSE).
+    let device = std::fs::metadata(&mount).unwrap().dev();
+    let connection = connections.join(libc::minor(device).to_string());
+    let read = |name: &str| -> u32 {
+        std::fs::read_to_string(connection.join(name))
+            .unwrap_or_else(|error| panic!("{}: {error}", connection.join(name).display()))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let max_background = read("max_background");
+    assert_eq!(max_background, 64);
+    assert_eq!(
+        read("congestion_threshold"),
+        max_background,
+        "the mount counts as congested before its background queue is full"
+    );
+}
