@@ -492,10 +492,13 @@ struct Prepared {
 }
 
 impl Writer {
-    /// Appends the records of `batch` in order as one device append (durable if any of them
-    /// asked for it), then tells openraft about those not acknowledged early, and moves the
-    /// written mark. After a failure nothing more is acknowledged early, and every apply that
-    /// waits on an early-acknowledged entry fails.
+    /// Appends the records of `batch` in order, each run of appends of the same durability as
+    /// one device append, then tells the appenders not acknowledged early and moves the written
+    /// mark. A durable append is written as it was alone (a buffered one queued beside it is
+    /// not made durable with it: a durable run of detached writes costs a write and a flush in
+    /// series where a durable run of inline records costs one synchronous write). After a
+    /// failure nothing more of the batch is written, nothing more is acknowledged early, and
+    /// every apply that waits on an early-acknowledged entry fails.
     async fn append_batch(&self, batch: Vec<QueuedAppend>) {
         if let Some(gate) = &self.append_gate {
             // Tests hold appends here; a closed gate lets everything through.
@@ -503,39 +506,42 @@ impl Writer {
                 permit.forget();
             }
         }
-        let durable = batch.iter().any(|append| append.durable);
-        let queued_at = batch
-            .iter()
-            .map(|append| append.queued_at)
-            .min()
-            .expect("a batch holds at least one append");
-        let mut records = Vec::new();
-        let mut acknowledgements = Vec::new();
-        let mut early_acknowledged_bytes = 0;
-        for append in batch {
-            records.extend(append.records);
-            acknowledgements.extend(append.acknowledgement);
-            early_acknowledged_bytes += append.early_acknowledged_bytes;
-        }
-        let last_index = records.last().map(PendingRecord::index);
-        let result = self.append(records, durable, queued_at).await;
-        match &result {
-            Ok(()) => self.written.send_modify(|written| {
-                written.upto_index = written.upto_index.max(last_index);
-            }),
-            Err(error) => {
-                tracing::error!(container = self.container_id, %error, "log append failed");
-                self.written.send_modify(|written| written.failed = true);
+        let mut failure: Option<(std::io::ErrorKind, String)> = None;
+        let mut batch = batch.into_iter().peekable();
+        while let Some(first) = batch.next() {
+            let durable = first.durable;
+            let mut queued_at = first.queued_at;
+            let mut records = first.records;
+            let mut acknowledgements: Vec<Acknowledgement> =
+                first.acknowledgement.into_iter().collect();
+            let mut early_acknowledged_bytes = first.early_acknowledged_bytes;
+            while let Some(next) = batch.next_if(|next| next.durable == durable) {
+                queued_at = queued_at.min(next.queued_at);
+                records.extend(next.records);
+                acknowledgements.extend(next.acknowledgement);
+                early_acknowledged_bytes += next.early_acknowledged_bytes;
             }
-        }
-        self.early_acknowledged_bytes
-            .fetch_sub(early_acknowledged_bytes, Ordering::AcqRel);
-        for acknowledge in acknowledgements {
-            let result = match &result {
-                Ok(()) => Ok(()),
-                Err(error) => Err(std::io::Error::new(error.kind(), error.to_string())),
-            };
-            acknowledge(result);
+            let last_index = records.last().map(PendingRecord::index);
+            if failure.is_none() {
+                match self.append(records, durable, queued_at).await {
+                    Ok(()) => self.written.send_modify(|written| {
+                        written.upto_index = written.upto_index.max(last_index);
+                    }),
+                    Err(error) => {
+                        tracing::error!(container = self.container_id, %error, "log append failed");
+                        self.written.send_modify(|written| written.failed = true);
+                        failure = Some((error.kind(), error.to_string()));
+                    }
+                }
+            }
+            self.early_acknowledged_bytes
+                .fetch_sub(early_acknowledged_bytes, Ordering::AcqRel);
+            for acknowledge in acknowledgements {
+                acknowledge(match &failure {
+                    None => Ok(()),
+                    Some((kind, message)) => Err(std::io::Error::new(*kind, message.clone())),
+                });
+            }
         }
     }
 
