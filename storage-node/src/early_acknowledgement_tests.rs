@@ -228,7 +228,7 @@ async fn a_durable_append_queued_behind_buffered_ones_is_written_as_if_alone() {
     // Warm: the first batch of a segment flushes its predecessors.
     setup.gate.add_permits(1);
     let warm = write(3, setup.inode, 0, 16 * BLOCK_SIZE_BYTES, 1);
-    let _ = append(&setup.log, warm).await;
+    let _warm_acknowledgement = append(&setup.log, warm).await;
     setup.log.written_log().wait_until_written(3).await.unwrap();
     let before = engine.statistics();
     // Held: a buffered detached write, then a durable inline one (4 KiB: under the detached
