@@ -44,16 +44,15 @@ async fn setup() -> Setup {
     let mut test = TestStorage::initialized(CONTAINER, 0).await;
     let inode = test.create_file(CONTAINER, "file").await;
     let log_store = LogStore::open(test.device.engine(), test.device.superblock()).unwrap();
-    let gate = Arc::new(Semaphore::new(0));
-    let log = ContainerLog::with_append_gate(
+    let log = ContainerLog::new(
         CONTAINER,
         log_store.clone(),
         Arc::clone(&test.storage),
         Arc::new(Notify::new()),
         false,
         DETACHED_WRITE_BYTES_MIN_DEFAULT,
-        Some(Arc::clone(&gate)),
     );
+    let gate = log.hold_appends();
     let machine = ContainerStateMachine::new(CONTAINER, Arc::clone(&test.storage))
         .applying(log.written_log());
     Setup {

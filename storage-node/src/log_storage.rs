@@ -195,7 +195,13 @@ struct Shared {
     /// Bytes of entries acknowledged early and not yet written
     /// ([`EARLY_ACKNOWLEDGED_BYTES_MAX`]).
     early_acknowledged_bytes: Arc<AtomicUsize>,
+    /// Tests only ([`ContainerLog::hold_appends`]); shared with the writer, which reads it.
+    #[cfg_attr(not(test), allow(dead_code))]
+    append_gate: AppendGate,
 }
+
+/// Once set, each batch of appends takes a permit of it before it goes to the device.
+type AppendGate = Arc<std::sync::OnceLock<Arc<tokio::sync::Semaphore>>>;
 
 /// How far a container's log is on the device (written, flushed or not), and how far openraft
 /// was told it is.
@@ -282,28 +288,6 @@ impl ContainerLog {
         replicated: bool,
         detached_write_bytes_min: u64,
     ) -> Self {
-        Self::with_append_gate(
-            container_id,
-            log_store,
-            state,
-            checkpoint_wanted,
-            replicated,
-            detached_write_bytes_min,
-            None,
-        )
-    }
-
-    /// [`ContainerLog::new`]; with a gate, every batch of appends waits for a permit of it
-    /// before it goes to the device (tests hold appends that way).
-    pub(crate) fn with_append_gate(
-        container_id: u64,
-        log_store: LogStore,
-        state: Arc<crate::storage::NodeStorage>,
-        checkpoint_wanted: Arc<Notify>,
-        replicated: bool,
-        detached_write_bytes_min: u64,
-        append_gate: Option<Arc<tokio::sync::Semaphore>>,
-    ) -> Self {
         if let Err(error) = state.load_durable_snapshot(container_id, || {
             Self::stored_snapshot(&state.state, container_id)
         }) {
@@ -321,6 +305,7 @@ impl ContainerLog {
             ..Written::default()
         }));
         let early_acknowledged_bytes = Arc::new(AtomicUsize::new(0));
+        let append_gate = Arc::new(std::sync::OnceLock::new());
         tokio::spawn(run_writer(
             Writer {
                 container_id,
@@ -329,7 +314,7 @@ impl ContainerLog {
                 checkpoint_wanted,
                 written: Arc::clone(&written),
                 early_acknowledged_bytes: Arc::clone(&early_acknowledged_bytes),
-                append_gate,
+                append_gate: Arc::clone(&append_gate),
             },
             queue,
         ));
@@ -345,6 +330,7 @@ impl ContainerLog {
                 detached_write_bytes_min,
                 written,
                 early_acknowledged_bytes,
+                append_gate,
             }),
         }
     }
@@ -482,7 +468,7 @@ struct Writer {
     written: Arc<watch::Sender<Written>>,
     early_acknowledged_bytes: Arc<AtomicUsize>,
     /// Tests only: each batch of appends takes a permit before it goes to the device.
-    append_gate: Option<Arc<tokio::sync::Semaphore>>,
+    append_gate: AppendGate,
 }
 
 /// A record ready for the device, with the pin to register once it is there.
@@ -500,7 +486,7 @@ impl Writer {
     /// failure nothing more of the batch is written, nothing more is acknowledged early, and
     /// every apply that waits on an early-acknowledged entry fails.
     async fn append_batch(&self, batch: Vec<QueuedAppend>) {
-        if let Some(gate) = &self.append_gate {
+        if let Some(gate) = self.append_gate.get() {
             // Tests hold appends here; a closed gate lets everything through.
             if let Ok(permit) = gate.acquire().await {
                 permit.forget();
@@ -1350,7 +1336,7 @@ impl ContainerLog {
             checkpoint_wanted: Arc::new(Notify::new()),
             written: Arc::clone(&self.shared.written),
             early_acknowledged_bytes: Arc::clone(&self.shared.early_acknowledged_bytes),
-            append_gate: None,
+            append_gate: Arc::default(),
         };
         writer
             .append(records, self.appends_durable(), std::time::Instant::now())
@@ -1369,6 +1355,17 @@ impl ContainerLog {
         acknowledge: impl FnOnce(std::io::Result<()>) + Send + 'static,
     ) -> Result<(), StorageError> {
         self.queue_append(entries, Box::new(acknowledge)).await
+    }
+
+    /// From now on every batch of appends waits for a permit of the returned gate before it
+    /// goes to the device (none at first); for tests.
+    pub(crate) fn hold_appends(&self) -> Arc<tokio::sync::Semaphore> {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        assert!(
+            self.shared.append_gate.set(Arc::clone(&gate)).is_ok(),
+            "appends are held once"
+        );
+        gate
     }
 
     /// Forgets the cached entries, so reads come from the device; for tests.

@@ -1468,3 +1468,107 @@ fn the_mount_writes_back_until_its_background_queue_is_full() {
         "the mount counts as congested before its background queue is full"
     );
 }
+
+#[test]
+fn a_node_killed_during_buffered_writes_restarts_with_everything_fsynced() {
+    // Buffered page-cache writes of a one-node volume are acknowledged to Raft when queued to
+    // the log writer and applied once written (`log_storage.rs`, "Early acknowledgement"); a
+    // SIGKILL then finds some acknowledged and unwritten. The node must come back (a stored
+    // commit point past its log would make openraft re-apply entries that are not there),
+    // keep everything fsync'd, and hold for the rest only whole writes that were made.
+    let Some((mut node, mount)) = setup("1GiB") else {
+        return;
+    };
+    const CHUNK_BYTES: usize = 1 << 20;
+    let synced = pattern(32 * CHUNK_BYTES, 5);
+    ballast_tests::write_fsync(&mount.join("synced"), &synced);
+    let streaming = mount.join("streaming");
+    let before = applied_index(&node);
+    const CHUNK_COUNT: u32 = 512;
+    let (finished, writer_finished) = std::sync::mpsc::channel::<()>();
+    let chunks_written = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let streaming = streaming.clone();
+        let chunks_written = std::sync::Arc::clone(&chunks_written);
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            // Bounded; ends at the first error once the node is gone and the mount remounted.
+            if let Ok(mut file) = File::create(&streaming) {
+                for chunk in 0..CHUNK_COUNT {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    if file.write_all(&pattern(CHUNK_BYTES, chunk as u8)).is_err() {
+                        break;
+                    }
+                    // Starts the chunk's writeback (no fsync: nothing is made durable), so
+                    // writes reach the node while the test waits instead of sitting in the
+                    // page cache under the mount's dirty limit.
+                    // SAFETY: a valid open descriptor and a range inside the file; the call
+                    // only starts writeback of that range.
+                    unsafe {
+                        libc::sync_file_range(
+                            file.as_raw_fd(),
+                            i64::from(chunk) * CHUNK_BYTES as i64,
+                            CHUNK_BYTES as i64,
+                            libc::SYNC_FILE_RANGE_WRITE,
+                        );
+                    }
+                    chunks_written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            let _ = finished.send(());
+        });
+    }
+    // Killed while writeback is flowing: an eighth of the file written, the rest to come.
+    ballast_tests::wait_until(
+        "an eighth of the file written",
+        std::time::Duration::from_secs(60),
+        || chunks_written.load(std::sync::atomic::Ordering::Relaxed) >= CHUNK_COUNT / 8,
+    )
+    .unwrap();
+    node.kill_node();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    node.restart_node().unwrap();
+    node.remount_all().unwrap();
+    // The writer's file was on the old mount: its writes fail and it ends (its loop is bounded
+    // either way; waited for so its bytes are not read while it runs).
+    let _ = writer_finished.recv_timeout(std::time::Duration::from_secs(120));
+    assert_eq!(
+        ballast_tests::read_uncached(&mount.join("synced")).unwrap(),
+        synced,
+        "fsync'd data after SIGKILL during buffered writes"
+    );
+    // Whatever of the unsynced file survived holds, in each 4 KiB page, what was written there
+    // or nothing (zeros): writeback does not go in file order, and a write that failed while
+    // the node was down is dropped by the kernel, so a later page's write may have been
+    // applied (and set the size) where an earlier one never reached the node.
+    let survived = ballast_tests::read_uncached(&streaming).unwrap_or_default();
+    const PAGE_BYTES: usize = 4096;
+    let mut zero_pages = 0;
+    for (page, bytes) in survived.chunks(PAGE_BYTES).enumerate() {
+        let offset_bytes = page * PAGE_BYTES;
+        let chunk = offset_bytes / CHUNK_BYTES;
+        let expected = pattern(CHUNK_BYTES, chunk as u8);
+        let in_chunk = offset_bytes % CHUNK_BYTES;
+        if bytes.iter().all(|&byte| byte == 0) {
+            zero_pages += 1;
+            continue;
+        }
+        assert!(
+            bytes == &expected[in_chunk..in_chunk + bytes.len()],
+            "the page at byte {offset_bytes} of the unsynced file holds bytes that were never \
+             written there ({} bytes survived)",
+            survived.len()
+        );
+    }
+    eprintln!(
+        "{} KiB of the unsynced file survived, {zero_pages} pages of them never written",
+        survived.len() / 1024
+    );
+    assert!(
+        applied_index(&node) >= before,
+        "the container came back behind what was fsync'd"
+    );
+}
