@@ -267,7 +267,39 @@ impl LocalNode {
         format!("http://{}", self.address)
     }
 
+    /// Refuses to spawn the node while this test process holds a file open on one of the
+    /// node's own mounts. The child inherits every descriptor and closes it at `execve`
+    /// (close-on-exec); a FUSE close flushes the file and waits for its writeback, which needs
+    /// the very node being started: the exec then hangs until the old driver's requests time
+    /// out (seen as a 60-76 s "restart" in the crash test's first version). A writer that must
+    /// stay busy across a restart runs in its own process, as applications do.
+    fn refuse_open_files_on_mounts(&self) -> Result<()> {
+        let Ok(descriptors) = std::fs::read_dir("/proc/self/fd") else {
+            return Ok(());
+        };
+        for descriptor in descriptors.flatten() {
+            let Ok(target) = std::fs::read_link(descriptor.path()) else {
+                continue;
+            };
+            if let Some(mount) = self
+                .mounts
+                .iter()
+                .find(|mount| target.starts_with(&mount.mountpoint))
+            {
+                bail!(
+                    "this process holds {} open on the mount of volume {:?}: the node's exec would \
+                     wait for that file's writeback, which needs the node (run the writer in its \
+                     own process)",
+                    target.display(),
+                    mount.volume
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn start_process(&mut self) -> Result<()> {
+        self.refuse_open_files_on_mounts()?;
         let log = OpenOptions::new()
             .create(true)
             .append(true)

@@ -1485,56 +1485,73 @@ fn a_node_killed_during_buffered_writes_restarts_with_everything_fsynced() {
     let streaming = mount.join("streaming");
     let before = applied_index(&node);
     const CHUNK_COUNT: u32 = 512;
-    let (finished, writer_finished) = std::sync::mpsc::channel::<()>();
+    // The writer is its own process, as an application is: a node spawned by a process that
+    // holds a file open on the node's mount would wait in `execve` for that file's writeback
+    // (see `LocalNode::refuse_open_files_on_mounts`). Chunk `c` holds `pattern(CHUNK_BYTES, c)`
+    // (period 256). `sync_file_range` starts each chunk's writeback (nothing is made durable),
+    // so writes reach the node while the test waits instead of sitting in the page cache under
+    // the mount's dirty limit. It prints each chunk's number once written.
+    const WRITER: &str = "import ctypes, os, sys\n\
+        libc = ctypes.CDLL(None, use_errno=True)\n\
+        SYNC_FILE_RANGE_WRITE = 2\n\
+        path, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])\n\
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)\n\
+        for chunk in range(count):\n\
+        \x20   data = memoryview(bytes((i * 31 + chunk) & 255 for i in range(256)) * (size // 256))\n\
+        \x20   while data:\n\
+        \x20       data = data[os.write(fd, data):]\n\
+        \x20   offset, length = ctypes.c_int64(chunk * size), ctypes.c_int64(size)\n\
+        \x20   if libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE) != 0:\n\
+        \x20       raise OSError(ctypes.get_errno(), 'sync_file_range')\n\
+        \x20   print(chunk, flush=True)\n";
+    let mut writer = Command::new("python3")
+        .arg("-c")
+        .arg(WRITER)
+        .arg(&streaming)
+        .arg(CHUNK_COUNT.to_string())
+        .arg(CHUNK_BYTES.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 writer");
     let chunks_written = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
-        let streaming = streaming.clone();
+        let output = writer.stdout.take().expect("piped stdout");
         let chunks_written = std::sync::Arc::clone(&chunks_written);
-        let stop = std::sync::Arc::clone(&stop);
+        // Ends when the writer exits (its end of the pipe closes).
         std::thread::spawn(move || {
-            // Bounded; ends at the first error once the node is gone and the mount remounted.
-            if let Ok(mut file) = File::create(&streaming) {
-                for chunk in 0..CHUNK_COUNT {
-                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        break;
-                    }
-                    if file.write_all(&pattern(CHUNK_BYTES, chunk as u8)).is_err() {
-                        break;
-                    }
-                    // Starts the chunk's writeback (no fsync: nothing is made durable), so
-                    // writes reach the node while the test waits instead of sitting in the
-                    // page cache under the mount's dirty limit.
-                    // SAFETY: a valid open descriptor and a range inside the file; the call
-                    // only starts writeback of that range.
-                    unsafe {
-                        libc::sync_file_range(
-                            file.as_raw_fd(),
-                            i64::from(chunk) * CHUNK_BYTES as i64,
-                            CHUNK_BYTES as i64,
-                            libc::SYNC_FILE_RANGE_WRITE,
-                        );
-                    }
-                    chunks_written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
+            for _line in
+                std::io::BufRead::lines(std::io::BufReader::new(output)).map_while(Result::ok)
+            {
+                chunks_written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            let _ = finished.send(());
         });
     }
     // Killed while writeback is flowing: an eighth of the file written, the rest to come.
     ballast_tests::wait_until(
         "an eighth of the file written",
         std::time::Duration::from_secs(60),
-        || chunks_written.load(std::sync::atomic::Ordering::Relaxed) >= CHUNK_COUNT / 8,
+        || {
+            chunks_written.load(std::sync::atomic::Ordering::Relaxed) >= CHUNK_COUNT / 8
+                || writer.try_wait().map_or(true, |status| status.is_some())
+        },
     )
     .unwrap();
+    assert!(
+        writer.try_wait().unwrap().is_none(),
+        "the writer failed before the kill"
+    );
     node.kill_node();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // No more writes; the writer's exit flushes its file, which completes (or fails) once the
+    // node is back.
+    let _ = writer.kill();
     node.restart_node().unwrap();
+    ballast_tests::wait_until(
+        "the writer exits",
+        std::time::Duration::from_secs(120),
+        || writer.try_wait().map_or(true, |status| status.is_some()),
+    )
+    .unwrap();
     node.remount_all().unwrap();
-    // The writer's file was on the old mount: its writes fail and it ends (its loop is bounded
-    // either way; waited for so its bytes are not read while it runs).
-    let _ = writer_finished.recv_timeout(std::time::Duration::from_secs(120));
     assert_eq!(
         ballast_tests::read_uncached(&mount.join("synced")).unwrap(),
         synced,
