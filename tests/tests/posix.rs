@@ -1487,7 +1487,7 @@ fn a_node_killed_during_buffered_writes_restarts_with_everything_fsynced() {
     const CHUNK_COUNT: u32 = 512;
     // The writer is its own process, as an application is: a node spawned by a process that
     // holds a file open on the node's mount would wait in `execve` for that file's writeback
-    // (see `LocalNode::refuse_open_files_on_mounts`). Chunk `c` holds `pattern(CHUNK_BYTES, c)`
+    // (see `LocalNode::files_open_on_mounts`). Chunk `c` holds `pattern(CHUNK_BYTES, c)`
     // (period 256). `sync_file_range` starts each chunk's writeback (nothing is made durable),
     // so writes reach the node while the test waits instead of sitting in the page cache under
     // the mount's dirty limit. It prints each chunk's number once written.
@@ -1544,6 +1544,13 @@ fn a_node_killed_during_buffered_writes_restarts_with_everything_fsynced() {
     // No more writes; the writer's exit flushes its file, which completes (or fails) once the
     // node is back.
     let _ = writer.kill();
+    // The writer's unwritten pages need this node: if this process held the file, the node's
+    // exec would wait for them (`LocalNode::files_open_on_mounts`).
+    assert_eq!(
+        node.files_open_on_mounts(),
+        Vec::<PathBuf>::new(),
+        "the test process holds files on the mount it restarts the node under"
+    );
     node.restart_node().unwrap();
     ballast_tests::wait_until(
         "the writer exits",
