@@ -709,6 +709,19 @@ section_mariadb() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Entries between each container's applied index and its last log index, summed, from the
+# `get_initial_state` lines of a node's start-up log on stdin.
+replayed_entries() {
+    grep 'get_initial_state' | sed 's/\x1b\[[0-9;]*m//g' | awk '
+        {
+            applied = 0; last = 0
+            if (match($0, /last_applied=T[0-9]+-N[0-9]+-[0-9]+/)) { split(substr($0, RSTART, RLENGTH), a, "-"); applied = a[3] }
+            if (match($0, /last_log_id=T[0-9]+-N[0-9]+-[0-9]+/)) { split(substr($0, RSTART, RLENGTH), l, "-"); last = l[3] }
+            if (last > applied) total += last - applied
+        }
+        END { print total + 0 }'
+}
+
 section_startup() {
     echo "== startup: ballast-node start-up time with data stored"
     local size_gib available_kib needed_kib
@@ -735,8 +748,15 @@ section_startup() {
         local device="$node_directory/device.img" state="$node_directory/state" log="$node_directory/node.log"
         local killed_seconds terminated_seconds stop_start stop_seconds
         stop_pid "$node_pid" KILL 10
-        node_start "$device" "$state" "$node_address" "$log"
+        local log_lines_before replayed
+        log_lines_before=$(wc -l <"$log")
+        # openraft's start-up line per container names the applied index and the last log
+        # index: what lies between is replayed (the log written since the last checkpoint).
+        BALLAST_BENCH_LOG="${BALLAST_BENCH_LOG:-warn},openraft::storage::helper=info,ballast_storage_node::node=info" \
+            node_start "$device" "$state" "$node_address" "$log"
         killed_seconds=$node_start_seconds
+        replayed=$(tail -n +"$((log_lines_before + 1))" "$log" | replayed_entries)
+        note "startup $size_gib GiB: after SIGKILL $replayed log entries were replayed (written since the last checkpoint; the node's own count of its start: $(tail -n +"$((log_lines_before + 1))" "$log" | grep -o 'startup_ms=[0-9]*' | tail -n 1))"
         stop_start=$(now_seconds)
         stop_pid "$node_pid" TERM "$node_stop_timeout"
         stop_seconds=$(elapsed_since "$stop_start")
